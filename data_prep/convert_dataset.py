@@ -1,0 +1,257 @@
+"""Load AG News from a folder or the hub, clean its text, carve train/eval splits and write chat JSONL.
+
+    python -m data_prep.convert_dataset --source ../shared/data/ag_news --out data/ag_news_chat
+"""
+
+import argparse
+import csv
+import gzip
+import html
+import io
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from data_prep.config import LABELS, build_messages
+from data_prep.source import DATA_ENV, HUB_DATASET, NO_DATA_MESSAGE, hub_reachable
+
+log = logging.getLogger(__name__)
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file and line, or how to supply the data."""
+
+
+# AG News was scraped with its HTML entities half-stripped ("#39;" for "&#39;", "quot;" for "&quot;") and its line
+# breaks written as backslashes. We restore the ampersands so html.unescape can decode them (it also maps the
+# Windows-1252 codes such as #151; to an em dash), keep decoded "<TXN.N>" ticker symbols, drop real HTML tags, and
+# turn backslashes into spaces. The same function runs on every split, so train and eval text never differ in kind.
+_BARE_ENTITY = re.compile(r"(?<!&)(#\d{2,5};|\b(?:quot|amp|lt|gt|nbsp|hellip);)")
+_HTML_TAG = re.compile(r"</?(?:a|b|i|p|br|em|strong|font|span|div)\b[^<>]*>", re.IGNORECASE)
+
+
+def normalize_text(text: str) -> str:
+    """Clean one AG News text: decode entities, drop HTML tags and backslash line breaks, squeeze spaces."""
+    text = text.replace("\\", " ")
+    text = html.unescape(_BARE_ENTITY.sub(r"&\1", text))
+    text = _HTML_TAG.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _article_text(title: str, description: str) -> str:
+    return normalize_text(f"{title}\n{description}") if title.strip() else normalize_text(description)
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+
+
+def read_csv_split(path: Path, skip_bad_rows: bool = False) -> tuple[pd.DataFrame, int]:
+    """Read a classic AG News CSV (no header; class 1-4, title, description). Returns rows and the skipped count."""
+    rows, skipped = [], 0
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except UnicodeDecodeError as e:
+                # Decoding runs ahead of the csv reader, so the row number is the reader's, not exact bytes.
+                raise DataError(f"{path}: undecodable bytes near line {reader.line_num + 1} (expected UTF-8): {e}")
+            line = reader.line_num
+            problem = _check_csv_row(fields)
+            if problem:
+                if not skip_bad_rows:
+                    raise DataError(f"{path}:{line}: {problem} (pass skip_bad_rows / --skip-bad-rows to skip)")
+                skipped += 1
+                continue
+            rows.append({"id": f"{path.name}:{line}", "text": _article_text(fields[1], fields[2]),
+                         "label": int(fields[0]) - 1})
+    return pd.DataFrame(rows, columns=["id", "text", "label"]), skipped
+
+
+def _check_csv_row(fields: list[str]) -> str | None:
+    if len(fields) != 3:
+        return f"expected 3 columns (class, title, description), found {len(fields)}"
+    if fields[0].strip() not in {"1", "2", "3", "4"}:
+        return f"class must be 1-4, found {fields[0]!r}"
+    if not _article_text(fields[1], fields[2]):
+        return "empty article text"
+    return None
+
+
+def read_table_split(path: Path, skip_bad_rows: bool = False) -> tuple[pd.DataFrame, int]:
+    """Read parquet or jsonl with `text` and `label` (0-3 as on the hub, or a label name)."""
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: cannot read ({e})")
+    missing = {"text", "label"} - set(table.columns)
+    if missing:
+        raise DataError(f"{path}: missing column(s) {sorted(missing)}; expected text and label")
+    rows, skipped = [], 0
+    for i, (text, label) in enumerate(zip(table["text"], table["label"]), start=1):
+        label = LABELS.index(label) if label in LABELS else label
+        text = normalize_text(text) if isinstance(text, str) else ""
+        problem = None if label in range(len(LABELS)) else f"label must be 0-3 or one of {LABELS}, found {label!r}"
+        problem = problem or (None if text else "empty article text")
+        if problem:
+            if not skip_bad_rows:
+                raise DataError(f"{path}: row {i}: {problem} (pass skip_bad_rows / --skip-bad-rows to skip)")
+            skipped += 1
+            continue
+        rows.append({"id": f"{path.name}:{i}", "text": text, "label": int(label)})
+    return pd.DataFrame(rows, columns=["id", "text", "label"]), skipped
+
+
+def _find_split_file(folder: Path, split: str) -> Path | None:
+    for suffix in (".csv", ".csv.gz", ".parquet", ".jsonl", ".jsonl.gz"):
+        if (folder / f"{split}{suffix}").exists():
+            return folder / f"{split}{suffix}"
+    return None
+
+
+def load_ag_news(source: str | Path | None = None, skip_bad_rows: bool = False) -> tuple[dict[str, pd.DataFrame], str]:
+    """All splits found at `source` (a folder), else `$AG_NEWS_DIR`, else the hub. Returns splits and a description."""
+    source = source or os.environ.get(DATA_ENV)
+    if not source:
+        return _load_hub(), f"hub:{HUB_DATASET}"
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist. {NO_DATA_MESSAGE}")
+    splits = {}
+    for split in ("train", "test"):
+        path = _find_split_file(folder, split)
+        if path is None:
+            continue
+        reader = read_csv_split if ".csv" in path.suffixes else read_table_split
+        splits[split], skipped = reader(path, skip_bad_rows)
+        if skipped:
+            log.warning("%s: skipped %d malformed rows", path, skipped)
+        splits[split].attrs["skipped_rows"] = skipped
+    if not splits:
+        raise DataError(f"{folder} holds no train/test file. {NO_DATA_MESSAGE}")
+    return splits, str(folder.resolve())
+
+
+def _load_hub() -> dict[str, pd.DataFrame]:
+    if not hub_reachable():
+        raise DataError(NO_DATA_MESSAGE)
+    import datasets  # imported late: it is slow to import and only the hub path needs it
+
+    try:
+        hub = datasets.load_dataset(HUB_DATASET)
+    except Exception as e:  # any network or hub failure means the same thing to the user
+        raise DataError(f"{NO_DATA_MESSAGE} (hub error: {type(e).__name__})") from e
+    return {
+        split: pd.DataFrame({"id": [f"hub-{split}:{i}" for i in range(len(ds))],
+                             "text": [normalize_text(t) for t in ds["text"]], "label": ds["label"]})
+        for split, ds in hub.items()
+    }
+
+
+@dataclass
+class Splits:
+    """What to train on and what to evaluate on, with the protocol that produced them."""
+
+    train: pd.DataFrame
+    eval: pd.DataFrame
+    protocol: str  # "standard": train split vs all of test; "holdout": a stratified carve of one split
+    source: str
+    seed: int
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        """The facts every results JSON records about its data."""
+        counts = lambda df: {LABELS[k]: int(v) for k, v in sorted(df["label"].value_counts().items())}
+        return {"protocol": self.protocol, "source": self.source, "seed": self.seed,
+                "train_size": len(self.train), "eval_size": len(self.eval),
+                "train_label_counts": counts(self.train), "eval_label_counts": counts(self.eval), "notes": self.notes}
+
+
+def make_splits(data: dict[str, pd.DataFrame], source: str, protocol: str = "auto", holdout_train_size: int = 6000,
+                seed: int = 0, max_train_samples: int | None = None, max_eval_samples: int | None = None) -> Splits:
+    """Choose the protocol, carve if needed, and guarantee no article is both trained on and evaluated on."""
+    if protocol == "auto":
+        protocol = "standard" if {"train", "test"} <= data.keys() else "holdout"
+    notes = []
+    if protocol == "standard":
+        if not {"train", "test"} <= data.keys():
+            raise DataError(f"protocol 'standard' needs train and test splits; {source} has only {sorted(data)}")
+        train, eval_ = data["train"], data["test"]
+    elif protocol == "holdout":
+        name = "test" if "test" in data else next(iter(data))
+        notes.append(f"No separate train split: training on a stratified carve of {holdout_train_size} articles "
+                     f"of the {name} split ({len(data[name])} articles), evaluating on the rest (seed {seed}).")
+        log.warning(notes[-1])
+        pool = data[name].drop_duplicates("text")
+        if len(pool) < len(data[name]):
+            notes.append(f"dropped {len(data[name]) - len(pool)} duplicate texts before carving")
+        train, eval_ = _stratified_take(pool, holdout_train_size, seed)
+    else:
+        raise DataError(f"unknown protocol {protocol!r}; use auto, standard or holdout")
+    leaked = train["text"].isin(set(eval_["text"]))
+    if leaked.any():
+        notes.append(f"dropped {int(leaked.sum())} training articles whose text also appears in the eval set")
+        train = train[~leaked]
+    if max_train_samples and max_train_samples < len(train):
+        train = _stratified_take(train, max_train_samples, seed)[0]
+        notes.append(f"training limited to {max_train_samples} articles")
+    if max_eval_samples and max_eval_samples < len(eval_):
+        eval_ = _stratified_take(eval_, max_eval_samples, seed)[0]
+        notes.append(f"evaluation limited to {max_eval_samples} articles")
+    return Splits(train.reset_index(drop=True), eval_.reset_index(drop=True), protocol, source, seed, notes)
+
+
+def _stratified_take(df: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`n` articles with the split's class balance, and the rest; both in file order."""
+    if n >= len(df):
+        raise DataError(f"cannot take {n} articles from a split of {len(df)}")
+    taken, rest = train_test_split(df, train_size=n, stratify=df["label"], random_state=seed)
+    return taken.sort_index(), rest.sort_index()
+
+
+def to_chat_records(df: pd.DataFrame) -> list[dict]:
+    """Chat-format examples, one per article, in the shape the trainer and the JSONL share."""
+    return [{"id": i, "label": LABELS[y], "messages": build_messages(t, LABELS[y])}
+            for i, t, y in zip(df["id"], df["text"], df["label"])]
+
+
+def write_jsonl(records: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", help=f"folder with AG News files (default: ${DATA_ENV}, else the hub)")
+    parser.add_argument("--out", default="data/ag_news_chat", help="output folder for train.jsonl and eval.jsonl")
+    parser.add_argument("--protocol", default="auto", choices=["auto", "standard", "holdout"])
+    parser.add_argument("--holdout-train-size", type=int, default=6000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and report the count")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        data, source = load_ag_news(args.source, args.skip_bad_rows)
+        splits = make_splits(data, source, args.protocol, args.holdout_train_size, args.seed)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    out = Path(args.out)
+    write_jsonl(to_chat_records(splits.train), out / "train.jsonl")
+    write_jsonl(to_chat_records(splits.eval), out / "eval.jsonl")
+    (out / "splits.json").write_text(json.dumps(splits.describe(), indent=2) + "\n")
+    print(f"wrote {len(splits.train)} train and {len(splits.eval)} eval examples ({splits.protocol}) to {out}/")
+
+
+if __name__ == "__main__":
+    main()
