@@ -1,0 +1,1 @@
+"""Full fine-tuning of Qwen2.5-7B-Instruct on AG News."""

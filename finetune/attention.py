@@ -1,0 +1,100 @@
+"""Attention for packed rows that never looks across article boundaries.
+
+Padding-free packing puts several articles in one row and marks where each starts (TRL's collator passes
+`cu_seq_lens_q`). FlashAttention-2 honours those boundaries; plain sdpa/eager/flex do not in every transformers 5.x
+path (e.g. once a KV cache object exists the packed-sequence mask is skipped), so articles would attend to each other.
+Without flash-attn we register "varlen": PyTorch's varlen kernel on CUDA, an exact padded equivalent elsewhere.
+"""
+
+import importlib.util
+import logging
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+log = logging.getLogger(__name__)
+
+VARLEN = "varlen"
+LEAKY_WHEN_PACKED = {"sdpa", "eager", "flex_attention"}
+
+
+def choose_attn_implementation(requested: str, packing: bool) -> str:
+    """The attention implementation to load the model with; refuses choices that would mix packed articles."""
+    if requested == "auto":
+        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+            chosen = "flash_attention_2"
+        else:
+            chosen = VARLEN
+    elif packing and requested in LEAKY_WHEN_PACKED:
+        raise ValueError(
+            f"attn_implementation={requested!r} with packing lets packed articles attend to each other. "
+            f"Use 'auto', 'flash_attention_2' or '{VARLEN}', or set packing=False."
+        )
+    else:
+        chosen = requested
+    if chosen == VARLEN:
+        register_varlen_attention()
+    log.info("attention implementation: %s (packing=%s)", chosen, packing)
+    return chosen
+
+
+def register_varlen_attention() -> None:
+    """Make "varlen" a name transformers accepts for `attn_implementation` (idempotent)."""
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN, sdpa_mask)
+
+
+def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                             cu_seq_lens_q: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                             **kwargs) -> tuple[torch.Tensor, None]:
+    """Per-article causal attention for a packed row; ordinary sdpa (with its mask) for padded batches."""
+    if cu_seq_lens_q is None and attention_mask is None and position_ids is not None and query.shape[0] == 1:
+        cu_seq_lens_q = _boundaries_from_positions(position_ids[0])
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if dropout:
+        raise NotImplementedError("varlen attention has no dropout; Qwen2 trains with attention_dropout=0")
+    # (1, heads, tokens, dim) -> (tokens, heads, dim), the varlen layout.
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        max_len = int(kwargs.get("max_length_q") or cu.diff().max())
+        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0),
+                          enable_gqa=k.shape[1] != q.shape[1])
+    else:
+        out = _padded_causal_attention(q, k, v, cu, scaling)
+    return out.unsqueeze(0), None
+
+
+def _boundaries_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
+    starts = (position_ids == 0).nonzero().flatten()
+    if len(starts) < 2:
+        return None
+    return torch.cat([starts, starts.new_tensor([len(position_ids)])])
+
+
+def _padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+                             scaling: float | None) -> torch.Tensor:
+    """Exact varlen attention from sdpa: scatter each article into its own right-padded row, attend causally.
+
+    Right padding needs no mask: under a causal mask a real token only sees earlier positions, all real.
+    """
+    lengths = cu.diff().long()
+    row = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
+    col = torch.arange(q.shape[0], device=q.device) - cu[:-1].long().repeat_interleave(lengths)
+    grid = (len(lengths), int(lengths.max()))
+
+    def to_rows(x: torch.Tensor) -> torch.Tensor:
+        rows = x.new_zeros(*grid, *x.shape[1:])
+        rows[row, col] = x
+        return rows.transpose(1, 2)  # (articles, heads, length, dim)
+
+    out = F.scaled_dot_product_attention(to_rows(q), to_rows(k), to_rows(v), is_causal=True, scale=scaling,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2)[row, col]

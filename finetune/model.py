@@ -1,0 +1,72 @@
+"""Tokenizer and model loading for every profile: a hub id, a local folder, or a small Qwen2 built from scratch."""
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from data_prep.config import LABELS, SYSTEM_PROMPT, USER_TEMPLATE, format_answer
+from finetune.config import RunConfig
+from finetune.qwen_tokenizer import CHAT_TEMPLATE, build_qwen25_tokenizer
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's ChatML markers, same strings and roles
+
+
+def load_tokenizer(config: RunConfig, train_texts: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """The run's tokenizer. "bpe" needs the training texts (it is trained on them, then cached)."""
+    cache = Path(config.checkpoints_dir) / "tokenizers"
+    if config.tokenizer == "bpe":
+        if train_texts is None:
+            raise ValueError("tokenizer='bpe' is trained on the training texts: pass train_texts")
+        return train_bpe_tokenizer(train_texts, config.vocab_size, cache)
+    if config.tokenizer == "qwen2.5":
+        return build_qwen25_tokenizer(cache)
+    return AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with Qwen's ChatML tokens and chat template, so the tiny model shares the 7B code path."""
+    digest = hashlib.sha1("\n".join(texts).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"bpe-{vocab_size}-{digest}"
+    if (path / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    # The prompt strings and answers go in too, so the constant parts of every example tokenize compactly.
+    fixed = [SYSTEM_PROMPT, USER_TEMPLATE] + [format_answer(label) for label in LABELS]
+    tokenizer.train_from_iterator(texts + fixed * 100, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=CHAT_TEMPLATE)
+    fast.save_pretrained(path)
+    log.info("trained a %d-token BPE tokenizer on %d texts -> %s", len(fast), len(texts), path)
+    return fast
+
+
+def load_model(config: RunConfig, tokenizer: PreTrainedTokenizerFast, attn_implementation: str = "sdpa",
+               path: str | Path | None = None) -> torch.nn.Module:
+    """The model at `path` (e.g. a fine-tuned checkpoint), else the config's model: hub id, folder or "scratch"."""
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    source = str(path or config.model)
+    if source != "scratch":
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+    torch.manual_seed(config.seed)  # the same untrained model for the base evaluation and for training
+    model_config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, max_position_embeddings=max(config.max_length, 1024),
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, use_cache=False,
+    )
+    model_config._attn_implementation = attn_implementation
+    model = Qwen2ForCausalLM(model_config).to(dtype)
+    log.info("built a scratch Qwen2 model with %.2fM parameters", model.num_parameters() / 1e6)
+    return model
