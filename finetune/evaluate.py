@@ -1,0 +1,104 @@
+"""Evaluate a model on the run's eval split, in both modes, and write its results JSON and confusion-matrix PNG.
+
+    python -m finetune.evaluate --profile tiny                         # the base (untrained) model
+    python -m finetune.evaluate --profile tiny --model_path checkpoints/tiny-ag-news/final
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+from data_prep.convert_dataset import Splits
+from finetune.config import RunConfig, config_from_args
+from finetune.data import load_splits
+from finetune.metrics import classification_metrics
+from finetune.model import load_model, load_tokenizer
+from finetune.plots import plot_confusion_matrix
+from finetune.predict import Predictions, generate_labels, score_labels
+from finetune.results import write_record
+
+MODES = ("label_scoring", "generation")
+FAILURE_EXAMPLES = 5
+
+
+def summarize(y_true: np.ndarray, predictions: Predictions, texts: list[str], batch_size: int, seconds: float) -> dict:
+    """Metrics, failures (with examples) and throughput of one evaluation pass."""
+    latency_ms = predictions.batch_seconds * 1000
+    failures = {kind: len(idx) for kind, idx in predictions.failures.items()}
+    summary = {
+        "metrics": classification_metrics(y_true, predictions.labels),
+        "failures": {
+            "count": sum(failures.values()),
+            "by_kind": failures,
+            "examples": [{"kind": kind, "answer": predictions.answers[i], "article": texts[i][:200]}
+                         for kind, idx in predictions.failures.items() for i in idx[:FAILURE_EXAMPLES]],
+        },
+        "throughput": {
+            "articles": len(texts), "seconds": seconds, "articles_per_second": len(texts) / seconds,
+            "batch_size": batch_size,
+            "latency_ms": {"mean": float(latency_ms.mean()), "p50": float(np.percentile(latency_ms, 50)),
+                           "p95": float(np.percentile(latency_ms, 95))},
+        },
+        "truncated_articles": predictions.truncated,
+    }
+    if predictions.label_logprobs is not None:
+        probs = torch.softmax(torch.from_numpy(predictions.label_logprobs), -1).numpy()
+        summary["mean_confidence"] = float(probs.max(1).mean())
+    return summary
+
+
+def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None, modes: tuple[str, ...] = MODES,
+             splits: Splits | None = None) -> dict:
+    """Evaluate `model_path` (default: the config's model before training) and write `<name>_results.json`."""
+    start = time.perf_counter()
+    splits = splits or load_splits(config)
+    if model_path is None:
+        tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(config, tokenizer, "sdpa", path=model_path).to(device).eval()
+    texts, y_true = list(splits.eval["text"]), splits.eval["label"].to_numpy()
+    evaluations = {}
+    for mode in modes:
+        t0 = time.perf_counter()
+        if mode == "label_scoring":
+            predictions = score_labels(model, tokenizer, texts, config.eval_batch_size, config.max_length)
+        elif mode == "generation":
+            predictions = generate_labels(model, tokenizer, texts, config.eval_batch_size, config.max_length,
+                                          config.max_new_tokens)
+        else:
+            raise ValueError(f"unknown evaluation mode {mode!r}; choose from {MODES}")
+        evaluations[mode] = summarize(y_true, predictions, texts, config.eval_batch_size, time.perf_counter() - t0)
+    record = {
+        "name": name, "kind": "llm", "profile": config.profile, "model": str(model_path or config.model),
+        "config": config.to_dict(), "data": splits.describe(), "primary_mode": modes[0],
+        "evaluations": evaluations, "wall_seconds": time.perf_counter() - start,
+    }
+    results_dir = Path(config.results_dir)
+    write_record(record, results_dir / f"{name}_results.json")
+    figure = plot_confusion_matrix(record)
+    figure.savefig(results_dir / f"{name}_confusion_matrix.png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model_path", help="a trained model folder (default: the profile's model, untrained)")
+    parser.add_argument("--name", help="results file stem (default: base_model or finetuned_model)")
+    known, rest = parser.parse_known_args(argv)
+    config = config_from_args(rest, description=__doc__)
+    name = known.name or ("finetuned_model" if known.model_path else "base_model")
+    record = evaluate(config, name, known.model_path)
+    for mode, ev in record["evaluations"].items():
+        print(f"{name} {mode}: accuracy {ev['metrics']['accuracy']:.2%}, macro-F1 {ev['metrics']['macro_f1']:.2%}")
+
+
+if __name__ == "__main__":
+    main()
