@@ -1,0 +1,53 @@
+"""Run the four notebooks headless with papermill, in order, keeping the executed copies.
+
+    python -m finetune.notebooks --profile tiny            # what `make demo` runs
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import papermill
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ("00_data_overview", "01_base_model_performance", "02_fine_tuning_full", "03_finetuned_model_performance")
+
+
+def run_notebooks(parameters: dict, output_dir: str | Path, names: tuple[str, ...] = NOTEBOOKS) -> list[Path]:
+    """Execute each notebook with `parameters` and write the executed copy to `output_dir`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    executed = []
+    for name in names:
+        out = output_dir / f"{name}.ipynb"
+        print(f"running notebooks/{name}.ipynb -> {out}", flush=True)
+        papermill.execute_notebook(PROJECT_DIR / "notebooks" / f"{name}.ipynb", out, cwd=PROJECT_DIR,
+                                   parameters={"project_dir": str(PROJECT_DIR), **parameters},
+                                   kernel_name="python3", progress_bar=False, log_output=False)
+        executed.append(out)
+    return executed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--data_dir", default=None, help="default: $AG_NEWS_DIR, else the hub")
+    parser.add_argument("--results_dir", default="results")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--max_eval_samples", type=int, default=None)
+    args = parser.parse_args(argv)
+    # Notebooks run from the project root: make a relative data path mean the same there as here.
+    data_dir = args.data_dir or os.environ.get("AG_NEWS_DIR")
+    parameters = {"profile": args.profile, "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+                  "results_dir": str(Path(args.results_dir).resolve()),
+                  "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples}
+    try:
+        run_notebooks(parameters, Path(args.results_dir) / "notebooks")
+    except papermill.PapermillExecutionError as e:
+        sys.exit(f"error: notebook failed: {e.ename}: {e.evalue}")
+    print(f"done: results in {Path(args.results_dir).resolve()}/ (summary.md, *_results.json, PNGs, executed notebooks)")
+
+
+if __name__ == "__main__":
+    main()
