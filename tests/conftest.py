@@ -1,0 +1,55 @@
+"""Shared fixtures: a small synthetic AG News folder (tests never need ../shared) and a tiny config around it."""
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+
+from finetune.config import get_config
+
+# Each class gets its own words, so a tiny model can learn the task from a few hundred articles in seconds.
+TOPIC_WORDS = {
+    1: "election minister troops embassy rebels summit parliament ceasefire refugees treaty",
+    2: "striker goal league coach tournament playoff inning quarterback medal season",
+    3: "shares profit earnings merger investors dollar quarterly stocks revenue bank",
+    4: "software internet microsoft nasa chip researchers wireless computer genome browser",
+}
+FILLER = "the a of on in and to with after said new report officials week"
+
+
+def write_synthetic_csv(path: Path, per_class: int, seed: int = 0) -> None:
+    """A classic AG News CSV (class 1-4, title, description; no header) with AG News' debris in some rows."""
+    rng = random.Random(seed)
+    rows = []
+    for label, words in TOPIC_WORDS.items():
+        vocab, filler = words.split(), FILLER.split()
+        for i in range(per_class):
+            title = " ".join(rng.choice(vocab).capitalize() for _ in range(3))
+            body = " ".join(rng.choice(vocab if rng.random() < 0.5 else filler) for _ in range(rng.randint(8, 20)))
+            if i % 7 == 0:
+                body += " It#39;s quot;big quot; news\\says #36;5 report."
+            rows.append([str(label), f"{title} {i}", body])
+    rng.shuffle(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """Only a test split, as on the lab machines: 4 x 100 articles."""
+    folder = tmp_path_factory.mktemp("ag_news")
+    write_synthetic_csv(folder / "test.csv", per_class=100)
+    return folder
+
+
+@pytest.fixture
+def tiny_config(synthetic_dir, tmp_path):
+    """The tiny profile on synthetic data, small and quick, writing only under tmp_path."""
+    return get_config(
+        "tiny", data_dir=str(synthetic_dir), holdout_train_size=300, checkpoints_dir=str(tmp_path / "checkpoints"),
+        results_dir=str(tmp_path / "results"), vocab_size=512, hidden_size=64, intermediate_size=128,
+        num_train_epochs=2.0, per_device_train_batch_size=8, max_length=128, logging_steps=5, save_steps=20,
+        eval_batch_size=32,
+    )

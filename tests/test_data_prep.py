@@ -1,0 +1,172 @@
+"""data_prep: the chat format, text cleaning, every source format, bad input, and honest splits."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from data_prep.config import LABELS, SYSTEM_PROMPT, build_messages, build_prompt_messages, format_answer
+from data_prep.convert_dataset import DataError, load_ag_news, main, make_splits, normalize_text, to_chat_records
+from tests.conftest import write_synthetic_csv
+
+
+def test_chat_format_is_exact():
+    assert format_answer("Sci/Tech") == '{"category":"Sci/Tech"}'
+    assert build_messages("Stocks rise.", "Business") == [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": "Classify the following news article:\n\nStocks rise."},
+        {"role": "assistant", "content": '{"category":"Business"}'},
+    ]
+    assert build_prompt_messages("x") == build_messages("x", "World")[:2]
+    assert LABELS == ("World", "Sports", "Business", "Sci/Tech")
+
+
+def test_unknown_label_is_refused():
+    with pytest.raises(ValueError, match="unknown label"):
+        format_answer("Politics")
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("It#39;s quot;big quot; news", 'It\'s "big " news'),
+    ("costs #36;10 million", "costs $10 million"),
+    ("AT&amp;T and amp;T", "AT&T and &T"),
+    ("Texas Instruments Inc. &lt;TXN.N&gt; said", "Texas Instruments Inc. <TXN.N> said"),
+    ("a second\\team of\\\\rocketeers", "a second team of rocketeers"),
+    ("online #151; now", "online \u2014 now"),
+    ("<b>Bold</b> claim &lt;p&gt;here", "Bold claim here"),
+    ("  many   spaces\n\there ", "many spaces here"),
+])
+def test_normalize_text_repairs_ag_news_debris(raw, clean):
+    assert normalize_text(raw) == clean
+
+
+def _write(path, rows):
+    path.write_text("".join(rows), encoding="utf-8")
+
+
+def test_csv_gz_parquet_and_jsonl_load_the_same_articles(tmp_path):
+    write_synthetic_csv(tmp_path / "csv" / "test.csv", per_class=5)
+    csv_split = load_ag_news(tmp_path / "csv")[0]["test"]
+    (tmp_path / "gz").mkdir()
+    with gzip.open(tmp_path / "gz" / "test.csv.gz", "wb") as f:
+        f.write((tmp_path / "csv" / "test.csv").read_bytes())
+    table = csv_split[["text", "label"]]
+    (tmp_path / "pq").mkdir()
+    table.to_parquet(tmp_path / "pq" / "test.parquet")
+    (tmp_path / "jl").mkdir()
+    table.assign(label=[LABELS[y] for y in table["label"]]).to_json(tmp_path / "jl" / "test.jsonl", orient="records",
+                                                                   lines=True)
+    for folder in ("gz", "pq", "jl"):
+        loaded = load_ag_news(tmp_path / folder)[0]["test"]
+        pd.testing.assert_frame_equal(loaded[["text", "label"]], table)
+    assert len(csv_split) == 20 and set(csv_split["label"]) == {0, 1, 2, 3}
+
+
+def test_csv_title_and_description_are_joined_and_cleaned(tmp_path):
+    _write(tmp_path / "test.csv", ['"3","Wall St. Bears","Short-sellers, Wall Street#39;s dwindling\\band"\n'])
+    split = load_ag_news(tmp_path)[0]["test"]
+    assert split.loc[0, "text"] == "Wall St. Bears Short-sellers, Wall Street's dwindling band"
+    assert split.loc[0, "label"] == 2 and split.loc[0, "id"] == "test.csv:1"
+
+
+@pytest.mark.parametrize("row, message", [
+    ('"1","only two columns"\n', "expected 3 columns"),
+    ('"5","Title","Body"\n', "class must be 1-4"),
+    ('"0","Title","Body"\n', "class must be 1-4"),
+    ('"2","",""\n', "empty article text"),
+])
+def test_bad_csv_row_names_file_and_line(tmp_path, row, message):
+    _write(tmp_path / "test.csv", ['"1","Fine","Row"\n', row])
+    with pytest.raises(DataError, match=rf"test.csv:2: {message}"):
+        load_ag_news(tmp_path)
+
+
+def test_bad_rows_are_skipped_and_counted_only_when_asked(tmp_path):
+    _write(tmp_path / "test.csv", ['"1","Fine","Row"\n', '"9","Bad","Label"\n', '"2","Also","Fine"\n'])
+    split = load_ag_news(tmp_path, skip_bad_rows=True)[0]["test"]
+    assert list(split["label"]) == [0, 1]
+    assert split.attrs["skipped_rows"] == 1
+
+
+def test_undecodable_bytes_name_the_file(tmp_path):
+    (tmp_path / "test.csv").write_bytes(b'"1","Fine","Row"\n"2","Bad \xff\xfe bytes","x"\n')
+    with pytest.raises(DataError, match=r"test.csv: undecodable bytes near line \d+"):
+        load_ag_news(tmp_path)
+
+
+def test_table_with_bad_label_names_row(tmp_path):
+    pd.DataFrame({"text": ["ok", "bad"], "label": [0, 7]}).to_json(tmp_path / "test.jsonl", orient="records", lines=True)
+    with pytest.raises(DataError, match=r"test.jsonl: row 2: label must be 0-3"):
+        load_ag_news(tmp_path)
+
+
+def test_missing_folder_and_empty_folder_say_how_to_supply_data(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*AG_NEWS_DIR"):
+        load_ag_news(tmp_path / "nope")
+    with pytest.raises(DataError, match="holds no train/test file.*AG_NEWS_DIR"):
+        load_ag_news(tmp_path)
+
+
+def test_no_source_at_all_fails_fast_with_one_message(monkeypatch):
+    monkeypatch.delenv("AG_NEWS_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="No AG News data found"):
+        load_ag_news(None)
+    check = subprocess.run([sys.executable, "-m", "data_prep.source"], capture_output=True, text=True, timeout=30)
+    assert check.returncode != 0 and "No AG News data found" in check.stderr
+
+
+def test_holdout_carve_is_disjoint_stratified_and_deterministic(synthetic_dir):
+    data, source = load_ag_news(synthetic_dir)
+    splits = make_splits(data, source, "auto", holdout_train_size=300, seed=3)
+    assert splits.protocol == "holdout" and "No separate train split" in splits.notes[0]
+    assert len(splits.train) == 300 and len(splits.eval) == 100
+    assert not set(splits.train["id"]) & set(splits.eval["id"])
+    assert not set(splits.train["text"]) & set(splits.eval["text"])
+    assert splits.train["label"].value_counts().tolist() == [75] * 4
+    again = make_splits(data, source, "holdout", holdout_train_size=300, seed=3)
+    assert list(again.train["id"]) == list(splits.train["id"])
+    other_seed = make_splits(data, source, "holdout", holdout_train_size=300, seed=4)
+    assert list(other_seed.train["id"]) != list(splits.train["id"])
+    described = splits.describe()
+    assert (described["protocol"], described["seed"], described["train_size"], described["eval_size"]) == (
+        "holdout", 3, 300, 100)
+
+
+def test_standard_protocol_never_trains_on_eval_articles(tmp_path):
+    write_synthetic_csv(tmp_path / "train.csv", per_class=20, seed=1)
+    write_synthetic_csv(tmp_path / "test.csv", per_class=5, seed=2)
+    with open(tmp_path / "train.csv", "a", encoding="utf-8") as f:  # one test article leaked into train
+        f.write((tmp_path / "test.csv").read_text().splitlines()[0] + "\n")
+    data, source = load_ag_news(tmp_path)
+    splits = make_splits(data, source)
+    assert splits.protocol == "standard" and len(splits.eval) == 20
+    assert len(splits.train) == 80 and any("dropped 1 training" in n for n in splits.notes)
+    assert not set(splits.train["text"]) & set(splits.eval["text"])
+
+
+def test_standard_protocol_without_train_split_is_an_error(synthetic_dir):
+    data, source = load_ag_news(synthetic_dir)
+    with pytest.raises(DataError, match="needs train and test"):
+        make_splits(data, source, "standard")
+
+
+def test_convert_cli_writes_deterministic_chat_jsonl(synthetic_dir, tmp_path):
+    for out in ("a", "b"):
+        main(["--source", str(synthetic_dir), "--out", str(tmp_path / out), "--holdout-train-size", "300"])
+    first = (tmp_path / "a" / "train.jsonl").read_bytes()
+    assert first == (tmp_path / "b" / "train.jsonl").read_bytes()
+    record = json.loads(first.splitlines()[0])
+    assert record["messages"] == build_messages(record["messages"][1]["content"].split("\n\n", 1)[1], record["label"])
+    assert json.loads((tmp_path / "a" / "splits.json").read_text())["protocol"] == "holdout"
+    assert len((tmp_path / "a" / "eval.jsonl").read_text().splitlines()) == 100
+
+
+def test_to_chat_records_keeps_ids_and_labels(synthetic_dir):
+    split = load_ag_news(synthetic_dir)[0]["test"].head(3)
+    records = to_chat_records(split)
+    assert [r["id"] for r in records] == list(split["id"])
+    assert all(r["messages"][2]["content"] == format_answer(r["label"]) for r in records)

@@ -1,0 +1,79 @@
+"""Tokenizer round trip, the scratch model, and packed attention that never crosses article boundaries."""
+
+import pytest
+import torch
+
+from data_prep.config import LABELS, build_messages, build_prompt_messages, format_answer
+from finetune.attention import VARLEN, choose_attn_implementation
+from finetune.model import load_model, train_bpe_tokenizer
+from finetune.predict import answer_token_ids
+
+TEXTS = ["Stocks rally as profits beat forecasts.", "The striker scored twice in the final.",
+         "Rebels and troops agree to a ceasefire.", "NASA tests a new chip for its probes."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_bpe_tokenizer(TEXTS * 20, vocab_size=400, cache_dir=tmp_path_factory.mktemp("tok"))
+
+
+def test_bpe_tokenizer_carries_chatml_and_round_trips_the_answer(tokenizer):
+    rendered = tokenizer.apply_chat_template(build_messages(TEXTS[0], "Business"), tokenize=False)
+    assert rendered.startswith("<|im_start|>system\n") and rendered.endswith(
+        '<|im_start|>assistant\n{"category":"Business"}<|im_end|>\n')
+    ids = tokenizer.apply_chat_template(build_messages(TEXTS[0], "Business"), tokenize=True, return_dict=False)
+    assert tokenizer.decode(ids) == rendered
+    for label, answer in zip(LABELS, answer_token_ids(tokenizer)):
+        assert tokenizer.decode(answer) == format_answer(label) + "<|im_end|>"
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+
+
+def test_bpe_tokenizer_is_cached(tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok2")
+    first = train_bpe_tokenizer(TEXTS * 20, 400, folder)
+    (cached,) = folder.iterdir()
+    mtime = (cached / "tokenizer.json").stat().st_mtime_ns
+    second = train_bpe_tokenizer(TEXTS * 20, 400, folder)
+    assert (cached / "tokenizer.json").stat().st_mtime_ns == mtime and second.get_vocab() == first.get_vocab()
+
+
+def test_packing_with_plain_sdpa_is_refused():
+    with pytest.raises(ValueError, match="attend to each other"):
+        choose_attn_implementation("sdpa", packing=True)
+    assert choose_attn_implementation("sdpa", packing=False) == "sdpa"
+    assert choose_attn_implementation("auto", packing=True) in (VARLEN, "flash_attention_2")
+
+
+def _packed_row(tokenizer):
+    rows = [tokenizer.apply_chat_template(build_messages(t, "World"), tokenize=True, return_dict=False) for t in TEXTS]
+    ids = torch.tensor([sum(rows, [])])
+    positions = torch.cat([torch.arange(len(r)) for r in rows])[None]
+    cu = torch.tensor([0] + [len(r) for r in rows]).cumsum(0).to(torch.int32)
+    return rows, ids, positions, cu
+
+
+def test_packed_rows_do_not_attend_across_articles(tiny_config, tokenizer):
+    choose_attn_implementation("auto", packing=True)
+    model = load_model(tiny_config, tokenizer, VARLEN).eval()
+    rows, ids, positions, cu = _packed_row(tokenizer)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                       max_length_q=int(cu.diff().max()), max_length_k=int(cu.diff().max())).logits[0]
+        from_positions_only = model(input_ids=ids, position_ids=positions).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([r])).logits[0] for r in rows])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(from_positions_only, alone, atol=1e-5, rtol=1e-5)
+    # The same row with no boundary information is one long article: later articles see earlier ones.
+    with torch.no_grad():
+        leaky = model(input_ids=ids).logits[0]
+    assert not torch.allclose(leaky[len(rows[0]):], alone[len(rows[0]):], atol=1e-3)
+
+
+def test_scratch_model_is_seeded_and_sized_from_the_tokenizer(tiny_config, tokenizer):
+    first, second = load_model(tiny_config, tokenizer), load_model(tiny_config, tokenizer)
+    assert first.config.vocab_size == len(tokenizer) and first.config.model_type == "qwen2"
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+    prompt = tokenizer.apply_chat_template(build_prompt_messages(TEXTS[0]), add_generation_prompt=True,
+                                           tokenize=True, return_dict=False)
+    assert first(input_ids=torch.tensor([prompt])).logits.shape == (1, len(prompt), len(tokenizer))
