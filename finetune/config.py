@@ -21,12 +21,15 @@ class RunConfig:
     # Tokenizer: None = the model's own; "bpe" = byte-level BPE trained on the training texts (cached under
     # checkpoints/); "qwen2.5" = Qwen2.5's exact tokenizer rebuilt offline; or a hub id / local folder.
     tokenizer: str | None = None
-    vocab_size: int = 4096  # for "bpe"; a scratch model takes the tokenizer's size
+    # "bpe" trains this many tokens; a scratch model has max(len(tokenizer), vocab_size) rows, so the Qwen2.5 shape
+    # keeps its padded 152,064 (the tokenizer has 151,665).
+    vocab_size: int = 4096
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
+    tie_word_embeddings: bool = True
 
     # Data: data_dir, else $AG_NEWS_DIR, else the hub. Protocol "auto" picks "standard" when a train split exists.
     data_dir: str | None = None
@@ -39,6 +42,7 @@ class RunConfig:
     # Training (the reference recipe).
     learning_rate: float = 2e-5
     num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 stops after this many optimizer steps (benchmarks, quick checks)
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 4
     max_length: int = 512
@@ -46,10 +50,16 @@ class RunConfig:
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.0
     gradient_checkpointing: bool = True
+    use_liger_kernel: bool = False  # Liger's fused RMSNorm, SwiGLU and RoPE kernels (GPU, needs liger-kernel)
     bf16: bool = True
     packing: bool = True
     attn_implementation: str = "auto"  # "auto": flash_attention_2 if installed, else exact varlen (see attention.py)
-    optim: str = "adamw_torch_fused"
+    # How the weights are updated (see README, "bf16 that really updates"):
+    #   "adamw": AdamW in the weights' own dtype. With bf16 weights this is the reference, and at lr 2e-5 most
+    #            updates round away (bf16 keeps 8 significant bits).
+    #   "adamw_bf16_sr": bf16 weights updated with stochastic rounding (torchao): unbiased, no extra memory.
+    #   "adamw_fp32_master": fp32 weights and states under bf16 autocast: exact, 16 bytes a parameter.
+    optimizer: str = "adamw_bf16_sr"
     seed: int = 42
     logging_steps: int = 10
     save_steps: int = 200
@@ -78,11 +88,17 @@ class RunConfig:
 
 PROFILES: dict[str, dict] = {
     "qwen2.5-7b": {},
+    # The exact Qwen2.5-7B-Instruct shape with random weights and the real tokenizer rebuilt offline: for GPU
+    # throughput and memory benchmarks where the weights cannot be downloaded.
+    "qwen2.5-7b-shape": dict(
+        run_name="qwen7b-shape", model="scratch", tokenizer="qwen2.5", vocab_size=152064, hidden_size=3584,
+        intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4, tie_word_embeddings=False,
+    ),
     # ~1M parameters: learns AG News from scratch on 2 CPU cores in a few minutes.
     "tiny": dict(
         run_name="tiny-ag-news", model="scratch", tokenizer="bpe", learning_rate=3e-3, num_train_epochs=3.0,
         per_device_train_batch_size=16, gradient_accumulation_steps=1, max_length=256, warmup_steps=0.05,
-        lr_scheduler_type="cosine", weight_decay=0.01, gradient_checkpointing=False, bf16=False, optim="adamw_torch",
+        lr_scheduler_type="cosine", weight_decay=0.01, gradient_checkpointing=False, bf16=False, optimizer="adamw",
         logging_steps=20, save_steps=500, dataloader_num_workers=0, eval_batch_size=128,
     ),
 }

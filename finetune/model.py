@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
 from data_prep.config import LABELS, SYSTEM_PROMPT, USER_TEMPLATE, format_answer
 from finetune.config import RunConfig
@@ -51,22 +51,28 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path) -> P
     return fast
 
 
+def weights_dtype(config: RunConfig) -> torch.dtype:
+    """bf16 weights for bf16 runs, except with fp32 master weights (bf16 is then the autocast compute dtype)."""
+    return torch.bfloat16 if config.bf16 and config.optimizer != "adamw_fp32_master" else torch.float32
+
+
 def load_model(config: RunConfig, tokenizer: PreTrainedTokenizerFast, attn_implementation: str = "sdpa",
                path: str | Path | None = None) -> torch.nn.Module:
     """The model at `path` (e.g. a fine-tuned checkpoint), else the config's model: hub id, folder or "scratch"."""
-    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    dtype = weights_dtype(config)
     source = str(path or config.model)
     if source != "scratch":
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
     torch.manual_seed(config.seed)  # the same untrained model for the base evaluation and for training
     model_config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads, max_position_embeddings=max(config.max_length, 1024),
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, use_cache=False,
+        vocab_size=max(len(tokenizer), config.vocab_size), hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=max(config.max_length, 1024), tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=False,
     )
-    model_config._attn_implementation = attn_implementation
-    model = Qwen2ForCausalLM(model_config).to(dtype)
+    # Built where it will run: a 7B-shape model initialised on the CPU would take minutes and 30 GB of RAM.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn_implementation)
     log.info("built a scratch Qwen2 model with %.2fM parameters", model.num_parameters() / 1e6)
     return model

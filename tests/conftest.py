@@ -53,3 +53,15 @@ def tiny_config(synthetic_dir, tmp_path):
         num_train_epochs=2.0, per_device_train_batch_size=8, max_length=128, logging_steps=5, save_steps=20,
         eval_batch_size=32,
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU-only checks are marked `gpu` and skipped where CUDA is absent."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

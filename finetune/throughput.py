@@ -1,0 +1,52 @@
+"""Training throughput: real tokens/s and model FLOPs utilization (MFU), logged to TensorBoard with the loss."""
+
+import time
+
+import torch
+from transformers import PretrainedConfig, TrainerCallback
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets, by device-name substring (first match wins).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "GB10": 125.0}
+
+
+def peak_flops() -> float | None:
+    """The GPU's dense bf16 peak in FLOP/s, or None where it is unknown (CPU, unlisted GPUs)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def training_flops_per_token(config: PretrainedConfig, mean_seq_len: float) -> float:
+    """Forward + backward FLOPs per real token: 6 x matmul parameters plus causal attention over its own article.
+
+    Attention scores and values cost 2 x 2 x hidden x (context) per layer forward; a causal token sees on average
+    half its sequence. Embedding lookups are free; the LM head is a matmul and counts.
+    """
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * config.intermediate_size
+    matmul_params = layers * per_layer + hidden * config.vocab_size
+    attention = layers * 2 * 2 * config.num_attention_heads * head_dim * (mean_seq_len / 2)
+    return 6 * matmul_params + 3 * attention
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds tokens_per_second and (on a known GPU) mfu to every log line, from TRL's running `num_tokens`."""
+
+    def __init__(self, model_config: PretrainedConfig, mean_seq_len: float):
+        self.flops_per_token = training_flops_per_token(model_config, mean_seq_len)
+        self.peak = peak_flops()
+        self.last = None  # (time, tokens) at the previous log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "num_tokens" not in logs:
+            return
+        now, tokens = time.perf_counter(), float(logs["num_tokens"])
+        if self.last is not None and tokens > self.last[1]:
+            rate = (tokens - self.last[1]) / (now - self.last[0]) / max(args.world_size, 1)
+            logs["tokens_per_second"] = rate
+            if self.peak:
+                logs["mfu"] = rate * self.flops_per_token / self.peak
+        self.last = (now, tokens)
