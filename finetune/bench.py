@@ -1,0 +1,172 @@
+"""GPU benchmarks of the real code path: the notebooks' trainer and evaluation, timed, with ablations side by side.
+
+    python -m finetune.bench train --profile qwen2.5-7b-shape --name h100_7b_train
+    python -m finetune.bench eval  --profile qwen2.5-7b-shape --name h100_7b_eval
+    python -m finetune.bench train --profile tiny --max_train_samples 200 --name cpu_smoke   # the CPU test's run
+
+Training figures are real (non-pad) tokens/s after warm-up steps, MFU, step time, peak memory and the projected time
+for one epoch of the full 120,000-article training set; each ablation is also given as a ratio to the first variant.
+"""
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from transformers import TrainerCallback
+
+from finetune.config import RunConfig, config_from_args
+from finetune.data import load_splits
+from finetune.model import load_model, load_tokenizer
+from finetune.predict import generate_labels, score_labels
+from finetune.results import environment
+from finetune.throughput import peak_flops, training_flops_per_token
+from finetune.train import build_trainer
+
+FULL_TRAIN_ARTICLES = 120_000
+# Each variant changes the reference configuration in one respect.
+TRAIN_VARIANTS = {
+    "reference (packed, varlen, full GC, bf16 SR AdamW)": {},
+    "no packing (padded batches, sdpa)": {"packing": False},
+    "plain bf16 AdamW (the published recipe)": {"optimizer": "adamw"},
+    "batch 16 x accumulation 2": {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 2},
+    "Liger fused kernels": {"use_liger_kernel": True},
+    "no gradient checkpointing, batch 4 x 8": {"gradient_checkpointing": False, "per_device_train_batch_size": 4,
+                                               "gradient_accumulation_steps": 8},
+}
+
+
+class StepClock(TrainerCallback):
+    """Wall time and TRL's cumulative real-token count at the end of every optimizer step."""
+
+    def __init__(self):
+        self.marks = []  # (seconds, tokens)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        tokens = state.num_input_tokens_seen or 0
+        self.marks.append((time.perf_counter(), tokens))
+
+
+def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: int) -> dict:
+    """Train `warmup_steps + measured_steps` optimizer steps through `build_trainer`; time the measured ones."""
+    config = dataclasses.replace(config, max_steps=warmup_steps + measured_steps, save_steps=10**9, logging_steps=1,
+                                 run_name=f"{config.run_name}-bench")
+    clock = StepClock()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        trainer = build_trainer(config, callbacks=[clock])
+        trainer.args.include_num_input_tokens_seen = "non_padding"
+        trainer.train()
+    except torch.OutOfMemoryError as e:
+        return {"error": f"out of memory: {str(e).splitlines()[0]}"}
+    (t0, n0), (t1, n1) = clock.marks[warmup_steps - 1], clock.marks[-1]
+    tokens_per_second = (n1 - n0) / (t1 - t0)
+    lengths = [n for row in trainer.train_dataset["seq_lengths"] for n in row] if config.packing else \
+        [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    mean_len = sum(lengths) / len(lengths)
+    flops = training_flops_per_token(trainer.model.config, mean_len)
+    peak = peak_flops()
+    result = {
+        "tokens_per_second": tokens_per_second,
+        "step_seconds": (t1 - t0) / measured_steps,
+        "tokens_per_step": (n1 - n0) / measured_steps,
+        "mfu": tokens_per_second * flops / peak if peak else None,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
+        "mean_article_tokens": mean_len,
+        "projected_epoch_minutes_full_train": FULL_TRAIN_ARTICLES * mean_len / tokens_per_second / 60,
+        "final_loss": next(h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h),
+    }
+    del trainer
+    return result
+
+
+def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int, measured_steps: int) -> dict:
+    results = {}
+    for name, overrides in variants.items():
+        print(f"== {name}", flush=True)
+        results[name] = {"overrides": overrides,
+                         **bench_train_variant(dataclasses.replace(config, **overrides), warmup_steps, measured_steps)}
+        print(json.dumps(results[name]), flush=True)
+    base = results[next(iter(results))].get("tokens_per_second")
+    for r in results.values():
+        if base and "tokens_per_second" in r:
+            r["speed_vs_reference"] = r["tokens_per_second"] / base
+    return results
+
+
+def bench_eval(config: RunConfig) -> dict:
+    """Label scoring and generation over every eval article, through the functions the notebooks use."""
+    splits = load_splits(config)
+    texts = list(splits.eval["text"])
+    tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
+    model = load_model(config, tokenizer, "sdpa").eval()
+    results = {}
+    for mode, predict in (("label_scoring", score_labels), ("generation", generate_labels)):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        predictions = predict(model, tokenizer, texts, batch_size=config.eval_batch_size, max_length=config.max_length)
+        seconds = time.perf_counter() - start
+        latency = torch.tensor(predictions.batch_seconds * 1000)
+        results[mode] = {
+            "articles": len(texts), "seconds": seconds, "articles_per_second": len(texts) / seconds,
+            "batch_size": config.eval_batch_size, "truncated_articles": predictions.truncated,
+            "latency_ms": {"mean": float(latency.mean()), "p50": float(latency.quantile(0.5)),
+                           "p95": float(latency.quantile(0.95))},
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        }
+        print(mode, json.dumps(results[mode]), flush=True)
+    return {"data": splits.describe(), "modes": results}
+
+
+def plot_train(results: dict, path: Path) -> None:
+    names = [n for n, r in results.items() if "tokens_per_second" in r]
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(names) + 1.5))
+    ax.barh(names, [results[n]["tokens_per_second"] for n in names])
+    for i, n in enumerate(names):
+        mfu = results[n]["mfu"]
+        ax.text(results[n]["tokens_per_second"], i, f" {results[n]['tokens_per_second']:.0f}"
+                + (f" ({mfu:.0%} MFU)" if mfu else ""), va="center")
+    ax.invert_yaxis()
+    ax.set_xlabel("real tokens/s")
+    ax.set_title("Training throughput by variant")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("what", choices=["train", "eval"])
+    parser.add_argument("--name", required=True, help="writes results/benchmarks/<name>.json and .png")
+    parser.add_argument("--variants", default="all", help="'all', or comma-separated indices into TRAIN_VARIANTS")
+    parser.add_argument("--warmup_steps", type=int, default=2)
+    parser.add_argument("--measured_steps", type=int, default=5)
+    known, rest = parser.parse_known_args(argv)
+    config = config_from_args(rest, description=__doc__)
+    out = Path(config.results_dir) / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"benchmark": known.what, "config": config.to_dict(), "environment": environment()}
+    if known.what == "train":
+        names = list(TRAIN_VARIANTS)
+        if known.variants != "all":
+            names = [names[int(i)] for i in known.variants.split(",")]
+        record.update(warmup_steps=known.warmup_steps, measured_steps=known.measured_steps,
+                      variants=bench_train(config, {n: TRAIN_VARIANTS[n] for n in names}, known.warmup_steps,
+                                           known.measured_steps))
+        plot_train(record["variants"], out / f"{known.name}.png")
+    else:
+        record.update(bench_eval(config))
+    (out / f"{known.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out / known.name}.json")
+
+
+if __name__ == "__main__":
+    main()

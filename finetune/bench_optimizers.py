@@ -1,0 +1,102 @@
+"""Do bf16 weights really update? Each optimizer option, trained through the same `build_trainer`, from the same
+initial weights on the same batches at the reference learning rate, measured against the exact fp32 run.
+
+    python -m finetune.bench_optimizers --profile tiny --max_steps 50                    # CPU check
+    python -m finetune.bench_optimizers --profile tiny --bf16 true --hidden_size 1024 ...  # GPU measurement
+"""
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from transformers import TrainerCallback
+
+from finetune.config import RunConfig, config_from_args
+from finetune.results import environment
+from finetune.train import OPTIMIZERS, build_trainer
+
+
+class UpdateProbe(TrainerCallback):
+    """Records which weights the first optimizer step changed, and the weights at the end."""
+
+    def __init__(self):
+        self.first_step_changed = None
+        self.initial = None
+        self.final = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.initial = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1:
+            changed = sum(int((p.detach().float().cpu() != self.initial[n]).sum()) for n, p in model.named_parameters())
+            self.first_step_changed = changed / sum(t.numel() for t in self.initial.values())
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.final = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+
+
+def measure(config: RunConfig) -> dict:
+    """Train each option for `config.max_steps`; compare its total weight change with the fp32-master run's."""
+    runs = {}
+    for optimizer in ("adamw_fp32_master", "adamw", "adamw_bf16_sr"):  # the exact reference first
+        probe = UpdateProbe()
+        run_config = dataclasses.replace(config, optimizer=optimizer, run_name=f"optimizer-{optimizer}",
+                                         save_steps=10**9)
+        trainer = build_trainer(run_config, callbacks=[probe])
+        start = time.perf_counter()
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        runs[optimizer] = {"probe": probe, "losses": losses, "seconds": time.perf_counter() - start,
+                           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+                           else None}
+        del trainer
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    exact = runs["adamw_fp32_master"]["probe"]
+    exact_delta = {n: exact.final[n] - exact.initial[n] for n in exact.initial}
+    results = {}
+    for optimizer, run in runs.items():
+        probe = run["probe"]
+        delta = {n: probe.final[n] - probe.initial[n] for n in probe.initial}
+        dot = sum(float((delta[n] * exact_delta[n]).sum()) for n in delta)
+        norm = sum(float(delta[n].pow(2).sum()) for n in delta) ** 0.5
+        exact_norm = sum(float(d.pow(2).sum()) for d in exact_delta.values()) ** 0.5
+        results[optimizer] = {
+            "first_step_fraction_of_weights_changed": probe.first_step_changed,
+            "update_norm_ratio_to_fp32": norm / exact_norm,  # 1.0 = moved as far as exact arithmetic says
+            "update_cosine_to_fp32": dot / max(norm * exact_norm, 1e-30),
+            "final_loss": run["losses"][-1], "losses": run["losses"], "seconds": run["seconds"],
+            "peak_memory_gib": run["peak_memory_gib"],
+        }
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = config_from_args(argv, description=__doc__)
+    results = measure(config)
+    out = Path(config.results_dir) / "optimizers"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"config": config.to_dict(), "options": results, "environment": environment(),
+              "question": "with bf16 weights at the reference lr, does each optimizer move the weights as fp32 does?"}
+    (out / "optimizers.json").write_text(json.dumps(record, indent=2) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for optimizer, r in results.items():
+        ax.plot(r["losses"], label=f"{optimizer} (update {r['update_norm_ratio_to_fp32']:.2f}x fp32)")
+    ax.set_xlabel(f"log step (every {config.logging_steps} steps)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"Optimizer options at lr {config.learning_rate:g}")
+    ax.legend()
+    fig.savefig(out / "optimizers.png", dpi=120, bbox_inches="tight")
+    print(f"{'optimizer':<20} {'changed@1':>10} {'|dw|/fp32':>10} {'cos':>6} {'final loss':>10}")
+    for optimizer, r in results.items():
+        print(f"{optimizer:<20} {r['first_step_fraction_of_weights_changed']:>10.3f} "
+              f"{r['update_norm_ratio_to_fp32']:>10.3f} {r['update_cosine_to_fp32']:>6.3f} {r['final_loss']:>10.4f}")
+
+
+if __name__ == "__main__":
+    main()
