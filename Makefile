@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lab tensorboard check-data
+.PHONY: demo test lab tensorboard check-data gpu-training-core gpu-bench
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,3 +30,28 @@ lab: $(INSTALLED)  ## Jupyter Lab from the project's .venv
 
 tensorboard: $(INSTALLED)  ## TensorBoard on the training logs under checkpoints/
 	$(BIN)/tensorboard --logdir checkpoints --port 6006
+
+# --- GPU runs (the device machine has its own python with torch; run as `make PY=python3 gpu-...`) ---
+PY ?= $(BIN)/python
+GPU_OUT ?= results/gpu
+# The tiny recipe on the GPU: bf16 autocast over fp32 master weights, the CUDA varlen attention kernel.
+GPU_TINY := --profile tiny --bf16 true --optimizer adamw_fp32_master --results_dir $(GPU_OUT)
+
+gpu-training-core:  ## packed-vs-alone equivalence on CUDA, holdout runs with and without packing, optimizer measurement
+	mkdir -p $(GPU_OUT)
+	$(PY) -m pytest -q -m gpu -s tests/test_model_and_attention.py 2>&1 | tee $(GPU_OUT)/gpu_equivalence_test.log
+	for packing in true false; do \
+	  run=gpu-packing-$$packing; \
+	  $(PY) -m finetune.train $(GPU_TINY) --packing $$packing --run_name $$run && \
+	  cp checkpoints/$$run/final/train_summary.json $(GPU_OUT)/$${run}_train_summary.json && \
+	  $(PY) -m finetune.evaluate $(GPU_TINY) --packing $$packing --run_name $$run \
+	    --model_path checkpoints/$$run/final --name $$run || exit 1; \
+	done
+	$(PY) -m finetune.bench_optimizers --profile tiny --bf16 true --tokenizer qwen2.5 --vocab_size 152064 \
+	  --hidden_size 1024 --intermediate_size 2816 --num_layers 8 --num_heads 16 --num_kv_heads 4 \
+	  --tie_word_embeddings false --learning_rate 2e-5 --warmup_steps 0 --max_steps 60 --logging_steps 5 \
+	  --run_name optimizers --results_dir $(GPU_OUT)
+
+gpu-bench:  ## the 7B shape: training ablations and evaluation throughput
+	$(PY) -m finetune.bench train --profile qwen2.5-7b-shape --name h100_7b_train
+	$(PY) -m finetune.bench eval --profile qwen2.5-7b-shape --name h100_7b_eval --eval_batch_size 256

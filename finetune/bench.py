@@ -103,9 +103,10 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
 
 
 def bench_eval(config: RunConfig) -> dict:
-    """Label scoring and generation over every eval article, through the functions the notebooks use."""
+    """Label scoring and generation over every test-split article (both sides of a holdout carve: speed does not
+    depend on what the model learned), through the functions the notebooks use."""
     splits = load_splits(config)
-    texts = list(splits.eval["text"])
+    texts = list(splits.eval["text"]) + (list(splits.train["text"]) if splits.protocol == "holdout" else [])
     tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
     model = load_model(config, tokenizer, "sdpa").eval()
     results = {}

@@ -94,12 +94,14 @@ PROFILES: dict[str, dict] = {
         run_name="qwen7b-shape", model="scratch", tokenizer="qwen2.5", vocab_size=152064, hidden_size=3584,
         intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4, tie_word_embeddings=False,
     ),
-    # ~1M parameters: learns AG News from scratch on 2 CPU cores in a few minutes.
+    # 2.4M parameters (1.6M of them the tied 8K-token embedding): learns AG News from scratch on 2 CPU cores in
+    # about three minutes. Whole-word tokens and weight decay matter more here than depth or width.
     "tiny": dict(
-        run_name="tiny-ag-news", model="scratch", tokenizer="bpe", learning_rate=3e-3, num_train_epochs=3.0,
+        run_name="tiny-ag-news", model="scratch", tokenizer="bpe", vocab_size=8192, hidden_size=192,
+        intermediate_size=512, num_layers=2, num_heads=6, num_kv_heads=2, learning_rate=1e-3, num_train_epochs=4.0,
         per_device_train_batch_size=16, gradient_accumulation_steps=1, max_length=256, warmup_steps=0.05,
-        lr_scheduler_type="cosine", weight_decay=0.01, gradient_checkpointing=False, bf16=False, optimizer="adamw",
-        logging_steps=20, save_steps=500, dataloader_num_workers=0, eval_batch_size=128,
+        lr_scheduler_type="cosine", weight_decay=0.1, gradient_checkpointing=False, bf16=False, optimizer="adamw",
+        logging_steps=20, save_steps=250, dataloader_num_workers=0, eval_batch_size=128,
     ),
 }
 

@@ -1,0 +1,48 @@
+"""The optimizer options: bf16 weights under plain AdamW lose most small updates; stochastic rounding keeps them."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from finetune.config import get_config
+from finetune.model import weights_dtype
+from finetune.train import optimizer_cls_and_kwargs, sft_config
+
+
+def _realized_update(optimizer_cls, **kwargs) -> float:
+    """How far one step at lr 2e-5 moved bf16 weights along its intended direction, as a fraction of lr.
+
+    Adam's first step moves every weight by lr against the sign of its gradient, so exact arithmetic gives 1.0."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter((torch.randn(256, 256) * 0.03).to(torch.bfloat16))  # typical LLM weight scale
+    before = weight.detach().float().clone()
+    weight.grad = torch.randn_like(weight)
+    optimizer_cls([weight], lr=2e-5, weight_decay=0.0, **kwargs).step()
+    return ((before - weight.detach().float()) * weight.grad.float().sign()).mean().item() / 2e-5
+
+
+def test_plain_bf16_adamw_rounds_away_most_updates_and_stochastic_rounding_does_not():
+    from torchao.optim import _AdamW
+
+    plain = _realized_update(torch.optim.AdamW)
+    rounded = _realized_update(_AdamW, bf16_stochastic_round=True)
+    # A 2e-5 step is below half a bf16 ulp for weights above ~0.005: round-to-nearest drops it (and rounds some
+    # small weights too far), while stochastic rounding moves each weight by the right amount on average.
+    assert abs(rounded - 1.0) < 0.15
+    assert abs(plain - 1.0) > 0.3
+
+
+def test_optimizer_options_map_to_weights_and_optimizer():
+    reference = get_config("qwen2.5-7b")
+    assert reference.optimizer == "adamw_bf16_sr" and weights_dtype(reference) == torch.bfloat16
+    cls, kwargs = optimizer_cls_and_kwargs(reference, sft_config(reference))
+    assert cls.__name__ == "_AdamW" and kwargs["bf16_stochastic_round"] and kwargs["lr"] == 2e-5
+    master = dataclasses.replace(reference, optimizer="adamw_fp32_master")
+    assert weights_dtype(master) == torch.float32 and optimizer_cls_and_kwargs(master, sft_config(master)) is None
+    plain = dataclasses.replace(reference, optimizer="adamw")
+    assert weights_dtype(plain) == torch.bfloat16 and optimizer_cls_and_kwargs(plain, sft_config(plain)) is None
+    with pytest.raises(ValueError, match="needs bf16=True"):
+        optimizer_cls_and_kwargs(dataclasses.replace(reference, bf16=False), sft_config(reference))
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        optimizer_cls_and_kwargs(dataclasses.replace(reference, optimizer="sgd"), sft_config(reference))
