@@ -7,6 +7,7 @@ Without flash-attn we register "varlen": PyTorch's varlen kernel on CUDA, an exa
 """
 
 import importlib.util
+import inspect
 import logging
 
 import torch
@@ -62,14 +63,32 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
     cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
     if q.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
-
-        max_len = int(kwargs.get("max_length_q") or cu.diff().max())
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0),
-                          enable_gqa=k.shape[1] != q.shape[1])
+        out = _cuda_varlen_attention(q, k, v, cu, int(kwargs.get("max_length_q") or cu.diff().max()), scaling)
     else:
         out = _padded_causal_attention(q, k, v, cu, scaling)
     return out.unsqueeze(0), None
+
+
+def _cuda_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+                           scaling: float | None) -> torch.Tensor:
+    """PyTorch's FlashAttention varlen kernel. Its keyword arguments changed between releases (torch 2.11 has
+    `is_causal` and no GQA; later ones `window_size` and `enable_gqa`), so ask it what it takes."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    accepts = inspect.signature(varlen_attn).parameters
+    if "window_size" in accepts:
+        options = {"window_size": (-1, 0)}
+    elif "is_causal" in accepts:
+        options = {"is_causal": True}
+    else:  # a release with neither cannot be made causal: stay exact with the padded path
+        return _padded_causal_attention(q, k, v, cu, scaling)
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in accepts:
+            options["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **options)
 
 
 def _boundaries_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
