@@ -82,13 +82,17 @@ def _cuda_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         options = {"is_causal": True}
     else:  # a release with neither cannot be made causal: stay exact with the padded path
         return _padded_causal_attention(q, k, v, cu, scaling)
+    dtype = q.dtype
+    if dtype not in (torch.float16, torch.bfloat16):  # fp32 master weights under autocast; the kernel is 16-bit only
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        q, k, v = q.to(half), k.to(half), v.to(half)
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in accepts:
             options["enable_gqa"] = True
         else:
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **options)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **options).to(dtype)
 
 
 def _boundaries_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:

@@ -86,7 +86,8 @@ def test_packed_rows_do_not_attend_across_articles_on_gpu_bf16(tiny_config, toke
     """The CUDA path (torch varlen kernel, bf16). bf16 keeps ~3 significant digits, so the packed and one-by-one
     log-probabilities may differ by rounding (different kernels), bounded here at 0.05 per token and 0.005 on
     average; a row that mixes articles differs ten times more, which the last assertion shows."""
-    config = dataclasses.replace(tiny_config, hidden_size=256, intermediate_size=512, bf16=True, optimizer="adamw")
+    config = dataclasses.replace(tiny_config, hidden_size=256, num_heads=4, intermediate_size=512, bf16=True,
+                                 optimizer="adamw")  # FlashAttention needs head_dim % 8 == 0
     attn = choose_attn_implementation("auto", packing=True)
     model = load_model(config, tokenizer, attn).cuda().eval()
     rows, ids, positions, cu = _packed_row(tokenizer)
