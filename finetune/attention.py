@@ -71,8 +71,8 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
 def _cuda_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
                            scaling: float | None) -> torch.Tensor:
-    """PyTorch's FlashAttention varlen kernel. Its keyword arguments changed between releases (torch 2.11 has
-    `is_causal` and no GQA; later ones `window_size` and `enable_gqa`), so ask it what it takes."""
+    """PyTorch's FlashAttention varlen kernel. Its keywords differ between releases (torch 2.11 takes no
+    `enable_gqa`; early ones had `is_causal` instead of `window_size`), so ask it what it takes."""
     from torch.nn.attention.varlen import varlen_attn
 
     accepts = inspect.signature(varlen_attn).parameters
