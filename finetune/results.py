@@ -36,7 +36,8 @@ def environment() -> dict:
         gpu = {"name": props.name, "count": torch.cuda.device_count(), "memory_gib": round(props.total_memory / 2**30, 1),
                "cuda": torch.version.cuda}
     return {
-        "git_commit": git("rev-parse", "HEAD"),
+        # A copy of the tree without .git (e.g. on a lent GPU machine) passes the commit in GIT_COMMIT.
+        "git_commit": git("rev-parse", "HEAD") or os.environ.get("GIT_COMMIT"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "hardware": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                      "torch_threads": torch.get_num_threads(), "gpu": gpu},
