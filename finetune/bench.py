@@ -37,6 +37,9 @@ TRAIN_VARIANTS = {
     "Liger fused kernels": {"use_liger_kernel": True},
     "no gradient checkpointing, batch 4 x 8": {"gradient_checkpointing": False, "per_device_train_batch_size": 4,
                                                "gradient_accumulation_steps": 8},
+    "Liger + no gradient checkpointing, batch 4 x 8": {"use_liger_kernel": True, "gradient_checkpointing": False,
+                                                       "per_device_train_batch_size": 4,
+                                                       "gradient_accumulation_steps": 8},
 }
 
 
