@@ -21,7 +21,7 @@ check-data:  ## fail in seconds, before installing anything, when there is no da
 demo: check-data $(INSTALLED)  ## the tiny profile end to end: data overview, base eval, training, eval, baselines
 	rm -rf checkpoints/tiny-ag-news
 	$(BIN)/python -m finetune.notebooks --profile tiny
-	$(BIN)/python -m finetune.results
+	$(BIN)/python -m finetune.report
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q

@@ -96,17 +96,5 @@ def write_summary(results_dir: str | Path = "results") -> Path:
     return path
 
 
-README_START, README_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
-
-
-def readme_with_table(readme: str, table: str) -> str:
-    """The README text with the generated table between its markers, so its numbers never drift from results/."""
-    head, rest = readme.split(README_START, 1)
-    return f"{head}{README_START}\n{table}\n{README_END}{rest.split(README_END, 1)[1]}"
-
-
 if __name__ == "__main__":
     print(f"wrote {write_summary()}")
-    readme = Path("README.md")
-    readme.write_text(readme_with_table(readme.read_text(), summary_table(load_records("results"))))
-    print(f"updated the results table in {readme}")

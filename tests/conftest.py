@@ -49,7 +49,7 @@ def tiny_config(synthetic_dir, tmp_path):
     """The tiny profile on synthetic data, small and quick, writing only under tmp_path."""
     return get_config(
         "tiny", data_dir=str(synthetic_dir), holdout_train_size=300, checkpoints_dir=str(tmp_path / "checkpoints"),
-        results_dir=str(tmp_path / "results"), vocab_size=512, hidden_size=64, intermediate_size=128,
+        results_dir=str(tmp_path / "results"), vocab_size=512, hidden_size=64, num_heads=4, intermediate_size=128,
         num_train_epochs=2.0, per_device_train_batch_size=8, max_length=128, logging_steps=5, save_steps=20,
         eval_batch_size=32,
     )

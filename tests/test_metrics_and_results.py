@@ -72,3 +72,14 @@ def test_summary_is_generated_from_every_results_file(tmp_path):
     assert "| base_model | scratch | holdout | 4 | label_scoring | 75.00% |" in table
     assert "| finetuned_model | scratch | holdout | 4 | label_scoring | 100.00% |" in table
     assert "do not edit by hand" in write_summary(tmp_path).read_text()
+
+
+def test_readme_generated_sections_match_the_committed_results(tmp_path):
+    """The README's tables are regenerated from results/; a hand edit or a stale table fails here."""
+    from finetune.notebooks import PROJECT_DIR
+    from finetune.report import update_readme
+
+    readme = (PROJECT_DIR / "README.md").read_text()
+    copy = tmp_path / "README.md"
+    copy.write_text(readme)
+    assert update_readme(copy, PROJECT_DIR / "results") == readme

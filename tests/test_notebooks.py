@@ -22,8 +22,9 @@ def test_notebooks_are_committed_thin_and_parameterized():
 def test_notebooks_execute_headless_and_write_valid_results(synthetic_dir, tmp_path):
     results = tmp_path / "results"
     overrides = {"holdout_train_size": 300, "checkpoints_dir": str(tmp_path / "checkpoints"), "vocab_size": 512,
-                 "hidden_size": 64, "intermediate_size": 128, "num_train_epochs": 2.0,
-                 "per_device_train_batch_size": 8, "max_length": 128, "save_steps": 1000, "eval_batch_size": 64}
+                 "hidden_size": 64, "num_heads": 4, "intermediate_size": 128, "num_train_epochs": 4.0,
+                 "learning_rate": 3e-3, "per_device_train_batch_size": 8, "max_length": 128, "save_steps": 1000,
+                 "eval_batch_size": 64}
     run_notebooks({"profile": "tiny", "data_dir": str(synthetic_dir), "results_dir": str(results),
                    "overrides": overrides}, tmp_path / "executed")
     for name in ("base_model", "finetuned_model", "baseline_majority", "baseline_tfidf_logreg"):

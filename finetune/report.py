@@ -1,0 +1,120 @@
+"""Regenerate results/summary.md and the README's generated sections from the files under results/.
+
+    python -m finetune.report          # `make demo` runs it last
+
+Every number in those sections comes from a results or benchmark JSON; nothing here is typed by hand.
+"""
+
+import json
+from pathlib import Path
+
+from finetune.results import load_records, summary_table, write_summary
+
+MARKERS = "<!-- {}:start -->", "<!-- {}:end -->"
+
+
+def replace_section(readme: str, name: str, body: str) -> str:
+    """`readme` with the text between the `name` markers replaced by `body`."""
+    start, end = (m.format(name) for m in MARKERS)
+    head, rest = readme.split(start, 1)
+    return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
+
+
+def training_benchmark_table(results_dir: Path) -> str:
+    lines = ["| run | variant | real tokens/s | vs reference (same run) | MFU | step (s) | peak alloc / reserved (GiB) "
+             "| projected epoch, 120K articles (min) |", "|---|---|---|---|---|---|---|---|"]
+    for path in sorted((results_dir / "benchmarks").glob("*train*.json")):
+        record = json.loads(path.read_text())
+        for name, v in record["variants"].items():
+            if "error" in v:
+                lines.append(f"| `{path.name}` | {name} | failed: {v['error']} | | | | | |")
+                continue
+            mfu = f"{v['mfu']:.1%}" if v["mfu"] else "n/a"
+            lines.append(f"| `{path.name}` | {name} | {v['tokens_per_second']:,.0f} | {v['speed_vs_reference']:.2f}x "
+                         f"| {mfu} | {v['step_seconds']:.2f} | {v['peak_allocated_gib']:.1f} / "
+                         f"{v['peak_reserved_gib']:.1f} | {v['projected_epoch_minutes_full_train']:.0f} |")
+    return "\n".join(lines)
+
+
+def eval_benchmark_table(results_dir: Path) -> str:
+    lines = ["| run | mode | articles | articles/s | latency mean / p50 / p95 (ms) | batch | peak alloc (GiB) |",
+             "|---|---|---|---|---|---|---|"]
+    for path in sorted((results_dir / "benchmarks").glob("*eval*.json")):
+        for mode, m in json.loads(path.read_text())["modes"].items():
+            lat = m["latency_ms"]
+            peak = f"{m['peak_allocated_gib']:.1f}" if m["peak_allocated_gib"] else "n/a"
+            lines.append(f"| `{path.name}` | {mode} | {m['articles']} | {m['articles_per_second']:.1f} "
+                         f"| {lat['mean']:.0f} / {lat['p50']:.0f} / {lat['p95']:.0f} | {m['batch_size']} | {peak} |")
+    return "\n".join(lines)
+
+
+def optimizer_table(results_dir: Path) -> str:
+    path = results_dir / "gpu" / "optimizers" / "optimizers.json"
+    if not path.exists():
+        return "(not measured yet: `make PY=python3 gpu-training-core` on a GPU)"
+    record = json.loads(path.read_text())
+    lines = [f"Measured by `{path.relative_to(results_dir.parent)}`: a {record['config']['hidden_size']}-wide, "
+             f"{record['config']['num_layers']}-layer Qwen2 from scratch, lr {record['config']['learning_rate']:g}, "
+             f"{record['config']['max_steps']} steps, same data and initial weights for each option.", "",
+             "| optimizer | weights changed by step 1 | total update vs fp32 (norm ratio) | cosine to fp32 update "
+             "| loss after the last step |", "|---|---|---|---|---|"]
+    for name, r in record["options"].items():
+        lines.append(f"| `{name}` | {r['first_step_fraction_of_weights_changed']:.1%} "
+                     f"| {r['update_norm_ratio_to_fp32']:.2f} | {r['update_cosine_to_fp32']:.2f} | {r['final_loss']:.3f} |")
+    return "\n".join(lines)
+
+
+def gpu_runs_table(results_dir: Path) -> str:
+    lines = ["| run | accuracy (label scoring) | macro-F1 | generation accuracy | train seconds | file |",
+             "|---|---|---|---|---|---|"]
+    for record in load_records(results_dir / "gpu"):
+        ev = record["evaluations"]
+        summary = results_dir / "gpu" / f"{record['name']}_train_summary.json"
+        seconds = json.loads(summary.read_text())["train_seconds"] if summary.exists() else float("nan")
+        lines.append(f"| {record['name']} | {ev['label_scoring']['metrics']['accuracy']:.2%} "
+                     f"| {ev['label_scoring']['metrics']['macro_f1']:.2%} | {ev['generation']['metrics']['accuracy']:.2%} "
+                     f"| {seconds:.0f} | `gpu/{record['path']}` |")
+    return "\n".join(lines)
+
+
+def targets_table(results_dir: Path) -> str:
+    """The H100 targets next to the best measured figure of any variant (or mode), pass or miss."""
+    variants = [v for path in sorted((results_dir / "benchmarks").glob("*train*.json"))
+                for v in json.loads(path.read_text())["variants"].values() if "error" not in v]
+    evals = [json.loads(p.read_text())["modes"] for p in sorted((results_dir / "benchmarks").glob("*eval*.json"))]
+    if not variants or not evals:
+        return "(no GPU benchmark yet: `make PY=python3 gpu-bench` on an H100)"
+    fits = [v for v in variants  # the targets ask for the optimizer that really updates, within 70 GiB
+            if v["peak_allocated_gib"] <= 70 and v["overrides"].get("optimizer", "adamw_bf16_sr") == "adamw_bf16_sr"]
+    rows = [("MFU (7B shape, bf16 SR AdamW, peak memory <= 70 GiB)", 0.50, max(v["mfu"] for v in fits), "{:.1%}"),
+            ("real tokens/s", 10_800, max(v["tokens_per_second"] for v in fits), "{:,.0f}"),
+            ("one epoch of 120K articles (min, lower is better)", 50,
+             min(v["projected_epoch_minutes_full_train"] for v in fits), "{:.0f}"),
+            ("label scoring articles/s over 7,600", 350, max(e["label_scoring"]["articles_per_second"] for e in evals),
+             "{:.0f}")]
+    lines = ["| target | goal | best measured | met |", "|---|---|---|---|"]
+    for name, goal, best, fmt in rows:
+        met = best <= goal if "lower" in name else best >= goal
+        lines.append(f"| {name} | {fmt.format(goal)} | {fmt.format(best)} | {'yes' if met else 'no'} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme_path: Path = Path("README.md"), results_dir: Path = Path("results")) -> str:
+    readme = readme_path.read_text()
+    sections = {"results-table": summary_table(load_records(results_dir)),
+                "bench-train": training_benchmark_table(results_dir),
+                "bench-eval": eval_benchmark_table(results_dir),
+                "bench-targets": targets_table(results_dir),
+                "optimizers": optimizer_table(results_dir),
+                "gpu-runs": gpu_runs_table(results_dir)}
+    for name, body in sections.items():
+        if MARKERS[0].format(name) in readme:
+            readme = replace_section(readme, name, body)
+    readme_path.write_text(readme)
+    return readme
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_summary()}")
+    update_readme()
+    print("refreshed the generated sections of README.md")
