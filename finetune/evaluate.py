@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from data_prep.convert_dataset import Splits
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
-from finetune.metrics import classification_metrics
+from finetune.metrics import calibration, classification_metrics
 from finetune.model import load_model, load_tokenizer
 from finetune.plots import plot_confusion_matrix
 from finetune.predict import Predictions, generate_labels, score_labels
@@ -48,7 +48,8 @@ def summarize(y_true: np.ndarray, predictions: Predictions, texts: list[str], ba
     }
     if predictions.label_logprobs is not None:
         probs = torch.softmax(torch.from_numpy(predictions.label_logprobs), -1).numpy()
-        summary["mean_confidence"] = float(probs.max(1).mean())
+        summary["calibration"] = calibration(probs, y_true)
+        summary["label_probabilities"] = probs.round(4).tolist()  # per article, in eval-split order
     return summary
 
 

@@ -26,3 +26,15 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
         "confusion_matrix": matrix.tolist(),
         "confusion_matrix_normalized": np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0).tolist(),
     }
+
+
+def calibration(probabilities: np.ndarray, y_true: np.ndarray, bins: int = 10) -> dict:
+    """Reliability of the label-scoring confidence: per confidence bin, mean confidence, accuracy and count,
+    plus the expected calibration error (count-weighted mean gap)."""
+    confidence, predicted = probabilities.max(1), probabilities.argmax(1)
+    index = np.minimum((confidence * bins).astype(int), bins - 1)
+    count = np.bincount(index, minlength=bins)
+    mean = lambda values: np.divide(np.bincount(index, values, bins), count, out=np.zeros(bins), where=count > 0)
+    accuracy, mean_confidence = mean((predicted == y_true).astype(float)), mean(confidence)
+    return {"bins": bins, "confidence": mean_confidence.tolist(), "accuracy": accuracy.tolist(), "count": count.tolist(),
+            "ece": float((np.abs(accuracy - mean_confidence) * count).sum() / max(count.sum(), 1))}

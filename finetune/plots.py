@@ -93,3 +93,19 @@ def plot_run_comparison(records: list[dict]) -> plt.Figure:
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def plot_calibration(records: list[dict]) -> plt.Figure:
+    """Reliability diagram of label scoring: accuracy against confidence, per run (the diagonal is perfect)."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    for record in records:
+        c = record["evaluations"]["label_scoring"]["calibration"]
+        shown = [i for i, n in enumerate(c["count"]) if n]
+        ax.plot([c["confidence"][i] for i in shown], [c["accuracy"][i] for i in shown], marker="o",
+                label=f"{record['name']} (ECE {c['ece']:.3f})")
+    ax.set_xlabel("confidence (probability of the chosen label)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Label-scoring calibration")
+    ax.legend(fontsize=8)
+    return fig

@@ -83,3 +83,13 @@ def test_readme_generated_sections_match_the_committed_results(tmp_path):
     copy = tmp_path / "README.md"
     copy.write_text(readme)
     assert update_readme(copy, PROJECT_DIR / "results") == readme
+
+
+def test_calibration_bins_match_a_hand_computed_case():
+    from finetune.metrics import calibration
+
+    probabilities = np.array([[0.95, 0.05, 0, 0], [0.9, 0.1, 0, 0], [0.3, 0.6, 0.1, 0], [0.25, 0.25, 0.25, 0.25]])
+    c = calibration(probabilities, np.array([0, 1, 1, 3]), bins=4)
+    assert c["count"] == [0, 1, 1, 2]  # 0.25 -> bin 1, 0.6 -> bin 2, 0.9 and 0.95 -> bin 3
+    assert c["accuracy"] == [0, 0, 1, 0.5] and c["confidence"][3] == pytest.approx(0.925)
+    assert c["ece"] == pytest.approx((0.25 + 0.4 + 2 * 0.425) / 4)

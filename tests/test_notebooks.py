@@ -34,7 +34,7 @@ def test_notebooks_execute_headless_and_write_valid_results(synthetic_dir, tmp_p
     finetuned = json.loads((results / "finetuned_model_results.json").read_text())
     assert set(finetuned["evaluations"]) == {"label_scoring", "generation"}
     assert finetuned["evaluations"]["label_scoring"]["metrics"]["accuracy"] > 0.5  # synthetic classes are easy
-    for png in ("ag_news_distribution", "ag_news_text_lengths", "base_model_confusion_matrix",
+    for png in ("ag_news_distribution", "ag_news_text_lengths", "base_model_confusion_matrix", "calibration",
                 "finetuned_model_confusion_matrix", "per_class_f1_base_vs_finetuned", "comparison", "training_loss"):
         assert (results / f"{png}.png").stat().st_size > 1000, png
     assert "finetuned_model" in (results / "summary.md").read_text()

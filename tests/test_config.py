@@ -1,0 +1,30 @@
+"""One config, two profiles: overrides from code and from the command line, and loud failures for typos."""
+
+import pytest
+
+from finetune.config import PROFILES, config_from_args, get_config
+
+
+def test_cli_flags_are_typed_like_the_fields():
+    config = config_from_args(["--profile", "tiny", "--learning_rate", "2e-4", "--max_train_samples", "100",
+                               "--packing", "false", "--data_dir", "none", "--run_name", "123"])
+    assert config.learning_rate == 2e-4 and config.max_train_samples == 100
+    assert config.packing is False and config.data_dir is None and config.run_name == "123"
+
+
+def test_overrides_win_and_everything_else_comes_from_the_profile():
+    config = get_config("tiny", learning_rate=5e-4)
+    assert config.learning_rate == 5e-4
+    assert all(getattr(config, k) == v for k, v in PROFILES["tiny"].items() if k != "learning_rate")
+    assert config.output_dir.as_posix() == "checkpoints/tiny-ag-news"
+    assert config.to_dict()["profile"] == "tiny"
+
+
+@pytest.mark.parametrize("call", [
+    lambda: get_config("tiny", learning_rat=1e-3),
+    lambda: get_config("huge"),
+    lambda: config_from_args(["--packing", "maybe"]),
+])
+def test_typos_and_unknown_profiles_fail_loudly(call):
+    with pytest.raises((ValueError, SystemExit)):
+        call()
