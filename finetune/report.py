@@ -20,31 +20,40 @@ def replace_section(readme: str, name: str, body: str) -> str:
     return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
 
 
+def benchmark_records(results_dir: Path, kind: str) -> list[tuple[Path, dict]]:
+    """The `python -m finetune.bench <kind>` outputs under results/benchmarks, by file name."""
+    records = [(p, json.loads(p.read_text())) for p in sorted((results_dir / "benchmarks").glob("*.json"))]
+    return [(p, r) for p, r in records if r.get("benchmark") == kind]
+
+
+def _gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def training_benchmark_table(results_dir: Path) -> str:
     lines = ["| run | variant | real tokens/s | vs reference (same run) | MFU | step (s) | peak alloc / reserved (GiB) "
              "| projected epoch, 120K articles (min) |", "|---|---|---|---|---|---|---|---|"]
-    for path in sorted((results_dir / "benchmarks").glob("*train*.json")):
-        record = json.loads(path.read_text())
+    for path, record in benchmark_records(results_dir, "train"):
         for name, v in record["variants"].items():
             if "error" in v:
                 lines.append(f"| `{path.name}` | {name} | failed: {v['error']} | | | | | |")
                 continue
             mfu = f"{v['mfu']:.1%}" if v["mfu"] else "n/a"
             lines.append(f"| `{path.name}` | {name} | {v['tokens_per_second']:,.0f} | {v['speed_vs_reference']:.2f}x "
-                         f"| {mfu} | {v['step_seconds']:.2f} | {v['peak_allocated_gib']:.1f} / "
-                         f"{v['peak_reserved_gib']:.1f} | {v['projected_epoch_minutes_full_train']:.0f} |")
+                         f"| {mfu} | {v['step_seconds']:.2f} | {_gib(v['peak_allocated_gib'])} / "
+                         f"{_gib(v['peak_reserved_gib'])} | {v['projected_epoch_minutes_full_train']:.0f} |")
     return "\n".join(lines)
 
 
 def eval_benchmark_table(results_dir: Path) -> str:
     lines = ["| run | mode | articles | articles/s | latency mean / p50 / p95 (ms) | batch | peak alloc (GiB) |",
              "|---|---|---|---|---|---|---|"]
-    for path in sorted((results_dir / "benchmarks").glob("*eval*.json")):
-        for mode, m in json.loads(path.read_text())["modes"].items():
+    for path, record in benchmark_records(results_dir, "eval"):
+        for mode, m in record["modes"].items():
             lat = m["latency_ms"]
-            peak = f"{m['peak_allocated_gib']:.1f}" if m["peak_allocated_gib"] else "n/a"
             lines.append(f"| `{path.name}` | {mode} | {m['articles']} | {m['articles_per_second']:.1f} "
-                         f"| {lat['mean']:.0f} / {lat['p50']:.0f} / {lat['p95']:.0f} | {m['batch_size']} | {peak} |")
+                         f"| {lat['mean']:.0f} / {lat['p50']:.0f} / {lat['p95']:.0f} | {m['batch_size']} "
+                         f"| {_gib(m['peak_allocated_gib'])} |")
     return "\n".join(lines)
 
 
@@ -79,13 +88,13 @@ def gpu_runs_table(results_dir: Path) -> str:
 
 def targets_table(results_dir: Path) -> str:
     """The H100 targets next to the best measured figure of any variant (or mode), pass or miss."""
-    variants = [v for path in sorted((results_dir / "benchmarks").glob("*train*.json"))
-                for v in json.loads(path.read_text())["variants"].values() if "error" not in v]
-    evals = [json.loads(p.read_text())["modes"] for p in sorted((results_dir / "benchmarks").glob("*eval*.json"))]
-    if not variants or not evals:
+    variants = [v for _, r in benchmark_records(results_dir, "train") for v in r["variants"].values() if "error" not in v]
+    evals = [r["modes"] for _, r in benchmark_records(results_dir, "eval")]
+    fits = [v for v in variants  # the targets ask for the optimizer that really updates, on a GPU, within 70 GiB
+            if v["mfu"] and v["peak_allocated_gib"] <= 70
+            and v["overrides"].get("optimizer", "adamw_bf16_sr") == "adamw_bf16_sr"]
+    if not fits or not evals:
         return "(no GPU benchmark yet: `make PY=python3 gpu-bench` on an H100)"
-    fits = [v for v in variants  # the targets ask for the optimizer that really updates, within 70 GiB
-            if v["peak_allocated_gib"] <= 70 and v["overrides"].get("optimizer", "adamw_bf16_sr") == "adamw_bf16_sr"]
     rows = [("MFU (7B shape, bf16 SR AdamW, peak memory <= 70 GiB)", 0.50, max(v["mfu"] for v in fits), "{:.1%}"),
             ("real tokens/s", 10_800, max(v["tokens_per_second"] for v in fits), "{:,.0f}"),
             ("one epoch of 120K articles (min, lower is better)", 50,

@@ -77,14 +77,16 @@ def load_records(results_dir: str | Path) -> list[dict]:
 
 def summary_table(records: list[dict]) -> str:
     """A markdown table, one row per evaluation of every run."""
-    lines = ["| run | model | protocol | eval articles | mode | accuracy | macro-F1 | failures | articles/s | file |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | model | protocol | eval articles | mode | accuracy | macro-F1 | failures | articles/s | hardware "
+             "| file |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: r["path"]):
+        gpu = r["environment"]["hardware"]["gpu"]
+        hardware = gpu["name"] if gpu else f"CPU ({r['environment']['hardware']['torch_threads']} threads)"
         for mode, ev in r["evaluations"].items():
             m, t = ev["metrics"], ev["throughput"]
             lines.append(f"| {r['name']} | {r['model']} | {r['data']['protocol']} | {r['data']['eval_size']} | {mode} "
                          f"| {m['accuracy']:.2%} | {m['macro_f1']:.2%} | {ev['failures']['count']} "
-                         f"| {t['articles_per_second']:.1f} | `{r['path']}` |")
+                         f"| {t['articles_per_second']:.1f} | {hardware} | `{r['path']}` |")
     return "\n".join(lines)
 
 

@@ -69,7 +69,7 @@ def test_summary_is_generated_from_every_results_file(tmp_path):
     records = load_records(tmp_path)
     assert [r["name"] for r in records] == ["base_model", "finetuned_model"]
     table = summary_table(records)
-    assert "| base_model | scratch | holdout | 4 | label_scoring | 75.00% |" in table
+    assert "| base_model | scratch | holdout | 4 | label_scoring | 75.00% |" in table and "| CPU (" in table
     assert "| finetuned_model | scratch | holdout | 4 | label_scoring | 100.00% |" in table
     assert "do not edit by hand" in write_summary(tmp_path).read_text()
 

@@ -1,0 +1,45 @@
+"""The benchmark and optimizer-measurement entry points run on the tiny profile, so the GPU scripts cannot rot."""
+
+import json
+
+from finetune import bench, bench_optimizers
+from finetune.report import eval_benchmark_table, targets_table, training_benchmark_table
+
+
+def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_path):
+    args = ["train", "--name", "smoke", "--variants", "0,1", "--warmup_steps", "1", "--measured_steps", "2",
+            "--profile", "tiny", "--data_dir", tiny_config.data_dir, "--holdout_train_size", "300",
+            "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4", "--max_length", "128",
+            "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
+    bench.main(args)
+    record = json.loads((tmp_path / "benchmarks" / "smoke.json").read_text())
+    reference, unpacked = record["variants"].values()
+    assert reference["tokens_per_second"] > 0 and reference["speed_vs_reference"] == 1.0
+    assert unpacked["overrides"] == {"packing": False} and unpacked["tokens_per_step"] > 0
+    assert reference["projected_epoch_minutes_full_train"] > 0 and record["environment"]["packages"]["torch"]
+    assert (tmp_path / "benchmarks" / "smoke.png").exists()
+    assert "| `smoke.json` | reference" in training_benchmark_table(tmp_path)
+
+
+def test_eval_benchmark_covers_every_test_article(tiny_config, tmp_path):
+    args = ["eval", "--name", "smoke_eval", "--profile", "tiny", "--data_dir", tiny_config.data_dir,
+            "--holdout_train_size", "300", "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4",
+            "--max_length", "128", "--eval_batch_size", "100", "--checkpoints_dir", tiny_config.checkpoints_dir,
+            "--results_dir", str(tmp_path)]
+    bench.main(args)
+    modes = json.loads((tmp_path / "benchmarks" / "smoke_eval.json").read_text())["modes"]
+    assert modes["label_scoring"]["articles"] == 400 and modes["generation"]["articles_per_second"] > 0
+    assert "label_scoring | 400" in eval_benchmark_table(tmp_path)
+    assert "no GPU benchmark" in targets_table(tmp_path)  # CPU runs have no MFU: never counted against targets
+
+
+def test_optimizer_measurement_compares_every_option_with_fp32(tiny_config, tmp_path):
+    args = ["--profile", "tiny", "--data_dir", tiny_config.data_dir, "--holdout_train_size", "300",
+            "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4", "--max_length", "128", "--bf16", "true",
+            "--max_steps", "3", "--logging_steps", "1", "--checkpoints_dir", tiny_config.checkpoints_dir,
+            "--results_dir", str(tmp_path)]
+    bench_optimizers.main(args)
+    options = json.loads((tmp_path / "optimizers" / "optimizers.json").read_text())["options"]
+    assert set(options) == {"adamw_fp32_master", "adamw", "adamw_bf16_sr"}
+    assert options["adamw_fp32_master"]["update_norm_ratio_to_fp32"] == 1.0
+    assert options["adamw"]["first_step_fraction_of_weights_changed"] < 1.0
