@@ -31,17 +31,28 @@ class Predictions:
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_prompt_tokens: int) -> tuple[list[list[int]], int]:
     """Chat-template token ids per article, ending with the assistant header. An article too long for
     `max_prompt_tokens` loses the end of its text, never the instruction or the answer slot."""
-    encoded, truncated = [], 0
-    for text in texts:
-        ids = _render(tokenizer, build_prompt_messages(text), generation_prompt=True)
+    rendered = tokenizer.apply_chat_template([build_prompt_messages(t) for t in texts], add_generation_prompt=True,
+                                             tokenize=False)
+    # One batched call: the fast tokenizer spreads it over threads (per-article calls cost seconds on 7,600 articles).
+    encoded = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    truncated = 0
+    for i, ids in enumerate(encoded):
         if len(ids) > max_prompt_tokens:
-            text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            keep = max(len(text_ids) - (len(ids) - max_prompt_tokens), 0)
-            ids = _render(tokenizer, build_prompt_messages(tokenizer.decode(text_ids[:keep])), generation_prompt=True)
-            ids = ids[:max_prompt_tokens]  # a decode/re-encode round trip can differ by a token or two
+            encoded[i] = _shortened_prompt(tokenizer, texts[i], len(ids) - max_prompt_tokens, max_prompt_tokens)
             truncated += 1
-        encoded.append(ids)
     return encoded, truncated
+
+
+def _shortened_prompt(tokenizer: PreTrainedTokenizerBase, text: str, excess: int, limit: int) -> list[int]:
+    """The prompt with the article's tail cut until the whole prompt fits `limit` (a decode and re-encode can
+    shift a token at the cut, hence the loop)."""
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = len(text_ids) - excess
+    while True:
+        ids = _render(tokenizer, build_prompt_messages(tokenizer.decode(text_ids[:max(keep, 0)])), generation_prompt=True)
+        if len(ids) <= limit or keep <= 0:
+            return ids
+        keep -= len(ids) - limit
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> list[int]:
