@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
 from finetune.model import load_model, load_tokenizer
-from finetune.predict import generate_labels, score_labels
+from finetune.predict import encode_prompts, generate_labels, score_labels
 from finetune.results import environment
 from finetune.throughput import peak_flops, training_flops_per_token
 from finetune.train import build_trainer
@@ -115,6 +115,9 @@ def bench_eval(config: RunConfig) -> dict:
     texts = list(splits.eval["text"]) + (list(splits.train["text"]) if splits.protocol == "holdout" else [])
     tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
     model = load_model(config, tokenizer, "sdpa").eval()
+    start = time.perf_counter()
+    encode_prompts(tokenizer, texts, config.max_length)
+    tokenization_seconds = time.perf_counter() - start  # host-side share of each mode's time below
     results = {}
     for mode, predict in (("label_scoring", score_labels), ("generation", generate_labels)):
         if torch.cuda.is_available():
@@ -132,7 +135,14 @@ def bench_eval(config: RunConfig) -> dict:
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         }
         print(mode, json.dumps(results[mode]), flush=True)
-    return {"data": splits.describe(), "modes": results}
+    # Where label scoring spends its time: a profiler trace over two batches, top kernels and ops by device time.
+    with torch.profiler.profile() as profiler:
+        score_labels(model, tokenizer, texts[: 2 * config.eval_batch_size], config.eval_batch_size, config.max_length,
+                     progress=False)
+    sort_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    profile = profiler.key_averages().table(sort_by=sort_key, row_limit=20, max_name_column_width=60)
+    return {"data": splits.describe(), "tokenization_seconds": tokenization_seconds, "modes": results,
+            "label_scoring_profile": profile.splitlines()}
 
 
 def plot_train(results: dict, path: Path) -> None:
