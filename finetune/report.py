@@ -26,32 +26,38 @@ def benchmark_records(results_dir: Path, kind: str) -> list[tuple[Path, dict]]:
     return [(p, r) for p, r in records if r.get("benchmark") == kind]
 
 
+def _device(record: dict) -> str:
+    gpu = record["environment"]["hardware"]["gpu"]
+    return gpu["name"] if gpu else "CPU"
+
+
 def _gib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
 def training_benchmark_table(results_dir: Path) -> str:
-    lines = ["| run | variant | real tokens/s | vs reference (same run) | MFU | step (s) | peak alloc / reserved (GiB) "
-             "| projected epoch, 120K articles (min) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | device | variant | real tokens/s | vs reference (same run) | MFU | step (s) "
+             "| peak alloc / reserved (GiB) | projected epoch, 120K articles (min) |", "|---|---|---|---|---|---|---|---|---|"]
     for path, record in benchmark_records(results_dir, "train"):
         for name, v in record["variants"].items():
             if "error" in v:
-                lines.append(f"| `{path.name}` | {name} | failed: {v['error']} | | | | | |")
+                lines.append(f"| `{path.name}` | {_device(record)} | {name} | failed: {v['error']} | | | | | |")
                 continue
             mfu = f"{v['mfu']:.1%}" if v["mfu"] else "n/a"
-            lines.append(f"| `{path.name}` | {name} | {v['tokens_per_second']:,.0f} | {v['speed_vs_reference']:.2f}x "
+            lines.append(f"| `{path.name}` | {_device(record)} | {name} | {v['tokens_per_second']:,.0f} "
+                         f"| {v['speed_vs_reference']:.2f}x "
                          f"| {mfu} | {v['step_seconds']:.2f} | {_gib(v['peak_allocated_gib'])} / "
                          f"{_gib(v['peak_reserved_gib'])} | {v['projected_epoch_minutes_full_train']:.0f} |")
     return "\n".join(lines)
 
 
 def eval_benchmark_table(results_dir: Path) -> str:
-    lines = ["| run | mode | articles | articles/s | latency mean / p50 / p95 (ms) | batch | peak alloc (GiB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | device | mode | articles | articles/s | latency mean / p50 / p95 (ms) | batch | peak alloc (GiB) |",
+             "|---|---|---|---|---|---|---|---|"]
     for path, record in benchmark_records(results_dir, "eval"):
         for mode, m in record["modes"].items():
             lat = m["latency_ms"]
-            lines.append(f"| `{path.name}` | {mode} | {m['articles']} | {m['articles_per_second']:.1f} "
+            lines.append(f"| `{path.name}` | {_device(record)} | {mode} | {m['articles']} | {m['articles_per_second']:.1f} "
                          f"| {lat['mean']:.0f} / {lat['p50']:.0f} / {lat['p95']:.0f} | {m['batch_size']} "
                          f"| {_gib(m['peak_allocated_gib'])} |")
     return "\n".join(lines)
@@ -87,9 +93,10 @@ def gpu_runs_table(results_dir: Path) -> str:
 
 
 def targets_table(results_dir: Path) -> str:
-    """The H100 targets next to the best measured figure of any variant (or mode), pass or miss."""
-    variants = [v for _, r in benchmark_records(results_dir, "train") for v in r["variants"].values() if "error" not in v]
-    evals = [r["modes"] for _, r in benchmark_records(results_dir, "eval")]
+    """The H100 targets next to the best figure any H100 variant (or mode) measured, pass or miss."""
+    on_h100 = lambda kind: [r for _, r in benchmark_records(results_dir, kind) if "H100" in _device(r)]
+    variants = [v for r in on_h100("train") for v in r["variants"].values() if "error" not in v]
+    evals = [r["modes"] for r in on_h100("eval")]
     fits = [v for v in variants  # the targets ask for the optimizer that really updates, on a GPU, within 70 GiB
             if v["mfu"] and v["peak_allocated_gib"] <= 70
             and v["overrides"].get("optimizer", "adamw_bf16_sr") == "adamw_bf16_sr"]
