@@ -64,7 +64,7 @@ def read_csv_split(path: Path, skip_bad_rows: bool = False) -> tuple[pd.DataFram
                 break
             except UnicodeDecodeError as e:
                 # Decoding runs ahead of the csv reader, so the row number is the reader's, not exact bytes.
-                raise DataError(f"{path}: undecodable bytes near line {reader.line_num + 1} (expected UTF-8): {e}")
+                raise DataError(f"{path}: undecodable bytes near line {reader.line_num + 1} (expected UTF-8): {e}") from e
             line = reader.line_num
             problem = _check_csv_row(fields)
             if problem:
@@ -92,7 +92,7 @@ def read_table_split(path: Path, skip_bad_rows: bool = False) -> tuple[pd.DataFr
     try:
         table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
     except (ValueError, OSError) as e:
-        raise DataError(f"{path}: cannot read ({e})")
+        raise DataError(f"{path}: cannot read ({e})") from e
     missing = {"text", "label"} - set(table.columns)
     if missing:
         raise DataError(f"{path}: missing column(s) {sorted(missing)}; expected text and label")
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         data, source = load_ag_news(args.source, args.skip_bad_rows)
         splits = make_splits(data, source, args.protocol, args.holdout_train_size, args.seed)
     except DataError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     out = Path(args.out)
     write_jsonl(to_chat_records(splits.train), out / "train.jsonl")
     write_jsonl(to_chat_records(splits.eval), out / "eval.jsonl")

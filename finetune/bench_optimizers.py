@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from finetune.config import RunConfig, config_from_args
 from finetune.results import environment
-from finetune.train import OPTIMIZERS, build_trainer
+from finetune.train import build_trainer
 
 
 class UpdateProbe(TrainerCallback):
