@@ -4,6 +4,7 @@ Label scoring (default) ranks the four possible answers by their log-probability
 is possible. Generation decodes greedily and parses the JSON, as the reference did, and counts what fails to parse.
 """
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -93,8 +94,9 @@ def _batches(prompts: list[list[int]], batch_size: int):
 @torch.inference_mode()
 def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 512,
                  progress: bool = True) -> Predictions:
-    """Full log-probability of each label's answer. The prompt and the answers' shared prefix (`{"category":"`)
-    run once per article; the four diverging suffixes then run together on top of its KV cache."""
+    """Full log-probability of each label's answer, with no token computed twice: the system turn and instruction
+    that open every prompt run once for all articles; each article and the answers' shared prefix
+    (`{"category":"`) run once on top of that; the four diverging suffixes then run together on the article's cache."""
     answers = answer_token_ids(tokenizer)
     shared = 0
     while all(len(a) > shared + 1 and a[shared] == answers[0][shared] for a in answers):
@@ -110,15 +112,26 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
         suffix_ids[c, : len(s)] = torch.tensor(s)
         suffix_mask[c, : len(s)] = 1
 
+    # The common opening, cut one token short of the shortest prompt so that every article keeps a token to run.
+    common = min(_common_prefix_length(prompts), min(map(len, prompts)) - 1)
+    header = model(input_ids=torch.tensor([prompts[0][:common]], device=device), use_cache=True).past_key_values \
+        if common else None
+
     logprobs = np.zeros((len(texts), n_labels))
     seconds = np.zeros(len(texts))
     for batch in tqdm(list(_batches(prompts, batch_size)), desc="label scoring", disable=not progress):
         start = time.perf_counter()
-        ids, mask = _left_pad([prompts[i] + prefix for i in batch], tokenizer.pad_token_id, device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Left padding sits between the shared opening and each article; the mask hides it, positions skip it.
+        ids, rest_mask = _left_pad([prompts[i][common:] + prefix for i in batch], tokenizer.pad_token_id, device)
+        mask = torch.cat([rest_mask.new_ones(len(batch), common), rest_mask], 1)
+        positions = common + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        if header is not None:
+            cache = copy.deepcopy(header)
+            cache.batch_repeat_interleave(len(batch))
         # Logits for the last len(prefix)+1 positions: they predict the prefix tokens and each suffix's first token.
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=shared + 1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=shared + 1)
         head = out.logits.float().log_softmax(-1)  # (B, shared+1, V)
         prefix_lp = head[:, :-1].gather(-1, torch.tensor(prefix, device=device).expand(len(batch), -1)[..., None])
         first_lp = head[:, -1, suffix_ids[:, 0]]  # (B, labels)
@@ -134,6 +147,15 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
         logprobs[batch] = total.cpu().numpy()
         seconds[batch] = time.perf_counter() - start
     return Predictions(labels=logprobs.argmax(1), batch_seconds=seconds, truncated=truncated, label_logprobs=logprobs)
+
+
+def _common_prefix_length(rows: list[list[int]]) -> int:
+    """Length of the longest token prefix all rows share (that of the lexicographic extremes)."""
+    first, last = min(rows), max(rows)
+    n = 0
+    while n < min(len(first), len(last)) and first[n] == last[n]:
+        n += 1
+    return n
 
 
 def parse_answer(text: str) -> tuple[int, str | None]:
