@@ -108,7 +108,7 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
     return results
 
 
-def bench_eval(config: RunConfig) -> dict:
+def bench_eval(config: RunConfig, modes: list[str]) -> dict:
     """Label scoring and generation over every test-split article (both sides of a holdout carve: speed does not
     depend on what the model learned), through the functions the notebooks use."""
     splits = load_splits(config)
@@ -120,6 +120,8 @@ def bench_eval(config: RunConfig) -> dict:
     tokenization_seconds = time.perf_counter() - start  # host-side share of each mode's time below
     results = {}
     for mode, predict in (("label_scoring", score_labels), ("generation", generate_labels)):
+        if mode not in modes:
+            continue
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("what", choices=["train", "eval"])
     parser.add_argument("--name", required=True, help="writes results/benchmarks/<name>.json and .png")
     parser.add_argument("--variants", default="all", help="'all', or comma-separated indices into TRAIN_VARIANTS")
+    parser.add_argument("--modes", default="label_scoring,generation", help="eval: which modes to time")
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--measured_steps", type=int, default=5)
     known, rest = parser.parse_known_args(argv)
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                                            known.measured_steps))
         plot_train(record["variants"], out / f"{known.name}.png")
     else:
-        record.update(bench_eval(config))
+        record.update(bench_eval(config, known.modes.split(",")))
     (out / f"{known.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out / known.name}.json")
 
