@@ -187,8 +187,10 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
     for batch in tqdm(list(_batches(prompts, batch_size)), desc="generation", disable=not progress):
         start = time.perf_counter()
         ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, model.device)
+        # use_cache explicitly: a model trained here carries use_cache=False (training never reuses keys/values),
+        # and without a cache every decoding step would re-run the whole prompt.
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True)
         texts_out = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         seconds[batch] = time.perf_counter() - start
         for i, answer in zip(batch, texts_out):
