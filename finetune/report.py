@@ -92,6 +92,10 @@ def gpu_runs_table(results_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _best(evals: list[dict], mode: str) -> float:
+    return max(e[mode]["articles_per_second"] for e in evals if mode in e)
+
+
 def targets_table(results_dir: Path) -> str:
     """The H100 targets next to the best figure any H100 variant (or mode) measured, pass or miss."""
     on_h100 = lambda kind: [r for _, r in benchmark_records(results_dir, kind) if "H100" in _device(r)]
@@ -106,8 +110,8 @@ def targets_table(results_dir: Path) -> str:
             ("real tokens/s", 10_800, max(v["tokens_per_second"] for v in fits), "{:,.0f}"),
             ("one epoch of 120K articles (min, lower is better)", 50,
              min(v["projected_epoch_minutes_full_train"] for v in fits), "{:.0f}"),
-            ("label scoring articles/s over 7,600", 350, max(e["label_scoring"]["articles_per_second"] for e in evals),
-             "{:.0f}")]
+            ("label scoring articles/s over 7,600", 350, _best(evals, "label_scoring"), "{:.0f}"),
+            ("generation articles/s over 7,600 (the published run's speed)", 49.6, _best(evals, "generation"), "{:.1f}")]
     lines = ["| target | goal | best measured | met |", "|---|---|---|---|"]
     for name, goal, best, fmt in rows:
         met = best <= goal if "lower" in name else best >= goal
