@@ -24,7 +24,7 @@ from finetune.data import load_splits
 from finetune.model import load_model, load_tokenizer
 from finetune.predict import encode_prompts, generate_labels, score_labels
 from finetune.results import environment
-from finetune.throughput import peak_flops, training_flops_per_token
+from finetune.throughput import mean_article_tokens, peak_flops, training_flops_per_token
 from finetune.train import build_trainer
 
 FULL_TRAIN_ARTICLES = 120_000
@@ -73,9 +73,7 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     (t0, n0), (t1, n1) = clock.marks[warmup_steps - 1], clock.marks[-1]
     tokens_per_second = (n1 - n0) / (t1 - t0)
-    lengths = [n for row in trainer.train_dataset["seq_lengths"] for n in row] if config.packing else \
-        [len(ids) for ids in trainer.train_dataset["input_ids"]]
-    mean_len = sum(lengths) / len(lengths)
+    mean_len = mean_article_tokens(trainer.train_dataset)
     flops = training_flops_per_token(trainer.model.config, mean_len)
     peak = peak_flops()
     result = {

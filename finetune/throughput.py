@@ -17,6 +17,15 @@ def peak_flops() -> float | None:
     return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
+def mean_article_tokens(train_dataset) -> float:
+    """Mean tokens per article in TRL's prepared dataset (packed rows list each article's length)."""
+    if "seq_lengths" in train_dataset.column_names:
+        lengths = [n for row in train_dataset["seq_lengths"] for n in row]
+    else:
+        lengths = [len(ids) for ids in train_dataset["input_ids"]]
+    return sum(lengths) / len(lengths)
+
+
 def training_flops_per_token(config: PretrainedConfig, mean_seq_len: float) -> float:
     """Forward + backward FLOPs per real token: 6 x matmul parameters plus causal attention over its own article.
 

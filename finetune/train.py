@@ -19,7 +19,7 @@ from finetune.attention import choose_attn_implementation
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
 from finetune.model import load_model, load_tokenizer
-from finetune.throughput import ThroughputCallback
+from finetune.throughput import ThroughputCallback, mean_article_tokens
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,9 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_prompt_completion(splits.train),
                          processing_class=tokenizer, callbacks=callbacks,
                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(config, args))
-    dataset = trainer.train_dataset
-    rows = dataset["seq_lengths"] if config.packing else [[len(ids)] for ids in dataset["input_ids"]]
-    lengths = [n for row in rows for n in row]
     # First in line, so the TensorBoard and progress callbacks see the numbers it adds to each log.
-    trainer.callback_handler.callbacks.insert(0, ThroughputCallback(model.config, sum(lengths) / len(lengths)))
+    throughput = ThroughputCallback(model.config, mean_article_tokens(trainer.train_dataset))
+    trainer.callback_handler.callbacks.insert(0, throughput)
     trainer.splits = splits  # what the run trained on, for its summary
     return trainer
 
