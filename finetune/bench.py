@@ -24,7 +24,9 @@ from finetune.data import load_splits
 from finetune.model import load_model, load_tokenizer
 from finetune.predict import encode_prompts, generate_labels, score_labels
 from finetune.results import environment
-from finetune.throughput import mean_article_tokens, peak_flops, training_flops_per_token
+from finetune.evaluate import throughput
+from finetune.throughput import (mean_article_tokens, peak_flops, peak_memory_gib, reset_peak_memory,
+                                 training_flops_per_token)
 from finetune.train import build_trainer
 
 FULL_TRAIN_ARTICLES = 120_000
@@ -62,9 +64,7 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
     config = dataclasses.replace(config, max_steps=warmup_steps + measured_steps, save_steps=10**9, logging_steps=1,
                                  run_name=f"{config.run_name}-bench")
     clock = StepClock()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     try:
         trainer = build_trainer(config, callbacks=[clock])
         trainer.args.include_num_input_tokens_seen = "non_padding"
@@ -81,8 +81,8 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         "step_seconds": (t1 - t0) / measured_steps,
         "tokens_per_step": (n1 - n0) / measured_steps,
         "mfu": tokens_per_second * flops / peak if peak else None,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
+        "peak_allocated_gib": peak_memory_gib(),
+        "peak_reserved_gib": peak_memory_gib(reserved=True),
         "mean_article_tokens": mean_len,
         "projected_epoch_minutes_full_train": FULL_TRAIN_ARTICLES * mean_len / tokens_per_second / 60,
         "final_loss": next(h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h),
@@ -120,20 +120,12 @@ def bench_eval(config: RunConfig, modes: list[str]) -> dict:
     for mode, predict in (("label_scoring", score_labels), ("generation", generate_labels)):
         if mode not in modes:
             continue
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory()
         start = time.perf_counter()
         predictions = predict(model, tokenizer, texts, batch_size=config.eval_batch_size, max_length=config.max_length)
         seconds = time.perf_counter() - start
-        latency = torch.tensor(predictions.batch_seconds * 1000)
-        results[mode] = {
-            "articles": len(texts), "seconds": seconds, "articles_per_second": len(texts) / seconds,
-            "batch_size": config.eval_batch_size, "truncated_articles": predictions.truncated,
-            "latency_ms": {"mean": float(latency.mean()), "p50": float(latency.quantile(0.5)),
-                           "p95": float(latency.quantile(0.95))},
-            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        }
+        results[mode] = {**throughput(predictions, config.eval_batch_size, seconds),
+                         "truncated_articles": predictions.truncated, "peak_allocated_gib": peak_memory_gib()}
         print(mode, json.dumps(results[mode]), flush=True)
     # Where label scoring spends its time: a profiler trace over two batches, top kernels and ops by device time.
     with torch.profiler.profile() as profiler:

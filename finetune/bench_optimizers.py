@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import torch
 from transformers import TrainerCallback
 
 from finetune.config import RunConfig, config_from_args
 from finetune.results import environment
+from finetune.throughput import peak_memory_gib, reset_peak_memory
 from finetune.train import build_trainer
 
 
@@ -46,17 +46,14 @@ def measure(config: RunConfig) -> dict:
         probe = UpdateProbe()
         run_config = dataclasses.replace(config, optimizer=optimizer, run_name=f"optimizer-{optimizer}",
                                          save_steps=10**9)
+        reset_peak_memory()
         trainer = build_trainer(run_config, callbacks=[probe])
         start = time.perf_counter()
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         runs[optimizer] = {"probe": probe, "losses": losses, "seconds": time.perf_counter() - start,
-                           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
-                           else None}
+                           "peak_memory_gib": peak_memory_gib()}
         del trainer
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
     exact = runs["adamw_fp32_master"]["probe"]
     exact_delta = {n: exact.final[n] - exact.initial[n] for n in exact.initial}
     results = {}

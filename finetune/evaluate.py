@@ -26,9 +26,18 @@ MODES = ("label_scoring", "generation")
 FAILURE_EXAMPLES = 5
 
 
+def throughput(predictions: Predictions, batch_size: int, seconds: float) -> dict:
+    """Articles per second over the whole pass, and per-article latency (the wall time of its batch)."""
+    latency_ms = predictions.batch_seconds * 1000
+    articles = len(predictions.labels)
+    return {"articles": articles, "seconds": seconds, "articles_per_second": articles / seconds,
+            "batch_size": batch_size,
+            "latency_ms": {"mean": float(latency_ms.mean()), "p50": float(np.percentile(latency_ms, 50)),
+                           "p95": float(np.percentile(latency_ms, 95))}}
+
+
 def summarize(y_true: np.ndarray, predictions: Predictions, texts: list[str], batch_size: int, seconds: float) -> dict:
     """Metrics, failures (with examples) and throughput of one evaluation pass."""
-    latency_ms = predictions.batch_seconds * 1000
     failures = {kind: len(idx) for kind, idx in predictions.failures.items()}
     summary = {
         "metrics": classification_metrics(y_true, predictions.labels),
@@ -38,12 +47,7 @@ def summarize(y_true: np.ndarray, predictions: Predictions, texts: list[str], ba
             "examples": [{"kind": kind, "answer": predictions.answers[i], "article": texts[i][:200]}
                          for kind, idx in predictions.failures.items() for i in idx[:FAILURE_EXAMPLES]],
         },
-        "throughput": {
-            "articles": len(texts), "seconds": seconds, "articles_per_second": len(texts) / seconds,
-            "batch_size": batch_size,
-            "latency_ms": {"mean": float(latency_ms.mean()), "p50": float(np.percentile(latency_ms, 50)),
-                           "p95": float(np.percentile(latency_ms, 95))},
-        },
+        "throughput": throughput(predictions, batch_size, seconds),
         "truncated_articles": predictions.truncated,
     }
     if predictions.label_logprobs is not None:

@@ -17,6 +17,20 @@ def peak_flops() -> float | None:
     return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
+def reset_peak_memory() -> None:
+    """Free cached blocks and restart the peak counters, so the next measurement stands alone (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(reserved: bool = False) -> float | None:
+    """Peak GPU memory since the last reset, allocated by tensors (or reserved by the allocator); None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return (torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()) / 2**30
+
+
 def mean_article_tokens(train_dataset) -> float:
     """Mean tokens per article in TRL's prepared dataset (packed rows list each article's length)."""
     if "seq_lengths" in train_dataset.column_names:
