@@ -47,6 +47,13 @@ def environment() -> dict:
     }
 
 
+def hardware_label(environment: dict) -> str:
+    """What ran it, in a table cell: the GPU's name, or the CPU and its thread count."""
+    hardware = environment["hardware"]
+    gpu = hardware["gpu"]
+    return gpu["name"] if gpu else f"CPU ({hardware['torch_threads']} threads)"
+
+
 def validate_record(record: dict) -> None:
     """Raise jsonschema.ValidationError if `record` does not follow results_schema.json."""
     jsonschema.validate(record, json.loads(SCHEMA_PATH.read_text()))
@@ -80,8 +87,7 @@ def summary_table(records: list[dict]) -> str:
     lines = ["| run | model | protocol | eval articles | mode | accuracy | macro-F1 | failures | articles/s | hardware "
              "| file |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: r["path"]):
-        gpu = r["environment"]["hardware"]["gpu"]
-        hardware = gpu["name"] if gpu else f"CPU ({r['environment']['hardware']['torch_threads']} threads)"
+        hardware = hardware_label(r["environment"])
         for mode, ev in r["evaluations"].items():
             m, t = ev["metrics"], ev["throughput"]
             lines.append(f"| {r['name']} | {r['model']} | {r['data']['protocol']} | {r['data']['eval_size']} | {mode} "

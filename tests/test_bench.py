@@ -18,7 +18,8 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
     assert unpacked["overrides"] == {"packing": False} and unpacked["tokens_per_step"] > 0
     assert reference["projected_epoch_minutes_full_train"] > 0 and record["environment"]["packages"]["torch"]
     assert (tmp_path / "benchmarks" / "smoke.png").exists()
-    assert "| `smoke.json` | CPU | reference" in training_benchmark_table(tmp_path)
+    threads = record["environment"]["hardware"]["torch_threads"]
+    assert f"| `smoke.json` | CPU ({threads} threads) | reference" in training_benchmark_table(tmp_path)
 
 
 def test_eval_benchmark_covers_every_test_article(tiny_config, tmp_path):
@@ -29,7 +30,7 @@ def test_eval_benchmark_covers_every_test_article(tiny_config, tmp_path):
     bench.main(args)
     modes = json.loads((tmp_path / "benchmarks" / "smoke_eval.json").read_text())["modes"]
     assert modes["label_scoring"]["articles"] == 400 and modes["generation"]["articles_per_second"] > 0
-    assert "| CPU | label_scoring | 400 |" in eval_benchmark_table(tmp_path)
+    assert " threads) | label_scoring | 400 |" in eval_benchmark_table(tmp_path)
     assert "no GPU benchmark" in targets_table(tmp_path)  # CPU runs have no MFU: never counted against targets
 
 
