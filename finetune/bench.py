@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
-from finetune.model import load_model, load_tokenizer
+from finetune.model import apply_liger_kernels, load_model, load_tokenizer
 from finetune.predict import encode_prompts, generate_labels, score_labels
 from finetune.results import environment
 from finetune.evaluate import throughput
@@ -43,6 +43,12 @@ TRAIN_VARIANTS = {
     "Liger + no gradient checkpointing, batch 4 x 8": {"use_liger_kernel": True, "gradient_checkpointing": False,
                                                        "per_device_train_batch_size": 4,
                                                        "gradient_accumulation_steps": 8},
+    "Liger, batch 16 x 2": {"use_liger_kernel": True, "per_device_train_batch_size": 16,
+                            "gradient_accumulation_steps": 2},
+    "Liger, checkpointing 16 of 28 layers": {"use_liger_kernel": True, "checkpointed_layers": 16},
+    "Liger, checkpointing 4 of 28 layers, batch 4 x 8": {"use_liger_kernel": True, "checkpointed_layers": 4,
+                                                         "per_device_train_batch_size": 4,
+                                                         "gradient_accumulation_steps": 8},
 }
 
 
@@ -92,17 +98,19 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
     return result
 
 
-def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int, measured_steps: int) -> dict:
+def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int, measured_steps: int,
+                save=lambda results: None) -> dict:
+    """Every variant in turn; `save` gets the results so far after each one, so a run cut short keeps what it had."""
     results = {}
     for name, overrides in variants.items():
         print(f"== {name}", flush=True)
         results[name] = {"overrides": overrides,
                          **bench_train_variant(dataclasses.replace(config, **overrides), warmup_steps, measured_steps)}
         print(json.dumps(results[name]), flush=True)
-    base = results[next(iter(results))].get("tokens_per_second")
-    for r in results.values():
-        if base and "tokens_per_second" in r:
-            r["speed_vs_reference"] = r["tokens_per_second"] / base
+        base = results[next(iter(results))].get("tokens_per_second")
+        if base and "tokens_per_second" in results[name]:
+            results[name]["speed_vs_reference"] = results[name]["tokens_per_second"] / base
+        save(results)
     return results
 
 
@@ -113,6 +121,8 @@ def bench_eval(config: RunConfig, modes: list[str]) -> dict:
     texts = list(splits.eval["text"]) + (list(splits.train["text"]) if splits.protocol == "holdout" else [])
     tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
     model = load_model(config, tokenizer, "sdpa").eval()
+    if config.use_liger_kernel:
+        apply_liger_kernels(model)
     start = time.perf_counter()
     encode_prompts(tokenizer, texts, config.max_length)
     tokenization_seconds = time.perf_counter() - start  # host-side share of each mode's time below
@@ -149,6 +159,7 @@ def plot_train(results: dict, path: Path) -> None:
     ax.set_xlabel("real tokens/s")
     ax.set_title("Training throughput by variant")
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,18 +175,22 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(config.results_dir) / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": known.what, "config": config.to_dict(), "environment": environment()}
+    path = out / f"{known.name}.json"
+
+    def save(variants: dict) -> None:
+        path.write_text(json.dumps({**record, "variants": variants}, indent=2) + "\n")
+        plot_train(variants, out / f"{known.name}.png")
+
     if known.what == "train":
         names = list(TRAIN_VARIANTS)
         if known.variants != "all":
             names = [names[int(i)] for i in known.variants.split(",")]
-        record.update(warmup_steps=known.warmup_steps, measured_steps=known.measured_steps,
-                      variants=bench_train(config, {n: TRAIN_VARIANTS[n] for n in names}, known.warmup_steps,
-                                           known.measured_steps))
-        plot_train(record["variants"], out / f"{known.name}.png")
+        record.update(warmup_steps=known.warmup_steps, measured_steps=known.measured_steps)
+        bench_train(config, {n: TRAIN_VARIANTS[n] for n in names}, known.warmup_steps, known.measured_steps, save)
     else:
         record.update(bench_eval(config, known.modes.split(",")))
-    (out / f"{known.name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out / known.name}.json")
+        path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,12 @@ class RunConfig:
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.0
     gradient_checkpointing: bool = True
-    use_liger_kernel: bool = False  # Liger's fused RMSNorm, SwiGLU and RoPE kernels (GPU, needs liger-kernel)
+    # Selective checkpointing: only the first N decoder layers recompute their activations in the backward pass; the
+    # rest keep them (faster, more memory). None = every layer.
+    checkpointed_layers: int | None = None
+    # Liger's fused RMSNorm, SwiGLU and RoPE kernels, in training (with its fused loss) and evaluation (GPU, needs
+    # liger-kernel)
+    use_liger_kernel: bool = False
     bf16: bool = True
     packing: bool = True
     attn_implementation: str = "auto"  # "auto": flash_attention_2 if installed, else exact varlen (see attention.py)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_utils import get_last_checkpoint
 import trl.trainer.utils
 from trl import SFTConfig, SFTTrainer
@@ -78,6 +79,19 @@ def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, 
                     "weight_decay": args.weight_decay, "bf16_stochastic_round": True}
 
 
+class SelectiveCheckpointing(TrainerCallback):
+    """Activation checkpointing on the first `n` decoder layers only: the others keep their activations and skip the
+    recompute. The Trainer turns checkpointing on for every layer as training starts, so this runs right after."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i < self.n
+
+
 def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> SFTTrainer:
     """Data, tokenizer, model and trainer, in that order, from one config."""
     splits = load_splits(config)
@@ -91,6 +105,8 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     # First in line, so the TensorBoard and progress callbacks see the numbers it adds to each log.
     throughput = ThroughputCallback(model.config, mean_article_tokens(trainer.train_dataset))
     trainer.callback_handler.callbacks.insert(0, throughput)
+    if config.gradient_checkpointing and config.checkpointed_layers is not None:
+        trainer.add_callback(SelectiveCheckpointing(config.checkpointed_layers))
     trainer.splits = splits  # what the run trained on, for its summary
     return trainer
 
