@@ -35,10 +35,12 @@ def environment() -> dict:
         props = torch.cuda.get_device_properties(0)
         gpu = {"name": props.name, "count": torch.cuda.device_count(), "memory_gib": round(props.total_memory / 2**30, 1),
                "cuda": torch.version.cuda}
+    # A copied tree (e.g. on a lent GPU machine) passes its commit in GIT_COMMIT: any .git it carries may be stale,
+    # so the variable wins, and whether the copy had uncommitted changes is then unknown (None).
+    copied_commit = os.environ.get("GIT_COMMIT")
     return {
-        # A copy of the tree without .git (e.g. on a lent GPU machine) passes the commit in GIT_COMMIT.
-        "git_commit": git("rev-parse", "HEAD") or os.environ.get("GIT_COMMIT"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": copied_commit or git("rev-parse", "HEAD"),
+        "git_dirty": None if copied_commit else bool(git("status", "--porcelain", "--untracked-files=no")),
         "hardware": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                      "torch_threads": torch.get_num_threads(), "gpu": gpu},
         "python": platform.python_version(),
