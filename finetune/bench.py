@@ -49,42 +49,84 @@ TRAIN_VARIANTS = {
     "Liger, checkpointing 4 of 28 layers, batch 4 x 8": {"use_liger_kernel": True, "checkpointed_layers": 4,
                                                          "per_device_train_batch_size": 4,
                                                          "gradient_accumulation_steps": 8},
+    "Liger, checkpointing 16 of 28 layers, plain bf16 AdamW": {"use_liger_kernel": True, "checkpointed_layers": 16,
+                                                               "optimizer": "adamw"},
 }
 
 
+def _now() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class StepClock(TrainerCallback):
-    """Wall time and TRL's cumulative real-token count at the end of every optimizer step."""
+    """Wall time and TRL's cumulative real-token count at the end of every optimizer step, and how long each
+    optimizer update itself took (the part of a step that does not shrink with faster kernels or less recompute)."""
 
     def __init__(self):
         self.marks = []  # (seconds, tokens)
+        self.optimizer_seconds = []
+        self._update_start = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._update_start = _now()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.optimizer_seconds.append(_now() - self._update_start)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        tokens = state.num_input_tokens_seen or 0
-        self.marks.append((time.perf_counter(), tokens))
+        self.marks.append((_now(), state.num_input_tokens_seen or 0))
 
 
-def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: int) -> dict:
-    """Train `warmup_steps + measured_steps` optimizer steps through `build_trainer`; time the measured ones."""
-    config = dataclasses.replace(config, max_steps=warmup_steps + measured_steps, save_steps=10**9, logging_steps=1,
-                                 run_name=f"{config.run_name}-bench")
+class StepProfiler(TrainerCallback):
+    """A torch profiler table (top ops by device time) of one optimizer step: where a training step's time goes."""
+
+    def __init__(self, step: int):
+        self.step, self.profiler, self.table = step, None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step and self.profiler is None and self.table is None:
+            self.profiler = torch.profiler.profile()
+            self.profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None and state.global_step == self.step:
+            _now()
+            self.profiler.__exit__(None, None, None)
+            self.table = _profile_table(self.profiler)
+            self.profiler = None
+
+
+def _profile_table(profiler) -> list[str]:
+    sort_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_key, row_limit=25, max_name_column_width=60).splitlines()
+
+
+def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: int, profile: bool = False) -> dict:
+    """Train `warmup_steps + measured_steps` optimizer steps through `build_trainer`; time the measured ones. With
+    `profile`, one more step runs under the torch profiler (after the timed ones, so its overhead is not timed)."""
+    config = dataclasses.replace(config, max_steps=warmup_steps + measured_steps + profile, save_steps=10**9,
+                                 logging_steps=1, run_name=f"{config.run_name}-bench")
     clock = StepClock()
+    profiler = StepProfiler(warmup_steps + measured_steps + 1)
     reset_peak_memory()
     try:
-        trainer = build_trainer(config, callbacks=[clock])
+        trainer = build_trainer(config, callbacks=[clock, profiler] if profile else [clock])
         trainer.args.include_num_input_tokens_seen = "non_padding"
         trainer.train()
     except Exception as e:  # an ablation that fails (out of memory, a kernel missing) is a result, not a crash
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-    (t0, n0), (t1, n1) = clock.marks[warmup_steps - 1], clock.marks[-1]
+    (t0, n0), (t1, n1) = clock.marks[warmup_steps - 1], clock.marks[warmup_steps + measured_steps - 1]
     tokens_per_second = (n1 - n0) / (t1 - t0)
+    optimizer_seconds = clock.optimizer_seconds[warmup_steps:warmup_steps + measured_steps]
     mean_len = mean_article_tokens(trainer.train_dataset)
     flops = training_flops_per_token(trainer.model.config, mean_len)
     peak = peak_flops()
     result = {
         "tokens_per_second": tokens_per_second,
         "step_seconds": (t1 - t0) / measured_steps,
+        "optimizer_step_seconds": sum(optimizer_seconds) / len(optimizer_seconds),
         "tokens_per_step": (n1 - n0) / measured_steps,
         "mfu": tokens_per_second * flops / peak if peak else None,
         "peak_allocated_gib": peak_memory_gib(),
@@ -93,19 +135,22 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         "projected_epoch_minutes_full_train": FULL_TRAIN_ARTICLES * mean_len / tokens_per_second / 60,
         "final_loss": next(h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h),
     }
+    if profile:
+        result["step_profile"] = profiler.table
     del trainer
     gc.collect()
     return result
 
 
 def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int, measured_steps: int,
-                save=lambda results: None) -> dict:
+                profile: bool = False, save=lambda results: None) -> dict:
     """Every variant in turn; `save` gets the results so far after each one, so a run cut short keeps what it had."""
     results = {}
     for name, overrides in variants.items():
         print(f"== {name}", flush=True)
         results[name] = {"overrides": overrides,
-                         **bench_train_variant(dataclasses.replace(config, **overrides), warmup_steps, measured_steps)}
+                         **bench_train_variant(dataclasses.replace(config, **overrides), warmup_steps, measured_steps,
+                                                 profile)}
         print(json.dumps(results[name]), flush=True)
         base = results[next(iter(results))].get("tokens_per_second")
         if base and "tokens_per_second" in results[name]:
@@ -141,10 +186,8 @@ def bench_eval(config: RunConfig, modes: list[str]) -> dict:
     with torch.profiler.profile() as profiler:
         score_labels(model, tokenizer, texts[: 2 * config.eval_batch_size], config.eval_batch_size, config.max_length,
                      progress=False)
-    sort_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    profile = profiler.key_averages().table(sort_by=sort_key, row_limit=20, max_name_column_width=60)
     return {"data": splits.describe(), "tokenization_seconds": tokenization_seconds, "modes": results,
-            "label_scoring_profile": profile.splitlines()}
+            "label_scoring_profile": _profile_table(profiler)}
 
 
 def plot_train(results: dict, path: Path) -> None:
@@ -163,13 +206,15 @@ def plot_train(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # "--profile" is the config's
     parser.add_argument("what", choices=["train", "eval"])
     parser.add_argument("--name", required=True, help="writes results/benchmarks/<name>.json and .png")
     parser.add_argument("--variants", default="all", help="'all', or comma-separated indices into TRAIN_VARIANTS")
     parser.add_argument("--modes", default="label_scoring,generation", help="eval: which modes to time")
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--measured_steps", type=int, default=5)
+    parser.add_argument("--profile_step", action="store_true",
+                        help="train: a torch profiler table of one extra step per variant")
     known, rest = parser.parse_known_args(argv)
     config = config_from_args(rest, description=__doc__)
     out = Path(config.results_dir) / "benchmarks"
@@ -186,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         if known.variants != "all":
             names = [names[int(i)] for i in known.variants.split(",")]
         record.update(warmup_steps=known.warmup_steps, measured_steps=known.measured_steps)
-        bench_train(config, {n: TRAIN_VARIANTS[n] for n in names}, known.warmup_steps, known.measured_steps, save)
+        bench_train(config, {n: TRAIN_VARIANTS[n] for n in names}, known.warmup_steps, known.measured_steps,
+                    known.profile_step, save)
     else:
         record.update(bench_eval(config, known.modes.split(",")))
         path.write_text(json.dumps(record, indent=2) + "\n")

@@ -7,7 +7,7 @@ from finetune.report import eval_benchmark_table, targets_table, training_benchm
 
 
 def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_path):
-    args = ["train", "--name", "smoke", "--variants", "0,1", "--warmup_steps", "1", "--measured_steps", "2",
+    args = ["train", "--name", "smoke", "--variants", "0,1", "--warmup_steps", "1", "--measured_steps", "2", "--profile_step",
             "--profile", "tiny", "--data_dir", tiny_config.data_dir, "--holdout_train_size", "300",
             "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4", "--max_length", "128",
             "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
@@ -16,6 +16,8 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
     reference, unpacked = record["variants"].values()
     assert reference["tokens_per_second"] > 0 and reference["speed_vs_reference"] == 1.0
     assert unpacked["overrides"] == {"packing": False} and unpacked["tokens_per_step"] > 0
+    assert 0 < reference["optimizer_step_seconds"] < reference["step_seconds"]
+    assert any("aten::mm" in line for line in reference["step_profile"])
     assert reference["projected_epoch_minutes_full_train"] > 0 and record["environment"]["packages"]["torch"]
     assert (tmp_path / "benchmarks" / "smoke.png").exists()
     threads = record["environment"]["hardware"]["torch_threads"]
