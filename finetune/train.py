@@ -73,10 +73,10 @@ def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, 
         return None
     if not config.bf16:
         raise ValueError("optimizer='adamw_bf16_sr' rounds into bf16 weights: it needs bf16=True")
-    from torchao.optim import _AdamW  # imported here: torchao is slow to import and only this option needs it
+    from finetune.optim import AdamWBf16SR  # imported here: torchao is slow to import and only this option needs it
 
-    return _AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
-                    "weight_decay": args.weight_decay, "bf16_stochastic_round": True}
+    return AdamWBf16SR, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+                         "eps": args.adam_epsilon, "weight_decay": args.weight_decay}
 
 
 class SelectiveCheckpointing(TrainerCallback):

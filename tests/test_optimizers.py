@@ -33,11 +33,32 @@ def test_plain_bf16_adamw_rounds_away_most_updates_and_stochastic_rounding_does_
     assert abs(plain - 1.0) > 0.3
 
 
+def test_our_stochastic_rounding_adamw_updates_exactly_as_torchao_does():
+    """Same seed, same gradients, three steps with weight decay: bit-identical weights and states."""
+    from torchao.optim import _AdamW
+
+    from finetune.optim import AdamWBf16SR
+
+    runs = []
+    for make in (lambda ps: _AdamW(ps, lr=1e-3, weight_decay=0.1, bf16_stochastic_round=True),
+                 lambda ps: AdamWBf16SR(ps, lr=1e-3, weight_decay=0.1)):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, 32).to(torch.bfloat16)) for n in (16, 48, 16)]
+        optimizer = make(params)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+        runs.append([t for p in params for t in (p.detach(), *optimizer.state[p].values())])
+    for ours, theirs in zip(*runs):
+        assert torch.equal(ours, theirs)
+
+
 def test_optimizer_options_map_to_weights_and_optimizer():
     reference = get_config("qwen2.5-7b")
     assert reference.optimizer == "adamw_bf16_sr" and weights_dtype(reference) == torch.bfloat16
     cls, kwargs = optimizer_cls_and_kwargs(reference, sft_config(reference))
-    assert cls.__name__ == "_AdamW" and kwargs["bf16_stochastic_round"] and kwargs["lr"] == 2e-5
+    assert cls.__name__ == "AdamWBf16SR" and kwargs["lr"] == 2e-5
     master = dataclasses.replace(reference, optimizer="adamw_fp32_master")
     assert weights_dtype(master) == torch.float32 and optimizer_cls_and_kwargs(master, sft_config(master)) is None
     plain = dataclasses.replace(reference, optimizer="adamw")
