@@ -9,8 +9,8 @@ set -euo pipefail
 # pinning them to the installed versions stops pip from replacing them with PyPI wheels.
 constraints="$(mktemp)"
 pip list --format=freeze | grep -iE '^(torch|flash.attn|triton|transformer.engine)' >"$constraints" || true
-pip install -r requirements.txt -c "$constraints" || {
-  echo "error: pip install -r requirements.txt failed; the image's own packages stay pinned at:" >&2
+pip install -r requirements.txt -e ".[gpu]" -c "$constraints" || {
+  echo "error: pip install -r requirements.txt -e .[gpu] failed; the image's own packages stay pinned at:" >&2
   sed 's/^/  /' "$constraints" >&2
   echo "on ResolutionImpossible, loosen those pins in requirements.txt or pick another FINETUNE_IMAGE" >&2
   exit 1

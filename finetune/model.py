@@ -82,7 +82,11 @@ def apply_liger_kernels(model: torch.nn.Module) -> torch.nn.Module:
     """Liger's fused RMSNorm, RoPE and SwiGLU kernels in this Qwen2 model, for inference (training gets them, plus the
     fused loss, from TRL's `use_liger_kernel`). Unfused, these elementwise ops take about a third of label scoring's
     GPU time. Liger swaps RoPE for every Qwen2 model in the process, which is why benchmarks run it last."""
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen2  # a GPU extra: imported only when asked for
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+    except ImportError as e:
+        raise ImportError("use_liger_kernel=True needs liger-kernel and a GPU: pip install -e '.[gpu]', or run with "
+                          "--use_liger_kernel false") from e
 
     apply_liger_kernel_to_qwen2(model=model, fused_linear_cross_entropy=False)  # evaluation needs the logits
     return model

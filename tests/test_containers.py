@@ -199,7 +199,7 @@ def test_entrypoint_installs_requirements_pinned_to_the_image_torch(tmp_path: Pa
     result, calls = run_entrypoint(tmp_path, JUPYTER_TOKEN="t")
     assert result.returncode == 0, result.stderr
     install = next(c for c in calls if c.startswith("pip install"))
-    assert install.startswith("pip install -r requirements.txt -c ")
+    assert install.startswith("pip install -r requirements.txt -e .[gpu] -c ")  # the image's flash-attn, plus Liger
     assert sorted(c for c in calls if c.startswith("constraint ")) == [
         "constraint flash_attn==2.7.4.post1", "constraint torch==2.9.0a0+145a3a7.nv25.11",
         "constraint torchvision==0.24.0a0", "constraint transformer_engine==2.9.0", "constraint triton==3.5.0",
@@ -217,7 +217,7 @@ def test_entrypoint_serves_tensorboard_on_checkpoints_and_jupyter_with_the_token
 def test_entrypoint_names_the_pinned_packages_when_pip_cannot_resolve(tmp_path: Path):
     result, calls = run_entrypoint(tmp_path, JUPYTER_TOKEN="t", FAKE_PIP_CONFLICT="1")
     assert result.returncode != 0
-    assert "pip install -r requirements.txt failed; the image's own packages stay pinned at:" in result.stderr
+    assert "pip install -r requirements.txt -e .[gpu] failed; the image's own packages stay pinned at:" in result.stderr
     assert "  torch==2.9.0a0+145a3a7.nv25.11" in result.stderr
     assert not any(c.startswith("jupyter") for c in calls)
 
