@@ -53,6 +53,11 @@ gpu-training-core:  ## packed-vs-alone equivalence on CUDA, holdout runs with an
 	  --tie_word_embeddings false --learning_rate 2e-5 --warmup_steps 0 --max_steps 60 --logging_steps 5 \
 	  --run_name optimizers --results_dir $(GPU_OUT)
 
-gpu-bench:  ## the 7B shape: training ablations and evaluation throughput
-	$(PY) -m finetune.bench train --profile qwen2.5-7b-shape --name h100_7b_train
+# expandable_segments: the allocator maps memory instead of caching fixed blocks, so variants near the card's limit
+# are not slowed by allocator retries.
+gpu-bench: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
+gpu-bench:  ## the 7B shape: training ablations (with a profiled step each) and evaluation throughput, plain and Liger
+	$(PY) -m finetune.bench train --profile qwen2.5-7b-shape --name h100_7b_train --profile_step
 	$(PY) -m finetune.bench eval --profile qwen2.5-7b-shape --name h100_7b_eval --eval_batch_size 256
+	$(PY) -m finetune.bench eval --profile qwen2.5-7b-shape --name h100_7b_eval_liger --eval_batch_size 256 \
+	  --use_liger_kernel true

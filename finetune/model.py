@@ -80,8 +80,9 @@ def load_model(config: RunConfig, tokenizer: PreTrainedTokenizerFast, attn_imple
 
 def apply_liger_kernels(model: torch.nn.Module) -> torch.nn.Module:
     """Liger's fused RMSNorm, RoPE and SwiGLU kernels in this Qwen2 model, for inference (training gets them, plus the
-    fused loss, from TRL's `use_liger_kernel`). Unfused, these elementwise ops take about a third of label scoring's
-    GPU time. Liger swaps RoPE for every Qwen2 model in the process, which is why benchmarks run it last."""
+    fused loss, from TRL's `use_liger_kernel`). Unfused, these elementwise ops take a large share of label scoring's
+    GPU time (`label_scoring_profile` in results/benchmarks/). Liger swaps RoPE for every Qwen2 model in the process,
+    which is why benchmarks run it last."""
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
     except ImportError as e:

@@ -1,8 +1,9 @@
 """AdamW for bf16 weights with stochastic rounding: torchao's update, with its compiled function built once.
 
 torchao's `_AdamW.step` calls `torch.compile(single_param_adam, ...)` anew for every parameter at every step. Building
-that wrapper costs far more host time than the update itself: on the 7B shape (339 parameters) the step took 0.17 s of
-which the GPU kernels were 0.04 s (profile in results/benchmarks/h100_7b_train_f.json). The math is torchao's own
+that wrapper costs far more host time than the update itself: on the 7B shape (339 parameters) the step took several
+times as long as its GPU kernels (`optimizer_step_seconds` and `step_profile` in
+results/benchmarks/h100_7b_train_f.json, then h100_7b_train_g.json with this class). The math is torchao's own
 function, unchanged, so the updates are bit-identical (tests/test_optimizers.py).
 """
 
