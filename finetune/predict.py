@@ -96,8 +96,9 @@ class AnswerTree:
     """The four answers as one token tree: their shared prefix (`{"category":"`), then each label's own branch.
 
     A scoring row ends with the prefix and the branches side by side (each branch minus its last token, which is only
-    ever predicted; every branch keeps at least one token, since all answers end with the same end-of-turn token). `terms` lists every log-probability an answer needs as (row-tail position, token) and `owner`
-    says which answers it counts for, so an answer's log-probability is one gather and one matrix product.
+    ever predicted; every branch keeps at least one token, since all answers end with the same end-of-turn token).
+    `terms` lists every log-probability an answer needs as (row-tail position, token) and `owner` says which answers
+    it counts for, so an answer's log-probability is one gather and one matrix product.
     """
 
     tokens: list[int]  # prefix + branch tokens, in row order
@@ -146,7 +147,7 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
     """Full log-probability of each label's answer, one forward pass per batch, no token computed twice.
 
     The system turn and instruction that open every prompt run once for all articles (a shared KV cache). Each row
-    then holds one article followed by the answer tree (see `AnswerTree`): the four answers cost ~12 tokens a row
+    then holds one article followed by the answer tree (see `AnswerTree`): the four answers add a dozen-odd tokens
     rather than four copies of the article or a second pass on a copied cache.
     """
     answers = answer_token_ids(tokenizer)
