@@ -88,12 +88,12 @@ class StepProfiler(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.step and self.profiler is None and self.table is None:
             self.profiler = torch.profiler.profile()
-            self.profiler.__enter__()
+            self.profiler.start()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.profiler is not None and state.global_step == self.step:
-            _now()
-            self.profiler.__exit__(None, None, None)
+            _now()  # the step's last kernels finish inside the trace
+            self.profiler.stop()
             self.table = _profile_table(self.profiler)
             self.profiler = None
 
