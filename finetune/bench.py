@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
-from finetune.model import apply_liger_kernels, load_model, load_tokenizer
+from finetune.model import load_for_inference, load_tokenizer
 from finetune.predict import encode_prompts, generate_labels, score_labels
 from finetune.results import environment
 from finetune.evaluate import throughput
@@ -165,9 +165,7 @@ def bench_eval(config: RunConfig, modes: list[str]) -> dict:
     splits = load_splits(config)
     texts = list(splits.eval["text"]) + (list(splits.train["text"]) if splits.protocol == "holdout" else [])
     tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
-    model = load_model(config, tokenizer, "sdpa").eval()
-    if config.use_liger_kernel:
-        apply_liger_kernels(model)
+    model = load_for_inference(config, tokenizer)
     start = time.perf_counter()
     encode_prompts(tokenizer, texts, config.max_length)
     tokenization_seconds = time.perf_counter() - start  # host-side share of each mode's time below

@@ -17,7 +17,7 @@ from data_prep.convert_dataset import Splits
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
 from finetune.metrics import calibration, classification_metrics
-from finetune.model import apply_liger_kernels, load_model, load_tokenizer
+from finetune.model import load_for_inference, load_tokenizer
 from finetune.plots import plot_confusion_matrix
 from finetune.predict import Predictions, generate_labels, score_labels
 from finetune.results import write_record
@@ -66,10 +66,7 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
         tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(config, tokenizer, "sdpa", path=model_path).to(device).eval()
-    if config.use_liger_kernel:
-        apply_liger_kernels(model)
+    model = load_for_inference(config, tokenizer, model_path)
     texts, y_true = list(splits.eval["text"]), splits.eval["label"].to_numpy()
     evaluations = {}
     for mode in modes:

@@ -78,7 +78,17 @@ def load_model(config: RunConfig, tokenizer: PreTrainedTokenizerFast, attn_imple
     return model
 
 
-def apply_liger_kernels(model: torch.nn.Module) -> torch.nn.Module:
+def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
+                       path: str | Path | None = None) -> torch.nn.Module:
+    """The model for evaluation: sdpa attention, on the GPU where there is one, in eval mode, and with Liger's
+    kernels when the config asks for them."""
+    model = load_model(config, tokenizer, "sdpa", path=path).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    if config.use_liger_kernel:
+        _apply_liger_kernels(model)
+    return model
+
+
+def _apply_liger_kernels(model: torch.nn.Module) -> None:
     """Liger's fused RMSNorm, RoPE and SwiGLU kernels in this Qwen2 model, for inference (training gets them, plus the
     fused loss, from TRL's `use_liger_kernel`). Unfused, these elementwise ops take a large share of label scoring's
     GPU time (`label_scoring_profile` in results/benchmarks/). Liger swaps RoPE for every Qwen2 model in the process,
@@ -90,4 +100,3 @@ def apply_liger_kernels(model: torch.nn.Module) -> torch.nn.Module:
                           "--use_liger_kernel false") from e
 
     apply_liger_kernel_to_qwen2(model=model, fused_linear_cross_entropy=False)  # evaluation needs the logits
-    return model

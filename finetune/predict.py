@@ -128,15 +128,14 @@ class AnswerTree:
         return cls(tokens, branch, depth, terms, torch.tensor(owner))
 
 
-def _scoring_mask(valid: torch.Tensor, tree: AnswerTree, header: int) -> torch.Tensor:
+def _scoring_mask(valid: torch.Tensor, branches: torch.Tensor, header: int) -> torch.Tensor:
     """(batch, 1, row, header + row) boolean attention: every query sees the shared header; within the row, causal
-    over real tokens, except that a branch token sees its own branch only. Each query also sees itself, so a padding
-    query's softmax is never empty (an empty one would put NaN into the keys and values it produces)."""
-    width, n_branch = valid.shape[1], len(tree.branch)
+    over real tokens, except among the branch tokens at the row's end, where `branches` (branch x branch) rules: a
+    branch token sees its own branch only. Each query also sees itself, so a padding query's softmax is never empty
+    (an empty one would put NaN into the keys and values it produces)."""
+    width, n_branch = valid.shape[1], len(branches)
     row = torch.ones(width, width, dtype=torch.bool, device=valid.device).tril() & valid[:, None, :]
-    branch = torch.tensor(tree.branch, device=valid.device)
-    depth = torch.tensor(tree.depth, device=valid.device)
-    row[:, -n_branch:, -n_branch:] = (branch[:, None] == branch[None, :]) & (depth[None, :] <= depth[:, None])
+    row[:, -n_branch:, -n_branch:] = branches
     row |= torch.eye(width, dtype=torch.bool, device=valid.device)
     return torch.cat([valid.new_ones(len(valid), width, header), row], -1)[:, None]
 
@@ -158,7 +157,9 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
     positions_in_tail = torch.tensor([p for p, _ in tree.terms], device=device)
     target_tokens = torch.tensor([t for _, t in tree.terms], device=device)
     owner = tree.owner.to(device)
-    n_branch, depth = len(tree.branch), 1 + torch.tensor(tree.depth, device=device)
+    branch, depth = (torch.tensor(x, device=device) for x in (tree.branch, tree.depth))
+    branches = (branch[:, None] == branch[None, :]) & (depth[None, :] <= depth[:, None])  # who sees whom in the tree
+    n_branch = len(branch)
 
     # The common opening, cut one token short of the shortest prompt so that every article keeps a token to run.
     common = min(_common_prefix_length(prompts), min(map(len, prompts)) - 1)
@@ -172,13 +173,14 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
         # Left padding sits between the shared opening and each article; the mask hides it, positions skip it.
         ids, valid = _left_pad([prompts[i][common:] + tree.tokens for i in batch], tokenizer.pad_token_id, device)
         positions = common + (valid.cumsum(-1) - 1).clamp(min=0)
-        positions[:, -n_branch:] = positions[:, -n_branch - 1:-n_branch] + depth  # branches run side by side
+        positions[:, -n_branch:] = positions[:, -n_branch - 1:-n_branch] + 1 + depth  # branches run side by side
         cache = None
         if header is not None:
             cache = copy.deepcopy(header)
             cache.batch_repeat_interleave(len(batch))
-        logits = model(input_ids=ids, attention_mask=_scoring_mask(valid.bool(), tree, common), position_ids=positions,
-                       past_key_values=cache, use_cache=header is not None, logits_to_keep=tail).logits.float()
+        mask = _scoring_mask(valid.bool(), branches, common)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=header is not None, logits_to_keep=tail).logits.float()
         term_logprobs = logits[:, positions_in_tail, target_tokens] - logits.logsumexp(-1)[:, positions_in_tail]
         logprobs[batch] = (term_logprobs @ owner).cpu().numpy()
         seconds[batch] = time.perf_counter() - start
