@@ -48,25 +48,29 @@ def _article_text(title: str, description: str) -> str:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    # utf-8-sig: spreadsheet programs save CSVs with a byte-order mark, which would otherwise stick to the class.
     raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict", newline="")
 
 
 def read_csv_split(path: Path, skip_bad_rows: bool = False) -> tuple[pd.DataFrame, int]:
     """Read a classic AG News CSV (no header; class 1-4, title, description). Returns rows and the skipped count."""
     rows, skipped = [], 0
     with _open_text(path) as f:
-        reader = csv.reader(f)
+        # strict: a quote left open at the end of the file is an error, not a silently swallowed last row.
+        reader = csv.reader(f, strict=True)
         while True:
             try:
-                fields = next(reader)
+                fields, problem = next(reader), None
             except StopIteration:
                 break
             except UnicodeDecodeError as e:
                 # Decoding runs ahead of the csv reader, so the row number is the reader's, not exact bytes.
                 raise DataError(f"{path}: undecodable bytes near line {reader.line_num + 1} (expected UTF-8): {e}") from e
+            except csv.Error as e:
+                fields, problem = [], f"malformed quoting ({e})"
             line = reader.line_num
-            problem = _check_csv_row(fields)
+            problem = problem or _check_csv_row(fields)
             if problem:
                 if not skip_bad_rows:
                     raise DataError(f"{path}:{line}: {problem} (pass skip_bad_rows / --skip-bad-rows to skip)")

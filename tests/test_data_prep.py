@@ -84,6 +84,22 @@ def test_bad_csv_row_names_file_and_line(tmp_path, row, message):
         load_ag_news(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["test.csv", "test.csv.gz"])
+def test_csv_saved_with_a_byte_order_mark_is_read(tmp_path, name):
+    data = '\ufeff"3","Wall St. Bears","Short-sellers"\n"1","Fine","Row"\n'.encode("utf-8")
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    split = load_ag_news(tmp_path)[0]["test"]
+    assert list(split["label"]) == [2, 0] and split.loc[0, "text"] == "Wall St. Bears Short-sellers"
+
+
+def test_unterminated_quote_in_the_last_row_names_file_and_line(tmp_path):
+    _write(tmp_path / "test.csv", ['"1","Fine","Row"\n', '"2","Title","Text without end\n'])
+    with pytest.raises(DataError, match=r"test.csv:2: malformed quoting"):
+        load_ag_news(tmp_path)
+    split = load_ag_news(tmp_path, skip_bad_rows=True)[0]["test"]
+    assert list(split["text"]) == ["Fine Row"] and split.attrs["skipped_rows"] == 1
+
+
 def test_bad_rows_are_skipped_and_counted_only_when_asked(tmp_path):
     _write(tmp_path / "test.csv", ['"1","Fine","Row"\n', '"9","Bad","Label"\n', '"2","Also","Fine"\n'])
     split = load_ag_news(tmp_path, skip_bad_rows=True)[0]["test"]
