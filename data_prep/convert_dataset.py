@@ -184,7 +184,9 @@ class Splits:
 
 def make_splits(data: dict[str, pd.DataFrame], source: str, protocol: str = "auto", holdout_train_size: int = 6000,
                 seed: int = 0, max_train_samples: int | None = None, max_eval_samples: int | None = None) -> Splits:
-    """Choose the protocol, carve if needed, and guarantee no article is both trained on and evaluated on."""
+    """Choose the protocol, carve if needed, and guarantee no article is both trained on and evaluated on.
+
+    Everything done to the data beyond the protocol itself is said in `notes`; callers show them to the user."""
     if protocol == "auto":
         protocol = "standard" if {"train", "test"} <= data.keys() else "holdout"
     notes = []
@@ -196,7 +198,6 @@ def make_splits(data: dict[str, pd.DataFrame], source: str, protocol: str = "aut
         name = "test" if "test" in data else next(iter(data))
         notes.append(f"No separate train split: training on a stratified carve of {holdout_train_size} articles "
                      f"of the {name} split ({len(data[name])} articles), evaluating on the rest (seed {seed}).")
-        log.warning(notes[-1])
         pool = data[name].drop_duplicates("text")
         if len(pool) < len(data[name]):
             notes.append(f"dropped {len(data[name]) - len(pool)} duplicate texts before carving")
@@ -207,6 +208,10 @@ def make_splits(data: dict[str, pd.DataFrame], source: str, protocol: str = "aut
     if leaked.any():
         notes.append(f"dropped {int(leaked.sum())} training articles whose text also appears in the eval set")
         train = train[~leaked]
+    if train.empty:
+        why = notes[-1] if leaked.any() else "its train split holds no articles"
+        raise DataError(f"nothing to train on in {source}: {why}. Supply a train split that is not a copy of the eval "
+                        "split, or carve the test split with protocol 'holdout' (--protocol holdout)")
     if max_train_samples and max_train_samples < len(train):
         train = _stratified_take(train, max_train_samples, seed)[0]
         notes.append(f"training limited to {max_train_samples} articles")
@@ -257,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(to_chat_records(splits.eval), out / "eval.jsonl")
     (out / "splits.json").write_text(json.dumps(splits.describe(), indent=2) + "\n")
     print(f"wrote {len(splits.train)} train and {len(splits.eval)} eval examples ({splits.protocol}) to {out}/")
+    for note in splits.notes:
+        print(f"note: {note}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """From the run config to AG News splits, and from splits to the prompt/completion datasets TRL trains on."""
 
+import logging
+
 import datasets
 import pandas as pd
 
@@ -7,12 +9,17 @@ from data_prep.config import LABELS, build_prompt_messages, format_answer
 from data_prep.convert_dataset import Splits, load_ag_news, make_splits
 from finetune.config import RunConfig
 
+log = logging.getLogger(__name__)
+
 
 def load_splits(config: RunConfig) -> Splits:
     """The train/eval articles for this run, by the config's data source, protocol and sample limits."""
     data, source = load_ag_news(config.data_dir, config.skip_bad_rows)
-    return make_splits(data, source, config.protocol, config.holdout_train_size, config.seed,
-                       config.max_train_samples, config.max_eval_samples)
+    splits = make_splits(data, source, config.protocol, config.holdout_train_size, config.seed,
+                         config.max_train_samples, config.max_eval_samples)
+    for note in splits.notes:
+        log.warning(note)
+    return splits
 
 
 def to_prompt_completion(df: pd.DataFrame) -> datasets.Dataset:

@@ -184,6 +184,36 @@ def test_standard_protocol_never_trains_on_eval_articles(tmp_path):
     assert not set(splits.train["text"]) & set(splits.eval["text"])
 
 
+def test_convert_cli_says_which_training_articles_it_dropped_and_why(tmp_path, capsys):
+    write_synthetic_csv(tmp_path / "train.csv", per_class=5, seed=1)
+    write_synthetic_csv(tmp_path / "test.csv", per_class=5, seed=2)
+    with open(tmp_path / "train.csv", "a", encoding="utf-8") as f:  # two test articles leaked into train
+        f.writelines(line + "\n" for line in (tmp_path / "test.csv").read_text().splitlines()[:2])
+    main(["--source", str(tmp_path), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "wrote 20 train and 20 eval examples" in out
+    assert "note: dropped 2 training articles whose text also appears in the eval set" in out
+
+
+def test_a_train_split_that_is_a_copy_of_test_is_an_error_that_names_the_cause(tmp_path):
+    write_synthetic_csv(tmp_path / "test.csv", per_class=2)
+    (tmp_path / "train.csv").write_bytes((tmp_path / "test.csv").read_bytes())
+    data, source = load_ag_news(tmp_path)
+    with pytest.raises(DataError, match="nothing to train on.*dropped 8 training articles.*protocol 'holdout'"):
+        make_splits(data, source)
+    with pytest.raises(SystemExit, match="error: nothing to train on"):
+        main(["--source", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_train_split_is_an_error(tmp_path):
+    write_synthetic_csv(tmp_path / "test.csv", per_class=2)
+    _write(tmp_path / "train.csv", ['"9","Bad","Label"\n'])
+    data, source = load_ag_news(tmp_path, skip_bad_rows=True)
+    with pytest.raises(DataError, match="nothing to train on.*holds no articles"):
+        make_splits(data, source)
+
+
 def test_standard_protocol_without_train_split_is_an_error(synthetic_dir):
     data, source = load_ag_news(synthetic_dir)
     with pytest.raises(DataError, match="needs train and test"):
