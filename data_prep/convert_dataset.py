@@ -163,6 +163,10 @@ def _load_hub() -> dict[str, pd.DataFrame]:
     }
 
 
+# The carve every run makes unless told otherwise (RunConfig.split_seed has the same default).
+SPLIT_SEED = 42
+
+
 @dataclass
 class Splits:
     """What to train on and what to evaluate on, with the protocol that produced them."""
@@ -171,19 +175,21 @@ class Splits:
     eval: pd.DataFrame
     protocol: str  # "standard": train split vs all of test; "holdout": a stratified carve of one split
     source: str
-    seed: int
+    split_seed: int
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> dict:
         """The facts every results JSON records about its data."""
         counts = lambda df: {LABELS[k]: int(v) for k, v in sorted(df["label"].value_counts().items())}
-        return {"protocol": self.protocol, "source": self.source, "seed": self.seed,
+        # "seed" is the split seed: the results schema names it so (data.seed).
+        return {"protocol": self.protocol, "source": self.source, "seed": self.split_seed,
                 "train_size": len(self.train), "eval_size": len(self.eval),
                 "train_label_counts": counts(self.train), "eval_label_counts": counts(self.eval), "notes": self.notes}
 
 
 def make_splits(data: dict[str, pd.DataFrame], source: str, protocol: str = "auto", holdout_train_size: int = 6000,
-                seed: int = 0, max_train_samples: int | None = None, max_eval_samples: int | None = None) -> Splits:
+                split_seed: int = SPLIT_SEED, max_train_samples: int | None = None,
+                max_eval_samples: int | None = None) -> Splits:
     """Choose the protocol, carve if needed, and guarantee no article is both trained on and evaluated on.
 
     Everything done to the data beyond the protocol itself is said in `notes`; callers show them to the user."""
@@ -197,11 +203,12 @@ def make_splits(data: dict[str, pd.DataFrame], source: str, protocol: str = "aut
     elif protocol == "holdout":
         name = "test" if "test" in data else next(iter(data))
         notes.append(f"No separate train split: training on a stratified carve of {holdout_train_size} articles "
-                     f"of the {name} split ({len(data[name])} articles), evaluating on the rest (seed {seed}).")
+                     f"of the {name} split ({len(data[name])} articles), evaluating on the rest "
+                     f"(split seed {split_seed}).")
         pool = data[name].drop_duplicates("text")
         if len(pool) < len(data[name]):
             notes.append(f"dropped {len(data[name]) - len(pool)} duplicate texts before carving")
-        train, eval_ = _stratified_take(pool, holdout_train_size, seed)
+        train, eval_ = _stratified_take(pool, holdout_train_size, split_seed)
     else:
         raise DataError(f"unknown protocol {protocol!r}; use auto, standard or holdout")
     leaked = train["text"].isin(set(eval_["text"]))
@@ -213,12 +220,12 @@ def make_splits(data: dict[str, pd.DataFrame], source: str, protocol: str = "aut
         raise DataError(f"nothing to train on in {source}: {why}. Supply a train split that is not a copy of the eval "
                         "split, or carve the test split with protocol 'holdout' (--protocol holdout)")
     if max_train_samples and max_train_samples < len(train):
-        train = _stratified_take(train, max_train_samples, seed)[0]
+        train = _stratified_take(train, max_train_samples, split_seed)[0]
         notes.append(f"training limited to {max_train_samples} articles")
     if max_eval_samples and max_eval_samples < len(eval_):
-        eval_ = _stratified_take(eval_, max_eval_samples, seed)[0]
+        eval_ = _stratified_take(eval_, max_eval_samples, split_seed)[0]
         notes.append(f"evaluation limited to {max_eval_samples} articles")
-    return Splits(train.reset_index(drop=True), eval_.reset_index(drop=True), protocol, source, seed, notes)
+    return Splits(train.reset_index(drop=True), eval_.reset_index(drop=True), protocol, source, split_seed, notes)
 
 
 def _stratified_take(df: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -248,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="data/ag_news_chat", help="output folder for train.jsonl and eval.jsonl")
     parser.add_argument("--protocol", default="auto", choices=["auto", "standard", "holdout"])
     parser.add_argument("--holdout-train-size", type=int, default=6000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=SPLIT_SEED, help="seed of the holdout carve (default: %(default)s)")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and report the count")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

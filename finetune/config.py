@@ -35,6 +35,9 @@ class RunConfig:
     data_dir: str | None = None
     protocol: str = "auto"
     holdout_train_size: int = 6000
+    # Seed of the holdout carve and the sample limits, apart from `seed` (initialisation, data order), so that a seed
+    # sweep evaluates every run on the same articles.
+    split_seed: int = 42
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     skip_bad_rows: bool = False

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 def load_splits(config: RunConfig) -> Splits:
     """The train/eval articles for this run, by the config's data source, protocol and sample limits."""
     data, source = load_ag_news(config.data_dir, config.skip_bad_rows)
-    splits = make_splits(data, source, config.protocol, config.holdout_train_size, config.seed,
+    splits = make_splits(data, source, config.protocol, config.holdout_train_size, config.split_seed,
                          config.max_train_samples, config.max_eval_samples)
     for note in splits.notes:
         log.warning(note)

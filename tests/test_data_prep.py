@@ -157,15 +157,15 @@ def test_no_source_at_all_fails_fast_with_one_message(monkeypatch):
 
 def test_holdout_carve_is_disjoint_stratified_and_deterministic(synthetic_dir):
     data, source = load_ag_news(synthetic_dir)
-    splits = make_splits(data, source, "auto", holdout_train_size=300, seed=3)
+    splits = make_splits(data, source, "auto", holdout_train_size=300, split_seed=3)
     assert splits.protocol == "holdout" and "No separate train split" in splits.notes[0]
     assert len(splits.train) == 300 and len(splits.eval) == 100
     assert not set(splits.train["id"]) & set(splits.eval["id"])
     assert not set(splits.train["text"]) & set(splits.eval["text"])
     assert splits.train["label"].value_counts().tolist() == [75] * 4
-    again = make_splits(data, source, "holdout", holdout_train_size=300, seed=3)
+    again = make_splits(data, source, "holdout", holdout_train_size=300, split_seed=3)
     assert list(again.train["id"]) == list(splits.train["id"])
-    other_seed = make_splits(data, source, "holdout", holdout_train_size=300, seed=4)
+    other_seed = make_splits(data, source, "holdout", holdout_train_size=300, split_seed=4)
     assert list(other_seed.train["id"]) != list(splits.train["id"])
     described = splits.describe()
     assert (described["protocol"], described["seed"], described["train_size"], described["eval_size"]) == (
@@ -227,7 +227,8 @@ def test_convert_cli_writes_deterministic_chat_jsonl(synthetic_dir, tmp_path):
     assert first == (tmp_path / "b" / "train.jsonl").read_bytes()
     record = json.loads(first.splitlines()[0])
     assert record["messages"] == build_messages(record["messages"][1]["content"].split("\n\n", 1)[1], record["label"])
-    assert json.loads((tmp_path / "a" / "splits.json").read_text())["protocol"] == "holdout"
+    described = json.loads((tmp_path / "a" / "splits.json").read_text())
+    assert (described["protocol"], described["seed"]) == ("holdout", 42)  # the carve every run makes by default
     assert len((tmp_path / "a" / "eval.jsonl").read_text().splitlines()) == 100
 
 
