@@ -6,6 +6,7 @@
 import argparse
 import csv
 import gzip
+import hashlib
 import html
 import io
 import json
@@ -124,19 +125,30 @@ def _find_split_file(folder: Path, split: str) -> Path | None:
     return None
 
 
-def load_ag_news(source: str | Path | None = None, skip_bad_rows: bool = False) -> tuple[dict[str, pd.DataFrame], str]:
-    """All splits found at `source` (a folder), else `$AG_NEWS_DIR`, else the hub. Returns splits and a description."""
-    source = source or os.environ.get(DATA_ENV)
-    if not source:
-        return _load_hub(), f"hub:{HUB_DATASET}"
-    folder = Path(source).expanduser()
+@dataclass(frozen=True)
+class DataSource:
+    """Where the articles came from as the user named it, never a resolved (perhaps temporary) path, and a hash of
+    what was there, so that two results files can be told to rest on the same data."""
+
+    name: str  # the folder as given, "$AG_NEWS_DIR", or "hub:fancyzhx/ag_news"
+    sha256: str  # the first 12 hex digits, over the split files' names and bytes (for the hub: over its rows)
+
+
+def load_ag_news(source: str | Path | None = None,
+                 skip_bad_rows: bool = False) -> tuple[dict[str, pd.DataFrame], DataSource]:
+    """All splits found at `source` (a folder), else `$AG_NEWS_DIR`, else the hub, and where they came from."""
+    if not source and not os.environ.get(DATA_ENV):
+        return _load_hub()
+    name = str(source) if source else f"${DATA_ENV}"
+    folder = Path(source or os.environ[DATA_ENV]).expanduser()
     if not folder.is_dir():
         raise DataError(f"data folder {folder} does not exist. {NO_DATA_MESSAGE}")
-    splits = {}
+    splits, digest = {}, hashlib.sha256()
     for split in ("train", "test"):
         path = _find_split_file(folder, split)
         if path is None:
             continue
+        digest.update(path.name.encode() + path.read_bytes())
         reader = read_csv_split if ".csv" in path.suffixes else read_table_split
         splits[split], skipped = reader(path, skip_bad_rows)
         if skipped:
@@ -144,10 +156,10 @@ def load_ag_news(source: str | Path | None = None, skip_bad_rows: bool = False) 
         splits[split].attrs["skipped_rows"] = skipped
     if not splits:
         raise DataError(f"{folder} holds no train/test file. {NO_DATA_MESSAGE}")
-    return splits, str(folder.resolve())
+    return splits, DataSource(name, digest.hexdigest()[:12])
 
 
-def _load_hub() -> dict[str, pd.DataFrame]:
+def _load_hub() -> tuple[dict[str, pd.DataFrame], DataSource]:
     if not hub_reachable():
         raise DataError(NO_DATA_MESSAGE)
     import datasets  # imported late: it is slow to import and only the hub path needs it
@@ -156,11 +168,12 @@ def _load_hub() -> dict[str, pd.DataFrame]:
         hub = datasets.load_dataset(HUB_DATASET)
     except Exception as e:  # any network or hub failure means the same thing to the user
         raise DataError(f"{NO_DATA_MESSAGE} (hub error: {type(e).__name__})") from e
-    return {
-        split: pd.DataFrame({"id": [f"hub-{split}:{i}" for i in range(len(ds))],
-                             "text": [normalize_text(t) for t in ds["text"]], "label": ds["label"]})
-        for split, ds in hub.items()
-    }
+    splits, digest = {}, hashlib.sha256()
+    for split, ds in sorted(hub.items()):
+        digest.update(json.dumps([split, ds["text"], ds["label"]]).encode())
+        splits[split] = pd.DataFrame({"id": [f"hub-{split}:{i}" for i in range(len(ds))],
+                                      "text": [normalize_text(t) for t in ds["text"]], "label": ds["label"]})
+    return splits, DataSource(f"hub:{HUB_DATASET}", digest.hexdigest()[:12])
 
 
 # The carve every run makes unless told otherwise (RunConfig.split_seed has the same default).
@@ -174,7 +187,7 @@ class Splits:
     train: pd.DataFrame
     eval: pd.DataFrame
     protocol: str  # "standard": train split vs all of test; "holdout": a stratified carve of one split
-    source: str
+    source: DataSource
     split_seed: int
     notes: list[str] = field(default_factory=list)
 
@@ -182,12 +195,12 @@ class Splits:
         """The facts every results JSON records about its data."""
         counts = lambda df: {LABELS[k]: int(v) for k, v in sorted(df["label"].value_counts().items())}
         # "seed" is the split seed: the results schema names it so (data.seed).
-        return {"protocol": self.protocol, "source": self.source, "seed": self.split_seed,
-                "train_size": len(self.train), "eval_size": len(self.eval),
+        return {"protocol": self.protocol, "source": self.source.name, "source_sha256": self.source.sha256,
+                "seed": self.split_seed, "train_size": len(self.train), "eval_size": len(self.eval),
                 "train_label_counts": counts(self.train), "eval_label_counts": counts(self.eval), "notes": self.notes}
 
 
-def make_splits(data: dict[str, pd.DataFrame], source: str, protocol: str = "auto", holdout_train_size: int = 6000,
+def make_splits(data: dict[str, pd.DataFrame], source: DataSource, protocol: str = "auto", holdout_train_size: int = 6000,
                 split_seed: int = SPLIT_SEED, max_train_samples: int | None = None,
                 max_eval_samples: int | None = None) -> Splits:
     """Choose the protocol, carve if needed, and guarantee no article is both trained on and evaluated on.
@@ -198,7 +211,7 @@ def make_splits(data: dict[str, pd.DataFrame], source: str, protocol: str = "aut
     notes = []
     if protocol == "standard":
         if not {"train", "test"} <= data.keys():
-            raise DataError(f"protocol 'standard' needs train and test splits; {source} has only {sorted(data)}")
+            raise DataError(f"protocol 'standard' needs train and test splits; {source.name} has only {sorted(data)}")
         train, eval_ = data["train"], data["test"]
     elif protocol == "holdout":
         name = "test" if "test" in data else next(iter(data))
@@ -217,7 +230,7 @@ def make_splits(data: dict[str, pd.DataFrame], source: str, protocol: str = "aut
         train = train[~leaked]
     if train.empty:
         why = notes[-1] if leaked.any() else "its train split holds no articles"
-        raise DataError(f"nothing to train on in {source}: {why}. Supply a train split that is not a copy of the eval "
+        raise DataError(f"nothing to train on in {source.name}: {why}. Supply a train split that is not a copy of the eval "
                         "split, or carve the test split with protocol 'holdout' (--protocol holdout)")
     if max_train_samples and max_train_samples < len(train):
         train = _stratified_take(train, max_train_samples, split_seed)[0]

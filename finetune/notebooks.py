@@ -10,6 +10,8 @@ from pathlib import Path
 
 import papermill
 
+from data_prep.source import DATA_ENV
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("00_data_overview", "01_base_model_performance", "02_fine_tuning_full", "03_finetuned_model_performance")
 
@@ -37,9 +39,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--max_eval_samples", type=int, default=None)
     args = parser.parse_args(argv)
-    # Notebooks run from the project root: make a relative data path mean the same there as here.
-    data_dir = args.data_dir or os.environ.get("AG_NEWS_DIR")
-    parameters = {"profile": args.profile, "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+    # Notebooks run from the project root: a relative data path must mean the same there as here. Results record the
+    # source as named, so a folder given relative stays relative (to the project) and $AG_NEWS_DIR stays its name.
+    data_dir = args.data_dir
+    if data_dir and not os.path.isabs(data_dir):
+        data_dir = os.path.relpath(data_dir, PROJECT_DIR)
+    if os.environ.get(DATA_ENV):
+        os.environ[DATA_ENV] = str(Path(os.environ[DATA_ENV]).resolve())
+    parameters = {"profile": args.profile, "data_dir": data_dir,
                   "results_dir": str(Path(args.results_dir).resolve()),
                   "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples}
     try:

@@ -155,6 +155,23 @@ def test_no_source_at_all_fails_fast_with_one_message(monkeypatch):
     assert check.returncode != 0 and "No AG News data found" in check.stderr
 
 
+def test_source_is_recorded_as_named_with_a_hash_of_its_files(tmp_path, monkeypatch):
+    write_synthetic_csv(tmp_path / "a" / "test.csv", per_class=5)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "test.csv").write_bytes((tmp_path / "a" / "test.csv").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AG_NEWS_DIR", "a")
+    relative, absolute, from_env = load_ag_news("a")[1], load_ag_news(tmp_path / "b")[1], load_ag_news()[1]
+    assert (relative.name, absolute.name, from_env.name) == ("a", str(tmp_path / "b"), "$AG_NEWS_DIR")
+    assert relative.sha256 == absolute.sha256 == from_env.sha256 and len(relative.sha256) == 12
+    with open(tmp_path / "b" / "test.csv", "a", encoding="utf-8") as f:
+        f.write('"1","One more","article"\n')
+    assert load_ag_news("b")[1].sha256 != relative.sha256
+    data, source = load_ag_news("a")
+    described = make_splits(data, source, holdout_train_size=10).describe()
+    assert (described["source"], described["source_sha256"]) == ("a", relative.sha256)
+
+
 def test_holdout_carve_is_disjoint_stratified_and_deterministic(synthetic_dir):
     data, source = load_ag_news(synthetic_dir)
     splits = make_splits(data, source, "auto", holdout_train_size=300, split_seed=3)
