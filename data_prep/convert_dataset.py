@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
@@ -46,8 +47,19 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
+def near_duplicate_key(description: str) -> str:
+    """The first 80 letters and digits of a description, lower-cased. AG News repeats some stories under a second
+    headline with the same description, or one reworded only towards its end; articles that share this key are
+    near-duplicates and must not land on both sides of a carve."""
+    return " ".join(re.findall(r"[a-z0-9]+", normalize_text(description).lower()))[:80]
+
+
 def _article_text(title: str, description: str) -> str:
     return normalize_text(f"{title}\n{description}") if title.strip() else normalize_text(description)
+
+
+# One row per article; `group` is its near_duplicate_key.
+COLUMNS = ["id", "text", "label", "group"]
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -80,8 +92,8 @@ def read_csv_split(path: Path, skip_bad_rows: bool = False) -> tuple[pd.DataFram
                 skipped += 1
                 continue
             rows.append({"id": f"{path.name}:{line}", "text": _article_text(fields[1], fields[2]),
-                         "label": int(fields[0]) - 1})
-    return pd.DataFrame(rows, columns=["id", "text", "label"]), skipped
+                         "label": int(fields[0]) - 1, "group": near_duplicate_key(fields[2])})
+    return pd.DataFrame(rows, columns=COLUMNS), skipped
 
 
 def _check_csv_row(fields: list[str]) -> str | None:
@@ -95,7 +107,8 @@ def _check_csv_row(fields: list[str]) -> str | None:
 
 
 def read_table_split(path: Path, skip_bad_rows: bool = False) -> tuple[pd.DataFrame, int]:
-    """Read parquet or jsonl with `text` and `label` (0-3 as on the hub, or a label name)."""
+    """Read parquet or jsonl with `text` and `label` (0-3 as on the hub, or a label name). Title and description are
+    one text here, so near-duplicates are found by the text's opening."""
     try:
         table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
     except (ValueError, OSError) as e:
@@ -114,8 +127,8 @@ def read_table_split(path: Path, skip_bad_rows: bool = False) -> tuple[pd.DataFr
                 raise DataError(f"{path}: row {i}: {problem} (pass skip_bad_rows / --skip-bad-rows to skip)")
             skipped += 1
             continue
-        rows.append({"id": f"{path.name}:{i}", "text": text, "label": int(label)})
-    return pd.DataFrame(rows, columns=["id", "text", "label"]), skipped
+        rows.append({"id": f"{path.name}:{i}", "text": text, "label": int(label), "group": near_duplicate_key(text)})
+    return pd.DataFrame(rows, columns=COLUMNS), skipped
 
 
 def _find_split_file(folder: Path, split: str) -> Path | None:
@@ -171,8 +184,9 @@ def _load_hub() -> tuple[dict[str, pd.DataFrame], DataSource]:
     splits, digest = {}, hashlib.sha256()
     for split, ds in sorted(hub.items()):
         digest.update(json.dumps([split, ds["text"], ds["label"]]).encode())
-        splits[split] = pd.DataFrame({"id": [f"hub-{split}:{i}" for i in range(len(ds))],
-                                      "text": [normalize_text(t) for t in ds["text"]], "label": ds["label"]})
+        texts = [normalize_text(t) for t in ds["text"]]
+        splits[split] = pd.DataFrame({"id": [f"hub-{split}:{i}" for i in range(len(ds))], "text": texts,
+                                      "label": ds["label"], "group": [near_duplicate_key(t) for t in texts]})
     return splits, DataSource(f"hub:{HUB_DATASET}", digest.hexdigest()[:12])
 
 
@@ -221,7 +235,8 @@ def make_splits(data: dict[str, pd.DataFrame], source: DataSource, protocol: str
         pool = data[name].drop_duplicates("text")
         if len(pool) < len(data[name]):
             notes.append(f"dropped {len(data[name]) - len(pool)} duplicate texts before carving")
-        train, eval_ = _stratified_take(pool, holdout_train_size, split_seed)
+        train, eval_, carve_notes = _carve(pool, holdout_train_size, split_seed)
+        notes += carve_notes
     else:
         raise DataError(f"unknown protocol {protocol!r}; use auto, standard or holdout")
     leaked = train["text"].isin(set(eval_["text"]))
@@ -239,6 +254,39 @@ def make_splits(data: dict[str, pd.DataFrame], source: DataSource, protocol: str
         eval_ = _stratified_take(eval_, max_eval_samples, split_seed)[0]
         notes.append(f"evaluation limited to {max_eval_samples} articles")
     return Splits(train.reset_index(drop=True), eval_.reset_index(drop=True), protocol, source, split_seed, notes)
+
+
+def _carve(pool: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """`n` training articles and the rest, stratified and seeded, with each group of near-duplicates on one side.
+
+    scikit-learn's stratified split first; then every group it split moves whole to the side of its first article,
+    each article moved trading places with a random ungrouped article of its class, so that the sizes and class
+    counts stay exactly those of the stratified split and most of the carve stays as it was."""
+    taken, _ = _stratified_take(pool, n, seed)
+    in_train = pd.Series(pool.index.isin(taken.index), index=pool.index)
+    grouped = pool["group"].ne("") & pool["group"].duplicated(keep=False)
+    if not grouped.any():
+        return taken, pool[~in_train], []
+    rng = np.random.default_rng(seed)
+    ungrouped = pool[~grouped]
+    partners = {key: list(rng.permutation(rows)) for key, rows in
+                ungrouped.groupby([in_train[~grouped], ungrouped["label"]]).groups.items()}
+    moved = 0
+    for _, group in pool[grouped].groupby("group", sort=False):
+        side = bool(in_train[group.index[0]])
+        for i in group.index[in_train[group.index] != side]:
+            label = pool.at[i, "label"]
+            if not partners.get((side, label)):
+                raise DataError(f"cannot carve exactly {n} training articles with near-duplicates kept together: no "
+                                f"ungrouped {LABELS[label]} article is left to trade places with; choose another "
+                                "holdout_train_size")
+            j = partners[(side, label)].pop()
+            in_train[i], in_train[j] = side, not side
+            moved += 1
+    note = (f"kept {int(grouped.sum())} near-duplicate articles ({pool.loc[grouped, 'group'].nunique()} groups "
+            "sharing the first 80 letters and digits of their description) each group on one side of the carve; "
+            f"{moved} of them traded places with an ungrouped article of their class")
+    return pool[in_train], pool[~in_train], [note]
 
 
 def _stratified_take(df: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -1,5 +1,6 @@
 """data_prep: the chat format, text cleaning, every source format, bad input, and honest splits."""
 
+import csv
 import gzip
 import json
 import subprocess
@@ -9,7 +10,8 @@ import pandas as pd
 import pytest
 
 from data_prep.config import LABELS, SYSTEM_PROMPT, build_messages, build_prompt_messages, format_answer
-from data_prep.convert_dataset import DataError, load_ag_news, main, make_splits, normalize_text, to_chat_records
+from data_prep.convert_dataset import (DataError, load_ag_news, main, make_splits, near_duplicate_key, normalize_text,
+                                       to_chat_records)
 from tests.conftest import write_synthetic_csv
 
 
@@ -187,6 +189,35 @@ def test_holdout_carve_is_disjoint_stratified_and_deterministic(synthetic_dir):
     described = splits.describe()
     assert (described["protocol"], described["seed"], described["train_size"], described["eval_size"]) == (
         "holdout", 3, 300, 100)
+
+
+# Two pairs of descriptions from the AG News test split, each pair one story under two headlines.
+@pytest.mark.parametrize("first, second", [
+    ("HOUSTON - Oilfield services giant Halliburton Co. on Tuesday swung to a loss in the third quarter ended Sept. 30",
+     "HOUSTON -- Oilfield services giant Halliburton Co. on Tuesday swung to a loss in the third quarter ended Sept."),
+    ("A decades-long struggle between the world #39;s two largest aircraft makers escalated into a new trade war",
+     "A decades-long struggle between the world's two largest aircraft makers escalated into a trade war between"),
+])
+def test_near_duplicate_key_ignores_case_punctuation_and_the_ending(first, second):
+    assert near_duplicate_key(first) == near_duplicate_key(second)
+    assert near_duplicate_key(first) != near_duplicate_key(first.replace("Tuesday", "Monday").replace("long", "old"))
+
+
+def test_near_duplicates_stay_on_one_side_of_the_holdout_carve(tmp_path):
+    write_synthetic_csv(tmp_path / "test.csv", per_class=100)
+    with open(tmp_path / "test.csv", newline="", encoding="utf-8") as f:
+        stories = list(csv.reader(f))[:40]
+    with open(tmp_path / "test.csv", "a", newline="", encoding="utf-8") as f:  # 40 stories again, new headlines
+        csv.writer(f).writerows([label, f"Second headline {i}", body] for i, (label, _, body) in enumerate(stories))
+    data, source = load_ag_news(tmp_path)
+    splits = make_splits(data, source, holdout_train_size=330, split_seed=3)
+    assert not set(splits.train["group"]) & set(splits.eval["group"])
+    assert len(splits.train) == 330 and len(splits.eval) == 110
+    expected = data["test"]["label"].value_counts() * 330 / 440  # stratified: each class's share, to the article
+    assert ((splits.train["label"].value_counts() - expected).abs() < 1).all()
+    assert any(note.startswith("kept 80 near-duplicate articles (40 groups") for note in splits.notes)
+    again = make_splits(data, source, holdout_train_size=330, split_seed=3)
+    assert list(again.train["id"]) == list(splits.train["id"])
 
 
 def test_standard_protocol_never_trains_on_eval_articles(tmp_path):
