@@ -1,0 +1,68 @@
+"""The path of a user with real weights: a folder laid out like the Qwen2.5-7B-Instruct hub snapshot, the `qwen2.5-7b`
+profile, all four notebooks, the fine-tuned checkpoint saved, reloaded and evaluated."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from finetune import rehearse
+from finetune.config import get_config
+from finetune.results import validate_record
+from finetune.standin import PUBLISHED_CONFIG, PUBLISHED_GENERATION_CONFIG, SHAPES, write_standin
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hub") / "Qwen2.5-7B-Instruct"
+    return write_standin(folder, "tiny", cache_dir=tmp_path_factory.mktemp("tokenizers"))
+
+
+def test_standin_has_the_hub_snapshot_files_and_published_metadata(standin):
+    index = json.loads((standin / "model.safetensors.index.json").read_text())
+    shards = sorted({name for name in index["weight_map"].values()})
+    assert len(shards) > 1 and all((standin / name).exists() for name in shards)
+    assert shards[0].startswith("model-00001-of-0000")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        assert (standin / name).stat().st_size > 1000, name
+    config = json.loads((standin / "config.json").read_text())
+    assert config == {**PUBLISHED_CONFIG, **SHAPES["tiny"]}
+    assert config["vocab_size"] == 152064 and config["tie_word_embeddings"] is False
+    assert json.loads((standin / "generation_config.json").read_text()) == PUBLISHED_GENERATION_CONFIG
+    assert json.loads((standin / "tokenizer_config.json").read_text())["tokenizer_class"] == "Qwen2Tokenizer"
+
+
+def test_standin_loads_through_the_auto_classes_with_qwens_tokens(standin):
+    tokenizer = AutoTokenizer.from_pretrained(standin)
+    assert tokenizer("Hello, world!")["input_ids"] == [9707, 11, 1879, 0]
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    model = AutoModelForCausalLM.from_pretrained(standin)
+    assert model.config.num_hidden_layers == SHAPES["tiny"]["num_hidden_layers"]
+    assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.do_sample
+
+
+@pytest.mark.slow
+def test_qwen_profile_runs_every_notebook_from_a_hub_layout_folder(standin, synthetic_dir, tmp_path):
+    checkpoints, results = tmp_path / "checkpoints", tmp_path / "results"
+    # CPU overrides only: fp32, a few steps, a small evaluation; everything else is the qwen2.5-7b recipe.
+    rehearse.main(["--shape", "tiny", "--standin", str(standin), "--data_dir", str(synthetic_dir),
+                   "--checkpoints_dir", str(checkpoints), "--results_dir", str(results), "--bf16", "false",
+                   "--optimizer", "adamw", "--max_steps", "3", "--save_steps", "2", "--logging_steps", "1",
+                   "--holdout_train_size", "300", "--max_eval_samples", "40", "--eval_batch_size", "20",
+                   "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+                   "--dataloader_num_workers", "0"])
+    final = get_config("qwen2.5-7b", checkpoints_dir=str(checkpoints), run_name="rehearsal-tiny").final_dir
+    base = json.loads((results / "base_model_results.json").read_text())
+    tuned = json.loads((results / "finetuned_model_results.json").read_text())
+    for record in (base, tuned):
+        validate_record(record)
+        assert record["profile"] == "qwen2.5-7b" and record["config"]["model"] == str(standin.resolve())
+        assert record["data"]["eval_size"] == 40
+    assert tuned["model"] == str(final)  # evaluated from the checkpoint written to disk, not the trained object
+    assert any(final.glob("model*.safetensors")) and (final / "tokenizer.json").exists()
+    summary = json.loads((results / "train_summary.json").read_text())
+    assert summary["log_history"][-1]["step"] == 3 and summary["config"]["learning_rate"] == 2e-5
+    assert (checkpoints / "rehearsal-tiny" / "checkpoint-2").is_dir()  # a resumable checkpoint on the way
+    readme = (results / "README.md").read_text()
+    assert "not** Qwen2.5's" in readme and "| fine-tuned model reload (s) |" in readme
+    assert len(list((results / "notebooks").glob("*.ipynb"))) == 4
