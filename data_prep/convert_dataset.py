@@ -183,10 +183,12 @@ def _load_hub() -> tuple[dict[str, pd.DataFrame], DataSource]:
         raise DataError(f"{NO_DATA_MESSAGE} (hub error: {type(e).__name__})") from e
     splits, digest = {}, hashlib.sha256()
     for split, ds in sorted(hub.items()):
-        digest.update(json.dumps([split, ds["text"], ds["label"]]).encode())
-        texts = [normalize_text(t) for t in ds["text"]]
-        splits[split] = pd.DataFrame({"id": [f"hub-{split}:{i}" for i in range(len(ds))], "text": texts,
-                                      "label": ds["label"], "group": [near_duplicate_key(t) for t in texts]})
+        raw = ds.to_pandas()  # label: the ClassLabel's ids 0-3, in LABELS order
+        texts, labels = raw["text"].tolist(), raw["label"].tolist()
+        digest.update(json.dumps([split, texts, labels]).encode())
+        texts = [normalize_text(t) for t in texts]
+        splits[split] = pd.DataFrame({"id": [f"hub-{split}:{i}" for i in range(len(raw))], "text": texts,
+                                      "label": labels, "group": [near_duplicate_key(t) for t in texts]})
     return splits, DataSource(f"hub:{HUB_DATASET}", digest.hexdigest()[:12])
 
 

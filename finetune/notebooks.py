@@ -31,13 +31,22 @@ def run_notebooks(parameters: dict, output_dir: str | Path, names: tuple[str, ..
     return executed
 
 
+# Passed on only when given, so that the profile's own limits (the tiny demo's) hold otherwise.
+CAPS = ("max_train_samples", "max_eval_samples")
+
+
+def _sample_cap(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--data_dir", default=None, help="default: $AG_NEWS_DIR, else the hub")
     parser.add_argument("--results_dir", default="results")
-    parser.add_argument("--max_train_samples", type=int, default=None)
-    parser.add_argument("--max_eval_samples", type=int, default=None)
+    for cap in CAPS:
+        parser.add_argument(f"--{cap}", type=_sample_cap, default=argparse.SUPPRESS,
+                            help="default: the profile's limit; none lifts it")
     args = parser.parse_args(argv)
     # Notebooks run from the project root: a relative data path must mean the same there as here. Results record the
     # source as named, so a folder given relative stays relative (to the project) and $AG_NEWS_DIR stays its name.
@@ -48,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ[DATA_ENV] = str(Path(os.environ[DATA_ENV]).resolve())
     parameters = {"profile": args.profile, "data_dir": data_dir,
                   "results_dir": str(Path(args.results_dir).resolve()),
-                  "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples}
+                  "overrides": {cap: getattr(args, cap) for cap in CAPS if hasattr(args, cap)}}
     try:
         run_notebooks(parameters, Path(args.results_dir) / "notebooks")
     except papermill.PapermillExecutionError as e:

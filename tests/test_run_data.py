@@ -1,10 +1,92 @@
-"""What a run trains and evaluates on: the config's data fields, through `load_splits`."""
+"""What a run trains and evaluates on: the config's data fields through `load_splits`, the hub, the tiny profile's
+limits, and what the notebooks pass on."""
 
 import dataclasses
+import json
 import os
 
+import datasets
+import nbformat
+import papermill
+import pytest
+
+from data_prep import convert_dataset
+from data_prep.config import LABELS
 from finetune import notebooks
+from finetune.config import get_config
 from finetune.data import load_splits
+from tests.conftest import TOPIC_WORDS
+
+WALL_ST = ("Wall St. Bears Claw Back Into the Black (Reuters) Reuters - Short-sellers, Wall Street #39;s dwindling"
+           "\\band of ultra-cynics, are seeing green again.")
+WALL_ST_CLEAN = ("Wall St. Bears Claw Back Into the Black (Reuters) Reuters - Short-sellers, Wall Street's dwindling "
+                 "band of ultra-cynics, are seeing green again.")
+
+
+def _hub_split(split: str, per_class: int) -> datasets.Dataset:
+    """Hub-shaped articles: one `text` (title and description) and `label` as ClassLabel ids 0-3."""
+    texts = [f"{split} story {i}: {words}" for i in range(per_class) for words in TOPIC_WORDS.values()]
+    texts[0] = WALL_ST if split == "train" else texts[0]
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(LABELS))})
+    return datasets.Dataset.from_dict({"text": texts, "label": [0, 1, 2, 3] * per_class}, features=features)
+
+
+@pytest.fixture
+def hub(monkeypatch) -> list[str]:
+    """The hub's AG News in miniature (train and test splits, 1,600 and 500 articles a class), without a network.
+    Returns the names asked for."""
+    hub = datasets.DatasetDict(train=_hub_split("train", 1600), test=_hub_split("test", 500))
+    asked = []
+    monkeypatch.delenv("AG_NEWS_DIR", raising=False)
+    monkeypatch.setattr(convert_dataset, "hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: asked.append(name) or hub)
+    return asked
+
+
+def test_hub_articles_are_loaded_cleaned_and_converted(hub, tmp_path):
+    data, source = convert_dataset.load_ag_news()
+    assert hub == ["fancyzhx/ag_news"]
+    assert source.name == "hub:fancyzhx/ag_news" and len(source.sha256) == 12
+    assert {split: len(df) for split, df in data.items()} == {"train": 6400, "test": 2000}
+    first = data["train"].iloc[0]
+    assert (first["id"], first["text"], first["label"]) == ("hub-train:0", WALL_ST_CLEAN, 0)
+    convert_dataset.main(["--out", str(tmp_path)])
+    described = json.loads((tmp_path / "splits.json").read_text())
+    assert (described["protocol"], described["source"]) == ("standard", "hub:fancyzhx/ag_news")
+    assert (described["train_size"], described["eval_size"]) == (6400, 2000)
+    record = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0])
+    assert record["label"] == "World" and record["messages"][1]["content"].endswith(WALL_ST_CLEAN)
+
+
+def test_tiny_profile_limits_what_the_demo_trains_and_evaluates_on(hub):
+    splits = load_splits(get_config("tiny"))
+    described = splits.describe()
+    assert (described["protocol"], described["train_size"], described["eval_size"]) == ("standard", 6000, 1600)
+    assert described["train_label_counts"] == dict.fromkeys(LABELS, 1500)
+    assert described["eval_label_counts"] == dict.fromkeys(LABELS, 400)
+    assert {"training limited to 6000 articles", "evaluation limited to 1600 articles"} <= set(described["notes"])
+    lifted = load_splits(get_config("tiny", max_train_samples=None, max_eval_samples=None))
+    assert (len(lifted.train), len(lifted.eval), lifted.notes) == (6400, 2000, [])
+
+
+def test_notebook_setup_keeps_the_profile_limits_unless_overridden(tmp_path):
+    opening = [[cell.source for cell in nbformat.read(notebooks.PROJECT_DIR / "notebooks" / f"{name}.ipynb",
+                                                      as_version=4).cells[1:3]] for name in notebooks.NOTEBOOKS]
+    assert all(cells == opening[0] for cells in opening)  # one parameters cell and one setup cell, four times
+    probe = nbformat.read(notebooks.PROJECT_DIR / "notebooks" / f"{notebooks.NOTEBOOKS[0]}.ipynb", as_version=4)
+    probe.cells = probe.cells[:3] + [nbformat.v4.new_code_cell("print(config.max_train_samples, config.max_eval_samples)")]
+    for overrides, limits in [({}, "6000 1600"), ({"max_train_samples": None}, "None 1600")]:
+        parameters = {"project_dir": str(notebooks.PROJECT_DIR), "results_dir": str(tmp_path), "overrides": overrides}
+        ran = papermill.execute_notebook(probe, None, parameters, kernel_name="python3", progress_bar=False)
+        assert ran.cells[-1].outputs[0]["text"].strip() == limits
+
+
+def test_notebook_runs_pass_on_only_the_limits_given(monkeypatch):
+    passed = []
+    monkeypatch.setattr(notebooks, "run_notebooks", lambda parameters, output_dir: passed.append(parameters))
+    notebooks.main([])
+    notebooks.main(["--max_train_samples", "200", "--max_eval_samples", "none"])
+    assert [p["overrides"] for p in passed] == [{}, {"max_train_samples": 200, "max_eval_samples": None}]
 
 
 def test_split_seed_alone_chooses_the_eval_articles(tiny_config):
@@ -20,6 +102,7 @@ def test_split_seed_alone_chooses_the_eval_articles(tiny_config):
 def test_notebook_runs_record_the_data_folder_as_named(tmp_path, monkeypatch):
     passed = []
     monkeypatch.setattr(notebooks, "run_notebooks", lambda parameters, output_dir: passed.append(parameters))
+    monkeypatch.delenv("AG_NEWS_DIR", raising=False)
     monkeypatch.chdir(notebooks.PROJECT_DIR)
     notebooks.main(["--data_dir", "../shared/data/ag_news"])
     assert passed[-1]["data_dir"] == "../shared/data/ag_news"
