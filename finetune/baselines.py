@@ -12,7 +12,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
-from data_prep.convert_dataset import Splits
+from data_prep.splits import Splits
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
 from finetune.evaluate import summarize

@@ -5,8 +5,9 @@ import logging
 import datasets
 import pandas as pd
 
-from data_prep.config import LABELS, build_prompt_messages, format_answer
-from data_prep.convert_dataset import Splits, load_ag_news, make_splits
+from data_prep.read import load_ag_news
+from data_prep.splits import Splits, make_splits
+from data_prep.task import LABELS, build_prompt_messages, format_answer
 from finetune.config import RunConfig
 
 log = logging.getLogger(__name__)

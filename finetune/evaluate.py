@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from data_prep.convert_dataset import Splits
+from data_prep.splits import Splits
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
 from finetune.metrics import calibration, classification_metrics

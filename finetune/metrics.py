@@ -3,7 +3,7 @@
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from data_prep.config import LABELS
+from data_prep.task import LABELS
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:

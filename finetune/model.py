@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
-from data_prep.config import LABELS, SYSTEM_PROMPT, USER_TEMPLATE, format_answer
+from data_prep.task import LABELS, SYSTEM_PROMPT, USER_TEMPLATE, format_answer
 from finetune.config import RunConfig
 from finetune.qwen_tokenizer import CHAT_TEMPLATE, build_qwen25_tokenizer
 

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from data_prep.config import LABELS
+from data_prep.task import LABELS
 
 
 def plot_class_distribution(splits: dict[str, pd.DataFrame]) -> plt.Figure:

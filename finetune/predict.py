@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from data_prep.config import LABELS, build_messages, build_prompt_messages
+from data_prep.task import LABELS, build_messages, build_prompt_messages
 
 
 @dataclass

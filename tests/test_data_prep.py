@@ -9,9 +9,11 @@ import sys
 import pandas as pd
 import pytest
 
-from data_prep.config import LABELS, SYSTEM_PROMPT, build_messages, build_prompt_messages, format_answer
-from data_prep.convert_dataset import (DataError, load_ag_news, main, make_splits, near_duplicate_key, normalize_text,
-                                       to_chat_records)
+from data_prep.clean import near_duplicate_key, normalize_text
+from data_prep.convert_dataset import main, to_chat_records
+from data_prep.read import DataError, load_ag_news
+from data_prep.splits import make_splits
+from data_prep.task import LABELS, SYSTEM_PROMPT, build_messages, build_prompt_messages, format_answer
 from tests.conftest import write_synthetic_csv
 
 

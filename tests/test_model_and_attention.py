@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from data_prep.config import LABELS, build_messages, build_prompt_messages, format_answer
+from data_prep.task import LABELS, build_messages, build_prompt_messages, format_answer
 from finetune.attention import VARLEN, choose_attn_implementation
 from finetune.model import load_model, train_bpe_tokenizer
 from finetune.predict import answer_token_ids

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.config import LABELS, build_messages, build_prompt_messages
+from data_prep.task import LABELS, build_messages, build_prompt_messages
 from finetune.model import load_model, train_bpe_tokenizer
 from finetune.predict import answer_token_ids, encode_prompts, generate_labels, parse_answer, score_labels
 

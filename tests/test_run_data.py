@@ -10,8 +10,8 @@ import nbformat
 import papermill
 import pytest
 
-from data_prep import convert_dataset
-from data_prep.config import LABELS
+from data_prep import convert_dataset, read
+from data_prep.task import LABELS
 from finetune import notebooks
 from finetune.config import get_config
 from finetune.data import load_splits
@@ -38,13 +38,13 @@ def hub(monkeypatch) -> list[str]:
     hub = datasets.DatasetDict(train=_hub_split("train", 1600), test=_hub_split("test", 500))
     asked = []
     monkeypatch.delenv("AG_NEWS_DIR", raising=False)
-    monkeypatch.setattr(convert_dataset, "hub_reachable", lambda: True)
+    monkeypatch.setattr(read, "hub_reachable", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", lambda name: asked.append(name) or hub)
     return asked
 
 
 def test_hub_articles_are_loaded_cleaned_and_converted(hub, tmp_path):
-    data, source = convert_dataset.load_ag_news()
+    data, source = read.load_ag_news()
     assert hub == ["fancyzhx/ag_news"]
     assert source.name == "hub:fancyzhx/ag_news" and len(source.sha256) == 12
     assert {split: len(df) for split, df in data.items()} == {"train": 6400, "test": 2000}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from data_prep.config import LABELS, format_answer
+from data_prep.task import LABELS, format_answer
 from finetune.config import get_config
 from finetune.train import build_trainer, train
 
