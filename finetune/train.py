@@ -2,37 +2,45 @@
 
     python -m finetune.train --profile tiny
     python -m finetune.train --profile qwen2.5-7b --data_dir /data/ag_news
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 4 -m finetune.train \
+        --profile qwen2.5-7b --gradient_checkpointing false          # FSDP2: FSDP checkpoints the activations
 """
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
+import trl
+import trl.trainer.utils
 from transformers import TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_utils import get_last_checkpoint
-import trl.trainer.utils
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 from finetune.attention import choose_attn_implementation
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
-from finetune.model import load_model, load_tokenizer
+from finetune.model import load_model, load_tokenizer, weights_dtype
 from finetune.throughput import ThroughputCallback, mean_article_tokens
 
 log = logging.getLogger(__name__)
 
-# TRL's fused LM head scores only the positions that carry loss when Triton is available, and every position
-# otherwise (to keep compiled tile shapes fixed on accelerators without it). On the CPU nothing is compiled, and
-# with the loss on ~7 answer tokens of ~120 the full head is two thirds of each step; score only those positions.
-trl.trainer.utils._use_triton = lambda device: True
+
+def launched_with_fsdp() -> bool:
+    """Started by `accelerate launch` with an FSDP config (configs/accelerate/fsdp2.yaml): accelerate's own test."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def sft_config(config: RunConfig) -> SFTConfig:
     """The run config in TRL's terms; every training hyperparameter passes through here unchanged."""
-    return SFTConfig(
+    # FSDP2's mixed precision shards fp32 weights and computes in bf16 (accelerate upcasts bf16 weights to fp32 as it
+    # shards them): that is adamw_fp32_master. The optimizers that keep bf16 weights run with it off, so their shards
+    # stay bf16, the compute is bf16 anyway, and stochastic rounding has bf16 weights to round into.
+    mixed_bf16 = config.bf16 and not (launched_with_fsdp() and weights_dtype(config) == torch.bfloat16)
+    args = SFTConfig(
         output_dir=str(config.output_dir),
         learning_rate=config.learning_rate,
         num_train_epochs=config.num_train_epochs,
@@ -45,7 +53,7 @@ def sft_config(config: RunConfig) -> SFTConfig:
         weight_decay=config.weight_decay,
         gradient_checkpointing=config.gradient_checkpointing,
         use_liger_kernel=config.use_liger_kernel,
-        bf16=config.bf16,
+        bf16=mixed_bf16,
         # Packing is padding-free best-fit: whole articles share a row, the attention keeps them apart.
         packing=config.packing,
         packing_strategy="bfd",
@@ -60,6 +68,8 @@ def sft_config(config: RunConfig) -> SFTConfig:
         report_to=["tensorboard"],
         use_cpu=not torch.cuda.is_available(),
     )
+    args.mixed_precision = "bf16" if mixed_bf16 else "no"  # the run config decides, not accelerate's --mixed_precision
+    return args
 
 
 OPTIMIZERS = ("adamw", "adamw_bf16_sr", "adamw_fp32_master")
@@ -77,6 +87,24 @@ def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, 
 
     return AdamWBf16SR, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
                          "eps": args.adam_epsilon, "weight_decay": args.weight_decay}
+
+
+class SFTTrainer(trl.SFTTrainer):
+    """TRL's SFTTrainer, whose fused LM head scores only the positions that carry loss on every device.
+
+    TRL does that where Triton is available and scores every position elsewhere (fixed tile shapes for accelerators
+    without it). On the CPU nothing is compiled, and with the loss on ~7 answer tokens of ~120 the full head is two
+    thirds of each step. TRL reads the choice from a module-level function at each forward, so it is swapped for this
+    trainer's loss computation only (the backward does not read it); tests/test_train.py checks loss and gradients.
+    """
+
+    def compute_loss(self, *args, **kwargs):
+        use_triton = trl.trainer.utils._use_triton
+        trl.trainer.utils._use_triton = lambda device: True
+        try:
+            return super().compute_loss(*args, **kwargs)
+        finally:
+            trl.trainer.utils._use_triton = use_triton
 
 
 class SelectiveCheckpointing(TrainerCallback):
@@ -111,13 +139,23 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     return trainer
 
 
+# What a complete checkpoint holds, by who wrote it: one process writes model*.safetensors and optimizer.pt; under FSDP
+# accelerate's save_fsdp_model/save_fsdp_optimizer write pytorch_model_fsdp.bin and optimizer.bin (FULL_STATE_DICT) or
+# the DCP folders pytorch_model_fsdp_0/ and optimizer_0/ (SHARDED_STATE_DICT), complete once their .metadata exists.
+CHECKPOINT_PARTS = {
+    "trainer_state.json": ("trainer_state.json",),
+    "model weights": ("model*.safetensors", "pytorch_model_fsdp.bin", "pytorch_model_fsdp_0/.metadata"),
+    "optimizer state": ("optimizer.pt", "optimizer.bin", "optimizer_0/.metadata"),
+}
+
+
 def last_checkpoint(output_dir: Path) -> str | None:
-    """The newest checkpoint to resume from; a partial one (interrupted while saving) is an error, not a guess."""
+    """The newest checkpoint to resume from; a partial one (interrupted while saving) is an error, not a guess. The
+    Trainer itself would resume from a checkpoint without optimizer state, silently, with fresh Adam moments."""
     last = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
     if last:
-        missing = [f for f in ("trainer_state.json", "optimizer.pt") if not (Path(last) / f).exists()]
-        if not any(Path(last).glob("model*.safetensors")):
-            missing.append("model.safetensors")
+        missing = [f"{part} ({' or '.join(patterns)})" for part, patterns in CHECKPOINT_PARTS.items()
+                   if not any(any(Path(last).glob(pattern)) for pattern in patterns)]
         if missing:
             raise RuntimeError(f"checkpoint {last} is incomplete (missing {', '.join(missing)}), probably cut off "
                                "while saving. Delete that folder to resume from the one before it.")
@@ -135,12 +173,27 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         log.info("resuming from %s", last)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
-    trainer.save_model(config.final_dir)
-    summary = {"config": config.to_dict(), "data": trainer.splits.describe(), "resumed_from": last,
-               "train_seconds": time.perf_counter() - start, "metrics": result.metrics,
-               "log_history": trainer.state.log_history, "tensorboard": tensorboard_scalars(config.output_dir)}
-    (config.final_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    save_final_model(trainer, config.final_dir)
+    # Every rank gets here; only the main one, which saved the model, writes (another rank would write into final/
+    # before or while rank 0 creates it). The barrier then returns every rank with final/ complete.
+    if trainer.is_world_process_zero():
+        summary = {"config": config.to_dict(), "data": trainer.splits.describe(), "resumed_from": last,
+                   "world_size": trainer.args.world_size, "train_seconds": time.perf_counter() - start,
+                   "metrics": result.metrics, "log_history": trainer.state.log_history,
+                   "tensorboard": tensorboard_scalars(config.output_dir)}
+        (config.final_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    trainer.accelerator.wait_for_everyone()
     return config.final_dir
+
+
+def save_final_model(trainer: SFTTrainer, folder: Path) -> None:
+    """The trained model as `from_pretrained` loads it, from every rank (under FSDP the save gathers the shards).
+
+    With SHARDED_STATE_DICT, Trainer.save_model writes nothing under FSDP (checkpoints get DCP shards instead), so the
+    final save switches to FULL_STATE_DICT first, as accelerate's plugin documents for this case."""
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(folder)
 
 
 def tensorboard_scalars(output_dir: Path) -> dict[str, dict]:

@@ -5,11 +5,13 @@ import json
 
 import pytest
 import torch
+import trl
+import trl.trainer.utils
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from data_prep.task import LABELS, format_answer
 from finetune.config import get_config
-from finetune.train import build_trainer, train
+from finetune.train import build_trainer, last_checkpoint, train
 
 
 def test_label_mask_covers_exactly_each_packed_answer(tiny_config):
@@ -94,6 +96,52 @@ def test_partial_checkpoint_is_a_clear_error(tiny_config):
     (partial / "trainer_state.json").write_text("{}")
     with pytest.raises(RuntimeError, match="checkpoint-7 is incomplete .*Delete that folder"):
         train(tiny_config)
+
+
+@pytest.mark.parametrize("files", [("model.safetensors", "optimizer.pt"),  # one process
+                                   ("pytorch_model_fsdp.bin", "optimizer.bin"),  # FSDP, FULL_STATE_DICT
+                                   ("pytorch_model_fsdp_0/.metadata", "optimizer_0/.metadata")])  # SHARDED_STATE_DICT
+def test_complete_checkpoints_of_every_writer_are_resumed_from(tmp_path, files):
+    checkpoint = tmp_path / "checkpoint-4"
+    for name in ("trainer_state.json", *files):
+        (checkpoint / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkpoint / name).write_text("{}")
+    assert last_checkpoint(tmp_path) == str(checkpoint)
+
+
+def test_sharded_checkpoint_without_its_metadata_is_a_clear_error(tmp_path):
+    """DCP writes .metadata once every rank's shards are on disk: without it, the optimizer state is cut off."""
+    checkpoint = tmp_path / "checkpoint-4"
+    for name in ("trainer_state.json", "pytorch_model_fsdp_0/.metadata", "optimizer_0/__0_0.distcp"):
+        (checkpoint / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkpoint / name).write_text("{}")
+    with pytest.raises(RuntimeError, match=r"checkpoint-4 is incomplete \(missing optimizer state"):
+        last_checkpoint(tmp_path)
+
+
+def test_answer_only_lm_head_gives_trls_loss_and_gradients(tiny_config, monkeypatch):
+    """On the CPU our trainer puts only the answer positions through TRL's fused LM head, where TRL's own path puts
+    every position: the same loss and gradients from fewer rows, and TRL's choice is back once the loss is computed."""
+    trainer = build_trainer(tiny_config)
+    model, batch = trainer.model, trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    rows = []
+    apply = trl.trainer.utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl.trainer.utils._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *args: rows.append(len(hidden)) or apply(hidden, *args))
+    use_triton = trl.trainer.utils._use_triton
+    results = []
+    for compute_loss in (trainer.compute_loss, lambda *args: trl.SFTTrainer.compute_loss(trainer, *args)):
+        model.zero_grad()
+        loss = compute_loss(model, dict(batch))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert trl.trainer.utils._use_triton is use_triton and not use_triton(batch["input_ids"].device)
+    shifted = batch["labels"][:, 1:]
+    assert rows == [int((shifted != -100).sum()), shifted.numel()]
+    (ours, our_grads), (trls, trl_grads) = results
+    torch.testing.assert_close(ours, trls)
+    for ours, trls in zip(our_grads, trl_grads):
+        torch.testing.assert_close(ours, trls, atol=1e-6, rtol=1e-5)
 
 
 def test_tensorboard_gets_throughput_scalars(tiny_config):
