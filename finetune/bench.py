@@ -3,21 +3,26 @@
     python -m finetune.bench train --profile qwen2.5-7b-shape --name h100_7b_train
     python -m finetune.bench eval  --profile qwen2.5-7b-shape --name h100_7b_eval
     python -m finetune.bench train --profile tiny --max_train_samples 200 --name cpu_smoke   # the CPU test's run
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes N -m finetune.bench train \
+        --profile qwen2.5-7b-shape --name h200_7b_fsdp_N                                     # FSDP_VARIANTS on N GPUs
 
-Training figures are real (non-pad) tokens/s after warm-up steps, MFU, step time, peak memory and the projected time
-for one epoch of the full 120,000-article training set; each ablation is also given as a ratio to the first variant.
+Training figures are real (non-pad) tokens/s per GPU after warm-up steps, MFU, step time, peak memory (the most loaded
+GPU's) and the projected time for one epoch of the full 120,000-article training set on all the run's GPUs; each
+ablation is also given as a ratio to the first variant. Launched on several processes, only rank 0 writes.
 """
 
 import argparse
 import dataclasses
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from transformers import TrainerCallback
+from accelerate import PartialState
+from transformers.trainer_utils import SaveStrategy
 
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
@@ -25,9 +30,9 @@ from finetune.model import load_for_inference, load_tokenizer
 from finetune.predict import encode_prompts, generate_labels, score_labels
 from finetune.results import environment
 from finetune.evaluate import throughput
-from finetune.throughput import (mean_article_tokens, peak_flops, peak_memory_gib, reset_peak_memory,
-                                 training_flops_per_token)
-from finetune.train import build_trainer
+from finetune.throughput import (StepClock, StepProfiler, max_over_ranks, mean_article_tokens, peak_flops,
+                                 peak_memory_gib, profile_table, reset_peak_memory, training_flops_per_token)
+from finetune.train import build_trainer, launched_with_fsdp
 
 FULL_TRAIN_ARTICLES = 120_000
 # Each variant changes the reference configuration in one respect. Liger patches the Qwen2 classes for the whole
@@ -52,91 +57,66 @@ TRAIN_VARIANTS = {
     "Liger, checkpointing 16 of 28 layers, plain bf16 AdamW": {"use_liger_kernel": True, "checkpointed_layers": 16,
                                                                "optimizer": "adamw"},
 }
+# Under FSDP2 (`accelerate launch`, configs/accelerate/fsdp2.yaml) the same per-GPU recipe: who checkpoints the
+# activations (FSDP per decoder layer, or the Trainer; never both), and how the weights are updated. With FSDP2,
+# adamw_fp32_master is its mixed precision (fp32 shards, bf16 compute); the others keep bf16 shards
+# (finetune/train.py::sft_config). Without checkpointing comes last: it may not fit on fewer GPUs.
+FSDP_VARIANTS = {
+    "FSDP2 reference (FSDP activation checkpointing, bf16 SR AdamW)": {
+        "gradient_checkpointing": False, "fsdp_activation_checkpointing": True},
+    "FSDP2, the Trainer's gradient checkpointing instead of FSDP's": {
+        "gradient_checkpointing": True, "fsdp_activation_checkpointing": False},
+    "FSDP2, fp32 master weights (FSDP2 mixed precision)": {
+        "gradient_checkpointing": False, "fsdp_activation_checkpointing": True, "optimizer": "adamw_fp32_master"},
+    "FSDP2, plain bf16 AdamW": {
+        "gradient_checkpointing": False, "fsdp_activation_checkpointing": True, "optimizer": "adamw"},
+    "FSDP2, no activation checkpointing": {"gradient_checkpointing": False, "fsdp_activation_checkpointing": False},
+}
 
 
-def _now() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-class StepClock(TrainerCallback):
-    """Wall time and TRL's cumulative real-token count at the end of every optimizer step, and how long each
-    optimizer update itself took (the part of a step that does not shrink with faster kernels or less recompute)."""
-
-    def __init__(self):
-        self.marks = []  # (seconds, tokens)
-        self.optimizer_seconds = []
-        self._update_start = None
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._update_start = _now()
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.optimizer_seconds.append(_now() - self._update_start)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.marks.append((_now(), state.num_input_tokens_seen or 0))
-
-
-class StepProfiler(TrainerCallback):
-    """A torch profiler table (top ops by device time) of one optimizer step: where a training step's time goes."""
-
-    def __init__(self, step: int):
-        self.step, self.profiler, self.table = step, None, None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 == self.step and self.profiler is None and self.table is None:
-            self.profiler = torch.profiler.profile()
-            self.profiler.start()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.profiler is not None and state.global_step == self.step:
-            _now()  # the step's last kernels finish inside the trace
-            self.profiler.stop()
-            self.table = _profile_table(self.profiler)
-            self.profiler = None
-
-
-def _profile_table(profiler) -> list[str]:
-    sort_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    return profiler.key_averages().table(sort_by=sort_key, row_limit=25, max_name_column_width=60).splitlines()
-
-
-def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: int, profile: bool = False) -> dict:
+def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: int, profile: bool = False,
+                        fsdp_activation_checkpointing: bool | None = None) -> dict:
     """Train `warmup_steps + measured_steps` optimizer steps through `build_trainer`; time the measured ones. With
-    `profile`, one more step runs under the torch profiler (after the timed ones, so its overhead is not timed)."""
-    config = dataclasses.replace(config, max_steps=warmup_steps + measured_steps + profile, save_steps=10**9,
-                                 logging_steps=1, run_name=f"{config.run_name}-bench")
+    `profile`, one more step runs under the torch profiler (after the timed ones, so its overhead is not timed).
+    Under FSDP, `fsdp_activation_checkpointing` replaces the accelerate config's for this trainer."""
+    config = dataclasses.replace(config, max_steps=warmup_steps + measured_steps + profile, logging_steps=1,
+                                 run_name=f"{config.run_name}-bench")
     clock = StepClock()
     profiler = StepProfiler(warmup_steps + measured_steps + 1)
+    if fsdp_activation_checkpointing is not None:  # each trainer's FSDP plugin reads the launch config from here
+        os.environ["FSDP_ACTIVATION_CHECKPOINTING"] = str(fsdp_activation_checkpointing).lower()
     reset_peak_memory()
     try:
         trainer = build_trainer(config, callbacks=[clock, profiler] if profile else [clock])
         trainer.args.include_num_input_tokens_seen = "non_padding"
+        trainer.args.save_strategy = SaveStrategy.NO  # else the Trainer saves a checkpoint after the last step
         trainer.train()
-    except Exception as e:  # an ablation that fails (out of memory, a kernel missing) is a result, not a crash
+    except Exception as e:  # an ablation that fails (out of memory, a kernel missing) is a result, not a crash...
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ...except on several ranks: the others would hang waiting
+            raise
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-    (t0, n0), (t1, n1) = clock.marks[warmup_steps - 1], clock.marks[warmup_steps + measured_steps - 1]
-    tokens_per_second = (n1 - n0) / (t1 - t0)
+    seconds, tokens = clock.window(warmup_steps, measured_steps)
+    world_size = trainer.args.world_size
+    tokens_per_second = tokens / seconds / world_size  # per GPU: the Trainer's count sums every rank's tokens
     optimizer_seconds = clock.optimizer_seconds[warmup_steps:warmup_steps + measured_steps]
     mean_len = mean_article_tokens(trainer.train_dataset)
     flops = training_flops_per_token(trainer.model.config, mean_len)
     peak = peak_flops()
     result = {
         "tokens_per_second": tokens_per_second,
-        "step_seconds": (t1 - t0) / measured_steps,
+        "step_seconds": seconds / measured_steps,
         "optimizer_step_seconds": sum(optimizer_seconds) / len(optimizer_seconds),
-        "tokens_per_step": (n1 - n0) / measured_steps,
+        "tokens_per_step": tokens / measured_steps,  # all GPUs
         "mfu": tokens_per_second * flops / peak if peak else None,
-        "peak_allocated_gib": peak_memory_gib(),
-        "peak_reserved_gib": peak_memory_gib(reserved=True),
+        "peak_allocated_gib": max_over_ranks(trainer.accelerator, peak_memory_gib()),
+        "peak_reserved_gib": max_over_ranks(trainer.accelerator, peak_memory_gib(reserved=True)),
         "mean_article_tokens": mean_len,
-        "projected_epoch_minutes_full_train": FULL_TRAIN_ARTICLES * mean_len / tokens_per_second / 60,
+        "projected_epoch_minutes_full_train": FULL_TRAIN_ARTICLES * mean_len / (tokens_per_second * world_size) / 60,
         "final_loss": next(h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h),
     }
     if profile:
-        result["step_profile"] = profiler.table
+        result.update(step_profile=profiler.table, nccl_kernel_share=profiler.nccl_share)
+    trainer.accelerator.free_memory()  # the accelerator holds the model and optimizer too
     del trainer
     gc.collect()
     return result
@@ -148,10 +128,12 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
     results = {}
     for name, overrides in variants.items():
         print(f"== {name}", flush=True)
+        run = {k: v for k, v in overrides.items() if k != "fsdp_activation_checkpointing"}
         results[name] = {"overrides": overrides,
-                         **bench_train_variant(dataclasses.replace(config, **overrides), warmup_steps, measured_steps,
-                                                 profile)}
-        print(json.dumps(results[name]), flush=True)
+                         **bench_train_variant(dataclasses.replace(config, **run), warmup_steps, measured_steps,
+                                                 profile, overrides.get("fsdp_activation_checkpointing"))}
+        if PartialState().is_main_process:
+            print(json.dumps(results[name]), flush=True)
         base = results[next(iter(results))].get("tokens_per_second")
         if base and "tokens_per_second" in results[name]:
             results[name]["speed_vs_reference"] = results[name]["tokens_per_second"] / base
@@ -185,7 +167,7 @@ def bench_eval(config: RunConfig, modes: list[str]) -> dict:
         score_labels(model, tokenizer, texts[: 2 * config.eval_batch_size], config.eval_batch_size, config.max_length,
                      progress=False)
     return {"data": splits.describe(), "tokenization_seconds": tokenization_seconds, "modes": results,
-            "label_scoring_profile": _profile_table(profiler)}
+            "label_scoring_profile": profile_table(profiler)}
 
 
 def plot_train(results: dict, path: Path) -> None:
@@ -207,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # "--profile" is the config's
     parser.add_argument("what", choices=["train", "eval"])
     parser.add_argument("--name", required=True, help="writes results/benchmarks/<name>.json and .png")
-    parser.add_argument("--variants", default="all", help="'all', or comma-separated indices into TRAIN_VARIANTS")
+    parser.add_argument("--variants", default="all", help="'all', or comma-separated indices into TRAIN_VARIANTS "
+                        "(FSDP_VARIANTS when launched with the FSDP config)")
     parser.add_argument("--modes", default="label_scoring,generation", help="eval: which modes to time")
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--measured_steps", type=int, default=5)
@@ -215,26 +198,33 @@ def main(argv: list[str] | None = None) -> None:
                         help="train: a torch profiler table of one extra step per variant")
     known, rest = parser.parse_known_args(argv)
     config = config_from_args(rest, description=__doc__)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch (torchrun) for every rank
+    if known.what == "eval" and world_size > 1:
+        raise SystemExit("finetune.bench eval runs on one GPU: start it with python -m, not accelerate launch")
     out = Path(config.results_dir) / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
-    record = {"benchmark": known.what, "config": config.to_dict(), "environment": environment()}
+    record = {"benchmark": known.what, "world_size": world_size, "config": config.to_dict(),
+              "environment": environment()}
     path = out / f"{known.name}.json"
 
     def save(variants: dict) -> None:
-        path.write_text(json.dumps({**record, "variants": variants}, indent=2) + "\n")
-        plot_train(variants, out / f"{known.name}.png")
+        if PartialState().is_main_process:
+            path.write_text(json.dumps({**record, "variants": variants}, indent=2) + "\n")
+            plot_train(variants, out / f"{known.name}.png")
 
     if known.what == "train":
-        names = list(TRAIN_VARIANTS)
+        catalogue = FSDP_VARIANTS if launched_with_fsdp() else TRAIN_VARIANTS
+        names = list(catalogue)
         if known.variants != "all":
             names = [names[int(i)] for i in known.variants.split(",")]
         record.update(warmup_steps=known.warmup_steps, measured_steps=known.measured_steps)
-        bench_train(config, {n: TRAIN_VARIANTS[n] for n in names}, known.warmup_steps, known.measured_steps,
+        bench_train(config, {n: catalogue[n] for n in names}, known.warmup_steps, known.measured_steps,
                     known.profile_step, save)
     else:
         record.update(bench_eval(config, known.modes.split(",")))
         path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    if PartialState().is_main_process:
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Training throughput: real tokens/s and model FLOPs utilization (MFU), logged to TensorBoard with the loss."""
+"""Training throughput: real tokens/s and model FLOPs utilization (MFU), logged to TensorBoard with the loss, and the
+benchmark's step clock and profiler."""
 
+import math
 import time
 
 import torch
@@ -73,3 +75,77 @@ class ThroughputCallback(TrainerCallback):
             if self.peak:
                 logs["mfu"] = rate * self.flops_per_token / self.peak
         self.last = (now, tokens)
+
+
+def synchronized_now() -> float:
+    """Wall time once the GPU has finished the work queued so far."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class StepClock(TrainerCallback):
+    """Wall time and the Trainer's cumulative real-token count (all ranks) as training starts and at the end of every
+    optimizer step, and how long each optimizer update itself took (the part of a step that does not shrink with
+    faster kernels or less recompute)."""
+
+    def __init__(self):
+        self.marks = []  # (seconds, tokens): marks[0] as training starts, marks[k] after optimizer step k
+        self.optimizer_seconds = []
+        self._update_start = None
+
+    def window(self, warmup_steps: int, measured_steps: int) -> tuple[float, int]:
+        """Seconds and tokens of the `measured_steps` optimizer steps that follow the first `warmup_steps`."""
+        (t0, n0), (t1, n1) = self.marks[warmup_steps], self.marks[warmup_steps + measured_steps]
+        return t1 - t0, n1 - n0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.marks.append((synchronized_now(), state.num_input_tokens_seen or 0))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._update_start = synchronized_now()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.optimizer_seconds.append(synchronized_now() - self._update_start)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append((synchronized_now(), state.num_input_tokens_seen or 0))
+
+
+class StepProfiler(TrainerCallback):
+    """A torch profiler table (top ops by device time) of one optimizer step: where a training step's time goes."""
+
+    def __init__(self, step: int):
+        self.step, self.profiler, self.table, self.nccl_share = step, None, None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step and self.profiler is None and self.table is None:
+            self.profiler = torch.profiler.profile()
+            self.profiler.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None and state.global_step == self.step:
+            synchronized_now()  # the step's last kernels finish inside the trace
+            self.profiler.stop()
+            self.table = profile_table(self.profiler)
+            self.nccl_share = nccl_kernel_share(self.profiler)
+            self.profiler = None
+
+
+def profile_table(profiler) -> list[str]:
+    sort_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_key, row_limit=25, max_name_column_width=60).splitlines()
+
+
+def nccl_kernel_share(profiler) -> float | None:
+    """NCCL's share of the GPU kernel time in the profiled step; None without GPU kernels. Its kernels run on their own
+    stream, overlapping compute: this is how much communication there is, not how much wall time it adds."""
+    kernels = [e for e in profiler.events() if e.device_type == torch.profiler.DeviceType.CUDA]
+    total = sum(e.time_range.elapsed_us() for e in kernels)
+    return sum(e.time_range.elapsed_us() for e in kernels if "nccl" in e.name.lower()) / total if total else None
+
+
+def max_over_ranks(accelerator, value: float | None) -> float | None:
+    """The largest of every rank's `value` (a collective: every rank calls it); None where it is None (CPU)."""
+    gathered = accelerator.gather(torch.tensor([math.nan if value is None else value], device=accelerator.device))
+    return None if value is None else gathered.max().item()

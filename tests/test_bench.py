@@ -2,8 +2,12 @@
 
 import json
 
+import pytest
+from transformers import TrainerState
+
 from finetune import bench, bench_optimizers
 from finetune.report import eval_benchmark_table, targets_table, training_benchmark_table
+from finetune.throughput import StepClock
 
 
 def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_path):
@@ -14,14 +18,27 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
     bench.main(args)
     record = json.loads((tmp_path / "benchmarks" / "smoke.json").read_text())
     reference, unpacked = record["variants"].values()
-    assert reference["tokens_per_second"] > 0 and reference["speed_vs_reference"] == 1.0
+    assert record["world_size"] == 1 and reference["tokens_per_second"] > 0
+    assert reference["tokens_per_second"] == pytest.approx(reference["tokens_per_step"] / reference["step_seconds"])
     assert unpacked["overrides"] == {"packing": False} and unpacked["tokens_per_step"] > 0
+    assert unpacked["speed_vs_reference"] == pytest.approx(unpacked["tokens_per_second"] / reference["tokens_per_second"])
     assert 0 < reference["optimizer_step_seconds"] < reference["step_seconds"]
     assert any("aten::mm" in line for line in reference["step_profile"])
     assert reference["projected_epoch_minutes_full_train"] > 0 and record["environment"]["packages"]["torch"]
     assert (tmp_path / "benchmarks" / "smoke.png").exists()
     threads = record["environment"]["hardware"]["torch_threads"]
     assert f"| `smoke.json` | CPU ({threads} threads) | reference" in training_benchmark_table(tmp_path)
+
+
+def test_step_clock_times_the_steps_after_the_warm_up_ones_and_from_the_start_without_any():
+    clock, state = StepClock(), TrainerState()
+    clock.on_train_begin(None, state, None)
+    for tokens in (100, 300, 600):  # the Trainer's running count after each optimizer step
+        state.num_input_tokens_seen = tokens
+        clock.on_step_end(None, state, None)
+    assert clock.window(warmup_steps=1, measured_steps=2)[1] == 500
+    seconds, tokens = clock.window(warmup_steps=0, measured_steps=3)
+    assert tokens == 600 and seconds > 0
 
 
 def test_eval_benchmark_covers_every_test_article(tiny_config, tmp_path):
@@ -36,13 +53,16 @@ def test_eval_benchmark_covers_every_test_article(tiny_config, tmp_path):
     assert "no GPU benchmark" in targets_table(tmp_path)  # CPU runs have no MFU: never counted against targets
 
 
-def test_optimizer_measurement_compares_every_option_with_fp32(tiny_config, tmp_path):
+def test_optimizer_measurement_shows_bf16_adamw_losing_updates_that_stochastic_rounding_keeps(tiny_config, tmp_path):
+    """At the reference lr (2e-5, no warm-up) exact fp32 moves every weight at the first step; plain bf16 AdamW rounds
+    most of those moves away, and stochastic rounding moves the weights at least as far as fp32 does (plus noise)."""
     args = ["--profile", "tiny", "--data_dir", tiny_config.data_dir, "--holdout_train_size", "300",
             "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4", "--max_length", "128", "--bf16", "true",
-            "--max_steps", "3", "--logging_steps", "1", "--checkpoints_dir", tiny_config.checkpoints_dir,
-            "--results_dir", str(tmp_path)]
+            "--learning_rate", "2e-5", "--warmup_steps", "0", "--max_steps", "3", "--logging_steps", "1",
+            "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
     bench_optimizers.main(args)
     options = json.loads((tmp_path / "optimizers" / "optimizers.json").read_text())["options"]
     assert set(options) == {"adamw_fp32_master", "adamw", "adamw_bf16_sr"}
-    assert options["adamw_fp32_master"]["update_norm_ratio_to_fp32"] == 1.0
-    assert options["adamw"]["first_step_fraction_of_weights_changed"] < 1.0
+    assert options["adamw_fp32_master"]["first_step_fraction_of_weights_changed"] == 1.0
+    assert options["adamw"]["first_step_fraction_of_weights_changed"] < 0.5
+    assert options["adamw"]["update_norm_ratio_to_fp32"] < 0.7 < 0.9 < options["adamw_bf16_sr"]["update_norm_ratio_to_fp32"]
