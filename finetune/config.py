@@ -76,7 +76,9 @@ class RunConfig:
 
     # Evaluation.
     eval_batch_size: int = 64
-    max_new_tokens: int = 8
+    # Generation's token budget. None = the longest trained answer in the tokenizer's tokens plus room for an instruct
+    # model's own style, e.g. a code fence (finetune.predict.default_max_new_tokens: 24 for Qwen2.5).
+    max_new_tokens: int | None = None
 
     # Where things go.
     checkpoints_dir: str = "checkpoints"
@@ -129,15 +131,21 @@ def get_config(profile: str = "tiny", **overrides) -> RunConfig:
     return RunConfig(**{**PROFILES[profile], "profile": profile, **overrides})
 
 
-def config_from_args(argv: list[str] | None = None, description: str = "") -> RunConfig:
-    """`--profile tiny --learning_rate 1e-3 ...`: one flag per RunConfig field, typed as the field is."""
-    parser = argparse.ArgumentParser(description=description)
+def overrides_from_args(argv: list[str] | None = None, description: str = "") -> tuple[str, dict]:
+    """`--profile tiny --learning_rate 1e-3 ...`: the profile and the fields given, each typed as the field is."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="tiny", choices=sorted(PROFILES))
     for f in fields(RunConfig):
         if f.name != "profile":
             parser.add_argument(f"--{f.name}", type=_caster(f.type), default=argparse.SUPPRESS)
     args = vars(parser.parse_args(argv))
-    return get_config(args.pop("profile"), **args)
+    return args.pop("profile"), args
+
+
+def config_from_args(argv: list[str] | None = None, description: str = "") -> RunConfig:
+    """The profile's config with every field given on the command line applied."""
+    profile, overrides = overrides_from_args(argv, description)
+    return get_config(profile, **overrides)
 
 
 def _caster(field_type):

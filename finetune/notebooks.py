@@ -1,9 +1,9 @@
 """Run the four notebooks headless with papermill, in order, keeping the executed copies.
 
-    python -m finetune.notebooks --profile tiny            # what `make demo` runs
+    python -m finetune.notebooks --profile tiny                                   # what `make demo` runs
+    python -m finetune.notebooks --profile qwen2.5-7b --model ~/models/Qwen2.5-7B-Instruct   # any RunConfig field
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -11,6 +11,7 @@ from pathlib import Path
 import papermill
 
 from data_prep.source import DATA_ENV
+from finetune.config import get_config, overrides_from_args
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("00_data_overview", "01_base_model_performance", "02_fine_tuning_full", "03_finetuned_model_performance")
@@ -31,38 +32,28 @@ def run_notebooks(parameters: dict, output_dir: str | Path, names: tuple[str, ..
     return executed
 
 
-# Passed on only when given, so that the profile's own limits (the tiny demo's) hold otherwise.
-CAPS = ("max_train_samples", "max_eval_samples")
-
-
-def _sample_cap(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="tiny")
-    parser.add_argument("--data_dir", default=None, help="default: $AG_NEWS_DIR, else the hub")
-    parser.add_argument("--results_dir", default="results")
-    for cap in CAPS:
-        parser.add_argument(f"--{cap}", type=_sample_cap, default=argparse.SUPPRESS,
-                            help="default: the profile's limit; none lifts it")
-    args = parser.parse_args(argv)
-    # Notebooks run from the project root: a relative data path must mean the same there as here. Results record the
+    # Only the fields given are passed on, so the profile's own values (e.g. the tiny demo's sample limits) hold
+    # otherwise; `--max_train_samples none` lifts a limit.
+    profile, overrides = overrides_from_args(argv, description=__doc__)
+    get_config(profile, **overrides)  # a bad value fails here, before any kernel starts
+    # Notebooks run from the project root: a relative path must mean the same there as here. Results record the data
     # source as named, so a folder given relative stays relative (to the project) and $AG_NEWS_DIR stays its name.
-    data_dir = args.data_dir
+    data_dir = overrides.pop("data_dir", None)
     if data_dir and not os.path.isabs(data_dir):
         data_dir = os.path.relpath(data_dir, PROJECT_DIR)
     if os.environ.get(DATA_ENV):
         os.environ[DATA_ENV] = str(Path(os.environ[DATA_ENV]).resolve())
-    parameters = {"profile": args.profile, "data_dir": data_dir,
-                  "results_dir": str(Path(args.results_dir).resolve()),
-                  "overrides": {cap: getattr(args, cap) for cap in CAPS if hasattr(args, cap)}}
+    if "model" in overrides and Path(overrides["model"]).is_dir():  # a local checkpoint folder, not a hub id
+        overrides["model"] = str(Path(overrides["model"]).resolve())
+    results_dir = Path(overrides.pop("results_dir", "results"))
+    parameters = {"profile": profile, "data_dir": data_dir, "results_dir": str(results_dir.resolve()),
+                  "overrides": overrides}
     try:
-        run_notebooks(parameters, Path(args.results_dir) / "notebooks")
+        run_notebooks(parameters, results_dir / "notebooks")
     except papermill.PapermillExecutionError as e:
         sys.exit(f"error: notebook failed: {e.ename}: {e.evalue}")
-    print(f"done: results in {Path(args.results_dir).resolve()}/ (summary.md, *_results.json, PNGs, executed notebooks)")
+    print(f"done: results in {results_dir.resolve()}/ (summary.md, *_results.json, PNGs, executed notebooks)")
 
 
 if __name__ == "__main__":

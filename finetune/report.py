@@ -8,6 +8,7 @@ Every number in those sections comes from a results or benchmark JSON; nothing h
 import json
 from pathlib import Path
 
+from finetune.rehearse import rehearsal_table
 from finetune.results import hardware_label, load_records, summary_table, write_summary
 
 MARKERS = "<!-- {}:start -->", "<!-- {}:end -->"
@@ -36,6 +37,8 @@ def training_benchmark_table(results_dir: Path) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for path, record in benchmark_records(results_dir, "train"):
         device = hardware_label(record["environment"])
+        if record.get("world_size", 1) > 1:  # FSDP2 runs: figures per GPU, the epoch on all of them
+            device = f"{record['world_size']} x {device} (FSDP2, per GPU)"
         for name, v in record["variants"].items():
             if "error" in v:
                 lines.append(f"| `{path.name}` | {device} | {name} | failed: {v['error']} | | | | | | |")
@@ -92,9 +95,10 @@ def gpu_runs_table(results_dir: Path) -> str:
 
 
 def targets_table(results_dir: Path) -> str:
-    """The H100 targets next to the best figure any H100 variant (or mode) measured, where, and pass or miss."""
+    """The H100 targets next to the best figure any one-H100 variant (or mode) measured, where, and pass or miss."""
     def on_h100(kind: str) -> list[tuple[str, dict]]:
-        return [(p.name, r) for p, r in benchmark_records(results_dir, kind) if "H100" in hardware_label(r["environment"])]
+        return [(p.name, r) for p, r in benchmark_records(results_dir, kind)
+                if "H100" in hardware_label(r["environment"]) and r.get("world_size", 1) == 1]
 
     # The training targets ask for the optimizer that really updates bf16 weights, within 70 GiB, on a known GPU.
     fits = [(f"`{file}`: {name}", v) for file, r in on_h100("train") for name, v in r["variants"].items()
@@ -126,6 +130,17 @@ def targets_table(results_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def rehearsal_section(results_dir: Path) -> str:
+    """The GPU rehearsal's costs, step by step (what a user with the weights needs to know about their card)."""
+    folder = results_dir / "rehearsal"
+    if not (folder / "rehearsal.json").exists():
+        return "(not rehearsed yet: `make PY=python3 rehearse` on a GPU)"
+    facts = json.loads((folder / "rehearsal.json").read_text())
+    return (f"Measured by `make rehearse` on {hardware_label(facts['environment'])} at commit "
+            f"`{(facts['environment']['git_commit'] or 'unknown')[:7]}` (`results/rehearsal/`, its README has the "
+            f"command):\n\n{rehearsal_table(folder)}")
+
+
 def update_readme(readme_path: Path = Path("README.md"), results_dir: Path = Path("results")) -> str:
     readme = readme_path.read_text()
     sections = {"results-table": summary_table(load_records(results_dir)),
@@ -133,7 +148,8 @@ def update_readme(readme_path: Path = Path("README.md"), results_dir: Path = Pat
                 "bench-eval": eval_benchmark_table(results_dir),
                 "bench-targets": targets_table(results_dir),
                 "optimizers": optimizer_table(results_dir),
-                "gpu-runs": gpu_runs_table(results_dir)}
+                "gpu-runs": gpu_runs_table(results_dir),
+                "rehearsal": rehearsal_section(results_dir)}
     for name, body in sections.items():
         if MARKERS[0].format(name) in readme:
             readme = replace_section(readme, name, body)

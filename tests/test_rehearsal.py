@@ -6,7 +6,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune import rehearse
+from finetune import notebooks, rehearse
 from finetune.config import get_config
 from finetune.results import validate_record
 from finetune.standin import PUBLISHED_CONFIG, PUBLISHED_GENERATION_CONFIG, SHAPES, write_standin
@@ -66,3 +66,15 @@ def test_qwen_profile_runs_every_notebook_from_a_hub_layout_folder(standin, synt
     readme = (results / "README.md").read_text()
     assert "not** Qwen2.5's" in readme and "| fine-tuned model reload (s) |" in readme
     assert len(list((results / "notebooks").glob("*.ipynb"))) == 4
+
+
+def test_notebook_runs_take_any_config_field_and_a_local_model_folder(standin, monkeypatch):
+    passed = []
+    monkeypatch.setattr(notebooks, "run_notebooks", lambda parameters, output_dir: passed.append(parameters))
+    monkeypatch.chdir(standin.parent)
+    notebooks.main(["--profile", "qwen2.5-7b", "--model", standin.name, "--learning_rate", "1e-5"])
+    notebooks.main(["--profile", "qwen2.5-7b"])
+    assert passed[0]["overrides"] == {"model": str(standin.resolve()), "learning_rate": 1e-5}
+    assert passed[0]["profile"] == "qwen2.5-7b" and passed[1]["overrides"] == {}  # the hub id stays the profile's
+    with pytest.raises(SystemExit):
+        notebooks.main(["--profile", "qwen2.5-7b", "--no_such_field", "1"])
