@@ -1,20 +1,28 @@
 """Predict AG News labels with a causal LM, two ways.
 
 Label scoring (default) ranks the four possible answers by their log-probability after the prompt: no parse failure
-is possible. Generation decodes greedily and parses the JSON, as the reference did, and counts what fails to parse.
+is possible. Generation decodes greedily and reads the answer back (strictly, or leniently: see `finetune.answers`),
+counting what fails to parse.
 """
 
 import copy
-import json
+import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from data_prep.task import LABELS, build_messages, build_prompt_messages
+from finetune.answers import parse_strict
+
+# Room past the longest trained answer for an instruct model's own style to reach its closing brace, e.g.
+# ```json\n{"category": "Sci/Tech"}\n``` (12 Qwen2.5 tokens, 18 in the tiny BPE, the trained answer 7). Generation
+# stops once every row has ended its turn, so a model that answers as trained never spends it.
+ANSWER_HEADROOM_TOKENS = 16
 
 
 @dataclass
@@ -32,27 +40,40 @@ class Predictions:
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_prompt_tokens: int) -> tuple[list[list[int]], int]:
     """Chat-template token ids per article, ending with the assistant header. An article too long for
     `max_prompt_tokens` loses the end of its text, never the instruction or the answer slot."""
+    encoded, shortened = _fitted_prompts(tokenizer, texts, max_prompt_tokens)
+    return encoded, len(shortened)
+
+
+def fit_articles(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_prompt_tokens: int) -> list[str]:
+    """The articles as `encode_prompts` reads them: each one too long for `max_prompt_tokens` cut at its end."""
+    _, shortened = _fitted_prompts(tokenizer, texts, max_prompt_tokens)
+    return [shortened.get(i, text) for i, text in enumerate(texts)]
+
+
+def _fitted_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                    limit: int) -> tuple[list[list[int]], dict[int, str]]:
+    """Prompt token ids per article within `limit`, and the cut text of each article that had to be shortened."""
     rendered = tokenizer.apply_chat_template([build_prompt_messages(t) for t in texts], add_generation_prompt=True,
                                              tokenize=False)
     # One batched call: the fast tokenizer spreads it over threads (per-article calls cost seconds on 7,600 articles).
     encoded = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    truncated = 0
+    shortened = {}
     for i, ids in enumerate(encoded):
-        if len(ids) > max_prompt_tokens:
-            encoded[i] = _shortened_prompt(tokenizer, texts[i], len(ids) - max_prompt_tokens, max_prompt_tokens)
-            truncated += 1
-    return encoded, truncated
+        if len(ids) > limit:
+            shortened[i], encoded[i] = _shortened(tokenizer, texts[i], len(ids) - limit, limit)
+    return encoded, shortened
 
 
-def _shortened_prompt(tokenizer: PreTrainedTokenizerBase, text: str, excess: int, limit: int) -> list[int]:
-    """The prompt with the article's tail cut until the whole prompt fits `limit` (a decode and re-encode can
-    shift a token at the cut, hence the loop)."""
+def _shortened(tokenizer: PreTrainedTokenizerBase, text: str, excess: int, limit: int) -> tuple[str, list[int]]:
+    """The article with its tail cut until the whole prompt fits `limit`, and that prompt's ids (a decode and
+    re-encode can shift a token at the cut, hence the loop)."""
     text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     keep = len(text_ids) - excess
     while True:
-        ids = _render(tokenizer, build_prompt_messages(tokenizer.decode(text_ids[:max(keep, 0)])), generation_prompt=True)
+        kept = tokenizer.decode(text_ids[:max(keep, 0)])
+        ids = _render(tokenizer, build_prompt_messages(kept), generation_prompt=True)
         if len(ids) <= limit or keep <= 0:
-            return ids
+            return kept, ids
         keep -= len(ids) - limit
 
 
@@ -61,17 +82,28 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation
                                               return_dict=False))
 
 
-def answer_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Each label's answer tokens as training sees them: everything after the prompt through the end-of-turn token."""
+def completion_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Each label's tokens after the prompt in a rendered training conversation, as TRL trains on them: the answer,
+    its end-of-turn token and whatever the template adds after it (Qwen's newline)."""
     prompt = _render(tokenizer, build_prompt_messages("x"), generation_prompt=True)
-    answers = []
+    completions = []
     for label in LABELS:
         full = _render(tokenizer, build_messages("x", label), generation_prompt=False)
         if full[: len(prompt)] != prompt:
             raise ValueError("the chat template does not render the prompt as a prefix of the full conversation")
-        answer = full[len(prompt):]
-        answers.append(answer[: answer.index(tokenizer.convert_tokens_to_ids("<|im_end|>")) + 1])
-    return answers
+        completions.append(full[len(prompt):])
+    return completions
+
+
+def answer_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Each label's answer tokens as training sees them: everything after the prompt through the end-of-turn token."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return [completion[: completion.index(end) + 1] for completion in completion_token_ids(tokenizer)]
+
+
+def default_max_new_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest trained answer in this tokenizer's tokens, end-of-turn included, plus `ANSWER_HEADROOM_TOKENS`."""
+    return max(map(len, answer_token_ids(tokenizer))) + ANSWER_HEADROOM_TOKENS
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +121,25 @@ def _batches(prompts: list[list[int]], batch_size: int):
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(order), batch_size):
         yield order[start:start + batch_size]
+
+
+def _shared_opening(model, prompts: list[list[int]]) -> tuple[int, object | None]:
+    """Length and key/value cache of the opening all prompts share (system turn and instruction), run once. It stops
+    one token short of the shortest prompt so that every article keeps a token to run."""
+    common = min(_common_prefix_length(prompts), min(map(len, prompts)) - 1)
+    if not common:
+        return 0, None
+    opening = torch.tensor([prompts[0][:common]], device=model.device)
+    return common, model(input_ids=opening, use_cache=True).past_key_values
+
+
+def _batch_cache(header, rows: int):
+    """A copy of the shared opening's cache for `rows` articles (the model extends the cache it is given)."""
+    if header is None:
+        return None
+    cache = copy.deepcopy(header)
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 @dataclass
@@ -161,10 +212,7 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
     branches = (branch[:, None] == branch[None, :]) & (depth[None, :] <= depth[:, None])  # who sees whom in the tree
     n_branch = len(branch)
 
-    # The common opening, cut one token short of the shortest prompt so that every article keeps a token to run.
-    common = min(_common_prefix_length(prompts), min(map(len, prompts)) - 1)
-    header = model(input_ids=torch.tensor([prompts[0][:common]], device=device), use_cache=True).past_key_values \
-        if common else None
+    common, header = _shared_opening(model, prompts)
 
     logprobs = np.zeros((len(texts), len(answers)))
     seconds = np.zeros(len(texts))
@@ -174,12 +222,9 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
         ids, valid = _left_pad([prompts[i][common:] + tree.tokens for i in batch], tokenizer.pad_token_id, device)
         positions = common + (valid.cumsum(-1) - 1).clamp(min=0)
         positions[:, -n_branch:] = positions[:, -n_branch - 1:-n_branch] + 1 + depth  # branches run side by side
-        cache = None
-        if header is not None:
-            cache = copy.deepcopy(header)
-            cache.batch_repeat_interleave(len(batch))
         mask = _scoring_mask(valid.bool(), branches, common)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                       past_key_values=_batch_cache(header, len(batch)),
                        use_cache=header is not None, logits_to_keep=tail).logits.float()
         term_logprobs = logits[:, positions_in_tail, target_tokens] - logits.logsumexp(-1)[:, positions_in_tail]
         logprobs[batch] = (term_logprobs @ owner).cpu().numpy()
@@ -196,44 +241,52 @@ def _common_prefix_length(rows: list[list[int]]) -> int:
     return n
 
 
-def parse_answer(text: str) -> tuple[int, str | None]:
-    """Class index of a generated answer, or -1 and why it failed: empty, not_json, no_category, unknown_label."""
-    text = text.strip()
-    if not text:
-        return -1, "empty"
-    try:
-        answer = json.loads(text)
-    except json.JSONDecodeError:
-        return -1, "not_json"
-    if not isinstance(answer, dict) or "category" not in answer:
-        return -1, "no_category"
-    if answer["category"] not in LABELS:
-        return -1, "unknown_label"
-    return LABELS.index(answer["category"]), None
+def greedy_decoding(max_new_tokens: int, eos: list[int], pad: int) -> GenerationConfig:
+    """The suite's decoding, whatever the checkpoint's generation_config.json asks (Qwen2.5-Instruct's samples at
+    temperature 0.7 with a 1.05 repetition penalty): greedy, no penalty, no minimum length. transformers fills every
+    field left unset here from the model's own generation config, hence each knob set to its neutral value."""
+    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
+                            repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos, pad_token_id=pad,
+                            use_cache=True)
 
 
 @torch.inference_mode()
 def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 512,
-                    max_new_tokens: int = 8, progress: bool = True) -> Predictions:
-    """Greedy answers parsed as JSON; every failure is kept with its kind and raw text."""
+                    max_new_tokens: int | None = None, progress: bool = True) -> Predictions:
+    """Greedy answers read strictly (`parsed` reads them another way); every raw answer is kept, every failure with
+    its kind. `max_new_tokens` defaults to `default_max_new_tokens`. As in label scoring, the opening every prompt
+    shares runs once and each batch continues from a copy of its cache."""
+    max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
     prompts, truncated = encode_prompts(tokenizer, texts, max_length - max_new_tokens)
-    labels = np.full(len(texts), -1)
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    decoding = greedy_decoding(max_new_tokens, eos, tokenizer.pad_token_id)
+    common, header = _shared_opening(model, prompts)
+    opening = torch.tensor([prompts[0][:common]], device=model.device)
     seconds = np.zeros(len(texts))
     answers = [""] * len(texts)
-    failures: dict[str, list[int]] = {}
-    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     for batch in tqdm(list(_batches(prompts, batch_size)), desc="generation", disable=not progress):
         start = time.perf_counter()
-        ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, model.device)
-        # use_cache explicitly: a model trained here carries use_cache=False (training never reuses keys/values),
-        # and without a cache every decoding step would re-run the whole prompt.
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True)
-        texts_out = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        seconds[batch] = time.perf_counter() - start
-        for i, answer in zip(batch, texts_out):
+        # Left padding sits between the shared opening and each article; the mask hides it, positions skip it.
+        ids, mask = _left_pad([prompts[i][common:] for i in batch], tokenizer.pad_token_id, model.device)
+        ids = torch.cat([opening.expand(len(batch), -1), ids], 1)
+        mask = torch.cat([mask.new_ones(len(batch), common), mask], 1)
+        # The cache is passed explicitly: a model trained here carries use_cache=False (training never reuses keys
+        # and values), and without a cache every decoding step would re-run the whole prompt.
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding,
+                             past_key_values=_batch_cache(header, len(batch)))
+        for i, answer in zip(batch, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
             answers[i] = answer
-            labels[i], failure = parse_answer(answer)
-            if failure:
-                failures.setdefault(failure, []).append(i)
-    return Predictions(labels=labels, batch_seconds=seconds, truncated=truncated, failures=failures, answers=answers)
+        seconds[batch] = time.perf_counter() - start
+    return parsed(Predictions(labels=np.full(len(texts), -1), batch_seconds=seconds, truncated=truncated,
+                              answers=answers), parse_strict)
+
+
+def parsed(predictions: Predictions, parse: Callable[[str], tuple[int, str | None]]) -> Predictions:
+    """The same generated answers read by `parse` (e.g. `finetune.answers.parse_lenient`): new labels and failures."""
+    labels = np.full(len(predictions.answers), -1)
+    failures: dict[str, list[int]] = {}
+    for i, answer in enumerate(predictions.answers):
+        labels[i], failure = parse(answer)
+        if failure:
+            failures.setdefault(failure, []).append(i)
+    return dataclasses.replace(predictions, labels=labels, failures=failures)

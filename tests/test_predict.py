@@ -1,12 +1,17 @@
-"""Label scoring equals an explicit per-answer log-probability; generation parsing counts every failure kind."""
+"""Label scoring equals an explicit per-answer log-probability; generation is plain greedy decoding, whatever the
+checkpoint's generation config says, with room for an instruct model's own answer style."""
 
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, RepetitionPenaltyLogitsProcessor
 
 from data_prep.task import LABELS, build_messages, build_prompt_messages
 from finetune.model import load_model, train_bpe_tokenizer
-from finetune.predict import answer_token_ids, encode_prompts, generate_labels, parse_answer, score_labels
+from finetune.predict import (answer_token_ids, default_max_new_tokens, encode_prompts, generate_labels,
+                              score_labels)
+from finetune.qwen_tokenizer import build_qwen25_tokenizer
+from finetune.standin import PUBLISHED_GENERATION_CONFIG, write_standin
 
 TEXTS = ["Stocks rally as profits beat forecasts.", "The striker scored twice in the final.",
          "Rebels and troops agree to a ceasefire after talks in the capital city.", "NASA tests a new chip.",
@@ -64,35 +69,73 @@ def test_scoring_and_generation_survive_bad_input_and_garbage_answers(model, tok
     failed = sorted(i for idx in generated.failures.values() for i in idx)
     assert failed == [i for i, y in enumerate(generated.labels) if y == -1]
     assert len(generated.answers) == len(TEXTS) and set(generated.failures) <= {
-        "empty", "not_json", "no_category", "unknown_label"}
+        "empty", "no_json", "no_category", "unknown_label", "code_fence", "extra_text", "extra_keys", "case",
+        "spacing"}
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ('{"category":"Sports"}', (1, None)),
-    (' {"category": "Sci/Tech"} ', (3, None)),
-    ("", (-1, "empty")),
-    ("   \n", (-1, "empty")),
-    ("Sports", (-1, "not_json")),
-    ('{"category":"Spo', (-1, "not_json")),
-    ('{"label":"Sports"}', (-1, "no_category")),
-    ('["Sports"]', (-1, "no_category")),
-    ('{"category":"Politics"}', (-1, "unknown_label")),
-    ('{"category":null}', (-1, "unknown_label")),
-])
-def test_parse_answer_names_each_failure_kind(answer, expected):
-    assert parse_answer(answer) == expected
-
-
-def test_generation_reads_back_a_well_formed_answer(tokenizer):
-    """A stand-in model that always answers Business checks the decode + parse path end to end."""
+def test_generation_reads_back_a_well_formed_answer(model, tokenizer, monkeypatch):
+    """A model whose generate always answers Business checks the decode + parse path end to end."""
     answer = answer_token_ids(tokenizer)[LABELS.index("Business")]
-
-    class AlwaysBusiness(torch.nn.Module):
-        device = torch.device("cpu")
-
-        def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
-            return torch.cat([input_ids, torch.tensor([answer] * len(input_ids))], 1)
-
-    predictions = generate_labels(AlwaysBusiness(), tokenizer, TEXTS[:2], batch_size=2, progress=False)
+    monkeypatch.setattr(model, "generate", lambda input_ids, **kwargs: torch.cat(
+        [input_ids, torch.tensor([answer] * len(input_ids))], 1))
+    predictions = generate_labels(model, tokenizer, TEXTS[:2], batch_size=2, progress=False)
     assert list(predictions.labels) == [2, 2] and predictions.failures == {}
     assert predictions.answers[0] == build_messages("x", "Business")[2]["content"]
+
+
+@pytest.fixture(scope="module")
+def qwen_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("qwen")
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer(qwen_cache):
+    return build_qwen25_tokenizer(qwen_cache)
+
+
+@pytest.fixture(scope="module")
+def published_checkpoint(qwen_cache, tmp_path_factory):
+    """A random Qwen2.5 stand-in folder carrying the published generation_config.json (sampling at temperature 0.7,
+    repetition penalty 1.05), loaded as a user loads the real one (in float32: exact greedy comparisons)."""
+    folder = write_standin(tmp_path_factory.mktemp("standin"), "tiny", cache_dir=qwen_cache)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def greedy_answer(model, tokenizer, prompt: list[int], max_new_tokens: int, penalty: float = 1.0) -> str:
+    """The slow, obvious way: one token at a time, the argmax of the logits (after a repetition penalty, if any)."""
+    ids, end = list(prompt), {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[:, -1]
+        ids.append(int(RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids]), logits).argmax()))
+        if ids[-1] in end:
+            break
+    return tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
+
+
+def test_generation_is_greedy_whatever_the_checkpoint_generation_config_says(published_checkpoint):
+    model, tokenizer = published_checkpoint
+    assert model.generation_config.do_sample and model.generation_config.repetition_penalty == 1.05
+    n = default_max_new_tokens(tokenizer)
+    prompts, _ = encode_prompts(tokenizer, TEXTS, 10_000)
+    greedy = [greedy_answer(model, tokenizer, p, n) for p in prompts]
+    penalized = [greedy_answer(model, tokenizer, p, n, PUBLISHED_GENERATION_CONFIG["repetition_penalty"])
+                 for p in prompts]
+    assert greedy != penalized, "the published penalty changes no answer here: this test could not see it leak in"
+    generated = generate_labels(model, tokenizer, TEXTS, batch_size=3, progress=False)
+    assert generated.answers == greedy
+
+
+@pytest.mark.parametrize("tokenizer_fixture", ["qwen_tokenizer", "tokenizer"])
+def test_default_max_new_tokens_holds_a_fenced_instruct_answer(tokenizer_fixture, request):
+    tokenizer = request.getfixturevalue(tokenizer_fixture)
+    fenced = tokenizer('```json\n{"category": "Sci/Tech"}\n```<|im_end|>', add_special_tokens=False)["input_ids"]
+    longest_trained = max(map(len, answer_token_ids(tokenizer)))
+    assert longest_trained < len(fenced) <= default_max_new_tokens(tokenizer)
+
+
+def test_qwen_answers_get_24_new_tokens(qwen_tokenizer):
+    """The trained answers are 6 to 8 Qwen2.5 tokens (Sci/Tech longest), end-of-turn included; 16 more of headroom."""
+    assert [len(a) for a in answer_token_ids(qwen_tokenizer)] == [6, 6, 6, 8]
+    assert default_max_new_tokens(qwen_tokenizer) == 24
