@@ -1,5 +1,8 @@
 """Evaluate a model on the run's eval split, in both modes, and write its results JSON and confusion-matrix PNG.
 
+Generation is recorded twice from one decoding pass: `generation` reads each answer strictly (the exact trained JSON),
+`generation_lenient` accepts any JSON object naming a label (see finetune/answers.py).
+
     python -m finetune.evaluate --profile tiny                         # the base (untrained) model
     python -m finetune.evaluate --profile tiny --model_path checkpoints/tiny-ag-news/final
 """
@@ -14,12 +17,13 @@ import torch
 from transformers import AutoTokenizer
 
 from data_prep.splits import Splits
+from finetune.answers import parse_lenient
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
 from finetune.metrics import calibration, classification_metrics
 from finetune.model import load_for_inference, load_tokenizer
 from finetune.plots import plot_confusion_matrix
-from finetune.predict import Predictions, generate_labels, score_labels
+from finetune.predict import Predictions, default_max_new_tokens, generate_labels, parsed, score_labels
 from finetune.results import write_record
 
 MODES = ("label_scoring", "generation")
@@ -73,12 +77,16 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
         t0 = time.perf_counter()
         if mode == "label_scoring":
             predictions = score_labels(model, tokenizer, texts, config.eval_batch_size, config.max_length)
+            evaluations[mode] = summarize(y_true, predictions, texts, config.eval_batch_size, time.perf_counter() - t0)
         elif mode == "generation":
-            predictions = generate_labels(model, tokenizer, texts, config.eval_batch_size, config.max_length,
-                                          config.max_new_tokens)
+            max_new_tokens = config.max_new_tokens or default_max_new_tokens(tokenizer)
+            strict = generate_labels(model, tokenizer, texts, config.eval_batch_size, config.max_length, max_new_tokens)
+            seconds = time.perf_counter() - t0
+            for key, predictions in (("generation", strict), ("generation_lenient", parsed(strict, parse_lenient))):
+                evaluations[key] = {**summarize(y_true, predictions, texts, config.eval_batch_size, seconds),
+                                    "max_new_tokens": max_new_tokens}
         else:
             raise ValueError(f"unknown evaluation mode {mode!r}; choose from {MODES}")
-        evaluations[mode] = summarize(y_true, predictions, texts, config.eval_batch_size, time.perf_counter() - t0)
     record = {
         "name": name, "kind": "llm", "profile": config.profile, "model": str(model_path or config.model),
         "config": config.to_dict(), "data": splits.describe(), "primary_mode": modes[0],
