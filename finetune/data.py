@@ -4,11 +4,13 @@ import logging
 
 import datasets
 import pandas as pd
+from transformers import PreTrainedTokenizerBase
 
 from data_prep.read import load_ag_news
 from data_prep.splits import Splits, make_splits
 from data_prep.task import LABELS, build_prompt_messages, format_answer
 from finetune.config import RunConfig
+from finetune.predict import completion_token_ids, fit_articles
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +25,13 @@ def load_splits(config: RunConfig) -> Splits:
     return splits
 
 
-def to_prompt_completion(df: pd.DataFrame) -> datasets.Dataset:
-    """Conversational prompt/completion rows: TRL then puts the loss on the assistant answer alone."""
+def to_prompt_completion(df: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
+    """Conversational prompt/completion rows: TRL then puts the loss on the assistant answer alone.
+
+    An article too long for `max_length` loses the end of its text, as at evaluation, so that every example keeps
+    its answer: TRL cuts an over-long tokenized example from the right, answer first."""
+    room = max_length - max(map(len, completion_token_ids(tokenizer)))
     return datasets.Dataset.from_dict({
-        "prompt": [build_prompt_messages(text) for text in df["text"]],
+        "prompt": [build_prompt_messages(text) for text in fit_articles(tokenizer, list(df["text"]), room)],
         "completion": [[{"role": "assistant", "content": format_answer(LABELS[y])}] for y in df["label"]],
     })

@@ -127,7 +127,8 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     attn_implementation = choose_attn_implementation(config.attn_implementation, config.packing)
     model = load_model(config, tokenizer, attn_implementation)
     args = sft_config(config)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=to_prompt_completion(splits.train),
+    trainer = SFTTrainer(model=model, args=args,
+                         train_dataset=to_prompt_completion(splits.train, tokenizer, config.max_length),
                          processing_class=tokenizer, callbacks=callbacks,
                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(config, args))
     # First in line, so the TensorBoard and progress callbacks see the numbers it adds to each log.
