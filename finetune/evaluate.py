@@ -25,6 +25,7 @@ from finetune.model import load_for_inference, load_tokenizer
 from finetune.plots import plot_confusion_matrix
 from finetune.predict import Predictions, default_max_new_tokens, generate_labels, parsed, score_labels
 from finetune.results import write_record
+from finetune.throughput import peak_memory_gib, reset_peak_memory
 
 MODES = ("label_scoring", "generation")
 FAILURE_EXAMPLES = 5
@@ -70,7 +71,10 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
         tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
+    reset_peak_memory()
+    load_start = time.perf_counter()
     model = load_for_inference(config, tokenizer, model_path)
+    model_load_seconds = time.perf_counter() - load_start
     texts, y_true = list(splits.eval["text"]), splits.eval["label"].to_numpy()
     evaluations = {}
     for mode in modes:
@@ -91,6 +95,7 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
         "name": name, "kind": "llm", "profile": config.profile, "model": str(model_path or config.model),
         "config": config.to_dict(), "data": splits.describe(), "primary_mode": modes[0],
         "evaluations": evaluations, "wall_seconds": time.perf_counter() - start,
+        "model_load_seconds": model_load_seconds, "peak_memory_gib": peak_memory_gib(),  # GPU, weights included
     }
     results_dir = Path(config.results_dir)
     write_record(record, results_dir / f"{name}_results.json")
