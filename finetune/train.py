@@ -121,12 +121,13 @@ class SelectiveCheckpointing(TrainerCallback):
 
 
 def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> SFTTrainer:
-    """Data, tokenizer, model and trainer, in that order, from one config."""
+    """Data, training arguments, tokenizer, model and trainer, in that order, from one config."""
     splits = load_splits(config)
-    tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
+    args = sft_config(config)
+    with args.main_process_first(desc="tokenizer"):  # one rank builds and caches a tokenizer, then the others load it
+        tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
     attn_implementation = choose_attn_implementation(config.attn_implementation, config.packing)
     model = load_model(config, tokenizer, attn_implementation)
-    args = sft_config(config)
     trainer = SFTTrainer(model=model, args=args,
                          train_dataset=to_prompt_completion(splits.train, tokenizer, config.max_length),
                          processing_class=tokenizer, callbacks=callbacks,

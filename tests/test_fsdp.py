@@ -66,9 +66,6 @@ def launch(synthetic_dir, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     common = COMMON + ["--data_dir", str(synthetic_dir), "--checkpoints_dir", str(folder / "ck"),
                        "--results_dir", str(folder / "results"), "--per_device_train_batch_size", "4"]
-    # The single-process run trains and caches the BPE tokenizer under ck/tokenizers before any two ranks need it.
-    subprocess.run([sys.executable, "-m", "finetune.train", *common, "--run_name", "single", "--max_steps", "4",
-                    "--per_device_train_batch_size", "8"], cwd=ROOT, env=env, check=True, capture_output=True)
 
     def run(script: str, *flags: str, accelerate_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         """`flags` go first (the benchmark's own come before the config's) and must not repeat the common ones."""
@@ -82,15 +79,27 @@ def launch(synthetic_dir, tmp_path_factory):
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         return done
 
-    run.checkpoints, run.results = folder / "ck", folder / "results"
+    def single(*flags: str) -> None:
+        subprocess.run([sys.executable, "-m", "finetune.train", *common, *flags], cwd=ROOT, env=env, check=True,
+                       capture_output=True)
+
+    run.single, run.checkpoints, run.results = single, folder / "ck", folder / "results"
     return run
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(launch):
-    """4 steps on 2 ranks with FULL_STATE_DICT checkpoints every 2 steps (the accelerate config's format)."""
+    """4 steps on 2 ranks with FULL_STATE_DICT checkpoints every 2 steps (the accelerate config's format). It runs
+    first, so both ranks need the BPE tokenizer that is not cached yet: one builds it while the other waits."""
     launch("finetune/train.py", "--run_name", "fsdp", "--max_steps", "4", "--save_steps", "2")
     return launch.checkpoints / "fsdp"
+
+
+@pytest.fixture(scope="module")
+def single(launch, uninterrupted):
+    """The same 4 steps in one process, on the same global batch of 8."""
+    launch.single("--run_name", "single", "--max_steps", "4", "--per_device_train_batch_size", "8")
+    return launch.checkpoints / "single"
 
 
 def _losses(final: Path) -> list[float]:
@@ -115,8 +124,8 @@ def test_runs_with_bf16_weights_turn_fsdp_mixed_precision_off(monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_ranks_train_like_one_process_and_save_a_model_from_pretrained_loads(launch, uninterrupted):
-    single, sharded = launch.checkpoints / "single" / "final", uninterrupted / "final"
+def test_two_ranks_train_like_one_process_and_save_a_model_from_pretrained_loads(single, uninterrupted):
+    single, sharded = single / "final", uninterrupted / "final"
     assert len(_losses(sharded)) == 4 and _losses(sharded) == pytest.approx(_losses(single), rel=1e-5)
     assert json.loads((sharded / "train_summary.json").read_text())["world_size"] == 2
     # Saved by rank 0 from the gathered shards, loaded with no FSDP: the same model the single process trained.
