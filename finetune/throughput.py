@@ -138,11 +138,18 @@ def profile_table(profiler) -> list[str]:
 
 
 def nccl_kernel_share(profiler) -> float | None:
-    """NCCL's share of the GPU kernel time in the profiled step; None without GPU kernels. Its kernels run on their own
-    stream, overlapping compute: this is how much communication there is, not how much wall time it adds."""
-    kernels = [e for e in profiler.events() if e.device_type == torch.profiler.DeviceType.CUDA]
-    total = sum(e.time_range.elapsed_us() for e in kernels)
-    return sum(e.time_range.elapsed_us() for e in kernels if "nccl" in e.name.lower()) / total if total else None
+    """The share of the profiled step's GPU timeline (first kernel start to last kernel end) with an NCCL kernel
+    running; None without GPU events. NCCL runs on its own streams, overlapping compute: this is how long
+    communication is in flight, an upper bound on the time it adds."""
+    device = [e.time_range for e in profiler.events() if e.device_type == torch.profiler.DeviceType.CUDA]
+    if not device:
+        return None
+    busy, end = 0, -math.inf  # the union of the NCCL kernels' intervals (their annotations, "nccl:...", repeat them)
+    for span in sorted((e.time_range for e in profiler.events() if e.name.startswith(("ncclDevKernel", "ncclKernel"))),
+                       key=lambda span: span.start):
+        busy += max(0, span.end - max(span.start, end))
+        end = max(end, span.end)
+    return busy / (max(s.end for s in device) - min(s.start for s in device))
 
 
 def max_over_ranks(accelerator, value: float | None) -> float | None:

@@ -1,13 +1,15 @@
 """The benchmark and optimizer-measurement entry points run on the tiny profile, so the GPU scripts cannot rot."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 from transformers import TrainerState
 
 from finetune import bench, bench_optimizers
 from finetune.report import eval_benchmark_table, targets_table, training_benchmark_table
-from finetune.throughput import StepClock
+from finetune.throughput import StepClock, nccl_kernel_share
 
 
 def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_path):
@@ -39,6 +41,19 @@ def test_step_clock_times_the_steps_after_the_warm_up_ones_and_from_the_start_wi
     assert clock.window(warmup_steps=1, measured_steps=2)[1] == 500
     seconds, tokens = clock.window(warmup_steps=0, measured_steps=3)
     assert tokens == 600 and seconds > 0
+
+
+def test_nccl_share_is_the_gpu_timeline_with_a_collective_in_flight():
+    """Overlapping collectives count once, their "nccl:" annotations not at all, compute not at all."""
+    def event(name: str, start: int, end: int) -> SimpleNamespace:
+        return SimpleNamespace(name=name, device_type=torch.profiler.DeviceType.CUDA,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    step = [event("nvjet_gemm", 0, 100), event("ncclDevKernel_AllGather_RING_LL", 10, 30),
+            event("nccl:_all_gather_base", 10, 30), event("ncclDevKernel_ReduceScatter_Sum_bf16", 20, 40),
+            event("ncclDevKernel_AllGather_RING_LL", 60, 70)]
+    assert nccl_kernel_share(SimpleNamespace(events=lambda: step)) == pytest.approx(0.4)
+    assert nccl_kernel_share(SimpleNamespace(events=lambda: [])) is None  # CPU: no GPU timeline
 
 
 def test_eval_benchmark_covers_every_test_article(tiny_config, tmp_path):
