@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lab tensorboard check-data gpu-training-core gpu-bench
+.PHONY: demo test lab tensorboard check-data gpu-training-core gpu-bench rehearse gpu-fsdp gpu-bench-fsdp
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,3 +61,22 @@ gpu-bench:  ## the 7B shape: training ablations (with a profiled step each) and 
 	$(PY) -m finetune.bench eval --profile qwen2.5-7b-shape --name h100_7b_eval --eval_batch_size 256
 	$(PY) -m finetune.bench eval --profile qwen2.5-7b-shape --name h100_7b_eval_liger --eval_batch_size 256 \
 	  --use_liger_kernel true
+
+rehearse: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
+rehearse:  ## GPU: the four notebooks, qwen2.5-7b recipe, 40 steps, on a 15 GB stand-in of the hub snapshot (results/rehearsal/)
+	$(PY) -m finetune.rehearse --shape 7b
+
+# --- FSDP2 on several GPUs (configs/accelerate/fsdp2.yaml). NCCL's NVLink multicast stays off: the lent machines
+# require it, and the script sets it too. ---
+NPROC ?= 2
+FSDP_NAME ?= h200_7b_fsdp
+ACCELERATE := $(PY) -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml
+
+gpu-fsdp:  ## 4 GPUs, ~6 min: the 7B reference recipe per GPU on 1, 2 and 4 GPUs, a resume, a save + evaluation
+	PY=$(PY) NAME=$(FSDP_NAME) scripts/gpu_fsdp.sh
+
+gpu-bench-fsdp: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
+gpu-bench-fsdp: export NCCL_NVLS_ENABLE = 0
+gpu-bench-fsdp:  ## the 7B shape on NPROC GPUs: every FSDP variant (finetune/bench.py), one profiled step each
+	$(ACCELERATE) --num_processes $(NPROC) -m finetune.bench train --profile qwen2.5-7b-shape \
+	  --name $(FSDP_NAME)_$(NPROC)gpu_variants --profile_step --dataloader_num_workers 2

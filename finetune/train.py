@@ -24,7 +24,7 @@ from finetune.attention import choose_attn_implementation
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
 from finetune.model import load_model, load_tokenizer, weights_dtype
-from finetune.throughput import ThroughputCallback, mean_article_tokens
+from finetune.throughput import ThroughputCallback, mean_article_tokens, peak_memory_gib, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -170,22 +170,49 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         torch.backends.cuda.matmul.allow_tf32 = True  # only fp32 leftovers use it; bf16 matmuls are unaffected
         torch.backends.cudnn.benchmark = True
     last = last_checkpoint(config.output_dir)
-    trainer = build_trainer(config, callbacks)
+    start = time.perf_counter()
+    save_clock = SaveClock()
+    trainer = build_trainer(config, [*(callbacks or []), save_clock])
+    setup_seconds = time.perf_counter() - start
     if last:
         log.info("resuming from %s", last)
+    reset_peak_memory()
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
+    train_seconds, peak_gib = time.perf_counter() - start, peak_memory_gib()
+    save_start = time.perf_counter()
     save_final_model(trainer, config.final_dir)
+    final_save_seconds = time.perf_counter() - save_start
     # Every rank gets here; only the main one, which saved the model, writes (another rank would write into final/
     # before or while rank 0 creates it). The barrier then returns every rank with final/ complete.
     if trainer.is_world_process_zero():
+        state = trainer.state
         summary = {"config": config.to_dict(), "data": trainer.splits.describe(), "resumed_from": last,
-                   "world_size": trainer.args.world_size, "train_seconds": time.perf_counter() - start,
-                   "metrics": result.metrics, "log_history": trainer.state.log_history,
+                   "world_size": trainer.args.world_size, "train_seconds": train_seconds,
+                   "setup_seconds": setup_seconds, "final_save_seconds": final_save_seconds,
+                   "checkpoint_save_seconds": save_clock.seconds, "peak_memory_gib": peak_gib,
+                   # What one update sees: packing fits several articles in a row, so it changes this, not only speed.
+                   "optimizer_steps": state.global_step,
+                   "articles_per_optimizer_step": len(trainer.splits.train) * state.epoch / max(state.global_step, 1),
+                   "metrics": result.metrics, "log_history": state.log_history,
                    "tensorboard": tensorboard_scalars(config.output_dir)}
         (config.final_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     trainer.accelerator.wait_for_everyone()
     return config.final_dir
+
+
+class SaveClock(TrainerCallback):
+    """Seconds each checkpoint took to write (model, optimizer and trainer state): on a 7B model, tens of GB."""
+
+    def __init__(self):
+        self.seconds, self._start = [], None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._start = time.perf_counter() if control.should_save else None
+
+    def on_save(self, args, state, control, **kwargs):
+        if self._start is not None:
+            self.seconds.append(time.perf_counter() - self._start)
 
 
 def save_final_model(trainer: SFTTrainer, folder: Path) -> None:

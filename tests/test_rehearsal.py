@@ -61,7 +61,10 @@ def test_qwen_profile_runs_every_notebook_from_a_hub_layout_folder(standin, synt
     assert tuned["model"] == str(final)  # evaluated from the checkpoint written to disk, not the trained object
     assert any(final.glob("model*.safetensors")) and (final / "tokenizer.json").exists()
     summary = json.loads((results / "train_summary.json").read_text())
-    assert summary["log_history"][-1]["step"] == 3 and summary["config"]["learning_rate"] == 2e-5
+    assert summary["log_history"][-1]["step"] == summary["optimizer_steps"] == 3
+    assert summary["config"]["learning_rate"] == 2e-5
+    assert len(summary["checkpoint_save_seconds"]) == 2 and summary["final_save_seconds"] > 0  # steps 2 and 3
+    assert summary["articles_per_optimizer_step"] > 4 * 2  # packing: several articles in each row of a batch of 4
     assert (checkpoints / "rehearsal-tiny" / "checkpoint-2").is_dir()  # a resumable checkpoint on the way
     readme = (results / "README.md").read_text()
     assert "not** Qwen2.5's" in readme and "| fine-tuned model reload (s) |" in readme
