@@ -57,6 +57,10 @@ def rehearse(shape: str, standin: Path, overrides: dict, data_dir: str | None) -
     return facts
 
 
+def median(values: list[float]) -> float | None:
+    return values[len(values) // 2] if values else None
+
+
 def _row(label: str, value) -> str:
     return f"| {label} | {value} |"
 
@@ -71,7 +75,9 @@ def rehearsal_table(results_dir: Path) -> str:
     base = json.loads((results_dir / "base_model_results.json").read_text())
     tuned = json.loads((results_dir / "finetuned_model_results.json").read_text())
     train = json.loads((results_dir / "train_summary.json").read_text())
-    rates = sorted(h["tokens_per_second"] for h in train["log_history"][1:] if "tokens_per_second" in h)
+    # The throughput callback's figures live in the TensorBoard scalars: one per logging interval after the first.
+    rates, mfu = (sorted(train["tensorboard"].get(f"train/{tag}", {"values": []})["values"])
+                  for tag in ("tokens_per_second", "mfu"))
     lines = [
         "| step | measured |",
         "|---|---|",
@@ -81,11 +87,11 @@ def rehearsal_table(results_dir: Path) -> str:
         _row("base evaluation peak GPU memory (GiB)", _num(base.get("peak_memory_gib"))),
         _row("training setup: data, tokenizer, model (s)", _num(train.get("setup_seconds"))),
         _row("optimizer steps", train["log_history"][-1]["step"]),
-        _row("training tokens/s per GPU (median of logged intervals, the first left out)",
-             _num(rates[len(rates) // 2] if rates else None, "{:,.0f}")),
+        _row("training tokens/s per GPU, MFU (medians over logging intervals)",
+             f"{_num(median(rates), '{:,.0f}')}, {_num(median(mfu), '{:.1%}')}"),
         _row("training peak GPU memory (GiB)", _num(train.get("peak_memory_gib"))),
-        _row("end-of-training checkpoint write, model + optimizer (s)",
-             _num(sum(train["checkpoint_save_seconds"]) if train.get("checkpoint_save_seconds") else None)),
+        _row("checkpoint write, model + optimizer state (s, the last one)",
+             _num(train["checkpoint_save_seconds"][-1] if train.get("checkpoint_save_seconds") else None)),
         _row("final model write (s)", _num(train.get("final_save_seconds"))),
         _row("checkpoints folder on disk (GB)", _num(facts["checkpoints_gb"], "{:.1f}")),
         _row("fine-tuned model reload (s)", _num(tuned.get("model_load_seconds"))),
