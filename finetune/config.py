@@ -77,7 +77,7 @@ class RunConfig:
     # Evaluation.
     eval_batch_size: int = 64
     # Generation's token budget. None = the longest trained answer in the tokenizer's tokens plus room for an instruct
-    # model's own style, e.g. a code fence (finetune.predict.default_max_new_tokens: 24 for Qwen2.5).
+    # model's own style, e.g. a code fence (finetune.predict.default_max_new_tokens: 16 for Qwen2.5).
     max_new_tokens: int | None = None
 
     # Where things go.

@@ -19,10 +19,11 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from data_prep.task import LABELS, build_messages, build_prompt_messages
 from finetune.answers import parse_strict
 
-# Room past the longest trained answer for an instruct model's own style to reach its closing brace, e.g.
-# ```json\n{"category": "Sci/Tech"}\n``` (12 Qwen2.5 tokens, 18 in the tiny BPE, the trained answer 7). Generation
-# stops once every row has ended its turn, so a model that answers as trained never spends it.
-ANSWER_HEADROOM_TOKENS = 16
+# Room past the longest trained answer (8 tokens with its end-of-turn, in Qwen2.5's tokenizer as in the tiny BPE) for
+# an instruct model's own style: ```json\n{"category": "Sci/Tech"}\n``` and its end-of-turn take 13 Qwen2.5 tokens
+# (the lenient reading needs 11, to the closing brace). Generation stops once every row has ended its turn, so a model
+# answering as trained never spends it; one that never ends (the untrained tiny model) pays a decoding step per token.
+ANSWER_HEADROOM_TOKENS = 8
 
 
 @dataclass
@@ -244,7 +245,9 @@ def _common_prefix_length(rows: list[list[int]]) -> int:
 def greedy_decoding(max_new_tokens: int, eos: list[int], pad: int) -> GenerationConfig:
     """The suite's decoding, whatever the checkpoint's generation_config.json asks (Qwen2.5-Instruct's samples at
     temperature 0.7 with a 1.05 repetition penalty): greedy, no penalty, no minimum length. transformers fills every
-    field left unset here from the model's own generation config, hence each knob set to its neutral value."""
+    field left unset here from the model's own generation config, hence each knob set to its neutral value. The KV
+    cache is asked for too: a model trained here carries use_cache=False (training never reuses keys and values), and
+    without a cache every decoding step would re-run the whole prompt."""
     return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
                             repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos, pad_token_id=pad,
                             use_cache=True)
@@ -255,9 +258,12 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
                     max_new_tokens: int | None = None, progress: bool = True) -> Predictions:
     """Greedy answers read strictly (`parsed` reads them another way); every raw answer is kept, every failure with
     its kind. `max_new_tokens` defaults to `default_max_new_tokens`. As in label scoring, the opening every prompt
-    shares runs once and each batch continues from a copy of its cache."""
+    shares runs once and each batch continues from a copy of its cache.
+
+    Prompts are cut as in label scoring (and training), to leave room for the longest trained answer: the headroom
+    past it must not change what the model reads, and may run past `max_length` (positions allow it)."""
     max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
-    prompts, truncated = encode_prompts(tokenizer, texts, max_length - max_new_tokens)
+    prompts, truncated = encode_prompts(tokenizer, texts, max_length - max(map(len, answer_token_ids(tokenizer))))
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     decoding = greedy_decoding(max_new_tokens, eos, tokenizer.pad_token_id)
     common, header = _shared_opening(model, prompts)
@@ -270,8 +276,6 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
         ids, mask = _left_pad([prompts[i][common:] for i in batch], tokenizer.pad_token_id, model.device)
         ids = torch.cat([opening.expand(len(batch), -1), ids], 1)
         mask = torch.cat([mask.new_ones(len(batch), common), mask], 1)
-        # The cache is passed explicitly: a model trained here carries use_cache=False (training never reuses keys
-        # and values), and without a cache every decoding step would re-run the whole prompt.
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding,
                              past_key_values=_batch_cache(header, len(batch)))
         for i, answer in zip(batch, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):

@@ -117,25 +117,28 @@ def greedy_answer(model, tokenizer, prompt: list[int], max_new_tokens: int, pena
 def test_generation_is_greedy_whatever_the_checkpoint_generation_config_says(published_checkpoint):
     model, tokenizer = published_checkpoint
     assert model.generation_config.do_sample and model.generation_config.repetition_penalty == 1.05
-    n = default_max_new_tokens(tokenizer)
+    n = 32  # a long budget, where the penalty has repeated tokens to act on
     prompts, _ = encode_prompts(tokenizer, TEXTS, 10_000)
     greedy = [greedy_answer(model, tokenizer, p, n) for p in prompts]
     penalized = [greedy_answer(model, tokenizer, p, n, PUBLISHED_GENERATION_CONFIG["repetition_penalty"])
                  for p in prompts]
     assert greedy != penalized, "the published penalty changes no answer here: this test could not see it leak in"
-    generated = generate_labels(model, tokenizer, TEXTS, batch_size=3, progress=False)
+    generated = generate_labels(model, tokenizer, TEXTS, batch_size=3, max_new_tokens=n, progress=False)
     assert generated.answers == greedy
 
 
-@pytest.mark.parametrize("tokenizer_fixture", ["qwen_tokenizer", "tokenizer"])
-def test_default_max_new_tokens_holds_a_fenced_instruct_answer(tokenizer_fixture, request):
-    tokenizer = request.getfixturevalue(tokenizer_fixture)
-    fenced = tokenizer('```json\n{"category": "Sci/Tech"}\n```<|im_end|>', add_special_tokens=False)["input_ids"]
-    longest_trained = max(map(len, answer_token_ids(tokenizer)))
-    assert longest_trained < len(fenced) <= default_max_new_tokens(tokenizer)
-
-
-def test_qwen_answers_get_24_new_tokens(qwen_tokenizer):
-    """The trained answers are 6 to 8 Qwen2.5 tokens (Sci/Tech longest), end-of-turn included; 16 more of headroom."""
+def test_qwen_gets_room_for_a_fenced_instruct_answer(qwen_tokenizer):
+    """The trained answers are 6 to 8 Qwen2.5 tokens (Sci/Tech longest), end-of-turn included; 8 more of headroom
+    hold the answer as an instruct model writes it before fine-tuning, fence, spaces and end-of-turn included."""
     assert [len(a) for a in answer_token_ids(qwen_tokenizer)] == [6, 6, 6, 8]
-    assert default_max_new_tokens(qwen_tokenizer) == 24
+    fenced = qwen_tokenizer('```json\n{"category": "Sci/Tech"}\n```<|im_end|>', add_special_tokens=False)["input_ids"]
+    assert default_max_new_tokens(qwen_tokenizer) == 16 >= len(fenced)
+
+
+def test_default_max_new_tokens_follows_the_tokenizer(tokenizer, tmp_path):
+    """The tiny BPE learns the answers as Qwen2.5 knows them (8 tokens at most): 16 new tokens. A coarse BPE (270
+    tokens: hardly a merge) spells them out, and its budget grows with them, the same 8 to spare."""
+    coarse = train_bpe_tokenizer(TEXTS[:4] * 20, vocab_size=270, cache_dir=tmp_path)
+    longest = max(map(len, answer_token_ids(coarse)))
+    assert default_max_new_tokens(tokenizer) == 16
+    assert longest > 8 and default_max_new_tokens(coarse) == longest + 8
