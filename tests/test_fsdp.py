@@ -59,7 +59,8 @@ COMMON = ["--profile", "tiny", "--holdout_train_size", "300", "--vocab_size", "5
 
 @pytest.fixture(scope="module")
 def launch(synthetic_dir, tmp_path_factory):
-    """Runs `script` (a path under the repository) with its flags on 2 FSDP2 ranks; returns the finished process."""
+    """`launch(script, *flags)` runs a repository script on 2 FSDP2 ranks and returns the finished process;
+    `launch.single(*flags)` runs finetune.train in one process. Both write under one temporary folder."""
     folder = tmp_path_factory.mktemp("fsdp")
     wrapper = folder / "cpu_fsdp.py"
     wrapper.write_text(WRAPPER)
