@@ -2,12 +2,12 @@
 replaced by a stand-in folder laid out like the hub snapshot (random weights, see `finetune/standin.py`).
 
     python -m finetune.rehearse --shape 7b                  # GPU: `make rehearse`; writes results/rehearsal/
-    python -m finetune.rehearse --shape tiny --bf16 false --optimizer adamw --max_steps 3   # CPU (the test's run)
+    python -m finetune.rehearse --shape tiny --bf16 false --optimizer adamw --max_steps 3   # CPU (as the test runs it)
 
 It tells a user whether their card, driver and container hold the recipe, and what each step costs: model load,
 training tokens/s, peak memory in training and evaluation, checkpoint write and reload, evaluation speed, disk.
 Random weights learn the answer format within a few dozen steps, so the accuracies it reports are not Qwen's.
-Any RunConfig field is a flag (`--max_steps 40` by default; the rest is the profile's recipe).
+Any RunConfig field is a flag (`--max_steps 20` and `--logging_steps 5` by default; the rest is the profile's recipe).
 """
 
 import argparse
@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", choices=["tiny", "7b"], default="7b")
     parser.add_argument("--standin", help="stand-in folder (default checkpoints/standin-<shape>; written if missing)")
     known, rest = parser.parse_known_args(argv)
-    defaults = {"run_name": f"rehearsal-{known.shape}", "max_steps": 40, "results_dir": "results/rehearsal"}
+    defaults = {"run_name": f"rehearsal-{known.shape}", "max_steps": 20, "logging_steps": 5,
+                "results_dir": "results/rehearsal"}
     config = config_from_args(["--profile", PROFILE, *[f"--{k}={v}" for k, v in defaults.items()], *rest],
                               description=__doc__)
     recipe = get_config(PROFILE).to_dict()
