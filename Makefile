@@ -26,11 +26,20 @@ demo: check-data $(INSTALLED)  ## the tiny profile end to end: data overview, ba
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q
 
-lab: $(INSTALLED)  ## Jupyter Lab from the project's .venv
-	$(BIN)/jupyter lab --notebook-dir=. --port 8888
+# Both serve on localhost only (their defaults); the README says how to reach them from another machine. Extra flags
+# ride along, e.g. make lab LAB_PORT=8890 LAB_FLAGS="--no-browser". Root is the usual user in containers and on GPU
+# boxes, and Jupyter refuses to run as root without --allow-root.
+LAB_PORT ?= 8888
+LAB_FLAGS ?=
+TENSORBOARD_PORT ?= 6006
+TENSORBOARD_FLAGS ?=
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-tensorboard: $(INSTALLED)  ## TensorBoard on the training logs under checkpoints/
-	$(BIN)/tensorboard --logdir checkpoints --port 6006
+lab: $(INSTALLED)  ## Jupyter Lab from the project's .venv, on localhost:$(LAB_PORT)
+	$(BIN)/jupyter lab --notebook-dir=. --port $(LAB_PORT) $(ALLOW_ROOT) $(LAB_FLAGS)
+
+tensorboard: $(INSTALLED)  ## TensorBoard on the training logs under checkpoints/, on localhost:$(TENSORBOARD_PORT)
+	$(BIN)/tensorboard --logdir checkpoints --port $(TENSORBOARD_PORT) $(TENSORBOARD_FLAGS)
 
 # --- GPU runs (the device machine has its own python with torch; run as `make PY=python3 gpu-...`) ---
 PY ?= $(BIN)/python

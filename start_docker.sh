@@ -9,13 +9,17 @@ SERVICE=finetune
 TOKEN_FILE="$ROOT/.jupyter_token"
 JUPYTER_PORT="${JUPYTER_PORT:-8888}"
 TENSORBOARD_PORT="${TENSORBOARD_PORT:-6006}"
-export JUPYTER_PORT TENSORBOARD_PORT
+# The host address both ports are published on (the compose file's default too): loopback, since TensorBoard has no
+# login. Reach them from elsewhere through an SSH tunnel, or set 0.0.0.0 (every interface) or one interface's address.
+BIND_ADDRESS="${BIND_ADDRESS:-127.0.0.1}"
+export JUPYTER_PORT TENSORBOARD_PORT BIND_ADDRESS
 
 usage() {
   cat <<USAGE
 Usage: ./start_docker.sh <command>
 
-  start [finetune]      start Jupyter Lab (:$JUPYTER_PORT) and TensorBoard (:$TENSORBOARD_PORT) on all GPUs
+  start [finetune]      start Jupyter Lab (:$JUPYTER_PORT) and TensorBoard (:$TENSORBOARD_PORT) on all GPUs,
+                        published on $BIND_ADDRESS
   stop                  stop the container and any other container of this project
   status                show the container and the Jupyter URL
   logs [finetune] [-f]  print the container log (-f: follow it)
@@ -23,7 +27,12 @@ Usage: ./start_docker.sh <command>
   help                  show this text
 
 Environment: JUPYTER_TOKEN (default: generated, kept in .jupyter_token), JUPYTER_PORT,
-TENSORBOARD_PORT, HF_HOME, HF_TOKEN, AG_NEWS_DIR, FINETUNE_IMAGE, SKIP_GPU_CHECK=1.
+TENSORBOARD_PORT, BIND_ADDRESS (default 127.0.0.1; 0.0.0.0 publishes both ports on every
+interface, TensorBoard without any login), HF_HOME, HF_TOKEN, AG_NEWS_DIR, FINETUNE_IMAGE,
+SKIP_GPU_CHECK=1.
+
+From another machine, tunnel both ports:
+  ssh -L $JUPYTER_PORT:localhost:$JUPYTER_PORT -L $TENSORBOARD_PORT:localhost:$TENSORBOARD_PORT <this host>
 USAGE
 }
 
@@ -104,8 +113,14 @@ jupyter_token() {
 }
 
 print_urls() {
-  echo "Jupyter Lab:  http://localhost:$JUPYTER_PORT/lab?token=$(jupyter_token)"
-  echo "TensorBoard:  http://localhost:$TENSORBOARD_PORT"
+  local host=localhost
+  [[ "$BIND_ADDRESS" == 127.* || "$BIND_ADDRESS" == 0.0.0.0 ]] || host="$BIND_ADDRESS"
+  echo "Jupyter Lab:  http://$host:$JUPYTER_PORT/lab?token=$(jupyter_token)"
+  echo "TensorBoard:  http://$host:$TENSORBOARD_PORT"
+  if [[ "$BIND_ADDRESS" != 127.* ]]; then
+    echo "warning: published on $BIND_ADDRESS, not only on loopback: anyone who reaches port $TENSORBOARD_PORT" \
+      "sees TensorBoard (it has no login); an SSH tunnel keeps both private (./start_docker.sh help)" >&2
+  fi
 }
 
 cmd_start() {

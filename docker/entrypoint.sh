@@ -16,7 +16,8 @@ pip install -r requirements.txt -e ".[gpu]" -c "$constraints" || {
   exit 1
 }
 
-# The Trainer writes its TensorBoard logs under checkpoints/<run>/.
+# The Trainer writes its TensorBoard logs under checkpoints/<run>/. Both servers listen on every interface of the
+# container, which only the ports the compose file publishes reach (on the host's 127.0.0.1 unless BIND_ADDRESS says).
 mkdir -p checkpoints
 tensorboard --logdir checkpoints --host 0.0.0.0 --port 6006 &
 

@@ -1,11 +1,16 @@
-"""Container tooling: the compose file's settings and start_docker.sh run against a fake `docker`."""
+"""Serving Jupyter Lab and TensorBoard: the Makefile's lab and tensorboard targets, the compose file's settings, and
+start_docker.sh run against a fake `docker`."""
 
 import os
+import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,10 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose-finetune.yml"
 SCRIPTS = [ROOT / "start_docker.sh", ROOT / "docker" / "entrypoint.sh"]
 
-# Logs each call (one line, argv joined by spaces) and answers like a docker
-# host whose state the test picks through FAKE_DOCKER_* variables.
+# Logs each call (one line, argv joined by spaces; for `up`, also the BIND_ADDRESS compose would read) and answers
+# like a docker host whose state the test picks through FAKE_DOCKER_* variables.
 FAKE_DOCKER = r"""#!/usr/bin/env bash
 echo "$(basename "$0") $*" >>"$FAKE_DOCKER_LOG"
+[[ "$*" != *" up "* ]] || echo "BIND_ADDRESS=${BIND_ADDRESS:-}" >>"$FAKE_DOCKER_LOG"
 if [[ "$(basename "$0")" == docker-compose ]]; then exit 0; fi
 case "$1" in
   info)
@@ -66,7 +72,8 @@ class Host:
         self.bin.mkdir()
         write_executable(self.bin / "docker", FAKE_DOCKER)
         self.log = tmp_path / "docker.log"
-        ours = ("JUPYTER", "TENSORBOARD", "FAKE_DOCKER", "SKIP_GPU")  # the caller's values must not leak in
+        # The caller's values must not leak in.
+        ours = ("JUPYTER", "TENSORBOARD", "BIND_ADDRESS", "FAKE_DOCKER", "SKIP_GPU")
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(ours)},
             "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
@@ -108,6 +115,62 @@ def test_script_is_shellcheck_clean(script: Path):
     assert result.returncode == 0, result.stdout
 
 
+# --- make lab / make tensorboard (natively, from the project's .venv) --------------------------
+
+
+def make_command(tmp_path: Path, target: str, uid: int, *variables: str) -> str:
+    """What `make <target> [VAR=value ...]` runs for the user with id `uid` (a fake `id` first on PATH), without
+    running it or (-o) installing anything first."""
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    bin_dir = tmp_path / f"uid-{uid}"
+    bin_dir.mkdir(exist_ok=True)
+    write_executable(bin_dir / "id", f"#!/bin/sh\necho {uid}\n")
+    result = subprocess.run(["make", "-s", "-n", "-o", ".venv/.installed", target, *variables], cwd=ROOT,
+                            env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return " ".join(result.stdout.split())
+
+
+def test_make_lab_runs_as_root_where_jupyter_refuses_root_without_allow_root(tmp_path: Path):
+    assert make_command(tmp_path, "lab", 0) == ".venv/bin/jupyter lab --notebook-dir=. --port 8888 --allow-root"
+    assert make_command(tmp_path, "lab", 1000) == ".venv/bin/jupyter lab --notebook-dir=. --port 8888"
+
+
+def test_make_lab_and_tensorboard_take_a_port_and_extra_flags(tmp_path: Path):
+    assert make_command(tmp_path, "lab", 1000, "LAB_PORT=8890", "LAB_FLAGS=--no-browser --ip 0.0.0.0") == (
+        ".venv/bin/jupyter lab --notebook-dir=. --port 8890 --no-browser --ip 0.0.0.0")
+    assert make_command(tmp_path, "tensorboard", 1000, "TENSORBOARD_PORT=6007", "TENSORBOARD_FLAGS=--bind_all") == (
+        ".venv/bin/tensorboard --logdir checkpoints --port 6007 --bind_all")
+
+
+@pytest.mark.slow
+def test_make_lab_serves_jupyter_lab_as_the_user_running_it():
+    """Root is the usual user in containers and on GPU boxes; Jupyter stops there without --allow-root."""
+    if not (ROOT / ".venv" / "bin" / "jupyter").exists() or shutil.which("make") is None:
+        pytest.skip("needs make and the project's .venv")
+    port = free_port()
+    lab = subprocess.Popen(["make", "-o", ".venv/.installed", "lab", f"LAB_PORT={port}",
+                            "LAB_FLAGS=--no-browser --ServerApp.token=test"],
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # its own process group: make, then jupyter under it
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and lab.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token=test", timeout=2) as reply:
+                    assert reply.status == 200
+                    return
+            except OSError:
+                time.sleep(1)
+        exited = lab.poll() is not None
+        pytest.fail(f"make lab did not serve on port {port}" + (f": {lab.stderr.read()}" if exited else " in 120 s"))
+    finally:
+        os.killpg(lab.pid, signal.SIGTERM)
+        lab.wait(timeout=30)
+
+
 # --- compose file ----------------------------------------------------------------------------
 
 
@@ -115,9 +178,21 @@ def test_compose_uses_the_ngc_pytorch_image_by_default(service: dict):
     assert service["image"] == "${FINETUNE_IMAGE:-nvcr.io/nvidia/pytorch:25.11-py3}"
 
 
-def test_compose_publishes_jupyter_and_tensorboard_with_overridable_host_ports(service: dict):
-    assert "${JUPYTER_PORT:-8888}:8888" in service["ports"]
-    assert "${TENSORBOARD_PORT:-6006}:6006" in service["ports"]
+def published(service: dict, **env: str) -> list[str]:
+    """The compose file's port mappings with ${VAR:-default} filled in from `env`, as compose interpolates them."""
+    fill = lambda m: env.get(m.group(1)) or m.group(2)  # noqa: E731
+    return [re.sub(r"\$\{(\w+):-([^}]*)\}", fill, port) for port in service["ports"]]
+
+
+def test_compose_publishes_jupyter_and_tensorboard_on_loopback_only_by_default(service: dict):
+    # TensorBoard has no login: on every interface, anyone who reaches the host would see the runs.
+    assert published(service) == ["127.0.0.1:8888:8888", "127.0.0.1:6006:6006"]
+
+
+def test_compose_host_ports_and_bind_address_are_overridable(service: dict):
+    assert published(service, JUPYTER_PORT="8890", TENSORBOARD_PORT="6007") == [
+        "127.0.0.1:8890:8888", "127.0.0.1:6007:6006"]
+    assert published(service, BIND_ADDRESS="0.0.0.0") == ["0.0.0.0:8888:8888", "0.0.0.0:6006:6006"]
 
 
 def test_compose_mounts_the_project_as_workdir_and_the_hf_cache(service: dict):
@@ -239,6 +314,21 @@ def test_start_brings_up_the_service_and_prints_the_jupyter_url(host: Host):
     assert f"http://localhost:{host.env['JUPYTER_PORT']}/lab?token=secret" in result.stdout
     assert f"http://localhost:{host.env['TENSORBOARD_PORT']}" in result.stdout
     assert (Path(host.env["HF_HOME"])).is_dir()
+
+
+def test_start_publishes_on_loopback_and_says_how_to_tunnel(host: Host):
+    result = host.run("start", JUPYTER_TOKEN="t")
+    assert result.returncode == 0, result.stderr
+    assert "BIND_ADDRESS=127.0.0.1" in host.calls()  # what compose reads for the published address
+    assert "warning" not in result.stderr
+    assert "ssh -L" in host.run("help").stdout
+
+
+def test_start_on_every_interface_warns_that_tensorboard_has_no_login(host: Host):
+    result = host.run("start", JUPYTER_TOKEN="t", BIND_ADDRESS="0.0.0.0")
+    assert result.returncode == 0, result.stderr
+    assert "BIND_ADDRESS=0.0.0.0" in host.calls()
+    assert "published on 0.0.0.0" in result.stderr and "no login" in result.stderr
 
 
 def test_start_generates_one_token_and_status_reuses_it(host: Host):
