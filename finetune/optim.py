@@ -4,7 +4,8 @@ torchao's `_AdamW.step` calls `torch.compile(single_param_adam, ...)` anew for e
 that wrapper costs far more host time than the update itself: on the 7B shape (339 parameters) the step took several
 times as long as its GPU kernels (`optimizer_step_seconds` and `step_profile` in
 results/benchmarks/h100_7b_train_f.json, then h100_7b_train_g.json with this class). The math is torchao's own
-function, unchanged, so the updates are bit-identical (tests/test_optimizers.py).
+function, unchanged, so the updates are bit-identical (tests/test_optimizers.py), and so are its checks: a learning rate
+that stops being a tensor is an error, not a recompile at every step.
 """
 
 import torch
@@ -28,9 +29,16 @@ class AdamWBf16SR(_AdamW):
                 loss = closure()
         with torch._dynamo.utils.disable_cache_limit():  # one compiled variant per parameter shape, as in torchao
             for group in self.param_groups:
+                # torchao's own check: the update is compiled for a tensor learning rate. A float would be baked in
+                # as a constant, and with the cache limit lifted every new value would recompile, silently.
+                if not isinstance(group["lr"], torch.Tensor):
+                    raise RuntimeError("lr was changed to a non-Tensor object. If you want to update lr, please use "
+                                       "optim.param_groups[0]['lr'].fill_(new_lr)")
                 for p in group["params"]:
                     if p.grad is None:
                         continue
+                    if p.grad.is_sparse:
+                        raise RuntimeError("Sparse gradient is not supported")
                     state = self.state[p]
                     if not state:
                         state["step"] = torch.tensor(0.0)

@@ -67,3 +67,21 @@ def test_optimizer_options_map_to_weights_and_optimizer():
         optimizer_cls_and_kwargs(dataclasses.replace(reference, bf16=False), sft_config(reference))
     with pytest.raises(ValueError, match="unknown optimizer"):
         optimizer_cls_and_kwargs(dataclasses.replace(reference, optimizer="sgd"), sft_config(reference))
+
+
+def test_a_learning_rate_that_stops_being_a_tensor_is_refused():
+    """The compiled update takes lr as a tensor (schedulers fill it in place); a float would be compiled in as a
+    constant, and with the cache limit lifted each new value would recompile, silently. torchao refuses it; so do we."""
+    from finetune.optim import AdamWBf16SR
+
+    weight = torch.nn.Parameter(torch.randn(16, 32).to(torch.bfloat16))
+    optimizer = AdamWBf16SR([weight], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))  # as the Trainer's
+    for _ in range(2):
+        weight.grad = torch.randn_like(weight)
+        optimizer.step()
+        scheduler.step()
+    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
+    optimizer.param_groups[0]["lr"] = 1e-4
+    with pytest.raises(RuntimeError, match="lr was changed to a non-Tensor object"):
+        optimizer.step()
