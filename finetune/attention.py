@@ -9,6 +9,7 @@ Without flash-attn we register "varlen": PyTorch's varlen kernel on CUDA, an exa
 import importlib.util
 import inspect
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +73,15 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 def _cuda_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
                            scaling: float | None) -> torch.Tensor:
     """PyTorch's FlashAttention varlen kernel. Its keywords differ between releases (torch 2.11 takes no
-    `enable_gqa`; early ones had `is_causal` instead of `window_size`), so ask it what it takes."""
-    from torch.nn.attention.varlen import varlen_attn
-
+    `enable_gqa`; early ones had `is_causal` instead of `window_size`), so ask it what it takes. A torch without the
+    kernel (before 2.10; requirements.txt allows older) gets the exact padded path, slower, with a warning."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        warnings.warn(f"torch {torch.__version__} has no torch.nn.attention.varlen: packed rows use the exact padded "
+                      "attention instead (slower). Install flash-attn or a newer torch for the varlen kernel.",
+                      stacklevel=2)
+        return _padded_causal_attention(q, k, v, cu, scaling)
     accepts = inspect.signature(varlen_attn).parameters
     if "window_size" in accepts:
         options = {"window_size": (-1, 0)}

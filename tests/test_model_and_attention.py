@@ -102,3 +102,22 @@ def test_packed_rows_do_not_attend_across_articles_on_gpu_bf16(tiny_config, toke
           f"leaky max={(leaky - alone).abs().max():.4f}")
     assert difference.max() < 0.05 and difference.mean() < 0.005
     assert (leaky - alone)[len(rows[0]):].abs().max() > max(10 * difference.max(), 1e-3)
+
+
+def test_torch_without_the_varlen_kernel_falls_back_to_exact_padded_attention(monkeypatch):
+    """torch.nn.attention.varlen arrived in torch 2.10; requirements.txt allows older releases."""
+    import sys
+
+    from finetune.attention import _cuda_varlen_attention
+
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)  # makes the import fail
+    torch.manual_seed(0)
+    lengths = [5, 3, 7]
+    q, k, v = torch.randn(15, 4, 8), torch.randn(15, 2, 8), torch.randn(15, 2, 8)  # (tokens, heads, dim), GQA
+    cu = torch.tensor([0, 5, 8, 15], dtype=torch.int32)
+    with pytest.warns(UserWarning, match="no torch.nn.attention.varlen: packed rows use the exact padded attention"):
+        out = _cuda_varlen_attention(q, k, v, cu, max(lengths), None)
+    alone = [torch.nn.functional.scaled_dot_product_attention(
+        *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, enable_gqa=True).transpose(0, 1)
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    torch.testing.assert_close(out, torch.cat(alone))
