@@ -73,6 +73,9 @@ class RunConfig:
     save_steps: int = 200
     save_total_limit: int = 2
     dataloader_num_workers: int = 4
+    # A resumed run must have the config its checkpoint was trained with, apart from the fields that do not change the
+    # training (finetune.train.RESUME_FREE_FIELDS); True resumes anyway, with a warning naming what changed.
+    allow_config_change: bool = False
 
     # Evaluation.
     eval_batch_size: int = 64

@@ -17,13 +17,13 @@ import trl
 import trl.trainer.utils
 from transformers import TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
 from finetune.attention import choose_attn_implementation
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
 from finetune.model import load_model, load_tokenizer, weights_dtype
+from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished
 from finetune.throughput import ThroughputCallback, mean_article_tokens, peak_memory_gib, reset_peak_memory
 
 log = logging.getLogger(__name__)
@@ -141,38 +141,22 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     return trainer
 
 
-# What a complete checkpoint holds, by who wrote it: one process writes model*.safetensors and optimizer.pt; under FSDP
-# accelerate's save_fsdp_model/save_fsdp_optimizer write pytorch_model_fsdp.bin and optimizer.bin (FULL_STATE_DICT) or
-# the DCP folders pytorch_model_fsdp_0/ and optimizer_0/ (SHARDED_STATE_DICT), complete once their .metadata exists.
-CHECKPOINT_PARTS = {
-    "trainer_state.json": ("trainer_state.json",),
-    "model weights": ("model*.safetensors", "pytorch_model_fsdp.bin", "pytorch_model_fsdp_0/.metadata"),
-    "optimizer state": ("optimizer.pt", "optimizer.bin", "optimizer_0/.metadata"),
-}
-
-
-def last_checkpoint(output_dir: Path) -> str | None:
-    """The newest checkpoint to resume from; a partial one (interrupted while saving) is an error, not a guess. The
-    Trainer itself would resume from a checkpoint without optimizer state, silently, with fresh Adam moments."""
-    last = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
-    if last:
-        missing = [f"{part} ({' or '.join(patterns)})" for part, patterns in CHECKPOINT_PARTS.items()
-                   if not any(any(Path(last).glob(pattern)) for pattern in patterns)]
-        if missing:
-            raise RuntimeError(f"checkpoint {last} is incomplete (missing {', '.join(missing)}), probably cut off "
-                               "while saving. Delete that folder to resume from the one before it.")
-    return last
-
-
 def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> Path:
-    """Train (resuming from the run's last checkpoint if one exists), save the final model, return its folder."""
+    """Train (resuming from the run's last checkpoint if one exists), save the final model, return its folder.
+
+    A finished run is left as it is: its final model and summary (with the real training time) stay."""
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # only fp32 leftovers use it; bf16 matmuls are unaffected
         torch.backends.cudnn.benchmark = True
     last = last_checkpoint(config.output_dir)
+    if last and not check_resume(config, last) and run_finished(config, last):
+        log.warning("%s is finished (%s is its last step); its final model and train_summary.json stay as they are. "
+                    "Delete %s or choose another run_name to train again.", config.run_name, Path(last).name,
+                    config.output_dir)
+        return config.final_dir
     start = time.perf_counter()
     save_clock = SaveClock()
-    trainer = build_trainer(config, [*(callbacks or []), save_clock])
+    trainer = build_trainer(config, [*(callbacks or []), save_clock, SaveRunConfig(config)])
     setup_seconds = time.perf_counter() - start
     if last:
         log.info("resuming from %s", last)

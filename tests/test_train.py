@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from data_prep.task import LABELS, format_answer
 from finetune.config import get_config
-from finetune.train import build_trainer, last_checkpoint, train
+from finetune.resume import RESUME_FREE_FIELDS, config_changes, last_checkpoint
+from finetune.train import build_trainer, train
 
 
 def test_label_mask_covers_exactly_each_packed_answer(tiny_config):
@@ -76,18 +77,63 @@ def _weights(folder):
     return AutoModelForCausalLM.from_pretrained(folder).state_dict()
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tiny_config, tmp_path):
+def _losses(summary: dict) -> list[float]:
+    return [h["loss"] for h in summary["log_history"] if "loss" in h]
+
+
+@pytest.mark.parametrize("optimizer, bf16", [("adamw", False), ("adamw_bf16_sr", True)])
+def test_interrupted_run_resumes_to_the_same_weights_and_losses(tiny_config, tmp_path, optimizer, bf16):
+    """Stochastic rounding draws random bits at every update: the resumed run must draw the same ones."""
     config = dataclasses.replace(tiny_config, num_train_epochs=1.0, save_steps=5, logging_steps=1,
-                                 max_train_samples=120)
+                                 max_train_samples=120, optimizer=optimizer, bf16=bf16)
     straight = train(dataclasses.replace(config, checkpoints_dir=str(tmp_path / "straight")))
     interrupted = dataclasses.replace(config, checkpoints_dir=str(tmp_path / "interrupted"))
     train(interrupted, callbacks=[StopAt(5)])
-    assert (interrupted.output_dir / "checkpoint-5").is_dir()
+    assert (interrupted.output_dir / "checkpoint-5" / "run_config.json").is_file()
     resumed = train(interrupted)
     summary = json.loads((resumed / "train_summary.json").read_text())
     assert summary["resumed_from"].endswith("checkpoint-5")
-    for name, value in _weights(straight).items():
-        torch.testing.assert_close(_weights(resumed)[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    expected = json.loads((straight / "train_summary.json").read_text())
+    assert len(_losses(summary)) > 5 and _losses(summary) == pytest.approx(_losses(expected), rel=1e-4)
+    straight_weights, resumed_weights = _weights(straight), _weights(resumed)
+    assert next(iter(resumed_weights.values())).dtype == (torch.bfloat16 if bf16 else torch.float32)
+    for name, value in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_resuming_with_a_changed_training_config_names_the_fields_unless_allowed(tiny_config):
+    config = dataclasses.replace(tiny_config, num_train_epochs=1.0, save_steps=5, max_train_samples=120)
+    train(config, callbacks=[StopAt(5)])
+    changed = dataclasses.replace(config, learning_rate=5e-3, packing=False, logging_steps=1, eval_batch_size=7)
+    with pytest.raises(ValueError, match=r"checkpoint-5 was trained with another run config \(learning_rate "
+                                         r"0\.001 -> 0\.005, packing True -> False\).*allow_config_change"):
+        train(changed)
+    summary = json.loads((train(dataclasses.replace(changed, allow_config_change=True)) / "train_summary.json")
+                         .read_text())
+    assert summary["resumed_from"].endswith("checkpoint-5") and summary["config"]["learning_rate"] == 5e-3
+
+
+def test_fields_that_do_not_change_the_training_may_differ_on_resume(tiny_config):
+    stored = json.loads(json.dumps(tiny_config.to_dict()))
+    free = {"logging_steps": 1, "save_steps": 3, "results_dir": "elsewhere", "dataloader_num_workers": 2,
+            "eval_batch_size": 7, "max_new_tokens": 5, "max_eval_samples": 9, "allow_config_change": True}
+    assert set(free) <= RESUME_FREE_FIELDS
+    assert config_changes(stored, dataclasses.replace(tiny_config, **free)) == {}
+    assert config_changes(stored, dataclasses.replace(tiny_config, max_steps=3, seed=1)) == {"max_steps": (-1, 3),
+                                                                                              "seed": (42, 1)}
+    del stored["seed"]  # a field the checkpoint's older code did not have is not compared
+    assert config_changes(stored, dataclasses.replace(tiny_config, seed=1)) == {}
+
+
+def test_running_a_finished_run_again_leaves_its_summary_alone(tiny_config, caplog):
+    config = dataclasses.replace(tiny_config, num_train_epochs=1.0, max_train_samples=80)
+    summary = train(config) / "train_summary.json"
+    before = summary.read_text()
+    assert json.loads(before)["train_seconds"] > 0
+    with caplog.at_level("WARNING", logger="finetune.train"):
+        assert train(config) == config.final_dir
+    assert summary.read_text() == before
+    assert "is finished" in caplog.text
 
 
 def test_partial_checkpoint_is_a_clear_error(tiny_config):
