@@ -15,8 +15,7 @@ from sklearn.pipeline import make_pipeline
 from data_prep.splits import Splits
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
-from finetune.evaluate import summarize
-from finetune.predict import Predictions
+from finetune.metrics import Predictions, summarize
 from finetune.results import write_record
 
 BASELINES = {

@@ -29,7 +29,7 @@ from finetune.data import load_splits
 from finetune.model import load_for_inference, load_tokenizer
 from finetune.predict import encode_prompts, generate_labels, score_labels
 from finetune.results import environment
-from finetune.evaluate import throughput
+from finetune.metrics import throughput
 from finetune.throughput import (StepClock, StepProfiler, max_over_ranks, mean_article_tokens, peak_flops,
                                  peak_memory_gib, profile_table, reset_peak_memory, training_flops_per_token)
 from finetune.train import build_trainer, launched_with_fsdp

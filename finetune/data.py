@@ -10,7 +10,6 @@ from data_prep.read import load_ag_news
 from data_prep.splits import Splits, make_splits
 from data_prep.task import LABELS, build_prompt_messages, format_answer
 from finetune.config import RunConfig
-from finetune.predict import completion_token_ids, fit_articles
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +29,8 @@ def to_prompt_completion(df: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, m
 
     An article too long for `max_length` loses the end of its text, as at evaluation, so that every example keeps
     its answer: TRL cuts an over-long tokenized example from the right, answer first."""
+    from finetune.predict import completion_token_ids, fit_articles  # here: predict imports torch, load_splits needs none
+
     room = max_length - max(map(len, completion_token_ids(tokenizer)))
     return datasets.Dataset.from_dict({
         "prompt": [build_prompt_messages(text) for text in fit_articles(tokenizer, list(df["text"]), room)],

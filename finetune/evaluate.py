@@ -12,54 +12,20 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
-import torch
 from transformers import AutoTokenizer
 
 from data_prep.splits import Splits
 from finetune.answers import parse_lenient
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
-from finetune.metrics import calibration, classification_metrics
+from finetune.metrics import summarize
 from finetune.model import load_for_inference, load_tokenizer
 from finetune.plots import plot_confusion_matrix
-from finetune.predict import Predictions, default_max_new_tokens, generate_labels, parsed, score_labels
+from finetune.predict import default_max_new_tokens, generate_labels, parsed, score_labels
 from finetune.results import write_record
 from finetune.throughput import peak_memory_gib, reset_peak_memory
 
 MODES = ("label_scoring", "generation")
-FAILURE_EXAMPLES = 5
-
-
-def throughput(predictions: Predictions, batch_size: int, seconds: float) -> dict:
-    """Articles per second over the whole pass, and per-article latency (the wall time of its batch)."""
-    latency_ms = predictions.batch_seconds * 1000
-    articles = len(predictions.labels)
-    return {"articles": articles, "seconds": seconds, "articles_per_second": articles / seconds,
-            "batch_size": batch_size,
-            "latency_ms": {"mean": float(latency_ms.mean()), "p50": float(np.percentile(latency_ms, 50)),
-                           "p95": float(np.percentile(latency_ms, 95))}}
-
-
-def summarize(y_true: np.ndarray, predictions: Predictions, texts: list[str], batch_size: int, seconds: float) -> dict:
-    """Metrics, failures (with examples) and throughput of one evaluation pass."""
-    failures = {kind: len(idx) for kind, idx in predictions.failures.items()}
-    summary = {
-        "metrics": classification_metrics(y_true, predictions.labels),
-        "failures": {
-            "count": sum(failures.values()),
-            "by_kind": failures,
-            "examples": [{"kind": kind, "answer": predictions.answers[i], "article": texts[i][:200]}
-                         for kind, idx in predictions.failures.items() for i in idx[:FAILURE_EXAMPLES]],
-        },
-        "throughput": throughput(predictions, batch_size, seconds),
-        "truncated_articles": predictions.truncated,
-    }
-    if predictions.label_logprobs is not None:
-        probs = torch.softmax(torch.from_numpy(predictions.label_logprobs), -1).numpy()
-        summary["calibration"] = calibration(probs, y_true)
-        summary["label_probabilities"] = probs.round(4).tolist()  # per article, in eval-split order
-    return summary
 
 
 def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None, modes: tuple[str, ...] = MODES,

@@ -1,9 +1,58 @@
-"""Classification metrics from scikit-learn, in the shape every results JSON stores them."""
+"""What an evaluation pass reports, in the shape every results JSON stores it: classification metrics from
+scikit-learn, failures, throughput and calibration. No torch here: the scikit-learn baselines report through it too."""
+
+from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.special import softmax
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from data_prep.task import LABELS
+
+FAILURE_EXAMPLES = 5
+
+
+@dataclass
+class Predictions:
+    """Per-article outputs of one evaluation pass, in input order."""
+
+    labels: np.ndarray  # predicted class index, -1 where generation gave no usable answer
+    batch_seconds: np.ndarray  # per article: wall time of the batch it was in (what a caller waits for)
+    truncated: int  # articles whose text was cut to fit max_length
+    label_logprobs: np.ndarray | None = None  # (articles, 4) full answer log-probabilities, label scoring only
+    failures: dict[str, list[int]] = field(default_factory=dict)  # failure kind -> article indices, generation only
+    answers: list[str] = field(default_factory=list)  # raw generated text, generation only
+
+
+def throughput(predictions: Predictions, batch_size: int, seconds: float) -> dict:
+    """Articles per second over the whole pass, and per-article latency (the wall time of its batch)."""
+    latency_ms = predictions.batch_seconds * 1000
+    articles = len(predictions.labels)
+    return {"articles": articles, "seconds": seconds, "articles_per_second": articles / seconds,
+            "batch_size": batch_size,
+            "latency_ms": {"mean": float(latency_ms.mean()), "p50": float(np.percentile(latency_ms, 50)),
+                           "p95": float(np.percentile(latency_ms, 95))}}
+
+
+def summarize(y_true: np.ndarray, predictions: Predictions, texts: list[str], batch_size: int, seconds: float) -> dict:
+    """Metrics, failures (with examples) and throughput of one evaluation pass."""
+    failures = {kind: len(idx) for kind, idx in predictions.failures.items()}
+    summary = {
+        "metrics": classification_metrics(y_true, predictions.labels),
+        "failures": {
+            "count": sum(failures.values()),
+            "by_kind": failures,
+            "examples": [{"kind": kind, "answer": predictions.answers[i], "article": texts[i][:200]}
+                         for kind, idx in predictions.failures.items() for i in idx[:FAILURE_EXAMPLES]],
+        },
+        "throughput": throughput(predictions, batch_size, seconds),
+        "truncated_articles": predictions.truncated,
+    }
+    if predictions.label_logprobs is not None:
+        probs = softmax(predictions.label_logprobs, axis=-1)
+        summary["calibration"] = calibration(probs, y_true)
+        summary["label_probabilities"] = probs.round(4).tolist()  # per article, in eval-split order
+    return summary
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:

@@ -9,7 +9,7 @@ import copy
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,24 +18,13 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from data_prep.task import LABELS, build_messages, build_prompt_messages
 from finetune.answers import parse_strict
+from finetune.metrics import Predictions
 
 # Room past the longest trained answer (8 tokens with its end-of-turn, in Qwen2.5's tokenizer as in the tiny BPE) for
 # an instruct model's own style: ```json\n{"category": "Sci/Tech"}\n``` and its end-of-turn take 13 Qwen2.5 tokens
 # (the lenient reading needs 11, to the closing brace). Generation stops once every row has ended its turn, so a model
 # answering as trained never spends it; one that never ends (the untrained tiny model) pays a decoding step per token.
 ANSWER_HEADROOM_TOKENS = 8
-
-
-@dataclass
-class Predictions:
-    """Per-article outputs of one evaluation pass, in input order."""
-
-    labels: np.ndarray  # predicted class index, -1 where generation gave no usable answer
-    batch_seconds: np.ndarray  # per article: wall time of the batch it was in (what a caller waits for)
-    truncated: int  # articles whose text was cut to fit max_length
-    label_logprobs: np.ndarray | None = None  # (articles, 4) full answer log-probabilities, label scoring only
-    failures: dict[str, list[int]] = field(default_factory=dict)  # failure kind -> article indices, generation only
-    answers: list[str] = field(default_factory=list)  # raw generated text, generation only
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_prompt_tokens: int) -> tuple[list[list[int]], int]:

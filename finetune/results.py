@@ -9,7 +9,6 @@ from importlib import metadata
 from pathlib import Path
 
 import jsonschema
-import torch
 
 SCHEMA_PATH = Path(__file__).with_name("results_schema.json")
 PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "tokenizers", "scikit-learn", "flash-attn")
@@ -17,6 +16,8 @@ PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "tokenizer
 
 def environment() -> dict:
     """Git commit, hardware and package versions: enough to trace a number back to what produced it."""
+    import torch  # here, not at the top: a scikit-learn baseline imports this module without needing torch
+
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, check=True,

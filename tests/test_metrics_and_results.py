@@ -1,6 +1,9 @@
 """Metrics against hand-computed cases; results JSON schema, records and the generated summary table."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -93,3 +96,11 @@ def test_calibration_bins_match_a_hand_computed_case():
     assert c["count"] == [0, 1, 1, 2]  # 0.25 -> bin 1, 0.6 -> bin 2, 0.9 and 0.95 -> bin 3
     assert c["accuracy"] == [0, 0, 1, 0.5] and c["confidence"][3] == pytest.approx(0.925)
     assert c["ece"] == pytest.approx((0.25 + 0.4 + 2 * 0.425) / 4)
+
+
+def test_baselines_import_no_torch():
+    """The scikit-learn baselines report through finetune.metrics, not through evaluate (and with it torch)."""
+    code = "import sys, finetune.baselines; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
