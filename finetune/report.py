@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from finetune.rehearse import rehearsal_table
-from finetune.results import hardware_label, load_records, summary_table, write_summary
+from finetune.results import commit_label, hardware_label, load_records, made_before, summary_table, write_summary
 
 MARKERS = "<!-- {}:start -->", "<!-- {}:end -->"
 
@@ -33,35 +33,35 @@ def _gib(value: float | None) -> str:
 
 def training_benchmark_table(results_dir: Path) -> str:
     lines = ["| run | device | variant | real tokens/s | vs reference (same run) | MFU | step (s) | optimizer update (s) "
-             "| peak alloc / reserved (GiB) | projected epoch, 120K articles (min) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak alloc / reserved (GiB) | projected epoch, 120K articles (min) | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path, record in benchmark_records(results_dir, "train"):
-        device = hardware_label(record["environment"])
+        device, commit = hardware_label(record["environment"]), commit_label(record["environment"])
         if record.get("world_size", 1) > 1:  # FSDP2 runs: figures per GPU, the epoch on all of them
             device = f"{record['world_size']} x {device} (FSDP2, per GPU)"
         for name, v in record["variants"].items():
             if "error" in v:
-                lines.append(f"| `{path.name}` | {device} | {name} | failed: {v['error']} | | | | | | |")
+                lines.append(f"| `{path.name}` | {device} | {name} | failed: {v['error']} | | | | | | | {commit} |")
                 continue
             mfu = f"{v['mfu']:.1%}" if v["mfu"] else "n/a"
             update = f"{v['optimizer_step_seconds']:.3f}" if "optimizer_step_seconds" in v else "not timed"
             lines.append(f"| `{path.name}` | {device} | {name} | {v['tokens_per_second']:,.0f} "
                          f"| {v['speed_vs_reference']:.2f}x "
                          f"| {mfu} | {v['step_seconds']:.2f} | {update} | {_gib(v['peak_allocated_gib'])} / "
-                         f"{_gib(v['peak_reserved_gib'])} | {v['projected_epoch_minutes_full_train']:.0f} |")
+                         f"{_gib(v['peak_reserved_gib'])} | {v['projected_epoch_minutes_full_train']:.0f} | {commit} |")
     return "\n".join(lines)
 
 
 def eval_benchmark_table(results_dir: Path) -> str:
-    lines = ["| run | device | mode | articles | articles/s | latency mean / p50 / p95 (ms) | batch | peak alloc (GiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | device | mode | articles | articles/s | latency mean / p50 / p95 (ms) | batch | peak alloc (GiB) "
+             "| commit |", "|---|---|---|---|---|---|---|---|---|"]
     for path, record in benchmark_records(results_dir, "eval"):
-        device = hardware_label(record["environment"])
+        device, commit = hardware_label(record["environment"]), commit_label(record["environment"])
         for mode, m in record["modes"].items():
             lat = m["latency_ms"]
             lines.append(f"| `{path.name}` | {device} | {mode} | {m['articles']} | {m['articles_per_second']:.1f} "
                          f"| {lat['mean']:.0f} / {lat['p50']:.0f} / {lat['p95']:.0f} | {m['batch_size']} "
-                         f"| {_gib(m['peak_allocated_gib'])} |")
+                         f"| {_gib(m['peak_allocated_gib'])} | {commit} |")
     return "\n".join(lines)
 
 
@@ -81,17 +81,47 @@ def optimizer_table(results_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def gpu_runs_table(results_dir: Path) -> str:
-    lines = ["| run | accuracy (label scoring) | macro-F1 | generation accuracy | train seconds | file |",
-             "|---|---|---|---|---|---|"]
-    for record in load_records(results_dir / "gpu"):
+def training_runs_table(folder: Path) -> str:
+    """Runs trained and evaluated into `folder` (results/gpu, results/cpu_packing), each with its
+    `<name>_train_summary.json`: accuracy, and what one optimizer step saw (packing fits several articles a row)."""
+    lines = ["| run | accuracy (label scoring) | macro-F1 | generation accuracy | train seconds | optimizer steps "
+             "| articles per optimizer step | hardware | commit | made before | file |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for record in load_records(folder):
         ev = record["evaluations"]
-        summary = results_dir / "gpu" / f"{record['name']}_train_summary.json"
-        seconds = json.loads(summary.read_text())["train_seconds"] if summary.exists() else float("nan")
+        steps = articles = seconds = float("nan")
+        summary_path = folder / f"{record['name']}_train_summary.json"
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            seconds, (steps, articles) = summary["train_seconds"], optimizer_steps(summary)
         lines.append(f"| {record['name']} | {ev['label_scoring']['metrics']['accuracy']:.2%} "
                      f"| {ev['label_scoring']['metrics']['macro_f1']:.2%} | {ev['generation']['metrics']['accuracy']:.2%} "
-                     f"| {seconds:.0f} | `gpu/{record['path']}` |")
+                     f"| {seconds:.0f} | {steps:.0f} | {articles:.1f} | {hardware_label(record['environment'])} "
+                     f"| {commit_label(record['environment'])} | {', '.join(made_before(record, tuple(ev)))} "
+                     f"| `{folder.name}/{record['path']}` |")
     return "\n".join(lines)
+
+
+def rehearsal_articles_per_update(results_dir: Path) -> str:
+    """What one update of the 7B recipe saw in the rehearsal, packed, against the same flags unpacked."""
+    path = results_dir / "rehearsal" / "train_summary.json"
+    if not path.exists():
+        return "(not rehearsed yet: `make PY=python3 rehearse` on a GPU)"
+    summary = json.loads(path.read_text())
+    c = summary["config"]
+    return (f"In the 7B recipe's rehearsal (`{path.relative_to(results_dir.parent)}`), packed {c['max_length']}-token "
+            f"rows, {c['per_device_train_batch_size']} x {c['gradient_accumulation_steps']} a step, held "
+            f"{optimizer_steps(summary)[1]:.0f} articles per optimizer step; unpacked, the same flags give "
+            f"{c['per_device_train_batch_size'] * c['gradient_accumulation_steps']}.")
+
+
+def optimizer_steps(summary: dict) -> tuple[int, float]:
+    """Optimizer steps of a training summary, and training articles per step. Summaries written before train.py
+    recorded them carry the step count in the Trainer's last log entry."""
+    if "optimizer_steps" in summary:
+        return summary["optimizer_steps"], summary["articles_per_optimizer_step"]
+    last = summary["log_history"][-1]
+    return last["step"], summary["data"]["train_size"] * last["epoch"] / last["step"]
 
 
 def targets_table(results_dir: Path) -> str:
@@ -148,7 +178,9 @@ def update_readme(readme_path: Path = Path("README.md"), results_dir: Path = Pat
                 "bench-eval": eval_benchmark_table(results_dir),
                 "bench-targets": targets_table(results_dir),
                 "optimizers": optimizer_table(results_dir),
-                "gpu-runs": gpu_runs_table(results_dir),
+                "gpu-runs": training_runs_table(results_dir / "gpu"),
+                "cpu-packing-runs": training_runs_table(results_dir / "cpu_packing"),
+                "rehearsal-articles-per-update": rehearsal_articles_per_update(results_dir),
                 "rehearsal": rehearsal_section(results_dir)}
     for name, body in sections.items():
         if MARKERS[0].format(name) in readme:

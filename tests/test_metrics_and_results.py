@@ -3,14 +3,14 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import jsonschema
 import numpy as np
 import pytest
 
 from finetune.metrics import classification_metrics
-from finetune.results import load_records, summary_table, validate_record, write_record, write_summary
+from finetune.results import (PROJECT_DIR, RUN_START_GIT_STATE, environment, git_state, load_records, summary_table,
+                              validate_record, write_record, write_summary)
 
 
 def test_metrics_match_a_hand_computed_case():
@@ -98,9 +98,118 @@ def test_calibration_bins_match_a_hand_computed_case():
     assert c["ece"] == pytest.approx((0.25 + 0.4 + 2 * 0.425) / 4)
 
 
+def test_git_state_is_unknown_without_git(tmp_path):
+    """No git on the PATH: whether the tree was dirty is unknown (None), not False."""
+    code = "from finetune.results import environment; e = environment(); print(e['git_commit'], e['git_dirty'])"
+    env = {"PATH": str(tmp_path), "PYTHONPATH": str(PROJECT_DIR)}  # an empty folder: no git to run
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["None", "None"]
+
+
+def test_dirty_means_tracked_files_outside_results_changed(tmp_path):
+    """The notebooks rewrite results/ before their record is written: that alone does not make the run dirty."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "summary.md").write_text("old")
+    (tmp_path / "train.py").write_text("old")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    (tmp_path / "results" / "summary.md").write_text("rewritten by the run")
+    assert git_state(tmp_path)["git_dirty"] is False and len(git_state(tmp_path)["git_commit"]) == 40
+    (tmp_path / "train.py").write_text("edited")
+    assert git_state(tmp_path)["git_dirty"] is True
+
+
+def test_records_carry_the_git_state_from_the_start_of_the_process(monkeypatch):
+    """Files changed during a run (or git vanishing) do not change what its records say produced them."""
+    if RUN_START_GIT_STATE["git_commit"] is None:
+        pytest.skip("this tree is not a git checkout")
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    env = environment()
+    assert (env["git_commit"], env["git_dirty"]) == (RUN_START_GIT_STATE["git_commit"], RUN_START_GIT_STATE["git_dirty"])
+
+
+def _record_made(tmp_path, name, commit, created_at, dirty=False):
+    record = json.loads(write_record(make_record(name), tmp_path / f"{name}_results.json").read_text())
+    record["environment"].update(git_commit=commit, git_dirty=dirty)
+    record["created_at"] = created_at
+    generation = record["evaluations"]["label_scoring"]
+    record["evaluations"]["generation"] = generation
+    (tmp_path / f"{name}_results.json").write_text(json.dumps(record))
+
+
+def test_tables_name_the_commit_and_mark_records_made_before_an_evaluation_change(tmp_path):
+    # No commit recorded (a copied tree): the creation time says it came before every change.
+    _record_made(tmp_path, "old_run", None, "2026-11-25T11:39:36+00:00")
+    _record_made(tmp_path, "new_run", RUN_START_GIT_STATE["git_commit"] or None, "2099-01-01T00:00:00+00:00", dirty=True)
+    rows = {line.split(" | ")[0][2:] + "/" + line.split(" | ")[4]: line
+            for line in summary_table(load_records(tmp_path)).splitlines()[2:]}
+    assert "| unknown | answer-tree label scoring (33dda75) |" in rows["old_run/label_scoring"]
+    assert "cached decoding (b3ef6a2)" in rows["old_run/generation"] and "33dda75" not in rows["old_run/generation"]
+    assert "strict/lenient generation (d6676b1)" in rows["old_run/generation"]
+    commit = (RUN_START_GIT_STATE["git_commit"] or "unknown")[:7]
+    for mode in ("label_scoring", "generation"):
+        assert rows[f"new_run/{mode}"].endswith(f"| {commit} (dirty) |  | `new_run_results.json` |")
+
+
+def test_a_commit_in_this_history_is_judged_by_its_ancestry_not_its_date(tmp_path):
+    """140d4f3 predates every evaluation change, however late its record was written."""
+    from finetune.results import made_before
+
+    record = {"environment": {"git_commit": "140d4f3"}, "created_at": "2099-01-01T00:00:00+00:00"}
+    if subprocess.run(["git", "cat-file", "-e", "140d4f3^{commit}"], cwd=PROJECT_DIR).returncode:
+        pytest.skip("a shallow or copied tree: the commit is not in its history")
+    assert made_before(record, ("label_scoring",)) == ["answer-tree label scoring (33dda75)"]
+    assert made_before({**record, "environment": {"git_commit": "HEAD"}}, ("generation", "label_scoring")) == []
+
+
+def test_evaluation_changes_carry_their_commit_times():
+    """The creation-time fallback is only as good as these times: they must be the commits' own."""
+    from finetune.results import EVALUATION_CHANGES
+
+    for commit, committed, _, _ in EVALUATION_CHANGES:
+        done = subprocess.run(["git", "show", "-s", "--format=%cI", commit], cwd=PROJECT_DIR, capture_output=True,
+                              text=True)
+        if done.returncode:
+            pytest.skip("a shallow or copied tree: the commits are not in its history")
+        assert done.stdout.strip() == committed, commit
+
+
+def test_training_runs_table_says_how_many_articles_each_optimizer_step_saw(tmp_path):
+    """Summaries from before train.py recorded optimizer steps carry them in the Trainer's last log entry."""
+    from finetune.report import eval_benchmark_table, training_runs_table
+
+    for name, summary in (("packed", {"log_history": [{"loss": 1.0}, {"epoch": 4.0, "step": 750}]}),
+                          ("unpacked", {"optimizer_steps": 1500, "articles_per_optimizer_step": 16.0})):
+        write_record({**make_record(name), "evaluations": {**make_record()["evaluations"],
+                                                           "generation": make_record()["evaluations"]["label_scoring"]}},
+                     tmp_path / "runs" / f"{name}_results.json")
+        (tmp_path / "runs" / f"{name}_train_summary.json").write_text(json.dumps(
+            {"train_seconds": 20.0, "data": {"train_size": 6000}, **summary}))
+    table = training_runs_table(tmp_path / "runs")
+    assert "| packed | 75.00% |" in table and "| 20 | 750 | 32.0 | CPU (" in table
+    assert "| unpacked | 75.00% |" in table and "| 20 | 1500 | 16.0 | CPU (" in table
+    benchmark = {"benchmark": "eval", "environment": {**environment(), "git_commit": "abcdef123", "git_dirty": False},
+                 "modes": {"label_scoring": {"articles": 4, "articles_per_second": 2.0, "batch_size": 4,
+                                             "peak_allocated_gib": None,
+                                             "latency_ms": {"mean": 1.0, "p50": 1.0, "p95": 1.0}}}}
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "eval.json").write_text(json.dumps(benchmark))
+    assert eval_benchmark_table(tmp_path).splitlines()[2].endswith("| n/a | abcdef1 |")
+
+
 def test_baselines_import_no_torch():
     """The scikit-learn baselines report through finetune.metrics, not through evaluate (and with it torch)."""
     code = "import sys, finetune.baselines; assert 'torch' not in sys.modules, 'torch imported'"
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
