@@ -1,21 +1,95 @@
-"""The four notebooks run headless (papermill) on a small synthetic sample and write valid results files."""
+"""The four notebooks: committed thin, stripped and as Jupyter Lab saves them; run headless (papermill) on a small
+synthetic sample, they write valid results files and show a person no stderr beyond the data notes."""
 
+import ast
 import json
+import subprocess
+import sys
 
 import nbformat
+import papermill
 import pytest
+from IPython.core.inputtransformer2 import TransformerManager
+from ipykernel.ipkernel import IPythonKernel
+from ipykernel.kernelspec import get_kernel_dict
 
 from finetune.notebooks import NOTEBOOKS, PROJECT_DIR, run_notebooks
 from finetune.results import validate_record
 
+# What finetune/notebooks.py and finetune/rehearse.py pass to papermill.
+PARAMETERS = {"profile", "data_dir", "results_dir", "max_train_samples", "max_eval_samples", "project_dir", "overrides"}
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def committed(name: str) -> nbformat.NotebookNode:
+    return nbformat.read(PROJECT_DIR / "notebooks" / f"{name}.ipynb", as_version=4)
+
+
+def code_cells(notebook: nbformat.NotebookNode) -> list:
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def outputs(notebook: nbformat.NotebookNode) -> list:
+    return [output for cell in code_cells(notebook) for output in cell.outputs]
+
+
+def python_source(notebook: nbformat.NotebookNode) -> str:
+    """The code cells as one Python file, IPython magics turned into the calls they stand for."""
+    return "\n".join(TransformerManager().transform_cell(cell.source) for cell in code_cells(notebook))
+
+
+def lab_metadata() -> dict:
+    """The notebook metadata Jupyter Lab sets from the kernel it runs: its kernelspec (as ipykernel installs it) and
+    the kernel_info reply's language_info."""
+    spec = get_kernel_dict()
+    return {"kernelspec": {"name": "python3", "display_name": spec["display_name"], "language": spec["language"]},
+            "language_info": IPythonKernel.language_info}
+
 
 def test_notebooks_are_committed_thin_and_parameterized():
     for name in NOTEBOOKS:
-        notebook = nbformat.read(PROJECT_DIR / "notebooks" / f"{name}.ipynb", as_version=4)
-        code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+        notebook = committed(name)
+        code = code_cells(notebook)
         assert "parameters" in code[0].metadata.get("tags", []), name
+        # papermill reads each parameter's default and help from this cell; a line it cannot parse drops the name.
+        assert set(papermill.inspect_notebook(PROJECT_DIR / "notebooks" / f"{name}.ipynb")) == PARAMETERS, name
         assert all(not cell.outputs and cell.execution_count is None for cell in code), f"{name} has outputs"
-        assert all("def " not in cell.source and "class " not in cell.source for cell in code), f"{name} holds logic"
+        definitions = [node for node in ast.walk(ast.parse(python_source(notebook)))
+                       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))]
+        assert not definitions, f"{name} holds logic: it belongs in a package"
+
+
+def test_notebooks_import_only_what_they_use():
+    for name in NOTEBOOKS:
+        tree = ast.parse(python_source(committed(name)))
+        imported = {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+        used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        assert imported <= used, f"{name} imports {sorted(imported - used)} and never uses them"
+
+
+def test_notebooks_are_committed_as_jupyter_lab_saves_them():
+    """Lab sets the kernelspec and language_info from the running kernel, upgrades nbformat_minor, and writes JSON as
+    nbformat does; a notebook committed in any other form is marked modified on opening and autosave rewrites it."""
+    for name in NOTEBOOKS:
+        path = PROJECT_DIR / "notebooks" / f"{name}.ipynb"
+        notebook = committed(name)
+        assert (notebook.nbformat, notebook.nbformat_minor) == (4, nbformat.v4.nbformat_minor), name
+        expected = lab_metadata()
+        assert notebook.metadata.kernelspec == expected["kernelspec"], name
+        # The Python version is the project .venv's; a kernel on another Python has Lab rewrite that one field.
+        assert {**notebook.metadata.language_info, "version": None} == {**expected["language_info"], "version": None}
+        assert set(notebook.metadata) == {"kernelspec", "language_info"}, name
+        assert path.read_text(encoding="utf-8") == nbformat.writes(notebook) + "\n", f"{name} is not as nbformat writes"
+
+
+def test_importing_the_trainer_writes_nothing_to_stderr():
+    """transformers imports torchao whenever it is installed; its import-time messages (CUDA extensions the optimizer
+    never calls, torch's Enum deprecation) once opened notebooks 01-03 with a red block."""
+    result = subprocess.run([sys.executable, "-c", "import finetune.train, finetune.evaluate"], cwd=PROJECT_DIR,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
 
 
 @pytest.mark.slow
@@ -25,8 +99,8 @@ def test_notebooks_execute_headless_and_write_valid_results(synthetic_dir, tmp_p
                  "hidden_size": 64, "num_heads": 4, "intermediate_size": 128, "num_train_epochs": 4.0,
                  "learning_rate": 3e-3, "per_device_train_batch_size": 8, "max_length": 128, "save_steps": 1000,
                  "eval_batch_size": 64}
-    run_notebooks({"profile": "tiny", "data_dir": str(synthetic_dir), "results_dir": str(results),
-                   "overrides": overrides}, tmp_path / "executed")
+    executed = run_notebooks({"profile": "tiny", "data_dir": str(synthetic_dir), "results_dir": str(results),
+                              "overrides": overrides}, tmp_path / "executed")
     for name in ("base_model", "finetuned_model", "baseline_majority", "baseline_tfidf_logreg"):
         record = json.loads((results / f"{name}_results.json").read_text())
         validate_record(record)
@@ -38,4 +112,19 @@ def test_notebooks_execute_headless_and_write_valid_results(synthetic_dir, tmp_p
                 "finetuned_model_confusion_matrix", "per_class_f1_base_vs_finetuned", "comparison", "training_loss"):
         assert (results / f"{png}.png").stat().st_size > 1000, png
     assert "finetuned_model" in (results / "summary.md").read_text()
-    assert len(list((tmp_path / "executed").glob("*.ipynb"))) == 4
+    assert [path.name for path in executed] == [f"{name}.ipynb" for name in NOTEBOOKS]
+
+    # What a person sees. The one stderr allowed is load_splits' data notes (what the holdout carve did to the data),
+    # which every results file also records.
+    notes = set(finetuned["data"]["notes"])
+    for path in executed:
+        notebook = nbformat.read(path, as_version=4)
+        stderr = {line for output in outputs(notebook) if output.get("name") == "stderr"
+                  for line in output.text.splitlines() if line.strip()}
+        assert stderr <= notes, f"{path.name} writes to stderr:\n" + "\n".join(sorted(stderr - notes))
+        assert any("image/png" in output.get("data", {}) for output in outputs(notebook)), f"{path.name}: no figure"
+        # Executed copies keep the committed form (Lab opens them without rewriting), with this kernel's Python.
+        assert {k: notebook.metadata[k] for k in ("kernelspec", "language_info")} == lab_metadata(), path.name
+        assert (notebook.nbformat, notebook.nbformat_minor) == (4, nbformat.v4.nbformat_minor), path.name
+    evaluation = nbformat.read(executed[1], as_version=4)
+    assert any(WIDGET in output.get("data", {}) for output in outputs(evaluation)), "progress bars are not widgets"
