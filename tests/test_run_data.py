@@ -4,6 +4,7 @@ limits, and what the notebooks pass on."""
 import dataclasses
 import json
 import os
+import re
 
 import datasets
 import nbformat
@@ -72,7 +73,10 @@ def test_tiny_profile_limits_what_the_demo_trains_and_evaluates_on(hub):
 def test_notebook_setup_keeps_the_profile_limits_unless_overridden(tmp_path):
     opening = [[cell.source for cell in nbformat.read(notebooks.PROJECT_DIR / "notebooks" / f"{name}.ipynb",
                                                       as_version=4).cells[1:3]] for name in notebooks.NOTEBOOKS]
-    assert all(cells == opening[0] for cells in opening)  # one parameters cell and one setup cell, four times
+    assert all(parameters == opening[0][0] for parameters, _ in opening)  # one parameters cell, four times
+    # Each setup cell imports what its notebook uses, then builds the config with the same lines as the probe's.
+    config_lines = [re.search(r"limits = .*?\*\*overrides\)", setup, re.DOTALL).group() for _, setup in opening]
+    assert all(lines == config_lines[0] for lines in config_lines)
     probe = nbformat.read(notebooks.PROJECT_DIR / "notebooks" / f"{notebooks.NOTEBOOKS[0]}.ipynb", as_version=4)
     probe.cells = probe.cells[:3] + [nbformat.v4.new_code_cell("print(config.max_train_samples, config.max_eval_samples)")]
     for given, limits in [({}, "6000 1600"), ({"max_eval_samples": 40}, "6000 40"),
