@@ -138,7 +138,21 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     if config.gradient_checkpointing and config.checkpointed_layers is not None:
         trainer.add_callback(SelectiveCheckpointing(config.checkpointed_layers))
     trainer.splits = splits  # what the run trained on, for its summary
+    _drop_notebook_loss_table(trainer)
     return trainer
+
+
+def _drop_notebook_loss_table(trainer: SFTTrainer) -> None:
+    """In a notebook the Trainer's progress bar also prints a table of every logged loss, dozens of rows."""
+    from transformers.utils import is_in_notebook
+
+    if is_in_notebook():
+        from transformers.utils.notebook import NotebookProgressCallback
+
+        from finetune.notebook_progress import ProgressBarOnly
+
+        trainer.remove_callback(NotebookProgressCallback)
+        trainer.add_callback(ProgressBarOnly)
 
 
 def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> Path:

@@ -128,3 +128,6 @@ def test_notebooks_execute_headless_and_write_valid_results(synthetic_dir, tmp_p
         assert (notebook.nbformat, notebook.nbformat_minor) == (4, nbformat.v4.nbformat_minor), path.name
     evaluation = nbformat.read(executed[1], as_version=4)
     assert any(WIDGET in output.get("data", {}) for output in outputs(evaluation)), "progress bars are not widgets"
+    training = nbformat.read(executed[2], as_version=4)  # a progress bar, but not the Trainer's table of every loss
+    shown = "".join(str(output.get("data", {}).get("text/html", "")) for output in outputs(training))
+    assert "<progress" in shown and "Training Loss" not in shown
