@@ -20,8 +20,8 @@ check-data:  ## fail in seconds, before installing anything, when there is no da
 
 demo: check-data $(INSTALLED)  ## the tiny profile end to end: data overview, base eval, training, eval, baselines
 	rm -rf checkpoints/tiny-ag-news
-	$(BIN)/python -m finetune.notebooks --profile tiny
-	$(BIN)/python -m finetune.report
+	$(BIN)/python -m finetune.lab.notebooks --profile tiny
+	$(BIN)/python -m finetune.lab.report
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q
@@ -57,7 +57,7 @@ gpu-training-core:  ## packed-vs-alone equivalence on CUDA, holdout runs with an
 	  $(PY) -m finetune.evaluate $(GPU_TINY) --packing $$packing --run_name $$run \
 	    --model_path checkpoints/$$run/final --name $$run || exit 1; \
 	done
-	$(PY) -m finetune.bench_optimizers --profile tiny --bf16 true --tokenizer qwen2.5 --vocab_size 152064 \
+	$(PY) -m finetune.lab.bench_optimizers --profile tiny --bf16 true --tokenizer qwen2.5 --vocab_size 152064 \
 	  --hidden_size 1024 --intermediate_size 2816 --num_layers 8 --num_heads 16 --num_kv_heads 4 \
 	  --tie_word_embeddings false --learning_rate 2e-5 --warmup_steps 0 --max_steps 60 --logging_steps 5 \
 	  --run_name optimizers --results_dir $(GPU_OUT)
@@ -66,14 +66,14 @@ gpu-training-core:  ## packed-vs-alone equivalence on CUDA, holdout runs with an
 # are not slowed by allocator retries.
 gpu-bench: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench:  ## the 7B shape: training ablations (with a profiled step each) and evaluation throughput, plain and Liger
-	$(PY) -m finetune.bench train --profile qwen2.5-7b-shape --name h100_7b_train --profile_step
-	$(PY) -m finetune.bench eval --profile qwen2.5-7b-shape --name h100_7b_eval --eval_batch_size 256
-	$(PY) -m finetune.bench eval --profile qwen2.5-7b-shape --name h100_7b_eval_liger --eval_batch_size 256 \
+	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --name h100_7b_train --profile_step
+	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --name h100_7b_eval --eval_batch_size 256
+	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --name h100_7b_eval_liger --eval_batch_size 256 \
 	  --use_liger_kernel true
 
 rehearse: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 rehearse:  ## GPU: the four notebooks, qwen2.5-7b recipe, 40 steps, on a 15 GB stand-in of the hub snapshot (results/rehearsal/)
-	$(PY) -m finetune.rehearse --shape 7b
+	$(PY) -m finetune.lab.rehearse --shape 7b
 
 # --- FSDP2 on several GPUs (configs/accelerate/fsdp2.yaml). NCCL's NVLink multicast stays off: the lent machines
 # require it, and the script sets it too. ---
@@ -86,6 +86,6 @@ gpu-fsdp:  ## 4 GPUs, ~6 min: the 7B reference recipe per GPU on 1, 2 and 4 GPUs
 
 gpu-bench-fsdp: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench-fsdp: export NCCL_NVLS_ENABLE = 0
-gpu-bench-fsdp:  ## the 7B shape on NPROC GPUs: every FSDP variant (finetune/bench.py), one profiled step each
-	$(ACCELERATE) --num_processes $(NPROC) -m finetune.bench train --profile qwen2.5-7b-shape \
+gpu-bench-fsdp:  ## the 7B shape on NPROC GPUs: every FSDP variant (finetune/lab/bench.py), one profiled step each
+	$(ACCELERATE) --num_processes $(NPROC) -m finetune.lab.bench train --profile qwen2.5-7b-shape \
 	  --name $(FSDP_NAME)_$(NPROC)gpu_variants --profile_step --dataloader_num_workers 2

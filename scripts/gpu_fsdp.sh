@@ -30,9 +30,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 launch=("$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml --num_processes)
 
 # 1. The reference recipe per GPU (packing, varlen, bf16 SR AdamW, batch 8 x 4, 512 tokens) with FSDP's activation
-#    checkpointing: FSDP_VARIANTS[0] in finetune/bench.py, 2 warm-up and 5 measured steps.
+#    checkpointing: FSDP_VARIANTS[0] in finetune/lab/bench.py, 2 warm-up and 5 measured steps.
 for n in 1 2 4; do
-    step "bench_${n}gpu" 200 "${launch[@]}" "$n" -m finetune.bench train --profile qwen2.5-7b-shape --name "${NAME}_${n}gpu" \
+    step "bench_${n}gpu" 200 "${launch[@]}" "$n" -m finetune.lab.bench train --profile qwen2.5-7b-shape --name "${NAME}_${n}gpu" \
         --variants 0 --dataloader_num_workers 2
 done
 cp results/benchmarks/"${NAME}"_*gpu.json "$OUT"/ 2>/dev/null

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import TrainerState
 
-from finetune import bench, bench_optimizers
-from finetune.report import eval_benchmark_table, targets_table, training_benchmark_table
+from finetune.lab import bench, bench_optimizers
+from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
 from finetune.throughput import StepClock, nccl_kernel_share
 
 

@@ -28,3 +28,19 @@ def test_overrides_win_and_everything_else_comes_from_the_profile():
 def test_typos_and_unknown_profiles_fail_loudly(call):
     with pytest.raises((ValueError, SystemExit)):
         call()
+
+
+def test_recipe_never_imports_the_lab_and_data_prep_never_imports_finetune():
+    import ast
+    from pathlib import Path
+
+    def imported(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+
+    root = Path(__file__).resolve().parents[1]
+    for path in (root / "finetune").glob("*.py"):
+        assert not any(name.startswith("finetune.lab") for name in imported(path)), path.name
+    for path in (root / "data_prep").glob("*.py"):
+        assert not any(name.startswith("finetune") for name in imported(path)), path.name

@@ -156,7 +156,7 @@ def test_run_resumed_from_a_sharded_checkpoint_ends_where_the_uninterrupted_run_
 @pytest.mark.slow
 def test_benchmark_on_two_ranks_writes_one_record_with_per_gpu_figures(launch):
     flags = ("train", "--name", "fsdp_smoke", "--variants", "0,1", "--warmup_steps", "1", "--measured_steps", "1")
-    output = launch("finetune/bench.py", *flags).stdout
+    output = launch("finetune/lab/bench.py", *flags).stdout
     record = json.loads((launch.results / "benchmarks" / "fsdp_smoke.json").read_text())
     assert record["world_size"] == 2 and output.count("wrote ") == 1
     fsdp_checkpointing, trainer_checkpointing = record["variants"].values()

@@ -79,8 +79,8 @@ def test_summary_is_generated_from_every_results_file(tmp_path):
 
 def test_readme_generated_sections_match_the_committed_results(tmp_path):
     """The README's tables are regenerated from results/; a hand edit or a stale table fails here."""
-    from finetune.notebooks import PROJECT_DIR
-    from finetune.report import update_readme
+    from finetune.lab.notebooks import PROJECT_DIR
+    from finetune.lab.report import update_readme
 
     readme = (PROJECT_DIR / "README.md").read_text()
     copy = tmp_path / "README.md"
@@ -187,7 +187,7 @@ def test_evaluation_changes_carry_their_commit_times():
 
 def test_training_runs_table_says_how_many_articles_each_optimizer_step_saw(tmp_path):
     """Summaries from before train.py recorded optimizer steps carry them in the Trainer's last log entry."""
-    from finetune.report import eval_benchmark_table, training_runs_table
+    from finetune.lab.report import eval_benchmark_table, training_runs_table
 
     for name, summary in (("packed", {"log_history": [{"loss": 1.0}, {"epoch": 4.0, "step": 750}]}),
                           ("unpacked", {"optimizer_steps": 1500, "articles_per_optimizer_step": 16.0})):

@@ -13,10 +13,10 @@ from IPython.core.inputtransformer2 import TransformerManager
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.kernelspec import get_kernel_dict
 
-from finetune.notebooks import NOTEBOOKS, PROJECT_DIR, run_notebooks
+from finetune.lab.notebooks import NOTEBOOKS, PROJECT_DIR, run_notebooks
 from finetune.results import validate_record
 
-# What finetune/notebooks.py and finetune/rehearse.py pass to papermill.
+# What finetune/lab/notebooks.py and finetune/lab/rehearse.py pass to papermill.
 PARAMETERS = {"profile", "data_dir", "results_dir", "max_train_samples", "max_eval_samples", "project_dir", "overrides"}
 WIDGET = "application/vnd.jupyter.widget-view+json"
 

@@ -11,7 +11,7 @@ from finetune.model import load_model, train_bpe_tokenizer
 from finetune.predict import (answer_token_ids, default_max_new_tokens, encode_prompts, generate_labels,
                               score_labels)
 from finetune.qwen_tokenizer import build_qwen25_tokenizer
-from finetune.standin import PUBLISHED_GENERATION_CONFIG, write_standin
+from finetune.lab.standin import PUBLISHED_GENERATION_CONFIG, write_standin
 
 TEXTS = ["Stocks rally as profits beat forecasts.", "The striker scored twice in the final.",
          "Rebels and troops agree to a ceasefire after talks in the capital city.", "NASA tests a new chip.",

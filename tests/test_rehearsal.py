@@ -6,10 +6,10 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune import notebooks, rehearse
+from finetune.lab import notebooks, rehearse
 from finetune.config import get_config
 from finetune.results import validate_record
-from finetune.standin import PUBLISHED_CONFIG, PUBLISHED_GENERATION_CONFIG, SHAPES, write_standin
+from finetune.lab.standin import PUBLISHED_CONFIG, PUBLISHED_GENERATION_CONFIG, SHAPES, write_standin
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from data_prep import convert_dataset, read
 from data_prep.task import LABELS
-from finetune import notebooks
+from finetune.lab import notebooks
 from finetune.config import get_config
 from finetune.data import load_splits
 from tests.conftest import TOPIC_WORDS

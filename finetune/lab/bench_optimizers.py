@@ -1,8 +1,8 @@
 """Do bf16 weights really update? Each optimizer option, trained through the same `build_trainer`, from the same
 initial weights on the same batches at the reference learning rate, measured against the exact fp32 run.
 
-    python -m finetune.bench_optimizers --profile tiny --max_steps 50                    # CPU check
-    python -m finetune.bench_optimizers --profile tiny --bf16 true --hidden_size 1024 ...  # GPU measurement
+    python -m finetune.lab.bench_optimizers --profile tiny --max_steps 50                    # CPU check
+    python -m finetune.lab.bench_optimizers --profile tiny --bf16 true --hidden_size 1024 ...  # GPU measurement
 """
 
 import dataclasses

@@ -1,9 +1,9 @@
 """GPU benchmarks of the real code path: the notebooks' trainer and evaluation, timed, with ablations side by side.
 
-    python -m finetune.bench train --profile qwen2.5-7b-shape --name h100_7b_train
-    python -m finetune.bench eval  --profile qwen2.5-7b-shape --name h100_7b_eval
-    python -m finetune.bench train --profile tiny --max_train_samples 200 --name cpu_smoke   # the CPU test's run
-    accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes N -m finetune.bench train \
+    python -m finetune.lab.bench train --profile qwen2.5-7b-shape --name h100_7b_train
+    python -m finetune.lab.bench eval  --profile qwen2.5-7b-shape --name h100_7b_eval
+    python -m finetune.lab.bench train --profile tiny --max_train_samples 200 --name cpu_smoke   # the CPU test's run
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes N -m finetune.lab.bench train \
         --profile qwen2.5-7b-shape --name h200_7b_fsdp_N                                     # FSDP_VARIANTS on N GPUs
 
 Training figures are real (non-pad) tokens/s per GPU after warm-up steps, MFU, step time, peak memory (the most loaded
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     config = config_from_args(rest, description=__doc__)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch (torchrun) for every rank
     if known.what == "eval" and world_size > 1:
-        raise SystemExit("finetune.bench eval runs on one GPU: start it with python -m, not accelerate launch")
+        raise SystemExit("finetune.lab.bench eval runs on one GPU: start it with python -m, not accelerate launch")
     out = Path(config.results_dir) / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": known.what, "world_size": world_size, "config": config.to_dict(),

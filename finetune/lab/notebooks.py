@@ -1,7 +1,7 @@
 """Run the four notebooks headless with papermill, in order, keeping the executed copies.
 
-    python -m finetune.notebooks --profile tiny                                   # what `make demo` runs
-    python -m finetune.notebooks --profile qwen2.5-7b --model ~/models/Qwen2.5-7B-Instruct   # any RunConfig field
+    python -m finetune.lab.notebooks --profile tiny                                   # what `make demo` runs
+    python -m finetune.lab.notebooks --profile qwen2.5-7b --model ~/models/Qwen2.5-7B-Instruct   # any RunConfig field
 """
 
 import os
@@ -13,7 +13,7 @@ import papermill
 from data_prep.source import DATA_ENV
 from finetune.config import get_config, overrides_from_args
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ("00_data_overview", "01_base_model_performance", "02_fine_tuning_full", "03_finetuned_model_performance")
 
 

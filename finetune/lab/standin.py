@@ -1,7 +1,7 @@
 """A stand-in for the `Qwen/Qwen2.5-7B-Instruct` hub snapshot: the same files, metadata and tokenizer, random weights.
 
-    python -m finetune.standin --shape tiny --out checkpoints/standin-tiny   # 20M parameters, for CPU tests
-    python -m finetune.standin --shape 7b   --out checkpoints/standin-7b     # the real size: 15 GB of safetensors
+    python -m finetune.lab.standin --shape tiny --out checkpoints/standin-tiny   # 20M parameters, for CPU tests
+    python -m finetune.lab.standin --shape 7b   --out checkpoints/standin-7b     # the real size: 15 GB of safetensors
 
 It lets the path a user with the real weights takes (`--model <folder>`: sharded `from_pretrained`, the checkpoint's
 own tokenizer files and `generation_config.json`) run where the weights cannot be downloaded, and lets a user

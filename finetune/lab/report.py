@@ -1,6 +1,6 @@
 """Regenerate results/summary.md and the README's generated sections from the files under results/.
 
-    python -m finetune.report          # `make demo` runs it last
+    python -m finetune.lab.report          # `make demo` runs it last
 
 Every number in those sections comes from a results or benchmark JSON; nothing here is typed by hand.
 """
@@ -8,7 +8,7 @@ Every number in those sections comes from a results or benchmark JSON; nothing h
 import json
 from pathlib import Path
 
-from finetune.rehearse import rehearsal_table
+from finetune.lab.rehearse import rehearsal_table
 from finetune.results import commit_label, hardware_label, load_records, made_before, summary_table, write_summary
 
 MARKERS = "<!-- {}:start -->", "<!-- {}:end -->"
@@ -22,7 +22,7 @@ def replace_section(readme: str, name: str, body: str) -> str:
 
 
 def benchmark_records(results_dir: Path, kind: str) -> list[tuple[Path, dict]]:
-    """The `python -m finetune.bench <kind>` outputs under results/benchmarks, by file name."""
+    """The `python -m finetune.lab.bench <kind>` outputs under results/benchmarks, by file name."""
     records = [(p, json.loads(p.read_text())) for p in sorted((results_dir / "benchmarks").glob("*.json"))]
     return [(p, r) for p, r in records if r.get("benchmark") == kind]
 
