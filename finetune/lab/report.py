@@ -6,6 +6,7 @@ Every number in those sections comes from a results or benchmark JSON; nothing h
 """
 
 import json
+import re
 from pathlib import Path
 
 from finetune.lab.rehearse import rehearsal_table
@@ -171,6 +172,26 @@ def rehearsal_section(results_dir: Path) -> str:
             f"command):\n\n{rehearsal_table(folder)}")
 
 
+def scaling_table(results_dir: Path) -> str:
+    """Per-GPU speed on N GPUs over the same variant's on one GPU, for each set of `<name>_<N>gpu.json` files (one
+    command, one machine: the 1-GPU run is the same lease's)."""
+    sets: dict[str, dict[int, dict]] = {}
+    for path, record in benchmark_records(results_dir, "train"):
+        match = re.fullmatch(r"(.+)_(\d+)gpu", path.stem)
+        if match and "world_size" in record:
+            sets.setdefault(match[1], {})[record["world_size"]] = next(iter(record["variants"].values()))
+    lines = ["| run | GPUs | tokens/s per GPU | per-GPU speed vs 1 GPU | MFU | peak GiB per GPU |", "|---|---|---|---|---|---|"]
+    for name, runs in sets.items():
+        if "tokens_per_second" not in runs.get(1, {}):
+            continue
+        for n, v in sorted(runs.items()):
+            if "tokens_per_second" in v:
+                lines.append(f"| `{name}_{n}gpu.json` | {n} | {v['tokens_per_second']:,.0f} "
+                             f"| {v['tokens_per_second'] / runs[1]['tokens_per_second']:.2f} | {v['mfu']:.1%} "
+                             f"| {_gib(v['peak_allocated_gib'])} |")
+    return "\n".join(lines) if len(lines) > 2 else "(no multi-GPU benchmark yet: `make PY=python3 gpu-fsdp`)"
+
+
 def update_readme(readme_path: Path = Path("README.md"), results_dir: Path = Path("results")) -> str:
     readme = readme_path.read_text()
     sections = {"results-table": summary_table(load_records(results_dir)),
@@ -181,7 +202,8 @@ def update_readme(readme_path: Path = Path("README.md"), results_dir: Path = Pat
                 "gpu-runs": training_runs_table(results_dir / "gpu"),
                 "cpu-packing-runs": training_runs_table(results_dir / "cpu_packing"),
                 "rehearsal-articles-per-update": rehearsal_articles_per_update(results_dir),
-                "rehearsal": rehearsal_section(results_dir)}
+                "rehearsal": rehearsal_section(results_dir),
+                "fsdp-scaling": scaling_table(results_dir)}
     for name, body in sections.items():
         if MARKERS[0].format(name) in readme:
             readme = replace_section(readme, name, body)
