@@ -1,8 +1,8 @@
 """Rehearse the real run before downloading 15 GB: the four notebooks on the `qwen2.5-7b` profile, with the model
 replaced by a stand-in folder laid out like the hub snapshot (random weights, see `finetune/lab/standin.py`).
 
-    python -m finetune.lab.rehearse --shape 7b                  # GPU: `make rehearse`; writes results/rehearsal/
-    python -m finetune.lab.rehearse --shape tiny --bf16 false --optimizer adamw --max_steps 3   # CPU (as the test runs it)
+    python -m finetune.lab.rehearse --shape 7b    # GPU: `make rehearse`; writes results/rehearsal/
+    python -m finetune.lab.rehearse --shape tiny --bf16 false --optimizer adamw --max_steps 3    # CPU, as the test
 
 It tells a user whether their card, driver and container hold the recipe, and what each step costs: model load,
 training tokens/s, peak memory in training and evaluation, checkpoint write and reload, evaluation speed, disk.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from finetune.config import config_from_args, get_config
 from finetune.lab.notebooks import NOTEBOOKS, run_notebooks
-from finetune.results import environment
 from finetune.lab.standin import HUB_ID, write_standin
+from finetune.results import environment
 
 PROFILE = "qwen2.5-7b"
 NOTEBOOK_PARAMETERS = ("max_train_samples", "max_eval_samples")
