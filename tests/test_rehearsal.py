@@ -2,6 +2,7 @@
 profile, all four notebooks, the fine-tuned checkpoint saved, reloaded and evaluated."""
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,7 +78,10 @@ def test_notebook_runs_take_any_config_field_and_a_local_model_folder(standin, m
     monkeypatch.chdir(standin.parent)
     notebooks.main(["--profile", "qwen2.5-7b", "--model", standin.name, "--learning_rate", "1e-5"])
     notebooks.main(["--profile", "qwen2.5-7b"])
-    assert passed[0]["overrides"] == {"model": str(standin.resolve()), "learning_rate": 1e-5}
+    model = passed[0]["overrides"].pop("model")  # relative to the project root, where the notebooks run
+    assert not Path(model).is_absolute() and (notebooks.PROJECT_DIR / model).resolve() == standin.resolve()
+    assert passed[0]["overrides"] == {"learning_rate": 1e-5}
     assert passed[0]["profile"] == "qwen2.5-7b" and passed[1]["overrides"] == {}  # the hub id stays the profile's
+    assert passed[1]["results_dir"] == "results"  # recorded as named, not as this machine's absolute path
     with pytest.raises(SystemExit):
         notebooks.main(["--profile", "qwen2.5-7b", "--no_such_field", "1"])

@@ -32,23 +32,29 @@ def run_notebooks(parameters: dict, output_dir: str | Path, names: tuple[str, ..
     return executed
 
 
-def main(argv: list[str] | None = None) -> None:
-    # Only the fields given are passed on, so the profile's own values (e.g. the tiny demo's sample limits) hold
-    # otherwise; `--max_train_samples none` lifts a limit.
-    profile, overrides = overrides_from_args(argv, description=__doc__)
+def notebook_parameters(profile: str, overrides: dict) -> dict:
+    """Papermill parameters for the notebooks: the profile and the RunConfig fields given (only those, so the profile's
+    own values, e.g. the tiny demo's sample limits, hold otherwise).
+
+    Notebooks run from the project root, so a relative path is rewritten to mean the same there. Results record paths
+    and the data source as named: a folder given relative stays relative (to the project), $AG_NEWS_DIR its name."""
     get_config(profile, **overrides)  # a bad value fails here, before any kernel starts
-    # Notebooks run from the project root: a relative path must mean the same there as here. Results record the data
-    # source as named, so a folder given relative stays relative (to the project) and $AG_NEWS_DIR stays its name.
-    data_dir = overrides.pop("data_dir", None)
-    if data_dir and not os.path.isabs(data_dir):
-        data_dir = os.path.relpath(data_dir, PROJECT_DIR)
-    if os.environ.get(DATA_ENV):
+    overrides = dict(overrides)
+    for field in ("data_dir", "results_dir", "checkpoints_dir", "model"):
+        path = overrides.get(field)
+        local = field != "model" or Path(path or "").is_dir()  # a model may be a hub id
+        if path and local and not os.path.isabs(path):
+            overrides[field] = os.path.relpath(Path(path).resolve(), PROJECT_DIR)
+    if os.environ.get(DATA_ENV):  # the kernels inherit it, and read it from the project root
         os.environ[DATA_ENV] = str(Path(os.environ[DATA_ENV]).resolve())
-    if "model" in overrides and Path(overrides["model"]).is_dir():  # a local checkpoint folder, not a hub id
-        overrides["model"] = str(Path(overrides["model"]).resolve())
-    results_dir = Path(overrides.pop("results_dir", "results"))
-    parameters = {"profile": profile, "data_dir": data_dir, "results_dir": str(results_dir.resolve()),
-                  "overrides": overrides}
+    return {"profile": profile, "data_dir": overrides.pop("data_dir", None),
+            "results_dir": overrides.pop("results_dir", "results"), "overrides": overrides}
+
+
+def main(argv: list[str] | None = None) -> None:
+    profile, overrides = overrides_from_args(argv, description=__doc__)  # `--max_train_samples none` lifts a limit
+    results_dir = Path(overrides.get("results_dir", "results"))
+    parameters = notebook_parameters(profile, overrides)
     try:
         run_notebooks(parameters, results_dir / "notebooks")
     except papermill.PapermillExecutionError as e:

@@ -12,25 +12,23 @@ Any RunConfig field is a flag (`--max_steps 20` and `--logging_steps 5` by defau
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from finetune.config import config_from_args, get_config
-from finetune.lab.notebooks import NOTEBOOKS, run_notebooks
+from finetune.config import get_config, overrides_from_args
+from finetune.lab.notebooks import NOTEBOOKS, notebook_parameters, run_notebooks
 from finetune.lab.standin import HUB_ID, write_standin
 from finetune.results import environment
 
 PROFILE = "qwen2.5-7b"
-NOTEBOOK_PARAMETERS = ("max_train_samples", "max_eval_samples")
 
 
 def folder_gb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e9
 
 
-def rehearse(shape: str, standin: Path, overrides: dict, data_dir: str | None) -> dict:
+def rehearse(shape: str, standin: Path, overrides: dict) -> dict:
     """Write the stand-in (unless it exists), run every notebook on it, and return the timings the notebooks'
     results files do not hold themselves."""
     facts = {"shape": shape, "standin": str(standin), "overrides": overrides}
@@ -39,13 +37,8 @@ def rehearse(shape: str, standin: Path, overrides: dict, data_dir: str | None) -
         write_standin(standin, shape, cache_dir=Path(overrides.get("checkpoints_dir", "checkpoints")) / "tokenizers")
         facts["standin_write_seconds"] = time.perf_counter() - start
     facts["standin_gb"] = folder_gb(standin)
-    config = get_config(PROFILE, model=str(standin), **overrides)
-    # The notebooks take data_dir, results_dir and the sample caps as parameters of their own; the rest rides in
-    # `overrides`.
-    own = ("data_dir", "results_dir", *NOTEBOOK_PARAMETERS)
-    parameters = {"profile": PROFILE, "data_dir": data_dir, "results_dir": str(Path(config.results_dir).resolve()),
-                  **{k: v for k, v in overrides.items() if k in NOTEBOOK_PARAMETERS},
-                  "overrides": {"model": str(standin.resolve()), **{k: v for k, v in overrides.items() if k not in own}}}
+    config = get_config(PROFILE, **overrides, model=str(standin))
+    parameters = notebook_parameters(PROFILE, {**overrides, "model": str(standin)})
     facts["notebook_seconds"] = {}
     for name in NOTEBOOKS:
         start = time.perf_counter()
@@ -140,14 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     known, rest = parser.parse_known_args(argv)
     defaults = {"run_name": f"rehearsal-{known.shape}", "max_steps": 20, "logging_steps": 5,
                 "results_dir": "results/rehearsal"}
-    config = config_from_args(["--profile", PROFILE, *[f"--{k}={v}" for k, v in defaults.items()], *rest],
-                              description=__doc__)
-    recipe = get_config(PROFILE).to_dict()
-    overrides = {k: v for k, v in config.to_dict().items() if v != recipe[k] and k not in ("profile", "model")}
+    _, overrides = overrides_from_args(["--profile", PROFILE, *[f"--{k}={v}" for k, v in defaults.items()], *rest],
+                                       description=__doc__)
+    overrides.pop("model", None)  # the stand-in is the model
+    config = get_config(PROFILE, **overrides)
     standin = Path(known.standin or Path(config.checkpoints_dir) / f"standin-{known.shape}")
     results_dir = Path(config.results_dir)
-    data_dir = config.data_dir or os.environ.get("AG_NEWS_DIR")
-    facts = rehearse(known.shape, standin, overrides, str(Path(data_dir).resolve()) if data_dir else None)
+    facts = rehearse(known.shape, standin, overrides)
     facts["command"] = "python -m finetune.lab.rehearse " + " ".join(argv if argv is not None else sys.argv[1:])
     facts["environment"] = environment()
     (results_dir / "rehearsal.json").write_text(json.dumps(facts, indent=2) + "\n")
