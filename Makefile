@@ -81,7 +81,7 @@ NPROC ?= 2
 FSDP_NAME ?= h200_7b_fsdp
 ACCELERATE := $(PY) -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml
 
-gpu-fsdp:  ## 4 GPUs, ~6 min: the 7B reference recipe per GPU on 1, 2 and 4 GPUs, a resume, a save + evaluation
+gpu-fsdp:  ## every GPU of the machine, ~8 min on 2: the 7B recipe per GPU on 1, 2, 4.. GPUs, a resume, saves + evaluations
 	PY=$(PY) NAME=$(FSDP_NAME) scripts/gpu_fsdp.sh
 
 gpu-bench-fsdp: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True

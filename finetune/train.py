@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import trl
 import trl.trainer.utils
+from torch.distributed.fsdp import FSDPModule
 from transformers import TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 from trl import SFTConfig
@@ -90,7 +91,8 @@ def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, 
 
 
 class SFTTrainer(trl.SFTTrainer):
-    """TRL's SFTTrainer, whose fused LM head scores only the positions that carry loss on every device.
+    """TRL's SFTTrainer, whose fused LM head scores only the positions that carry loss on every device, and which under
+    FSDP2 gathers the weights once per optimizer step rather than once per micro-batch.
 
     TRL does that where Triton is available and scores every position elsewhere (fixed tile shapes for accelerators
     without it). On the CPU nothing is compiled, and with the loss on ~7 answer tokens of ~120 the full head is two
@@ -105,6 +107,15 @@ class SFTTrainer(trl.SFTTrainer):
             return super().compute_loss(*args, **kwargs)
         finally:
             trl.trainer.utils._use_triton = use_triton
+
+    def training_step(self, model, *args, **kwargs):
+        """Under FSDP2 with `reshard_after_forward: false` (configs/accelerate/fsdp2.yaml), the gathered weights also
+        stay after every backward but the step's last: the weights do not change between micro-batches, so gathering
+        them again (2 x the model's bytes per micro-batch) is pure communication. Gradients are not reduced between
+        micro-batches either (accelerate's `no_sync`), so a step costs one all-gather and one reduce-scatter."""
+        if isinstance(model, FSDPModule) and not self.accelerator.state.fsdp_plugin.reshard_after_forward:
+            model.set_reshard_after_backward(self.accelerator.sync_gradients)
+        return super().training_step(model, *args, **kwargs)
 
 
 class SelectiveCheckpointing(TrainerCallback):

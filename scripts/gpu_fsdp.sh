@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# FSDP2 on one 4-GPU machine in one command (about 7-9 minutes): the 7B shape's per-GPU reference recipe on 1, 2 and 4
-# GPUs, a resume from a killed run, and a final model that from_pretrained loads and finetune.evaluate scores.
+# FSDP2 on one machine of several GPUs in one command (about 8 minutes on 2 GPUs): the 7B shape's per-GPU reference
+# recipe on 1, 2, 4 ... GPUs (powers of two up to the machine's count, or GPUS="1 2"), a resume from a killed run, a
+# final model that from_pretrained loads and finetune.evaluate scores, and the same for the 7B shape after 2 steps.
 #   AG_NEWS_DIR=/data/ag_news PY=python3 OUT=/tmp/out scripts/gpu_fsdp.sh     # or: make PY=python3 gpu-fsdp
 # Benchmark JSONs go to results/benchmarks/ (copied to $OUT too), logs and the evaluation to $OUT. Every step runs
 # even if one before it failed; the last lines say which failed, and so does the exit status.
@@ -30,10 +31,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 launch=("$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml --num_processes)
 
 # 1. The reference recipe per GPU (packing, varlen, bf16 SR AdamW, batch 8 x 4, 512 tokens) with FSDP's activation
-#    checkpointing: FSDP_VARIANTS[0] in finetune/lab/bench.py, 2 warm-up and 5 measured steps.
-for n in 1 2 4; do
-    step "bench_${n}gpu" 200 "${launch[@]}" "$n" -m finetune.lab.bench train --profile qwen2.5-7b-shape --name "${NAME}_${n}gpu" \
-        --variants 0 --dataloader_num_workers 2
+#    checkpointing: FSDP_VARIANTS[0] in finetune/lab/bench.py, 2 warm-up and 5 measured steps. On several GPUs also
+#    FSDP_VARIANTS[4] (the weights re-gathered for every forward and backward, what [0] did before commit "FSDP2:
+#    gather the weights once per optimizer step") and [2] (fp32 master weights, sharded).
+gpus=$(nvidia-smi -L | wc -l)
+GPUS=${GPUS:-$(n=1; while ((n <= gpus)); do printf '%d ' $n; n=$((n * 2)); done)}
+for n in $GPUS; do
+    variants=0,4,2
+    ((n == 1)) && variants=0
+    step "bench_${n}gpu" 300 "${launch[@]}" "$n" -m finetune.lab.bench train --profile qwen2.5-7b-shape --name "${NAME}_${n}gpu" \
+        --variants $variants --dataloader_num_workers 2
 done
 cp results/benchmarks/"${NAME}"_*gpu.json "$OUT"/ 2>/dev/null
 
@@ -65,7 +72,17 @@ step evaluate 120 "$PY" -m finetune.evaluate --profile tiny --bf16 true --optimi
     --model_path checkpoints/fsdp-tiny/final --name fsdp-tiny --results_dir "$OUT"
 grep -E "accuracy" "$OUT/evaluate.log"
 
-"$PY" - results/benchmarks/"${NAME}"_{1,2,4}gpu.json <<'EOF'
+# 4. The 7B shape's end-of-run save on 2 GPUs: the shards gathered into plain safetensors by rank 0 (15 GB), loaded by
+#    from_pretrained and evaluated on 200 articles; train_summary.json records final_save_seconds.
+rm -rf checkpoints/fsdp-7b
+step save_7b 240 "${launch[@]}" 2 -m finetune.train --profile qwen2.5-7b-shape --run_name fsdp-7b --max_steps 2 \
+    --gradient_checkpointing false --dataloader_num_workers 2
+cp checkpoints/fsdp-7b/final/train_summary.json "$OUT/fsdp-7b_train_summary.json"
+step evaluate_7b 180 "$PY" -m finetune.evaluate --profile qwen2.5-7b-shape --model_path checkpoints/fsdp-7b/final \
+    --name fsdp-7b --max_eval_samples 200 --eval_batch_size 200 --results_dir "$OUT"
+rm -rf checkpoints/fsdp-7b
+
+"$PY" - results/benchmarks/"${NAME}"_*gpu.json <<'EOF'
 import json, sys
 print(f"{'GPUs':>4} {'tokens/s/GPU':>12} {'MFU':>6} {'step s':>7} {'peak GiB':>8} {'epoch min':>9}")
 for path in sys.argv[1:]:
@@ -73,12 +90,12 @@ for path in sys.argv[1:]:
         record = json.load(open(path))
     except FileNotFoundError:
         continue
-    for v in record["variants"].values():
+    for name, v in record["variants"].items():
         if "error" in v:
-            print(f"{record['world_size']:>4} {v['error']}")
+            print(f"{record['world_size']:>4} {v['error']}  {name}")
             continue
         print(f"{record['world_size']:>4} {v['tokens_per_second']:>12,.0f} {v['mfu'] or 0:>6.1%} {v['step_seconds']:>7.2f} "
-              f"{v['peak_allocated_gib'] or 0:>8.1f} {v['projected_epoch_minutes_full_train']:>9.1f}")
+              f"{v['peak_allocated_gib'] or 0:>8.1f} {v['projected_epoch_minutes_full_train']:>9.1f}  {name}")
 EOF
 if ((${#failed[@]})); then
     echo "failed: ${failed[*]}"

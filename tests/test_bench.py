@@ -83,15 +83,18 @@ def test_optimizer_measurement_shows_bf16_adamw_losing_updates_that_stochastic_r
     assert options["adamw"]["update_norm_ratio_to_fp32"] < 0.7 < 0.9 < options["adamw_bf16_sr"]["update_norm_ratio_to_fp32"]
 
 
-def test_scaling_table_divides_per_gpu_speed_by_the_same_sets_one_gpu_run(tmp_path):
+def test_scaling_table_divides_per_gpu_speed_by_the_same_sets_one_gpu_reference(tmp_path):
     from finetune.lab.report import scaling_table
 
     (tmp_path / "benchmarks").mkdir()
     for n, rate in ((1, 8000.0), (2, 7000.0), (4, 6000.0)):
-        variant = {"tokens_per_second": rate, "mfu": 0.3, "peak_allocated_gib": 40.0}
-        record = {"benchmark": "train", "world_size": n, "environment": {}, "variants": {"reference": variant}}
+        variants = {"reference": {"tokens_per_second": rate, "mfu": 0.3, "peak_allocated_gib": 40.0}}
+        if n > 1:
+            variants["resharded"] = {"tokens_per_second": rate - 1000, "mfu": 0.25, "peak_allocated_gib": 30.0}
+        record = {"benchmark": "train", "world_size": n, "environment": {"git_commit": "abcdef12"}, "variants": variants}
         (tmp_path / "benchmarks" / f"h200_fsdp_{n}gpu.json").write_text(json.dumps(record))
     table = scaling_table(tmp_path)
-    assert "| `h200_fsdp_2gpu.json` | 2 | 7,000 | 0.88 |" in table and "| `h200_fsdp_4gpu.json` | 4 | 6,000 | 0.75 |" in table
+    assert "| `h200_fsdp_2gpu.json` | `abcdef1` | 2 | reference | 7,000 | 0.88 |" in table
+    assert "| `h200_fsdp_4gpu.json` | `abcdef1` | 4 | resharded | 5,000 | 0.62 |" in table
     (tmp_path / "benchmarks" / "h200_fsdp_1gpu.json").unlink()  # no 1-GPU run of the set: no ratio to give
     assert "no multi-GPU benchmark" in scaling_table(tmp_path)

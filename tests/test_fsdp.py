@@ -31,8 +31,9 @@ from finetune.train import last_checkpoint, sft_config
 ROOT = Path(__file__).resolve().parents[1]
 
 WRAPPER = '''
-import runpy, sys
+import atexit, runpy, sys
 import accelerate.state as S
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 from accelerate.utils import DistributedType
 _init = S.AcceleratorState.__init__
 def __init__(self, *a, fsdp_plugin=None, **kw):
@@ -42,6 +43,12 @@ def __init__(self, *a, fsdp_plugin=None, **kw):
         self.fsdp_plugin = fsdp_plugin
         S.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 S.AcceleratorState.__init__ = __init__
+gathers, _foreach_all_gather = [0], _fsdp_param_group.foreach_all_gather
+def foreach_all_gather(*args, **kwargs):  # one call gathers one FSDP unit's weights
+    gathers[0] += 1
+    return _foreach_all_gather(*args, **kwargs)
+_fsdp_param_group.foreach_all_gather = foreach_all_gather
+atexit.register(lambda: print(f"FSDP all-gathers on this rank: {gathers[0]}", flush=True))
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''
@@ -78,13 +85,15 @@ def launch(synthetic_dir, tmp_path_factory):
              *accelerate_flags, str(wrapper), script, *flags, *common],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        if "--run_name" in flags:
+            run.outputs[flags[flags.index("--run_name") + 1]] = done.stdout
         return done
 
     def single(*flags: str) -> None:
         subprocess.run([sys.executable, "-m", "finetune.train", *common, *flags], cwd=ROOT, env=env, check=True,
                        capture_output=True)
 
-    run.single, run.checkpoints, run.results = single, folder / "ck", folder / "results"
+    run.single, run.checkpoints, run.results, run.outputs = single, folder / "ck", folder / "results", {}
     return run
 
 
@@ -106,6 +115,13 @@ def single(launch, uninterrupted):
 def _losses(final: Path) -> list[float]:
     summary = json.loads((final / "train_summary.json").read_text())
     return [h["loss"] for h in summary["log_history"] if "loss" in h]
+
+
+def _all_gathers(output: str) -> int:
+    """All-gathers of FSDP units on each rank, as WRAPPER counts them (both ranks do the same)."""
+    counts = set(re.findall(r"FSDP all-gathers on this rank: (\d+)", output))
+    assert len(counts) == 1, output[-2000:]
+    return int(counts.pop())
 
 
 def _logits(folder: Path) -> torch.Tensor:
@@ -134,6 +150,22 @@ def test_two_ranks_train_like_one_process_and_save_a_model_from_pretrained_loads
     checkpoint = uninterrupted / "checkpoint-4"
     assert {"pytorch_model_fsdp.bin", "optimizer.bin"} <= {p.name for p in checkpoint.iterdir()}
     assert last_checkpoint(uninterrupted) == str(checkpoint)
+
+
+@pytest.mark.slow
+def test_weights_are_gathered_once_per_optimizer_step_whatever_the_gradient_accumulation(launch, uninterrupted):
+    """Two micro-batches a step: the weights stay gathered from the first forward to the last backward (the accelerate
+    config's reshard_after_forward false), so a step gathers each unit once, as with one micro-batch; resharding after
+    every forward and backward gathers more often and trains the same."""
+    flags = ("--max_steps", "2", "--save_steps", "100", "--gradient_accumulation_steps", "2")
+    launch("finetune/train.py", "--run_name", "gathered", *flags)
+    launch("finetune/train.py", "--run_name", "resharded", *flags,
+           accelerate_flags=("--fsdp_reshard_after_forward", "true"))
+    per_step = {name: _all_gathers(launch.outputs[name]) / steps
+                for name, steps in (("fsdp", 4), ("gathered", 2), ("resharded", 2))}
+    assert per_step["gathered"] == per_step["fsdp"] < per_step["resharded"]
+    gathered, resharded = (_losses(launch.checkpoints / name / "final") for name in ("gathered", "resharded"))
+    assert len(gathered) == 2 and gathered == pytest.approx(resharded, rel=1e-5)
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import json
 import os
 import time
 from pathlib import Path
+from unittest import mock
 
 import matplotlib.pyplot as plt
 import torch
@@ -58,9 +59,10 @@ TRAIN_VARIANTS = {
                                                                "optimizer": "adamw"},
 }
 # Under FSDP2 (`accelerate launch`, configs/accelerate/fsdp2.yaml) the same per-GPU recipe: who checkpoints the
-# activations (FSDP per decoder layer, or the Trainer; never both), and how the weights are updated. With FSDP2,
-# adamw_fp32_master is its mixed precision (fp32 shards, bf16 compute); the others keep bf16 shards
-# (finetune/train.py::sft_config). Without checkpointing comes last: it may not fit on fewer GPUs.
+# activations (FSDP per decoder layer, or the Trainer; never both), when gathered weights are freed, and how the
+# weights are updated. With FSDP2, adamw_fp32_master is its mixed precision (fp32 shards, bf16 compute); the others
+# keep bf16 shards (finetune/train.py::sft_config). Keys starting with "fsdp_" replace the accelerate config's
+# setting of that name for the variant. Without checkpointing comes last: it may not fit on fewer GPUs.
 FSDP_VARIANTS = {
     "FSDP2 reference (FSDP activation checkpointing, bf16 SR AdamW)": {
         "gradient_checkpointing": False, "fsdp_activation_checkpointing": True},
@@ -70,21 +72,19 @@ FSDP_VARIANTS = {
         "gradient_checkpointing": False, "fsdp_activation_checkpointing": True, "optimizer": "adamw_fp32_master"},
     "FSDP2, plain bf16 AdamW": {
         "gradient_checkpointing": False, "fsdp_activation_checkpointing": True, "optimizer": "adamw"},
+    "FSDP2, weights re-gathered for every forward and backward (reshard_after_forward)": {
+        "gradient_checkpointing": False, "fsdp_activation_checkpointing": True, "fsdp_reshard_after_forward": True},
     "FSDP2, no activation checkpointing": {"gradient_checkpointing": False, "fsdp_activation_checkpointing": False},
 }
 
 
-def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: int, profile: bool = False,
-                        fsdp_activation_checkpointing: bool | None = None) -> dict:
+def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: int, profile: bool = False) -> dict:
     """Train `warmup_steps + measured_steps` optimizer steps through `build_trainer`; time the measured ones. With
-    `profile`, one more step runs under the torch profiler (after the timed ones, so its overhead is not timed).
-    Under FSDP, `fsdp_activation_checkpointing` replaces the accelerate config's for this trainer."""
+    `profile`, one more step runs under the torch profiler (after the timed ones, so its overhead is not timed)."""
     config = dataclasses.replace(config, max_steps=warmup_steps + measured_steps + profile, logging_steps=1,
                                  run_name=f"{config.run_name}-bench")
     clock = StepClock()
     profiler = StepProfiler(warmup_steps + measured_steps + 1)
-    if fsdp_activation_checkpointing is not None:  # each trainer's FSDP plugin reads the launch config from here
-        os.environ["FSDP_ACTIVATION_CHECKPOINTING"] = str(fsdp_activation_checkpointing).lower()
     reset_peak_memory()
     try:
         trainer = build_trainer(config, callbacks=[clock, profiler] if profile else [clock])
@@ -128,10 +128,13 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
     results = {}
     for name, overrides in variants.items():
         print(f"== {name}", flush=True)
-        run = {k: v for k, v in overrides.items() if k != "fsdp_activation_checkpointing"}
-        results[name] = {"overrides": overrides,
-                         **bench_train_variant(dataclasses.replace(config, **run), warmup_steps, measured_steps,
-                                                 profile, overrides.get("fsdp_activation_checkpointing"))}
+        run = {k: v for k, v in overrides.items() if not k.startswith("fsdp_")}
+        # `accelerate launch` hands the config to every rank as FSDP_* variables, which each trainer's plugin reads.
+        fsdp_settings = {k.upper(): str(v).lower() for k, v in overrides.items() if k.startswith("fsdp_")}
+        with mock.patch.dict(os.environ, fsdp_settings):
+            results[name] = {"overrides": overrides,
+                             **bench_train_variant(dataclasses.replace(config, **run), warmup_steps, measured_steps,
+                                                     profile)}
         if PartialState().is_main_process:
             print(json.dumps(results[name]), flush=True)
         base = results[next(iter(results))].get("tokens_per_second")

@@ -173,22 +173,26 @@ def rehearsal_section(results_dir: Path) -> str:
 
 
 def scaling_table(results_dir: Path) -> str:
-    """Per-GPU speed on N GPUs over the same variant's on one GPU, for each set of `<name>_<N>gpu.json` files (one
-    command, one machine: the 1-GPU run is the same lease's)."""
+    """Per-GPU speed of each variant on N GPUs over the reference variant's on one GPU, for each set of
+    `<name>_<N>gpu.json` files (one command, one machine: the 1-GPU run is the same lease's)."""
     sets: dict[str, dict[int, dict]] = {}
     for path, record in benchmark_records(results_dir, "train"):
         match = re.fullmatch(r"(.+)_(\d+)gpu", path.stem)
         if match and "world_size" in record:
-            sets.setdefault(match[1], {})[record["world_size"]] = next(iter(record["variants"].values()))
-    lines = ["| run | GPUs | tokens/s per GPU | per-GPU speed vs 1 GPU | MFU | peak GiB per GPU |", "|---|---|---|---|---|---|"]
+            sets.setdefault(match[1], {})[record["world_size"]] = record
+    lines = ["| run | commit | GPUs | variant | tokens/s per GPU | per-GPU speed vs 1 GPU | MFU | peak GiB per GPU |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, runs in sets.items():
-        if "tokens_per_second" not in runs.get(1, {}):
+        one_gpu = next(iter(runs.get(1, {}).get("variants", {}).values()), {})
+        if "tokens_per_second" not in one_gpu:
             continue
-        for n, v in sorted(runs.items()):
-            if "tokens_per_second" in v:
-                lines.append(f"| `{name}_{n}gpu.json` | {n} | {v['tokens_per_second']:,.0f} "
-                             f"| {v['tokens_per_second'] / runs[1]['tokens_per_second']:.2f} | {v['mfu']:.1%} "
-                             f"| {_gib(v['peak_allocated_gib'])} |")
+        for n, record in sorted(runs.items()):
+            commit = (record["environment"].get("git_commit") or "unknown")[:7]
+            for variant, v in record["variants"].items():
+                if "tokens_per_second" in v:
+                    lines.append(f"| `{name}_{n}gpu.json` | `{commit}` | {n} | {variant} | {v['tokens_per_second']:,.0f} "
+                                 f"| {v['tokens_per_second'] / one_gpu['tokens_per_second']:.2f} | {v['mfu']:.1%} "
+                                 f"| {_gib(v['peak_allocated_gib'])} |")
     return "\n".join(lines) if len(lines) > 2 else "(no multi-GPU benchmark yet: `make PY=python3 gpu-fsdp`)"
 
 
