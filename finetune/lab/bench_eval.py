@@ -120,9 +120,14 @@ def liger_in_use(model) -> dict:
     """Which of Liger's kernels this model really runs: its module classes, and whether RoPE is Liger's."""
     from transformers.models.qwen2 import modeling_qwen2
 
-    modules = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("liger_kernel")})
-    rope = modeling_qwen2.apply_rotary_pos_emb.__module__
-    return {"modules": modules, "rotary_embedding": rope, "in_use": bool(modules) or rope.startswith("liger_kernel")}
+    def liger(function) -> bool:
+        return getattr(function, "__module__", "").startswith("liger_kernel")
+
+    # Liger patches the instances' forward (their class may keep its name) and Qwen2's RoPE function.
+    modules = sorted({type(m).__name__ for m in model.modules() if liger(type(m)) or liger(m.forward)})
+    rope = modeling_qwen2.apply_rotary_pos_emb
+    return {"modules_with_liger_forward": modules, "rotary_embedding": rope.__module__,
+            "in_use": bool(modules) or liger(rope)}
 
 
 def agreement(predictions: Predictions, reference: Predictions) -> dict:
