@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lab tensorboard check-data gpu-training-core gpu-bench rehearse gpu-fsdp gpu-bench-fsdp
+.PHONY: demo test lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval rehearse gpu-fsdp gpu-bench-fsdp
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,9 +67,15 @@ gpu-training-core:  ## packed-vs-alone equivalence on CUDA, holdout runs with an
 gpu-bench: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench:  ## the 7B shape: training ablations (with a profiled step each) and evaluation throughput, plain and Liger
 	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --name h100_7b_train --profile_step
-	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --name h100_7b_eval --eval_batch_size 256
-	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --name h100_7b_eval_liger --eval_batch_size 256 \
-	  --use_liger_kernel true
+	$(MAKE) PY=$(PY) gpu-bench-eval
+
+# Plain-HF anchors first (no Liger), then Liger applied and the suite's modes (tree and packed label scoring,
+# generation), each warmed up and timed twice over the 7,600 articles: about 5 minutes on one H200.
+EVAL_NAME ?= h200_7b_eval_anchored
+gpu-bench-eval: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
+gpu-bench-eval:  ## the 7B shape: every evaluation mode beside plain-HF label scoring and generate, same process
+	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --name $(EVAL_NAME) --eval_batch_size 256 \
+	  --generation_batch_size 512 --use_liger_kernel true --repeats 2
 
 rehearse: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 rehearse:  ## GPU: the four notebooks, qwen2.5-7b recipe, 40 steps, on a 15 GB stand-in of the hub snapshot (results/rehearsal/)

@@ -84,11 +84,11 @@ def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
     kernels when the config asks for them."""
     model = load_model(config, tokenizer, "sdpa", path=path).to("cuda" if torch.cuda.is_available() else "cpu").eval()
     if config.use_liger_kernel:
-        _apply_liger_kernels(model)
+        apply_liger_kernels(model)
     return model
 
 
-def _apply_liger_kernels(model: torch.nn.Module) -> None:
+def apply_liger_kernels(model: torch.nn.Module) -> None:
     """Liger's fused RMSNorm, RoPE and SwiGLU kernels in this Qwen2 model, for inference (training gets them, plus the
     fused loss, from TRL's `use_liger_kernel`). Unfused, these elementwise ops take a large share of label scoring's
     GPU time (`label_scoring_profile` in results/benchmarks/). Liger swaps RoPE for every Qwen2 model in the process,

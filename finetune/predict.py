@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from data_prep.task import LABELS, build_messages, build_prompt_messages
 from finetune.answers import parse_strict
 from finetune.metrics import Predictions
+from finetune.packed import opening_keys, pack_batch, packed_attention, packed_logits
 
 # Room past the longest trained answer (8 tokens with its end-of-turn, in Qwen2.5's tokenizer as in the tiny BPE) for
 # an instruct model's own style: ```json\n{"category": "Sci/Tech"}\n``` and its end-of-turn take 13 Qwen2.5 tokens
@@ -124,11 +126,14 @@ def _shared_opening(model, prompts: list[list[int]]) -> tuple[int, object | None
 
 
 def _batch_cache(header, rows: int):
-    """A copy of the shared opening's cache for `rows` articles (the model extends the cache it is given)."""
+    """The shared opening's cache for `rows` articles, as broadcast views of its tensors: no copy. The model extends
+    the cache it is given by concatenation, which writes new tensors and leaves the opening's untouched."""
     if header is None:
         return None
-    cache = copy.deepcopy(header)
-    cache.batch_repeat_interleave(rows)
+    cache = copy.copy(header)
+    cache.layers = [copy.copy(layer) for layer in header.layers]
+    for layer in cache.layers:
+        layer.keys, layer.values = (x.expand(rows, -1, -1, -1) for x in (layer.keys, layer.values))
     return cache
 
 
@@ -181,45 +186,64 @@ def _scoring_mask(valid: torch.Tensor, branches: torch.Tensor, header: int) -> t
     return torch.cat([valid.new_ones(len(valid), width, header), row], -1)[:, None]
 
 
+SCORING_METHODS = ("auto", "packed", "tree")
+
+
 @torch.inference_mode()
 def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 512,
-                 progress: bool = True) -> Predictions:
+                 progress: bool = True, method: str = "auto") -> Predictions:
     """Full log-probability of each label's answer, one forward pass per batch, no token computed twice.
 
-    The system turn and instruction that open every prompt run once for all articles (a shared KV cache). Each row
-    then holds one article followed by the answer tree (see `AnswerTree`): the four answers add a dozen-odd tokens
-    rather than four copies of the article or a second pass on a copied cache.
+    The system turn and instruction that open every prompt run once for all articles (a shared KV cache). Each
+    article is then followed by the answer tree (see `AnswerTree`): the four answers add a dozen-odd tokens rather
+    than four copies of the article or a second pass on a copied cache. `method` lays a batch out as
+    "packed": one row without padding, attention through the varlen kernel (`finetune.packed`); or
+    "tree": left-padded rows and a 4D mask. "auto" packs on CUDA, where the kernel is, and uses the tree elsewhere.
     """
+    if method not in SCORING_METHODS:
+        raise ValueError(f"method={method!r}: choose one of {SCORING_METHODS}")
+    if method == "auto":
+        method = "packed" if model.device.type == "cuda" else "tree"
     answers = answer_token_ids(tokenizer)
     tree = AnswerTree.from_answers(answers)
     prompts, truncated = encode_prompts(tokenizer, texts, max_length - max(map(len, answers)))
     device = model.device
-    tail = len(tree.tokens) + 1  # logits kept: the last prompt token's and every tree token's
     positions_in_tail = torch.tensor([p for p, _ in tree.terms], device=device)
     target_tokens = torch.tensor([t for _, t in tree.terms], device=device)
     owner = tree.owner.to(device)
-    branch, depth = (torch.tensor(x, device=device) for x in (tree.branch, tree.depth))
-    branches = (branch[:, None] == branch[None, :]) & (depth[None, :] <= depth[:, None])  # who sees whom in the tree
-    n_branch = len(branch)
-
     common, header = _shared_opening(model, prompts)
+    if method == "packed":
+        opening, layout = opening_keys(header), packed_attention(model)
+        tail_logits = lambda rows: packed_logits(model, pack_batch(rows, tree, common, device), opening)
+    else:
+        layout = nullcontext()
+        tail_logits = lambda rows: _tree_logits(model, rows, tree, common, header, tokenizer.pad_token_id)
 
     logprobs = np.zeros((len(texts), len(answers)))
     seconds = np.zeros(len(texts))
-    for batch in tqdm(list(_batches(prompts, batch_size)), desc="label scoring", disable=not progress):
-        start = time.perf_counter()
-        # Left padding sits between the shared opening and each article; the mask hides it, positions skip it.
-        ids, valid = _left_pad([prompts[i][common:] + tree.tokens for i in batch], tokenizer.pad_token_id, device)
-        positions = common + (valid.cumsum(-1) - 1).clamp(min=0)
-        positions[:, -n_branch:] = positions[:, -n_branch - 1:-n_branch] + 1 + depth  # branches run side by side
-        mask = _scoring_mask(valid.bool(), branches, common)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       past_key_values=_batch_cache(header, len(batch)),
-                       use_cache=header is not None, logits_to_keep=tail).logits.float()
-        term_logprobs = logits[:, positions_in_tail, target_tokens] - logits.logsumexp(-1)[:, positions_in_tail]
-        logprobs[batch] = (term_logprobs @ owner).cpu().numpy()
-        seconds[batch] = time.perf_counter() - start
+    with layout:
+        for batch in tqdm(list(_batches(prompts, batch_size)), desc="label scoring", disable=not progress):
+            start = time.perf_counter()
+            logits = tail_logits([prompts[i][common:] for i in batch])  # (articles, tail, vocab)
+            term_logprobs = logits[:, positions_in_tail, target_tokens] - logits.logsumexp(-1)[:, positions_in_tail]
+            logprobs[batch] = (term_logprobs @ owner).cpu().numpy()
+            seconds[batch] = time.perf_counter() - start
     return Predictions(labels=logprobs.argmax(1), batch_seconds=seconds, truncated=truncated, label_logprobs=logprobs)
+
+
+def _tree_logits(model, rows: list[list[int]], tree: AnswerTree, common: int, header, pad_id: int) -> torch.Tensor:
+    """Tail logits of left-padded rows, each an article then the answer tree, under the tree's 4D mask."""
+    device, n_branch = model.device, len(tree.branch)
+    branch, depth = (torch.tensor(x, device=device) for x in (tree.branch, tree.depth))
+    branches = (branch[:, None] == branch[None, :]) & (depth[None, :] <= depth[:, None])  # who sees whom in the tree
+    # Left padding sits between the shared opening and each article; the mask hides it, positions skip it.
+    ids, valid = _left_pad([row + tree.tokens for row in rows], pad_id, device)
+    positions = common + (valid.cumsum(-1) - 1).clamp(min=0)
+    positions[:, -n_branch:] = positions[:, -n_branch - 1:-n_branch] + 1 + depth  # branches run side by side
+    mask = _scoring_mask(valid.bool(), branches, common)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                 past_key_values=_batch_cache(header, len(rows)), use_cache=header is not None,
+                 logits_to_keep=len(tree.tokens) + 1).logits.float()
 
 
 def _common_prefix_length(rows: list[list[int]]) -> int:

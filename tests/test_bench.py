@@ -10,6 +10,7 @@ from transformers import TrainerState
 from finetune.lab import bench, bench_optimizers
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
 from finetune.throughput import StepClock, nccl_kernel_share
+from tests.conftest import write_synthetic_csv
 
 
 def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_path):
@@ -56,16 +57,29 @@ def test_nccl_share_is_the_gpu_timeline_with_a_collective_in_flight():
     assert nccl_kernel_share(SimpleNamespace(events=lambda: [])) is None  # CPU: no GPU timeline
 
 
-def test_eval_benchmark_covers_every_test_article(tiny_config, tmp_path):
-    args = ["eval", "--name", "smoke_eval", "--profile", "tiny", "--data_dir", tiny_config.data_dir,
-            "--holdout_train_size", "300", "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4",
-            "--max_length", "128", "--eval_batch_size", "100", "--checkpoints_dir", tiny_config.checkpoints_dir,
-            "--results_dir", str(tmp_path)]
+def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tmp_path):
+    write_synthetic_csv(tmp_path / "test.csv", per_class=25)  # 100 articles: every mode runs three times
+    args = ["eval", "--name", "smoke_eval", "--profile", "tiny", "--data_dir", str(tmp_path),
+            "--holdout_train_size", "60", "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4",
+            "--max_length", "128", "--eval_batch_size", "32", "--repeats", "2", "--max_new_tokens", "4",
+            "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
     bench.main(args)
-    modes = json.loads((tmp_path / "benchmarks" / "smoke_eval.json").read_text())["modes"]
-    assert modes["label_scoring"]["articles"] == 400 and modes["generation"]["articles_per_second"] > 0
-    assert " threads) | label_scoring | 400 |" in eval_benchmark_table(tmp_path)
-    assert "no GPU benchmark" in targets_table(tmp_path)  # CPU runs have no MFU: never counted against targets
+    record = json.loads((tmp_path / "benchmarks" / "smoke_eval.json").read_text())
+    modes = record["modes"]
+    assert list(modes) == ["plain_label_scoring", "plain_generate", "label_scoring_tree", "label_scoring", "generation"]
+    assert modes["label_scoring"]["articles"] == 100 and modes["plain_generate"]["articles"] == 25  # every 4th
+    packed, anchor = modes["label_scoring"], modes["plain_label_scoring"]
+    assert packed["repeats"] == 2 and len(packed["seconds_per_run"]) == 2
+    assert packed["articles_per_second_min"] <= packed["articles_per_second"] <= packed["articles_per_second_max"]
+    assert packed["vs_anchor"] == pytest.approx(packed["articles_per_second"] / anchor["articles_per_second"])
+    assert modes["generation"]["vs_anchor"] == pytest.approx(
+        modes["generation"]["articles_per_second"] / modes["plain_generate"]["articles_per_second"])
+    assert packed["agreement_with_tree"]["same_labels"] == 1.0  # the two layouts compute the same log-probabilities
+    assert packed["agreement_with_tree"]["max_abs_logprob_difference"] < 1e-4
+    assert set(record["profiles"]) == {"plain_label_scoring", "label_scoring_tree", "label_scoring"}
+    assert record["liger_kernels"] is None
+    assert " threads) | label_scoring | 100 |" in eval_benchmark_table(tmp_path)
+    assert "no GPU benchmark" in targets_table(tmp_path)  # CPU runs are never counted against targets
 
 
 def test_optimizer_measurement_shows_bf16_adamw_losing_updates_that_stochastic_rounding_keeps(tiny_config, tmp_path):

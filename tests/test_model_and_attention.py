@@ -116,8 +116,45 @@ def test_torch_without_the_varlen_kernel_falls_back_to_exact_padded_attention(mo
     q, k, v = torch.randn(15, 4, 8), torch.randn(15, 2, 8), torch.randn(15, 2, 8)  # (tokens, heads, dim), GQA
     cu = torch.tensor([0, 5, 8, 15], dtype=torch.int32)
     with pytest.warns(UserWarning, match="no torch.nn.attention.varlen: packed rows use the exact padded attention"):
-        out = _cuda_varlen_attention(q, k, v, cu, max(lengths), None)
+        out = _cuda_varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), None)
     alone = [torch.nn.functional.scaled_dot_product_attention(
         *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, enable_gqa=True).transpose(0, 1)
         for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
     torch.testing.assert_close(out, torch.cat(alone))
+
+
+def _causal_alone(q, k, v, cu_q, cu_k):
+    """Each sequence on its own: its queries are its last keys (bottom-right causal), the slow obvious way."""
+    out = []
+    for (qa, qb), (ka, kb) in zip(zip(cu_q[:-1].tolist(), cu_q[1:].tolist()), zip(cu_k[:-1].tolist(), cu_k[1:].tolist())):
+        lq, lk = qb - qa, kb - ka
+        mask = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            *(x.transpose(0, 1) for x in (q[qa:qb], k[ka:kb], v[ka:kb])), attn_mask=mask, enable_gqa=True
+        ).transpose(0, 1))
+    return torch.cat(out)
+
+
+def test_padded_attention_with_more_keys_than_queries_matches_each_sequence_alone():
+    """Packed label scoring's sequences see the shared opening's keys as well as their own tokens."""
+    from finetune.attention import _padded_causal_attention
+
+    torch.manual_seed(0)
+    cu_q, cu_k = torch.tensor([0, 5, 7, 10], dtype=torch.int32), torch.tensor([0, 9, 17, 20], dtype=torch.int32)
+    q, k, v = torch.randn(10, 4, 8), torch.randn(20, 2, 8), torch.randn(20, 2, 8)
+    torch.testing.assert_close(_padded_causal_attention(q, k, v, cu_q, cu_k, None), _causal_alone(q, k, v, cu_q, cu_k))
+
+
+@pytest.mark.gpu
+def test_cuda_varlen_kernel_aligns_queries_to_the_last_keys():
+    """Packed label scoring relies on the kernel's bottom-right causal alignment when a sequence has more keys than
+    queries (FlashAttention's convention); bf16, head_dim 128, GQA as in the 7B."""
+    from finetune.attention import _cuda_varlen_attention
+
+    torch.manual_seed(0)
+    cu_q, cu_k = torch.tensor([0, 50, 52, 56], dtype=torch.int32), torch.tensor([0, 91, 134, 180], dtype=torch.int32)
+    q = torch.randn(56, 28, 128, dtype=torch.bfloat16)
+    k, v = torch.randn(180, 4, 128, dtype=torch.bfloat16), torch.randn(180, 4, 128, dtype=torch.bfloat16)
+    out = _cuda_varlen_attention(*(x.cuda() for x in (q, k, v, cu_q, cu_k)), 50, 91, None)
+    expected = _causal_alone(*(x.cuda().float() for x in (q, k, v)), cu_q, cu_k)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)

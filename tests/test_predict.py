@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, RepetitionPenaltyL
 
 from data_prep.task import LABELS, build_messages, build_prompt_messages
 from finetune.model import load_model, train_bpe_tokenizer
-from finetune.predict import (answer_token_ids, default_max_new_tokens, encode_prompts, generate_labels,
+from finetune.packed import pack_batch
+from finetune.predict import (AnswerTree, answer_token_ids, default_max_new_tokens, encode_prompts, generate_labels,
                               score_labels)
 from finetune.qwen_tokenizer import build_qwen25_tokenizer
 from finetune.lab.standin import PUBLISHED_GENERATION_CONFIG, write_standin
@@ -42,13 +43,30 @@ def explicit_logprob(model, tokenizer, text: str, label: str) -> float:
     return sum(logprobs[len(prompt) - 1 + i, token].item() for i, token in enumerate(answer))
 
 
-def test_label_scoring_equals_explicit_per_answer_logprob(model, tokenizer):
+@pytest.mark.parametrize("method", ["tree", "packed"])
+def test_label_scoring_equals_explicit_per_answer_logprob(model, tokenizer, method):
     texts = TEXTS[:6]
-    predictions = score_labels(model, tokenizer, texts, batch_size=4, max_length=512, progress=False)
+    predictions = score_labels(model, tokenizer, texts, batch_size=4, max_length=512, progress=False, method=method)
     expected = np.array([[explicit_logprob(model, tokenizer, t, label) for label in LABELS] for t in texts])
     np.testing.assert_allclose(predictions.label_logprobs, expected, atol=1e-4)
     assert list(predictions.labels) == list(expected.argmax(1))
     assert predictions.truncated == 0 and (predictions.batch_seconds > 0).all()
+
+
+def test_packed_rows_hold_every_article_and_answer_tree_without_padding(tokenizer):
+    tree = AnswerTree.from_answers(answer_token_ids(tokenizer))
+    articles = [[5, 6, 7], [8], [9, 10]]
+    batch = pack_batch(articles, tree, opening=4, device="cpu")
+    assert batch.ids[0].tolist() == [t for a in articles for t in a + tree.tokens]
+    assert batch.positions[0, :3].tolist() == [4, 5, 6] and batch.positions[0, 3 + len(tree.tokens)].item() == 4
+    sequences = 1 + len(set(tree.branch))  # per article: its trunk, then one per branch
+    assert len(batch.cu_q) == 1 + sequences * len(articles) and batch.cu_q[-1] == batch.ids.shape[1]
+    assert batch.key_index[:4].tolist() == [0, 1, 2, 3]  # the first trunk's keys start with the shared opening
+
+
+def test_scoring_methods_are_named(model, tokenizer):
+    with pytest.raises(ValueError, match="choose one of"):
+        score_labels(model, tokenizer, TEXTS[:1], method="fast", progress=False)
 
 
 def test_long_article_is_truncated_but_keeps_instruction_and_answer_slot(tokenizer):
@@ -142,3 +160,17 @@ def test_default_max_new_tokens_follows_the_tokenizer(tokenizer, tmp_path):
     longest = max(map(len, answer_token_ids(coarse)))
     assert default_max_new_tokens(tokenizer) == 16
     assert longest > 8 and default_max_new_tokens(coarse) == longest + 8
+
+
+@pytest.mark.gpu
+def test_packed_scoring_on_cuda_matches_the_tree(tokenizer, tmp_path):
+    """The varlen kernel's path against the 4D-mask one, on a bf16 model as the 7B runs."""
+    from finetune.config import get_config
+
+    config = get_config("tiny", hidden_size=256, num_heads=2, num_kv_heads=1, intermediate_size=256, bf16=True,
+                        checkpoints_dir=str(tmp_path))  # head_dim 128, GQA, as in the 7B
+    model = load_model(config, tokenizer).cuda().eval()
+    texts = TEXTS * 10
+    tree = score_labels(model, tokenizer, texts, batch_size=16, progress=False, method="tree")
+    packed = score_labels(model, tokenizer, texts, batch_size=16, progress=False, method="packed")
+    np.testing.assert_allclose(packed.label_logprobs, tree.label_logprobs, atol=0.05)

@@ -1,7 +1,7 @@
 """GPU benchmarks of the real code path: the notebooks' trainer and evaluation, timed, with ablations side by side.
 
     python -m finetune.lab.bench train --profile qwen2.5-7b-shape --name h100_7b_train
-    python -m finetune.lab.bench eval  --profile qwen2.5-7b-shape --name h100_7b_eval
+    python -m finetune.lab.bench eval  --profile qwen2.5-7b-shape --name h100_7b_eval   # beside plain-HF anchors
     python -m finetune.lab.bench train --profile tiny --max_train_samples 200 --name cpu_smoke   # the CPU test's run
     accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes N -m finetune.lab.bench train \
         --profile qwen2.5-7b-shape --name h200_7b_fsdp_N                                     # FSDP_VARIANTS on N GPUs
@@ -28,7 +28,8 @@ from transformers.trainer_utils import SaveStrategy
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
 from finetune.model import load_for_inference, load_tokenizer
-from finetune.predict import encode_prompts, generate_labels, score_labels
+from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
+from finetune.predict import encode_prompts
 from finetune.results import environment
 from finetune.metrics import throughput
 from finetune.throughput import (StepClock, StepProfiler, max_over_ranks, mean_article_tokens, peak_flops,
@@ -144,33 +145,21 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
     return results
 
 
-def bench_eval(config: RunConfig, modes: list[str]) -> dict:
-    """Label scoring and generation over every test-split article (both sides of a holdout carve: speed does not
-    depend on what the model learned), through the functions the notebooks use."""
+def bench_eval(config: RunConfig, modes: list[str], repeats: int, generation_batch_size: int | None) -> dict:
+    """Every mode of `finetune.lab.bench_eval` over every test-split article (both sides of a holdout carve: speed does
+    not depend on what the model learned), the plain anchors first, on one model."""
     splits = load_splits(config)
     texts = list(splits.eval["text"]) + (list(splits.train["text"]) if splits.protocol == "holdout" else [])
     tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
-    model = load_for_inference(config, tokenizer)
+    model = load_for_inference(dataclasses.replace(config, use_liger_kernel=False), tokenizer)  # Liger comes later
     start = time.perf_counter()
     encode_prompts(tokenizer, texts, config.max_length)
     tokenization_seconds = time.perf_counter() - start  # host-side share of each mode's time below
-    results = {}
-    for mode, predict in (("label_scoring", score_labels), ("generation", generate_labels)):
-        if mode not in modes:
-            continue
-        reset_peak_memory()
-        start = time.perf_counter()
-        predictions = predict(model, tokenizer, texts, batch_size=config.eval_batch_size, max_length=config.max_length)
-        seconds = time.perf_counter() - start
-        results[mode] = {**throughput(predictions, config.eval_batch_size, seconds),
-                         "truncated_articles": predictions.truncated, "peak_allocated_gib": peak_memory_gib()}
-        print(mode, json.dumps(results[mode]), flush=True)
-    # Where label scoring spends its time: a profiler trace over two batches, top kernels and ops by device time.
-    with torch.profiler.profile() as profiler:
-        score_labels(model, tokenizer, texts[: 2 * config.eval_batch_size], config.eval_batch_size, config.max_length,
-                     progress=False)
-    return {"data": splits.describe(), "tokenization_seconds": tokenization_seconds, "modes": results,
-            "label_scoring_profile": profile_table(profiler)}
+    compared = compare_modes(model, tokenizer, texts, modes, batch_size=config.eval_batch_size,
+                             generation_batch_size=generation_batch_size or config.eval_batch_size,
+                             max_length=config.max_length, repeats=repeats, liger=config.use_liger_kernel,
+                             report=lambda name, value: print(name, json.dumps(value), flush=True))
+    return {"data": splits.describe(), "tokenization_seconds": tokenization_seconds, "repeats": repeats, **compared}
 
 
 def plot_train(results: dict, path: Path) -> None:
@@ -194,7 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True, help="writes results/benchmarks/<name>.json and .png")
     parser.add_argument("--variants", default="all", help="'all', or comma-separated indices into TRAIN_VARIANTS "
                         "(FSDP_VARIANTS when launched with the FSDP config)")
-    parser.add_argument("--modes", default="label_scoring,generation", help="eval: which modes to time")
+    parser.add_argument("--modes", default=",".join(EVAL_MODES), help="eval: which modes to time, of " + ",".join(EVAL_MODES))
+    parser.add_argument("--repeats", type=int, default=3, help="eval: timed passes per mode, after a warm-up pass")
+    parser.add_argument("--generation_batch_size", type=int, default=None,
+                        help="eval: the suite's generation batch (default: --eval_batch_size)")
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--measured_steps", type=int, default=5)
     parser.add_argument("--profile_step", action="store_true",
@@ -224,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         bench_train(config, {n: catalogue[n] for n in names}, known.warmup_steps, known.measured_steps,
                     known.profile_step, save)
     else:
-        record.update(bench_eval(config, known.modes.split(",")))
+        record.update(bench_eval(config, known.modes.split(","), known.repeats, known.generation_batch_size))
         path.write_text(json.dumps(record, indent=2) + "\n")
     if PartialState().is_main_process:
         print(f"wrote {path}")

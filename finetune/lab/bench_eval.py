@@ -1,0 +1,180 @@
+"""Evaluation throughput beside a plain Hugging Face anchor measured in the same process, on the same articles and
+model (`python -m finetune.lab.bench eval`).
+
+The anchors are what anyone would write first: label scoring as one left-padded forward over prompt + `{"category":"`
+read at its last position (the four labels' first tokens; `logits_to_keep=1`), and plain `generate` (batch 64, 8 new
+tokens). Every mode gets an untimed warm-up pass (the longest batches and the shortest, so kernels are compiled and the
+allocator has grown before the clock starts), then `repeats` timed passes over every article: median, min and max, and
+each mode's median as a ratio to its anchor's. The plain modes run first, on the model as built; Liger's kernels, when
+the config asks for them, are applied after them (they patch the process for good), before the suite's modes.
+"""
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from finetune.metrics import Predictions, throughput
+from finetune.model import apply_liger_kernels
+from finetune.predict import (AnswerTree, _batches, _left_pad, answer_token_ids, encode_prompts, generate_labels,
+                              greedy_decoding, parse_strict, parsed, score_labels)
+from finetune.throughput import peak_memory_gib, profile_table, reset_peak_memory
+
+PLAIN_GENERATE_BATCH = 64
+PLAIN_NEW_TOKENS = 8
+# Plain `generate` is slow (~80 articles/s on an H200): timed on every 4th article, an even sample of the same
+# articles, so that every pass of every mode fits one command on the GPU machine (its `articles` says how many).
+PLAIN_GENERATE_EVERY = 4
+ANCHORS = {"label_scoring_tree": "plain_label_scoring", "label_scoring": "plain_label_scoring",
+           "generation": "plain_generate"}
+PLAIN_MODES = ("plain_label_scoring", "plain_generate")
+MODES = PLAIN_MODES + ("label_scoring_tree", "label_scoring", "generation")
+
+
+@torch.inference_mode()
+def plain_label_scoring(model, tokenizer, texts: list[str], batch_size: int, max_length: int) -> Predictions:
+    """The label-scoring anchor: whole prompts, left-padded, plus the answers' shared opening; the label whose first
+    token is likeliest next."""
+    answers = answer_token_ids(tokenizer)
+    tree = AnswerTree.from_answers(answers)
+    opening = tree.tokens[: len(tree.tokens) - len(tree.branch)]  # {"category":"
+    first_tokens = torch.tensor([a[len(opening)] for a in answers], device=model.device)
+    prompts, truncated = encode_prompts(tokenizer, texts, max_length - max(map(len, answers)))
+    labels, seconds = np.zeros(len(texts), dtype=int), np.zeros(len(texts))
+    for batch in _batches(prompts, batch_size):
+        start = time.perf_counter()
+        ids, mask = _left_pad([prompts[i] + opening for i in batch], tokenizer.pad_token_id, model.device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       logits_to_keep=1).logits[:, -1]
+        labels[batch] = logits[:, first_tokens].argmax(-1).cpu().numpy()
+        seconds[batch] = time.perf_counter() - start
+    return Predictions(labels=labels, batch_seconds=seconds, truncated=truncated)
+
+
+@torch.inference_mode()
+def plain_generate(model, tokenizer, texts: list[str], batch_size: int, max_length: int) -> Predictions:
+    """The generation anchor: whole prompts, left-padded, length-sorted, `generate` greedy for 8 new tokens."""
+    prompts, truncated = encode_prompts(tokenizer, texts, max_length - max(map(len, answer_token_ids(tokenizer))))
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    decoding = greedy_decoding(PLAIN_NEW_TOKENS, eos, tokenizer.pad_token_id)
+    answers, seconds = [""] * len(texts), np.zeros(len(texts))
+    for batch in _batches(prompts, batch_size):
+        start = time.perf_counter()
+        ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, model.device)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding)
+        for i, answer in zip(batch, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
+            answers[i] = answer
+        seconds[batch] = time.perf_counter() - start
+    return parsed(Predictions(labels=np.full(len(texts), -1), batch_seconds=seconds, truncated=truncated,
+                              answers=answers), parse_strict)
+
+
+def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_size: int, max_length: int):
+    """texts -> Predictions for one mode, at its batch size."""
+    runners = {
+        "plain_label_scoring": lambda t: plain_label_scoring(model, tokenizer, t, batch_size, max_length),
+        "plain_generate": lambda t: plain_generate(model, tokenizer, t, PLAIN_GENERATE_BATCH, max_length),
+        "label_scoring_tree": lambda t: score_labels(model, tokenizer, t, batch_size, max_length, False, "tree"),
+        "label_scoring": lambda t: score_labels(model, tokenizer, t, batch_size, max_length, False, "packed"),
+        "generation": lambda t: generate_labels(model, tokenizer, t, generation_batch_size, max_length,
+                                                progress=False),
+    }
+    return runners[mode]
+
+
+def warmup_texts(texts: list[str], lengths: list[int], batch_size: int) -> list[str]:
+    """The two longest batches and the shortest one: the shapes that compile kernels and grow the allocator."""
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    return [texts[i] for i in order[: 2 * batch_size] + order[-batch_size:]]
+
+
+def time_mode(run, texts: list[str], warmup: list[str], repeats: int, batch_size: int) -> tuple[dict, Predictions]:
+    """An untimed warm-up pass, then `repeats` timed passes over `texts`."""
+    run(warmup)
+    reset_peak_memory()
+    seconds, predictions = [], None
+    for _ in range(repeats):
+        _synchronize()
+        start = time.perf_counter()
+        predictions = run(texts)
+        _synchronize()
+        seconds.append(time.perf_counter() - start)
+    rates = [len(texts) / s for s in seconds]
+    result = {**throughput(predictions, batch_size, statistics.median(seconds)), "repeats": repeats,
+              "seconds_per_run": seconds, "articles_per_second_per_run": rates,
+              "articles_per_second_min": min(rates), "articles_per_second_max": max(rates),
+              "truncated_articles": predictions.truncated, "peak_allocated_gib": peak_memory_gib(),
+              "peak_reserved_gib": peak_memory_gib(reserved=True)}
+    if predictions.failures or predictions.answers:
+        result["failures"] = sum(map(len, predictions.failures.values()))
+    return result, predictions
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def liger_in_use(model) -> dict:
+    """Which of Liger's kernels this model really runs: its module classes, and whether RoPE is Liger's."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    def liger(function) -> bool:
+        return getattr(function, "__module__", "").startswith("liger_kernel")
+
+    # Liger patches the instances' forward (their class may keep its name) and Qwen2's RoPE function.
+    modules = sorted({type(m).__name__ for m in model.modules() if liger(type(m)) or liger(m.forward)})
+    rope = modeling_qwen2.apply_rotary_pos_emb
+    return {"modules_with_liger_forward": modules, "rotary_embedding": rope.__module__,
+            "in_use": bool(modules) or liger(rope)}
+
+
+def agreement(predictions: Predictions, reference: Predictions) -> dict:
+    """How far a mode's answers are from the reference implementation's (label scoring, method "tree")."""
+    result = {"same_labels": float((predictions.labels == reference.labels).mean())}
+    if predictions.label_logprobs is not None:
+        result["max_abs_logprob_difference"] = float(np.abs(predictions.label_logprobs
+                                                            - reference.label_logprobs).max())
+    return result
+
+
+def profile_mode(run, texts: list[str]) -> list[str]:
+    """A torch profiler table (top kernels and ops by device time) of `run` over `texts`."""
+    with torch.profiler.profile() as profiler:
+        run(texts)
+        _synchronize()
+    return profile_table(profiler)
+
+
+def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch_size: int,
+                  generation_batch_size: int, max_length: int, repeats: int, liger: bool,
+                  profile_modes: tuple[str, ...] = ("plain_label_scoring", "label_scoring_tree", "label_scoring"),
+                  report=print) -> dict:
+    """Every mode in `MODES` order (plain ones first; Liger applied after them when `liger`), timed, with ratios to
+    its anchor, agreement with the tree method, and a profiler table of two batches for each of `profile_modes`."""
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown eval mode(s) {sorted(unknown)}: choose from {', '.join(MODES)}")
+    lengths = [len(p) for p in encode_prompts(tokenizer, texts, max_length)[0]]
+    results, profiles, predictions, liger_report = {}, {}, {}, None
+    for mode in [m for m in MODES if m in modes]:
+        if liger and mode not in PLAIN_MODES and liger_report is None:
+            apply_liger_kernels(model)
+            liger_report = liger_in_use(model)
+            report("liger", liger_report)
+        batch = {"plain_generate": PLAIN_GENERATE_BATCH, "generation": generation_batch_size}.get(mode, batch_size)
+        run = mode_runner(mode, model, tokenizer, batch_size, generation_batch_size, max_length)
+        timed = texts[::PLAIN_GENERATE_EVERY] if mode == "plain_generate" else texts
+        results[mode], predictions[mode] = time_mode(run, timed, warmup_texts(texts, lengths, batch), repeats, batch)
+        anchor = results.get(ANCHORS.get(mode))
+        if anchor:
+            results[mode]["vs_anchor"] = results[mode]["articles_per_second"] / anchor["articles_per_second"]
+        if mode in profile_modes:
+            profiles[mode] = profile_mode(run, texts[: 2 * batch_size])
+        report(mode, {k: v for k, v in results[mode].items() if not k.endswith("_per_run")})
+    if "label_scoring_tree" in predictions:
+        for mode in ("label_scoring", "plain_label_scoring"):
+            if mode in predictions:
+                results[mode]["agreement_with_tree"] = agreement(predictions[mode], predictions["label_scoring_tree"])
+    return {"modes": results, "liger_kernels": liger_report, "profiles": profiles}
