@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lab tensorboard check-data gpu-training-core gpu-bench rehearse gpu-fsdp gpu-bench-fsdp
+.PHONY: demo test lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-train gpu-bench-train-liger gpu-fp8 \
+	rehearse gpu-fsdp gpu-bench-fsdp
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +71,32 @@ gpu-bench:  ## the 7B shape: training ablations (with a profiled step each) and 
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --name h100_7b_eval --eval_batch_size 256
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --name h100_7b_eval_liger --eval_batch_size 256 \
 	  --use_liger_kernel true
+
+# Speed II (one GPU, 7B shape, ~8 min each): stock TRL, the reference and the new variants, each file with its own
+# stock TRL row so that every ratio is the same run's. The variants are indices into finetune/lab/bench.py's
+# TRAIN_VARIANTS: checkpointing auto (within 70 GiB and on all the card), compiled layers, FP8; then the Liger rows.
+BENCH_NAME ?= h200_7b_train_speed
+BENCH_STEPS ?= --warmup_steps 1 --measured_steps 3 --stock_trl_steps 1,2
+BENCH_TRAIN := $(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape $(BENCH_STEPS)
+
+gpu-bench-train: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
+gpu-bench-train:  ## stock TRL, reference, checkpointing auto, compiled layers, FP8 rowwise (bf16 SR AdamW throughout)
+	$(BENCH_TRAIN) --name $(BENCH_NAME) --variants 5,6,7,8,10,11
+
+gpu-bench-train-liger: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
+gpu-bench-train-liger:  ## stock TRL, reference, FP8 tensorwise, then Liger: 16 of 28 (the last best), auto, compiled, FP8
+	$(BENCH_TRAIN) --name $(BENCH_NAME)_liger --variants 9,15,18,20,21
+
+gpu-fp8:  ## ~3 min: FP8 vs bf16 losses on the 1024-wide 8-layer shape; the tiny recipe with FP8 on the held-out articles
+	mkdir -p $(GPU_OUT)
+	$(PY) -m finetune.lab.bench_fp8 --profile tiny --bf16 true --tokenizer qwen2.5 --vocab_size 152064 \
+	  --hidden_size 1024 --intermediate_size 2816 --num_layers 8 --num_heads 16 --num_kv_heads 4 \
+	  --tie_word_embeddings false --optimizer adamw_bf16_sr --learning_rate 2e-5 --warmup_steps 0 --max_steps 60 \
+	  --results_dir $(GPU_OUT)
+	$(PY) -m finetune.train $(GPU_TINY) --fp8 rowwise --run_name gpu-fp8-rowwise && \
+	  cp checkpoints/gpu-fp8-rowwise/final/train_summary.json $(GPU_OUT)/gpu-fp8-rowwise_train_summary.json && \
+	  $(PY) -m finetune.evaluate $(GPU_TINY) --fp8 rowwise --run_name gpu-fp8-rowwise \
+	    --model_path checkpoints/gpu-fp8-rowwise/final --name gpu-fp8-rowwise
 
 rehearse: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 rehearse:  ## GPU: the four notebooks, qwen2.5-7b recipe, 40 steps, on a 15 GB stand-in of the hub snapshot (results/rehearsal/)

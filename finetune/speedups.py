@@ -1,6 +1,7 @@
 """Opt-in training speed-ups applied to the model before training: compiled decoder layers, FP8 matmuls, and how many
 layers recompute their activations when `checkpointed_layers="auto"`."""
 
+import dataclasses
 import logging
 
 import torch
@@ -30,16 +31,20 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> None:
         layer.compile(backend=backend, dynamic=True)
 
 
-def convert_to_fp8(model: nn.Module, recipe: str) -> None:
+def convert_to_fp8(model: nn.Module, recipe: str, emulate: bool = False) -> None:
     """torchao's float8 training for the decoder layers' linear layers (attention projections and MLP): inputs,
     weights and output gradients cast to FP8 with `recipe`'s scaling, master weights and everything else unchanged.
-    The LM head and embeddings stay bf16. MFU keeps counting against the bf16 dense peak, so rows stay comparable."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+    The LM head and embeddings stay bf16. MFU keeps counting against the bf16 dense peak, so rows stay comparable.
+    `emulate` computes the same casts with high-precision matmuls, on any device (tests)."""
+    if not emulate and (not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)):
         raise ValueError("fp8 needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+: L40S, H100, H200); "
                          "run with --fp8 none")
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # slow import, GPU option only
 
-    fp8_config = Float8LinearConfig.from_recipe_name(recipe)
+    # A packed micro-batch holds any number of tokens, and that number is the inner dimension of the weight-gradient
+    # matmul, which FP8 kernels need in multiples of 16: pad it.
+    fp8_config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), pad_inner_dim=True,
+                                     emulate=emulate)
     for layer in decoder_layers(model):
         convert_to_float8_training(layer, config=fp8_config,
                                    module_filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and _fp8_shaped(m))

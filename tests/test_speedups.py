@@ -96,6 +96,28 @@ def test_fp8_converts_the_decoder_linears_only_and_keeps_the_loss(tiny_config, t
         assert fp8 == pytest.approx(bf16, rel=2e-2)
 
 
+def test_fp8_layers_compile_whole_and_learn_what_high_precision_ones_do(tiny_config, tokenizer):
+    """torchao's emulation: the same FP8 casts and scales with high-precision matmuls, so the CPU checks which layers
+    convert, that the compiled FP8 layers trace into one graph, and that the losses stay within FP8's rounding."""
+    from torch._dynamo.utils import counters
+    from torchao.float8.float8_linear import Float8Linear
+
+    choose_attn_implementation("auto", packing=True)
+    reference = _losses_and_grads(load_model(tiny_config, tokenizer, VARLEN))[0]
+    for recipe in ("rowwise", "tensorwise"):
+        torch._dynamo.reset()
+        counters.clear()
+        model = load_model(tiny_config, tokenizer, VARLEN)
+        convert_to_fp8(model, recipe, emulate=True)
+        linears = [m for layer in decoder_layers(model) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == 7 * tiny_config.num_layers and all(isinstance(m, Float8Linear) for m in linears)
+        assert not isinstance(model.lm_head, Float8Linear)
+        compile_decoder_layers(model, backend="aot_eager")
+        fp8 = _losses_and_grads(model)[0]
+        assert not counters["graph_break"] and not counters["recompiles"]
+        assert fp8 == pytest.approx(reference, rel=1e-3) and fp8 != reference
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's refusal")
 def test_fp8_without_an_fp8_gpu_names_the_fix(tiny_config):
     with pytest.raises(ValueError, match="--fp8 none"):
@@ -131,3 +153,14 @@ def test_checkpointed_layers_reads_a_number_or_auto_from_the_command_line():
     assert config_from_args(["--checkpointed_layers", "auto", "--max_memory_gib", "70"]).max_memory_gib == 70.0
     with pytest.raises(ValueError, match="'auto' or none"):
         build_trainer(config_from_args(["--checkpointed_layers", "most"]))
+
+
+def test_fp8_comparison_passes_a_recipe_within_tolerance_and_fails_one_that_stalls(monkeypatch):
+    from finetune.lab import bench_fp8
+
+    curves = {None: [4.0, 2.0, 1.0, 0.50], "rowwise": [4.0, 2.1, 1.0, 0.505], "tensorwise": [4.0, 3.0, 2.0, 1.0]}
+    monkeypatch.setattr(bench_fp8, "losses", lambda config, fp8: {"losses": curves[fp8]})
+    runs = bench_fp8.compare(config=None)
+    assert runs["rowwise"]["final_loss_relative_difference"] == pytest.approx(0.01) and runs["rowwise"]["within_tolerance"]
+    assert runs["rowwise"]["max_step_relative_difference"] == pytest.approx(0.05)
+    assert not runs["tensorwise"]["within_tolerance"] and runs["bf16"]["final_loss_relative_difference"] == 0
