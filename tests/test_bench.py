@@ -149,3 +149,25 @@ def test_targets_compare_with_stock_trl_of_the_same_run_and_report_the_h200_auto
     assert "| 2.80x | 3.25x | `h200_train.json`: fp8 within 70 | yes |" in table
     assert "bf16 only (no FP8), peak memory <= 70 GiB | (reported) | 52.0% | `h200_train.json`: bf16 within 70 |" in table
     assert "141 GB H200 | (reported) | 60.0% | `h200_train.json`: bf16 auto, all memory (90.0 GiB) |" in table
+
+
+def test_host_sync_counter_counts_the_synchronizing_calls_of_its_step_only(monkeypatch):
+    import warnings
+
+    from finetune.throughput import HostSyncCounter
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    counter, state = HostSyncCounter(step=2), TrainerState()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the counter records its own step's warnings whatever the filters say
+        for step in (1, 2, 3):
+            state.global_step = step - 1
+            counter.on_step_begin(None, state, None)
+            for _ in range(step):  # what torch's sync debug mode emits at each .item() while it is on
+                warnings.warn("called a synchronizing CUDA operation")
+            warnings.warn("an unrelated warning")
+            state.global_step = step
+            counter.on_step_end(None, state, None)
+    assert counter.count == 2 and modes == ["warn", "default"]

@@ -32,8 +32,9 @@ from finetune.model import load_for_inference, load_tokenizer
 from finetune.predict import encode_prompts, generate_labels, score_labels
 from finetune.results import environment
 from finetune.metrics import throughput
-from finetune.throughput import (StepClock, StepProfiler, max_over_ranks, mean_article_tokens, peak_flops,
-                                 peak_memory_gib, profile_table, reset_peak_memory, training_flops_per_token)
+from finetune.throughput import (HostSyncCounter, StepClock, StepProfiler, max_over_ranks, mean_article_tokens,
+                                 peak_flops, peak_memory_gib, profile_table, reset_peak_memory,
+                                 training_flops_per_token)
 from finetune.lab.stock_trl import STOCK_TRL, stock_trl_trainer
 from finetune.speedups import decoder_layers
 from finetune.train import build_trainer, launched_with_fsdp
@@ -108,12 +109,13 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
                                  run_name=f"{config.run_name}-bench")
     clock = StepClock()
     profiler = StepProfiler(warmup_steps + measured_steps + 1)
+    syncs = HostSyncCounter(warmup_steps)  # the last warm-up step: counting slows the host, so not a timed one
     if fsdp_activation_checkpointing is not None:  # each trainer's FSDP plugin reads the launch config from here
         os.environ["FSDP_ACTIVATION_CHECKPOINTING"] = str(fsdp_activation_checkpointing).lower()
     reset_peak_memory()
     torch._dynamo.reset()  # a compiled variant compiles afresh, not from (or counted against) an earlier one's cache
     try:
-        trainer = build(config, callbacks=[clock, profiler] if profile else [clock])
+        trainer = build(config, callbacks=[clock, syncs, profiler] if profile else [clock, syncs])
         trainer.args.include_num_input_tokens_seen = "non_padding"
         trainer.args.save_strategy = SaveStrategy.NO  # else the Trainer saves a checkpoint after the last step
         trainer.train()
@@ -140,6 +142,7 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         "projected_epoch_minutes_full_train": FULL_TRAIN_ARTICLES * mean_len / (tokens_per_second * world_size) / 60,
         "final_loss": next(h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h),
         # What ran, read from the trained model and trainer (an "auto" choice, TRL's default optimizer).
+        "host_syncs_per_step": syncs.count,
         "checkpointed_layers": sum(bool(layer.gradient_checkpointing) for layer in decoder_layers(trainer.model)),
         "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                           else trainer.optimizer).__name__,

@@ -32,24 +32,29 @@ def _gib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
+def _count(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
 def training_benchmark_table(results_dir: Path) -> str:
     lines = ["| run | device | variant | real tokens/s | vs reference (same run) | vs stock TRL (same run) | MFU "
-             "| step (s) | optimizer update (s) | layers recomputed | peak alloc / reserved (GiB) "
+             "| step (s) | optimizer update (s) | host syncs a step | layers recomputed | peak alloc / reserved (GiB) "
              "| projected epoch, 120K articles (min) | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path, record in benchmark_records(results_dir, "train"):
         device, commit = hardware_label(record["environment"]), commit_label(record["environment"])
         if record.get("world_size", 1) > 1:  # FSDP2 runs: figures per GPU, the epoch on all of them
             device = f"{record['world_size']} x {device} (FSDP2, per GPU)"
         for name, v in record["variants"].items():
             if "error" in v:
-                lines.append(f"| `{path.name}` | {device} | {name} | failed: {v['error']} | | | | | | | | | {commit} |")
+                lines.append(f"| `{path.name}` | {device} | {name} | failed: {v['error']} | | | | | | | | | | {commit} |")
                 continue
             mfu = f"{v['mfu']:.1%}" if v["mfu"] else "n/a"
             update = f"{v['optimizer_step_seconds']:.3f}" if "optimizer_step_seconds" in v else "not timed"
             ratios = " | ".join(f"{v[k]:.2f}x" if k in v else "" for k in ("speed_vs_reference", "speed_vs_stock_trl"))
             lines.append(f"| `{path.name}` | {device} | {name} | {v['tokens_per_second']:,.0f} | {ratios} "
-                         f"| {mfu} | {v['step_seconds']:.2f} | {update} | {v.get('checkpointed_layers', '')} "
+                         f"| {mfu} | {v['step_seconds']:.2f} | {update} | {_count(v.get('host_syncs_per_step'))} "
+                         f"| {_count(v.get('checkpointed_layers'))} "
                          f"| {_gib(v['peak_allocated_gib'])} / "
                          f"{_gib(v['peak_reserved_gib'])} | {v['projected_epoch_minutes_full_train']:.0f} | {commit} |")
     return "\n".join(lines)
