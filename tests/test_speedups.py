@@ -164,3 +164,29 @@ def test_fp8_comparison_passes_a_recipe_within_tolerance_and_fails_one_that_stal
     assert runs["rowwise"]["final_loss_relative_difference"] == pytest.approx(0.01) and runs["rowwise"]["within_tolerance"]
     assert runs["rowwise"]["max_step_relative_difference"] == pytest.approx(0.05)
     assert not runs["tensorwise"]["within_tolerance"] and runs["bf16"]["final_loss_relative_difference"] == 0
+
+
+def test_training_with_compiled_layers_through_the_trainer_logs_the_eager_losses(tiny_config, monkeypatch):
+    """The recipe's own path (TRL's collator, the Trainer, selective checkpointing) with compile_layers; aot_eager
+    stands in for inductor as above."""
+    import functools
+
+    import finetune.train
+    from torch._dynamo.utils import counters
+
+    config = dataclasses.replace(tiny_config, max_steps=3, logging_steps=1, gradient_checkpointing=True,
+                                 checkpointed_layers=1, save_steps=10**9)
+
+    def logged_losses(run: dict) -> list[float]:
+        trainer = build_trainer(dataclasses.replace(config, **run))
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    eager = logged_losses({"run_name": "eager"})
+    monkeypatch.setattr(finetune.train, "compile_decoder_layers",
+                        functools.partial(compile_decoder_layers, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = logged_losses({"run_name": "compiled", "compile_layers": True})
+    assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"] and not counters["recompiles"]
+    assert compiled == pytest.approx(eager, rel=1e-5)
