@@ -109,7 +109,8 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
                                  run_name=f"{config.run_name}-bench")
     clock = StepClock()
     profiler = StepProfiler(warmup_steps + measured_steps + 1)
-    syncs = HostSyncCounter(warmup_steps)  # the last warm-up step: counting slows the host, so not a timed one
+    # The last measured step: a warm-up one may be compiling. Counting costs the host a few microseconds a sync.
+    syncs = HostSyncCounter(warmup_steps + measured_steps)
     if fsdp_activation_checkpointing is not None:  # each trainer's FSDP plugin reads the launch config from here
         os.environ["FSDP_ACTIVATION_CHECKPOINTING"] = str(fsdp_activation_checkpointing).lower()
     reset_peak_memory()
