@@ -87,8 +87,11 @@ gpu-bench-train-liger: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench-train-liger:  ## stock TRL, reference, FP8 tensorwise, then Liger: 16 of 28 (the last best), auto, compiled, FP8
 	$(BENCH_TRAIN) --name $(BENCH_NAME)_liger --variants 9,15,18,20,21
 
-gpu-fp8:  ## ~3 min: FP8 vs bf16 losses on the 1024-wide 8-layer shape; the tiny recipe with FP8 on the held-out articles
+# Compiled and FP8 layers against eager bf16 (the GPU tests), FP8 against bf16 losses on the 1024-wide 8-layer shape
+# (results/gpu/fp8/), and the tiny recipe trained with FP8 and evaluated on the held-out articles (gpu-fp8-rowwise_*).
+gpu-fp8:  ## ~4 min: does FP8 (and compilation) change what is learned?
 	mkdir -p $(GPU_OUT)
+	$(PY) -m pytest -q -m gpu -s tests/test_speedups.py 2>&1 | tee $(GPU_OUT)/gpu_speedups_test.log
 	$(PY) -m finetune.lab.bench_fp8 --profile tiny --bf16 true --tokenizer qwen2.5 --vocab_size 152064 \
 	  --hidden_size 1024 --intermediate_size 2816 --num_layers 8 --num_heads 16 --num_kv_heads 4 \
 	  --tie_word_embeddings false --optimizer adamw_bf16_sr --learning_rate 2e-5 --warmup_steps 0 --max_steps 60 \
