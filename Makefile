@@ -72,20 +72,24 @@ gpu-bench:  ## the 7B shape: training ablations (with a profiled step each) and 
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --name h100_7b_eval_liger --eval_batch_size 256 \
 	  --use_liger_kernel true
 
-# Speed II (one GPU, 7B shape, ~8 min each): stock TRL, the reference and the new variants, each file with its own
-# stock TRL row so that every ratio is the same run's. The variants are indices into finetune/lab/bench.py's
-# TRAIN_VARIANTS: checkpointing auto (within 70 GiB and on all the card), compiled layers, FP8; then the Liger rows.
+# Speed II (one GPU, 7B shape, ~7 min each): stock TRL, the reference and the new variants, each file with its own
+# stock TRL row so that every ratio is the same run's. BENCH_VARIANTS are indices into finetune/lab/bench.py's
+# TRAIN_VARIANTS (the reference, 0, always runs); the JSON is rewritten after every row, so a run cut short keeps
+# what it measured. Default: checkpointing auto within 70 GiB, compiled, compiled + FP8 rowwise, and compiled on all
+# of the card's memory.
 BENCH_NAME ?= h200_7b_train_speed
+BENCH_VARIANTS ?= 5,7,8,10
+BENCH_LIGER_VARIANTS ?= 9,15,20,21
 BENCH_STEPS ?= --warmup_steps 1 --measured_steps 3 --stock_trl_steps 1,2
 BENCH_TRAIN := $(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape $(BENCH_STEPS)
 
 gpu-bench-train: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench-train:  ## stock TRL, reference, checkpointing auto, compiled layers, FP8 rowwise (bf16 SR AdamW throughout)
-	$(BENCH_TRAIN) --name $(BENCH_NAME) --variants 5,6,7,8,10,11
+	$(BENCH_TRAIN) --name $(BENCH_NAME) --variants $(BENCH_VARIANTS)
 
 gpu-bench-train-liger: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
-gpu-bench-train-liger:  ## stock TRL, reference, FP8 tensorwise, then Liger: 16 of 28 (the last best), auto, compiled, FP8
-	$(BENCH_TRAIN) --name $(BENCH_NAME)_liger --variants 9,15,18,20,21
+gpu-bench-train-liger:  ## stock TRL, reference, FP8 tensorwise, then Liger: 16 of 28 (the last best), compiled, + FP8
+	$(BENCH_TRAIN) --name $(BENCH_NAME)_liger --variants $(BENCH_LIGER_VARIANTS)
 
 # Compiled and FP8 layers against eager bf16 (the GPU tests), FP8 against bf16 losses on the 1024-wide 8-layer shape
 # (results/gpu/fp8/), and the tiny recipe trained with FP8 and evaluated on the held-out articles (gpu-fp8-rowwise_*).
