@@ -78,8 +78,8 @@ gpu-bench:  ## the 7B shape: training ablations (with a profiled step each) and 
 # what it measured. Default: checkpointing auto within 70 GiB, compiled, compiled + FP8 rowwise, and compiled on all
 # of the card's memory.
 BENCH_NAME ?= h200_7b_train_speed
-BENCH_VARIANTS ?= 5,7,8,10
-BENCH_LIGER_VARIANTS ?= 9,15,20,21
+BENCH_VARIANTS ?= 11,13,14,16
+BENCH_LIGER_VARIANTS ?= 8,15,20,21
 BENCH_STEPS ?= --warmup_steps 1 --measured_steps 3 --stock_trl_steps 1,2
 BENCH_TRAIN := $(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape $(BENCH_STEPS)
 

@@ -171,3 +171,12 @@ def test_host_sync_counter_counts_the_synchronizing_calls_of_its_step_only(monke
             state.global_step = step
             counter.on_step_end(None, state, None)
     assert counter.count == 2 and modes == ["warn", "default"]
+
+
+def test_variants_run_reference_first_and_liger_last_whatever_their_index():
+    """Liger patches Qwen2 for the whole process: a row after it would measure its kernels too."""
+    order = bench.run_order(bench.TRAIN_VARIANTS, [20, 8, 15, 11])
+    assert order[0] == next(iter(bench.TRAIN_VARIANTS)) and len(order) == 5
+    assert [bench.TRAIN_VARIANTS[n].get("use_liger_kernel", False) for n in order] == [False, False, False, True, True]
+    assert order[1:3] == ["checkpointing auto within 70 GiB",
+                          "compiled layers, FP8 tensorwise, checkpointing auto within 70 GiB"]

@@ -40,11 +40,13 @@ from finetune.speedups import decoder_layers
 from finetune.train import build_trainer, launched_with_fsdp
 
 FULL_TRAIN_ARTICLES = 120_000
-# Each variant changes the reference configuration in one respect, or adds one to the row above it. Liger patches the
-# Qwen2 classes for the whole process, so its variants come last: every variant before them runs without its kernels.
-# Compiled variants start from an empty compile cache (bench_train_variant); FP8 ones follow the bf16 ones they
-# extend, as torchao patches inductor's code generation for the process once a model is converted.
-# "auto ... within 70 GiB" caps the plan at 70 GiB (an 80 GB card); plain "auto" plans for all the card has.
+# Each variant changes the reference configuration in one respect, or adds one to a row above it. New rows are
+# appended, so that an index keeps naming the same variant in the commands recorded in results/benchmarks/README.md.
+# Liger patches the Qwen2 classes for the whole process, so its variants run last whatever their index
+# (run_order): every variant before them runs without its kernels. Compiled variants start from an empty compile
+# cache (bench_train_variant); FP8 rows follow the bf16 ones they extend, as torchao patches inductor's code
+# generation for the process once a model is converted. "auto ... within 70 GiB" plans for at most 70 GiB (an 80 GB
+# card); plain "auto" for all the card has.
 AUTO_70 = {"checkpointed_layers": "auto", "max_memory_gib": 70}
 TRAIN_VARIANTS = {
     "reference (packed, varlen, full GC, bf16 SR AdamW)": {},
@@ -53,16 +55,6 @@ TRAIN_VARIANTS = {
     "batch 16 x accumulation 2": {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 2},
     "no gradient checkpointing, batch 4 x 8": {"gradient_checkpointing": False, "per_device_train_batch_size": 4,
                                                "gradient_accumulation_steps": 8},
-    "checkpointing auto within 70 GiB": AUTO_70,
-    "checkpointing auto": {"checkpointed_layers": "auto"},
-    "compiled layers, checkpointing auto within 70 GiB": {**AUTO_70, "compile_layers": True},
-    "compiled layers, FP8 rowwise, checkpointing auto within 70 GiB": {**AUTO_70, "compile_layers": True,
-                                                                       "fp8": "rowwise"},
-    "compiled layers, FP8 tensorwise, checkpointing auto within 70 GiB": {**AUTO_70, "compile_layers": True,
-                                                                          "fp8": "tensorwise"},
-    "compiled layers, checkpointing auto": {"checkpointed_layers": "auto", "compile_layers": True},
-    "compiled layers, FP8 rowwise, checkpointing auto": {"checkpointed_layers": "auto", "compile_layers": True,
-                                                         "fp8": "rowwise"},
     "Liger fused kernels": {"use_liger_kernel": True},
     "Liger + no gradient checkpointing, batch 4 x 8": {"use_liger_kernel": True, "gradient_checkpointing": False,
                                                        "per_device_train_batch_size": 4,
@@ -75,6 +67,16 @@ TRAIN_VARIANTS = {
                                                          "gradient_accumulation_steps": 8},
     "Liger, checkpointing 16 of 28 layers, plain bf16 AdamW": {"use_liger_kernel": True, "checkpointed_layers": 16,
                                                                "optimizer": "adamw"},
+    "checkpointing auto within 70 GiB": AUTO_70,
+    "checkpointing auto": {"checkpointed_layers": "auto"},
+    "compiled layers, checkpointing auto within 70 GiB": {**AUTO_70, "compile_layers": True},
+    "compiled layers, FP8 rowwise, checkpointing auto within 70 GiB": {**AUTO_70, "compile_layers": True,
+                                                                       "fp8": "rowwise"},
+    "compiled layers, FP8 tensorwise, checkpointing auto within 70 GiB": {**AUTO_70, "compile_layers": True,
+                                                                          "fp8": "tensorwise"},
+    "compiled layers, checkpointing auto": {"checkpointed_layers": "auto", "compile_layers": True},
+    "compiled layers, FP8 rowwise, checkpointing auto": {"checkpointed_layers": "auto", "compile_layers": True,
+                                                         "fp8": "rowwise"},
     "Liger, checkpointing auto within 70 GiB": {**AUTO_70, "use_liger_kernel": True},
     "Liger, checkpointing auto": {"checkpointed_layers": "auto", "use_liger_kernel": True},
     "Liger, compiled layers, checkpointing auto within 70 GiB": {**AUTO_70, "use_liger_kernel": True,
@@ -82,6 +84,15 @@ TRAIN_VARIANTS = {
     "Liger, compiled layers, FP8 rowwise, checkpointing auto within 70 GiB": {**AUTO_70, "use_liger_kernel": True,
                                                                               "compile_layers": True, "fp8": "rowwise"},
 }
+
+
+def run_order(catalogue: dict[str, dict], indices: list[int]) -> list[str]:
+    """The chosen variants (always with the reference, index 0) by index, the Liger ones last."""
+    names = list(catalogue)
+    return sorted((names[i] for i in {0, *indices}),
+                  key=lambda n: (catalogue[n].get("use_liger_kernel", False), names.index(n)))
+
+
 # Under FSDP2 (`accelerate launch`, configs/accelerate/fsdp2.yaml) the same per-GPU recipe: who checkpoints the
 # activations (FSDP per decoder layer, or the Trainer; never both), and how the weights are updated. With FSDP2,
 # adamw_fp32_master is its mixed precision (fp32 shards, bf16 compute); the others keep bf16 shards
@@ -239,8 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("what", choices=["train", "eval"])
     parser.add_argument("--name", required=True, help="writes results/benchmarks/<name>.json and .png")
     parser.add_argument("--variants", default="all", help="'all', or comma-separated indices into TRAIN_VARIANTS "
-                        "(FSDP_VARIANTS when launched with the FSDP config); the reference (0) always runs, and "
-                        "they run in the catalogue's order")
+                        "(FSDP_VARIANTS when launched with the FSDP config); the reference (0) always runs first, "
+                        "Liger rows last")
     parser.add_argument("--modes", default="label_scoring,generation", help="eval: which modes to time")
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--measured_steps", type=int, default=5)
@@ -266,9 +277,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if known.what == "train":
         catalogue = FSDP_VARIANTS if launched_with_fsdp() else TRAIN_VARIANTS
-        names = list(catalogue)
-        if known.variants != "all":
-            names = [names[i] for i in sorted({0, *map(int, known.variants.split(","))})]
+        indices = range(len(catalogue)) if known.variants == "all" else map(int, known.variants.split(","))
+        names = run_order(catalogue, list(indices))
         stock_trl_steps = (known.warmup_steps, known.measured_steps)
         if known.stock_trl_steps:
             stock_trl_steps = None if known.stock_trl_steps == "none" else tuple(map(int, known.stock_trl_steps.split(",")))
