@@ -70,7 +70,8 @@ def layer_activation_bytes(hidden: int, intermediate: int, tokens: int) -> tuple
     their product); a checkpointed one holds only its input and recomputes the rest. On the 7B shape this gives
     0.65 GiB a kept layer for 4,096 tokens; the H100 runs measured 0.61 (68.1 GiB with 12 kept, 60.8 with none), so
     the estimate errs on the safe side. With the workspace below it checkpoints 14 of 28 layers within 70 GiB
-    (about 69.3 GiB by the measured figures), and none on a 141 GB H200."""
+    (the measured figures extrapolate to 69.3 GiB), and none on a 141 GB H200. Compiled and FP8 layers keep fewer
+    or smaller activations, so for them it errs further on the safe side."""
     return 2 * tokens * (8 * hidden + 3 * intermediate), 2 * tokens * hidden
 
 
