@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval rehearse gpu-fsdp gpu-bench-fsdp
+.PHONY: demo test lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train \
+	gpu-bench-train-liger gpu-fp8 rehearse gpu-fsdp gpu-bench-fsdp
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -76,6 +77,39 @@ gpu-bench-eval: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench-eval:  ## the 7B shape: every evaluation mode beside plain-HF label scoring and generate, same process
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --name $(EVAL_NAME) --eval_batch_size 256 \
 	  --generation_batch_size 512 --use_liger_kernel true --repeats 2
+
+# Speed II (one GPU, 7B shape, ~7 min each): stock TRL, the reference and the new variants, each file with its own
+# stock TRL row so that every ratio is the same run's. BENCH_VARIANTS are indices into finetune/lab/bench.py's
+# TRAIN_VARIANTS (the reference, 0, always runs); the JSON is rewritten after every row, so a run cut short keeps
+# what it measured. Default: checkpointing auto within 70 GiB, compiled, compiled + FP8 rowwise, and compiled on all
+# of the card's memory.
+BENCH_NAME ?= h200_7b_train_speed
+BENCH_VARIANTS ?= 11,13,14,16
+BENCH_LIGER_VARIANTS ?= 8,15,20,21
+BENCH_STEPS ?= --warmup_steps 1 --measured_steps 3 --stock_trl_steps 1,2
+BENCH_TRAIN := $(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape $(BENCH_STEPS)
+
+gpu-bench-train: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
+gpu-bench-train:  ## stock TRL, reference, checkpointing auto, compiled layers, FP8 rowwise (bf16 SR AdamW throughout)
+	$(BENCH_TRAIN) --name $(BENCH_NAME) --variants $(BENCH_VARIANTS)
+
+gpu-bench-train-liger: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
+gpu-bench-train-liger:  ## stock TRL, reference, FP8 tensorwise, then Liger: 16 of 28 (the last best), compiled, + FP8
+	$(BENCH_TRAIN) --name $(BENCH_NAME)_liger --variants $(BENCH_LIGER_VARIANTS)
+
+# Compiled and FP8 layers against eager bf16 (the GPU tests), FP8 against bf16 losses on the 1024-wide 8-layer shape
+# (results/gpu/fp8/), and the tiny recipe trained with FP8 and evaluated on the held-out articles (gpu-fp8-rowwise_*).
+gpu-fp8:  ## ~4 min: does FP8 (and compilation) change what is learned?
+	mkdir -p $(GPU_OUT)
+	$(PY) -m pytest -q -m gpu -s tests/test_speedups.py 2>&1 | tee $(GPU_OUT)/gpu_speedups_test.log
+	$(PY) -m finetune.lab.bench_fp8 --profile tiny --bf16 true --tokenizer qwen2.5 --vocab_size 152064 \
+	  --hidden_size 1024 --intermediate_size 2816 --num_layers 8 --num_heads 16 --num_kv_heads 4 \
+	  --tie_word_embeddings false --optimizer adamw_bf16_sr --learning_rate 2e-5 --warmup_steps 0 --max_steps 60 \
+	  --results_dir $(GPU_OUT)
+	$(PY) -m finetune.train $(GPU_TINY) --fp8 rowwise --run_name gpu-fp8-rowwise && \
+	  cp checkpoints/gpu-fp8-rowwise/final/train_summary.json $(GPU_OUT)/gpu-fp8-rowwise_train_summary.json && \
+	  $(PY) -m finetune.evaluate $(GPU_TINY) --fp8 rowwise --run_name gpu-fp8-rowwise \
+	    --model_path checkpoints/gpu-fp8-rowwise/final --name gpu-fp8-rowwise
 
 rehearse: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 rehearse:  ## GPU: the four notebooks, qwen2.5-7b recipe, 40 steps, on a 15 GB stand-in of the hub snapshot (results/rehearsal/)

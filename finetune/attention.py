@@ -63,41 +63,52 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     # (1, heads, tokens, dim) -> (tokens, heads, dim), the varlen layout.
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
     cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
-    if q.is_cuda:
-        max_len = int(kwargs.get("max_length_q") or cu.diff().max())
+    # TRL's collator passes the longest article's length as a Python int: reading it from `cu` instead would stop
+    # the host until the GPU catches up, in every layer, and break a compiled layer's graph.
+    max_len = kwargs.get("max_length_q") or int(cu.diff().max())
+    if q.is_cuda and CUDA_VARLEN is not None:
         out = _cuda_varlen_attention(q, k, v, cu, cu, max_len, max_len, scaling)
     else:
-        out = _padded_causal_attention(q, k, v, cu, cu, scaling)
+        out = _padded_causal_attention(q, k, v, cu, cu, max_len, max_len, scaling)
     return out.unsqueeze(0), None
+
+
+def _cuda_varlen_kernel() -> tuple[object, dict, bool] | None:
+    """PyTorch's FlashAttention varlen kernel, its causal option and whether it takes `enable_gqa`, read once here
+    (not inside the traced forward). Its keywords differ between releases (torch 2.11 takes no `enable_gqa`; early
+    ones had `is_causal` instead of `window_size`). None where there is no causal kernel (torch before 2.10;
+    requirements.txt allows older): packed rows then take the exact padded path, slower, with a warning."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        if torch.cuda.is_available():
+            warnings.warn(f"torch {torch.__version__} has no torch.nn.attention.varlen: packed rows use the exact "
+                          "padded attention instead (slower). Install flash-attn or a newer torch for the varlen "
+                          "kernel.", stacklevel=2)
+        return None
+    accepts = inspect.signature(varlen_attn).parameters
+    if "window_size" in accepts:
+        return varlen_attn, {"window_size": (-1, 0)}, "enable_gqa" in accepts
+    if "is_causal" in accepts:
+        return varlen_attn, {"is_causal": True}, "enable_gqa" in accepts
+    return None  # a release with neither cannot be made causal: stay exact with the padded path
+
+
+CUDA_VARLEN = _cuda_varlen_kernel()
 
 
 def _cuda_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                            max_q: int, max_k: int, scaling: float | None) -> torch.Tensor:
-    """PyTorch's FlashAttention varlen kernel, causal; where a sequence has more keys than queries, its queries are
-    its last tokens (FlashAttention aligns the causal mask bottom-right). Its keywords differ between releases (torch
-    2.11 takes no `enable_gqa`; early ones had `is_causal` instead of `window_size`), so ask it what it takes. A torch
-    without the kernel (before 2.10; requirements.txt allows older) gets the exact padded path, slower, with a
-    warning."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        warnings.warn(f"torch {torch.__version__} has no torch.nn.attention.varlen: packed rows use the exact padded "
-                      "attention instead (slower). Install flash-attn or a newer torch for the varlen kernel.",
-                      stacklevel=2)
-        return _padded_causal_attention(q, k, v, cu_q, cu_k, scaling)
-    accepts = inspect.signature(varlen_attn).parameters
-    if "window_size" in accepts:
-        options = {"window_size": (-1, 0)}
-    elif "is_causal" in accepts:
-        options = {"is_causal": True}
-    else:  # a release with neither cannot be made causal: stay exact with the padded path
-        return _padded_causal_attention(q, k, v, cu_q, cu_k, scaling)
+    """The kernel, causal; where a sequence has more keys than queries, its queries are its last tokens
+    (FlashAttention aligns the causal mask bottom-right)."""
+    varlen_attn, causal, takes_gqa = CUDA_VARLEN
     dtype = q.dtype
     if dtype not in (torch.float16, torch.bfloat16):  # fp32 master weights under autocast; the kernel is 16-bit only
         half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
         q, k, v = q.to(half), k.to(half), v.to(half)
+    options = dict(causal)
     if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in accepts:
+        if takes_gqa:
             options["enable_gqa"] = True
         else:
             groups = q.shape[1] // k.shape[1]
@@ -113,27 +124,29 @@ def _boundaries_from_positions(position_ids: torch.Tensor) -> torch.Tensor | Non
 
 
 def _padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                             scaling: float | None) -> torch.Tensor:
+                             max_q: int, max_k: int, scaling: float | None) -> torch.Tensor:
     """Exact varlen attention from sdpa: scatter each sequence into its own right-padded row, attend causally, the
     queries being each sequence's last keys (as in the kernel).
 
-    Right padding needs no mask when queries and keys are the same tokens: under a causal mask a real token only sees
-    earlier positions, all real. Otherwise query i of a sequence sees key j where j <= i + (its keys - its queries),
-    which never reaches a padding key either.
+    Right padding needs no mask when queries and keys are the same tokens (training passes one `cu` for both): under
+    a causal mask a real token only sees earlier positions, all real. Otherwise query i of a sequence sees key j where
+    j <= i + (its keys - its queries), which never reaches a padding key either. Every size comes from shapes and the
+    maxima, none from reading tensors back, so a compiled layer keeps one graph.
     """
-    def to_rows(x: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lengths = cu.diff().long()
-        row = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths)
-        col = torch.arange(x.shape[0], device=x.device) - cu[:-1].long().repeat_interleave(lengths)
-        rows = x.new_zeros(len(lengths), int(lengths.max()), *x.shape[1:])
+    def to_rows(x: torch.Tensor, cu: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lengths, tokens = cu.diff().long(), x.shape[0]
+        row = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths, output_size=tokens)
+        col = torch.arange(tokens, device=x.device) - cu[:-1].long().repeat_interleave(lengths, output_size=tokens)
+        rows = x.new_zeros(len(lengths), width, *x.shape[1:])
         rows[row, col] = x
         return rows.transpose(1, 2), row, col  # (sequences, heads, length, dim)
 
-    (q_rows, row, col), (k_rows, _, _), (v_rows, _, _) = to_rows(q, cu_q), to_rows(k, cu_k), to_rows(v, cu_k)
+    (q_rows, row, col), (k_rows, _, _), (v_rows, _, _) = (to_rows(q, cu_q, max_q), to_rows(k, cu_k, max_k),
+                                                          to_rows(v, cu_k, max_k))
     mask = None
-    if not torch.equal(cu_q, cu_k):
+    if cu_k is not cu_q:
         offset = (cu_k.diff() - cu_q.diff()).long().to(q.device)
-        reach = torch.arange(k_rows.shape[2], device=q.device) - torch.arange(q_rows.shape[2], device=q.device)[:, None]
+        reach = torch.arange(max_k, device=q.device) - torch.arange(max_q, device=q.device)[:, None]
         mask = (reach <= offset[:, None, None])[:, None]
     out = F.scaled_dot_product_attention(q_rows, k_rows, v_rows, attn_mask=mask, is_causal=mask is None, scale=scaling,
                                          enable_gqa=k.shape[1] != q.shape[1])

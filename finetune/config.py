@@ -54,8 +54,18 @@ class RunConfig:
     weight_decay: float = 0.0
     gradient_checkpointing: bool = True
     # Selective checkpointing: only the first N decoder layers recompute their activations in the backward pass; the
-    # rest keep them (faster, more memory). None = every layer.
-    checkpointed_layers: int | None = None
+    # rest keep them (faster, more memory). None = every layer. "auto" = the fewest that fit the GPU's memory, capped
+    # at max_memory_gib (finetune/speedups.py explains the estimate).
+    checkpointed_layers: int | str | None = None
+    # The memory "auto" may plan for, in GiB; None = all the GPU has. 70 keeps a setting chosen on a 141 GB H200
+    # within an 80 GB card.
+    max_memory_gib: float | None = None
+    # torch.compile each decoder layer (regional compilation: one graph shared by every layer, compiled in seconds
+    # rather than the whole model's minutes); the varlen attention compiles into the graph.
+    compile_layers: bool = False
+    # FP8 matmuls in the decoder layers' linear layers through torchao's float8 training: "rowwise" or "tensorwise"
+    # scaling, None = bf16. Needs an FP8 GPU (H100, H200, L40S); best with compile_layers (it fuses the casts).
+    fp8: str | None = None
     # Liger's fused RMSNorm, SwiGLU and RoPE kernels, in training (with its fused loss) and evaluation (GPU, needs
     # liger-kernel)
     use_liger_kernel: bool = False
@@ -161,8 +171,12 @@ def _caster(field_type):
             if text.lower() not in ("true", "false", "1", "0"):
                 raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
             return text.lower() in ("true", "1")
-        base = next(t for t in types if t is not type(None))
-        return base(text)
+        for base in (t for t in types if t is not type(None)):  # the first type that reads it: int | str takes 16, auto
+            try:
+                return base(text)
+            except ValueError:
+                continue
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as {field_type}")
 
     cast.__name__ = getattr(field_type, "__name__", str(field_type))  # argparse names the type in its errors
     return cast

@@ -16,7 +16,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
-from finetune.attention import _cuda_varlen_attention, _padded_causal_attention
+from finetune.attention import CUDA_VARLEN, _cuda_varlen_attention, _padded_causal_attention
 
 PACKED = "packed_answers"
 
@@ -103,10 +103,8 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         opening_k, opening_v = opening[module.layer_idx]
         k, v = torch.cat([opening_k, k]), torch.cat([opening_v, v])
     k, v = k[packed.key_index], v[packed.key_index]
-    if q.is_cuda:
-        out = _cuda_varlen_attention(q, k, v, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k, scaling)
-    else:
-        out = _padded_causal_attention(q, k, v, packed.cu_q, packed.cu_k, scaling)
+    attend = _cuda_varlen_attention if q.is_cuda and CUDA_VARLEN is not None else _padded_causal_attention
+    out = attend(q, k, v, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k, scaling)
     return out.unsqueeze(0), None
 
 

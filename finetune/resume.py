@@ -44,7 +44,7 @@ RUN_CONFIG = "run_config.json"  # the run config, stored in every checkpoint fol
 RESUME_FREE_FIELDS = frozenset({"run_name", "checkpoints_dir", "results_dir", "logging_steps", "save_steps",
                                 "save_total_limit", "dataloader_num_workers", "eval_batch_size", "max_eval_samples",
                                 "max_new_tokens", "gradient_checkpointing", "checkpointed_layers",
-                                "allow_config_change"})
+                                "max_memory_gib", "compile_layers", "allow_config_change"})
 
 
 class SaveRunConfig(TrainerCallback):

@@ -3,6 +3,7 @@ benchmark's step clock and profiler."""
 
 import math
 import time
+import warnings
 
 import torch
 from transformers import PretrainedConfig, TrainerCallback
@@ -130,6 +131,30 @@ class StepProfiler(TrainerCallback):
             self.table = profile_table(self.profiler)
             self.nccl_share = nccl_kernel_share(self.profiler)
             self.profiler = None
+
+
+class HostSyncCounter(TrainerCallback):
+    """How many times one optimizer step stopped the host until the GPU caught up (a `.item()`, a data-dependent
+    shape, a copy to the CPU), counted by torch's sync debug mode; each one drains the queue of launched kernels.
+    None on the CPU. The step clock's own synchronizations are not counted (torch does not flag an explicit
+    `torch.cuda.synchronize`)."""
+
+    def __init__(self, step: int):
+        self.step, self.count, self._caught, self._records = step, None, None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step and torch.cuda.is_available():
+            self._caught = warnings.catch_warnings(record=True)
+            self._records = self._caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._caught is not None and state.global_step == self.step:
+            torch.cuda.set_sync_debug_mode("default")
+            self._caught.__exit__(None, None, None)
+            self.count = sum("synchronizing" in str(w.message) for w in self._records)
+            self._caught = None
 
 
 def profile_table(profiler) -> list[str]:

@@ -25,6 +25,7 @@ from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
 from finetune.model import load_model, load_tokenizer, weights_dtype
 from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished
+from finetune.speedups import auto_checkpointed_layers, check_speedups, compile_decoder_layers, convert_to_fp8
 from finetune.throughput import ThroughputCallback, mean_article_tokens, peak_memory_gib, reset_peak_memory
 
 log = logging.getLogger(__name__)
@@ -133,12 +134,22 @@ class SelectiveCheckpointing(TrainerCallback):
 
 def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> SFTTrainer:
     """Data, training arguments, tokenizer, model and trainer, in that order, from one config."""
+    check_speedups(config)
+    if config.checkpointed_layers == "auto" and launched_with_fsdp():
+        raise ValueError("checkpointed_layers='auto' plans one GPU's memory; under FSDP give a number or none")
     splits = load_splits(config)
     args = sft_config(config)
     with args.main_process_first(desc="tokenizer"):  # one rank builds and caches a tokenizer, then the others load it
         tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
     attn_implementation = choose_attn_implementation(config.attn_implementation, config.packing)
     model = load_model(config, tokenizer, attn_implementation)
+    if config.fp8:
+        convert_to_fp8(model, config.fp8)
+    if config.compile_layers:
+        compile_decoder_layers(model)
+    checkpointed = config.checkpointed_layers
+    if checkpointed == "auto" and config.gradient_checkpointing:
+        checkpointed = auto_checkpointed_layers(config, model)
     trainer = SFTTrainer(model=model, args=args,
                          train_dataset=to_prompt_completion(splits.train, tokenizer, config.max_length),
                          processing_class=tokenizer, callbacks=callbacks,
@@ -146,8 +157,8 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     # First in line, so the TensorBoard and progress callbacks see the numbers it adds to each log.
     throughput = ThroughputCallback(model.config, mean_article_tokens(trainer.train_dataset))
     trainer.callback_handler.callbacks.insert(0, throughput)
-    if config.gradient_checkpointing and config.checkpointed_layers is not None:
-        trainer.add_callback(SelectiveCheckpointing(config.checkpointed_layers))
+    if config.gradient_checkpointing and checkpointed is not None:
+        trainer.add_callback(SelectiveCheckpointing(checkpointed))
     trainer.splits = splits  # what the run trained on, for its summary
     _drop_notebook_loss_table(trainer)
     return trainer

@@ -14,13 +14,19 @@ from tests.conftest import write_synthetic_csv
 
 
 def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_path):
-    args = ["train", "--name", "smoke", "--variants", "0,1", "--warmup_steps", "1", "--measured_steps", "2", "--profile_step",
-            "--profile", "tiny", "--data_dir", tiny_config.data_dir, "--holdout_train_size", "300",
-            "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4", "--max_length", "128",
-            "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
+    """Stock TRL first (its own step counts), then the reference and a variant, each as a ratio to both."""
+    args = ["train", "--name", "smoke", "--variants", "1", "--warmup_steps", "1", "--measured_steps", "2", "--profile_step",
+            "--stock_trl_steps", "1,1", "--profile", "tiny", "--data_dir", tiny_config.data_dir,
+            "--holdout_train_size", "300", "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4",
+            "--max_length", "128", "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
     bench.main(args)
     record = json.loads((tmp_path / "benchmarks" / "smoke.json").read_text())
-    reference, unpacked = record["variants"].values()
+    assert list(record["variants"])[:2] == [bench.STOCK_TRL, next(iter(bench.TRAIN_VARIANTS))]
+    stock, reference, unpacked = record["variants"].values()
+    assert stock["measured_steps"] == 1 and stock["tokens_per_second"] > 0 and stock["optimizer"] == "AdamW"
+    assert stock["checkpointed_layers"] == 2 and reference["checkpointed_layers"] == 0  # the tiny profile: no GC
+    assert stock["speed_vs_stock_trl"] == 1 and reference["speed_vs_reference"] == 1
+    assert reference["speed_vs_stock_trl"] == pytest.approx(reference["tokens_per_second"] / stock["tokens_per_second"])
     assert record["world_size"] == 1 and reference["tokens_per_second"] > 0
     assert reference["tokens_per_second"] == pytest.approx(reference["tokens_per_step"] / reference["step_seconds"])
     assert unpacked["overrides"] == {"packing": False} and unpacked["tokens_per_step"] > 0
@@ -112,3 +118,82 @@ def test_scaling_table_divides_per_gpu_speed_by_the_same_sets_one_gpu_reference(
     assert "| `h200_fsdp_4gpu.json` | `abcdef1` | 4 | resharded | 5,000 | 0.62 |" in table
     (tmp_path / "benchmarks" / "h200_fsdp_1gpu.json").unlink()  # no 1-GPU run of the set: no ratio to give
     assert "no multi-GPU benchmark" in scaling_table(tmp_path)
+
+
+def test_training_flops_per_token_is_six_per_matmul_weight_plus_causal_attention():
+    """A hand count for a 2-layer model: hidden 64, 4 heads of 16 (2 KV heads), MLP 128, vocabulary 100, 10-token
+    articles."""
+    from transformers import Qwen2Config
+
+    from finetune.throughput import training_flops_per_token
+
+    config = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=100)
+    q_and_o, k_and_v, mlp = 2 * 64 * 64, 2 * 64 * 32, 3 * 64 * 128  # attention projections, SwiGLU's three matrices
+    matmul_weights = 2 * (q_and_o + k_and_v + mlp) + 64 * 100  # the LM head counts; the embedding lookup does not
+    # Per layer forward: scores (2 FLOPs x 64 wide) and values (the same) against the 5 earlier tokens a causal token
+    # sees on average; backward twice that.
+    attention = 3 * 2 * (2 * 64 * 5 + 2 * 64 * 5)
+    assert training_flops_per_token(config, mean_seq_len=10) == 6 * matmul_weights + attention == 488_448
+
+
+def _train_record(device: str, variants: dict) -> dict:
+    environment = {"hardware": {"gpu": {"name": device}, "torch_threads": 16}, "git_commit": "abc1234"}
+    return {"benchmark": "train", "world_size": 1, "environment": environment, "variants": variants}
+
+
+def test_targets_compare_with_stock_trl_of_the_same_run_and_report_the_h200_auto_figure(tmp_path):
+    def row(tokens: float, mfu: float, gib: float, stock: float, **overrides) -> dict:
+        return {"overrides": overrides, "tokens_per_second": tokens, "mfu": mfu, "peak_allocated_gib": gib,
+                "speed_vs_stock_trl": stock, "speed_vs_reference": 1.0, "step_seconds": 1.0,
+                "projected_epoch_minutes_full_train": 20.0}
+
+    (tmp_path / "benchmarks").mkdir()
+    h200 = _train_record("NVIDIA H200", {
+        "stock TRL": {**row(4_000, 0.2, 61, 1.0), "stock_trl": True},
+        "reference": row(8_000, 0.35, 61, 2.0),
+        "fp8 within 70": row(13_000, 0.56, 68, 3.25, fp8="rowwise", checkpointed_layers="auto", max_memory_gib=70),
+        "bf16 within 70": row(12_000, 0.52, 69, 3.0, checkpointed_layers="auto", max_memory_gib=70),
+        "bf16 auto, all memory": row(14_000, 0.60, 90, 3.5, checkpointed_layers="auto"),
+        "plain bf16 AdamW": row(20_000, 0.9, 60, 5.0, optimizer="adamw"),  # loses updates: never a target figure
+    })
+    (tmp_path / "benchmarks" / "h200_train.json").write_text(json.dumps(h200))
+    evaluation = {"benchmark": "eval", "environment": h200["environment"],
+                  "modes": {"label_scoring": {"articles_per_second": 400.0}, "generation": {"articles_per_second": 60.0}}}
+    (tmp_path / "benchmarks" / "h200_eval.json").write_text(json.dumps(evaluation))
+    table = targets_table(tmp_path)
+    assert "| 55.0% | 56.0% | `h200_train.json`: fp8 within 70 | yes |" in table
+    assert "| 2.80x | 3.25x | `h200_train.json`: fp8 within 70 | yes |" in table
+    assert "bf16 only (no FP8), peak memory <= 70 GiB | (reported) | 52.0% | `h200_train.json`: bf16 within 70 |" in table
+    assert "141 GB H200 | (reported) | 60.0% | `h200_train.json`: bf16 auto, all memory (90.0 GiB) |" in table
+
+
+def test_host_sync_counter_counts_the_synchronizing_calls_of_its_step_only(monkeypatch):
+    import warnings
+
+    from finetune.throughput import HostSyncCounter
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    counter, state = HostSyncCounter(step=2), TrainerState()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the counter records its own step's warnings whatever the filters say
+        for step in (1, 2, 3):
+            state.global_step = step - 1
+            counter.on_step_begin(None, state, None)
+            for _ in range(step):  # what torch's sync debug mode emits at each .item() while it is on
+                warnings.warn("called a synchronizing CUDA operation")
+            warnings.warn("an unrelated warning")
+            state.global_step = step
+            counter.on_step_end(None, state, None)
+    assert counter.count == 2 and modes == ["warn", "default"]
+
+
+def test_variants_run_reference_first_and_liger_last_whatever_their_index():
+    """Liger patches Qwen2 for the whole process: a row after it would measure its kernels too."""
+    order = bench.run_order(bench.TRAIN_VARIANTS, [20, 8, 15, 11])
+    assert order[0] == next(iter(bench.TRAIN_VARIANTS)) and len(order) == 5
+    assert [bench.TRAIN_VARIANTS[n].get("use_liger_kernel", False) for n in order] == [False, False, False, True, True]
+    assert order[1:3] == ["checkpointing auto within 70 GiB",
+                          "compiled layers, FP8 tensorwise, checkpointing auto within 70 GiB"]

@@ -108,15 +108,17 @@ def test_torch_without_the_varlen_kernel_falls_back_to_exact_padded_attention(mo
     """torch.nn.attention.varlen arrived in torch 2.10; requirements.txt allows older releases."""
     import sys
 
-    from finetune.attention import _cuda_varlen_attention
+    from finetune.attention import _cuda_varlen_kernel, _padded_causal_attention
 
     monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)  # makes the import fail
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.warns(UserWarning, match="no torch.nn.attention.varlen: packed rows use the exact padded attention"):
+        assert _cuda_varlen_kernel() is None
     torch.manual_seed(0)
     lengths = [5, 3, 7]
     q, k, v = torch.randn(15, 4, 8), torch.randn(15, 2, 8), torch.randn(15, 2, 8)  # (tokens, heads, dim), GQA
     cu = torch.tensor([0, 5, 8, 15], dtype=torch.int32)
-    with pytest.warns(UserWarning, match="no torch.nn.attention.varlen: packed rows use the exact padded attention"):
-        out = _cuda_varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), None)
+    out = _padded_causal_attention(q, k, v, cu, cu, max(lengths), max(lengths), None)
     alone = [torch.nn.functional.scaled_dot_product_attention(
         *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, enable_gqa=True).transpose(0, 1)
         for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
@@ -142,7 +144,8 @@ def test_padded_attention_with_more_keys_than_queries_matches_each_sequence_alon
     torch.manual_seed(0)
     cu_q, cu_k = torch.tensor([0, 5, 7, 10], dtype=torch.int32), torch.tensor([0, 9, 17, 20], dtype=torch.int32)
     q, k, v = torch.randn(10, 4, 8), torch.randn(20, 2, 8), torch.randn(20, 2, 8)
-    torch.testing.assert_close(_padded_causal_attention(q, k, v, cu_q, cu_k, None), _causal_alone(q, k, v, cu_q, cu_k))
+    out = _padded_causal_attention(q, k, v, cu_q, cu_k, 5, 9, None)
+    torch.testing.assert_close(out, _causal_alone(q, k, v, cu_q, cu_k))
 
 
 @pytest.mark.gpu

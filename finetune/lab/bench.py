@@ -6,9 +6,11 @@
     accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes N -m finetune.lab.bench train \
         --profile qwen2.5-7b-shape --name h200_7b_fsdp_N                                     # FSDP_VARIANTS on N GPUs
 
-Training figures are real (non-pad) tokens/s per GPU after warm-up steps, MFU, step time, peak memory (the most loaded
-GPU's) and the projected time for one epoch of the full 120,000-article training set on all the run's GPUs; each
-ablation is also given as a ratio to the first variant. Launched on several processes, only rank 0 writes.
+Training figures are real (non-pad) tokens/s per GPU after warm-up steps, MFU (against the bf16 dense peak, FP8 rows
+too), step time, peak memory (the most loaded GPU's) and the projected time for one epoch of the full 120,000-article
+training set on all the run's GPUs. On one GPU the first row is stock TRL (finetune/lab/stock_trl.py); every variant
+is given as a ratio to it and to the suite's reference, both measured in the same run. Launched on several
+processes, only rank 0 writes.
 """
 
 import argparse
@@ -32,13 +34,22 @@ from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
 from finetune.predict import encode_prompts
 from finetune.results import environment
 from finetune.metrics import throughput
-from finetune.throughput import (StepClock, StepProfiler, max_over_ranks, mean_article_tokens, peak_flops,
-                                 peak_memory_gib, profile_table, reset_peak_memory, training_flops_per_token)
+from finetune.throughput import (HostSyncCounter, StepClock, StepProfiler, max_over_ranks, mean_article_tokens,
+                                 peak_flops, peak_memory_gib, profile_table, reset_peak_memory,
+                                 training_flops_per_token)
+from finetune.lab.stock_trl import STOCK_TRL, stock_trl_trainer
+from finetune.speedups import decoder_layers
 from finetune.train import build_trainer, launched_with_fsdp
 
 FULL_TRAIN_ARTICLES = 120_000
-# Each variant changes the reference configuration in one respect. Liger patches the Qwen2 classes for the whole
-# process, so its variants come last: every variant before them runs without its kernels.
+# Each variant changes the reference configuration in one respect, or adds one to a row above it. New rows are
+# appended, so that an index keeps naming the same variant in the commands recorded in results/benchmarks/README.md.
+# Liger patches the Qwen2 classes for the whole process, so its variants run last whatever their index
+# (run_order): every variant before them runs without its kernels. Compiled variants start from an empty compile
+# cache (bench_train_variant); FP8 rows follow the bf16 ones they extend, as torchao patches inductor's code
+# generation for the process once a model is converted. "auto ... within 70 GiB" plans for at most 70 GiB (an 80 GB
+# card); plain "auto" for all the card has.
+AUTO_70 = {"checkpointed_layers": "auto", "max_memory_gib": 70}
 TRAIN_VARIANTS = {
     "reference (packed, varlen, full GC, bf16 SR AdamW)": {},
     "no packing (padded batches, sdpa)": {"packing": False},
@@ -58,7 +69,32 @@ TRAIN_VARIANTS = {
                                                          "gradient_accumulation_steps": 8},
     "Liger, checkpointing 16 of 28 layers, plain bf16 AdamW": {"use_liger_kernel": True, "checkpointed_layers": 16,
                                                                "optimizer": "adamw"},
+    "checkpointing auto within 70 GiB": AUTO_70,
+    "checkpointing auto": {"checkpointed_layers": "auto"},
+    "compiled layers, checkpointing auto within 70 GiB": {**AUTO_70, "compile_layers": True},
+    "compiled layers, FP8 rowwise, checkpointing auto within 70 GiB": {**AUTO_70, "compile_layers": True,
+                                                                       "fp8": "rowwise"},
+    "compiled layers, FP8 tensorwise, checkpointing auto within 70 GiB": {**AUTO_70, "compile_layers": True,
+                                                                          "fp8": "tensorwise"},
+    "compiled layers, checkpointing auto": {"checkpointed_layers": "auto", "compile_layers": True},
+    "compiled layers, FP8 rowwise, checkpointing auto": {"checkpointed_layers": "auto", "compile_layers": True,
+                                                         "fp8": "rowwise"},
+    "Liger, checkpointing auto within 70 GiB": {**AUTO_70, "use_liger_kernel": True},
+    "Liger, checkpointing auto": {"checkpointed_layers": "auto", "use_liger_kernel": True},
+    "Liger, compiled layers, checkpointing auto within 70 GiB": {**AUTO_70, "use_liger_kernel": True,
+                                                                 "compile_layers": True},
+    "Liger, compiled layers, FP8 rowwise, checkpointing auto within 70 GiB": {**AUTO_70, "use_liger_kernel": True,
+                                                                              "compile_layers": True, "fp8": "rowwise"},
 }
+
+
+def run_order(catalogue: dict[str, dict], indices: list[int]) -> list[str]:
+    """The chosen variants (always with the reference, index 0) by index, the Liger ones last."""
+    names = list(catalogue)
+    return sorted((names[i] for i in {0, *indices}),
+                  key=lambda n: (catalogue[n].get("use_liger_kernel", False), names.index(n)))
+
+
 # Under FSDP2 (`accelerate launch`, configs/accelerate/fsdp2.yaml) the same per-GPU recipe: who checkpoints the
 # activations (FSDP per decoder layer, or the Trainer; never both), when gathered weights are freed, and how the
 # weights are updated. With FSDP2, adamw_fp32_master is its mixed precision (fp32 shards, bf16 compute); the others
@@ -79,16 +115,21 @@ FSDP_VARIANTS = {
 }
 
 
-def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: int, profile: bool = False) -> dict:
-    """Train `warmup_steps + measured_steps` optimizer steps through `build_trainer`; time the measured ones. With
-    `profile`, one more step runs under the torch profiler (after the timed ones, so its overhead is not timed)."""
+def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: int, profile: bool = False,
+                        build=build_trainer) -> dict:
+    """Train `warmup_steps + measured_steps` optimizer steps through `build` (the notebooks' `build_trainer`, or
+    stock TRL's); time the measured ones. With `profile`, one more step runs under the torch profiler (after the
+    timed ones, so its overhead is not timed)."""
     config = dataclasses.replace(config, max_steps=warmup_steps + measured_steps + profile, logging_steps=1,
                                  run_name=f"{config.run_name}-bench")
     clock = StepClock()
     profiler = StepProfiler(warmup_steps + measured_steps + 1)
+    # The last measured step: a warm-up one may be compiling. Counting costs the host a few microseconds a sync.
+    syncs = HostSyncCounter(warmup_steps + measured_steps)
     reset_peak_memory()
+    torch._dynamo.reset()  # a compiled variant compiles afresh, not from (or counted against) an earlier one's cache
     try:
-        trainer = build_trainer(config, callbacks=[clock, profiler] if profile else [clock])
+        trainer = build(config, callbacks=[clock, syncs, profiler] if profile else [clock, syncs])
         trainer.args.include_num_input_tokens_seen = "non_padding"
         trainer.args.save_strategy = SaveStrategy.NO  # else the Trainer saves a checkpoint after the last step
         trainer.train()
@@ -114,6 +155,11 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         "mean_article_tokens": mean_len,
         "projected_epoch_minutes_full_train": FULL_TRAIN_ARTICLES * mean_len / (tokens_per_second * world_size) / 60,
         "final_loss": next(h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h),
+        # What ran, read from the trained model and trainer (an "auto" choice, TRL's default optimizer).
+        "host_syncs_per_step": syncs.count,
+        "checkpointed_layers": sum(bool(layer.gradient_checkpointing) for layer in decoder_layers(trainer.model)),
+        "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                          else trainer.optimizer).__name__,
     }
     if profile:
         result.update(step_profile=profiler.table, nccl_kernel_share=profiler.nccl_share)
@@ -124,9 +170,17 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
 
 
 def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int, measured_steps: int,
-                profile: bool = False, save=lambda results: None) -> dict:
-    """Every variant in turn; `save` gets the results so far after each one, so a run cut short keeps what it had."""
+                profile: bool = False, save=lambda results: None, stock_trl_steps: tuple[int, int] | None = None) -> dict:
+    """Stock TRL first (with `stock_trl_steps`: its warm-up and measured steps), then every variant in turn, the
+    first of them the reference; `save` gets the results so far after each one, so a run cut short keeps what it
+    had."""
     results = {}
+    if stock_trl_steps:
+        print(f"== {STOCK_TRL}", flush=True)
+        results[STOCK_TRL] = {"overrides": {}, "stock_trl": True, "warmup_steps": stock_trl_steps[0],
+                              "measured_steps": stock_trl_steps[1],
+                              **bench_train_variant(config, *stock_trl_steps, build=stock_trl_trainer)}
+        save(results)
     for name, overrides in variants.items():
         print(f"== {name}", flush=True)
         run = {k: v for k, v in overrides.items() if not k.startswith("fsdp_")}
@@ -138,10 +192,17 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
                                                      profile)}
         if PartialState().is_main_process:
             print(json.dumps(results[name]), flush=True)
-        base = results[next(iter(results))].get("tokens_per_second")
-        if base and "tokens_per_second" in results[name]:
-            results[name]["speed_vs_reference"] = results[name]["tokens_per_second"] / base
-        save(results)
+        save(add_ratios(results, reference=next(iter(variants))))
+    return results
+
+
+def add_ratios(results: dict, reference: str) -> dict:
+    """Each row's tokens/s over the reference's and over stock TRL's, where both were measured."""
+    for base_name, key in ((reference, "speed_vs_reference"), (STOCK_TRL, "speed_vs_stock_trl")):
+        base = results.get(base_name, {}).get("tokens_per_second")
+        for row in results.values():
+            if base and "tokens_per_second" in row:
+                row[key] = row["tokens_per_second"] / base
     return results
 
 
@@ -167,9 +228,9 @@ def plot_train(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 0.6 * len(names) + 1.5))
     ax.barh(names, [results[n]["tokens_per_second"] for n in names])
     for i, n in enumerate(names):
-        mfu = results[n]["mfu"]
+        mfu, stock = results[n]["mfu"], results[n].get("speed_vs_stock_trl")
         ax.text(results[n]["tokens_per_second"], i, f" {results[n]['tokens_per_second']:.0f}"
-                + (f" ({mfu:.0%} MFU)" if mfu else ""), va="center")
+                + (f" ({mfu:.0%} MFU)" if mfu else "") + (f" {stock:.2f}x stock TRL" if stock else ""), va="center")
     ax.invert_yaxis()
     ax.set_xlabel("real tokens/s")
     ax.set_title("Training throughput by variant")
@@ -182,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("what", choices=["train", "eval"])
     parser.add_argument("--name", required=True, help="writes results/benchmarks/<name>.json and .png")
     parser.add_argument("--variants", default="all", help="'all', or comma-separated indices into TRAIN_VARIANTS "
-                        "(FSDP_VARIANTS when launched with the FSDP config)")
+                        "(FSDP_VARIANTS when launched with the FSDP config); the reference (0) always runs first, "
+                        "Liger rows last")
     parser.add_argument("--modes", default=",".join(EVAL_MODES), help="eval: which modes to time, of " + ",".join(EVAL_MODES))
     parser.add_argument("--repeats", type=int, default=3, help="eval: timed passes per mode, after a warm-up pass")
     parser.add_argument("--generation_batch_size", type=int, default=None,
@@ -191,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--measured_steps", type=int, default=5)
     parser.add_argument("--profile_step", action="store_true",
                         help="train: a torch profiler table of one extra step per variant")
+    parser.add_argument("--stock_trl_steps", default=None, help="train: 'W,M' warm-up and measured steps of the "
+                        "stock TRL row (it is the slowest; default: the variants' own); 'none' skips it")
     known, rest = parser.parse_known_args(argv)
     config = config_from_args(rest, description=__doc__)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch (torchrun) for every rank
@@ -209,12 +273,16 @@ def main(argv: list[str] | None = None) -> None:
 
     if known.what == "train":
         catalogue = FSDP_VARIANTS if launched_with_fsdp() else TRAIN_VARIANTS
-        names = list(catalogue)
-        if known.variants != "all":
-            names = [names[int(i)] for i in known.variants.split(",")]
+        indices = range(len(catalogue)) if known.variants == "all" else map(int, known.variants.split(","))
+        names = run_order(catalogue, list(indices))
+        stock_trl_steps = (known.warmup_steps, known.measured_steps)
+        if known.stock_trl_steps:
+            stock_trl_steps = None if known.stock_trl_steps == "none" else tuple(map(int, known.stock_trl_steps.split(",")))
+        if launched_with_fsdp():  # stock TRL is the single-GPU recipe: under FSDP the same set's 1-GPU run is the base
+            stock_trl_steps = None
         record.update(warmup_steps=known.warmup_steps, measured_steps=known.measured_steps)
         bench_train(config, {n: catalogue[n] for n in names}, known.warmup_steps, known.measured_steps,
-                    known.profile_step, save)
+                    known.profile_step, save, stock_trl_steps)
     else:
         record.update(bench_eval(config, known.modes.split(","), known.repeats, known.generation_batch_size))
         path.write_text(json.dumps(record, indent=2) + "\n")

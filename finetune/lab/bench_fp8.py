@@ -1,0 +1,80 @@
+"""Does FP8 change what is learned? The same model trained through `build_trainer` in bf16 and with each FP8 recipe,
+from the same initial weights on the same batches, every step's loss recorded, and the end of training compared.
+
+    python -m finetune.lab.bench_fp8 --profile tiny --bf16 true --hidden_size 1024 ... --max_steps 60   # GPU (FP8)
+"""
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from finetune.config import RunConfig, config_from_args
+from finetune.results import environment
+from finetune.speedups import FP8_RECIPES
+from finetune.throughput import peak_memory_gib, reset_peak_memory
+from finetune.train import build_trainer
+
+# FP8 passes if the mean loss over the last quarter of the steps is within this fraction of bf16's: set before
+# measuring, tight enough that a recipe which learns less (a loss that stalls) fails, loose enough for the rounding of
+# one short run. The per-step differences are recorded beside it.
+FINAL_LOSS_TOLERANCE = 0.02
+
+
+def losses(config: RunConfig, fp8: str | None) -> dict:
+    """Every optimizer step's training loss, the time it took and the peak memory, for one precision."""
+    run = dataclasses.replace(config, fp8=fp8, logging_steps=1, save_steps=10**9, run_name=f"fp8-{fp8 or 'bf16'}")
+    reset_peak_memory()
+    trainer = build_trainer(run)
+    start = time.perf_counter()
+    trainer.train()
+    result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+              "seconds": time.perf_counter() - start, "peak_memory_gib": peak_memory_gib()}
+    del trainer
+    return result
+
+
+def compare(config: RunConfig) -> dict:
+    """bf16 first (the reference), then each FP8 recipe against it."""
+    runs = {"bf16": losses(config, None), **{recipe: losses(config, recipe) for recipe in FP8_RECIPES}}
+    reference = runs["bf16"]["losses"]
+    tail = max(1, len(reference) // 4)
+    reference_end = sum(reference[-tail:]) / tail
+    for name, run in runs.items():
+        end = sum(run["losses"][-tail:]) / tail
+        run["final_loss_mean_last_quarter"] = end
+        run["final_loss_relative_difference"] = abs(end - reference_end) / reference_end
+        run["max_step_relative_difference"] = max(abs(a - b) / b for a, b in zip(run["losses"], reference))
+        run["within_tolerance"] = run["final_loss_relative_difference"] <= FINAL_LOSS_TOLERANCE
+    return runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = config_from_args(argv, description=__doc__)
+    runs = compare(config)
+    out = Path(config.results_dir) / "fp8"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"question": "trained with FP8 matmuls from the same weights on the same batches, does the model reach "
+                          "bf16's loss?", "tolerance": {"final_loss_relative_difference": FINAL_LOSS_TOLERANCE},
+              "config": config.to_dict(), "runs": runs, "environment": environment()}
+    (out / "fp8_vs_bf16.json").write_text(json.dumps(record, indent=2) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, run in runs.items():
+        ax.plot(run["losses"], label=f"{name} (last quarter {run['final_loss_mean_last_quarter']:.3f})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.set_title(f"FP8 vs bf16: {config.hidden_size}-wide, {config.num_layers} layers, lr {config.learning_rate:g}")
+    ax.legend()
+    fig.savefig(out / "fp8_vs_bf16.png", dpi=120, bbox_inches="tight")
+    for name, run in runs.items():
+        print(f"{name:<11} last-quarter loss {run['final_loss_mean_last_quarter']:.4f}  vs bf16 "
+              f"{run['final_loss_relative_difference']:.2%} (max step {run['max_step_relative_difference']:.2%})  "
+              f"{'within' if run['within_tolerance'] else 'OUTSIDE'} {FINAL_LOSS_TOLERANCE:.0%}  {run['seconds']:.0f} s")
+    print(f"wrote {out / 'fp8_vs_bf16.json'}")
+
+
+if __name__ == "__main__":
+    main()
