@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
 from data_prep.task import LABELS, SYSTEM_PROMPT, USER_TEMPLATE, format_answer
+from finetune.adapters import is_adapter, quantization_config, with_adapter
 from finetune.config import RunConfig
 from finetune.qwen_tokenizer import CHAT_TEMPLATE, build_qwen25_tokenizer
 
@@ -58,11 +59,15 @@ def weights_dtype(config: RunConfig) -> torch.dtype:
 
 def load_model(config: RunConfig, tokenizer: PreTrainedTokenizerFast, attn_implementation: str = "sdpa",
                path: str | Path | None = None) -> torch.nn.Module:
-    """The model at `path` (e.g. a fine-tuned checkpoint), else the config's model: hub id, folder or "scratch"."""
+    """The model at `path` (e.g. a fine-tuned checkpoint), else the config's model: hub id, folder or "scratch".
+    With method="qlora" its linear weights are loaded in 4-bit NF4, on the GPU."""
     dtype = weights_dtype(config)
     source = str(path or config.model)
+    quantization = quantization_config(config)
+    device_map = {"": torch.cuda.current_device()} if quantization else None  # bitsandbytes quantizes as it loads
     if source != "scratch":
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
+                                                    quantization_config=quantization, device_map=device_map)
     torch.manual_seed(config.seed)  # the same untrained model for the base evaluation and for training
     model_config = Qwen2Config(
         vocab_size=max(len(tokenizer), config.vocab_size), hidden_size=config.hidden_size,
@@ -75,14 +80,29 @@ def load_model(config: RunConfig, tokenizer: PreTrainedTokenizerFast, attn_imple
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn_implementation)
     log.info("built a scratch Qwen2 model with %.2fM parameters", model.num_parameters() / 1e6)
+    if quantization:  # the random weights go through the same quantizing load as a checkpoint's, from memory
+        state_dict = model.state_dict()
+        del model
+        model = AutoModelForCausalLM.from_pretrained(None, config=model_config, state_dict=state_dict, dtype=dtype,
+                                                     attn_implementation=attn_implementation,
+                                                     quantization_config=quantization, device_map=device_map)
+        del state_dict
+        torch.cuda.empty_cache()
     return model
 
 
 def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
                        path: str | Path | None = None) -> torch.nn.Module:
     """The model for evaluation: sdpa attention, on the GPU where there is one, in eval mode, and with Liger's
-    kernels when the config asks for them."""
-    model = load_model(config, tokenizer, "sdpa", path=path).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    kernels when the config asks for them. A LoRA adapter at `path` is loaded onto the config's model and merged into
+    it; a QLoRA adapter stays beside its 4-bit base."""
+    adapter = is_adapter(path)
+    model = load_model(config, tokenizer, "sdpa", path=None if adapter else path)
+    if adapter:
+        model = with_adapter(model, path, merge=config.method != "qlora")
+    if not quantization_config(config):  # a 4-bit model is loaded onto the GPU already, and cannot be moved
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model.eval()
     if config.use_liger_kernel:
         _apply_liger_kernels(model)
     return model
