@@ -81,13 +81,14 @@ def load_model(config: RunConfig, tokenizer: PreTrainedTokenizerFast, attn_imple
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn_implementation)
     log.info("built a scratch Qwen2 model with %.2fM parameters", model.num_parameters() / 1e6)
     if quantization:  # the random weights go through the same quantizing load as a checkpoint's, from memory
-        state_dict = model.state_dict()
+        model_class, state_dict = type(model), model.state_dict()
         del model
-        model = AutoModelForCausalLM.from_pretrained(None, config=model_config, state_dict=state_dict, dtype=dtype,
-                                                     attn_implementation=attn_implementation,
-                                                     quantization_config=quantization, device_map=device_map)
+        model = model_class.from_pretrained(None, config=model_config, state_dict=state_dict, dtype=dtype,
+                                            attn_implementation=attn_implementation,
+                                            quantization_config=quantization, device_map=device_map)
         del state_dict
         torch.cuda.empty_cache()
+        model.name_or_path = model.config.name_or_path = ""  # from memory, like from_config: no folder or hub id
     return model
 
 

@@ -121,7 +121,8 @@ def test_qlora_trains_an_adapter_over_4bit_weights_and_evaluates_it(tiny_config)
                                  learning_rate=5e-3, num_train_epochs=1.0, max_train_samples=120, logging_steps=1)
     trainer = build_trainer(config)
     quantized = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert len(quantized) == 7 * config.num_layers and quantized[0].weight.quant_state.quant_type == "nf4"
+    state = quantized[0].weight.quant_state
+    assert len(quantized) == 7 * config.num_layers and state.quant_type == "nf4" and state.nested  # double quantized
     final = train(config)
     assert is_adapter(final)
     losses = _losses(json.loads((final / "train_summary.json").read_text()))

@@ -30,8 +30,9 @@ from finetune.model import load_for_inference, load_tokenizer
 from finetune.predict import encode_prompts, generate_labels, score_labels
 from finetune.results import environment
 from finetune.metrics import throughput
-from finetune.throughput import (StepClock, StepProfiler, max_over_ranks, mean_article_tokens, peak_flops,
-                                 peak_memory_gib, profile_table, reset_peak_memory, training_flops_per_token)
+from finetune.throughput import (StepClock, StepProfiler, adapter_parameters, max_over_ranks, mean_article_tokens,
+                                 peak_flops, peak_memory_gib, profile_table, reset_peak_memory,
+                                 training_flops_per_token)
 from finetune.train import build_trainer, launched_with_fsdp
 
 FULL_TRAIN_ARTICLES = 120_000
@@ -44,6 +45,10 @@ TRAIN_VARIANTS = {
     "batch 16 x accumulation 2": {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 2},
     "no gradient checkpointing, batch 4 x 8": {"gradient_checkpointing": False, "per_device_train_batch_size": 4,
                                                "gradient_accumulation_steps": 8},
+    # LoRA and QLoRA (rank 16 on every linear projection): MFU counts the frozen weights' forward and input-gradient
+    # backward and the adapters' full training (finetune/throughput.py::training_flops_per_token).
+    "LoRA r16, all linear projections (peft)": {"method": "lora"},
+    "QLoRA r16, 4-bit NF4 frozen weights (bitsandbytes)": {"method": "qlora"},
     "Liger fused kernels": {"use_liger_kernel": True},
     "Liger + no gradient checkpointing, batch 4 x 8": {"use_liger_kernel": True, "gradient_checkpointing": False,
                                                        "per_device_train_batch_size": 4,
@@ -85,11 +90,12 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
     profiler = StepProfiler(warmup_steps + measured_steps + 1)
     if fsdp_activation_checkpointing is not None:  # each trainer's FSDP plugin reads the launch config from here
         os.environ["FSDP_ACTIVATION_CHECKPOINTING"] = str(fsdp_activation_checkpointing).lower()
-    reset_peak_memory()
     try:
         trainer = build_trainer(config, callbacks=[clock, profiler] if profile else [clock])
         trainer.args.include_num_input_tokens_seen = "non_padding"
         trainer.args.save_strategy = SaveStrategy.NO  # else the Trainer saves a checkpoint after the last step
+        # Training's peak, weights included: QLoRA quantizes a scratch model from a bf16 copy, freed before this.
+        reset_peak_memory()
         trainer.train()
     except Exception as e:  # an ablation that fails (out of memory, a kernel missing) is a result, not a crash...
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ...except on several ranks: the others would hang waiting
@@ -100,7 +106,8 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
     tokens_per_second = tokens / seconds / world_size  # per GPU: the Trainer's count sums every rank's tokens
     optimizer_seconds = clock.optimizer_seconds[warmup_steps:warmup_steps + measured_steps]
     mean_len = mean_article_tokens(trainer.train_dataset)
-    flops = training_flops_per_token(trainer.model.config, mean_len)
+    adapter_params = adapter_parameters(trainer.model)
+    flops = training_flops_per_token(trainer.model.config, mean_len, adapter_params)
     peak = peak_flops()
     result = {
         "tokens_per_second": tokens_per_second,
@@ -111,6 +118,7 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         "peak_allocated_gib": max_over_ranks(trainer.accelerator, peak_memory_gib()),
         "peak_reserved_gib": max_over_ranks(trainer.accelerator, peak_memory_gib(reserved=True)),
         "mean_article_tokens": mean_len,
+        "adapter_parameters": adapter_params,  # None: every weight trains
         "projected_epoch_minutes_full_train": FULL_TRAIN_ARTICLES * mean_len / (tokens_per_second * world_size) / 60,
         "final_loss": next(h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h),
     }
