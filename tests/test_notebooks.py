@@ -19,7 +19,8 @@ from finetune.lab.notebooks import NOTEBOOKS, PROJECT_DIR, run_notebooks
 from finetune.results import validate_record
 
 # What finetune/lab/notebooks.py and finetune/lab/rehearse.py pass to papermill.
-PARAMETERS = {"profile", "data_dir", "results_dir", "max_train_samples", "max_eval_samples", "project_dir", "overrides"}
+PARAMETERS = {"profile", "data_dir", "results_dir", "max_train_samples", "max_eval_samples", "project_dir", "method",
+              "overrides"}
 # The method comparison only reads results files (finetune/lab/methods.py writes them).
 COMPARISON = "04_method_comparison"
 ALL_NOTEBOOKS = (*NOTEBOOKS, COMPARISON)
