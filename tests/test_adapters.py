@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 from finetune.adapters import is_adapter
 from finetune.evaluate import evaluate
+from finetune.lab import bench
+from finetune.lab.methods import benchmark_method_rows, methods_section
 from finetune.merge import merge_adapter
 from finetune.model import load_for_inference, load_model
 from finetune.pretrain import pretrained_base
@@ -129,3 +131,17 @@ def test_qlora_trains_an_adapter_over_4bit_weights_and_evaluates_it(tiny_config)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     record = evaluate(config, "qlora", final, modes=("label_scoring",))
     assert record["evaluations"]["label_scoring"]["metrics"]["accuracy"] >= 0
+
+
+def test_lora_benchmark_row_counts_the_adapters_and_reaches_the_methods_table(tiny_config, tmp_path):
+    args = ["train", "--name", "methods_smoke", "--variants", "0,5", "--warmup_steps", "1", "--measured_steps", "1",
+            "--profile", "tiny", "--data_dir", tiny_config.data_dir, "--holdout_train_size", "300",
+            "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4", "--max_length", "128",
+            "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
+    bench.main(args)
+    full, lora = json.loads((tmp_path / "benchmarks" / "methods_smoke.json").read_text())["variants"].values()
+    assert full["adapter_parameters"] is None and lora["overrides"] == {"method": "lora"}
+    assert 0 < lora["adapter_parameters"] < 64 * 64 * 100 and lora["tokens_per_second"] > 0
+    rows = benchmark_method_rows(tmp_path)
+    assert [row["method"] for row in rows] == ["full", "lora"] and rows[1]["speed_vs_full"] > 0
+    assert "| lora | LoRA r16" in methods_section(tmp_path)
