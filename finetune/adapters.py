@@ -63,8 +63,13 @@ def is_adapter(path: str | Path | None) -> bool:
 
 def with_adapter(base: torch.nn.Module, path: str | Path, merge: bool) -> torch.nn.Module:
     """`base` with the adapter at `path` applied; `merge` folds it into the weights (a plain transformers model, as
-    fast as the base), which a 4-bit base cannot take."""
-    from peft import PeftModel
+    fast as the base), which a 4-bit base cannot take. An adapter trained on another base is an error: it would load
+    without complaint and predict nonsense."""
+    from peft import PeftConfig, PeftModel
 
+    trained_on, given = PeftConfig.from_pretrained(str(path)).base_model_name_or_path or "", base.name_or_path
+    if trained_on and given and Path(trained_on).resolve() != Path(given).resolve():
+        raise ValueError(f"{path} is an adapter for {trained_on}, not for {given}: set model to {trained_on} "
+                         f"(--model {trained_on})")
     model = PeftModel.from_pretrained(base, str(path))
     return model.merge_and_unload() if merge else model

@@ -1,6 +1,6 @@
 """Fold a LoRA or QLoRA run's adapter into its base model: a standalone checkpoint that `from_pretrained` loads.
 
-    python -m finetune.merge --profile tiny --run_name tiny-lora --model <base folder>   # -> checkpoints/tiny-lora/merged
+    python -m finetune.merge --profile tiny --run_name tiny-ag-news-lora --model <base>   # -> checkpoints/<run>/merged
 
 The base is the run config's `model`, loaded in its own dtype (a QLoRA adapter is merged into the unquantized weights,
 as peft recommends: merging into 4-bit weights would round the update away).

@@ -52,6 +52,11 @@ def test_lora_run_saves_an_adapter_that_evaluation_and_merge_put_on_its_base(lor
     assert sum(f.stat().st_size for f in final.glob("*.safetensors")) < (merged / "model.safetensors").stat().st_size
     record = evaluate(lora_config, "lora", final, modes=("label_scoring",))
     assert record["evaluations"]["label_scoring"]["metrics"]["accuracy"] >= 0
+    merged_config = dataclasses.replace(lora_config, model=str(merged))  # another base than the adapter's
+    adapter_config = json.loads((final / "adapter_config.json").read_text())
+    (final / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": "some/base"}))
+    with pytest.raises(ValueError, match=r"is an adapter for some/base, not for .*merged: set model to some/base"):
+        load_for_inference(merged_config, tokenizer, final)
 
 
 def test_interrupted_lora_run_resumes_to_the_same_adapter_and_losses(lora_config, tmp_path):

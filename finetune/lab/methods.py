@@ -100,12 +100,13 @@ def methods_section(results_dir: str | Path) -> str:
              "| output size (MB) | hardware | commit | file |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in method_rows(results_dir):
         lines.append(f"| {r['method']} | {r['accuracy']:.2%} | {r['macro_f1']:.2%} | {r['eval_articles']} "
-                     f"| {r['train_seconds']:.0f} | {r['tokens_per_second']:,.0f} | {cell(r['peak_memory_gib'], '{:.1f}')} "
+                     f"| {r['train_seconds']:.0f} | {r['tokens_per_second']:,.0f} "
+                     f"| {cell(r['peak_memory_gib'], '{:.1f}')} "
                      f"| {r['output_mb']:.2f} | {r['hardware']} | {r['commit']} | `{r['file']}` |")
     if len(lines) == 2:
         lines = ["(not compared yet: `make tiny-methods`)"]
-    lines += ["", "| method | variant | real tokens/s | vs full (same run) | MFU | peak alloc (GiB) | adapter parameters "
-              "| hardware | commit | file |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| method | variant | real tokens/s | vs full (same run) | MFU | peak alloc (GiB) "
+              "| adapter parameters | hardware | commit | file |", "|---|---|---|---|---|---|---|---|---|---|"]
     bench = benchmark_method_rows(results_dir)
     for r in bench:
         if r["error"]:
