@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 from finetune.adapters import is_adapter
+from finetune.attention import VARLEN
 from finetune.evaluate import evaluate
 from finetune.lab import bench
 from finetune.lab.methods import benchmark_method_rows, methods_section
@@ -30,6 +31,7 @@ def lora_config(tiny_config):
 
 def test_lora_trains_only_adapters_on_every_linear_projection(lora_config):
     model = build_trainer(lora_config).model
+    assert model.config._attn_implementation == VARLEN  # packed articles stay apart under the adapters too
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
     adapted = {name.split(".")[-4] for name in trainable}  # ...q_proj.lora_A.default.weight
