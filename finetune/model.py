@@ -43,13 +43,17 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path) -> P
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     # The prompt strings and answers go in too, so the constant parts of every example tokenize compactly.
-    fixed = [SYSTEM_PROMPT, USER_TEMPLATE] + [format_answer(label) for label in LABELS]
-    tokenizer.train_from_iterator(texts + fixed * 100, trainer)
+    tokenizer.train_from_iterator(texts + task_strings() * 100, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=CHAT_TEMPLATE)
     fast.save_pretrained(path)
     log.info("trained a %d-token BPE tokenizer on %d texts -> %s", len(fast), len(texts), path)
     return fast
+
+
+def task_strings() -> list[str]:
+    """The constant parts of every example: the prompt strings and the four answers (no article, no pairing)."""
+    return [SYSTEM_PROMPT, USER_TEMPLATE] + [format_answer(label) for label in LABELS]
 
 
 def weights_dtype(config: RunConfig) -> torch.dtype:

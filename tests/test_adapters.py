@@ -115,7 +115,7 @@ def test_adapter_flops_count_no_weight_gradients_for_the_frozen_model():
 def test_pretrained_base_reads_only_training_texts_and_is_cached(tiny_config):
     config = dataclasses.replace(tiny_config, num_train_epochs=1.0, max_train_samples=80)
     base = pretrained_base(config)
-    assert json.loads((base / "pretrain_inputs.json").read_text())["texts"] == 80
+    assert json.loads((base / "pretrain_inputs.json").read_text())["articles"] == 80
     assert AutoModelForCausalLM.from_pretrained(base).config.hidden_size == config.hidden_size
     stamp = (base / "model.safetensors").stat().st_mtime_ns
     assert pretrained_base(config) == base and (base / "model.safetensors").stat().st_mtime_ns == stamp
