@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
 .PHONY: demo test lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train \
-	gpu-bench-train-liger gpu-fp8 rehearse gpu-fsdp gpu-bench-fsdp
+	gpu-bench-train-liger gpu-fp8 gpu-methods tiny-methods rehearse gpu-fsdp gpu-bench-fsdp
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -110,6 +110,20 @@ gpu-fp8:  ## ~4 min: does FP8 (and compilation) change what is learned?
 	  cp checkpoints/gpu-fp8-rowwise/final/train_summary.json $(GPU_OUT)/gpu-fp8-rowwise_train_summary.json && \
 	  $(PY) -m finetune.evaluate $(GPU_TINY) --fp8 rowwise --run_name gpu-fp8-rowwise \
 	    --model_path checkpoints/gpu-fp8-rowwise/final --name gpu-fp8-rowwise
+
+# Full fine-tuning, LoRA and QLoRA (TRAIN_VARIANTS 0, 5 and 6) in one process, then QLoRA's GPU test. QLoRA needs
+# bitsandbytes (the `gpu` extra).
+gpu-methods: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
+gpu-methods:  ## ~6 min: the 7B shape trained in full, with LoRA and with QLoRA (tokens/s, MFU, peak memory)
+	mkdir -p $(GPU_OUT)
+	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --name h200_7b_methods --variants 22,23 \
+	  --warmup_steps 1 --measured_steps 3 --stock_trl_steps none
+	$(PY) -m pytest -q -m gpu -s tests/test_adapters.py 2>&1 | tee $(GPU_OUT)/gpu_qlora_test.log
+
+# The tiny profile's comparison on the CPU: a pretrained base (finetune/pretrain.py), then full fine-tuning and LoRA
+# from it, evaluated on the same held-out articles (results/methods/).
+tiny-methods: check-data $(INSTALLED)  ## CPU, ~15 min: full fine-tuning vs LoRA from one pretrained tiny base
+	$(BIN)/python -m finetune.lab.methods --profile tiny --methods full,lora
 
 rehearse: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 rehearse:  ## GPU: the four notebooks, qwen2.5-7b recipe, 40 steps, on a 15 GB stand-in of the hub snapshot (results/rehearsal/)

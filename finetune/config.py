@@ -78,6 +78,16 @@ class RunConfig:
     #   "adamw_bf16_sr": bf16 weights updated with stochastic rounding (torchao): unbiased, no extra memory.
     #   "adamw_fp32_master": fp32 weights and states under bf16 autocast: exact, 16 bytes a parameter.
     optimizer: str = "adamw_bf16_sr"
+    # Which weights train (finetune/adapters.py): "full" every weight; "lora" low-rank adapters (peft) beside the
+    # frozen weights; "qlora" the same over a 4-bit NF4 copy of the frozen weights (bitsandbytes, GPU only). Data,
+    # loss, optimizer, resume and evaluation are the same for all three; adapters are saved alone, a few MB.
+    method: str = "full"
+    lora_rank: int = 16
+    lora_alpha: int = 32  # the adapter's update is scaled by alpha / rank
+    lora_dropout: float = 0.05
+    # peft's "all-linear" is every linear projection of the decoder layers (not the LM head); or comma-separated module
+    # names, e.g. "q_proj,v_proj".
+    lora_target_modules: str = "all-linear"
     seed: int = 42
     logging_steps: int = 10
     save_steps: int = 200

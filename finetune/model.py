@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
 from data_prep.task import LABELS, SYSTEM_PROMPT, USER_TEMPLATE, format_answer
+from finetune.adapters import is_adapter, quantization_config, with_adapter
 from finetune.config import RunConfig
 from finetune.qwen_tokenizer import CHAT_TEMPLATE, build_qwen25_tokenizer
 
@@ -42,13 +43,17 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path) -> P
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     # The prompt strings and answers go in too, so the constant parts of every example tokenize compactly.
-    fixed = [SYSTEM_PROMPT, USER_TEMPLATE] + [format_answer(label) for label in LABELS]
-    tokenizer.train_from_iterator(texts + fixed * 100, trainer)
+    tokenizer.train_from_iterator(texts + task_strings() * 100, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=CHAT_TEMPLATE)
     fast.save_pretrained(path)
     log.info("trained a %d-token BPE tokenizer on %d texts -> %s", len(fast), len(texts), path)
     return fast
+
+
+def task_strings() -> list[str]:
+    """The constant parts of every example: the prompt strings and the four answers (no article, no pairing)."""
+    return [SYSTEM_PROMPT, USER_TEMPLATE] + [format_answer(label) for label in LABELS]
 
 
 def weights_dtype(config: RunConfig) -> torch.dtype:
@@ -58,11 +63,15 @@ def weights_dtype(config: RunConfig) -> torch.dtype:
 
 def load_model(config: RunConfig, tokenizer: PreTrainedTokenizerFast, attn_implementation: str = "sdpa",
                path: str | Path | None = None) -> torch.nn.Module:
-    """The model at `path` (e.g. a fine-tuned checkpoint), else the config's model: hub id, folder or "scratch"."""
+    """The model at `path` (e.g. a fine-tuned checkpoint), else the config's model: hub id, folder or "scratch".
+    With method="qlora" its linear weights are loaded in 4-bit NF4, on the GPU."""
     dtype = weights_dtype(config)
     source = str(path or config.model)
+    quantization = quantization_config(config)
+    device_map = {"": torch.cuda.current_device()} if quantization else None  # bitsandbytes quantizes as it loads
     if source != "scratch":
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
+                                                    quantization_config=quantization, device_map=device_map)
     torch.manual_seed(config.seed)  # the same untrained model for the base evaluation and for training
     model_config = Qwen2Config(
         vocab_size=max(len(tokenizer), config.vocab_size), hidden_size=config.hidden_size,
@@ -75,14 +84,30 @@ def load_model(config: RunConfig, tokenizer: PreTrainedTokenizerFast, attn_imple
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn_implementation)
     log.info("built a scratch Qwen2 model with %.2fM parameters", model.num_parameters() / 1e6)
+    if quantization:  # the random weights go through the same quantizing load as a checkpoint's, from memory
+        model_class, state_dict = type(model), model.state_dict()
+        del model
+        model = model_class.from_pretrained(None, config=model_config, state_dict=state_dict, dtype=dtype,
+                                            attn_implementation=attn_implementation,
+                                            quantization_config=quantization, device_map=device_map)
+        del state_dict
+        torch.cuda.empty_cache()
+        model.name_or_path = model.config.name_or_path = ""  # from memory, like from_config: no folder or hub id
     return model
 
 
 def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
                        path: str | Path | None = None) -> torch.nn.Module:
     """The model for evaluation: sdpa attention, on the GPU where there is one, in eval mode, and with Liger's
-    kernels when the config asks for them."""
-    model = load_model(config, tokenizer, "sdpa", path=path).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    kernels when the config asks for them. A LoRA adapter at `path` is loaded onto the config's model and merged into
+    it; a QLoRA adapter stays beside its 4-bit base."""
+    adapter = is_adapter(path)
+    model = load_model(config, tokenizer, "sdpa", path=None if adapter else path)
+    if adapter:
+        model = with_adapter(model, path, merge=config.method != "qlora")
+    if not quantization_config(config):  # a 4-bit model is loaded onto the GPU already, and cannot be moved
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model.eval()
     if config.use_liger_kernel:
         apply_liger_kernels(model)
     return model

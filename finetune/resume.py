@@ -15,12 +15,14 @@ from finetune.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-# What a complete checkpoint holds, by who wrote it: one process writes model*.safetensors and optimizer.pt; under FSDP
-# accelerate's save_fsdp_model/save_fsdp_optimizer write pytorch_model_fsdp.bin and optimizer.bin (FULL_STATE_DICT) or
-# the DCP folders pytorch_model_fsdp_0/ and optimizer_0/ (SHARDED_STATE_DICT), complete once their .metadata exists.
+# What a complete checkpoint holds, by who wrote it: one process writes model*.safetensors (LoRA and QLoRA:
+# adapter_model.safetensors) and optimizer.pt; under FSDP accelerate's save_fsdp_model/save_fsdp_optimizer write
+# pytorch_model_fsdp.bin and optimizer.bin (FULL_STATE_DICT) or the DCP folders pytorch_model_fsdp_0/ and optimizer_0/
+# (SHARDED_STATE_DICT), complete once their .metadata exists.
 CHECKPOINT_PARTS = {
     "trainer_state.json": ("trainer_state.json",),
-    "model weights": ("model*.safetensors", "pytorch_model_fsdp.bin", "pytorch_model_fsdp_0/.metadata"),
+    "model weights": ("model*.safetensors", "adapter_model.safetensors", "pytorch_model_fsdp.bin",
+                      "pytorch_model_fsdp_0/.metadata"),
     "optimizer state": ("optimizer.pt", "optimizer.bin", "optimizer_0/.metadata"),
 }
 

@@ -6,6 +6,7 @@ import time
 import warnings
 
 import torch
+from accelerate.utils import is_peft_model
 from transformers import PretrainedConfig, TrainerCallback
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, by device-name substring (first match wins).
@@ -43,11 +44,16 @@ def mean_article_tokens(train_dataset) -> float:
     return sum(lengths) / len(lengths)
 
 
-def training_flops_per_token(config: PretrainedConfig, mean_seq_len: float) -> float:
+def training_flops_per_token(config: PretrainedConfig, mean_seq_len: float, adapter_params: int | None = None) -> float:
     """Forward + backward FLOPs per real token: 6 x matmul parameters plus causal attention over its own article.
 
     Attention scores and values cost 2 x 2 x hidden x (context) per layer forward; a causal token sees on average
     half its sequence. Embedding lookups are free; the LM head is a matmul and counts.
+
+    LoRA and QLoRA (`adapter_params`, the adapters' trainable parameters): the frozen matmuls run forward (2 per
+    parameter) and backward to their inputs (2), but compute no weight gradient; the adapters cost the full 6. QLoRA
+    is counted the same (bf16 matmul FLOPs after dequantization), so its MFU shows what the 4-bit weights cost.
+    Recomputation under gradient checkpointing is never counted, as for full fine-tuning.
     """
     hidden, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
@@ -55,14 +61,23 @@ def training_flops_per_token(config: PretrainedConfig, mean_seq_len: float) -> f
     per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * config.intermediate_size
     matmul_params = layers * per_layer + hidden * config.vocab_size
     attention = layers * 2 * 2 * config.num_attention_heads * head_dim * (mean_seq_len / 2)
-    return 6 * matmul_params + 3 * attention
+    if adapter_params is None:
+        return 6 * matmul_params + 3 * attention
+    return 4 * matmul_params + 6 * adapter_params + 3 * attention
+
+
+def adapter_parameters(model: torch.nn.Module) -> int | None:
+    """The trainable parameters of a peft model (its adapters); None for a model trained whole."""
+    if not is_peft_model(model):
+        return None
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 class ThroughputCallback(TrainerCallback):
     """Adds tokens_per_second and (on a known GPU) mfu to every log line, from TRL's running `num_tokens`."""
 
-    def __init__(self, model_config: PretrainedConfig, mean_seq_len: float):
-        self.flops_per_token = training_flops_per_token(model_config, mean_seq_len)
+    def __init__(self, model_config: PretrainedConfig, mean_seq_len: float, adapter_params: int | None = None):
+        self.flops_per_token = training_flops_per_token(model_config, mean_seq_len, adapter_params)
         self.peak = peak_flops()
         self.last = None  # (time, tokens) at the previous log
 

@@ -1,7 +1,8 @@
-"""Full fine-tuning with TRL's SFTTrainer: config in, trainer built in a few named steps, train, save.
+"""Fine-tuning (full, LoRA or QLoRA) with TRL's SFTTrainer: config in, trainer built in named steps, train, save.
 
     python -m finetune.train --profile tiny
     python -m finetune.train --profile qwen2.5-7b --data_dir /data/ag_news
+    python -m finetune.train --profile qwen2.5-7b --method lora      # final/ holds the adapter: finetune.merge
     accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 4 -m finetune.train \
         --profile qwen2.5-7b --gradient_checkpointing false          # FSDP2: FSDP checkpoints the activations
 """
@@ -20,13 +21,15 @@ from transformers import TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 from trl import SFTConfig
 
+from finetune.adapters import check_method, lora_config
 from finetune.attention import choose_attn_implementation
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
 from finetune.model import load_model, load_tokenizer, weights_dtype
 from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished
 from finetune.speedups import auto_checkpointed_layers, check_speedups, compile_decoder_layers, convert_to_fp8
-from finetune.throughput import ThroughputCallback, mean_article_tokens, peak_memory_gib, reset_peak_memory
+from finetune.throughput import (ThroughputCallback, adapter_parameters, mean_article_tokens, peak_memory_gib,
+                                 reset_peak_memory)
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,7 @@ class SelectiveCheckpointing(TrainerCallback):
 
 def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> SFTTrainer:
     """Data, training arguments, tokenizer, model and trainer, in that order, from one config."""
+    check_method(config)  # QLoRA without a GPU or bitsandbytes fails here, before the data loads
     check_speedups(config)
     if config.checkpointed_layers == "auto" and launched_with_fsdp():
         raise ValueError("checkpointed_layers='auto' plans one GPU's memory; under FSDP give a number or none")
@@ -150,12 +154,14 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     checkpointed = config.checkpointed_layers
     if checkpointed == "auto" and config.gradient_checkpointing:
         checkpointed = auto_checkpointed_layers(config, model)
+    # LoRA and QLoRA: TRL wraps the model with the adapter and trains only that (None: full fine-tuning).
     trainer = SFTTrainer(model=model, args=args,
                          train_dataset=to_prompt_completion(splits.train, tokenizer, config.max_length),
-                         processing_class=tokenizer, callbacks=callbacks,
+                         processing_class=tokenizer, callbacks=callbacks, peft_config=lora_config(config),
                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(config, args))
     # First in line, so the TensorBoard and progress callbacks see the numbers it adds to each log.
-    throughput = ThroughputCallback(model.config, mean_article_tokens(trainer.train_dataset))
+    throughput = ThroughputCallback(model.config, mean_article_tokens(trainer.train_dataset),
+                                    adapter_parameters(trainer.model))
     trainer.callback_handler.callbacks.insert(0, throughput)
     if config.gradient_checkpointing and checkpointed is not None:
         trainer.add_callback(SelectiveCheckpointing(checkpointed))
@@ -236,7 +242,8 @@ class SaveClock(TrainerCallback):
 
 
 def save_final_model(trainer: SFTTrainer, folder: Path) -> None:
-    """The trained model as `from_pretrained` loads it, from every rank (under FSDP the save gathers the shards).
+    """The trained model as `from_pretrained` loads it, from every rank (under FSDP the save gathers the shards); for
+    LoRA and QLoRA the adapter alone, as peft's `from_pretrained` loads it onto the base model.
 
     With SHARDED_STATE_DICT, Trainer.save_model writes nothing under FSDP (checkpoints get DCP shards instead), so the
     final save switches to FULL_STATE_DICT first, as accelerate's plugin documents for this case."""

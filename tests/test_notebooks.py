@@ -13,11 +13,17 @@ from IPython.core.inputtransformer2 import TransformerManager
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.kernelspec import get_kernel_dict
 
+from finetune.config import get_config
+from finetune.lab.methods import compare_methods, methods_section
 from finetune.lab.notebooks import NOTEBOOKS, PROJECT_DIR, run_notebooks
 from finetune.results import validate_record
 
 # What finetune/lab/notebooks.py and finetune/lab/rehearse.py pass to papermill.
-PARAMETERS = {"profile", "data_dir", "results_dir", "max_train_samples", "max_eval_samples", "project_dir", "overrides"}
+PARAMETERS = {"profile", "data_dir", "results_dir", "max_train_samples", "max_eval_samples", "project_dir", "method",
+              "overrides"}
+# The method comparison only reads results files (finetune/lab/methods.py writes them).
+COMPARISON = "04_method_comparison"
+ALL_NOTEBOOKS = (*NOTEBOOKS, COMPARISON)
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
@@ -47,12 +53,13 @@ def lab_metadata() -> dict:
 
 
 def test_notebooks_are_committed_thin_and_parameterized():
-    for name in NOTEBOOKS:
+    for name in ALL_NOTEBOOKS:
         notebook = committed(name)
         code = code_cells(notebook)
         assert "parameters" in code[0].metadata.get("tags", []), name
         # papermill reads each parameter's default and help from this cell; a line it cannot parse drops the name.
-        assert set(papermill.inspect_notebook(PROJECT_DIR / "notebooks" / f"{name}.ipynb")) == PARAMETERS, name
+        expected = {"results_dir", "project_dir"} if name == COMPARISON else PARAMETERS
+        assert set(papermill.inspect_notebook(PROJECT_DIR / "notebooks" / f"{name}.ipynb")) == expected, name
         assert all(not cell.outputs and cell.execution_count is None for cell in code), f"{name} has outputs"
         definitions = [node for node in ast.walk(ast.parse(python_source(notebook)))
                        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))]
@@ -60,7 +67,7 @@ def test_notebooks_are_committed_thin_and_parameterized():
 
 
 def test_notebooks_import_only_what_they_use():
-    for name in NOTEBOOKS:
+    for name in ALL_NOTEBOOKS:
         tree = ast.parse(python_source(committed(name)))
         imported = {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree)
                     if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
@@ -71,7 +78,7 @@ def test_notebooks_import_only_what_they_use():
 def test_notebooks_are_committed_as_jupyter_lab_saves_them():
     """Lab sets the kernelspec and language_info from the running kernel, upgrades nbformat_minor, and writes JSON as
     nbformat does; a notebook committed in any other form is marked modified on opening and autosave rewrites it."""
-    for name in NOTEBOOKS:
+    for name in ALL_NOTEBOOKS:
         path = PROJECT_DIR / "notebooks" / f"{name}.ipynb"
         notebook = committed(name)
         assert (notebook.nbformat, notebook.nbformat_minor) == (4, nbformat.v4.nbformat_minor), name
@@ -131,3 +138,26 @@ def test_notebooks_execute_headless_and_write_valid_results(synthetic_dir, tmp_p
     training = nbformat.read(executed[2], as_version=4)  # a progress bar, but not the Trainer's table of every loss
     shown = "".join(str(output.get("data", {}).get("text/html", "")) for output in outputs(training))
     assert "<progress" in shown and "Training Loss" not in shown
+
+
+@pytest.mark.slow
+def test_method_comparison_notebook_shows_each_method_from_its_results(synthetic_dir, tmp_path):
+    """Full fine-tuning and LoRA from one pretrained base (finetune.lab.methods), then notebook 04 on their records."""
+    config = get_config("tiny", data_dir=str(synthetic_dir), holdout_train_size=300, max_train_samples=80,
+                        checkpoints_dir=str(tmp_path / "checkpoints"), results_dir=str(tmp_path / "results"),
+                        vocab_size=512, hidden_size=64, num_heads=4, intermediate_size=128, num_train_epochs=1.0,
+                        per_device_train_batch_size=8, max_length=128, eval_batch_size=64)
+    written = compare_methods(config, ["full", "lora"], modes=("label_scoring",))
+    records = [json.loads(path.read_text()) for path in written]
+    for record in records:
+        validate_record(record)
+    full, lora = (record["training"] for record in records)
+    assert (full["method"], lora["method"]) == ("full", "lora") and lora["output_bytes"] < full["output_bytes"]
+    assert len({record["config"]["model"] for record in records}) == 1  # the same pretrained base
+    assert "| lora |" in methods_section(config.results_dir)
+    executed = run_notebooks({"results_dir": config.results_dir}, tmp_path / "executed", names=(COMPARISON,))
+    notebook = nbformat.read(executed[0], as_version=4)
+    shown = "".join(str(output.get("data", {}).get("text/html", "")) for output in outputs(notebook))
+    assert "lora" in shown and "output_mb" in shown
+    assert any("image/png" in output.get("data", {}) for output in outputs(notebook))
+    assert not any(output.get("name") == "stderr" for output in outputs(notebook))

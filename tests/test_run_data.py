@@ -94,6 +94,15 @@ def test_notebook_runs_pass_on_only_the_limits_given(monkeypatch):
     assert [p["overrides"] for p in passed] == [{}, {"max_train_samples": 200, "max_eval_samples": None}]
 
 
+def test_notebook_runs_pass_the_method_as_its_own_parameter(monkeypatch):
+    passed = []
+    monkeypatch.setattr(notebooks, "run_notebooks", lambda parameters, output_dir: passed.append(parameters))
+    notebooks.main(["--method", "lora", "--lora_rank", "8"])
+    notebooks.main([])
+    assert (passed[0]["method"], passed[0]["overrides"]) == ("lora", {"lora_rank": 8})
+    assert passed[1]["method"] == "full"
+
+
 def test_split_seed_alone_chooses_the_eval_articles(tiny_config):
     reference = load_splits(tiny_config)
     other_init = load_splits(dataclasses.replace(tiny_config, seed=tiny_config.seed + 1))

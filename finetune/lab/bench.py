@@ -34,8 +34,8 @@ from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
 from finetune.predict import encode_prompts
 from finetune.results import environment
 from finetune.metrics import throughput
-from finetune.throughput import (HostSyncCounter, StepClock, StepProfiler, max_over_ranks, mean_article_tokens,
-                                 peak_flops, peak_memory_gib, profile_table, reset_peak_memory,
+from finetune.throughput import (HostSyncCounter, StepClock, StepProfiler, adapter_parameters, max_over_ranks,
+                                 mean_article_tokens, peak_flops, peak_memory_gib, profile_table, reset_peak_memory,
                                  training_flops_per_token)
 from finetune.lab.stock_trl import STOCK_TRL, stock_trl_trainer
 from finetune.speedups import decoder_layers
@@ -85,6 +85,10 @@ TRAIN_VARIANTS = {
                                                                  "compile_layers": True},
     "Liger, compiled layers, FP8 rowwise, checkpointing auto within 70 GiB": {**AUTO_70, "use_liger_kernel": True,
                                                                               "compile_layers": True, "fp8": "rowwise"},
+    # Last, so that the indices recorded with earlier runs keep naming the same rows. LoRA and QLoRA (rank 16 on every linear projection): MFU counts the frozen weights' forward and input-gradient
+    # backward and the adapters' full training (finetune/throughput.py::training_flops_per_token).
+    "LoRA r16, all linear projections (peft)": {"method": "lora"},
+    "QLoRA r16, 4-bit NF4 frozen weights (bitsandbytes)": {"method": "qlora"},
 }
 
 
@@ -126,12 +130,13 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
     profiler = StepProfiler(warmup_steps + measured_steps + 1)
     # The last measured step: a warm-up one may be compiling. Counting costs the host a few microseconds a sync.
     syncs = HostSyncCounter(warmup_steps + measured_steps)
-    reset_peak_memory()
     torch._dynamo.reset()  # a compiled variant compiles afresh, not from (or counted against) an earlier one's cache
     try:
         trainer = build(config, callbacks=[clock, syncs, profiler] if profile else [clock, syncs])
         trainer.args.include_num_input_tokens_seen = "non_padding"
         trainer.args.save_strategy = SaveStrategy.NO  # else the Trainer saves a checkpoint after the last step
+        # Training's peak, weights included: QLoRA quantizes a scratch model from a bf16 copy, freed before this.
+        reset_peak_memory()
         trainer.train()
     except Exception as e:  # an ablation that fails (out of memory, a kernel missing) is a result, not a crash...
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ...except on several ranks: the others would hang waiting
@@ -142,7 +147,8 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
     tokens_per_second = tokens / seconds / world_size  # per GPU: the Trainer's count sums every rank's tokens
     optimizer_seconds = clock.optimizer_seconds[warmup_steps:warmup_steps + measured_steps]
     mean_len = mean_article_tokens(trainer.train_dataset)
-    flops = training_flops_per_token(trainer.model.config, mean_len)
+    adapter_params = adapter_parameters(trainer.model)
+    flops = training_flops_per_token(trainer.model.config, mean_len, adapter_params)
     peak = peak_flops()
     result = {
         "tokens_per_second": tokens_per_second,
@@ -153,6 +159,7 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         "peak_allocated_gib": max_over_ranks(trainer.accelerator, peak_memory_gib()),
         "peak_reserved_gib": max_over_ranks(trainer.accelerator, peak_memory_gib(reserved=True)),
         "mean_article_tokens": mean_len,
+        "adapter_parameters": adapter_params,  # None: every weight trains
         "projected_epoch_minutes_full_train": FULL_TRAIN_ARTICLES * mean_len / (tokens_per_second * world_size) / 60,
         "final_loss": next(h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h),
         # What ran, read from the trained model and trainer (an "auto" choice, TRL's default optimizer).

@@ -48,7 +48,8 @@ def notebook_parameters(profile: str, overrides: dict) -> dict:
     if os.environ.get(DATA_ENV):  # the kernels inherit it, and read it from the project root
         os.environ[DATA_ENV] = str(Path(os.environ[DATA_ENV]).resolve())
     return {"profile": profile, "data_dir": overrides.pop("data_dir", None),
-            "results_dir": overrides.pop("results_dir", "results"), "overrides": overrides}
+            "results_dir": overrides.pop("results_dir", "results"), "method": overrides.pop("method", "full"),
+            "overrides": overrides}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
 from finetune.results import commit_label, hardware_label, load_records, made_before, summary_table, write_summary
 
@@ -252,7 +253,8 @@ def update_readme(readme_path: Path = Path("README.md"), results_dir: Path = Pat
                 "cpu-packing-runs": training_runs_table(results_dir / "cpu_packing"),
                 "rehearsal-articles-per-update": rehearsal_articles_per_update(results_dir),
                 "rehearsal": rehearsal_section(results_dir),
-                "fsdp-scaling": scaling_table(results_dir)}
+                "fsdp-scaling": scaling_table(results_dir),
+                "methods": methods_section(results_dir)}
     for name, body in sections.items():
         if MARKERS[0].format(name) in readme:
             readme = replace_section(readme, name, body)

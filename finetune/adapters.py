@@ -1,0 +1,75 @@
+"""LoRA and QLoRA: the peft adapter a run trains, the 4-bit NF4 quantization QLoRA loads its frozen weights in, and
+loading a saved adapter onto its base model.
+
+The method is one config field (`method`: full, lora, qlora). TRL's SFTTrainer wraps the model with the adapter
+(`peft_config`), so packing, the answer-only loss, the optimizers, resume and TensorBoard are the full recipe's own.
+"""
+
+from pathlib import Path
+
+import torch
+
+from finetune.config import RunConfig
+
+METHODS = ("full", "lora", "qlora")
+
+
+def check_method(config: RunConfig) -> None:
+    """Fail before anything loads: an unknown method, or QLoRA where it cannot run (bitsandbytes' 4-bit kernels need
+    a CUDA GPU, and the package is the `gpu` extra, not part of the CPU install)."""
+    if config.method not in METHODS:
+        raise ValueError(f"unknown method {config.method!r}; choose from {METHODS}")
+    if config.method != "qlora":
+        return
+    if not torch.cuda.is_available():
+        raise RuntimeError("method='qlora' quantizes the frozen weights with bitsandbytes' 4-bit CUDA kernels: it "
+                           "needs a GPU. On the CPU use --method lora.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError("method='qlora' needs bitsandbytes: pip install -e '.[gpu]' (or pip install bitsandbytes), "
+                          "or use --method lora") from e
+
+
+def lora_config(config: RunConfig):
+    """The peft LoraConfig for a lora or qlora run; None for full fine-tuning."""
+    check_method(config)
+    if config.method == "full":
+        return None
+    from peft import LoraConfig  # imported here: a full fine-tuning run does not need peft
+
+    targets = config.lora_target_modules
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets if targets == "all-linear" else targets.split(","),
+                      task_type="CAUSAL_LM")
+
+
+def quantization_config(config: RunConfig):
+    """QLoRA's frozen weights: 4-bit NF4 with double quantization (the scales quantized too), bf16 compute, as in the
+    QLoRA paper. None for the other methods."""
+    check_method(config)
+    if config.method != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def is_adapter(path: str | Path | None) -> bool:
+    """Whether `path` holds a peft adapter (a lora or qlora run's final/ or checkpoint) rather than a whole model."""
+    return path is not None and (Path(path) / "adapter_config.json").exists()
+
+
+def with_adapter(base: torch.nn.Module, path: str | Path, merge: bool) -> torch.nn.Module:
+    """`base` with the adapter at `path` applied; `merge` folds it into the weights (a plain transformers model, as
+    fast as the base), which a 4-bit base cannot take. An adapter trained on another base is an error: it would load
+    without complaint and predict nonsense."""
+    from peft import PeftConfig, PeftModel
+
+    trained_on, given = PeftConfig.from_pretrained(str(path)).base_model_name_or_path or "", base.name_or_path
+    if trained_on and given and Path(trained_on).resolve() != Path(given).resolve():
+        raise ValueError(f"{path} is an adapter for {trained_on}, not for {given}: set model to {trained_on} "
+                         f"(--model {trained_on})")
+    model = PeftModel.from_pretrained(base, str(path))
+    return model.merge_and_unload() if merge else model

@@ -1,0 +1,155 @@
+"""LoRA and QLoRA: one switch in the run config; the adapter trains alone, is saved small, resumes, is evaluated on
+its base, and merges into a standalone model. QLoRA's own path runs on the GPU; elsewhere it fails early."""
+
+import dataclasses
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+from finetune.adapters import is_adapter
+from finetune.attention import VARLEN
+from finetune.evaluate import evaluate
+from finetune.lab import bench
+from finetune.lab.methods import benchmark_method_rows, methods_section
+from finetune.merge import merge_adapter
+from finetune.model import load_for_inference, load_model
+from finetune.pretrain import pretrained_base
+from finetune.throughput import training_flops_per_token
+from finetune.train import build_trainer, train
+from tests.test_train import StopAt, _losses
+
+
+@pytest.fixture
+def lora_config(tiny_config):
+    return dataclasses.replace(tiny_config, method="lora", lora_rank=4, lora_alpha=8, learning_rate=5e-3,
+                               num_train_epochs=1.0, max_train_samples=120, logging_steps=1, save_steps=5)
+
+
+def test_lora_trains_only_adapters_on_every_linear_projection(lora_config):
+    model = build_trainer(lora_config).model
+    assert model.config._attn_implementation == VARLEN  # packed articles stay apart under the adapters too
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    adapted = {name.split(".")[-4] for name in trainable}  # ...q_proj.lora_A.default.weight
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_lora_run_saves_an_adapter_that_evaluation_and_merge_put_on_its_base(lora_config, tmp_path):
+    final = train(lora_config)
+    assert is_adapter(final) and not (final / "model.safetensors").exists()
+    losses = _losses(json.loads((final / "train_summary.json").read_text()))
+    assert losses[-1] < losses[0]
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    ids = tokenizer("Striker goal league", return_tensors="pt")["input_ids"]
+    base_logits = load_model(lora_config, tokenizer)(ids).logits
+    adapted_logits = load_for_inference(lora_config, tokenizer, final)(ids).logits
+    assert not torch.allclose(adapted_logits, base_logits, atol=1e-4)  # the adapter is applied
+    merged = merge_adapter(lora_config, final, tmp_path / "merged")
+    standalone = AutoModelForCausalLM.from_pretrained(merged).eval()
+    torch.testing.assert_close(standalone(ids).logits, adapted_logits, atol=1e-4, rtol=1e-4)
+    assert sum(f.stat().st_size for f in final.glob("*.safetensors")) < (merged / "model.safetensors").stat().st_size
+    record = evaluate(lora_config, "lora", final, modes=("label_scoring",))
+    assert record["evaluations"]["label_scoring"]["metrics"]["accuracy"] >= 0
+    merged_config = dataclasses.replace(lora_config, model=str(merged))  # another base than the adapter's
+    adapter_config = json.loads((final / "adapter_config.json").read_text())
+    (final / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": "some/base"}))
+    with pytest.raises(ValueError, match=r"is an adapter for some/base, not for .*merged: set model to some/base"):
+        load_for_inference(merged_config, tokenizer, final)
+
+
+def test_interrupted_lora_run_resumes_to_the_same_adapter_and_losses(lora_config, tmp_path):
+    straight = train(dataclasses.replace(lora_config, checkpoints_dir=str(tmp_path / "straight")))
+    interrupted = dataclasses.replace(lora_config, checkpoints_dir=str(tmp_path / "interrupted"))
+    train(interrupted, callbacks=[StopAt(5)])
+    assert (interrupted.output_dir / "checkpoint-5" / "adapter_model.safetensors").is_file()
+    resumed = train(interrupted)
+    summary = json.loads((resumed / "train_summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-5")
+    expected = json.loads((straight / "train_summary.json").read_text())
+    assert len(_losses(summary)) > 5 and _losses(summary) == pytest.approx(_losses(expected), rel=1e-4)
+    want, got = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert set(want) == set(got)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_full_run_cannot_resume_as_lora(lora_config):
+    full = dataclasses.replace(lora_config, method="full")
+    train(full, callbacks=[StopAt(5)])
+    with pytest.raises(ValueError, match=r"method 'full' -> 'lora'"):
+        train(lora_config)
+
+
+def test_unknown_method_is_a_clear_error(tiny_config):
+    with pytest.raises(ValueError, match=r"unknown method 'adapter'; choose from \('full', 'lora', 'qlora'\)"):
+        build_trainer(dataclasses.replace(tiny_config, method="adapter"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's error")
+def test_qlora_on_the_cpu_fails_before_loading_anything_and_names_the_fix(tiny_config):
+    with pytest.raises(RuntimeError, match="needs a GPU. On the CPU use --method lora"):
+        build_trainer(dataclasses.replace(tiny_config, method="qlora", data_dir="/nonexistent"))
+
+
+def test_qlora_without_bitsandbytes_names_the_install(tiny_config, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if it were not installed
+    with pytest.raises(ImportError, match=r"needs bitsandbytes: pip install -e '\.\[gpu\]'"):
+        build_trainer(dataclasses.replace(tiny_config, method="qlora", data_dir="/nonexistent"))
+
+
+def test_adapter_flops_count_no_weight_gradients_for_the_frozen_model():
+    """Forward (2) and backward to the inputs (2) per frozen parameter, the full 6 per adapter parameter."""
+    config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    matmul_params = 2 * (64 * (64 + 2 * 32) + 64 * 64 + 3 * 64 * 128) + 64 * 1000
+    full, frozen = training_flops_per_token(config, 100.0), training_flops_per_token(config, 100.0, adapter_params=0)
+    assert full - frozen == 2 * matmul_params
+    assert training_flops_per_token(config, 100.0, adapter_params=1000) == frozen + 6000
+
+
+def test_pretrained_base_reads_only_training_texts_and_is_cached(tiny_config):
+    config = dataclasses.replace(tiny_config, num_train_epochs=1.0, max_train_samples=80)
+    base = pretrained_base(config)
+    assert json.loads((base / "pretrain_inputs.json").read_text())["articles"] == 80
+    assert AutoModelForCausalLM.from_pretrained(base).config.hidden_size == config.hidden_size
+    stamp = (base / "model.safetensors").stat().st_mtime_ns
+    assert pretrained_base(config) == base and (base / "model.safetensors").stat().st_mtime_ns == stamp
+    assert pretrained_base(dataclasses.replace(config, seed=1)) != base
+
+
+@pytest.mark.gpu
+def test_qlora_trains_an_adapter_over_4bit_weights_and_evaluates_it(tiny_config):
+    import bitsandbytes as bnb
+
+    config = dataclasses.replace(tiny_config, method="qlora", bf16=True, optimizer="adamw_bf16_sr", lora_rank=4,
+                                 learning_rate=5e-3, num_train_epochs=1.0, max_train_samples=120, logging_steps=1)
+    trainer = build_trainer(config)
+    quantized = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    state = quantized[0].weight.quant_state
+    assert len(quantized) == 7 * config.num_layers and state.quant_type == "nf4" and state.nested  # double quantized
+    final = train(config)
+    assert is_adapter(final)
+    losses = _losses(json.loads((final / "train_summary.json").read_text()))
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    record = evaluate(config, "qlora", final, modes=("label_scoring",))
+    assert record["evaluations"]["label_scoring"]["metrics"]["accuracy"] >= 0
+
+
+def test_lora_benchmark_row_counts_the_adapters_and_reaches_the_methods_table(tiny_config, tmp_path):
+    args = ["train", "--name", "methods_smoke", "--variants", "22", "--warmup_steps", "1", "--measured_steps", "1",
+            "--stock_trl_steps", "none",
+            "--profile", "tiny", "--data_dir", tiny_config.data_dir, "--holdout_train_size", "300",
+            "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4", "--max_length", "128",
+            "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
+    bench.main(args)
+    full, lora = json.loads((tmp_path / "benchmarks" / "methods_smoke.json").read_text())["variants"].values()
+    assert full["adapter_parameters"] is None and lora["overrides"] == {"method": "lora"}
+    assert 0 < lora["adapter_parameters"] < 64 * 64 * 100 and lora["tokens_per_second"] > 0
+    rows = benchmark_method_rows(tmp_path)
+    assert [row["method"] for row in rows] == ["full", "lora"] and rows[1]["speed_vs_full"] > 0
+    assert "| lora | LoRA r16" in methods_section(tmp_path)
