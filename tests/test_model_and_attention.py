@@ -130,7 +130,7 @@ def _causal_alone(q, k, v, cu_q, cu_k):
     out = []
     for (qa, qb), (ka, kb) in zip(zip(cu_q[:-1].tolist(), cu_q[1:].tolist()), zip(cu_k[:-1].tolist(), cu_k[1:].tolist())):
         lq, lk = qb - qa, kb - ka
-        mask = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
         out.append(torch.nn.functional.scaled_dot_product_attention(
             *(x.transpose(0, 1) for x in (q[qa:qb], k[ka:kb], v[ka:kb])), attn_mask=mask, enable_gqa=True
         ).transpose(0, 1))
