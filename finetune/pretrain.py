@@ -30,9 +30,11 @@ PRETRAIN_FIELDS = ("model", "tokenizer", "vocab_size", "hidden_size", "num_layer
                    "intermediate_size", "tie_word_embeddings", "learning_rate", "max_steps",
                    "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "warmup_steps",
                    "lr_scheduler_type", "weight_decay", "bf16", "optimizer", "seed")
-# One pass over the texts: every position is scored, so an epoch costs several of fine-tuning's (whose loss is on
-# the answer alone); on the tiny profile's 6,000 articles it takes minutes on 2 CPU cores.
-PRETRAIN_EPOCHS = 1.0
+# Every position is scored, so an epoch costs about two of fine-tuning's (whose loss is on the answer alone); four
+# take about seven minutes on 2 CPU cores for the tiny profile's 6,000 articles. From a one-pass base LoRA could not
+# learn to answer: its output distribution stayed near uniform, since it cannot rescale the frozen embeddings and
+# norms that full fine-tuning grows (results/methods/ has the comparison from this base).
+PRETRAIN_EPOCHS = 4.0
 
 
 def pretrained_base(config: RunConfig) -> Path:
