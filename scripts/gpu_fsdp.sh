@@ -75,13 +75,13 @@ grep -E "accuracy" "$OUT/evaluate.log"
 # 4. (Left out with SKIP_7B_SAVE=1.) The 7B shape's end-of-run save on 2 GPUs: the shards gathered into plain safetensors by rank 0 (15 GB), loaded by
 #    from_pretrained and evaluated on 200 articles; train_summary.json records final_save_seconds.
 if [[ -z ${SKIP_7B_SAVE:-} ]]; then
-rm -rf checkpoints/fsdp-7b
-step save_7b 240 "${launch[@]}" 2 -m finetune.train --profile qwen2.5-7b-shape --run_name fsdp-7b --max_steps 2 \
-    --gradient_checkpointing false --dataloader_num_workers 2
-cp checkpoints/fsdp-7b/final/train_summary.json "$OUT/fsdp-7b_train_summary.json"
-step evaluate_7b 180 "$PY" -m finetune.evaluate --profile qwen2.5-7b-shape --model_path checkpoints/fsdp-7b/final \
-    --name fsdp-7b --max_eval_samples 200 --eval_batch_size 200 --results_dir "$OUT"
-rm -rf checkpoints/fsdp-7b
+    rm -rf checkpoints/fsdp-7b
+    step save_7b 240 "${launch[@]}" 2 -m finetune.train --profile qwen2.5-7b-shape --run_name fsdp-7b --max_steps 2 \
+        --gradient_checkpointing false --dataloader_num_workers 2
+    cp checkpoints/fsdp-7b/final/train_summary.json "$OUT/fsdp-7b_train_summary.json"
+    step evaluate_7b 180 "$PY" -m finetune.evaluate --profile qwen2.5-7b-shape --model_path checkpoints/fsdp-7b/final \
+        --name fsdp-7b --max_eval_samples 200 --eval_batch_size 200 --results_dir "$OUT"
+    rm -rf checkpoints/fsdp-7b
 fi
 
 "$PY" - results/benchmarks/"${NAME}"_*gpu.json <<'EOF'

@@ -33,9 +33,8 @@ from finetune.model import load_for_inference, load_tokenizer
 from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
 from finetune.predict import encode_prompts
 from finetune.results import environment
-from finetune.metrics import throughput
 from finetune.throughput import (HostSyncCounter, StepClock, StepProfiler, adapter_parameters, max_over_ranks,
-                                 mean_article_tokens, peak_flops, peak_memory_gib, profile_table, reset_peak_memory,
+                                 mean_article_tokens, peak_flops, peak_memory_gib, reset_peak_memory,
                                  training_flops_per_token)
 from finetune.lab.stock_trl import STOCK_TRL, stock_trl_trainer
 from finetune.speedups import decoder_layers

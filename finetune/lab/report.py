@@ -233,7 +233,7 @@ def scaling_table(results_dir: Path) -> str:
         if "tokens_per_second" not in one_gpu:
             continue
         for n, record in sorted(runs.items()):
-            commit = (record["environment"].get("git_commit") or "unknown")[:7]
+            commit = commit_label(record["environment"])
             for variant, v in record["variants"].items():
                 if "tokens_per_second" in v:
                     lines.append(f"| `{name}_{n}gpu.json` | `{commit}` | {n} | {variant} | {v['tokens_per_second']:,.0f} "
