@@ -56,6 +56,19 @@ def quantization_config(config: RunConfig):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+def adapters_in_weights_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The LoRA matrices in the frozen weights' dtype. peft makes them fp32 whatever the weights are (for low-bit
+    bases), and each adapted layer then casts its input to fp32 on every call: on the 7B shape that is a copy of every
+    projection's input, the 18,944-wide one included, in the forward, the recompute and the backward. The optimizer
+    option then applies as in full fine-tuning: bf16 with stochastic rounding (unbiased), or fp32 master weights."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.lora_A.to(dtype)
+            module.lora_B.to(dtype)
+
+
 def is_adapter(path: str | Path | None) -> bool:
     """Whether `path` holds a peft adapter (a lora or qlora run's final/ or checkpoint) rather than a whole model."""
     return path is not None and (Path(path) / "adapter_config.json").exists()

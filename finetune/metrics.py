@@ -22,6 +22,7 @@ class Predictions:
     label_logprobs: np.ndarray | None = None  # (articles, 4) full answer log-probabilities, label scoring only
     failures: dict[str, list[int]] = field(default_factory=dict)  # failure kind -> article indices, generation only
     answers: list[str] = field(default_factory=list)  # raw generated text, generation only
+    decoded: int | None = None  # generation: answers decoded token by token (the rest followed a trained answer)
 
 
 def throughput(predictions: Predictions, batch_size: int, seconds: float) -> dict:
@@ -52,6 +53,8 @@ def summarize(y_true: np.ndarray, predictions: Predictions, texts: list[str], ba
         probs = softmax(predictions.label_logprobs, axis=-1)
         summary["calibration"] = calibration(probs, y_true)
         summary["label_probabilities"] = probs.round(4).tolist()  # per article, in eval-split order
+    if predictions.decoded is not None:
+        summary["decoded_answers"] = predictions.decoded
     return summary
 
 

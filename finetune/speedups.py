@@ -89,6 +89,17 @@ def layers_to_checkpoint(budget_bytes: float, fixed_bytes: float, kept_layer_byt
     return num_layers
 
 
+def training_state_bytes(config: RunConfig, model: nn.Module) -> float:
+    """Weights, gradients and optimizer states of `model` before any adapter is added. Full fine-tuning: all of them
+    for every weight. LoRA and QLoRA: the frozen weights as loaded (bf16, or QLoRA's 4-bit), plus the three for rank
+    `lora_rank` adapters on every decoder projection (peft's all-linear; an upper bound for fewer targets)."""
+    if config.method == "full":
+        return model.num_parameters() * STATE_BYTES_PER_PARAMETER[config.optimizer]
+    linears = [m for layer in decoder_layers(model) for m in layer.modules() if isinstance(m, nn.Linear)]
+    adapters = sum(config.lora_rank * (m.in_features + m.out_features) for m in linears)
+    return model.get_memory_footprint() + adapters * STATE_BYTES_PER_PARAMETER[config.optimizer]
+
+
 def memory_budget_bytes(max_memory_gib: float | None) -> float:
     """What this process may use on its GPU: what it holds now plus what is free, less the workspace; at most
     `max_memory_gib` (e.g. 70, so a setting chosen on a 141 GB card also fits an 80 GB one)."""
@@ -107,7 +118,7 @@ def auto_checkpointed_layers(config: RunConfig, model: nn.Module) -> int | None:
     layers = decoder_layers(model)
     kept, checkpointed = layer_activation_bytes(model.config.hidden_size, model.config.intermediate_size,
                                                 config.per_device_train_batch_size * config.max_length)
-    fixed = model.num_parameters() * STATE_BYTES_PER_PARAMETER[config.optimizer]
+    fixed = training_state_bytes(config, model)
     budget = memory_budget_bytes(config.max_memory_gib)
     n = layers_to_checkpoint(budget, fixed, kept, checkpointed, len(layers))
     log.info("checkpointed_layers=auto: %d of %d layers recompute (budget %.1f GiB, estimate %.2f GiB a kept layer)",

@@ -38,6 +38,14 @@ def test_lora_trains_only_adapters_on_every_linear_projection(lora_config):
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+@pytest.mark.parametrize("optimizer, dtype", [("adamw", torch.bfloat16), ("adamw_fp32_master", torch.float32)])
+def test_adapters_train_in_the_weights_dtype(lora_config, optimizer, dtype):
+    """Not peft's fp32 beside bf16 weights (every adapted layer would cast its input to fp32 on every call)."""
+    model = build_trainer(dataclasses.replace(lora_config, bf16=True, optimizer=optimizer)).model
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {dtype}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {dtype}
+
+
 def test_lora_run_saves_an_adapter_that_evaluation_and_merge_put_on_its_base(lora_config, tmp_path):
     final = train(lora_config)
     assert is_adapter(final) and not (final / "model.safetensors").exists()

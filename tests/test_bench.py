@@ -72,7 +72,10 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     bench.main(args)
     record = json.loads((tmp_path / "benchmarks" / "smoke_eval.json").read_text())
     modes = record["modes"]
-    assert list(modes) == ["plain_label_scoring", "plain_generate", "label_scoring_tree", "label_scoring", "generation"]
+    assert list(modes) == ["plain_label_scoring", "plain_generate", "label_scoring_tree", "label_scoring", "generation",
+                           "generation_decoding"]
+    # 4 new tokens cannot hold a trained answer (6 or more): the tree's check is skipped and every article decodes.
+    assert modes["generation"]["decoded_answers"] == modes["generation_decoding"]["decoded_answers"] == 100
     assert modes["label_scoring"]["articles"] == 100 and modes["plain_generate"]["articles"] == 25  # every 4th
     packed, anchor = modes["label_scoring"], modes["plain_label_scoring"]
     assert packed["repeats"] == 2 and len(packed["seconds_per_run"]) == 2
@@ -84,7 +87,7 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     assert packed["agreement_with_tree"]["max_abs_logprob_difference"] < 1e-4
     assert set(record["profiles"]) == {"plain_label_scoring", "label_scoring_tree", "label_scoring"}
     assert record["liger_kernels"] is None
-    assert " threads) | label_scoring | 100 |" in eval_benchmark_table(tmp_path)
+    assert " threads) | random weights | label_scoring | 100 |" in eval_benchmark_table(tmp_path)
     assert "no GPU benchmark" in targets_table(tmp_path)  # CPU runs are never counted against targets
 
 

@@ -200,12 +200,14 @@ def test_training_runs_table_says_how_many_articles_each_optimizer_step_saw(tmp_
     assert "| packed | 75.00% |" in table and "| 20 | 750 | 32.0 | CPU (" in table
     assert "| unpacked | 75.00% |" in table and "| 20 | 1500 | 16.0 | CPU (" in table
     benchmark = {"benchmark": "eval", "environment": {**environment(), "git_commit": "abcdef123", "git_dirty": False},
+                 "config": {"model": "checkpoints/run/final"},
                  "modes": {"label_scoring": {"articles": 4, "articles_per_second": 2.0, "batch_size": 4,
                                              "peak_allocated_gib": None,
                                              "latency_ms": {"mean": 1.0, "p50": 1.0, "p95": 1.0}}}}
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "eval.json").write_text(json.dumps(benchmark))
     assert eval_benchmark_table(tmp_path).splitlines()[2].endswith("| n/a | abcdef1 |")
+    assert "| `checkpoints/run/final` | label_scoring |" in eval_benchmark_table(tmp_path)  # the model the speeds were measured on
 
 
 def test_baselines_import_no_torch():

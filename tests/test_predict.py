@@ -1,6 +1,8 @@
 """Label scoring equals an explicit per-answer log-probability; generation is plain greedy decoding, whatever the
 checkpoint's generation config says, with room for an instruct model's own answer style."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -145,6 +147,40 @@ def test_generation_is_greedy_whatever_the_checkpoint_generation_config_says(pub
     assert generated.answers == greedy
 
 
+def answer_trained(model, tokenizer, texts: list[str], steps: int = 80) -> torch.nn.Module:
+    """A copy of `model` taught to answer each text with a label (answer-only loss), so that generation follows the
+    trained answers for some articles."""
+    model = copy.deepcopy(model).train()
+    rows = []
+    for i, text in enumerate(texts):
+        prompt = tokenizer.apply_chat_template(build_prompt_messages(text), add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)
+        answer = answer_token_ids(tokenizer)[i % len(LABELS)]
+        rows.append((torch.tensor([prompt + answer]), len(prompt)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        for ids, n_prompt in rows:
+            labels = ids.clone()
+            labels[:, :n_prompt] = -100
+            model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_tree_check_answers_exactly_as_greedy_decoding(model, tokenizer):
+    """Articles whose greedy answer is a trained one are answered from the scoring pass, the rest decoded: every
+    answer is the token-by-token greedy one, and both kinds occur here."""
+    trained = answer_trained(model, tokenizer, TEXTS[:4])
+    prompts, _ = encode_prompts(tokenizer, TEXTS, 512 - max(map(len, answer_token_ids(tokenizer))))  # as generation
+    greedy = [greedy_answer(trained, tokenizer, p, 16) for p in prompts]
+    checked = generate_labels(trained, tokenizer, TEXTS, batch_size=3, progress=False)
+    decoded = generate_labels(trained, tokenizer, TEXTS, batch_size=3, progress=False, tree_check=False)
+    assert checked.answers == decoded.answers == greedy
+    assert 0 < checked.decoded < len(TEXTS) and decoded.decoded == len(TEXTS)
+    assert sum(a == build_messages("x", LABELS[i])[2]["content"] for i, a in enumerate(checked.answers[:4])) >= 2
+
+
 def test_qwen_gets_room_for_a_fenced_instruct_answer(qwen_tokenizer):
     """The trained answers are 6 to 8 Qwen2.5 tokens (Sci/Tech longest), end-of-turn included; 8 more of headroom
     hold the answer as an instruct model writes it before fine-tuning, fence, spaces and end-of-turn included."""
@@ -174,3 +210,12 @@ def test_packed_scoring_on_cuda_matches_the_tree(tokenizer, tmp_path):
     tree = score_labels(model, tokenizer, texts, batch_size=16, progress=False, method="tree")
     packed = score_labels(model, tokenizer, texts, batch_size=16, progress=False, method="packed")
     np.testing.assert_allclose(packed.label_logprobs, tree.label_logprobs, atol=0.05)
+
+
+@pytest.mark.gpu
+def test_tree_check_on_cuda_answers_as_greedy_decoding(model, tokenizer):
+    """On CUDA the tree check reads the packed rows' logits (the varlen kernel): the same answers as decoding."""
+    trained = answer_trained(model, tokenizer, TEXTS[:4]).to("cuda", torch.bfloat16)  # the varlen kernel: bf16
+    checked = generate_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False)
+    decoded = generate_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False, tree_check=False)
+    assert checked.answers == decoded.answers and checked.decoded < len(checked.answers)

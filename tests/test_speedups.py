@@ -10,7 +10,7 @@ from finetune.attention import VARLEN, choose_attn_implementation
 from finetune.config import config_from_args
 from finetune.model import load_model, train_bpe_tokenizer
 from finetune.speedups import (GIB, WORKSPACE_GIB, compile_decoder_layers, convert_to_fp8, decoder_layers,
-                               layer_activation_bytes, layers_to_checkpoint)
+                               layer_activation_bytes, layers_to_checkpoint, training_state_bytes)
 from finetune.train import build_trainer
 
 
@@ -141,6 +141,20 @@ def test_auto_checkpointing_keeps_every_layer_that_fits():
     assert choose(20) == 28  # does not fit at all: every layer, as the recipe does by default
     assert [choose(b) for b in (60, 64, 68, 72, 76)] == sorted([choose(b) for b in (60, 64, 68, 72, 76)],
                                                                 reverse=True)  # more memory, never more recompute
+
+
+def test_adapter_runs_plan_for_frozen_weights_and_small_adapter_states(tiny_config, tokenizer):
+    """LoRA keeps no gradients or AdamW states for the frozen weights: 2 bytes a bf16 weight, not 8, plus the
+    adapters' (rank r on each decoder projection: r x (inputs + outputs) parameters)."""
+    config = dataclasses.replace(tiny_config, bf16=True, optimizer="adamw_bf16_sr")
+    model = load_model(config, tokenizer)
+    lora = dataclasses.replace(config, method="lora", lora_rank=4)
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_layers
+    kv = config.num_kv_heads * h // config.num_heads
+    adapters = 4 * layers * (2 * (h + h) + 2 * (h + kv) + 2 * (h + i) + (i + h))  # q, o; k, v; gate, up; down
+    assert training_state_bytes(config, model) == model.num_parameters() * 8
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # RoPE's frequencies
+    assert training_state_bytes(lora, model) == model.num_parameters() * 2 + buffers + adapters * 8
 
 
 def test_auto_checkpointing_on_the_cpu_recomputes_every_layer(tiny_config):

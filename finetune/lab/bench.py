@@ -88,6 +88,17 @@ TRAIN_VARIANTS = {
     # backward and the adapters' full training (finetune/throughput.py::training_flops_per_token).
     "LoRA r16, all linear projections (peft)": {"method": "lora"},
     "QLoRA r16, 4-bit NF4 frozen weights (bitsandbytes)": {"method": "qlora"},
+    # Adapter dropout copies every projection's input; compiled layers fuse the adapters' small ops; with the frozen
+    # weights' 2 bytes a parameter, "auto" keeps layers within what a 24 GB card has.
+    "LoRA r16, no adapter dropout": {"method": "lora", "lora_dropout": 0.0},
+    "LoRA r16, no adapter dropout, compiled layers, checkpointing auto within 24 GiB": {
+        "method": "lora", "lora_dropout": 0.0, "compile_layers": True, "checkpointed_layers": "auto",
+        "max_memory_gib": 24},
+    # "auto" plans for bf16 activations; FP8 layers keep less (66.4 GiB with 14 checkpointed), so fewer fit in 70 GiB.
+    "compiled layers, FP8 tensorwise, checkpointing 10 of 28 layers": {"compile_layers": True, "fp8": "tensorwise",
+                                                                       "checkpointed_layers": 10},
+    "compiled layers, FP8 tensorwise, checkpointing 8 of 28 layers": {"compile_layers": True, "fp8": "tensorwise",
+                                                                      "checkpointed_layers": 8},
 }
 
 

@@ -27,9 +27,11 @@ PLAIN_NEW_TOKENS = 8
 # articles, so that every pass of every mode fits one command on the GPU machine (its `articles` says how many).
 PLAIN_GENERATE_EVERY = 4
 ANCHORS = {"label_scoring_tree": "plain_label_scoring", "label_scoring": "plain_label_scoring",
-           "generation": "plain_generate"}
+           "generation": "plain_generate", "generation_decoding": "plain_generate"}
 PLAIN_MODES = ("plain_label_scoring", "plain_generate")
-MODES = PLAIN_MODES + ("label_scoring_tree", "label_scoring", "generation")
+# "generation" is the suite's (the answer tree's check first, decoding for the rest); "generation_decoding" decodes
+# every article, to show what the check saves.
+MODES = PLAIN_MODES + ("label_scoring_tree", "label_scoring", "generation", "generation_decoding")
 
 
 @torch.inference_mode()
@@ -79,6 +81,8 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
         "label_scoring": lambda t: score_labels(model, tokenizer, t, batch_size, max_length, False, "packed"),
         "generation": lambda t: generate_labels(model, tokenizer, t, generation_batch_size, max_length,
                                                 progress=False),
+        "generation_decoding": lambda t: generate_labels(model, tokenizer, t, generation_batch_size, max_length,
+                                                         progress=False, tree_check=False),
     }
     return runners[mode]
 
@@ -108,6 +112,8 @@ def time_mode(run, texts: list[str], warmup: list[str], repeats: int, batch_size
               "peak_reserved_gib": peak_memory_gib(reserved=True)}
     if predictions.failures or predictions.answers:
         result["failures"] = sum(map(len, predictions.failures.values()))
+    if predictions.decoded is not None:
+        result["decoded_answers"] = predictions.decoded
     return result, predictions
 
 
@@ -163,7 +169,8 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
             apply_liger_kernels(model)
             liger_report = liger_in_use(model)
             report("liger", liger_report)
-        batch = {"plain_generate": PLAIN_GENERATE_BATCH, "generation": generation_batch_size}.get(mode, batch_size)
+        batch = {"plain_generate": PLAIN_GENERATE_BATCH, "generation": generation_batch_size,
+                 "generation_decoding": generation_batch_size}.get(mode, batch_size)
         run = mode_runner(mode, model, tokenizer, batch_size, generation_batch_size, max_length)
         timed = texts[::PLAIN_GENERATE_EVERY] if mode == "plain_generate" else texts
         results[mode], predictions[mode] = time_mode(run, timed, warmup_texts(texts, lengths, batch), repeats, batch)

@@ -64,18 +64,22 @@ def training_benchmark_table(results_dir: Path) -> str:
 def eval_benchmark_table(results_dir: Path) -> str:
     """Every eval benchmark's modes; runs that timed the plain-HF anchors give each mode's speed as a ratio to its
     anchor in the same process (median of the timed passes; min to max beside it)."""
-    lines = ["| run | device | mode | articles | articles/s (median) | min - max over passes | vs plain HF (same run) "
-             "| latency p50 / p95 (ms) | batch | peak alloc (GiB) | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | device | model | mode | articles | articles/s (median) | min - max over passes "
+             "| vs plain HF (same run) | latency p50 / p95 (ms) | batch | peak alloc (GiB) | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path, record in benchmark_records(results_dir, "eval"):
         device, commit = hardware_label(record["environment"]), commit_label(record["environment"])
         if (record.get("liger_kernels") or {}).get("in_use"):
             device += ", Liger (suite's modes)"
+        # Speed does not depend on what a model learned, except generation's: decoding stops when answers end.
+        model = record["config"]["model"]
+        model = "random weights" if model == "scratch" else f"`{model}`"
         for mode, m in record["modes"].items():
             lat = m["latency_ms"]
             spread = (f"{m['articles_per_second_min']:.0f} - {m['articles_per_second_max']:.0f} ({m['repeats']} passes)"
                       if "repeats" in m else "one cold pass")
             ratio = f"{m['vs_anchor']:.2f}x" if "vs_anchor" in m else ""
-            lines.append(f"| `{path.name}` | {device} | {mode} | {m['articles']} | {m['articles_per_second']:.1f} "
+            lines.append(f"| `{path.name}` | {device} | {model} | {mode} | {m['articles']} | {m['articles_per_second']:.1f} "
                          f"| {spread} | {ratio} | {lat['p50']:.0f} / {lat['p95']:.0f} | {m['batch_size']} "
                          f"| {_gib(m['peak_allocated_gib'])} | {commit} |")
     return "\n".join(lines)
