@@ -156,7 +156,7 @@ def answer_trained(model, tokenizer, texts: list[str], steps: int = 80) -> torch
         prompt = tokenizer.apply_chat_template(build_prompt_messages(text), add_generation_prompt=True,
                                                tokenize=True, return_dict=False)
         answer = answer_token_ids(tokenizer)[i % len(LABELS)]
-        rows.append((torch.tensor([prompt + answer]), len(prompt)))
+        rows.append((torch.tensor([prompt + answer], device=model.device), len(prompt)))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
         for ids, n_prompt in rows:
