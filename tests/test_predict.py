@@ -213,9 +213,14 @@ def test_packed_scoring_on_cuda_matches_the_tree(tokenizer, tmp_path):
 
 
 @pytest.mark.gpu
-def test_tree_check_on_cuda_answers_as_greedy_decoding(model, tokenizer):
+def test_tree_check_on_cuda_answers_as_greedy_decoding(tokenizer, tmp_path):
     """On CUDA the tree check reads the packed rows' logits (the varlen kernel): the same answers as decoding."""
-    trained = answer_trained(model, tokenizer, TEXTS[:4]).to("cuda", torch.bfloat16)  # the varlen kernel: bf16
+    from finetune.config import get_config
+
+    config = get_config("tiny", hidden_size=256, num_heads=2, num_kv_heads=1, intermediate_size=256,
+                        checkpoints_dir=str(tmp_path))  # head_dim 128 (the kernel needs multiples of 8), GQA
+    model = load_model(config, tokenizer).cuda()
+    trained = answer_trained(model, tokenizer, TEXTS[:4]).to(torch.bfloat16)  # the varlen kernel: bf16
     checked = generate_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False)
     decoded = generate_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False, tree_check=False)
     assert checked.answers == decoded.answers and checked.decoded < len(checked.answers)
