@@ -38,10 +38,10 @@ def lora_config(config: RunConfig):
         return None
     from peft import LoraConfig  # imported here: a full fine-tuning run does not need peft
 
-    targets = config.lora_target_modules
+    targets, saved = config.lora_target_modules, config.lora_modules_to_save
     return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets if targets == "all-linear" else targets.split(","),
-                      task_type="CAUSAL_LM")
+                      modules_to_save=saved.split(",") if saved else None, task_type="CAUSAL_LM")
 
 
 def quantization_config(config: RunConfig):

@@ -47,7 +47,7 @@ def sft_config(config: RunConfig) -> SFTConfig:
     mixed_bf16 = config.bf16 and not (launched_with_fsdp() and weights_dtype(config) == torch.bfloat16)
     args = SFTConfig(
         output_dir=str(config.output_dir),
-        learning_rate=config.learning_rate,
+        learning_rate=config.learning_rate if config.method == "full" else config.lora_learning_rate,
         num_train_epochs=config.num_train_epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.per_device_train_batch_size,

@@ -19,18 +19,18 @@ from finetune.merge import merge_adapter
 from finetune.model import load_for_inference, load_model
 from finetune.pretrain import pretrained_base
 from finetune.throughput import training_flops_per_token
-from finetune.train import build_trainer, train
+from finetune.train import build_trainer, sft_config, train
 from tests.test_train import StopAt, _losses
 
 
 @pytest.fixture
 def lora_config(tiny_config):
-    return dataclasses.replace(tiny_config, method="lora", lora_rank=4, lora_alpha=8, learning_rate=5e-3,
+    return dataclasses.replace(tiny_config, method="lora", lora_rank=4, lora_alpha=8, lora_learning_rate=5e-3,
                                num_train_epochs=1.0, max_train_samples=120, logging_steps=1, save_steps=5)
 
 
 def test_lora_trains_only_adapters_on_every_linear_projection(lora_config):
-    model = build_trainer(lora_config).model
+    model = build_trainer(dataclasses.replace(lora_config, lora_modules_to_save=None)).model
     assert model.config._attn_implementation == VARLEN  # packed articles stay apart under the adapters too
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
@@ -44,6 +44,20 @@ def test_adapters_train_in_the_weights_dtype(lora_config, optimizer, dtype):
     model = build_trainer(dataclasses.replace(lora_config, bf16=True, optimizer=optimizer)).model
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {dtype}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {dtype}
+
+
+def test_lora_trains_the_named_modules_whole_beside_the_adapters(lora_config):
+    model = build_trainer(dataclasses.replace(lora_config, lora_modules_to_save="norm")).model
+    whole = {name for name, p in model.named_parameters() if p.requires_grad and ".lora_" not in name}
+    assert all(name.endswith("norm.modules_to_save.default.weight") for name in whole)
+    assert len(whole) == 2 * lora_config.num_layers + 1  # each decoder layer's two RMSNorms and the final one
+
+
+def test_adapters_train_at_the_lora_learning_rate_and_full_fine_tuning_at_the_learning_rate(tiny_config):
+    config = dataclasses.replace(tiny_config, learning_rate=1e-3, lora_learning_rate=7e-3)
+    assert sft_config(config).learning_rate == 1e-3
+    assert sft_config(dataclasses.replace(config, method="lora")).learning_rate == 7e-3
+    assert sft_config(dataclasses.replace(config, method="qlora")).learning_rate == 7e-3
 
 
 def test_lora_run_saves_an_adapter_that_evaluation_and_merge_put_on_its_base(lora_config, tmp_path):
@@ -135,7 +149,7 @@ def test_qlora_trains_an_adapter_over_4bit_weights_and_evaluates_it(tiny_config)
     import bitsandbytes as bnb
 
     config = dataclasses.replace(tiny_config, method="qlora", bf16=True, optimizer="adamw_bf16_sr", lora_rank=4,
-                                 learning_rate=5e-3, num_train_epochs=1.0, max_train_samples=120, logging_steps=1)
+                                 lora_learning_rate=5e-3, num_train_epochs=1.0, max_train_samples=120, logging_steps=1)
     trainer = build_trainer(config)
     quantized = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     state = quantized[0].weight.quant_state

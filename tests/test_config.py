@@ -12,6 +12,12 @@ def test_cli_flags_are_typed_like_the_fields():
     assert config.packing is False and config.data_dir is None and config.run_name == "123"
 
 
+def test_lora_settings_are_flags_and_leave_full_fine_tunings_learning_rate_alone():
+    config = config_from_args(["--profile", "tiny", "--lora_learning_rate", "5e-3", "--lora_modules_to_save", "none"])
+    assert config.lora_learning_rate == 5e-3 and config.lora_modules_to_save is None
+    assert config.learning_rate == PROFILES["tiny"]["learning_rate"]
+
+
 def test_overrides_win_and_everything_else_comes_from_the_profile():
     config = get_config("tiny", learning_rate=5e-4)
     assert config.learning_rate == 5e-4
