@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train \
+.PHONY: demo test lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train gpu-bench-eval-trained \
 	gpu-bench-train-liger gpu-fp8 gpu-methods tiny-methods rehearse gpu-fsdp gpu-bench-fsdp
 
 $(INSTALLED): requirements.txt pyproject.toml
@@ -77,6 +77,22 @@ gpu-bench-eval: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench-eval:  ## the 7B shape: every evaluation mode beside plain-HF label scoring and generate, same process
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --name $(EVAL_NAME) --eval_batch_size 256 \
 	  --generation_batch_size 512 --use_liger_kernel true --repeats 2
+
+# Generation's speed depends on what the model answers: random weights never answer as trained, so every article
+# decodes. Sixteen steps under FSDP2 (one process; the save gathers the shards) teach the 7B shape the answer format
+# (not the labels); the suite's evaluation and the eval benchmark then run on the saved folder. About 8 minutes on one
+# H200; the folder is 15 GB (a link from checkpoints/fsdp-7b to /dev/shm helps where the disk is small).
+gpu-bench-eval-trained: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
+gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under FSDP2, evaluated and benchmarked
+	rm -rf checkpoints/fsdp-7b/*  # the folder may be a link: keep it, empty it
+	$(PY) -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml --num_processes 1 -m finetune.train \
+	  --profile qwen2.5-7b-shape --run_name fsdp-7b --max_steps 16 --learning_rate 5e-5 --logging_steps 4 \
+	  --gradient_checkpointing false --dataloader_num_workers 2
+	$(PY) -m finetune.evaluate --profile qwen2.5-7b-shape --model_path checkpoints/fsdp-7b/final --name fsdp-7b \
+	  --eval_batch_size 256 --results_dir results/fsdp
+	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --model checkpoints/fsdp-7b/final \
+	  --name h200_7b_eval_trained --eval_batch_size 256 --generation_batch_size 512 --use_liger_kernel true \
+	  --repeats 2 --modes plain_label_scoring,plain_generate,label_scoring,generation,generation_decoding
 
 # Speed II (one GPU, 7B shape, ~7 min each): stock TRL, the reference and the new variants, each file with its own
 # stock TRL row so that every ratio is the same run's. BENCH_VARIANTS are indices into finetune/lab/bench.py's

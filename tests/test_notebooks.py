@@ -120,6 +120,9 @@ def test_notebooks_execute_headless_and_write_valid_results(synthetic_dir, tmp_p
         assert (results / f"{png}.png").stat().st_size > 1000, png
     assert "finetuned_model" in (results / "summary.md").read_text()
     assert [path.name for path in executed] == [f"{name}.ipynb" for name in NOTEBOOKS]
+    for name, path in zip(NOTEBOOKS, executed):  # no folder of this machine in what the runs record
+        papermill_run = nbformat.read(path, as_version=4).metadata.papermill
+        assert papermill_run.input_path == f"notebooks/{name}.ipynb" and papermill_run.parameters.project_dir == "."
 
     # What a person sees. The one stderr allowed is load_splits' data notes (what the holdout carve did to the data),
     # which every results file also records.

@@ -25,8 +25,10 @@ def run_notebooks(parameters: dict, output_dir: str | Path, names: tuple[str, ..
     for name in names:
         out = output_dir / f"{name}.ipynb"
         print(f"running notebooks/{name}.ipynb -> {out}", flush=True)
-        papermill.execute_notebook(PROJECT_DIR / "notebooks" / f"{name}.ipynb", out, cwd=PROJECT_DIR,
-                                   parameters={"project_dir": str(PROJECT_DIR), **parameters},
+        # The executed copies record their input path and project_dir: relative ones (to where this runs, and to the
+        # kernel's cwd), so the committed reference runs name no folder of the machine that made them.
+        notebook = os.path.relpath(PROJECT_DIR / "notebooks" / f"{name}.ipynb")
+        papermill.execute_notebook(notebook, out, cwd=PROJECT_DIR, parameters={"project_dir": ".", **parameters},
                                    kernel_name="python3", progress_bar=False, log_output=False)
         executed.append(out)
     return executed
