@@ -131,11 +131,12 @@ def write_record(record: dict, path: str | Path) -> Path:
 
 
 def load_records(results_dir: str | Path) -> list[dict]:
-    """Every results JSON under `results_dir`, except benchmarks (their own schema) and the rehearsal (random weights:
-    its accuracies are not a model's, see results/rehearsal/README.md)."""
+    """Every results JSON under `results_dir`, except benchmarks (their own schema), the rehearsal (random weights:
+    its accuracies are not a model's, see results/rehearsal/README.md) and the adapter-settings carve (scored on
+    training articles, see finetune/lab/lora_carve.py)."""
     records = []
     for path in sorted(Path(results_dir).rglob("*.json")):
-        if {"benchmarks", "rehearsal"} & set(path.relative_to(results_dir).parts):
+        if {"benchmarks", "rehearsal", "carve"} & set(path.relative_to(results_dir).parts):
             continue
         record = json.loads(path.read_text())
         if isinstance(record, dict) and record.get("schema_version") == 1 and "evaluations" in record:

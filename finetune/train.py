@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 from trl import SFTConfig
 
+from data_prep.splits import Splits
 from finetune.adapters import adapters_in_weights_dtype, check_method, lora_config
 from finetune.attention import choose_attn_implementation
 from finetune.config import RunConfig, config_from_args
@@ -135,13 +136,15 @@ class SelectiveCheckpointing(TrainerCallback):
             layer.gradient_checkpointing = i < self.n
 
 
-def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> SFTTrainer:
-    """Data, training arguments, tokenizer, model and trainer, in that order, from one config."""
+def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = None,
+                  splits: Splits | None = None) -> SFTTrainer:
+    """Data, training arguments, tokenizer, model and trainer, in that order, from one config. `splits` replaces the
+    config's data (e.g. a carve of the training articles for choosing settings)."""
     check_method(config)  # QLoRA without a GPU or bitsandbytes fails here, before the data loads
     check_speedups(config)
     if config.checkpointed_layers == "auto" and launched_with_fsdp():
         raise ValueError("checkpointed_layers='auto' plans one GPU's memory; under FSDP give a number or none")
-    splits = load_splits(config)
+    splits = splits or load_splits(config)
     args = sft_config(config)
     with args.main_process_first(desc="tokenizer"):  # one rank builds and caches a tokenizer, then the others load it
         tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
@@ -185,7 +188,7 @@ def _drop_notebook_loss_table(trainer: SFTTrainer) -> None:
         trainer.add_callback(ProgressBarOnly)
 
 
-def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> Path:
+def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, splits: Splits | None = None) -> Path:
     """Train (resuming from the run's last checkpoint if one exists), save the final model, return its folder.
 
     A finished run is left as it is: its final model and summary (with the real training time) stay."""
@@ -200,7 +203,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         return config.final_dir
     start = time.perf_counter()
     save_clock = SaveClock()
-    trainer = build_trainer(config, [*(callbacks or []), save_clock, SaveRunConfig(config)])
+    trainer = build_trainer(config, [*(callbacks or []), save_clock, SaveRunConfig(config)], splits)
     setup_seconds = time.perf_counter() - start
     if last:
         log.info("resuming from %s", last)

@@ -10,10 +10,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
+from data_prep.splits import make_splits
 from finetune.adapters import is_adapter
 from finetune.attention import VARLEN
+from finetune.data import load_splits
 from finetune.evaluate import evaluate
 from finetune.lab import bench
+from finetune.lab.lora_carve import parse_candidate
 from finetune.lab.methods import benchmark_method_rows, methods_section
 from finetune.merge import merge_adapter
 from finetune.model import load_for_inference, load_model
@@ -175,3 +178,17 @@ def test_lora_benchmark_row_counts_the_adapters_and_reaches_the_methods_table(ti
     rows = benchmark_method_rows(tmp_path)
     assert [row["method"] for row in rows] == ["full", "lora"] and rows[1]["speed_vs_full"] > 0
     assert "| lora | LoRA r16" in methods_section(tmp_path)
+
+
+def test_carve_candidates_read_as_the_command_line_types_them():
+    assert parse_candidate("r64:method=lora,lora_rank=64,lora_learning_rate=3e-3,lora_modules_to_save=none") == (
+        "r64", {"method": "lora", "lora_rank": 64, "lora_learning_rate": 3e-3, "lora_modules_to_save": None})
+
+
+def test_training_takes_the_articles_it_is_given(lora_config):
+    """The carve that chooses adapter settings trains on part of the training side, never on evaluation articles."""
+    training_side = load_splits(lora_config)
+    carve = make_splits({"test": training_side.train}, training_side.source, "holdout", 60, 7)
+    trainer = build_trainer(lora_config, splits=carve)
+    assert trainer.splits is carve and set(carve.train["text"]) <= set(training_side.train["text"])
+
