@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
 .PHONY: demo test lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train gpu-bench-eval-trained \
-	gpu-bench-train-liger gpu-fp8 gpu-methods tiny-methods rehearse gpu-fsdp gpu-bench-fsdp
+	gpu-bench-train-liger gpu-fp8 gpu-methods tiny-methods tiny-lora-carve rehearse gpu-fsdp gpu-bench-fsdp
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -140,6 +140,11 @@ gpu-methods:  ## ~6 min: the 7B shape trained in full, with LoRA and with QLoRA 
 # from it, evaluated on the same held-out articles (results/methods/).
 tiny-methods: check-data $(INSTALLED)  ## CPU, ~15 min: full fine-tuning vs LoRA from one pretrained tiny base
 	$(BIN)/python -m finetune.lab.methods --profile tiny --methods full,lora
+
+tiny-lora-carve: check-data $(INSTALLED)  ## CPU, ~30 min: LoRA settings scored on a carve of the training articles
+	$(BIN)/python -m finetune.lab.lora_carve --profile tiny --candidates full:method=full lora:method=lora \
+	  adapters_only:method=lora,lora_modules_to_save=none rank64:method=lora,lora_rank=64,lora_alpha=128 \
+	  no_dropout:method=lora,lora_dropout=0.0
 
 rehearse: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 rehearse:  ## GPU: the four notebooks, qwen2.5-7b recipe, 40 steps, on a 15 GB stand-in of the hub snapshot (results/rehearsal/)

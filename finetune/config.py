@@ -146,13 +146,10 @@ PROFILES: dict[str, dict] = {
         # minutes into an hour. Results notes say when a cap bites; `max_train_samples=None` (an override, or
         # `--max_train_samples none`) lifts it.
         max_train_samples=6000, max_eval_samples=1600,
-        # LoRA, chosen on a 5,000/1,000 carve of the training articles (never the evaluation ones). With the 8K
-        # embedding frozen, the base's norm scale caps what any hidden state can make of the answer tokens (1% to 84%
-        # probability): the adapters alone stall at a loss near 1.1, so the five RMSNorms (960 weights) train too.
-        # At 1e-2 LoRA answered one label whatever the article, with or without the norms.
-        # Capacity is not what is missing: on the same carve rank 64 (alpha 128) scored 78.3% at 3e-3 and 78.4% at 1e-3,
-        # rank 128 (alpha 256) 63.8% at 3e-3, and rank 16 without dropout 79.4%, against 78.6% here and 86.2% for full
-        # fine-tuning; no LoRA run ends below a training loss of 0.36, where full fine-tuning reaches 0.003.
+        # LoRA: chosen on a carve of the training articles, never the evaluation ones (make tiny-lora-carve; scores in
+        # results/methods/carve/lora_carve.json). With the 8K embedding frozen the adapters alone stall at a high
+        # training loss; the five RMSNorms (960 weights) trained beside them score best of the settings tried there,
+        # above rank 64 and no adapter dropout.
         lora_learning_rate=3e-3, lora_modules_to_save="norm",
     ),
 }
