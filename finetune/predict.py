@@ -9,7 +9,7 @@ import copy
 import dataclasses
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -295,7 +295,9 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
     whose every greedy choice along one trained answer is that answer's next token would decode to exactly that
     answer, its end-of-turn included, so it is answered without decoding. The rest (off the trained format: a fence,
     a space, an unknown label) decode token by token as without it: the answers are greedy decoding's either way, and
-    a model answering as trained costs one scoring pass instead of eight decoding steps.
+    a model answering as trained costs one scoring pass instead of eight decoding steps. Once a batch has fewer than
+    half its articles on a trained answer, the check stops and the rest decode: a model that answers otherwise pays
+    for one checked batch, not a second pass over everything.
 
     Prompts are cut as in label scoring (and training), to leave room for the longest trained answer: the headroom
     past it must not change what the model reads, and may run past `max_length` (positions allow it)."""
@@ -308,15 +310,19 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
         terms = AnswerTreeTerms.of(tree, model.device)
         trained = tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
         start = time.perf_counter()
-        for batch, logits in _tree_passes(model, tokenizer, prompts, tree, batch_size, "auto", "answer tree",
-                                          progress):
-            missed = (logits[:, terms.positions].argmax(-1) != terms.tokens).float()  # (articles, terms)
-            followed = (missed @ terms.owner == 0).cpu().numpy()  # (articles, labels): at most one per article
-            for i, row in zip(batch, followed):
-                if row.any():
-                    answers[i] = trained[row.argmax()]
-            seconds[batch] = time.perf_counter() - start
-            start = time.perf_counter()
+        # closing(): a pass stopped early must restore the model's attention before decoding starts.
+        with closing(_tree_passes(model, tokenizer, prompts, tree, batch_size, "auto", "answer tree",
+                                  progress)) as passes:
+            for batch, logits in passes:
+                missed = (logits[:, terms.positions].argmax(-1) != terms.tokens).float()  # (articles, terms)
+                followed = (missed @ terms.owner == 0).cpu().numpy()  # (articles, labels): at most one per article
+                for i, row in zip(batch, followed):
+                    if row.any():
+                        answers[i] = trained[row.argmax()]
+                seconds[batch] = time.perf_counter() - start
+                start = time.perf_counter()
+                if 2 * followed.any(1).sum() < len(batch):
+                    break  # a model that mostly answers otherwise (untrained, or an instruct model's own style)
     undecided = [i for i, answer in enumerate(answers) if answer is None]
     if undecided:
         decoded, decode_seconds = _decode(model, tokenizer, [prompts[i] for i in undecided], batch_size,

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, RepetitionPenaltyLogitsProcessor
 
 from data_prep.task import LABELS, build_messages, build_prompt_messages
+from finetune import predict
 from finetune.model import load_model, train_bpe_tokenizer
 from finetune.packed import pack_batch
 from finetune.predict import (AnswerTree, answer_token_ids, default_max_new_tokens, encode_prompts, generate_labels,
@@ -174,11 +175,20 @@ def test_tree_check_answers_exactly_as_greedy_decoding(model, tokenizer):
     trained = answer_trained(model, tokenizer, TEXTS[:4])
     prompts, _ = encode_prompts(tokenizer, TEXTS, 512 - max(map(len, answer_token_ids(tokenizer))))  # as generation
     greedy = [greedy_answer(trained, tokenizer, p, 16) for p in prompts]
-    checked = generate_labels(trained, tokenizer, TEXTS, batch_size=3, progress=False)
-    decoded = generate_labels(trained, tokenizer, TEXTS, batch_size=3, progress=False, tree_check=False)
+    checked = generate_labels(trained, tokenizer, TEXTS, batch_size=8, progress=False)
+    decoded = generate_labels(trained, tokenizer, TEXTS, batch_size=8, progress=False, tree_check=False)
     assert checked.answers == decoded.answers == greedy
     assert 0 < checked.decoded < len(TEXTS) and decoded.decoded == len(TEXTS)
     assert sum(a == build_messages("x", LABELS[i])[2]["content"] for i, a in enumerate(checked.answers[:4])) >= 2
+
+
+def test_tree_check_stops_after_a_batch_mostly_off_the_trained_answers(model, tokenizer, monkeypatch):
+    """An untrained model never answers as trained: one batch is checked, then every article decodes."""
+    checked_batches = []
+    tree_logits = predict._tree_logits
+    monkeypatch.setattr(predict, "_tree_logits", lambda *a: checked_batches.append(1) or tree_logits(*a))
+    generated = generate_labels(model, tokenizer, TEXTS, batch_size=2, max_new_tokens=8, progress=False)
+    assert len(checked_batches) == 1 and generated.decoded == len(TEXTS)
 
 
 def test_qwen_gets_room_for_a_fenced_instruct_answer(qwen_tokenizer):
