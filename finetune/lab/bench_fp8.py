@@ -6,16 +6,14 @@ from the same initial weights on the same batches, every step's loss recorded, a
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
 from finetune.config import RunConfig, config_from_args
+from finetune.lab.bench_optimizers import train_for_losses
 from finetune.results import environment
 from finetune.speedups import FP8_RECIPES
-from finetune.throughput import peak_memory_gib, reset_peak_memory
-from finetune.train import build_trainer
 
 # FP8 passes if the mean loss over the last quarter of the steps is within this fraction of bf16's: set before
 # measuring, tight enough that a recipe which learns less (a loss that stalls) fails, loose enough for the rounding of
@@ -25,15 +23,8 @@ FINAL_LOSS_TOLERANCE = 0.02
 
 def losses(config: RunConfig, fp8: str | None) -> dict:
     """Every optimizer step's training loss, the time it took and the peak memory, for one precision."""
-    run = dataclasses.replace(config, fp8=fp8, logging_steps=1, save_steps=10**9, run_name=f"fp8-{fp8 or 'bf16'}")
-    reset_peak_memory()
-    trainer = build_trainer(run)
-    start = time.perf_counter()
-    trainer.train()
-    result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-              "seconds": time.perf_counter() - start, "peak_memory_gib": peak_memory_gib()}
-    del trainer
-    return result
+    return train_for_losses(dataclasses.replace(config, fp8=fp8, logging_steps=1, save_steps=10**9,
+                                                run_name=f"fp8-{fp8 or 'bf16'}"))
 
 
 def compare(config: RunConfig) -> dict:

@@ -39,6 +39,18 @@ class UpdateProbe(TrainerCallback):
         self.final = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
 
 
+def train_for_losses(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict:
+    """Train `config` through `build_trainer`: every logged loss, the seconds training took and the peak memory."""
+    reset_peak_memory()
+    trainer = build_trainer(config, callbacks=callbacks)
+    start = time.perf_counter()
+    trainer.train()
+    result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+              "seconds": time.perf_counter() - start, "peak_memory_gib": peak_memory_gib()}
+    del trainer
+    return result
+
+
 def measure(config: RunConfig) -> dict:
     """Train each option for `config.max_steps`; compare its total weight change with the fp32-master run's."""
     runs = {}
@@ -46,14 +58,7 @@ def measure(config: RunConfig) -> dict:
         probe = UpdateProbe()
         run_config = dataclasses.replace(config, optimizer=optimizer, run_name=f"optimizer-{optimizer}",
                                          save_steps=10**9)
-        reset_peak_memory()
-        trainer = build_trainer(run_config, callbacks=[probe])
-        start = time.perf_counter()
-        trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        runs[optimizer] = {"probe": probe, "losses": losses, "seconds": time.perf_counter() - start,
-                           "peak_memory_gib": peak_memory_gib()}
-        del trainer
+        runs[optimizer] = {"probe": probe, **train_for_losses(run_config, callbacks=[probe])}
     exact = runs["adamw_fp32_master"]["probe"]
     exact_delta = {n: exact.final[n] - exact.initial[n] for n in exact.initial}
     results = {}
