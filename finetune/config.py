@@ -76,6 +76,8 @@ class RunConfig:
     #   "adamw": AdamW in the weights' own dtype. With bf16 weights this is the reference, and at lr 2e-5 most
     #            updates round away (bf16 keeps 8 significant bits).
     #   "adamw_bf16_sr": bf16 weights updated with stochastic rounding (torchao): unbiased, no extra memory.
+    #   "adamw8bit_bf16_sr": the same with its two moments in 8 bits (torchao's AdamW8bit): 6 bytes a parameter
+    #            instead of 8, room for activations that would otherwise be recomputed.
     #   "adamw_fp32_master": fp32 weights and states under bf16 autocast: exact, 16 bytes a parameter.
     optimizer: str = "adamw_bf16_sr"
     # Which weights train (finetune/adapters.py): "full" every weight; "lora" low-rank adapters (peft) beside the

@@ -1,4 +1,5 @@
-"""AdamW for bf16 weights with stochastic rounding: torchao's update, with its compiled function built once.
+"""AdamW for bf16 weights with stochastic rounding: torchao's update, with its compiled function built once, and its
+moments in bf16 or in 8 bits.
 
 torchao's `_AdamW.step` calls `torch.compile(single_param_adam, ...)` anew for every parameter at every step. Building
 that wrapper costs far more host time than the update itself: on the 7B shape (339 parameters) the step took several
@@ -6,20 +7,35 @@ times as long as its GPU kernels (`optimizer_step_seconds` and `step_profile` in
 results/benchmarks/h100_7b_train_f.json, then h100_7b_train_g.json with this class). The math is torchao's own
 function, unchanged, so the updates are bit-identical (tests/test_optimizers.py), and so are its checks: a learning rate
 that stops being a tensor is an error, not a recompile at every step.
+
+8-bit moments are torchao's `AdamW8bit` states (`OptimState8bit`: blockwise dynamic-tree quantization, as in
+bitsandbytes and Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"), through the same compiled
+update: 2 bytes of moments a weight instead of 4, so the 7B shape's states shrink by 14 GiB.
 """
 
 import torch
 from torchao.optim import _AdamW
 from torchao.optim.adam import single_param_adam
+from torchao.optim.subclass_8bit import OptimState8bit
 
 _update = torch.compile(single_param_adam, fullgraph=True, dynamic=False)  # compiled lazily, once per shape
 
 
 class AdamWBf16SR(_AdamW):
-    """`torchao.optim._AdamW(bf16_stochastic_round=True)` with one compiled update reused across calls."""
+    """`torchao.optim._AdamW(bf16_stochastic_round=True)` with one compiled update reused across calls; with
+    `state_bits=8`, torchao's `AdamW8bit(bf16_stochastic_round=True)` (bitsandbytes' block of 256 values, and its
+    rule of keeping tensors under 4,096 values unquantized)."""
 
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, state_bits: int = 16):
+        if state_bits not in (8, 16):
+            raise ValueError(f"state_bits={state_bits}: the moments are kept in 16 (bf16) or 8 bits")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bf16_stochastic_round=True)
+        if state_bits == 8:
+            self.block_size = 256  # torchao's base class quantizes a buffer only when its size divides by this
+
+    @staticmethod
+    def _subclass_zeros(p: torch.Tensor, signed: bool, block_size: int) -> OptimState8bit:
+        return OptimState8bit.zeros(p.shape, signed, block_size, p.device, dtype=p.dtype)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -57,8 +57,9 @@ def _fp8_shaped(linear: nn.Linear) -> bool:
 
 
 # bytes per parameter for weights + gradients + optimizer states: bf16 weights, grads and two bf16 AdamW moments;
-# fp32 master weights keep all four in fp32.
-STATE_BYTES_PER_PARAMETER = {"adamw": 8, "adamw_bf16_sr": 8, "adamw_fp32_master": 16}
+# 8-bit moments take 1 byte each plus an fp32 scale per block of 256; fp32 master weights keep all four in fp32.
+STATE_BYTES_PER_PARAMETER = {"adamw": 8, "adamw_bf16_sr": 8, "adamw8bit_bf16_sr": 2 + 2 + 2 * (1 + 4 / 256),
+                             "adamw_fp32_master": 16}
 # Loss workspace, CUDA context and allocator slack that the model below does not count. 3 GiB matched the H100 runs
 # with Liger's fused loss; on the H200 without Liger, 14 of 28 layers recomputed under a 70 GiB cap peaked at 72.5
 # GiB (results/benchmarks/h200_7b_train_speed.json, made with 3), so 2.5 more.

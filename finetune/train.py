@@ -78,21 +78,22 @@ def sft_config(config: RunConfig) -> SFTConfig:
     return args
 
 
-OPTIMIZERS = ("adamw", "adamw_bf16_sr", "adamw_fp32_master")
+OPTIMIZERS = ("adamw", "adamw_bf16_sr", "adamw8bit_bf16_sr", "adamw_fp32_master")
 
 
 def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, dict] | None:
     """The optimizer for `config.optimizer`; None lets the Trainer build its plain AdamW from `args`."""
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; choose from {OPTIMIZERS}")
-    if config.optimizer != "adamw_bf16_sr":
+    if config.optimizer not in ("adamw_bf16_sr", "adamw8bit_bf16_sr"):
         return None
     if not config.bf16:
-        raise ValueError("optimizer='adamw_bf16_sr' rounds into bf16 weights: it needs bf16=True")
+        raise ValueError(f"optimizer={config.optimizer!r} rounds into bf16 weights: it needs bf16=True")
     from finetune.optim import AdamWBf16SR  # imported here: torchao is slow to import and only this option needs it
 
     return AdamWBf16SR, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
-                         "eps": args.adam_epsilon, "weight_decay": args.weight_decay}
+                         "eps": args.adam_epsilon, "weight_decay": args.weight_decay,
+                         "state_bits": 8 if config.optimizer == "adamw8bit_bf16_sr" else 16}
 
 
 class SFTTrainer(trl.SFTTrainer):

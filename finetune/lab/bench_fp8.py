@@ -1,6 +1,9 @@
 """Does FP8 change what is learned? The same model trained through `build_trainer` in bf16 and with each FP8 recipe,
 from the same initial weights on the same batches, every step's loss recorded, and the end of training compared.
 
+Beside them, bf16 again with another stream of the optimizer's stochastic rounding (the only randomness left once the
+weights and batches are fixed): how far rounding noise alone moves the same run, the yardstick for FP8's own rounding.
+
     python -m finetune.lab.bench_fp8 --profile tiny --bf16 true --hidden_size 1024 ... --max_steps 60   # GPU (FP8)
 """
 
@@ -9,6 +12,8 @@ import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import torch
+from transformers import TrainerCallback
 
 from finetune.config import RunConfig, config_from_args
 from finetune.lab.bench_optimizers import train_for_losses
@@ -21,15 +26,28 @@ from finetune.speedups import FP8_RECIPES
 FINAL_LOSS_TOLERANCE = 0.02
 
 
-def losses(config: RunConfig, fp8: str | None) -> dict:
+class ReseedRounding(TrainerCallback):
+    """Draws the GPU's random numbers (the optimizer's stochastic rounding) from another seed once the weights are
+    built; the batches' order comes from the CPU generator and is unchanged."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        torch.cuda.manual_seed_all(self.seed)
+
+
+def losses(config: RunConfig, fp8: str | None, rounding_seed: int | None = None) -> dict:
     """Every optimizer step's training loss, the time it took and the peak memory, for one precision."""
-    return train_for_losses(dataclasses.replace(config, fp8=fp8, logging_steps=1, save_steps=10**9,
-                                                run_name=f"fp8-{fp8 or 'bf16'}"))
+    name = f"fp8-{fp8 or 'bf16'}" + (f"-rounding{rounding_seed}" if rounding_seed is not None else "")
+    return train_for_losses(dataclasses.replace(config, fp8=fp8, logging_steps=1, save_steps=10**9, run_name=name),
+                            callbacks=[ReseedRounding(rounding_seed)] if rounding_seed is not None else None)
 
 
 def compare(config: RunConfig) -> dict:
-    """bf16 first (the reference), then each FP8 recipe against it."""
-    runs = {"bf16": losses(config, None), **{recipe: losses(config, recipe) for recipe in FP8_RECIPES}}
+    """bf16 first (the reference), bf16 with other rounding draws (the noise floor), then each FP8 recipe."""
+    runs = {"bf16": losses(config, None), "bf16, other rounding draws": losses(config, None, rounding_seed=1),
+            **{recipe: losses(config, recipe) for recipe in FP8_RECIPES}}
     reference = runs["bf16"]["losses"]
     tail = max(1, len(reference) // 4)
     reference_end = sum(reference[-tail:]) / tail

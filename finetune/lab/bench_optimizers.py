@@ -5,6 +5,7 @@ initial weights on the same batches at the reference learning rate, measured aga
     python -m finetune.lab.bench_optimizers --profile tiny --bf16 true --hidden_size 1024 ...  # GPU measurement
 """
 
+import argparse
 import dataclasses
 import json
 import time
@@ -16,7 +17,7 @@ from transformers import TrainerCallback
 from finetune.config import RunConfig, config_from_args
 from finetune.results import environment
 from finetune.throughput import peak_memory_gib, reset_peak_memory
-from finetune.train import build_trainer
+from finetune.train import OPTIMIZERS, build_trainer
 
 
 class UpdateProbe(TrainerCallback):
@@ -51,10 +52,10 @@ def train_for_losses(config: RunConfig, callbacks: list[TrainerCallback] | None 
     return result
 
 
-def measure(config: RunConfig) -> dict:
+def measure(config: RunConfig, optimizers: list[str]) -> dict:
     """Train each option for `config.max_steps`; compare its total weight change with the fp32-master run's."""
     runs = {}
-    for optimizer in ("adamw_fp32_master", "adamw", "adamw_bf16_sr"):  # the exact reference first
+    for optimizer in ["adamw_fp32_master", *(o for o in optimizers if o != "adamw_fp32_master")]:  # exact first
         probe = UpdateProbe()
         run_config = dataclasses.replace(config, optimizer=optimizer, run_name=f"optimizer-{optimizer}",
                                          save_steps=10**9)
@@ -79,8 +80,11 @@ def measure(config: RunConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = config_from_args(argv, description=__doc__)
-    results = measure(config)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # "--optim..." must not match a config field
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated, of " + ",".join(OPTIMIZERS))
+    known, rest = parser.parse_known_args(argv)
+    config = config_from_args(rest, description=__doc__)
+    results = measure(config, known.optimizers.split(","))
     out = Path(config.results_dir) / "optimizers"
     out.mkdir(parents=True, exist_ok=True)
     record = {"config": config.to_dict(), "options": results, "environment": environment(),
