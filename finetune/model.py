@@ -12,6 +12,7 @@ from data_prep.task import LABELS, SYSTEM_PROMPT, USER_TEMPLATE, format_answer
 from finetune.adapters import is_adapter, quantization_config, with_adapter
 from finetune.config import RunConfig
 from finetune.qwen_tokenizer import CHAT_TEMPLATE, build_qwen25_tokenizer
+from finetune.speedups import compile_decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def load_model(config: RunConfig, tokenizer: PreTrainedTokenizerFast, attn_imple
 def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
                        path: str | Path | None = None) -> torch.nn.Module:
     """The model for evaluation: sdpa attention, on the GPU where there is one, in eval mode, and with Liger's
-    kernels when the config asks for them. A LoRA adapter at `path` is loaded onto the config's model and merged into
+    kernels or compiled decoder layers (inductor fuses the same norms, RoPE and SwiGLU) when the config asks for
+    them. A LoRA adapter at `path` is loaded onto the config's model and merged into
     it; a QLoRA adapter stays beside its 4-bit base."""
     adapter = is_adapter(path)
     model = load_model(config, tokenizer, "sdpa", path=None if adapter else path)
@@ -110,6 +112,8 @@ def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
     model.eval()
     if config.use_liger_kernel:
         apply_liger_kernels(model)
+    if config.compile_layers:
+        compile_decoder_layers(model)
     return model
 
 

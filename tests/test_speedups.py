@@ -164,6 +164,24 @@ def test_auto_checkpointing_on_the_cpu_recomputes_every_layer(tiny_config):
     assert all(layer.gradient_checkpointing for layer in decoder_layers(trainer.model))
 
 
+def test_evaluation_with_compiled_layers_scores_as_eager(tiny_config, tokenizer, monkeypatch):
+    """`compile_layers` also compiles the evaluation model's layers (load_for_inference); the label log-probabilities
+    are eager's. aot_eager stands in for inductor, as above."""
+    import finetune.model
+    from finetune.model import load_for_inference
+    from finetune.predict import score_labels
+
+    texts = ["Stocks rallied after the earnings report.", "The striker scored twice in the final."] * 3
+    eager = score_labels(load_for_inference(tiny_config, tokenizer), tokenizer, texts, progress=False)
+    compiled_layers = []
+    monkeypatch.setattr(finetune.model, "compile_decoder_layers",
+                        lambda model: compiled_layers.append(model) or compile_decoder_layers(model, "aot_eager"))
+    model = load_for_inference(dataclasses.replace(tiny_config, compile_layers=True), tokenizer)
+    compiled = score_labels(model, tokenizer, texts, progress=False)
+    assert compiled_layers == [model]
+    torch.testing.assert_close(compiled.label_logprobs, eager.label_logprobs, rtol=1e-5, atol=1e-5)
+
+
 def test_checkpointed_layers_reads_a_number_or_auto_from_the_command_line():
     assert config_from_args(["--checkpointed_layers", "16"]).checkpointed_layers == 16
     assert config_from_args(["--checkpointed_layers", "auto", "--max_memory_gib", "70"]).max_memory_gib == 70.0

@@ -235,13 +235,15 @@ def bench_eval(config: RunConfig, modes: list[str], repeats: int, generation_bat
     splits = load_splits(config)
     texts = list(splits.eval["text"]) + (list(splits.train["text"]) if splits.protocol == "holdout" else [])
     tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
-    model = load_for_inference(dataclasses.replace(config, use_liger_kernel=False), tokenizer)  # Liger comes later
+    # Liger and compiled layers come later, after the plain anchors
+    model = load_for_inference(dataclasses.replace(config, use_liger_kernel=False, compile_layers=False), tokenizer)
     start = time.perf_counter()
     encode_prompts(tokenizer, texts, config.max_length)
     tokenization_seconds = time.perf_counter() - start  # host-side share of each mode's time below
     compared = compare_modes(model, tokenizer, texts, modes, batch_size=config.eval_batch_size,
                              generation_batch_size=generation_batch_size or config.eval_batch_size,
                              max_length=config.max_length, repeats=repeats, liger=config.use_liger_kernel,
+                             compile_layers=config.compile_layers,
                              report=lambda name, value: print(name, json.dumps(value), flush=True))
     return {"data": splits.describe(), "tokenization_seconds": tokenization_seconds, "repeats": repeats, **compared}
 

@@ -19,6 +19,7 @@ from finetune.metrics import Predictions, throughput
 from finetune.model import apply_liger_kernels
 from finetune.predict import (AnswerTree, _batches, _left_pad, answer_token_ids, encode_prompts, generate_labels,
                               greedy_decoding, parse_strict, parsed, score_labels)
+from finetune.speedups import compile_decoder_layers
 from finetune.throughput import peak_memory_gib, profile_table, reset_peak_memory
 
 PLAIN_GENERATE_BATCH = 64
@@ -155,20 +156,26 @@ def profile_mode(run, texts: list[str]) -> list[str]:
 
 def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch_size: int,
                   generation_batch_size: int, max_length: int, repeats: int, liger: bool,
+                  compile_layers: bool = False,
                   profile_modes: tuple[str, ...] = ("plain_label_scoring", "label_scoring_tree", "label_scoring"),
                   report=print) -> dict:
-    """Every mode in `MODES` order (plain ones first; Liger applied after them when `liger`), timed, with ratios to
-    its anchor, agreement with the tree method, and a profiler table of two batches for each of `profile_modes`."""
+    """Every mode in `MODES` order (plain ones first; Liger's kernels and compiled layers, when asked for, applied
+    after them), timed, with ratios to its anchor, agreement with the tree method, and a profiler table of two
+    batches for each of `profile_modes`."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown eval mode(s) {sorted(unknown)}: choose from {', '.join(MODES)}")
     lengths = [len(p) for p in encode_prompts(tokenizer, texts, max_length)[0]]
-    results, profiles, predictions, liger_report = {}, {}, {}, None
+    results, profiles, predictions, liger_report, sped_up = {}, {}, {}, None, False
     for mode in [m for m in MODES if m in modes]:
-        if liger and mode not in PLAIN_MODES and liger_report is None:
-            apply_liger_kernels(model)
-            liger_report = liger_in_use(model)
-            report("liger", liger_report)
+        if mode not in PLAIN_MODES and not sped_up:
+            if liger:
+                apply_liger_kernels(model)
+                liger_report = liger_in_use(model)
+                report("liger", liger_report)
+            if compile_layers:
+                compile_decoder_layers(model)
+            sped_up = True
         batch = {"plain_generate": PLAIN_GENERATE_BATCH, "generation": generation_batch_size,
                  "generation_decoding": generation_batch_size}.get(mode, batch_size)
         run = mode_runner(mode, model, tokenizer, batch_size, generation_batch_size, max_length)
