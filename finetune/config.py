@@ -95,6 +95,11 @@ class RunConfig:
     # Modules trained whole beside the adapters and saved with them (peft's modules_to_save), comma-separated; "norm"
     # is every RMSNorm. None = the adapters alone.
     lora_modules_to_save: str | None = None
+    # A LoRA adapter on the input embedding too (peft's nn.Embedding adapter beside lora_target_modules): a low-rank
+    # update of every token's input vector, vocab x rank + rank x hidden weights (2.5M on Qwen2.5-7B at rank 16). The
+    # LM head stays frozen: TRL's fused loss reads its weight directly. A head tied to the embedding is untied when the
+    # adapter is merged, so the merged model is the one trained.
+    lora_embedding: bool = False
     seed: int = 42
     logging_steps: int = 10
     save_steps: int = 200
