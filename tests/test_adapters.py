@@ -16,6 +16,8 @@ from finetune.attention import VARLEN
 from finetune.data import load_splits
 from finetune.evaluate import evaluate
 from finetune.lab import bench
+from finetune.lab import lora_carve
+from finetune.lab.answer_loss import answer_token_losses
 from finetune.lab.lora_carve import parse_candidate
 from finetune.lab.methods import benchmark_method_rows, methods_section
 from finetune.merge import merge_adapter
@@ -238,6 +240,27 @@ def test_lora_benchmark_row_counts_the_adapters_and_reaches_the_methods_table(ti
 def test_carve_candidates_read_as_the_command_line_types_them():
     assert parse_candidate("r64:method=lora,lora_rank=64,lora_learning_rate=3e-3,lora_modules_to_save=none") == (
         "r64", {"method": "lora", "lora_rank": 64, "lora_learning_rate": 3e-3, "lora_modules_to_save": None})
+
+
+def test_answer_loss_is_the_trained_loss_split_by_answer_token(lora_config, monkeypatch, tmp_path):
+    """finetune.lab.answer_loss on a carve run: every answer token counted, the opening all four answers share named,
+    and the mean over tokens is the loss TRL computes on the same examples."""
+    monkeypatch.setattr(lora_carve, "CARVE_TRAIN_SIZE", 80)  # the fixture trains on 120 articles
+    config = dataclasses.replace(lora_config, lora_dropout=0.0)
+    carve = lora_carve.carve_splits(config)
+    run = dataclasses.replace(config, run_name=f"{config.run_name}-carve-x")
+    train(run, splits=carve)
+    record = answer_token_losses(config, "x", articles=16)
+    assert "".join(record["opening_tokens"]) == '{"category":"'
+    assert set(record["loss_by_token"]) >= {"<|im_end|>", "World", "Sports", "Business", "Tech"}
+    merged = str(merge_adapter(run, run.final_dir, tmp_path / "merged"))
+    trainer = build_trainer(dataclasses.replace(run, model=merged, tokenizer=merged, method="full",
+                                                per_device_train_batch_size=16),  # all 16 articles in one batch
+                            splits=dataclasses.replace(carve, train=carve.train.iloc[:16]))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, batch)
+    assert record["mean_answer_token_loss"] == pytest.approx(trl_loss.item(), rel=1e-5)
 
 
 def test_training_takes_the_articles_it_is_given(lora_config):
