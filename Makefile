@@ -141,10 +141,15 @@ gpu-methods:  ## ~6 min: the 7B shape trained in full, with LoRA and with QLoRA 
 tiny-methods: check-data $(INSTALLED)  ## CPU, ~15 min: full fine-tuning vs LoRA from one pretrained tiny base
 	$(BIN)/python -m finetune.lab.methods --profile tiny --methods full,lora
 
-tiny-lora-carve: check-data $(INSTALLED)  ## CPU, ~30 min: LoRA settings scored on a carve of the training articles
-	$(BIN)/python -m finetune.lab.lora_carve --profile tiny --candidates full:method=full lora:method=lora \
-	  adapters_only:method=lora,lora_modules_to_save=none rank64:method=lora,lora_rank=64,lora_alpha=128 \
-	  no_dropout:method=lora,lora_dropout=0.0
+# The candidates spell out lora_embedding: they score the same settings whichever way the profile has it.
+tiny-lora-carve: check-data $(INSTALLED)  ## CPU, ~40 min: LoRA settings scored on a carve of the training articles; answer losses
+	$(BIN)/python -m finetune.lab.lora_carve --profile tiny --candidates full:method=full \
+	  lora:method=lora,lora_embedding=false adapters_only:method=lora,lora_modules_to_save=none,lora_embedding=false \
+	  rank64:method=lora,lora_rank=64,lora_alpha=128,lora_embedding=false \
+	  no_dropout:method=lora,lora_dropout=0.0,lora_embedding=false \
+	  embedding:method=lora,lora_embedding=true \
+	  embedding_adapters_only:method=lora,lora_embedding=true,lora_modules_to_save=none
+	$(BIN)/python -m finetune.lab.answer_loss --profile tiny --runs full lora embedding
 
 rehearse: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 rehearse:  ## GPU: the four notebooks, qwen2.5-7b recipe, 40 steps, on a 15 GB stand-in of the hub snapshot (results/rehearsal/)

@@ -22,7 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from trl import SFTConfig
 
 from data_prep.splits import Splits
-from finetune.adapters import adapters_in_weights_dtype, check_method, lora_config
+from finetune.adapters import adapter_alone_in_saves, adapters_in_weights_dtype, check_method, lora_config
 from finetune.attention import choose_attn_implementation
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
@@ -161,10 +161,12 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     # LoRA and QLoRA: TRL wraps the model with the adapter and trains only that (None: full fine-tuning).
     trainer = SFTTrainer(model=model, args=args,
                          train_dataset=to_prompt_completion(splits.train, tokenizer, config.max_length),
-                         processing_class=tokenizer, callbacks=callbacks, peft_config=lora_config(config),
+                         processing_class=tokenizer, callbacks=callbacks, peft_config=lora_config(config, model),
                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(config, args))
     if config.method != "full":
         adapters_in_weights_dtype(trainer.model, weights_dtype(config))
+    if config.lora_embedding and config.method != "full":
+        adapter_alone_in_saves(trainer.model)
     # First in line, so the TensorBoard and progress callbacks see the numbers it adds to each log.
     throughput = ThroughputCallback(model.config, mean_article_tokens(trainer.train_dataset),
                                     adapter_parameters(trainer.model))

@@ -11,11 +11,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 from data_prep.splits import make_splits
-from finetune.adapters import is_adapter
+from finetune.adapters import is_adapter, with_adapter
 from finetune.attention import VARLEN
 from finetune.data import load_splits
 from finetune.evaluate import evaluate
 from finetune.lab import bench
+from finetune.lab import lora_carve
+from finetune.lab.answer_loss import answer_token_losses
 from finetune.lab.lora_carve import parse_candidate
 from finetune.lab.methods import benchmark_method_rows, methods_section
 from finetune.merge import merge_adapter
@@ -33,7 +35,7 @@ def lora_config(tiny_config):
 
 
 def test_lora_trains_only_adapters_on_every_linear_projection(lora_config):
-    model = build_trainer(dataclasses.replace(lora_config, lora_modules_to_save=None)).model
+    model = build_trainer(dataclasses.replace(lora_config, lora_modules_to_save=None, lora_embedding=False)).model
     assert model.config._attn_implementation == VARLEN  # packed articles stay apart under the adapters too
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
@@ -44,7 +46,7 @@ def test_lora_trains_only_adapters_on_every_linear_projection(lora_config):
 @pytest.mark.parametrize("optimizer, dtype", [("adamw", torch.bfloat16), ("adamw_fp32_master", torch.float32)])
 def test_adapters_train_in_the_weights_dtype(lora_config, optimizer, dtype):
     """Not peft's fp32 beside bf16 weights (every adapted layer would cast its input to fp32 on every call)."""
-    model = build_trainer(dataclasses.replace(lora_config, bf16=True, optimizer=optimizer)).model
+    model = build_trainer(dataclasses.replace(lora_config, bf16=True, optimizer=optimizer, lora_embedding=True)).model
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {dtype}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {dtype}
 
@@ -54,6 +56,61 @@ def test_lora_trains_the_named_modules_whole_beside_the_adapters(lora_config):
     whole = {name for name, p in model.named_parameters() if p.requires_grad and ".lora_" not in name}
     assert all(name.endswith("norm.modules_to_save.default.weight") for name in whole)
     assert len(whole) == 2 * lora_config.num_layers + 1  # each decoder layer's two RMSNorms and the final one
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_embedding_adapts_the_input_embedding_and_leaves_the_lm_head_frozen(lora_config, tied):
+    """A low-rank update of every token's input vector beside the projections' adapters; the LM head (the same weight
+    in the tiny model, its own in Qwen2.5-7B) gets none, since TRL's fused loss reads its weight directly."""
+    config = dataclasses.replace(lora_config, lora_embedding=True, lora_modules_to_save=None, tie_word_embeddings=tied)
+    model = build_trainer(config).model
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    embedding = {name: p for name, p in trainable.items() if ".lora_embedding_" in name}
+    assert {name.split(".")[-3] for name in embedding} == {"embed_tokens"}
+    assert sorted(p.numel() for p in embedding.values()) == sorted(
+        [config.lora_rank * model.config.vocab_size, config.lora_rank * config.hidden_size])
+    adapted = {name.split(".")[-4] for name in trainable.keys() - embedding.keys()}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    head = model.get_output_embeddings()
+    assert type(head) is torch.nn.Linear and not head.weight.requires_grad
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_loss_with_an_embedding_adapter_is_the_models_own(lora_config, tied):
+    """Our trainer's loss (TRL's fused LM head over the answer positions) against the model's own forward and loss:
+    the same value and the same gradient for every adapter. No adapter dropout, so both passes see one model."""
+    config = dataclasses.replace(lora_config, lora_embedding=True, lora_dropout=0.0, tie_word_embeddings=tied)
+    trainer = build_trainer(config)
+    model, batch = trainer.model, trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    results = []
+    for loss_of in (lambda: trainer.compute_loss(model, dict(batch)), lambda: model(**batch).loss):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (fused, fused_grads), (own, own_grads) = results
+    torch.testing.assert_close(fused, own)
+    assert any(".lora_embedding_" in name and grad.abs().sum() > 0 for name, grad in fused_grads.items())
+    for name, grad in own_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_adapter_is_saved_alone_and_merges_into_the_model_it_trained(lora_config, tmp_path, tied):
+    """Merged (evaluation, finetune.merge) is the adapter as trained: with the LM head tied to the embedding, merging
+    into the shared weight would change the output layer too, which training never did."""
+    config = dataclasses.replace(lora_config, lora_embedding=True, tie_word_embeddings=tied)
+    final = train(config)
+    saved = load_file(final / "adapter_model.safetensors")
+    assert not [name for name in saved if "base_layer" in name]  # not peft's copy of the whole embedding
+    assert {name.split(".")[-2] for name in saved if "embed_tokens" in name} == {"embed_tokens"}
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    ids = tokenizer("Striker goal league", return_tensors="pt")["input_ids"]
+    trained = with_adapter(load_model(config, tokenizer), final, merge=False).eval()(ids).logits
+    assert not torch.allclose(trained, load_model(config, tokenizer)(ids).logits, atol=1e-4)
+    torch.testing.assert_close(load_for_inference(config, tokenizer, final)(ids).logits, trained, atol=1e-5, rtol=1e-5)
+    standalone = AutoModelForCausalLM.from_pretrained(merge_adapter(config, final, tmp_path / "merged")).eval()
+    torch.testing.assert_close(standalone(ids).logits, trained, atol=1e-5, rtol=1e-5)
 
 
 def test_adapters_train_at_the_lora_learning_rate_and_full_fine_tuning_at_the_learning_rate(tiny_config):
@@ -183,6 +240,27 @@ def test_lora_benchmark_row_counts_the_adapters_and_reaches_the_methods_table(ti
 def test_carve_candidates_read_as_the_command_line_types_them():
     assert parse_candidate("r64:method=lora,lora_rank=64,lora_learning_rate=3e-3,lora_modules_to_save=none") == (
         "r64", {"method": "lora", "lora_rank": 64, "lora_learning_rate": 3e-3, "lora_modules_to_save": None})
+
+
+def test_answer_loss_is_the_trained_loss_split_by_answer_token(lora_config, monkeypatch, tmp_path):
+    """finetune.lab.answer_loss on a carve run: every answer token counted, the opening all four answers share named,
+    and the mean over tokens is the loss TRL computes on the same examples."""
+    monkeypatch.setattr(lora_carve, "CARVE_TRAIN_SIZE", 80)  # the fixture trains on 120 articles
+    config = dataclasses.replace(lora_config, lora_dropout=0.0)
+    carve = lora_carve.carve_splits(config)
+    run = dataclasses.replace(config, run_name=f"{config.run_name}-carve-x")
+    train(run, splits=carve)
+    record = answer_token_losses(config, "x", articles=16)
+    assert "".join(record["opening_tokens"]) == '{"category":"'
+    assert set(record["loss_by_token"]) >= {"<|im_end|>", "World", "Sports", "Business", "Tech"}
+    merged = str(merge_adapter(run, run.final_dir, tmp_path / "merged"))
+    trainer = build_trainer(dataclasses.replace(run, model=merged, tokenizer=merged, method="full",
+                                                per_device_train_batch_size=16),  # all 16 articles in one batch
+                            splits=dataclasses.replace(carve, train=carve.train.iloc[:16]))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, batch)
+    assert record["mean_answer_token_loss"] == pytest.approx(trl_loss.item(), rel=1e-5)
 
 
 def test_training_takes_the_articles_it_is_given(lora_config):

@@ -13,7 +13,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from data_prep.splits import make_splits
+from data_prep.splits import Splits, make_splits
 from finetune.config import RunConfig, config_from_args, overrides_from_args
 from finetune.data import load_splits
 from finetune.evaluate import evaluate
@@ -32,10 +32,15 @@ def parse_candidate(text: str) -> tuple[str, dict]:
     return name, overrides_from_args(argv)[1]
 
 
+def carve_splits(config: RunConfig) -> Splits:
+    """The run's training articles carved in two: 5,000 to train candidates on, 1,000 to score them."""
+    training_side = load_splits(config)
+    return make_splits({"test": training_side.train}, training_side.source, "holdout", CARVE_TRAIN_SIZE, CARVE_SEED)
+
+
 def score_candidates(config: RunConfig, candidates: dict[str, dict]) -> dict:
     """Label-scoring accuracy on the carve's 1,000 articles, per candidate, and its last logged training loss."""
-    training_side = load_splits(config)
-    carve = make_splits({"test": training_side.train}, training_side.source, "holdout", CARVE_TRAIN_SIZE, CARVE_SEED)
+    carve = carve_splits(config)
     base = str(pretrained_base(config)) if config.model == "scratch" else config.model
     out = Path(config.results_dir) / "methods" / "carve"
     scores = {}
