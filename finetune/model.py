@@ -110,11 +110,17 @@ def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
     if not quantization_config(config):  # a 4-bit model is loaded onto the GPU already, and cannot be moved
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
-    if config.use_liger_kernel:
-        apply_liger_kernels(model)
-    if config.compile_layers:
-        compile_decoder_layers(model)
+    speed_up_for_inference(model, config.use_liger_kernel, config.compile_layers)
     return model
+
+
+def speed_up_for_inference(model: torch.nn.Module, use_liger_kernel: bool, compile_layers: bool) -> None:
+    """Liger's kernels, then compiled decoder layers, each when asked for: at load, or (the eval benchmark) after the
+    plain anchors have run on the model as built."""
+    if use_liger_kernel:
+        apply_liger_kernels(model)
+    if compile_layers:
+        compile_decoder_layers(model)
 
 
 def apply_liger_kernels(model: torch.nn.Module) -> None:

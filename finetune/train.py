@@ -79,13 +79,15 @@ def sft_config(config: RunConfig) -> SFTConfig:
 
 
 OPTIMIZERS = ("adamw", "adamw_bf16_sr", "adamw8bit_bf16_sr", "adamw_fp32_master")
+# The stochastic-rounding options (finetune/optim.py), by the bits each keeps its moments in.
+STOCHASTIC_ROUNDING_STATE_BITS = {"adamw_bf16_sr": 16, "adamw8bit_bf16_sr": 8}
 
 
 def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, dict] | None:
     """The optimizer for `config.optimizer`; None lets the Trainer build its plain AdamW from `args`."""
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; choose from {OPTIMIZERS}")
-    if config.optimizer not in ("adamw_bf16_sr", "adamw8bit_bf16_sr"):
+    if config.optimizer not in STOCHASTIC_ROUNDING_STATE_BITS:
         return None
     if not config.bf16:
         raise ValueError(f"optimizer={config.optimizer!r} rounds into bf16 weights: it needs bf16=True")
@@ -93,7 +95,7 @@ def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, 
 
     return AdamWBf16SR, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
                          "eps": args.adam_epsilon, "weight_decay": args.weight_decay,
-                         "state_bits": 8 if config.optimizer == "adamw8bit_bf16_sr" else 16}
+                         "state_bits": STOCHASTIC_ROUNDING_STATE_BITS[config.optimizer]}
 
 
 class SFTTrainer(trl.SFTTrainer):
@@ -165,8 +167,8 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(config, args))
     if config.method != "full":
         adapters_in_weights_dtype(trainer.model, weights_dtype(config))
-    if config.lora_embedding and config.method != "full":
-        adapter_alone_in_saves(trainer.model)
+        if config.lora_embedding:
+            adapter_alone_in_saves(trainer.model)
     # First in line, so the TensorBoard and progress callbacks see the numbers it adds to each log.
     throughput = ThroughputCallback(model.config, mean_article_tokens(trainer.train_dataset),
                                     adapter_parameters(trainer.model))

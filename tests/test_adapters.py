@@ -248,7 +248,7 @@ def test_answer_loss_is_the_trained_loss_split_by_answer_token(lora_config, monk
     monkeypatch.setattr(lora_carve, "CARVE_TRAIN_SIZE", 80)  # the fixture trains on 120 articles
     config = dataclasses.replace(lora_config, lora_dropout=0.0)
     carve = lora_carve.carve_splits(config)
-    run = dataclasses.replace(config, run_name=f"{config.run_name}-carve-x")
+    run = dataclasses.replace(config, run_name=lora_carve.carve_run_name(config, "x"))
     train(run, splits=carve)
     record = answer_token_losses(config, "x", articles=16)
     assert "".join(record["opening_tokens"]) == '{"category":"'

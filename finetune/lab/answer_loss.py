@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from finetune.config import RunConfig, config_from_args
 from finetune.data import to_prompt_completion
-from finetune.lab.lora_carve import carve_splits
+from finetune.lab.lora_carve import carve_run_name, carve_splits
 from finetune.model import load_for_inference
 from finetune.predict import completion_token_ids
 from finetune.results import environment
@@ -27,7 +27,7 @@ ARTICLES = 500  # the first of the carve's training articles: enough for a mean 
 def answer_token_losses(config: RunConfig, name: str, articles: int = ARTICLES) -> dict:
     """Mean loss per answer token (by its text) of the carve run `name`, and the share of the answer loss that falls on
     the opening tokens shared by every answer."""
-    final = config.output_dir.parent / f"{config.run_name}-carve-{name}" / "final"
+    final = dataclasses.replace(config, run_name=carve_run_name(config, name)).final_dir
     trained = json.loads((final / "train_summary.json").read_text())["config"]
     run = dataclasses.replace(config, **{k: trained[k] for k in ("model", "tokenizer", "method")})
     tokenizer = AutoTokenizer.from_pretrained(final)

@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from finetune.metrics import Predictions, throughput
-from finetune.model import apply_liger_kernels
+from finetune.model import speed_up_for_inference
 from finetune.predict import (AnswerTree, _batches, _left_pad, answer_token_ids, encode_prompts, generate_labels,
                               greedy_decoding, parse_strict, parsed, score_labels)
-from finetune.speedups import compile_decoder_layers
 from finetune.throughput import peak_memory_gib, profile_table, reset_peak_memory
 
 PLAIN_GENERATE_BATCH = 64
@@ -169,12 +168,10 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
     results, profiles, predictions, liger_report, sped_up = {}, {}, {}, None, False
     for mode in [m for m in MODES if m in modes]:
         if mode not in PLAIN_MODES and not sped_up:
+            speed_up_for_inference(model, liger, compile_layers)
             if liger:
-                apply_liger_kernels(model)
                 liger_report = liger_in_use(model)
                 report("liger", liger_report)
-            if compile_layers:
-                compile_decoder_layers(model)
             sped_up = True
         batch = {"plain_generate": PLAIN_GENERATE_BATCH, "generation": generation_batch_size,
                  "generation_decoding": generation_batch_size}.get(mode, batch_size)

@@ -38,6 +38,11 @@ def carve_splits(config: RunConfig) -> Splits:
     return make_splits({"test": training_side.train}, training_side.source, "holdout", CARVE_TRAIN_SIZE, CARVE_SEED)
 
 
+def carve_run_name(config: RunConfig, candidate: str) -> str:
+    """The run (its folder under checkpoints/) that trains `candidate` on the carve."""
+    return f"{config.run_name}-carve-{candidate}"
+
+
 def score_candidates(config: RunConfig, candidates: dict[str, dict]) -> dict:
     """Label-scoring accuracy on the carve's 1,000 articles, per candidate, and its last logged training loss."""
     carve = carve_splits(config)
@@ -46,7 +51,7 @@ def score_candidates(config: RunConfig, candidates: dict[str, dict]) -> dict:
     scores = {}
     for name, overrides in candidates.items():
         # The base's own tokenizer: a BPE trained on the carve's 5,000 articles would not be the one it learned.
-        run = dataclasses.replace(config, model=base, tokenizer=base, run_name=f"{config.run_name}-carve-{name}",
+        run = dataclasses.replace(config, model=base, tokenizer=base, run_name=carve_run_name(config, name),
                                   results_dir=str(out), **overrides)
         final = train(run, splits=carve)
         record = evaluate(run, name, final, modes=("label_scoring",), splits=carve)
