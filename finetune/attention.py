@@ -100,19 +100,20 @@ CUDA_VARLEN = _cuda_varlen_kernel()
 def _cuda_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                            max_q: int, max_k: int, scaling: float | None) -> torch.Tensor:
     """The kernel, causal; where a sequence has more keys than queries, its queries are its last tokens
-    (FlashAttention aligns the causal mask bottom-right)."""
+    (FlashAttention aligns the causal mask bottom-right).
+
+    Keys and values keep their own, fewer heads (GQA): FlashAttention-2's varlen kernel, forward and backward, lets
+    each serve its group of query heads. Releases before `enable_gqa` (torch 2.10-2.12) pass them to the kernel
+    unchecked; later ones want the flag. Repeating them to every query head instead copied 7 x the 7B's keys and
+    values in every layer: 14% of label scoring's GPU time (results/benchmarks/h200_7b_eval_liger_512.json)."""
     varlen_attn, causal, takes_gqa = CUDA_VARLEN
     dtype = q.dtype
     if dtype not in (torch.float16, torch.bfloat16):  # fp32 master weights under autocast; the kernel is 16-bit only
         half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
         q, k, v = q.to(half), k.to(half), v.to(half)
     options = dict(causal)
-    if k.shape[1] != q.shape[1]:
-        if takes_gqa:
-            options["enable_gqa"] = True
-        else:
-            groups = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if takes_gqa and k.shape[1] != q.shape[1]:
+        options["enable_gqa"] = True
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **options).to(dtype)
 
 

@@ -129,10 +129,12 @@ class StepClock(TrainerCallback):
 
 
 class StepProfiler(TrainerCallback):
-    """A torch profiler table (top ops by device time) of one optimizer step: where a training step's time goes."""
+    """A torch profiler table (top ops by device time) of one optimizer step: where a training step's time goes; with
+    `trace_path`, its whole timeline too, for Perfetto or chrome://tracing (`.json.gz` is written compressed)."""
 
-    def __init__(self, step: int):
-        self.step, self.profiler, self.table, self.nccl_share = step, None, None, None
+    def __init__(self, step: int, trace_path: str | None = None):
+        self.step, self.trace_path, self.profiler, self.table = step, trace_path, None, None
+        self.nccl_share = self.busy_share = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.step and self.profiler is None and self.table is None:
@@ -145,6 +147,9 @@ class StepProfiler(TrainerCallback):
             self.profiler.stop()
             self.table = profile_table(self.profiler)
             self.nccl_share = nccl_kernel_share(self.profiler)
+            self.busy_share = gpu_busy_share(self.profiler)
+            if self.trace_path:
+                self.profiler.export_chrome_trace(self.trace_path)
             self.profiler = None
 
 
@@ -178,18 +183,31 @@ def profile_table(profiler) -> list[str]:
 
 
 def nccl_kernel_share(profiler) -> float | None:
-    """The share of the profiled step's GPU timeline (first kernel start to last kernel end) with an NCCL kernel
-    running; None without GPU events. NCCL runs on its own streams, overlapping compute: this is how long
-    communication is in flight, an upper bound on the time it adds."""
-    device = [e.time_range for e in profiler.events() if e.device_type == torch.profiler.DeviceType.CUDA]
+    """The share of the profiled step's GPU timeline with an NCCL kernel running; None without GPU events. NCCL runs
+    on its own streams, overlapping compute: this is how long communication is in flight, an upper bound on the time
+    it adds."""
+    return _timeline_share(profiler, lambda e: e.name.startswith(("ncclDevKernel", "ncclKernel")))
+
+
+def gpu_busy_share(profiler) -> float | None:
+    """The share of the profiled step's GPU timeline with any kernel or copy running; None without GPU events. The
+    rest is time the GPU waited for the host: launches, host syncs, data loading, logging."""
+    return _timeline_share(profiler, lambda e: True)
+
+
+def _timeline_share(profiler, chosen) -> float | None:
+    """The union of the `chosen` GPU events' intervals over the GPU timeline (first kernel start to last kernel end).
+    Annotations (`record_function` ranges such as "Optimizer.step#..." or "nccl:...") are on the GPU timeline too but
+    run nothing: skipped."""
+    device = [e for e in profiler.events() if e.device_type == torch.profiler.DeviceType.CUDA
+              and not e.is_user_annotation]
     if not device:
         return None
-    busy, end = 0, -math.inf  # the union of the NCCL kernels' intervals (their annotations, "nccl:...", repeat them)
-    for span in sorted((e.time_range for e in profiler.events() if e.name.startswith(("ncclDevKernel", "ncclKernel"))),
-                       key=lambda span: span.start):
+    busy, end = 0, -math.inf
+    for span in sorted((e.time_range for e in device if chosen(e)), key=lambda span: span.start):
         busy += max(0, span.end - max(span.start, end))
         end = max(end, span.end)
-    return busy / (max(s.end for s in device) - min(s.start for s in device))
+    return busy / (max(e.time_range.end for e in device) - min(e.time_range.start for e in device))
 
 
 def max_over_ranks(accelerator, value: float | None) -> float | None:

@@ -9,14 +9,14 @@ from transformers import TrainerState
 
 from finetune.lab import bench, bench_optimizers
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
-from finetune.throughput import StepClock, nccl_kernel_share
+from finetune.throughput import StepClock, gpu_busy_share, nccl_kernel_share
 from tests.conftest import write_synthetic_csv
 
 
 def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_path):
     """Stock TRL first (its own step counts), then the reference and a variant, each as a ratio to both."""
     args = ["train", "--name", "smoke", "--variants", "1", "--warmup_steps", "1", "--measured_steps", "2", "--profile_step",
-            "--stock_trl_steps", "1,1", "--profile", "tiny", "--data_dir", tiny_config.data_dir,
+            "--trace_dir", str(tmp_path / "traces"), "--stock_trl_steps", "1,1", "--profile", "tiny", "--data_dir", tiny_config.data_dir,
             "--holdout_train_size", "300", "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4",
             "--max_length", "128", "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
     bench.main(args)
@@ -33,6 +33,8 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
     assert unpacked["speed_vs_reference"] == pytest.approx(unpacked["tokens_per_second"] / reference["tokens_per_second"])
     assert 0 < reference["optimizer_step_seconds"] < reference["step_seconds"]
     assert any("aten::mm" in line for line in reference["step_profile"])
+    assert reference["gpu_busy_share"] is None  # no GPU timeline on the CPU
+    assert (tmp_path / "traces" / "row0.json.gz").stat().st_size > 0  # the reference's timeline (stock TRL is unprofiled)
     assert reference["projected_epoch_minutes_full_train"] > 0 and record["environment"]["packages"]["torch"]
     assert (tmp_path / "benchmarks" / "smoke.png").exists()
     threads = record["environment"]["hardware"]["torch_threads"]
@@ -50,17 +52,22 @@ def test_step_clock_times_the_steps_after_the_warm_up_ones_and_from_the_start_wi
     assert tokens == 600 and seconds > 0
 
 
-def test_nccl_share_is_the_gpu_timeline_with_a_collective_in_flight():
-    """Overlapping collectives count once, their "nccl:" annotations not at all, compute not at all."""
-    def event(name: str, start: int, end: int) -> SimpleNamespace:
-        return SimpleNamespace(name=name, device_type=torch.profiler.DeviceType.CUDA,
+def test_nccl_and_busy_shares_of_the_gpu_timeline():
+    """Overlapping kernels count once, annotations (a `record_function` range, "nccl:...") not at all; busy is any
+    kernel running, NCCL's share only its collectives."""
+    def event(name: str, start: int, end: int, annotation: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(name=name, device_type=torch.profiler.DeviceType.CUDA, is_user_annotation=annotation,
                                time_range=SimpleNamespace(start=start, end=end))
 
-    step = [event("nvjet_gemm", 0, 100), event("ncclDevKernel_AllGather_RING_LL", 10, 30),
-            event("nccl:_all_gather_base", 10, 30), event("ncclDevKernel_ReduceScatter_Sum_bf16", 20, 40),
-            event("ncclDevKernel_AllGather_RING_LL", 60, 70)]
-    assert nccl_kernel_share(SimpleNamespace(events=lambda: step)) == pytest.approx(0.4)
+    step = [event("nvjet_gemm", 0, 50), event("ncclDevKernel_AllGather_RING_LL", 10, 30),
+            event("nccl:_all_gather_base", 10, 30, annotation=True), event("ncclDevKernel_ReduceScatter_Sum_bf16", 20, 40),
+            event("Optimizer.step#AdamW.step", 0, 100, annotation=True), event("ncclDevKernel_AllGather_RING_LL", 60, 70),
+            event("void at::native::elementwise_kernel<4>", 90, 100)]
+    profiler = SimpleNamespace(events=lambda: step)
+    assert nccl_kernel_share(profiler) == pytest.approx(0.4)
+    assert gpu_busy_share(profiler) == pytest.approx(0.7)
     assert nccl_kernel_share(SimpleNamespace(events=lambda: [])) is None  # CPU: no GPU timeline
+    assert gpu_busy_share(SimpleNamespace(events=lambda: [])) is None
 
 
 def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tmp_path):

@@ -136,14 +136,14 @@ FSDP_VARIANTS = {
 
 
 def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: int, profile: bool = False,
-                        build=build_trainer) -> dict:
+                        build=build_trainer, trace_path: str | None = None) -> dict:
     """Train `warmup_steps + measured_steps` optimizer steps through `build` (the notebooks' `build_trainer`, or
     stock TRL's); time the measured ones. With `profile`, one more step runs under the torch profiler (after the
-    timed ones, so its overhead is not timed)."""
+    timed ones, so its overhead is not timed), its timeline written to `trace_path` if given."""
     config = dataclasses.replace(config, max_steps=warmup_steps + measured_steps + profile, logging_steps=1,
                                  run_name=f"{config.run_name}-bench")
     clock = StepClock()
-    profiler = StepProfiler(warmup_steps + measured_steps + 1)
+    profiler = StepProfiler(warmup_steps + measured_steps + 1, trace_path)
     # The last measured step: a warm-up one may be compiling. Counting costs the host a few microseconds a sync.
     syncs = HostSyncCounter(warmup_steps + measured_steps)
     torch._dynamo.reset()  # a compiled variant compiles afresh, not from (or counted against) an earlier one's cache
@@ -185,7 +185,8 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
                           else trainer.optimizer).__name__,
     }
     if profile:
-        result.update(step_profile=profiler.table, nccl_kernel_share=profiler.nccl_share)
+        result.update(step_profile=profiler.table, nccl_kernel_share=profiler.nccl_share,
+                      gpu_busy_share=profiler.busy_share)
     trainer.accelerator.free_memory()  # the accelerator holds the model and optimizer too
     del trainer
     gc.collect()
@@ -193,10 +194,11 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
 
 
 def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int, measured_steps: int,
-                profile: bool = False, save=lambda results: None, stock_trl_steps: tuple[int, int] | None = None) -> dict:
+                profile: bool = False, save=lambda results: None, stock_trl_steps: tuple[int, int] | None = None,
+                trace_dir: Path | None = None) -> dict:
     """Stock TRL first (with `stock_trl_steps`: its warm-up and measured steps), then every variant in turn, the
     first of them the reference; `save` gets the results so far after each one, so a run cut short keeps what it
-    had."""
+    had. With `profile` and `trace_dir`, each profiled step's timeline goes there, named by the row's order."""
     results = {}
     if stock_trl_steps:
         print(f"== {STOCK_TRL}", flush=True)
@@ -204,15 +206,16 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
                               "measured_steps": stock_trl_steps[1],
                               **bench_train_variant(config, *stock_trl_steps, build=stock_trl_trainer)}
         save(results)
-    for name, overrides in variants.items():
+    for row, (name, overrides) in enumerate(variants.items()):
         print(f"== {name}", flush=True)
+        trace_path = str(trace_dir / f"row{row}.json.gz") if profile and trace_dir else None
         run = {k: v for k, v in overrides.items() if not k.startswith("fsdp_")}
         # `accelerate launch` hands the config to every rank as FSDP_* variables, which each trainer's plugin reads.
         fsdp_settings = {k.upper(): str(v).lower() for k, v in overrides.items() if k.startswith("fsdp_")}
         with mock.patch.dict(os.environ, fsdp_settings):
             results[name] = {"overrides": overrides,
                              **bench_train_variant(dataclasses.replace(config, **run), warmup_steps, measured_steps,
-                                                     profile)}
+                                                     profile, trace_path=trace_path)}
         if PartialState().is_main_process:
             print(json.dumps(results[name]), flush=True)
         save(add_ratios(results, reference=next(iter(variants))))
@@ -278,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--measured_steps", type=int, default=5)
     parser.add_argument("--profile_step", action="store_true",
                         help="train: a torch profiler table of one extra step per variant")
+    parser.add_argument("--trace_dir", type=Path, default=None, help="train, with --profile_step: write each "
+                        "profiled step's timeline there (row<k>.json.gz, k the row's order in the run)")
     parser.add_argument("--stock_trl_steps", default=None, help="train: 'W,M' warm-up and measured steps of the "
                         "stock TRL row (it is the slowest; default: the variants' own); 'none' skips it")
     known, rest = parser.parse_known_args(argv)
@@ -306,8 +311,10 @@ def main(argv: list[str] | None = None) -> None:
         if launched_with_fsdp():  # stock TRL is the single-GPU recipe: under FSDP the same set's 1-GPU run is the base
             stock_trl_steps = None
         record.update(warmup_steps=known.warmup_steps, measured_steps=known.measured_steps)
+        if known.trace_dir:
+            known.trace_dir.mkdir(parents=True, exist_ok=True)
         bench_train(config, {n: catalogue[n] for n in names}, known.warmup_steps, known.measured_steps,
-                    known.profile_step, save, stock_trl_steps)
+                    known.profile_step, save, stock_trl_steps, known.trace_dir)
     else:
         record.update(bench_eval(config, known.modes.split(","), known.repeats, known.generation_batch_size))
         path.write_text(json.dumps(record, indent=2) + "\n")
