@@ -49,6 +49,8 @@ FULL_TRAIN_ARTICLES = 120_000
 # generation for the process once a model is converted. "auto ... within 70 GiB" plans for at most 70 GiB (an 80 GB
 # card); plain "auto" for all the card has.
 AUTO_70 = {"checkpointed_layers": "auto", "max_memory_gib": 70}
+FP8_8BIT = {"compile_layers": True, "fp8": "tensorwise", "optimizer": "adamw8bit_bf16_sr"}
+BATCH_16X2 = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 2}
 TRAIN_VARIANTS = {
     "reference (packed, varlen, full GC, bf16 SR AdamW)": {},
     "no packing (padded batches, sdpa)": {"packing": False},
@@ -105,6 +107,15 @@ TRAIN_VARIANTS = {
         **AUTO_70, "compile_layers": True, "optimizer": "adamw8bit_bf16_sr"},
     "compiled layers, FP8 tensorwise, 8-bit AdamW moments, checkpointing auto within 70 GiB": {
         **AUTO_70, "compile_layers": True, "fp8": "tensorwise", "optimizer": "adamw8bit_bf16_sr"},
+    # The same 32 rows a step in 2 micro-batches of 16 instead of 4 of 8 (the loss is normalized over the whole step,
+    # so the update is the same): half the kernel launches a token, twice the activations. A profiled step of the row
+    # above spent a fifth of its forward and backward with the GPU waiting on launches (results/benchmarks/README.md).
+    "compiled layers, FP8 tensorwise, 8-bit AdamW moments, batch 16 x 2, checkpointing 4 of 28 layers": {
+        **FP8_8BIT, **BATCH_16X2, "checkpointed_layers": 4},
+    "compiled layers, FP8 tensorwise, 8-bit AdamW moments, batch 16 x 2, checkpointing 8 of 28 layers": {
+        **FP8_8BIT, **BATCH_16X2, "checkpointed_layers": 8},
+    "compiled layers, FP8 tensorwise, 8-bit AdamW moments, batch 16 x 2, checkpointing auto": {
+        **FP8_8BIT, **BATCH_16X2, "checkpointed_layers": "auto"},
 }
 
 
