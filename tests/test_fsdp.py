@@ -216,6 +216,7 @@ for name, optimizer in (("sr", AdamWBf16SR), ("plain", torch.optim.AdamW)):
     moved = (full.float() - weight.detach().full_tensor().float()) * grad.float().sign() / 2e-5
     if dist.get_rank() == 0:
         print(name, type(weight.data).__name__, moved[:128].mean().item(), moved[128:].mean().item())
+dist.barrier()  # a rank that tears gloo down while the other still runs can abort it ("terminate called ...")
 dist.destroy_process_group()
 '''
 
