@@ -105,8 +105,7 @@ TRAIN_VARIANTS = {
     # 70 GiB (bf16 compiled layers with none recomputed peaked at 77.5 GiB with bf16 moments).
     "compiled layers, 8-bit AdamW moments, checkpointing auto within 70 GiB": {
         **AUTO_70, "compile_layers": True, "optimizer": "adamw8bit_bf16_sr"},
-    "compiled layers, FP8 tensorwise, 8-bit AdamW moments, checkpointing auto within 70 GiB": {
-        **AUTO_70, "compile_layers": True, "fp8": "tensorwise", "optimizer": "adamw8bit_bf16_sr"},
+    "compiled layers, FP8 tensorwise, 8-bit AdamW moments, checkpointing auto within 70 GiB": {**AUTO_70, **FP8_8BIT},
     # The same 32 rows a step in 2 micro-batches of 16 instead of 4 of 8 (the loss is normalized over the whole step,
     # so the update is the same): half the kernel launches a token, twice the activations. The row above kept the GPU
     # busy 72% of a profiled step (gpu_busy_share, h200_7b_train_trace.json). With every layer kept, 16 x 2 peaked at
