@@ -12,7 +12,11 @@ from finetune.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-FP8_RECIPES = ("rowwise", "tensorwise")
+# torchao's two recipes, and tensorwise variants that trade part of its speed for precision (measured in
+# results/gpu/fp8/): the names say what differs from torchao's tensorwise recipe (e4m3 inputs and weights, e5m2
+# output gradients, one scale a tensor, fast accumulation in the forward matmul).
+FP8_RECIPES = ("rowwise", "tensorwise", "tensorwise_e4m3_grads", "tensorwise_exact_accum", "tensorwise_bf16_wgrad",
+               "rowwise_with_gw_hp")
 GIB = 2**30
 
 
@@ -43,11 +47,28 @@ def convert_to_fp8(model: nn.Module, recipe: str, emulate: bool = False) -> None
 
     # A packed micro-batch holds any number of tokens, and that number is the inner dimension of the weight-gradient
     # matmul, which FP8 kernels need in multiples of 16: pad it.
-    fp8_config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), pad_inner_dim=True,
-                                     emulate=emulate)
+    fp8_config = dataclasses.replace(fp8_linear_config(recipe), pad_inner_dim=True, emulate=emulate)
     for layer in decoder_layers(model):
         convert_to_float8_training(layer, config=fp8_config,
                                    module_filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and _fp8_shaped(m))
+
+
+def fp8_linear_config(recipe: str):
+    """torchao's `Float8LinearConfig` for one of FP8_RECIPES."""
+    from torchao.float8 import CastConfig, Float8GemmConfig, Float8LinearConfig, ScalingType
+
+    if recipe in ("rowwise", "tensorwise", "rowwise_with_gw_hp"):
+        return Float8LinearConfig.from_recipe_name(recipe)
+    if recipe == "tensorwise_e4m3_grads":  # one more mantissa bit for output gradients, 2^8 less range
+        return Float8LinearConfig(cast_config_grad_output=CastConfig(target_dtype=torch.float8_e4m3fn))
+    if recipe == "tensorwise_exact_accum":  # the forward matmul accumulates in fp32 throughout
+        return Float8LinearConfig(gemm_config_output=Float8GemmConfig(use_fast_accum=False))
+    if recipe == "tensorwise_bf16_wgrad":  # the weight-gradient matmul in bf16: a third of the FLOPs
+        # torchao checks that each operand names one FP8 dtype, even for the matmul that skips the cast
+        return Float8LinearConfig(
+            cast_config_input_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=torch.float8_e4m3fn),
+            cast_config_grad_output_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=torch.float8_e5m2))
+    raise ValueError(f"unknown fp8 recipe {recipe!r}; choose from {FP8_RECIPES} or none")
 
 
 def _fp8_shaped(linear: nn.Linear) -> bool:

@@ -196,7 +196,7 @@ def test_fp8_comparison_passes_a_recipe_within_tolerance_and_fails_one_that_stal
     curves["noise"] = [4.0, 2.0, 1.0, 0.502]
     monkeypatch.setattr(bench_fp8, "losses",
                         lambda config, fp8, rounding_seed=None: {"losses": curves["noise" if rounding_seed else fp8]})
-    runs = bench_fp8.compare(config=None)
+    runs = bench_fp8.compare(config=None, recipes=("rowwise", "tensorwise"))
     assert runs["bf16, other rounding draws"]["final_loss_relative_difference"] == pytest.approx(0.004)
     assert runs["rowwise"]["final_loss_relative_difference"] == pytest.approx(0.01) and runs["rowwise"]["within_tolerance"]
     assert runs["rowwise"]["max_step_relative_difference"] == pytest.approx(0.05)

@@ -44,10 +44,10 @@ def losses(config: RunConfig, fp8: str | None, rounding_seed: int | None = None)
                             callbacks=[ReseedRounding(rounding_seed)] if rounding_seed is not None else None)
 
 
-def compare(config: RunConfig) -> dict:
+def compare(config: RunConfig, recipes: tuple[str, ...] = FP8_RECIPES) -> dict:
     """bf16 first (the reference), bf16 with other rounding draws (the noise floor), then each FP8 recipe."""
     runs = {"bf16": losses(config, None), "bf16, other rounding draws": losses(config, None, rounding_seed=1),
-            **{recipe: losses(config, recipe) for recipe in FP8_RECIPES}}
+            **{recipe: losses(config, recipe) for recipe in recipes}}
     reference = runs["bf16"]["losses"]
     tail = max(1, len(reference) // 4)
     reference_end = sum(reference[-tail:]) / tail
