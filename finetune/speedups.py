@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 # results/gpu/fp8/): the names say what differs from torchao's tensorwise recipe (e4m3 inputs and weights, e5m2
 # output gradients, one scale a tensor, fast accumulation in the forward matmul).
 FP8_RECIPES = ("rowwise", "tensorwise", "tensorwise_e4m3_grads", "tensorwise_exact_accum", "tensorwise_bf16_wgrad",
-               "rowwise_with_gw_hp")
+               "rowwise_with_gw_hp", "tensorwise_bf16_backward", "rowwise_forward_tensorwise_backward",
+               "tensorwise_forward_rowwise_grads")
 GIB = 2**30
 
 
@@ -55,7 +56,7 @@ def convert_to_fp8(model: nn.Module, recipe: str, emulate: bool = False) -> None
 
 def fp8_linear_config(recipe: str):
     """torchao's `Float8LinearConfig` for one of FP8_RECIPES."""
-    from torchao.float8 import CastConfig, Float8GemmConfig, Float8LinearConfig, ScalingType
+    from torchao.float8 import CastConfig, Float8GemmConfig, Float8LinearConfig, ScalingGranularity, ScalingType
 
     if recipe in ("rowwise", "tensorwise", "rowwise_with_gw_hp"):
         return Float8LinearConfig.from_recipe_name(recipe)
@@ -68,6 +69,24 @@ def fp8_linear_config(recipe: str):
         return Float8LinearConfig(
             cast_config_input_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=torch.float8_e4m3fn),
             cast_config_grad_output_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=torch.float8_e5m2))
+    e4m3, e5m2, rows = torch.float8_e4m3fn, torch.float8_e5m2, ScalingGranularity.AXISWISE
+    if recipe == "tensorwise_bf16_backward":  # FP8 in the forward matmul only
+        return Float8LinearConfig(
+            cast_config_input_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=e4m3),
+            cast_config_weight_for_grad_input=CastConfig(ScalingType.DISABLED, target_dtype=e4m3),
+            cast_config_grad_output=CastConfig(ScalingType.DISABLED, target_dtype=e5m2))
+    if recipe == "rowwise_forward_tensorwise_backward":  # a scale a row for the forward's inputs and weights only
+        return Float8LinearConfig(
+            cast_config_input=CastConfig(scaling_granularity=rows, target_dtype=e4m3),
+            cast_config_weight=CastConfig(scaling_granularity=rows, target_dtype=e4m3),
+            cast_config_input_for_grad_weight=CastConfig(target_dtype=e4m3),
+            cast_config_weight_for_grad_input=CastConfig(target_dtype=e4m3), round_scales_to_power_of_2=True)
+    if recipe == "tensorwise_forward_rowwise_grads":  # rowwise_with_gw_hp's backward behind a tensorwise forward
+        return Float8LinearConfig(
+            cast_config_grad_output=CastConfig(scaling_granularity=rows, target_dtype=e4m3),
+            cast_config_input_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=e4m3),
+            cast_config_grad_output_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=e4m3),
+            round_scales_to_power_of_2=True)
     raise ValueError(f"unknown fp8 recipe {recipe!r}; choose from {FP8_RECIPES} or none")
 
 

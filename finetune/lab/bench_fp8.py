@@ -7,6 +7,7 @@ weights and batches are fixed): how far rounding noise alone moves the same run,
     python -m finetune.lab.bench_fp8 --profile tiny --bf16 true --hidden_size 1024 ... --max_steps 60   # GPU (FP8)
 """
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -61,14 +62,18 @@ def compare(config: RunConfig, recipes: tuple[str, ...] = FP8_RECIPES) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = config_from_args(argv, description=__doc__)
-    runs = compare(config)
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--recipes", default=",".join(FP8_RECIPES), help="which FP8 recipes, comma-separated")
+    parser.add_argument("--name", default="fp8_vs_bf16", help="the results' file name, without extension")
+    known, rest = parser.parse_known_args(argv)
+    config = config_from_args(rest, description=__doc__)
+    runs = compare(config, tuple(known.recipes.split(",")))
     out = Path(config.results_dir) / "fp8"
     out.mkdir(parents=True, exist_ok=True)
     record = {"question": "trained with FP8 matmuls from the same weights on the same batches, does the model reach "
                           "bf16's loss?", "tolerance": {"final_loss_relative_difference": FINAL_LOSS_TOLERANCE},
               "config": config.to_dict(), "runs": runs, "environment": environment()}
-    (out / "fp8_vs_bf16.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"{known.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, run in runs.items():
         ax.plot(run["losses"], label=f"{name} (last quarter {run['final_loss_mean_last_quarter']:.3f})")
@@ -77,12 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_yscale("log")
     ax.set_title(f"FP8 vs bf16: {config.hidden_size}-wide, {config.num_layers} layers, lr {config.learning_rate:g}")
     ax.legend()
-    fig.savefig(out / "fp8_vs_bf16.png", dpi=120, bbox_inches="tight")
+    fig.savefig(out / f"{known.name}.png", dpi=120, bbox_inches="tight")
     for name, run in runs.items():
         print(f"{name:<11} last-quarter loss {run['final_loss_mean_last_quarter']:.4f}  vs bf16 "
               f"{run['final_loss_relative_difference']:.2%} (max step {run['max_step_relative_difference']:.2%})  "
               f"{'within' if run['within_tolerance'] else 'OUTSIDE'} {FINAL_LOSS_TOLERANCE:.0%}  {run['seconds']:.0f} s")
-    print(f"wrote {out / 'fp8_vs_bf16.json'}")
+    print(f"wrote {out / known.name}.json")
 
 
 if __name__ == "__main__":
