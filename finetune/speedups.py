@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 # output gradients, one scale a tensor, fast accumulation in the forward matmul).
 FP8_RECIPES = ("rowwise", "tensorwise", "tensorwise_e4m3_grads", "tensorwise_exact_accum", "tensorwise_bf16_wgrad",
                "rowwise_with_gw_hp", "tensorwise_bf16_backward", "rowwise_forward_tensorwise_backward",
-               "tensorwise_forward_rowwise_grads")
+               "tensorwise_forward_rowwise_grads", "tensorwise_pow2_scales")
 GIB = 2**30
 
 
@@ -69,6 +69,8 @@ def fp8_linear_config(recipe: str):
         return Float8LinearConfig(
             cast_config_input_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=torch.float8_e4m3fn),
             cast_config_grad_output_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=torch.float8_e5m2))
+    if recipe == "tensorwise_pow2_scales":  # scales rounded down to a power of 2, as the rowwise recipes do
+        return Float8LinearConfig(round_scales_to_power_of_2=True)
     e4m3, e5m2, rows = torch.float8_e4m3fn, torch.float8_e5m2, ScalingGranularity.AXISWISE
     if recipe == "tensorwise_bf16_backward":  # FP8 in the forward matmul only
         return Float8LinearConfig(

@@ -120,7 +120,7 @@ TRAIN_VARIANTS = {
     # (results/gpu/fp8/): the recipes that held the tolerance there.
     **{f"compiled layers, FP8 {recipe}, 8-bit AdamW moments, batch 16 x 2, checkpointing auto": {
         **FP8_8BIT, **BATCH_16X2, "checkpointed_layers": "auto", "fp8": recipe}
-       for recipe in ("rowwise", "rowwise_with_gw_hp", "tensorwise_forward_rowwise_grads")},
+       for recipe in ("rowwise", "rowwise_with_gw_hp", "tensorwise_forward_rowwise_grads", "tensorwise_pow2_scales")},
 }
 
 
