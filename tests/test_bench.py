@@ -167,8 +167,14 @@ def test_targets_compare_with_stock_trl_of_the_same_run_and_report_the_h200_auto
         "bf16 within 70": row(12_000, 0.52, 69, 3.0, checkpointed_layers="auto", max_memory_gib=70),
         "bf16 auto, all memory": row(14_000, 0.60, 90, 3.5, checkpointed_layers="auto"),
         "plain bf16 AdamW": row(20_000, 0.9, 60, 5.0, optimizer="adamw"),  # loses updates: never a target figure
+        "fp8 that learns less": row(15_000, 0.65, 68, 3.75, fp8="tensorwise"),  # missed the FP8 check: neither
     })
     (tmp_path / "benchmarks" / "h200_train.json").write_text(json.dumps(h200))
+    (tmp_path / "gpu" / "fp8").mkdir(parents=True)
+    for name, tensorwise_passed in (("first.json", True), ("second.json", False)):  # one miss is enough to fail
+        runs = {"bf16": {"within_tolerance": True}, "rowwise": {"within_tolerance": True},
+                "tensorwise": {"within_tolerance": tensorwise_passed}}
+        (tmp_path / "gpu" / "fp8" / name).write_text(json.dumps({"runs": runs}))
     evaluation = {"benchmark": "eval", "environment": h200["environment"],
                   "modes": {"label_scoring": {"articles_per_second": 400.0}, "generation": {"articles_per_second": 60.0}}}
     (tmp_path / "benchmarks" / "h200_eval.json").write_text(json.dumps(evaluation))
