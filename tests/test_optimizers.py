@@ -127,7 +127,7 @@ def test_a_learning_rate_that_stops_being_a_tensor_is_refused():
 
 
 # The fused 8-bit step's tests run its Triton kernels on CPU tensors, on Triton's interpreter (tests/conftest.py turns
-# it on where CUDA is absent).
+# it on where CUDA is absent); on a GPU machine the `gpu` test below runs the kernel itself.
 on_the_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                         reason="runs the kernel on CPU tensors: needs TRITON_INTERPRET=1 (no CUDA)")
 
@@ -233,3 +233,43 @@ def test_fused_8bit_step_rounds_to_bf16_without_bias_and_from_torchs_generator()
     torch.manual_seed(0)
     assert torch.equal(one_step(), draws[0])
 
+
+@pytest.mark.gpu
+def test_fused_8bit_step_on_cuda_matches_the_compiled_update(monkeypatch):
+    """On CUDA, AdamWBf16SR's 8-bit weights take the fused kernel (the compiled update must not run for them). From the
+    same weights and states, torchao's compiled update with fp32 weights gives the same codes but for rare neighbours
+    (Inductor rounds its division by the absmax its own way, and may fuse other multiply-adds than the kernel does),
+    scales within 1e-6, and weights one bf16 ulp at most from the kernel's stochastically rounded ones."""
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    from finetune import optim
+
+    compiled = optim._update
+    monkeypatch.setattr(optim, "_update", lambda *args: pytest.fail("the compiled update ran for an 8-bit weight"))
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter((torch.randn(shape, device="cuda") * 0.05).to(torch.bfloat16))
+              for shape in [(16, 256), (64, 96), (48, 112)]]  # 16, 24 and 21 blocks of 256
+    optimizer = optim.AdamWBf16SR(params, lr=1e-3, weight_decay=0.1, state_bits=8)
+    for _ in range(3):
+        references = []
+        for p in params:
+            p.grad = (torch.randn_like(p, dtype=torch.float32) * 1e-2).to(torch.bfloat16)
+            state = optimizer.state[p]
+            if state:
+                theirs = p.detach().float(), _state_copy(state["exp_avg"]), _state_copy(state["exp_avg_sq"])
+            else:  # the optimizer's first step makes its states
+                theirs = (p.detach().float(), OptimState8bit.zeros(p.shape, signed=True, device=p.device),
+                          OptimState8bit.zeros(p.shape, signed=False, device=p.device))
+            step = state["step"] + 1 if state else torch.tensor(1.0)
+            compiled(theirs[0], p.grad, step, theirs[1], theirs[2], None, optimizer.param_groups[0]["lr"], 0.9, 0.999,
+                     0.1, 1e-8, True, False)
+            references.append(theirs)
+        optimizer.step()
+        for p, theirs in zip(params, references):
+            state = optimizer.state[p]
+            for ours, reference in [(state["exp_avg"], theirs[1]), (state["exp_avg_sq"], theirs[2])]:
+                differ = ours.codes.int() - reference.codes.int()
+                assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 1e-3
+                torch.testing.assert_close(ours.scale, reference.scale, rtol=1e-6, atol=0)
+            down, up = _bf16_neighbours(theirs[0])
+            assert ((p.detach().float() - theirs[0]).abs() <= (up - down).abs()).all()
