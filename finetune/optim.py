@@ -9,8 +9,11 @@ function, unchanged, so the updates are bit-identical (tests/test_optimizers.py)
 that stops being a tensor is an error, not a recompile at every step.
 
 8-bit moments are torchao's `AdamW8bit` states (`OptimState8bit`: blockwise dynamic-tree quantization, as in
-bitsandbytes and Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"), through the same compiled
-update: 2 bytes of moments a weight instead of 4, so the 7B shape's states shrink by 14 GiB.
+bitsandbytes and Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"): 2 bytes of moments a weight
+instead of 4, so the 7B shape's states shrink by 14 GiB. On CUDA their update is one Triton kernel a weight
+(finetune/adamw8bit_kernel.py: the compiled one spent 0.14 s of a 1.0 s step binary-searching the quantization map),
+same math, same states, so checkpoints are torchao's either way; the tensors torchao leaves unquantized, CPU weights and
+DTensor shards keep the compiled update.
 """
 
 import torch
@@ -19,6 +22,14 @@ from torchao.optim.adam import single_param_adam
 from torchao.optim.subclass_8bit import OptimState8bit
 
 _update = torch.compile(single_param_adam, fullgraph=True, dynamic=False)  # compiled lazily, once per shape
+
+
+def _fused_8bit(p: torch.Tensor, state: dict, lr: torch.Tensor) -> bool:
+    """Whether the fused kernel takes this weight: bf16 on CUDA with both moments in 8 bits (a DTensor shard's states
+    are DTensors), and lr and the step count on the host, where torchao keeps them: reading them waits for nothing."""
+    return (p.is_cuda and p.dtype is torch.bfloat16 and p.is_contiguous()
+            and isinstance(state["exp_avg"], OptimState8bit) and isinstance(state["exp_avg_sq"], OptimState8bit)
+            and state["step"].device.type == "cpu" and lr.device.type == "cpu")
 
 
 class AdamWBf16SR(_AdamW):
@@ -61,7 +72,13 @@ class AdamWBf16SR(_AdamW):
                         state["exp_avg"] = self._new_buffer(p, True)
                         state["exp_avg_sq"] = self._new_buffer(p, False)
                     state["step"] += 1
-                    _update(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"], None, group["lr"],
-                            group["betas"][0], group["betas"][1], group["weight_decay"], group["eps"], True,
-                            p.dtype is torch.bfloat16)
+                    if _fused_8bit(p, state, group["lr"]):
+                        from finetune.adamw8bit_kernel import adamw8bit_step  # triton: imported where it runs
+                        adamw8bit_step(p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                       step=state["step"].item(), lr=group["lr"].item(), beta1=group["betas"][0],
+                                       beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"])
+                    else:
+                        _update(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"], None,
+                                group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"], group["eps"],
+                                True, p.dtype is torch.bfloat16)
         return loss

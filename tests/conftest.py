@@ -1,12 +1,19 @@
 """Shared fixtures: a small synthetic AG News folder (tests never need ../shared) and a tiny config around it."""
 
 import csv
+import os
 import random
 from pathlib import Path
 
 import pytest
+import torch
 
-from finetune.config import get_config
+# Without a GPU, Triton kernels (the fused 8-bit AdamW's) run on Triton's interpreter. Triton reads this as each kernel
+# is defined, including its own library's, so it is set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from finetune.config import get_config  # noqa: E402
 
 # Each class gets its own words, so a tiny model can learn the task from a few hundred articles in seconds.
 TOPIC_WORDS = {
@@ -57,8 +64,6 @@ def tiny_config(synthetic_dir, tmp_path):
 
 def pytest_collection_modifyitems(config, items):
     """GPU-only checks are marked `gpu` and skipped where CUDA is absent."""
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -1,7 +1,9 @@
 """The optimizer options: bf16 weights under plain AdamW lose most small updates; stochastic rounding keeps them."""
 
 import dataclasses
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,3 +124,152 @@ def test_a_learning_rate_that_stops_being_a_tensor_is_refused():
     optimizer.param_groups[0]["lr"] = 1e-4
     with pytest.raises(RuntimeError, match="lr was changed to a non-Tensor object"):
         optimizer.step()
+
+
+# The fused 8-bit step's tests run its Triton kernels on CPU tensors, on Triton's interpreter (tests/conftest.py turns
+# it on where CUDA is absent); on a GPU machine the `gpu` test below runs the kernel itself.
+on_the_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                        reason="runs the kernel on CPU tensors: needs TRITON_INTERPRET=1 (no CUDA)")
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_fused_quantizer_gives_torchaos_codes_exactly(signed):
+    """No binary search, the same codes: at every map value, every midpoint between neighbours (where torchao's own
+    float32 rounding decides), the floats either side of both, and a million values spread evenly over eight decades."""
+    kernel = pytest.importorskip("finetune.adamw8bit_kernel")
+    from torchao.optim.quant_utils import quantize_8bit_with_qmap
+    from torchao.optim.subclass_8bit import get_qmap_signed, get_qmap_unsigned
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    qmap = torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned(), device=device)
+    midpoints = (qmap[:-1] + qmap[1:]) / 2
+    generator = torch.Generator(device).manual_seed(0)
+    spread = 10 ** (torch.rand(10**6, generator=generator, device=device) * -8)  # 1e-8 to 1
+    if signed:
+        spread *= torch.randint(0, 2, spread.shape, generator=generator, device=device) * 2 - 1
+    edges = torch.cat([qmap, midpoints, torch.tensor([-0.0, 1e-30], device=device)])
+    up, down = torch.tensor(2.0, device=device), torch.tensor(-2.0, device=device)
+    x = torch.cat([edges, torch.nextafter(edges, up), torch.nextafter(edges, down), spread])
+    x = x.clamp(-1.0 if signed else 0.0, 1.0)  # the range of values / absmax
+    assert torch.equal(kernel.quantize(x, signed), quantize_8bit_with_qmap(x, qmap))
+
+
+@pytest.fixture
+def interpreter_fma_rounding_once(monkeypatch):
+    """Triton's interpreter computes tl.fma as x * y + z in float32, rounding twice; a GPU's FMA rounds once, and so
+    does torch's CPU lerp, which the reference runs. In float64 the product is exact and only the sum rounds, which
+    matches one rounding unless that sum lands exactly halfway between two float32 (about once in 2^29)."""
+    from triton.runtime import interpreter
+
+    def fma(builder, x, y, z):
+        return interpreter.TensorHandle((x.data.astype(np.float64) * y.data + z.data).astype(np.float32),
+                                        z.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_fma", fma)
+
+
+def _state_copy(state):
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    return OptimState8bit(state.codes.clone(), state.scale.clone(), state.qmap, state.signed)
+
+
+def _bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two bf16 values around each float32 (as float32): toward zero, and one bf16 ulp further from zero."""
+    toward_zero = x.view(torch.int32) & -65536
+    return toward_zero.view(torch.float32), (toward_zero + 0x10000).view(torch.float32)
+
+
+@on_the_interpreter
+def test_fused_8bit_step_computes_torchaos_update(interpreter_fma_rounding_once):
+    """Three AdamW steps with weight decay, each from the same weights and states as torchao's eager single_param_adam
+    (fp32 weights, no rounding): the same moment codes and scales, bit for bit, and bf16 weights that are one of the
+    two bf16 values around torchao's fp32 weight. Weights of 5, 16 and 21 blocks of 256: programs take 4 blocks, so
+    the last one is part-filled."""
+    kernel = pytest.importorskip("finetune.adamw8bit_kernel")
+    from torchao.optim.adam import single_param_adam
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    torch.manual_seed(0)
+    lr = torch.tensor(1e-3)
+    for shape in [(5, 256), (64, 64), (48, 112)]:
+        weight = (torch.randn(shape) * 0.05).to(torch.bfloat16)
+        exp_avg, exp_avg_sq = OptimState8bit.zeros(shape, signed=True), OptimState8bit.zeros(shape, signed=False)
+        for step in (1.0, 2.0, 3.0):
+            grad = (torch.randn(shape) * 1e-2).to(torch.bfloat16)
+            theirs = weight.float(), _state_copy(exp_avg), _state_copy(exp_avg_sq)
+            single_param_adam(theirs[0], grad, torch.tensor(step), theirs[1], theirs[2], None, lr, 0.9, 0.999, 0.1,
+                              1e-8, True, False)
+            kernel.adamw8bit_step(weight, grad, exp_avg, exp_avg_sq, step=step, lr=lr.item(), beta1=0.9, beta2=0.999,
+                                  weight_decay=0.1, eps=1e-8)
+            for ours, reference in [(exp_avg, theirs[1]), (exp_avg_sq, theirs[2])]:
+                assert torch.equal(ours.codes, reference.codes) and torch.equal(ours.scale, reference.scale)
+            down, up = _bf16_neighbours(theirs[0])
+            assert ((weight.float() == down) | (weight.float() == up)).all()
+
+
+@on_the_interpreter
+def test_fused_8bit_step_rounds_to_bf16_without_bias_and_from_torchs_generator():
+    """A step of a third of a bf16 ulp on weights of 1.0 moves a third of them a whole ulp down (to 1 - 2^-8) and
+    leaves the rest: on average, exactly the step. Each call draws new rounding from torch's generator; a seed repeats
+    it."""
+    kernel = pytest.importorskip("finetune.adamw8bit_kernel")
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    lr = 2**-8 / 3  # Adam's first step moves each weight by lr (grad / |grad|)
+
+    def one_step() -> torch.Tensor:
+        weight = torch.ones(16, 256, dtype=torch.bfloat16)
+        kernel.adamw8bit_step(weight, torch.ones_like(weight), OptimState8bit.zeros(weight.shape, signed=True),
+                              OptimState8bit.zeros(weight.shape, signed=False), step=1.0, lr=lr, beta1=0.9,
+                              beta2=0.999, weight_decay=0.0, eps=1e-8)
+        return weight.float()
+
+    torch.manual_seed(0)
+    draws = torch.stack([one_step() for _ in range(8)])  # 32,768 roundings
+    assert set(draws.unique().tolist()) == {1 - 2**-8, 1.0}
+    assert abs(draws.mean().item() - (1 - lr)) < 6e-5  # six standard deviations of the mean of 32,768 draws
+    assert not torch.equal(draws[0], draws[1])
+    torch.manual_seed(0)
+    assert torch.equal(one_step(), draws[0])
+
+
+@pytest.mark.gpu
+def test_fused_8bit_step_on_cuda_matches_the_compiled_update(monkeypatch):
+    """On CUDA, AdamWBf16SR's 8-bit weights take the fused kernel (the compiled update must not run for them). From the
+    same weights and states, torchao's compiled update with fp32 weights gives the same codes but for rare neighbours
+    (Inductor rounds its division by the absmax its own way, and may fuse other multiply-adds than the kernel does),
+    scales within 1e-6, and weights one bf16 ulp at most from the kernel's stochastically rounded ones."""
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    from finetune import optim
+
+    compiled = optim._update
+    monkeypatch.setattr(optim, "_update", lambda *args: pytest.fail("the compiled update ran for an 8-bit weight"))
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter((torch.randn(shape, device="cuda") * 0.05).to(torch.bfloat16))
+              for shape in [(16, 256), (64, 96), (48, 112)]]  # 16, 24 and 21 blocks of 256
+    optimizer = optim.AdamWBf16SR(params, lr=1e-3, weight_decay=0.1, state_bits=8)
+    for _ in range(3):
+        references = []
+        for p in params:
+            p.grad = (torch.randn_like(p, dtype=torch.float32) * 1e-2).to(torch.bfloat16)
+            state = optimizer.state[p]
+            if state:
+                theirs = p.detach().float(), _state_copy(state["exp_avg"]), _state_copy(state["exp_avg_sq"])
+            else:  # the optimizer's first step makes its states
+                theirs = (p.detach().float(), OptimState8bit.zeros(p.shape, signed=True, device=p.device),
+                          OptimState8bit.zeros(p.shape, signed=False, device=p.device))
+            step = state["step"] + 1 if state else torch.tensor(1.0)
+            compiled(theirs[0], p.grad, step, theirs[1], theirs[2], None, optimizer.param_groups[0]["lr"], 0.9, 0.999,
+                     0.1, 1e-8, True, False)
+            references.append(theirs)
+        optimizer.step()
+        for p, theirs in zip(params, references):
+            state = optimizer.state[p]
+            for ours, reference in [(state["exp_avg"], theirs[1]), (state["exp_avg_sq"], theirs[2])]:
+                differ = ours.codes.int() - reference.codes.int()
+                assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 1e-3
+                torch.testing.assert_close(ours.scale, reference.scale, rtol=1e-6, atol=0)
+            down, up = _bf16_neighbours(theirs[0])
+            assert ((p.detach().float() - theirs[0]).abs() <= (up - down).abs()).all()
