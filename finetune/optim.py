@@ -24,12 +24,11 @@ from torchao.optim.subclass_8bit import OptimState8bit
 _update = torch.compile(single_param_adam, fullgraph=True, dynamic=False)  # compiled lazily, once per shape
 
 
-def _fused_8bit(p: torch.Tensor, state: dict, lr: torch.Tensor) -> bool:
+def _fused_8bit(p: torch.Tensor, state: dict) -> bool:
     """Whether the fused kernel takes this weight: bf16 on CUDA with both moments in 8 bits (a DTensor shard's states
-    are DTensors), and lr and the step count on the host, where torchao keeps them: reading them waits for nothing."""
+    are DTensors)."""
     return (p.is_cuda and p.dtype is torch.bfloat16 and p.is_contiguous()
-            and isinstance(state["exp_avg"], OptimState8bit) and isinstance(state["exp_avg_sq"], OptimState8bit)
-            and state["step"].device.type == "cpu" and lr.device.type == "cpu")
+            and isinstance(state["exp_avg"], OptimState8bit) and isinstance(state["exp_avg_sq"], OptimState8bit))
 
 
 class AdamWBf16SR(_AdamW):
@@ -61,6 +60,11 @@ class AdamWBf16SR(_AdamW):
                 if not isinstance(group["lr"], torch.Tensor):
                     raise RuntimeError("lr was changed to a non-Tensor object. If you want to update lr, please use "
                                        "optim.param_groups[0]['lr'].fill_(new_lr)")
+                # torchao keeps lr and the step counts on the host, where reading them waits for nothing; accelerate's
+                # prepare() moves an optimizer's tensors to the GPU, and a resumed run loads its steps there. Moved
+                # back once, at the first step: the only time this update waits for the GPU.
+                if group["lr"].device.type != "cpu":
+                    group["lr"] = group["lr"].cpu()
                 for p in group["params"]:
                     if p.grad is None:
                         continue
@@ -71,8 +75,10 @@ class AdamWBf16SR(_AdamW):
                         state["step"] = torch.tensor(0.0)
                         state["exp_avg"] = self._new_buffer(p, True)
                         state["exp_avg_sq"] = self._new_buffer(p, False)
+                    if state["step"].device.type != "cpu":
+                        state["step"] = state["step"].cpu()
                     state["step"] += 1
-                    if _fused_8bit(p, state, group["lr"]):
+                    if _fused_8bit(p, state):
                         from finetune.adamw8bit_kernel import adamw8bit_step  # triton: imported where it runs
                         adamw8bit_step(p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"],
                                        step=state["step"].item(), lr=group["lr"].item(), beta1=group["betas"][0],

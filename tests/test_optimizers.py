@@ -250,6 +250,7 @@ def test_fused_8bit_step_on_cuda_matches_the_compiled_update(monkeypatch):
     params = [torch.nn.Parameter((torch.randn(shape, device="cuda") * 0.05).to(torch.bfloat16))
               for shape in [(16, 256), (64, 96), (48, 112)]]  # 16, 24 and 21 blocks of 256
     optimizer = optim.AdamWBf16SR(params, lr=1e-3, weight_decay=0.1, state_bits=8)
+    optimizer.param_groups[0]["lr"] = optimizer.param_groups[0]["lr"].cuda()  # where accelerate's prepare() puts it
     for _ in range(3):
         references = []
         for p in params:
@@ -271,5 +272,7 @@ def test_fused_8bit_step_on_cuda_matches_the_compiled_update(monkeypatch):
                 differ = ours.codes.int() - reference.codes.int()
                 assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 1e-3
                 torch.testing.assert_close(ours.scale, reference.scale, rtol=1e-6, atol=0)
+            # Stochastic rounding picks a bf16 neighbour of the fp32 result; the two fp32 results may differ by the
+            # rounding of an update of about lr, which near a bf16 boundary can put the neighbours one ulp apart.
             down, up = _bf16_neighbours(theirs[0])
-            assert ((p.detach().float() - theirs[0]).abs() <= (up - down).abs()).all()
+            assert ((p.detach().float() - theirs[0]).abs() <= (up - down).abs() + 1e-4 * 1e-3).all()
