@@ -113,25 +113,32 @@ gpu-bench-train-liger: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench-train-liger:  ## stock TRL, reference, FP8 tensorwise, then Liger: 16 of 28 (the last best), compiled, + FP8
 	$(BENCH_TRAIN) --name $(BENCH_NAME)_liger --variants $(BENCH_LIGER_VARIANTS)
 
-# The fastest rows (~4 min): compiled + FP8 tensorwise + 8-bit moments as 4 micro-batches of 8 and as 2 of 16.
+# The fastest row whose FP8 holds bf16's loss (~3 min): compiled + FP8 tensorwise at power-of-2 scales + 8-bit moments
+# (the fused update), 2 micro-batches of 16, every layer kept.
 gpu-bench-train-fastest: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
-gpu-bench-train-fastest:  ## stock TRL, reference, the fastest row at 8 x 4 and at 16 x 2
+gpu-bench-train-fastest:  ## stock TRL, reference, the fastest checked row
 	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --warmup_steps 2 --measured_steps 4 \
-	  --stock_trl_steps 2,8 --name $(BENCH_NAME)_fastest --variants 29,32
+	  --stock_trl_steps 2,8 --name $(BENCH_NAME)_fastest --variants 36
 
-# Compiled and FP8 layers against eager bf16 (the GPU tests), FP8 against bf16 losses on the 1024-wide 8-layer shape
-# (results/gpu/fp8/), and the tiny recipe trained with FP8 and evaluated on the held-out articles (gpu-fp8-rowwise_*).
-gpu-fp8:  ## ~4 min: does FP8 (and compilation) change what is learned?
+# Compiled and FP8 layers against eager bf16 (the GPU tests), every FP8 recipe against bf16 losses on the 1024-wide
+# 8-layer shape (results/gpu/fp8/; FP8_RECIPES=a,b for fewer), and the tiny recipe trained with each recipe that held
+# the tolerance and evaluated on the held-out articles (gpu-fp8-<recipe>_*).
+FP8_RECIPES ?=
+FP8_TINY_RECIPES ?= rowwise tensorwise_pow2_scales
+gpu-fp8:  ## ~8 min: does FP8 (and compilation) change what is learned?
 	mkdir -p $(GPU_OUT)
 	$(PY) -m pytest -q -m gpu -s tests/test_speedups.py 2>&1 | tee $(GPU_OUT)/gpu_speedups_test.log
 	$(PY) -m finetune.lab.bench_fp8 --profile tiny --bf16 true --tokenizer qwen2.5 --vocab_size 152064 \
 	  --hidden_size 1024 --intermediate_size 2816 --num_layers 8 --num_heads 16 --num_kv_heads 4 \
 	  --tie_word_embeddings false --optimizer adamw_bf16_sr --learning_rate 2e-5 --warmup_steps 0 --max_steps 60 \
-	  --results_dir $(GPU_OUT)
-	$(PY) -m finetune.train $(GPU_TINY) --fp8 rowwise --run_name gpu-fp8-rowwise && \
-	  cp checkpoints/gpu-fp8-rowwise/final/train_summary.json $(GPU_OUT)/gpu-fp8-rowwise_train_summary.json && \
-	  $(PY) -m finetune.evaluate $(GPU_TINY) --fp8 rowwise --run_name gpu-fp8-rowwise \
-	    --model_path checkpoints/gpu-fp8-rowwise/final --name gpu-fp8-rowwise
+	  $(if $(FP8_RECIPES),--recipes $(FP8_RECIPES)) --results_dir $(GPU_OUT)
+	for recipe in $(FP8_TINY_RECIPES); do \
+	  run=gpu-fp8-$$recipe; \
+	  $(PY) -m finetune.train $(GPU_TINY) --fp8 $$recipe --run_name $$run && \
+	  cp checkpoints/$$run/final/train_summary.json $(GPU_OUT)/$${run}_train_summary.json && \
+	  $(PY) -m finetune.evaluate $(GPU_TINY) --fp8 $$recipe --run_name $$run \
+	    --model_path checkpoints/$$run/final --name $$run || exit 1; \
+	done
 
 # Full fine-tuning, LoRA and QLoRA (TRAIN_VARIANTS 0, 5 and 6) in one process, then QLoRA's GPU test. QLoRA needs
 # bitsandbytes (the `gpu` extra).
