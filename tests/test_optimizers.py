@@ -127,7 +127,7 @@ def test_a_learning_rate_that_stops_being_a_tensor_is_refused():
 
 
 # The fused 8-bit step's tests run its Triton kernels on CPU tensors, on Triton's interpreter (tests/conftest.py turns
-# it on where CUDA is absent); on a GPU machine the `gpu` test below runs the kernel itself.
+# it on where CUDA is absent); on a GPU machine the `gpu` tests below run the kernel itself.
 on_the_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                         reason="runs the kernel on CPU tensors: needs TRITON_INTERPRET=1 (no CUDA)")
 
@@ -152,6 +152,24 @@ def test_the_fused_quantizer_gives_torchaos_codes_exactly(signed):
     x = torch.cat([edges, torch.nextafter(edges, up), torch.nextafter(edges, down), spread])
     x = x.clamp(-1.0 if signed else 0.0, 1.0)  # the range of values / absmax
     assert torch.equal(kernel.quantize(x, signed), quantize_8bit_with_qmap(x, qmap))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_fused_quantizer_gives_torchaos_codes_for_every_float32_on_cuda(signed):
+    """All 2.1 (signed) or 1.1 (unsigned) billion float32 in the map's range, in the GPU's own arithmetic."""
+    from torchao.optim.quant_utils import quantize_8bit_with_qmap
+    from torchao.optim.subclass_8bit import get_qmap_signed, get_qmap_unsigned
+
+    from finetune.adamw8bit_kernel import quantize
+
+    qmap = torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned(), device="cuda")
+    one = 0x3F800000  # the bits of 1.0; -x is x with the sign bit set
+    for start in range(0, one + 1, 2**27):
+        bits = torch.arange(start, min(start + 2**27, one + 1), dtype=torch.int32, device="cuda")
+        for x in ([bits, bits | -(2**31)] if signed else [bits]):
+            x = x.view(torch.float32)
+            assert torch.equal(quantize(x, signed), quantize_8bit_with_qmap(x, qmap))
 
 
 @pytest.fixture
