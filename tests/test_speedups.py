@@ -119,6 +119,28 @@ def test_fp8_layers_compile_whole_and_learn_what_high_precision_ones_do(tiny_con
         assert fp8 == pytest.approx(reference, rel=1e-3) and fp8 != reference
 
 
+def test_every_fp8_recipe_is_a_config_torchao_accepts_and_trains_with():
+    """Each name in FP8_RECIPES builds a Float8LinearConfig that torchao's checks accept (each operand one FP8 dtype in
+    both matmuls it feeds) and that runs forward and backward (emulated); an unknown name is refused by name."""
+    from torchao.float8 import convert_to_float8_training
+
+    from finetune.speedups import FP8_RECIPES, fp8_linear_config
+
+    torch.manual_seed(0)
+    x = torch.randn(48, 64, dtype=torch.bfloat16)
+    reference = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)).to(torch.bfloat16)
+    for recipe in FP8_RECIPES:
+        model = torch.nn.Sequential(*[torch.nn.Linear(m.in_features, m.out_features) for m in reference])
+        model.load_state_dict(reference.state_dict())
+        model = model.to(torch.bfloat16)
+        convert_to_float8_training(model, config=dataclasses.replace(fp8_linear_config(recipe), emulate=True))
+        model(x).float().square().mean().backward()
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters()), recipe
+        assert model(x).float().sub(reference(x).float()).abs().max() < 0.1, recipe  # FP8's rounding, not another net
+    with pytest.raises(ValueError, match="unknown fp8 recipe 'fp4'"):
+        fp8_linear_config("fp4")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's refusal")
 def test_fp8_without_an_fp8_gpu_names_the_fix(tiny_config):
     with pytest.raises(ValueError, match="--fp8 none"):
