@@ -50,3 +50,17 @@ def test_recipe_never_imports_the_lab_and_data_prep_never_imports_finetune():
         assert not any(name.startswith("finetune.lab") for name in imported(path)), path.name
     for path in (root / "data_prep").glob("*.py"):
         assert not any(name.startswith("finetune") for name in imported(path)), path.name
+
+
+def test_the_fast_7b_profile_is_the_benchmarks_fastest_checked_row():
+    """`qwen2.5-7b-fast` promises the speed measured for bench row 36 on the 7B shape: the same settings, and an FP8
+    recipe that held bf16's loss."""
+    from finetune.lab.bench import TRAIN_VARIANTS
+
+    row = list(TRAIN_VARIANTS.values())[36]
+    fast = {k: v for k, v in PROFILES["qwen2.5-7b-fast"].items() if k != "run_name"}
+    assert fast == row and fast["fp8"] == "tensorwise_pow2_scales"
+    config = get_config("qwen2.5-7b-fast")
+    reference = get_config("qwen2.5-7b")
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps == (
+        reference.per_device_train_batch_size * reference.gradient_accumulation_steps)  # the same rows a step
