@@ -47,16 +47,18 @@ PY ?= $(BIN)/python
 GPU_OUT ?= results/gpu
 # The tiny recipe on the GPU: bf16 autocast over fp32 master weights, the CUDA varlen attention kernel.
 GPU_TINY := --profile tiny --bf16 true --optimizer adamw_fp32_master --results_dir $(GPU_OUT)
+# $(call gpu_tiny_run,RUN,FLAGS): that recipe trained as RUN with FLAGS, its summary kept beside its evaluation on the
+# held-out articles (shell commands joined by &&, for a loop body: give RUN as $${run}, braced, since a suffix
+# follows it).
+gpu_tiny_run = $(PY) -m finetune.train $(GPU_TINY) $(2) --run_name $(1) && \
+	cp checkpoints/$(1)/final/train_summary.json $(GPU_OUT)/$(1)_train_summary.json && \
+	$(PY) -m finetune.evaluate $(GPU_TINY) $(2) --run_name $(1) --model_path checkpoints/$(1)/final --name $(1)
 
 gpu-training-core:  ## packed-vs-alone equivalence on CUDA, holdout runs with and without packing, optimizer measurement
 	mkdir -p $(GPU_OUT)
 	$(PY) -m pytest -q -m gpu -s tests/test_model_and_attention.py 2>&1 | tee $(GPU_OUT)/gpu_equivalence_test.log
 	for packing in true false; do \
-	  run=gpu-packing-$$packing; \
-	  $(PY) -m finetune.train $(GPU_TINY) --packing $$packing --run_name $$run && \
-	  cp checkpoints/$$run/final/train_summary.json $(GPU_OUT)/$${run}_train_summary.json && \
-	  $(PY) -m finetune.evaluate $(GPU_TINY) --packing $$packing --run_name $$run \
-	    --model_path checkpoints/$$run/final --name $$run || exit 1; \
+	  run=gpu-packing-$$packing; $(call gpu_tiny_run,$${run},--packing $$packing) || exit 1; \
 	done
 	$(PY) -m finetune.lab.bench_optimizers --profile tiny --bf16 true --tokenizer qwen2.5 --vocab_size 152064 \
 	  --hidden_size 1024 --intermediate_size 2816 --num_layers 8 --num_heads 16 --num_kv_heads 4 \
@@ -133,11 +135,7 @@ gpu-fp8:  ## ~8 min: does FP8 (and compilation) change what is learned?
 	  --tie_word_embeddings false --optimizer adamw_bf16_sr --learning_rate 2e-5 --warmup_steps 0 --max_steps 60 \
 	  $(if $(FP8_RECIPES),--recipes $(FP8_RECIPES)) --results_dir $(GPU_OUT)
 	for recipe in $(FP8_TINY_RECIPES); do \
-	  run=gpu-fp8-$$recipe; \
-	  $(PY) -m finetune.train $(GPU_TINY) --fp8 $$recipe --run_name $$run && \
-	  cp checkpoints/$$run/final/train_summary.json $(GPU_OUT)/$${run}_train_summary.json && \
-	  $(PY) -m finetune.evaluate $(GPU_TINY) --fp8 $$recipe --run_name $$run \
-	    --model_path checkpoints/$$run/final --name $$run || exit 1; \
+	  run=gpu-fp8-$$recipe; $(call gpu_tiny_run,$${run},--fp8 $$recipe) || exit 1; \
 	done
 
 # Full fine-tuning, LoRA and QLoRA (TRAIN_VARIANTS 0, 5 and 6) in one process, then QLoRA's GPU test. QLoRA needs
