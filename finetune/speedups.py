@@ -60,20 +60,20 @@ def fp8_linear_config(recipe: str):
     """torchao's `Float8LinearConfig` for one of FP8_RECIPES."""
     from torchao.float8 import CastConfig, Float8GemmConfig, Float8LinearConfig, ScalingGranularity, ScalingType
 
+    e4m3, e5m2, rows = torch.float8_e4m3fn, torch.float8_e5m2, ScalingGranularity.AXISWISE
     if recipe in ("rowwise", "tensorwise", "rowwise_with_gw_hp"):
         return Float8LinearConfig.from_recipe_name(recipe)
     if recipe == "tensorwise_e4m3_grads":  # one more mantissa bit for output gradients, 2^8 less range
-        return Float8LinearConfig(cast_config_grad_output=CastConfig(target_dtype=torch.float8_e4m3fn))
+        return Float8LinearConfig(cast_config_grad_output=CastConfig(target_dtype=e4m3))
     if recipe == "tensorwise_exact_accum":  # the forward matmul accumulates in fp32 throughout
         return Float8LinearConfig(gemm_config_output=Float8GemmConfig(use_fast_accum=False))
     if recipe == "tensorwise_bf16_wgrad":  # the weight-gradient matmul in bf16: a third of the FLOPs
         # torchao checks that each operand names one FP8 dtype, even for the matmul that skips the cast
         return Float8LinearConfig(
-            cast_config_input_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=torch.float8_e4m3fn),
-            cast_config_grad_output_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=torch.float8_e5m2))
+            cast_config_input_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=e4m3),
+            cast_config_grad_output_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=e5m2))
     if recipe == "tensorwise_pow2_scales":  # scales rounded down to a power of 2, as the rowwise recipes do
         return Float8LinearConfig(round_scales_to_power_of_2=True)
-    e4m3, e5m2, rows = torch.float8_e4m3fn, torch.float8_e5m2, ScalingGranularity.AXISWISE
     if recipe == "tensorwise_bf16_backward":  # FP8 in the forward matmul only
         return Float8LinearConfig(
             cast_config_input_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=e4m3),
