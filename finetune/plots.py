@@ -1,6 +1,8 @@
 """The figures the notebooks show and results/ keeps: data overview, training loss, confusion matrices, per-class and
 run comparisons."""
 
+import textwrap
+
 import matplotlib
 
 if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "inline")):
@@ -38,7 +40,7 @@ def plot_text_lengths(df: pd.DataFrame, token_counts: np.ndarray | None = None) 
     panels = [("words", df["text"].str.split().str.len().to_numpy())]
     if token_counts is not None:
         panels.append(("prompt tokens", np.asarray(token_counts)))
-    fig, axes = _figure((6 * len(panels) + 1.2, 3.5), len(panels))
+    fig, axes = _figure((4.6 * len(panels) + 1.4, 3.5), len(panels))
     for ax, (unit, values) in zip(axes[0], panels):
         bins = np.histogram_bin_edges(values, bins=40)  # shared, so the classes' bars line up
         for k, label in enumerate(LABELS):
@@ -75,7 +77,7 @@ def plot_confusion_matrix(record: dict, mode: str | None = None) -> plt.Figure:
     """Counts and row-normalized confusion matrices of one evaluation side by side."""
     mode = mode or record["primary_mode"]
     metrics = record["evaluations"][mode]["metrics"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 4.2))
     for ax, key, fmt in zip(axes, ("confusion_matrix", "confusion_matrix_normalized"), (",.0f", ".2f")):
         matrix = np.array(metrics[key])
         ax.imshow(matrix, cmap="Blues", vmin=0)
@@ -119,26 +121,28 @@ def same_eval_split(a: dict, b: dict) -> bool:
 
 
 def plot_run_comparison(records: list[dict], like: dict) -> plt.Figure:
-    """Accuracy and macro-F1 of every run and evaluation mode evaluated on the same articles as the record `like`.
-    Scores on other articles are not comparable; the title says how many runs that leaves out, and names them."""
+    """Accuracy and macro-F1 of each run and evaluation mode evaluated on the same articles as the record `like`, one
+    row each, so the chart keeps its width however many there are. Scores on other articles are not comparable; the
+    title says how many runs that leaves out, and names them."""
     shown = [r for r in records if same_eval_split(r["data"], like["data"])]
     left_out = sorted({r["name"] for r in records if r not in shown})
-    rows = [(f"{r['name']}\n{mode}", ev["metrics"]["accuracy"], ev["metrics"]["macro_f1"])
-            for r in shown for mode, ev in r["evaluations"].items()]
-    fig, axes = _figure((max(6.0, 1.3 * len(rows) + 1.5), 4.2))
+    rows = [(f"{r['name']} · {mode}", ev["metrics"]["accuracy"], ev["metrics"]["macro_f1"])
+            for r in shown for mode, ev in r["evaluations"].items()][::-1]  # the first run on top
+    fig, axes = _figure((8.0, 0.45 * len(rows) + 1.4))
     ax = axes[0][0]
-    x = np.arange(len(rows))
-    for offset, column, label in ((-0.2, 1, "accuracy"), (0.2, 2, "macro-F1")):
-        bars = ax.bar(x + offset, [r[column] for r in rows], 0.4, label=label)
-        ax.bar_label(bars, fmt="{:.0%}", fontsize=7)
-    ax.set_xticks(x, [r[0] for r in rows], fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("score")
+    y = np.arange(len(rows))
+    for offset, column, label in ((0.2, 1, "accuracy"), (-0.2, 2, "macro-F1")):
+        bars = ax.barh(y + offset, [r[column] for r in rows], 0.4, label=label)
+        ax.bar_label(bars, fmt="{:.1%}", fontsize=7, padding=2)
+    ax.set_yticks(y, [r[0] for r in rows], fontsize=8)
+    ax.set_xlim(0, 1.12)  # room for the labels of bars at 100%
+    ax.set_xlabel("score")
     title = f"Runs evaluated on the same {like['data']['eval_size']:,} articles ({len(shown)} of {len(records)} runs)"
     if left_out:
-        title += f"\nleft out, not known to be evaluated on these articles: {', '.join(left_out)}"
-    ax.set_title(title, fontsize=10)
-    fig.legend(loc="outside right upper")
+        note = "left out, not known to be evaluated on these articles: " + ", ".join(left_out)
+        title += "\n" + textwrap.fill(note, 90)
+    ax.set_title(title, fontsize=10, loc="left")
+    fig.legend(loc="outside lower center", ncols=2)
     return fig
 
 

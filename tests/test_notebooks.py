@@ -1,10 +1,12 @@
-"""The four notebooks: committed thin, stripped and as Jupyter Lab saves them; run headless (papermill) on a small
-synthetic sample, they write valid results files and show a person no stderr beyond the data notes."""
+"""The notebooks: committed thin, stripped and as Jupyter Lab saves them; run headless (papermill) on a small synthetic
+sample, they write valid results files and show a person plain output (the data notes, text progress bars), no stderr."""
 
 import ast
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import papermill
@@ -15,16 +17,20 @@ from ipykernel.kernelspec import get_kernel_dict
 
 from finetune.config import get_config
 from finetune.lab.methods import compare_methods, methods_section
-from finetune.lab.notebooks import NOTEBOOKS, PROJECT_DIR, run_notebooks
+from finetune.lab.notebooks import METHOD_COMPARISON, NOTEBOOKS, PROJECT_DIR, run_notebooks
 from finetune.results import validate_record
 
 # What finetune/lab/notebooks.py and finetune/lab/rehearse.py pass to papermill.
 PARAMETERS = {"profile", "data_dir", "results_dir", "max_train_samples", "max_eval_samples", "project_dir", "method",
               "overrides"}
 # The method comparison only reads results files (finetune/lab/methods.py writes them).
-COMPARISON = "04_method_comparison"
+COMPARISON = METHOD_COMPARISON
 ALL_NOTEBOOKS = (*NOTEBOOKS, COMPARISON)
 WIDGET = "application/vnd.jupyter.widget-view+json"
+# A model of a few thousand parameters on the synthetic sample: seconds to train and to evaluate.
+SMALL_RUN = {"holdout_train_size": 300, "vocab_size": 512, "hidden_size": 64, "num_heads": 4, "intermediate_size": 128,
+             "num_train_epochs": 4.0, "learning_rate": 3e-3, "per_device_train_batch_size": 8, "max_length": 128,
+             "save_steps": 1000, "eval_batch_size": 64}
 
 
 def committed(name: str) -> nbformat.NotebookNode:
@@ -37,6 +43,11 @@ def code_cells(notebook: nbformat.NotebookNode) -> list:
 
 def outputs(notebook: nbformat.NotebookNode) -> list:
     return [output for cell in code_cells(notebook) for output in cell.outputs]
+
+
+def stream(notebook: nbformat.NotebookNode, name: str) -> str:
+    """Everything the notebook wrote to stdout or stderr."""
+    return "".join(output.text for output in outputs(notebook) if output.get("name") == name)
 
 
 def python_source(notebook: nbformat.NotebookNode) -> str:
@@ -99,13 +110,48 @@ def test_importing_the_trainer_writes_nothing_to_stderr():
     assert result.stderr == ""
 
 
+def test_notebooks_find_the_project_root_from_their_own_folder(tmp_path, monkeypatch):
+    """Jupyter starts a kernel in the notebook's folder: an executed copy in results/notebooks/ run again writes to the
+    project's results/, not to results/notebooks/results/."""
+    (tmp_path / "pyproject.toml").touch()
+    folders = (tmp_path / "results" / "notebooks", tmp_path / "notebooks", tmp_path)
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    for name in ALL_NOTEBOOKS:
+        setup = code_cells(committed(name))[1].source
+        finding = setup[:setup.index("os.chdir(project_dir)")]  # up to the chdir
+        for folder in folders:
+            monkeypatch.chdir(folder)
+            namespace = {"project_dir": None}
+            exec(finding, namespace)
+            assert Path(namespace["project_dir"]) == tmp_path, (name, folder)
+        namespace = {"project_dir": "elsewhere"}  # given: kept
+        exec(finding, namespace)
+        assert namespace["project_dir"] == "elsewhere"
+
+
+def test_a_headless_notebook_shows_notes_and_progress_as_plain_output(synthetic_dir, tmp_path):
+    """Notebook 01 on the synthetic sample: the data notes are ordinary output, not a red stderr block, and the progress
+    bars text at their last frame (a widget bar is saved at its first: 0%)."""
+    results = tmp_path / "results"
+    overrides = {**SMALL_RUN, "checkpoints_dir": str(tmp_path / "checkpoints")}
+    executed, = run_notebooks({"profile": "tiny", "data_dir": str(synthetic_dir), "results_dir": str(results),
+                               "overrides": overrides}, tmp_path / "executed", names=("01_base_model_performance",))
+    record = json.loads((results / "base_model_results.json").read_text())
+    validate_record(record)
+    notebook = nbformat.read(executed, as_version=4)
+    assert stream(notebook, "stderr") == ""
+    stdout = stream(notebook, "stdout")
+    assert record["data"]["notes"] and all(note in stdout for note in record["data"]["notes"])
+    assert re.search(r"label scoring: 100%.*\b2/2\b", stdout), stdout
+    assert not any(WIDGET in output.get("data", {}) for output in outputs(notebook))
+    assert any("image/png" in output.get("data", {}) for output in outputs(notebook))
+
+
 @pytest.mark.slow
 def test_notebooks_execute_headless_and_write_valid_results(synthetic_dir, tmp_path):
     results = tmp_path / "results"
-    overrides = {"holdout_train_size": 300, "checkpoints_dir": str(tmp_path / "checkpoints"), "vocab_size": 512,
-                 "hidden_size": 64, "num_heads": 4, "intermediate_size": 128, "num_train_epochs": 4.0,
-                 "learning_rate": 3e-3, "per_device_train_batch_size": 8, "max_length": 128, "save_steps": 1000,
-                 "eval_batch_size": 64}
+    overrides = {**SMALL_RUN, "checkpoints_dir": str(tmp_path / "checkpoints")}
     executed = run_notebooks({"profile": "tiny", "data_dir": str(synthetic_dir), "results_dir": str(results),
                               "overrides": overrides}, tmp_path / "executed")
     for name in ("base_model", "finetuned_model", "baseline_majority", "baseline_tfidf_logreg"):
@@ -122,22 +168,17 @@ def test_notebooks_execute_headless_and_write_valid_results(synthetic_dir, tmp_p
     assert [path.name for path in executed] == [f"{name}.ipynb" for name in NOTEBOOKS]
     for name, path in zip(NOTEBOOKS, executed):  # no folder of this machine in what the runs record
         papermill_run = nbformat.read(path, as_version=4).metadata.papermill
-        assert papermill_run.input_path == f"notebooks/{name}.ipynb" and papermill_run.parameters.project_dir == "."
+        assert papermill_run.input_path == f"notebooks/{name}.ipynb" and "project_dir" not in papermill_run.parameters
 
-    # What a person sees. The one stderr allowed is load_splits' data notes (what the holdout carve did to the data),
-    # which every results file also records.
-    notes = set(finetuned["data"]["notes"])
+    # What a person sees: plain output, no stderr (the data notes print as output), no widget bars.
     for path in executed:
         notebook = nbformat.read(path, as_version=4)
-        stderr = {line for output in outputs(notebook) if output.get("name") == "stderr"
-                  for line in output.text.splitlines() if line.strip()}
-        assert stderr <= notes, f"{path.name} writes to stderr:\n" + "\n".join(sorted(stderr - notes))
+        assert stream(notebook, "stderr") == "", f"{path.name} writes to stderr:\n{stream(notebook, 'stderr')}"
+        assert not any(WIDGET in output.get("data", {}) for output in outputs(notebook)), path.name
         assert any("image/png" in output.get("data", {}) for output in outputs(notebook)), f"{path.name}: no figure"
         # Executed copies keep the committed form (Lab opens them without rewriting), with this kernel's Python.
         assert {k: notebook.metadata[k] for k in ("kernelspec", "language_info")} == lab_metadata(), path.name
         assert (notebook.nbformat, notebook.nbformat_minor) == (4, nbformat.v4.nbformat_minor), path.name
-    evaluation = nbformat.read(executed[1], as_version=4)
-    assert any(WIDGET in output.get("data", {}) for output in outputs(evaluation)), "progress bars are not widgets"
     training = nbformat.read(executed[2], as_version=4)  # a progress bar, but not the Trainer's table of every loss
     shown = "".join(str(output.get("data", {}).get("text/html", "")) for output in outputs(training))
     assert "<progress" in shown and "Training Loss" not in shown
