@@ -1,9 +1,11 @@
 """The notebooks: committed thin, stripped and as Jupyter Lab saves them; run headless (papermill) on a small synthetic
-sample, they write valid results files and show a person plain output (the data notes, text progress bars), no stderr."""
+sample, they write valid results files and show a person plain output (the data notes, text progress bars), no stderr.
+`make demo` writes only where git ignores."""
 
 import ast
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +148,23 @@ def test_a_headless_notebook_shows_notes_and_progress_as_plain_output(synthetic_
     assert re.search(r"label scoring: 100%.*\b2/2\b", stdout), stdout
     assert not any(WIDGET in output.get("data", {}) for output in outputs(notebook))
     assert any("image/png" in output.get("data", {}) for output in outputs(notebook))
+
+
+@pytest.mark.skipif(not (PROJECT_DIR / ".git").exists() or not shutil.which("git") or not shutil.which("make"),
+                    reason="needs a git checkout and make")
+def test_make_demo_writes_only_where_git_ignores():
+    """A clone stays clean after `make demo`: its notebooks write into an ignored folder, and the committed results and
+    the README are regenerated only by `make demo-results`."""
+    commands = subprocess.run(["make", "-n", "demo"], cwd=PROJECT_DIR, capture_output=True, text=True,
+                              check=True).stdout
+    demo_dir, = re.findall(r"finetune\.lab\.notebooks .*--results_dir (\S+)", commands)
+    for written in (f"{demo_dir}/summary.md", f"{demo_dir}/notebooks/03_finetuned_model_performance.ipynb",
+                    "checkpoints/tiny-ag-news/final/model.safetensors"):
+        assert subprocess.run(["git", "check-ignore", "-q", written], cwd=PROJECT_DIR).returncode == 0, written
+    assert "finetune.lab.report" not in commands
+    maintainer = subprocess.run(["make", "-n", "demo-results"], cwd=PROJECT_DIR, capture_output=True, text=True,
+                                check=True).stdout
+    assert "finetune.lab.report" in maintainer
 
 
 @pytest.mark.slow
