@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
+from matplotlib.ticker import PercentFormatter
 from transformers import TrainerCallback
 
 from finetune.config import RunConfig, config_from_args
@@ -61,6 +63,32 @@ def compare(config: RunConfig, recipes: tuple[str, ...] = FP8_RECIPES) -> dict:
     return runs
 
 
+def plot_losses(record: dict) -> plt.Figure:
+    """Each run's loss per step, and beside it the difference from bf16's at each step: the curves lie on top of each
+    other, and the differences are what the tolerance judges. The legend sits below the panels, clear of the curves."""
+    runs, config = record["runs"], record["config"]
+    fig, (loss_ax, diff_ax) = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained")
+    bf16 = np.asarray(runs["bf16"]["losses"])
+    for name, run in runs.items():
+        losses = np.asarray(run["losses"])
+        label = f"{name} (last quarter {run['final_loss_mean_last_quarter']:.3f})"
+        line, = loss_ax.plot(losses, linewidth=1, label=label)
+        if name != "bf16":
+            diff_ax.plot((losses - bf16) / bf16, linewidth=1, color=line.get_color())
+    loss_ax.set_yscale("log")
+    loss_ax.set_ylabel("training loss")
+    diff_ax.axhline(0, color="grey", linewidth=0.8)
+    diff_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    diff_ax.set_ylabel("loss relative to bf16's")
+    for ax in (loss_ax, diff_ax):
+        ax.set_xlabel("optimizer step")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"FP8 vs bf16: {config['hidden_size']}-wide, {config['num_layers']} layers, "
+                 f"lr {config['learning_rate']:g}")
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
+    return fig
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--recipes", default=",".join(FP8_RECIPES), help="which FP8 recipes, comma-separated")
@@ -74,15 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                           "bf16's loss?", "tolerance": {"final_loss_relative_difference": FINAL_LOSS_TOLERANCE},
               "config": config.to_dict(), "runs": runs, "environment": environment()}
     (out / f"{known.name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, run in runs.items():
-        ax.plot(run["losses"], label=f"{name} (last quarter {run['final_loss_mean_last_quarter']:.3f})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.set_title(f"FP8 vs bf16: {config.hidden_size}-wide, {config.num_layers} layers, lr {config.learning_rate:g}")
-    ax.legend()
-    fig.savefig(out / f"{known.name}.png", dpi=120, bbox_inches="tight")
+    plot_losses(record).savefig(out / f"{known.name}.png", dpi=120, bbox_inches="tight")
     for name, run in runs.items():
         print(f"{name:<11} last-quarter loss {run['final_loss_mean_last_quarter']:.4f}  vs bf16 "
               f"{run['final_loss_relative_difference']:.2%} (max step {run['max_step_relative_difference']:.2%})  "
