@@ -73,11 +73,15 @@ def test_qwen_profile_runs_every_notebook_from_a_hub_layout_folder(standin, synt
 
 
 def test_notebook_runs_take_any_config_field_and_a_local_model_folder(standin, monkeypatch):
-    passed = []
-    monkeypatch.setattr(notebooks, "run_notebooks", lambda parameters, output_dir: passed.append(parameters))
+    calls = []
+    monkeypatch.setattr(notebooks, "run_notebooks", lambda parameters, output_dir, names=notebooks.NOTEBOOKS:
+                        calls.append((names, parameters)))
     monkeypatch.chdir(standin.parent)
     notebooks.main(["--profile", "qwen2.5-7b", "--model", standin.name, "--learning_rate", "1e-5"])
     notebooks.main(["--profile", "qwen2.5-7b"])
+    passed = [parameters for names, parameters in calls if names == notebooks.NOTEBOOKS]
+    comparison = [parameters for names, parameters in calls if names == (notebooks.METHOD_COMPARISON,)]
+    assert comparison == [{"results_dir": "results"}] * 2  # the committed method results, whatever the run
     model = passed[0]["overrides"].pop("model")  # relative to the project root, where the notebooks run
     assert not Path(model).is_absolute() and (notebooks.PROJECT_DIR / model).resolve() == standin.resolve()
     assert passed[0]["overrides"] == {"learning_rate": 1e-5}
