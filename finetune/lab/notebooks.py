@@ -40,9 +40,11 @@ def run_notebooks(parameters: dict, output_dir: str | Path, names: tuple[str, ..
         # project root above it, as an executed copy re-run from results/notebooks/ does. The input path is recorded
         # relative to where this runs, so the committed reference runs name no folder of the machine that made them.
         notebook = os.path.relpath(PROJECT_DIR / "notebooks" / f"{name}.ipynb")
+        # coalesce_streams: each cell's stdout in one output, a text bar's frames reduced to its last.
         with mock.patch.dict(os.environ, HEADLESS):
             papermill.execute_notebook(notebook, out, cwd=PROJECT_DIR / "notebooks", parameters=parameters,
-                                       kernel_name="python3", progress_bar=False, log_output=False)
+                                       kernel_name="python3", progress_bar=False, log_output=False,
+                                       coalesce_streams=True)
         executed.append(out)
     return executed
 
