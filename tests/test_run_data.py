@@ -86,17 +86,23 @@ def test_notebook_setup_keeps_the_profile_limits_unless_overridden(tmp_path):
         assert ran.cells[-1].outputs[0]["text"].strip() == limits, given
 
 
-def test_notebook_runs_pass_on_only_the_limits_given(monkeypatch):
+def four_notebook_runs(monkeypatch) -> list[dict]:
+    """The parameters each run of the four notebooks is given, the runs stubbed (04, the method comparison, too)."""
     passed = []
-    monkeypatch.setattr(notebooks, "run_notebooks", lambda parameters, output_dir: passed.append(parameters))
+    monkeypatch.setattr(notebooks, "run_notebooks", lambda parameters, output_dir, names=notebooks.NOTEBOOKS:
+                        passed.append(parameters) if names == notebooks.NOTEBOOKS else None)
+    return passed
+
+
+def test_notebook_runs_pass_on_only_the_limits_given(monkeypatch):
+    passed = four_notebook_runs(monkeypatch)
     notebooks.main([])
     notebooks.main(["--max_train_samples", "200", "--max_eval_samples", "none"])
     assert [p["overrides"] for p in passed] == [{}, {"max_train_samples": 200, "max_eval_samples": None}]
 
 
 def test_notebook_runs_pass_the_method_as_its_own_parameter(monkeypatch):
-    passed = []
-    monkeypatch.setattr(notebooks, "run_notebooks", lambda parameters, output_dir: passed.append(parameters))
+    passed = four_notebook_runs(monkeypatch)
     notebooks.main(["--method", "lora", "--lora_rank", "8"])
     notebooks.main([])
     assert (passed[0]["method"], passed[0]["overrides"]) == ("lora", {"lora_rank": 8})
@@ -114,8 +120,7 @@ def test_split_seed_alone_chooses_the_eval_articles(tiny_config):
 
 
 def test_notebook_runs_record_the_data_folder_as_named(tmp_path, monkeypatch):
-    passed = []
-    monkeypatch.setattr(notebooks, "run_notebooks", lambda parameters, output_dir: passed.append(parameters))
+    passed = four_notebook_runs(monkeypatch)
     monkeypatch.delenv("AG_NEWS_DIR", raising=False)
     monkeypatch.chdir(notebooks.PROJECT_DIR)
     notebooks.main(["--data_dir", "../shared/data/ag_news"])
