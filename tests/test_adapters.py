@@ -194,6 +194,7 @@ def test_adapter_flops_count_no_weight_gradients_for_the_frozen_model():
     assert training_flops_per_token(config, 100.0, adapter_params=1000) == frozen + 6000
 
 
+@pytest.mark.slow
 def test_pretrained_base_reads_only_training_texts_and_is_cached(tiny_config):
     config = dataclasses.replace(tiny_config, num_train_epochs=1.0, max_train_samples=80)
     base = pretrained_base(config)

@@ -169,6 +169,7 @@ def answer_trained(model, tokenizer, texts: list[str], steps: int = 80) -> torch
     return model.eval()
 
 
+@pytest.mark.slow
 def test_tree_check_answers_exactly_as_greedy_decoding(model, tokenizer):
     """Articles whose greedy answer is a trained one are answered from the scoring pass, the rest decoded: every
     answer is the token-by-token greedy one, and both kinds occur here."""

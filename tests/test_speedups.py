@@ -96,6 +96,7 @@ def test_fp8_converts_the_decoder_linears_only_and_keeps_the_loss(tiny_config, t
         assert fp8 == pytest.approx(bf16, rel=2e-2)
 
 
+@pytest.mark.slow
 def test_fp8_layers_compile_whole_and_learn_what_high_precision_ones_do(tiny_config, tokenizer):
     """torchao's emulation: the same FP8 casts and scales with high-precision matmuls, so the CPU checks which layers
     convert, that the compiled FP8 layers trace into one graph, and that the losses stay within FP8's rounding."""
