@@ -2,6 +2,7 @@
 benchmark's step clock and profiler."""
 
 import math
+import statistics
 import time
 import warnings
 
@@ -74,23 +75,37 @@ def adapter_parameters(model: torch.nn.Module) -> int | None:
 
 
 class ThroughputCallback(TrainerCallback):
-    """Adds tokens_per_second and (on a known GPU) mfu to every log line, from TRL's running `num_tokens`."""
+    """Adds tokens_per_second and (on a known GPU) mfu to every log line, from TRL's running `num_tokens`; the run's
+    last line gets their medians over the logging intervals. An interval in which a checkpoint was written reports
+    nothing: the write is not training speed (it is timed on its own in the training summary)."""
 
     def __init__(self, model_config: PretrainedConfig, mean_seq_len: float, adapter_params: int | None = None):
         self.flops_per_token = training_flops_per_token(model_config, mean_seq_len, adapter_params)
         self.peak = peak_flops()
         self.last = None  # (time, tokens) at the previous log
+        self.rates: list[float] = []
+        self.saved = False
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "num_tokens" not in logs:
             return
+        if "train_runtime" in logs:  # the Trainer's closing summary, not an interval
+            if self.rates:
+                logs["train_tokens_per_second_median"] = statistics.median(self.rates)
+                if self.peak:
+                    logs["train_mfu_median"] = logs["train_tokens_per_second_median"] * self.flops_per_token / self.peak
+            return
         now, tokens = time.perf_counter(), float(logs["num_tokens"])
-        if self.last is not None and tokens > self.last[1]:
+        if self.last is not None and tokens > self.last[1] and not self.saved:
             rate = (tokens - self.last[1]) / (now - self.last[0]) / max(args.world_size, 1)
+            self.rates.append(rate)
             logs["tokens_per_second"] = rate
             if self.peak:
                 logs["mfu"] = rate * self.flops_per_token / self.peak
-        self.last = (now, tokens)
+        self.last, self.saved = (now, tokens), False
 
 
 def synchronized_now() -> float:

@@ -79,11 +79,14 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     bench.main(args)
     record = json.loads((tmp_path / "benchmarks" / "smoke_eval.json").read_text())
     modes = record["modes"]
-    assert list(modes) == ["plain_label_scoring", "plain_generate", "label_scoring_tree", "label_scoring", "generation",
-                           "generation_decoding"]
+    assert list(modes) == ["plain_label_scoring", "plain_generate", "plain_generate_batch64", "label_scoring_tree",
+                           "label_scoring", "generation", "generation_decoding"]
     # 4 new tokens cannot hold a trained answer (6 or more): the tree's check is skipped and every article decodes.
     assert modes["generation"]["decoded_answers"] == modes["generation_decoding"]["decoded_answers"] == 100
-    assert modes["label_scoring"]["articles"] == 100 and modes["plain_generate"]["articles"] == 25  # every 4th
+    # The generation anchor decodes the same articles at the suite's batch; the batch-64 extra row every 4th article.
+    assert modes["label_scoring"]["articles"] == modes["plain_generate"]["articles"] == 100
+    assert modes["plain_generate"]["batch_size"] == modes["generation"]["batch_size"]
+    assert modes["plain_generate_batch64"]["articles"] == 25 and modes["plain_generate_batch64"]["batch_size"] == 64
     packed, anchor = modes["label_scoring"], modes["plain_label_scoring"]
     assert packed["repeats"] == 2 and len(packed["seconds_per_run"]) == 2
     assert packed["articles_per_second_min"] <= packed["articles_per_second"] <= packed["articles_per_second_max"]

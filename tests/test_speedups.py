@@ -10,7 +10,7 @@ from finetune.attention import VARLEN, choose_attn_implementation
 from finetune.config import config_from_args
 from finetune.model import load_model, train_bpe_tokenizer
 from finetune.speedups import (GIB, WORKSPACE_GIB, compile_decoder_layers, convert_to_fp8, decoder_layers,
-                               layer_activation_bytes, layers_to_checkpoint, training_state_bytes)
+                               layer_activation_bytes, layers_to_checkpoint)
 from finetune.train import build_trainer
 
 
@@ -166,17 +166,21 @@ def test_auto_checkpointing_keeps_every_layer_that_fits():
 
 
 def test_adapter_runs_plan_for_frozen_weights_and_small_adapter_states(tiny_config, tokenizer):
-    """LoRA keeps no gradients or AdamW states for the frozen weights: 2 bytes a bf16 weight, not 8, plus the
-    adapters' (rank r on each decoder projection: r x (inputs + outputs) parameters)."""
-    config = dataclasses.replace(tiny_config, bf16=True, optimizer="adamw_bf16_sr")
+    """The plan counts from the shape what the built model holds: every weight (8 bytes each with bf16 AdamW states),
+    and for LoRA 2 bytes a frozen weight plus the trainable adapters' 8 (counted by peft on the real model)."""
+    from peft import get_peft_model
+
+    from finetune.adapters import lora_config
+    from finetune.plan import ModelShape, training_state_bytes
+
+    config = dataclasses.replace(tiny_config, bf16=True, optimizer="adamw_bf16_sr", tie_word_embeddings=False)
     model = load_model(config, tokenizer)
-    lora = dataclasses.replace(config, method="lora", lora_rank=4)
-    h, i, layers = config.hidden_size, config.intermediate_size, config.num_layers
-    kv = config.num_kv_heads * h // config.num_heads
-    adapters = 4 * layers * (2 * (h + h) + 2 * (h + kv) + 2 * (h + i) + (i + h))  # q, o; k, v; gate, up; down
-    assert training_state_bytes(config, model) == model.num_parameters() * 8
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # RoPE's frequencies
-    assert training_state_bytes(lora, model) == model.num_parameters() * 2 + buffers + adapters * 8
+    shape = ModelShape.of(dataclasses.replace(config, vocab_size=model.config.vocab_size))
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n or "bias" in n)
+    assert training_state_bytes(config, shape) == (model.num_parameters() - norms) * 8
+    lora = dataclasses.replace(config, method="lora", lora_rank=4, lora_modules_to_save=None, lora_embedding=False)
+    adapters = sum(p.numel() for p in get_peft_model(model, lora_config(lora, model)).parameters() if p.requires_grad)
+    assert training_state_bytes(lora, shape) == (model.num_parameters() - norms) * 2 + adapters * 8
 
 
 def test_auto_checkpointing_on_the_cpu_recomputes_every_layer(tiny_config):
