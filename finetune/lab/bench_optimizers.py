@@ -14,6 +14,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 from transformers import TrainerCallback
+from transformers.trainer_utils import SaveStrategy
 
 from finetune.config import RunConfig, config_from_args
 from finetune.results import environment
@@ -46,6 +47,7 @@ def train_for_losses(config: RunConfig, callbacks: list[TrainerCallback] | None 
     whatever `after(trainer)` adds (e.g. the trained model's accuracy)."""
     reset_peak_memory()
     trainer = build_trainer(config, callbacks=callbacks)
+    trainer.args.save_strategy = SaveStrategy.NO  # else the Trainer writes a checkpoint after the last step
     start = time.perf_counter()
     trainer.train()
     result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
