@@ -148,8 +148,11 @@ def test_two_ranks_train_like_one_process_and_save_a_model_from_pretrained_loads
     # Saved by rank 0 from the gathered shards, loaded with no FSDP: the same model the single process trained.
     torch.testing.assert_close(_logits(sharded), _logits(single), atol=1e-5, rtol=1e-5)
     checkpoint = uninterrupted / "checkpoint-4"
-    assert {"pytorch_model_fsdp.bin", "optimizer.bin"} <= {p.name for p in checkpoint.iterdir()}
-    assert last_checkpoint(uninterrupted) == str(checkpoint)
+    assert {"pytorch_model_fsdp.bin", "optimizer.bin", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"} <= {
+        p.name for p in checkpoint.iterdir()}
+    assert last_checkpoint(uninterrupted, world_size=2) == str(checkpoint)
+    with pytest.raises(RuntimeError, match=r"missing RNG state \(rng_state.pth\).*another number of processes"):
+        last_checkpoint(uninterrupted, world_size=1)
 
 
 @pytest.mark.slow
@@ -176,6 +179,7 @@ def test_run_resumed_from_a_sharded_checkpoint_ends_where_the_uninterrupted_run_
     launch("finetune/train.py", *flags, "--max_steps", "2", accelerate_flags=sharded)
     checkpoint = launch.checkpoints / "resumed" / "checkpoint-2"
     assert {"pytorch_model_fsdp_0", "optimizer_0"} <= {p.name for p in checkpoint.iterdir()}
+    assert last_checkpoint(checkpoint.parent, world_size=2) == str(checkpoint)  # complete: every part is there
     # max_steps 2, then 4: a changed run config, which resuming refuses unless allowed. Under the constant learning
     # rate here it is the same training, stopped early.
     launch("finetune/train.py", *flags, "--max_steps", "4", "--allow_config_change", "true", accelerate_flags=sharded)
