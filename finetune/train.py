@@ -29,7 +29,7 @@ from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer, weights_dtype
 from finetune.plan import GPU, ModelShape, log_plan, plan_training
-from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished
+from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished, whole_run_train_loss
 from finetune.speedups import check_speedups, compile_decoder_layers, convert_to_fp8
 from finetune.throughput import (ThroughputCallback, adapter_parameters, mean_article_tokens, peak_memory_gib,
                                  reset_peak_memory)
@@ -232,7 +232,9 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, spl
                    # What one update sees: packing fits several articles in a row, so it changes this, not only speed.
                    "optimizer_steps": state.global_step,
                    "articles_per_optimizer_step": len(trainer.splits.train) * state.epoch / max(state.global_step, 1),
-                   "metrics": result.metrics, "log_history": state.log_history,
+                   "metrics": {**result.metrics, "train_loss": whole_run_train_loss(
+                       result.metrics["train_loss"], state.log_history, last, state.global_step)},
+                   "log_history": state.log_history,
                    "tensorboard": tensorboard_scalars(config.output_dir)}
         (config.final_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     trainer.accelerator.wait_for_everyone()
