@@ -97,7 +97,7 @@ def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, 
 
     return AdamWBf16SR, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
                          "eps": args.adam_epsilon, "weight_decay": args.weight_decay,
-                         "state_bits": STOCHASTIC_ROUNDING_STATE_BITS[config.optimizer]}
+                         "state_bits": STOCHASTIC_ROUNDING_STATE_BITS[config.optimizer], "rounding_seed": config.seed}
 
 
 class SFTTrainer(trl.SFTTrainer):
