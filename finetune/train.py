@@ -31,7 +31,7 @@ from finetune.model import check_tokenizer_fits, load_model, load_tokenizer, wei
 from finetune.plan import GPU, ModelShape, log_plan, plan_training
 from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished, whole_run_train_loss
 from finetune.speedups import check_speedups, compile_decoder_layers, convert_to_fp8
-from finetune.throughput import (ThroughputCallback, adapter_parameters, mean_article_tokens, peak_memory_gib,
+from finetune.throughput import (ThroughputCallback, adapter_parameters, article_tokens, peak_memory_gib,
                                  reset_peak_memory)
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
         if config.lora_embedding:
             adapter_alone_in_saves(trainer.model)
     # First in line, so the TensorBoard and progress callbacks see the numbers it adds to each log.
-    throughput = ThroughputCallback(model.config, mean_article_tokens(trainer.train_dataset),
+    throughput = ThroughputCallback(model.config, article_tokens(trainer.train_dataset),
                                     adapter_parameters(trainer.model))
     trainer.callback_handler.callbacks.insert(0, throughput)
     if config.gradient_checkpointing and config.checkpointed_layers is not None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.special import softmax
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_prep.splits import make_splits
 from finetune.adapters import is_adapter, with_adapter
@@ -26,7 +26,6 @@ from finetune.merge import merge_adapter
 from finetune.model import load_for_inference, load_model
 from finetune.predict import score_labels
 from finetune.pretrain import pretrained_base
-from finetune.throughput import training_flops_per_token
 from finetune.train import build_trainer, sft_config, train
 from tests.test_train import StopAt, _losses
 
@@ -197,16 +196,6 @@ def test_qlora_without_bitsandbytes_names_the_install(tiny_config, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if it were not installed
     with pytest.raises(ImportError, match=r"needs bitsandbytes: pip install -e '\.\[gpu\]'"):
         build_trainer(dataclasses.replace(tiny_config, method="qlora", data_dir="/nonexistent"))
-
-
-def test_adapter_flops_count_no_weight_gradients_for_the_frozen_model():
-    """Forward (2) and backward to the inputs (2) per frozen parameter, the full 6 per adapter parameter."""
-    config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    matmul_params = 2 * (64 * (64 + 2 * 32) + 64 * 64 + 3 * 64 * 128) + 64 * 1000
-    full, frozen = training_flops_per_token(config, 100.0), training_flops_per_token(config, 100.0, adapter_params=0)
-    assert full - frozen == 2 * matmul_params
-    assert training_flops_per_token(config, 100.0, adapter_params=1000) == frozen + 6000
 
 
 def test_pretrained_base_reads_only_training_texts_and_is_cached(tiny_config):
