@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from finetune.attention import VARLEN, choose_attn_implementation
-from finetune.config import config_from_args, get_config
+from finetune.config import config_from_args
 from finetune.model import load_model, train_bpe_tokenizer
+from finetune.plan import FP8_RECIPE
 from finetune.speedups import (GIB, WORKSPACE_GIB, check_speedups, compile_decoder_layers, convert_to_fp8,
                                decoder_layers, layer_activation_bytes, layers_to_checkpoint)
 from finetune.train import build_trainer
@@ -86,8 +87,7 @@ def test_fp8_converts_the_decoder_linears_only_and_keeps_the_loss(tiny_config, t
                                  optimizer="adamw")
     attn = choose_attn_implementation("auto", packing=True)
     bf16 = _losses_and_grads(load_model(config, tokenizer, attn).cuda(), "cuda")[0]
-    recommended = get_config("qwen2.5-7b-fast").fp8  # tensorwise_pow2_scales, the recipe the fast profile trains with
-    for recipe in ("rowwise", "tensorwise", recommended):
+    for recipe in ("rowwise", "tensorwise", FP8_RECIPE):  # FP8_RECIPE: tensorwise_pow2_scales, the one recommended
         model = load_model(config, tokenizer, attn).cuda()
         convert_to_fp8(model, recipe)
         assert all(isinstance(m, Float8Linear) for layer in decoder_layers(model) for m in layer.modules()
