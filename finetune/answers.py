@@ -1,8 +1,9 @@
 """Reading a generated answer back as a label, two ways.
 
 Strict: the exact trained answer `{"category":"<label>"}`, outer whitespace aside; what a fine-tuned model emits.
-Lenient: the first JSON object anywhere in the text, its "category" key and its label matched in any case; what an instruct
-model answering in its own style (a code fence, spaces, an extra key, a sentence after it) still gets credit for.
+Lenient: the first JSON object anywhere in the text, its "category" key and its label matched in any case; what an
+instruct model answering in its own style (a code fence, spaces, an extra key, a sentence after it) still gets credit
+for.
 Each returns (class index, None), or (-1, the kind of failure).
 """
 
