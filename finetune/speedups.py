@@ -135,6 +135,14 @@ def check_speedups(config: RunConfig) -> None:
     """Fail before any model is built on settings that cannot run."""
     if config.fp8 is not None and config.fp8 not in FP8_RECIPES:
         raise ValueError(f"unknown fp8 recipe {config.fp8!r}; choose from {FP8_RECIPES} or none")
+    if config.fp8 is not None and config.method != "full":
+        why = {"qlora": "its frozen weights are bitsandbytes' 4-bit layers, which torchao's conversion leaves as they "
+                        "are: nothing would run in FP8",
+               "lora": "torchao's FP8 linears compute a gradient for every weight they hold (their backward returns "
+                       "one whatever requires_grad says), so the frozen weights would cost their weight gradients "
+                       "too"}.get(config.method, "FP8 is checked for full fine-tuning only")
+        raise ValueError(f"fp8={config.fp8!r} with method={config.method!r}: {why}. Use --fp8 none with "
+                         f"--method {config.method}, or --method full to train in FP8.")
     n = config.checkpointed_layers
     if not (n is None or n == "auto" or (isinstance(n, int) and n >= 0)):
         raise ValueError(f"checkpointed_layers={n!r}: give a number of layers, 'auto' or none")

@@ -29,9 +29,9 @@ from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer, weights_dtype
 from finetune.plan import GPU, ModelShape, log_plan, plan_training
-from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished
+from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished, whole_run_train_loss
 from finetune.speedups import check_speedups, compile_decoder_layers, convert_to_fp8
-from finetune.throughput import (ThroughputCallback, adapter_parameters, mean_article_tokens, peak_memory_gib,
+from finetune.throughput import (ThroughputCallback, adapter_parameters, article_tokens, peak_memory_gib,
                                  reset_peak_memory)
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, 
 
     return AdamWBf16SR, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
                          "eps": args.adam_epsilon, "weight_decay": args.weight_decay,
-                         "state_bits": STOCHASTIC_ROUNDING_STATE_BITS[config.optimizer]}
+                         "state_bits": STOCHASTIC_ROUNDING_STATE_BITS[config.optimizer], "rounding_seed": config.seed}
 
 
 class SFTTrainer(trl.SFTTrainer):
@@ -170,7 +170,7 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
         if config.lora_embedding:
             adapter_alone_in_saves(trainer.model)
     # First in line, so the TensorBoard and progress callbacks see the numbers it adds to each log.
-    throughput = ThroughputCallback(model.config, mean_article_tokens(trainer.train_dataset),
+    throughput = ThroughputCallback(model.config, article_tokens(trainer.train_dataset),
                                     adapter_parameters(trainer.model))
     trainer.callback_handler.callbacks.insert(0, throughput)
     if config.gradient_checkpointing and config.checkpointed_layers is not None:
@@ -232,7 +232,9 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, spl
                    # What one update sees: packing fits several articles in a row, so it changes this, not only speed.
                    "optimizer_steps": state.global_step,
                    "articles_per_optimizer_step": len(trainer.splits.train) * state.epoch / max(state.global_step, 1),
-                   "metrics": result.metrics, "log_history": state.log_history,
+                   "metrics": {**result.metrics, "train_loss": whole_run_train_loss(
+                       result.metrics["train_loss"], state.log_history, last, state.global_step)},
+                   "log_history": state.log_history,
                    "tensorboard": tensorboard_scalars(config.output_dir)}
         (config.final_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     trainer.accelerator.wait_for_everyone()

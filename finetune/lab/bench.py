@@ -34,9 +34,9 @@ from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
 from finetune.plan import GPU, ModelShape, plan_evaluation
 from finetune.predict import encode_prompts
 from finetune.results import environment
-from finetune.throughput import (HostSyncCounter, StepClock, StepProfiler, adapter_parameters, max_over_ranks,
-                                 mean_article_tokens, peak_flops, peak_memory_gib, reset_peak_memory,
-                                 training_flops_per_token)
+from finetune.throughput import (HostSyncCounter, StepClock, StepProfiler, adapter_parameters, article_tokens,
+                                 lm_head_on_every_token, max_over_ranks, mean_article_tokens, peak_flops,
+                                 peak_memory_gib, reset_peak_memory, training_flops_per_token)
 from finetune.lab.stock_trl import STOCK_TRL, STOCK_TRL_TUNED, stock_trl_trainer
 from finetune.speedups import decoder_layers
 from finetune.train import build_trainer, launched_with_fsdp
@@ -190,7 +190,8 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
     optimizer_seconds = clock.optimizer_seconds[warmup_steps:warmup_steps + measured_steps]
     mean_len = mean_article_tokens(trainer.train_dataset)
     adapter_params = adapter_parameters(trainer.model)
-    flops = training_flops_per_token(trainer.model.config, mean_len, adapter_params)
+    flops = training_flops_per_token(trainer.model.config, article_tokens(trainer.train_dataset), adapter_params,
+                                     lm_head_on_every_token(trainer))
     peak = peak_flops()
     result = {
         "tokens_per_second": tokens_per_second,
@@ -198,6 +199,7 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         "optimizer_step_seconds": sum(optimizer_seconds) / len(optimizer_seconds),
         "tokens_per_step": tokens / measured_steps,  # all GPUs
         "mfu": tokens_per_second * flops / peak if peak else None,
+        "mfu_of": "bf16 peak",  # FP8 rows too: their matmuls are counted as bf16 FLOPs, against the bf16 peak
         "peak_allocated_gib": max_over_ranks(trainer.accelerator, peak_memory_gib()),
         "peak_reserved_gib": max_over_ranks(trainer.accelerator, peak_memory_gib(reserved=True)),
         "mean_article_tokens": mean_len,
