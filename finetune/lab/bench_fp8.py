@@ -35,14 +35,15 @@ FINAL_LOSS_TOLERANCE = 0.02
 
 
 class ReseedRounding(TrainerCallback):
-    """Draws the GPU's random numbers (the optimizer's stochastic rounding) from another seed once the weights are
-    built; the batches' order comes from the CPU generator and is unchanged."""
+    """Another stream of the optimizer's stochastic rounding (its `rounding_seed`) once the weights are built; the
+    weights' initialisation and the batches' order keep the run's seed."""
 
     def __init__(self, seed: int):
         self.seed = seed
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        torch.cuda.manual_seed_all(self.seed)
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        inner.rounding_seed = self.seed
 
 
 def losses(config: RunConfig, fp8: str | None, rounding_seed: int | None = None, evaluate: bool = False) -> dict:
