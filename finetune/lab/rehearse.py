@@ -63,7 +63,7 @@ def _num(value, fmt: str = "{:,.1f}") -> str:
 
 
 def rehearsal_table(results_dir: Path) -> str:
-    """What each step cost, as a markdown table read from a rehearsal's files (its README and the main README)."""
+    """What each step cost, as a markdown table read from a rehearsal's files (its README and docs/hardware.md)."""
     facts = json.loads((results_dir / "rehearsal.json").read_text())
     base = json.loads((results_dir / "base_model_results.json").read_text())
     tuned = json.loads((results_dir / "finetuned_model_results.json").read_text())

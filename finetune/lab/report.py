@@ -13,7 +13,8 @@ from pathlib import Path
 
 from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
-from finetune.lab.targets import benchmark_records, published_comparison, summarize, targets, targets_table, training_rows
+from finetune.lab.targets import (benchmark_records, published_comparison, runs, summarize, targets, targets_table,
+                                  training_rows)
 from finetune.results import (answer_cells, commit_label, hardware_label, load_records, made_before, run_group, run_table,
                               summary_table, write_summary)
 
@@ -173,8 +174,8 @@ def gpu_expectations(results_dir: Path) -> str:
         return f"{statistics.median(v['peak_allocated_gib'] for v in m.figures):.1f}"
 
     lines = ["| on one H200 | reference recipe (`qwen2.5-7b`) | fastest checked configuration |", "|---|---|---|",
-             f"| one epoch of 120,000 articles, projected (min) | {reference.median:.0f} ({reference.runs} runs) "
-             f"| {fastest.median:.0f} ({fastest.runs} runs) |",
+             f"| one epoch of 120,000 articles, projected (min) | {reference.median:.0f} ({runs(reference)}) "
+             f"| {fastest.median:.0f} ({runs(fastest)}) |",
              f"| training peak GPU memory, allocated (GiB) | {peak(reference)} | {peak(fastest)} |"]
     facts_path = results_dir / "rehearsal" / "rehearsal.json"
     if facts_path.exists():

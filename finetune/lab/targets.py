@@ -159,6 +159,11 @@ def _both(rows: list[Row]) -> Measured:
     return Measured(len(both), len(both), len(both), "; ".join(both) or "none", 1, [])
 
 
+def runs(measured: Measured) -> str:
+    """How many runs a figure stands for, in words: `1 run`, `median of 3 runs`."""
+    return "1 run" if measured.runs == 1 else f"median of {measured.runs} runs"
+
+
 def _spread(measured: Measured, fmt: str) -> str:
     if measured.runs == 1:
         return "1 run"
@@ -208,9 +213,9 @@ def published_comparison(results_dir: Path) -> str:
     generation = by_name.get("generation articles/s over 7,600")
     suite_epoch = ("not measured yet: `make PY=python3 gpu-bench-train`" if epoch is None else
                    f"{epoch.median:.0f} min, projected from the real tokens/s of the fastest checked recipe on one "
-                   f"{epoch.key[0]} (median of {epoch.runs} run{'s' * (epoch.runs > 1)})")
-    speeds = [f"{m.median:.0f} articles/s, {what}, on one {m.key[1].split(',')[0]} (median of {m.runs} "
-              f"run{'s' * (m.runs > 1)})" for m, what in ((scoring, "label scoring"), (generation, "generation")) if m]
+                   f"{epoch.key[0]} ({runs(epoch)})")
+    speeds = [f"{m.median:.0f} articles/s, {what}, on one {m.key[1].split(',')[0]} ({runs(m)})"
+              for m, what in ((scoring, "label scoring"), (generation, "generation")) if m]
     return "\n".join([
         "| | published run | this suite |", "|---|---|---|",
         f"| one epoch of 120,000 articles, Qwen2.5-7B | {PUBLISHED_RUN['epoch']} | {suite_epoch} |",
