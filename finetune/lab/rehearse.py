@@ -1,4 +1,4 @@
-"""Rehearse the real run before downloading 15 GB: the four notebooks on the `qwen2.5-7b` profile, with the model
+"""Rehearse the real run before downloading the weights: the four notebooks on the `qwen2.5-7b` profile, with the model
 replaced by a stand-in folder laid out like the hub snapshot (random weights, see `finetune/lab/standin.py`).
 
     python -m finetune.lab.rehearse --shape 7b    # GPU: `make rehearse`; writes results/rehearsal/
