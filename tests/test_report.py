@@ -52,3 +52,16 @@ def test_summary_has_one_row_per_run_under_a_heading_per_group(tmp_path):
     assert [line.split(" | ")[0] for line in demo.splitlines() if line.startswith("| ") and "run |" not in line] == \
         ["| finetuned_model"]
     assert "| lora | scratch | holdout | 4 | 75.00% / " in methods and "finetuned_model" not in methods
+
+
+def test_readme_is_a_front_door_whose_links_lead_somewhere():
+    """README.md stays short (the depth is in docs/), and every page it links to exists."""
+    import re
+
+    from finetune.results import PROJECT_DIR
+
+    readme = (PROJECT_DIR / "README.md").read_text()
+    assert len(readme.encode()) <= 12 * 1024
+    links = re.findall(r"\]\(([^)#]+)", readme)
+    assert "docs/dgx-spark.md" in links and "docs/performance.md" in links
+    assert [link for link in links if not (PROJECT_DIR / link).exists()] == []
