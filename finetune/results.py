@@ -149,9 +149,9 @@ def load_records(results_dir: str | Path) -> list[dict]:
 ANSWER_COLUMNS = (("scored", ("label_scoring", "classifier")), ("generated", ("generation",)),
                   ("lenient", ("generation_lenient",)))
 RUN_TABLE_LEGEND = ("*scored*: the most probable of the four answers (label scoring; a baseline's own prediction); "
-                    "*generated*: the model's own answer, the exact trained JSON; *lenient*: the same answer, its first "
-                    "JSON object, label in any case. *commit*: the code that wrote the file, `(dirty)` with uncommitted "
-                    "changes, `unknown` where the file records none.")
+                    "*generated*: the model's own answer, the exact trained JSON; *lenient*: the same answer, its "
+                    "first JSON object, label in any case. *commit*: the code that wrote the file, `(dirty)` with "
+                    "uncommitted changes, `unknown` where the file records none.")
 EVALUATION_CHANGED_LEGEND = ("*evaluation changed since*: evaluation code committed after the file was written that "
                              "changes what a column measures; a rerun today may differ.")
 
@@ -189,8 +189,9 @@ def run_table(header: list[str], rows: list[tuple[list[str], list[str]]]) -> str
 def summary_table(records: list[dict]) -> str:
     """A markdown table, one row per run: accuracy and macro-F1 of each way of reading its answer, speed, what ran it
     and the commit that made it."""
-    header = ["run", "model", "protocol", "eval articles", *(f"{name}: accuracy / macro-F1" for name, _ in ANSWER_COLUMNS),
-              "failed answers (generated)", "articles/s (scored)", "hardware", "commit", "file"]
+    header = ["run", "model", "protocol", "eval articles",
+              *(f"{name}: accuracy / macro-F1" for name, _ in ANSWER_COLUMNS), "failed answers (generated)",
+              "articles/s (scored)", "hardware", "commit", "file"]
     rows = []
     for r in sorted(records, key=lambda r: r["path"]):
         evs = r["evaluations"]
@@ -205,7 +206,8 @@ def summary_table(records: list[dict]) -> str:
 
 # The groups in results/summary.md, in order, with a heading each; a folder not named here comes after them.
 GROUP_TITLES = {"demo": "`make demo` (the notebooks, tiny profile)", "methods": "Methods (full fine-tuning, LoRA)",
-                "gpu": "GPU runs of the tiny recipe", "fsdp": "FSDP2 runs", "cpu_packing": "Packing at equal articles per update (CPU)"}
+                "gpu": "GPU runs of the tiny recipe", "fsdp": "FSDP2 runs",
+                "cpu_packing": "Packing at equal articles per update (CPU)"}
 
 
 def write_summary(results_dir: str | Path = "results") -> Path:

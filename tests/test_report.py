@@ -13,7 +13,8 @@ def _train_file(path, mfu: float, vs_stock: float, tokens: float) -> None:
     fast = {"overrides": {"compile_layers": True}, "tokens_per_second": tokens, "mfu": mfu, "peak_allocated_gib": 65.0,
             "speed_vs_stock_trl": vs_stock, "projected_epoch_minutes_full_train": 20.0}
     record = {"benchmark": "train", "world_size": 1, "variants": {"compiled": fast},
-              "environment": {"hardware": {"gpu": {"name": "NVIDIA H200"}, "torch_threads": 16}, "git_commit": "abc1234"}}
+              "environment": {"hardware": {"gpu": {"name": "NVIDIA H200"}, "torch_threads": 16},
+                              "git_commit": "abc1234"}}
     path.write_text(json.dumps(record))
 
 

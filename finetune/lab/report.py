@@ -15,8 +15,8 @@ from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
 from finetune.lab.targets import (benchmark_records, published_comparison, runs, summarize, targets, targets_table,
                                   training_rows)
-from finetune.results import (answer_cells, commit_label, hardware_label, load_records, made_before, run_group, run_table,
-                              summary_table, write_summary)
+from finetune.results import (answer_cells, commit_label, hardware_label, load_records, made_before, run_group,
+                              run_table, summary_table, write_summary)
 
 MARKERS = "<!-- {}:start -->", "<!-- {}:end -->"
 

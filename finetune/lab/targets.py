@@ -175,7 +175,8 @@ def targets_table(results_dir: Path) -> str:
     rows = [row for row in targets(results_dir) if row[2] is not None]
     if not rows:
         return "(no GPU benchmark yet: `make PY=python3 gpu-bench-train` and `make PY=python3 gpu-bench-eval`)"
-    lines = ["| target | goal | median over runs | measured by | met | min - max over runs |", "|---|---|---|---|---|---|"]
+    lines = ["| target | goal | median over runs | measured by | met | min - max over runs |",
+             "|---|---|---|---|---|---|"]
     for name, goal, m, fmt, higher_is_better in rows:
         spread = "" if name.startswith("configurations") else _spread(m, fmt)
         if goal is None:
