@@ -1,4 +1,4 @@
-"""Rehearse the real run before downloading 15 GB: the four notebooks on the `qwen2.5-7b` profile, with the model
+"""Rehearse the real run before downloading the weights: the four notebooks on the `qwen2.5-7b` profile, with the model
 replaced by a stand-in folder laid out like the hub snapshot (random weights, see `finetune/lab/standin.py`).
 
     python -m finetune.lab.rehearse --shape 7b    # GPU: `make rehearse`; writes results/rehearsal/
@@ -63,7 +63,7 @@ def _num(value, fmt: str = "{:,.1f}") -> str:
 
 
 def rehearsal_table(results_dir: Path) -> str:
-    """What each step cost, as a markdown table read from a rehearsal's files (its README and the main README)."""
+    """What each step cost, as a markdown table read from a rehearsal's files (its README and docs/hardware.md)."""
     facts = json.loads((results_dir / "rehearsal.json").read_text())
     base = json.loads((results_dir / "base_model_results.json").read_text())
     tuned = json.loads((results_dir / "finetuned_model_results.json").read_text())
