@@ -203,7 +203,7 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         "peak_allocated_gib": max_over_ranks(trainer.accelerator, peak_memory_gib()),
         "peak_reserved_gib": max_over_ranks(trainer.accelerator, peak_memory_gib(reserved=True)),
         "mean_article_tokens": mean_len,
-        **article_statistics(trainer.train_dataset),
+        **dataclasses.asdict(article_tokens(trainer.train_dataset)),  # what the FLOPs count above read
         "adapter_parameters": adapter_params,  # None: every weight trains
         "projected_epoch_minutes_full_train": FULL_TRAIN_ARTICLES * mean_len / (tokens_per_second * world_size) / 60,
         "final_loss": next(h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h),
@@ -220,20 +220,6 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
     del trainer
     gc.collect()
     return result
-
-
-def article_statistics(train_dataset) -> dict:
-    """What an MFU count of the FLOPs really computed needs beside the mean length: the tokens that carry loss (the
-    LM head's logits are computed for those alone under the suite's chunked loss) and the token-weighted length
-    (causal attention's cost grows with each article's square)."""
-    lengths = ([n for row in train_dataset["seq_lengths"] for n in row] if "seq_lengths" in train_dataset.column_names
-               else [len(ids) for ids in train_dataset["input_ids"]])
-    if "labels" in train_dataset.column_names:
-        loss_tokens = sum(sum(label != -100 for label in row) for row in train_dataset["labels"])
-    else:  # stock TRL's own preparation marks the completion instead
-        loss_tokens = sum(map(sum, train_dataset["completion_mask"]))
-    return {"loss_tokens_per_article": loss_tokens / len(lengths),
-            "token_weighted_article_tokens": sum(n * n for n in lengths) / sum(lengths)}
 
 
 def reference_start(config: RunConfig) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
+from finetune.lab.spark import spark_section
 from finetune.lab.targets import (benchmark_records, published_comparison, runs, summarize, targets, targets_table,
                                   training_rows)
 from finetune.results import (answer_cells, commit_label, hardware_label, load_records, made_before, run_group,
@@ -160,20 +161,24 @@ def rehearsal_section(results_dir: Path) -> str:
             f"command):\n\n{rehearsal_table(folder)}")
 
 
+RECIPE_ROW = "the qwen2.5-7b recipe, planned for this GPU"  # finetune/lab/bench.py's row of the default recipe
+
+
 def gpu_expectations(results_dir: Path) -> str:
-    """What the real run costs on one H200: the epoch and training memory of the reference recipe and of the fastest
-    checked configuration (medians over the benchmark runs), and the rehearsal's disk and evaluation memory."""
-    reference = summarize([row for row, device in training_rows(results_dir)
-                           if "H200" in device and not row[3]["overrides"]], "projected_epoch_minutes_full_train")
-    fastest = {name: m for name, _, m, _, _ in targets(results_dir)}.get("one epoch of 120K articles (min, lower is "
-                                                                           "better)")
+    """What the real run costs on one H200: the epoch and training memory of the bf16 reference and of the
+    `qwen2.5-7b` recipe as planned for the card (medians over the benchmark runs), and the rehearsal's disk and
+    evaluation memory."""
+    rows = [(row, device) for row, device in training_rows(results_dir) if "H200" in device]
+    reference = summarize([row for row, _ in rows if not row[3]["overrides"]], "projected_epoch_minutes_full_train")
+    fastest = summarize([row for row, _ in rows if row[1] == RECIPE_ROW], "projected_epoch_minutes_full_train")
     if reference is None or fastest is None:
-        return "(no H200 benchmark yet: `make PY=python3 gpu-bench-train`)"
+        return "(no H200 benchmark yet: `make PY=python3 gpu-bench-train-recipe`)"
 
     def peak(m) -> str:
         return f"{statistics.median(v['peak_allocated_gib'] for v in m.figures):.1f}"
 
-    lines = ["| on one H200 | reference recipe (`qwen2.5-7b`) | fastest checked configuration |", "|---|---|---|",
+    lines = ["| on one H200 | bf16 reference (`qwen2.5-7b-reference`) | the `qwen2.5-7b` recipe as planned |",
+             "|---|---|---|",
              f"| one epoch of 120,000 articles, projected (min) | {reference.median:.0f} ({runs(reference)}) "
              f"| {fastest.median:.0f} ({runs(fastest)}) |",
              f"| training peak GPU memory, allocated (GiB) | {peak(reference)} | {peak(fastest)} |"]
@@ -217,6 +222,7 @@ def sections(results_dir: Path) -> dict[str, str]:
     return {"published-comparison": published_comparison(results_dir),
             "demo-results": group_table(results_dir, "demo"),
             "gpu-expectations": gpu_expectations(results_dir),
+            "dgx-spark-projection": spark_section(results_dir),
             "fsdp-runs": group_table(results_dir, "fsdp"),
             "bench-train": training_benchmark_table(results_dir),
             "bench-eval": eval_benchmark_table(results_dir),
