@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
 .PHONY: demo demo-results test test-all lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train gpu-bench-eval-trained \
-	gpu-bench-train-liger gpu-bench-train-fastest gpu-fp8 gpu-methods tiny-methods tiny-lora-carve rehearse gpu-fsdp gpu-bench-fsdp
+	gpu-bench-train-liger gpu-bench-train-recipe gpu-fp8-7b gpu-fp8 gpu-methods tiny-methods tiny-lora-carve rehearse gpu-fsdp gpu-bench-fsdp
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -88,10 +88,11 @@ gpu-bench:  ## the 7B shape: training ablations (with a profiled step each) and 
 # Plain-HF anchors first (no Liger), then Liger applied and the suite's modes (tree and packed label scoring,
 # generation), each warmed up and timed twice over the 7,600 articles: about 5 minutes on one H200.
 EVAL_NAME ?= h200_7b_eval_anchored
+EVAL_FLAGS ?=
 gpu-bench-eval: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench-eval:  ## the 7B shape: every evaluation mode beside plain-HF label scoring and generate, same process
-	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --name $(EVAL_NAME) --eval_batch_size 256 \
-	  --generation_batch_size 512 --use_liger_kernel true --repeats 2
+	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --name $(EVAL_NAME) --eval_batch_size 512 \
+	  --generation_batch_size 512 --use_liger_kernel true --repeats 2 $(EVAL_FLAGS)
 
 # Generation's speed depends on what the model answers: random weights never answer as trained, so every article
 # decodes. Sixteen steps under FSDP2 (one process; the save gathers the shards) teach the 7B shape the answer format
@@ -128,12 +129,21 @@ gpu-bench-train-liger: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench-train-liger:  ## stock TRL, reference, FP8 tensorwise, then Liger: 16 of 28 (the last best), compiled, + FP8
 	$(BENCH_TRAIN) --name $(BENCH_NAME)_liger --variants $(BENCH_LIGER_VARIANTS)
 
-# The fastest row whose FP8 holds bf16's loss (~3 min): compiled + FP8 tensorwise at power-of-2 scales + 8-bit moments
-# (the fused update), 2 micro-batches of 16, every layer kept.
-gpu-bench-train-fastest: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
-gpu-bench-train-fastest:  ## stock TRL, reference, the fastest checked row
+# The qwen2.5-7b recipe as a user runs it (~6 min on one H200): stock TRL as documented, the bf16 reference, the recipe
+# planned for this GPU, the recipe with FP8, LoRA and QLoRA on the recipe, then stock TRL tuned (Liger, FlashAttention-2
+# where installed, without and with checkpointing), every stock row at the recipe's batch; ratios within the file.
+gpu-bench-train-recipe: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
+gpu-bench-train-recipe:  ## stock TRL (documented and tuned), reference, the qwen2.5-7b recipe, + FP8, LoRA, QLoRA
 	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --warmup_steps 2 --measured_steps 4 \
-	  --stock_trl_steps 2,8 --name $(BENCH_NAME)_fastest --variants 36
+	  --stock_trl_steps 2,4 --name $(BENCH_NAME)_recipe --variants 37,38,39,40
+
+# Does the FP8 recipe learn what bf16 learns at the 7B shape (~5 min on one H200)? 200 steps of the recipe at 8 rows a
+# step, bf16 and a second bf16 rounding draw (the noise floor) beside FP8, each model scored on the held-out articles;
+# its verdict is what finetune/plan.py's FP8_CHECKED_AT_7B must say.
+gpu-fp8-7b: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
+gpu-fp8-7b:  ## FP8 against bf16 on the 7B shape: losses, noise floor, held-out accuracy (results/gpu/fp8/fp8_7b.*)
+	$(PY) -m finetune.lab.bench_fp8 --profile qwen2.5-7b-shape --recipes tensorwise_pow2_scales --max_steps 200 \
+	  --per_device_train_batch_size 8 --gradient_accumulation_steps 1 --evaluate --name fp8_7b --results_dir $(GPU_OUT)
 
 # Compiled and FP8 layers against eager bf16 (the GPU tests), every FP8 recipe against bf16 losses on the 1024-wide
 # 8-layer shape (results/gpu/fp8/; FP8_RECIPES=a,b for fewer), and the tiny recipe trained with each recipe that held
@@ -176,8 +186,14 @@ tiny-lora-carve: check-data $(INSTALLED)  ## CPU, ~40 min: LoRA settings scored 
 	$(BIN)/python -m finetune.lab.answer_loss --profile tiny --runs full lora embedding
 
 rehearse: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
-rehearse:  ## GPU: the four notebooks, qwen2.5-7b recipe, 40 steps, on a 15 GB stand-in of the hub snapshot (results/rehearsal/)
+# The benchmark's recipe rows and the eval benchmark on the rehearsal's trained stand-in follow on the same machine, and
+# the rehearsal's README puts the notebook path beside them (~15 min on one H200: more than one 10-minute command).
+rehearse:  ## GPU: the four notebooks, qwen2.5-7b recipe, 20 steps, on a stand-in of the hub snapshot (results/rehearsal/)
 	$(PY) -m finetune.lab.rehearse --shape 7b
+	$(MAKE) PY=$(PY) gpu-bench-train-recipe
+	$(MAKE) PY=$(PY) gpu-bench-eval EVAL_NAME=h200_7b_eval_recipe EVAL_FLAGS="--model checkpoints/rehearsal-7b/final"
+	$(PY) -m finetune.lab.rehearse --shape 7b --same_run results/benchmarks/$(BENCH_NAME)_recipe.json \
+	  results/benchmarks/h200_7b_eval_recipe.json
 
 # --- FSDP2 on several GPUs (configs/accelerate/fsdp2.yaml). NCCL's NVLink multicast stays off: the lent machines
 # require it, and the script sets it too. ---

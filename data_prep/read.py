@@ -81,9 +81,7 @@ def read_csv_split(path: Path, skip_bad_rows: bool = False) -> tuple[pd.DataFram
             except StopIteration:
                 break
             except UnicodeDecodeError as e:
-                # Decoding runs ahead of the csv reader, so the row number is the reader's, not exact bytes.
-                raise DataError(f"{path}: undecodable bytes near line {reader.line_num + 1} (expected UTF-8): "
-                                f"{e}") from e
+                raise DataError(f"{path}:{_undecodable_line(path)}: undecodable bytes (expected UTF-8): {e}") from e
             except csv.Error as e:
                 fields, problem = [], f"malformed quoting ({e})"
             line = reader.line_num
@@ -102,6 +100,18 @@ def _open_text(path: Path) -> io.TextIOBase:
     # utf-8-sig: spreadsheet programs save CSVs with a byte-order mark, which would otherwise stick to the class.
     raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
     return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict", newline="")
+
+
+def _undecodable_line(path: Path) -> int:
+    """The line of the first byte that is not UTF-8. Decoding runs a chunk ahead of the csv reader, so the reader's
+    line number is that of the last row it finished, not of the bad bytes: they are found in the raw bytes instead."""
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        raw = f.read()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return raw.count(b"\n", 0, e.start) + 1
+    return 1  # not reached: the reader failed on these bytes
 
 
 def _check_csv_row(fields: list[str]) -> str | None:

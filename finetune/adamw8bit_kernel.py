@@ -100,9 +100,9 @@ def _to_bf16_stochastically(x, seed, offsets):
     return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: specialising on its value would recompile
 def _adamw8bit_kernel(param_ptr, grad_ptr, m_codes_ptr, m_scale_ptr, m_qmap_ptr, m_thresholds_ptr, v_codes_ptr,
-                      v_scale_ptr, v_qmap_ptr, v_thresholds_ptr, seed_ptr, n_blocks, lr, lr_times_weight_decay,
+                      v_scale_ptr, v_qmap_ptr, v_thresholds_ptr, seed, n_blocks, lr, lr_times_weight_decay,
                       one_minus_beta1, one_minus_beta2, eps, bias_correction1, sqrt_bias_correction2,
                       BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
     """`single_param_adam` for one weight, its operations in torchao's order (scalars arrive as float32 torch made)."""
@@ -124,7 +124,7 @@ def _adamw8bit_kernel(param_ptr, grad_ptr, m_codes_ptr, m_scale_ptr, m_qmap_ptr,
     # division and square root rounded as torch rounds them (Triton's `/` and tl.sqrt are approximations on GPUs)
     denom = tl.math.div_rn(tl.math.sqrt_rn(exp_avg_sq), sqrt_bias_correction2) + eps
     weight = weight - tl.math.div_rn(lr * tl.math.div_rn(exp_avg, bias_correction1), denom)
-    weight = _to_bf16_stochastically(weight, tl.load(seed_ptr), offsets)
+    weight = _to_bf16_stochastically(weight, seed, offsets)
     tl.store(param_ptr + offsets, weight, mask=in_bounds[:, None])
 
 
@@ -136,14 +136,14 @@ def _float32_scalars(lr: float, weight_decay: float, beta1: float, beta2: float,
 
 
 def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: OptimState8bit, exp_avg_sq: OptimState8bit, *,
-                   step: float, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float) -> None:
+                   step: float, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
+                   seed: int) -> None:
     """`single_param_adam(param, grad, step, exp_avg, exp_avg_sq, None, lr, beta1, beta2, weight_decay, eps,
     IS_ADAMW=True, BF16_STOCHASTIC_ROUND=True)` in place, for a contiguous bf16 `param`. step and lr are host numbers
-    (torchao keeps both as CPU tensors), so nothing waits on the GPU; the rounding seed is drawn from torch's generator
-    on param's device, so `torch.cuda.manual_seed` decides the rounding as it does torchao's."""
+    (torchao keeps both as CPU tensors), so nothing waits on the GPU; the rounding's random bits come from `seed`
+    (31 bits; finetune.optim.rounding_seed), not from torch's generator."""
     lr_times_weight_decay, bias_correction1, sqrt_bias_correction2 = _float32_scalars(lr, weight_decay, beta1, beta2,
                                                                                       step)
-    seed = torch.randint(2**31 - 1, (1,), device=param.device)
     n_blocks = exp_avg.scale.numel()
     _adamw8bit_kernel[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](
         param, grad.contiguous(), exp_avg.codes, exp_avg.scale, exp_avg.qmap,

@@ -1,8 +1,9 @@
 """Reading a generated answer back as a label, two ways.
 
 Strict: the exact trained answer `{"category":"<label>"}`, outer whitespace aside; what a fine-tuned model emits.
-Lenient: the first JSON object anywhere in the text, its "category" matched to a label in any case; what an instruct
-model answering in its own style (a code fence, spaces, an extra key, a sentence after it) still gets credit for.
+Lenient: the first JSON object anywhere in the text, its "category" key and its label matched in any case; what an
+instruct model answering in its own style (a code fence, spaces, an extra key, a sentence after it) still gets credit
+for.
 Each returns (class index, None), or (-1, the kind of failure).
 """
 
@@ -19,9 +20,10 @@ def parse_lenient(text: str) -> tuple[int, str | None]:
     if found is None:
         return -1, "no_json"
     answer = found[0]
-    if "category" not in answer:
+    key = _category_key(answer)
+    if key is None:
         return -1, "no_category"
-    category = answer["category"]
+    category = answer[key]
     lowered = [label.lower() for label in LABELS]
     if not isinstance(category, str) or category.lower() not in lowered:
         return -1, "unknown_label"
@@ -42,11 +44,18 @@ def parse_strict(text: str) -> tuple[int, str | None]:
         return -1, "code_fence"
     if text[:start].strip() or text[end:].strip():
         return -1, "extra_text"
-    if set(answer) != {"category"}:
+    if len(answer) > 1:
         return -1, "extra_keys"
-    if answer["category"] != LABELS[label]:
+    if answer.get("category") != LABELS[label]:  # the key's case or the label's
         return -1, "case"
     return -1, "spacing"
+
+
+def _category_key(answer: dict) -> str | None:
+    """"category" itself, else the first key that is "category" in another case ("Category", "CATEGORY")."""
+    if "category" in answer:
+        return "category"
+    return next((key for key in answer if key.lower() == "category"), None)
 
 
 def _first_object(text: str) -> tuple[dict, int, int] | None:

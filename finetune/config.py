@@ -1,125 +1,128 @@
 """One dataclass per run, with named profiles. Notebook parameters and CLI flags override its fields.
 
-The defaults are the reference experiment (Qwen2.5-7B-Instruct, full fine-tuning); the `tiny` profile changes only
-what a laptop CPU needs changed.
+The defaults are the real experiment (Qwen2.5-7B-Instruct, full fine-tuning), with its speed-ups chosen from the
+hardware at start (`finetune/plan.py`, fields set to "auto"); the other profiles change only what they need changed.
+Each field's help text is its documentation: `python -m finetune.train --help` prints it, grouped.
 """
 
 import argparse
 import dataclasses
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+GROUPS = ("data", "model", "training", "speed", "evaluation", "output")
+
+
+def option(default, group: str, help: str, **kwargs):
+    """A config field with its --help line and the group it is listed under."""
+    assert group in GROUPS, group
+    return field(default=default, metadata={"group": group, "help": help}, **kwargs)
 
 
 @dataclass
 class RunConfig:
-    profile: str = "qwen2.5-7b"
-    run_name: str = "qwen7b-ag-news-full"
+    profile: str = option("qwen2.5-7b", "model", "named set of defaults (PROFILES); flags override its fields")
+    run_name: str = option("qwen7b-ag-news-full", "output", "folder under checkpoints_dir for this run's checkpoints "
+                           "and final model")
 
-    # Model: a hub id or local folder, or "scratch" for a Qwen2-architecture model built from the shape below.
-    model: str = "Qwen/Qwen2.5-7B-Instruct"
-    # Tokenizer: None = the model's own; "bpe" = byte-level BPE trained on the training texts (cached under
-    # checkpoints/); "qwen2.5" = Qwen2.5's exact tokenizer rebuilt offline; or a hub id / local folder.
-    tokenizer: str | None = None
-    # "bpe" trains this many tokens; a scratch model has max(len(tokenizer), vocab_size) rows, so the Qwen2.5 shape
-    # keeps its padded 152,064 (the tokenizer has 151,665).
-    vocab_size: int = 4096
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
-    tie_word_embeddings: bool = True
+    # Model.
+    model: str = option("Qwen/Qwen2.5-7B-Instruct", "model", "hub id or local folder, or 'scratch' for a "
+                        "Qwen2-architecture model built from the shape fields below")
+    tokenizer: str | None = option(None, "model", "none = the model's own; 'bpe' = byte-level BPE trained on the "
+                                   "training texts (scratch models only); 'qwen2.5' = Qwen2.5's tokenizer rebuilt "
+                                   "offline; or a hub id / local folder")
+    vocab_size: int = option(4096, "model", "'bpe' trains this many tokens; a scratch model has max(len(tokenizer), "
+                             "vocab_size) embedding rows (the Qwen2.5 shape keeps its padded 152,064)")
+    hidden_size: int = option(128, "model", "scratch model: width")
+    num_layers: int = option(2, "model", "scratch model: decoder layers")
+    num_heads: int = option(4, "model", "scratch model: attention heads")
+    num_kv_heads: int = option(2, "model", "scratch model: key/value heads (grouped-query attention)")
+    intermediate_size: int = option(384, "model", "scratch model: SwiGLU width")
+    tie_word_embeddings: bool = option(True, "model", "scratch model: the LM head shares the embedding's weights")
+    method: str = option("full", "model", "which weights train: 'full' every weight; 'lora' low-rank adapters beside "
+                         "the frozen weights (peft); 'qlora' the same over 4-bit NF4 frozen weights (GPU, "
+                         "bitsandbytes). Adapters are saved alone (finetune.merge merges them)")
+    lora_rank: int = option(16, "model", "LoRA/QLoRA: adapter rank")
+    lora_alpha: int = option(32, "model", "LoRA/QLoRA: the adapter's update is scaled by alpha / rank")
+    lora_dropout: float = option(0.05, "model", "LoRA/QLoRA: dropout on each adapter's input")
+    # 2e-4 is the QLoRA paper's rate for its 7B and 13B models (Dettmers et al., 2023, appendix), ten times the full
+    # recipe's: adapters start at zero and move only a low-rank slice of each weight.
+    lora_learning_rate: float = option(2e-4, "model", "LoRA/QLoRA learning rate (full fine-tuning uses "
+                                       "learning_rate)")
+    lora_target_modules: str = option("all-linear", "model", "LoRA/QLoRA: 'all-linear' (every decoder projection, "
+                                      "not the LM head) or comma-separated module names, e.g. q_proj,v_proj")
+    lora_modules_to_save: str | None = option(None, "model", "LoRA/QLoRA: modules trained whole and saved with the "
+                                              "adapters, comma-separated ('norm' = every RMSNorm); none = adapters "
+                                              "alone")
+    # The LM head stays frozen: TRL's fused loss reads its weight directly. A head tied to the embedding is untied when
+    # the adapter is merged, so the merged model is the one trained.
+    lora_embedding: bool = option(False, "model", "LoRA/QLoRA: an adapter on the input embedding too")
 
-    # Data: data_dir, else $AG_NEWS_DIR, else the hub. Protocol "auto" picks "standard" when a train split exists.
-    data_dir: str | None = None
-    protocol: str = "auto"
-    holdout_train_size: int = 6000
-    # Seed of the holdout carve and the sample limits, apart from `seed` (initialisation, data order), so that a seed
-    # sweep evaluates every run on the same articles.
-    split_seed: int = 42
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    skip_bad_rows: bool = False
+    # Data.
+    data_dir: str | None = option(None, "data", "AG News folder (train.csv/test.csv, or test only); none = "
+                                  "$AG_NEWS_DIR, else the hub")
+    protocol: str = option("auto", "data", "'standard' (train on train, evaluate on test), 'holdout' (a stratified "
+                           "carve of one split) or 'auto' (standard when a train split exists)")
+    holdout_train_size: int = option(6000, "data", "holdout protocol: articles carved out to train on")
+    # Apart from `seed` (initialisation, data order), so that a seed sweep evaluates every run on the same articles.
+    split_seed: int = option(42, "data", "seed of the holdout carve and the sample limits")
+    max_train_samples: int | None = option(None, "data", "train on at most this many articles (none = all)")
+    max_eval_samples: int | None = option(None, "data", "evaluate on at most this many articles (none = all)")
+    skip_bad_rows: bool = option(False, "data", "skip malformed CSV rows (each named) instead of stopping at the first")
 
-    # Training (the reference recipe).
-    learning_rate: float = 2e-5
-    num_train_epochs: float = 1.0
-    max_steps: int = -1  # > 0 stops after this many optimizer steps (benchmarks, quick checks)
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 4
-    max_length: int = 512
-    warmup_steps: float = 0  # a float below 1 is a fraction of all training steps
-    lr_scheduler_type: str = "linear"
-    weight_decay: float = 0.0
-    gradient_checkpointing: bool = True
-    # Selective checkpointing: only the first N decoder layers recompute their activations in the backward pass; the
-    # rest keep them (faster, more memory). None = every layer. "auto" = the fewest that fit the GPU's memory, capped
-    # at max_memory_gib (finetune/speedups.py explains the estimate).
-    checkpointed_layers: int | str | None = None
-    # The memory "auto" may plan for, in GiB; None = all the GPU has. 70 keeps a setting chosen on a 141 GB H200
-    # within an 80 GB card.
-    max_memory_gib: float | None = None
-    # torch.compile each decoder layer (regional compilation: one graph shared by every layer, compiled in seconds
-    # rather than the whole model's minutes); the varlen attention compiles into the graph.
-    compile_layers: bool = False
-    # FP8 matmuls in the decoder layers' linear layers through torchao's float8 training: "rowwise" or "tensorwise"
-    # scaling, None = bf16. Needs an FP8 GPU (H100, H200, L40S); best with compile_layers (it fuses the casts).
-    fp8: str | None = None
-    # Liger's fused RMSNorm, SwiGLU and RoPE kernels, in training (with its fused loss) and evaluation (GPU, needs
-    # liger-kernel)
-    use_liger_kernel: bool = False
-    bf16: bool = True
-    packing: bool = True
-    attn_implementation: str = "auto"  # "auto": flash_attention_2 if installed, else exact varlen (see attention.py)
-    # How the weights are updated (see README, "bf16 that really updates"):
-    #   "adamw": AdamW in the weights' own dtype. With bf16 weights this is the reference, and at lr 2e-5 most
-    #            updates round away (bf16 keeps 8 significant bits).
-    #   "adamw_bf16_sr": bf16 weights updated with stochastic rounding (torchao): unbiased, no extra memory.
-    #   "adamw8bit_bf16_sr": the same with its two moments in 8 bits (torchao's AdamW8bit): 6 bytes a parameter
-    #            instead of 8, room for activations that would otherwise be recomputed.
-    #   "adamw_fp32_master": fp32 weights and states under bf16 autocast: exact, 16 bytes a parameter.
-    optimizer: str = "adamw_bf16_sr"
-    # Which weights train (finetune/adapters.py): "full" every weight; "lora" low-rank adapters (peft) beside the
-    # frozen weights; "qlora" the same over a 4-bit NF4 copy of the frozen weights (bitsandbytes, GPU only). Data,
-    # loss, optimizer, resume and evaluation are the same for all three; adapters are saved alone, a few MB.
-    method: str = "full"
-    lora_rank: int = 16
-    lora_alpha: int = 32  # the adapter's update is scaled by alpha / rank
-    lora_dropout: float = 0.05
-    # The learning rate of lora and qlora runs (full fine-tuning uses learning_rate): adapters start at zero and move
-    # only a low-rank slice of each weight, so they take larger steps. 2e-4 is the QLoRA paper's rate for its 7B and
-    # 13B models (Dettmers et al., 2023, appendix), ten times the full recipe's 2e-5; not measured on AG News here.
-    lora_learning_rate: float = 2e-4
-    # peft's "all-linear" is every linear projection of the decoder layers (not the LM head); or comma-separated module
-    # names, e.g. "q_proj,v_proj".
-    lora_target_modules: str = "all-linear"
-    # Modules trained whole beside the adapters and saved with them (peft's modules_to_save), comma-separated; "norm"
-    # is every RMSNorm. None = the adapters alone.
-    lora_modules_to_save: str | None = None
-    # A LoRA adapter on the input embedding too (peft's nn.Embedding adapter beside lora_target_modules): a low-rank
-    # update of every token's input vector, vocab x rank + rank x hidden weights (2.5M on Qwen2.5-7B at rank 16). The
-    # LM head stays frozen: TRL's fused loss reads its weight directly. A head tied to the embedding is untied when the
-    # adapter is merged, so the merged model is the one trained.
-    lora_embedding: bool = False
-    seed: int = 42
-    logging_steps: int = 10
-    save_steps: int = 200
-    save_total_limit: int = 2
-    dataloader_num_workers: int = 4
-    # A resumed run must have the config its checkpoint was trained with, apart from the fields that do not change the
-    # training (finetune.train.RESUME_FREE_FIELDS); True resumes anyway, with a warning naming what changed.
-    allow_config_change: bool = False
+    # Training.
+    learning_rate: float = option(2e-5, "training", "full fine-tuning's peak learning rate")
+    num_train_epochs: float = option(1.0, "training", "passes over the training articles")
+    max_steps: int = option(-1, "training", "> 0 stops after this many optimizer steps (benchmarks, quick checks)")
+    # 16 x 2 rows of 512 packed tokens: the reference's 32 rows a step (8 x 4) in half the kernel launches a token.
+    per_device_train_batch_size: int = option(16, "training", "packed rows per micro-batch and GPU")
+    gradient_accumulation_steps: int = option(2, "training", "micro-batches per optimizer step")
+    max_length: int = option(512, "training", "tokens per packed row (and the longest prompt + answer)")
+    warmup_steps: float = option(0, "training", "learning-rate warm-up: steps, or a fraction of all steps below 1")
+    lr_scheduler_type: str = option("linear", "training", "transformers' scheduler name")
+    weight_decay: float = option(0.0, "training", "AdamW weight decay")
+    bf16: bool = option(True, "training", "bf16 weights (or bf16 autocast over fp32 master weights)")
+    packing: bool = option(True, "training", "whole articles share a row (best fit), kept apart by the attention")
+    optimizer: str = option("auto", "training", "'adamw' (in the weights' dtype: with bf16 weights most updates at lr "
+                            "2e-5 round away), 'adamw_bf16_sr' (bf16 weights, stochastic rounding), "
+                            "'adamw8bit_bf16_sr' (the same with 8-bit moments: 6 bytes a parameter instead of 8), "
+                            "'adamw_fp32_master' (fp32 weights and states, bf16 autocast), or 'auto'")
+    seed: int = option(42, "training", "initialisation and data order")
+    logging_steps: int = option(10, "training", "log loss, tokens/s and MFU every this many optimizer steps")
+    save_steps: int = option(200, "training", "write a checkpoint every this many optimizer steps")
+    save_total_limit: int = option(2, "training", "checkpoints kept (the oldest are deleted)")
+    dataloader_num_workers: int = option(4, "training", "data-loader processes")
+    allow_config_change: bool = option(False, "training", "resume even if the checkpoint was trained with another "
+                                       "config (fields that do not change training never block a resume)")
+
+    # Speed: "auto" is chosen from the hardware at start and logged with its reason (finetune/plan.py).
+    gradient_checkpointing: bool = option(True, "speed", "recompute activations in the backward pass (see "
+                                          "checkpointed_layers)")
+    checkpointed_layers: int | str | None = option("auto", "speed", "how many decoder layers recompute (the first "
+                                                   "N): a number, none (every layer) or 'auto' (the fewest the "
+                                                   "GPU's memory allows)")
+    max_memory_gib: float | None = option(None, "speed", "cap for the memory 'auto' plans with, in GiB (e.g. 70 to "
+                                          "plan on a 141 GB card what fits an 80 GB one); none = what is free")
+    compile_layers: bool | str = option("auto", "speed", "torch.compile each decoder layer (one graph for all): "
+                                        "true, false or 'auto' (on with a CUDA GPU and Triton)")
+    fp8: str | None = option("auto", "speed", "FP8 matmuls in the decoder layers (torchao): a recipe name such as "
+                             "'tensorwise_pow2_scales', none, or 'auto' (on GPUs with FP8 tensor cores once the "
+                             "recipe's learning is checked at the 7B shape)")
+    use_liger_kernel: bool | str = option("auto", "speed", "Liger's fused kernels: true, false or 'auto' (training: "
+                                          "off when layers are compiled; evaluation: on with a GPU and liger-kernel)")
+    attn_implementation: str = option("auto", "speed", "'auto': FlashAttention-2 if installed, else the exact varlen "
+                                      "kernel (finetune/attention.py)")
 
     # Evaluation.
-    eval_batch_size: int = 64
-    # Generation's token budget. None = the longest trained answer in the tokenizer's tokens plus room for an instruct
-    # model's own style, e.g. a code fence (finetune.predict.default_max_new_tokens: 16 for Qwen2.5).
-    max_new_tokens: int | None = None
+    eval_batch_size: int | str = option("auto", "evaluation", "articles per batch, or 'auto' (from the GPU's free "
+                                        "memory, at most 512)")
+    max_new_tokens: int | None = option(None, "evaluation", "generation's token budget; none = the longest trained "
+                                        "answer plus room for an instruct model's own style (16 for Qwen2.5)")
 
-    # Where things go.
-    checkpoints_dir: str = "checkpoints"
-    results_dir: str = "results"
+    # Output.
+    checkpoints_dir: str = option("checkpoints", "output", "where runs keep checkpoints and final models")
+    results_dir: str = option("results", "output", "where results JSON files and PNGs go")
 
     @property
     def output_dir(self) -> Path:
@@ -133,17 +136,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# The speed settings of the bf16 reference: every layer recomputed, plain eager layers, no FP8, 16-bit moments.
+REFERENCE_SPEED = dict(compile_layers=False, fp8=None, optimizer="adamw_bf16_sr", per_device_train_batch_size=8,
+                       gradient_accumulation_steps=4, checkpointed_layers=None, use_liger_kernel=False)
+
 PROFILES: dict[str, dict] = {
     "qwen2.5-7b": {},
-    # The same recipe with the fastest settings that learn what it learns (benchmark row 36: 69.9% MFU, 3.14x stock TRL
-    # on one H200, results/benchmarks/README.md): compiled layers, FP8 at power-of-2 scales (within 2% of bf16's loss,
-    # results/gpu/fp8/), 8-bit AdamW moments, the same 32 rows a step as 2 micro-batches of 16, and as few recomputed
-    # layers as the card holds (none on a 141 GB H200: 67.7 GiB). Needs an FP8 GPU (H100, H200, L40S).
-    "qwen2.5-7b-fast": dict(
-        run_name="qwen7b-ag-news-fast", compile_layers=True, fp8="tensorwise_pow2_scales",
-        optimizer="adamw8bit_bf16_sr", per_device_train_batch_size=16, gradient_accumulation_steps=2,
-        checkpointed_layers="auto",
-    ),
+    # The same recipe without any speed-up: the yardstick the speed-ups are measured against.
+    "qwen2.5-7b-reference": dict(run_name="qwen7b-ag-news-reference", **REFERENCE_SPEED, eval_batch_size=64),
     # The exact Qwen2.5-7B-Instruct shape with random weights and the real tokenizer rebuilt offline: for GPU
     # throughput and memory benchmarks where the weights cannot be downloaded.
     "qwen2.5-7b-shape": dict(
@@ -157,6 +157,7 @@ PROFILES: dict[str, dict] = {
         intermediate_size=512, num_layers=2, num_heads=6, num_kv_heads=2, learning_rate=1e-3, num_train_epochs=4.0,
         per_device_train_batch_size=16, gradient_accumulation_steps=1, max_length=256, warmup_steps=0.05,
         lr_scheduler_type="cosine", weight_decay=0.1, gradient_checkpointing=False, bf16=False, optimizer="adamw",
+        compile_layers=False, fp8=None, use_liger_kernel=False, checkpointed_layers=None,
         logging_steps=20, save_steps=250, dataloader_num_workers=0, eval_batch_size=128,
         # The holdout carve's sizes, so that without $AG_NEWS_DIR the hub's 120,000 training articles do not turn
         # minutes into an hour. Results notes say when a cap bites; `max_train_samples=None` (an override, or
@@ -183,12 +184,18 @@ def get_config(profile: str = "tiny", **overrides) -> RunConfig:
 
 
 def overrides_from_args(argv: list[str] | None = None, description: str = "") -> tuple[str, dict]:
-    """`--profile tiny --learning_rate 1e-3 ...`: the profile and the fields given, each typed as the field is."""
+    """`--profile tiny --learning_rate 1e-3 ...`: the profile and the fields given, each typed as the field is. Without
+    --profile, the real experiment's recipe (`make demo` and the tests name `tiny`)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="tiny", choices=sorted(PROFILES))
+    parser.add_argument("--profile", default="qwen2.5-7b", choices=sorted(PROFILES),
+                        help="named set of defaults; every flag below overrides one of its fields "
+                             "(default: %(default)s)")
+    groups = {name: parser.add_argument_group(f"{name} options") for name in GROUPS}
     for f in fields(RunConfig):
         if f.name != "profile":
-            parser.add_argument(f"--{f.name}", type=_caster(f.type), default=argparse.SUPPRESS)
+            groups[f.metadata["group"]].add_argument(
+                f"--{f.name}", type=_caster(f.type), default=argparse.SUPPRESS, metavar=_metavar(f.type),
+                help=f"{f.metadata['help']} (recipe default: {f.default})")
     args = vars(parser.parse_args(argv))
     return args.pop("profile"), args
 
@@ -197,6 +204,11 @@ def config_from_args(argv: list[str] | None = None, description: str = "") -> Ru
     """The profile's config with every field given on the command line applied."""
     profile, overrides = overrides_from_args(argv, description)
     return get_config(profile, **overrides)
+
+
+def _metavar(field_type) -> str:
+    names = [getattr(t, "__name__", str(t)) for t in (typing.get_args(field_type) or (field_type,))]
+    return "|".join("none" if n == "NoneType" else n.upper() for n in names)
 
 
 def _caster(field_type):

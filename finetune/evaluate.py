@@ -1,9 +1,12 @@
 """Evaluate a model on the run's eval split, in both modes, and write its results JSON and confusion-matrix PNG.
 
 Generation is recorded twice from one decoding pass: `generation` reads each answer strictly (the exact trained JSON),
-`generation_lenient` accepts any JSON object naming a label (see finetune/answers.py).
+`generation_lenient` accepts any JSON object naming a label (see finetune/answers.py). On a GPU each mode first runs
+untimed over its longest and shortest batches (compilation, kernel choice, the allocator's growth): `warmup_seconds`
+beside `articles_per_second`. Batch size, Liger's kernels and compiled layers default to "auto" (finetune/plan.py).
 
-    python -m finetune.evaluate --profile tiny                         # the base (untrained) model
+    python -m finetune.evaluate                                        # Qwen2.5-7B-Instruct before training
+    python -m finetune.evaluate --model_path checkpoints/qwen7b-ag-news-full/final
     python -m finetune.evaluate --profile tiny --model_path checkpoints/tiny-ag-news/final
 """
 
@@ -12,6 +15,7 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import torch
 from transformers import AutoTokenizer
 
 from data_prep.splits import Splits
@@ -19,9 +23,10 @@ from finetune.answers import parse_lenient
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
 from finetune.metrics import summarize
-from finetune.model import load_for_inference, load_tokenizer
+from finetune.model import check_tokenizer_fits, load_for_inference, load_tokenizer
+from finetune.plan import GPU, ModelShape, log_plan, plan_evaluation
 from finetune.plots import plot_confusion_matrix
-from finetune.predict import default_max_new_tokens, generate_labels, parsed, score_labels
+from finetune.predict import default_max_new_tokens, encode_prompts, generate_labels, parsed, score_labels, warmup_texts
 from finetune.results import write_record
 from finetune.throughput import peak_memory_gib, reset_peak_memory
 
@@ -32,6 +37,8 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
              splits: Splits | None = None) -> dict:
     """Evaluate `model_path` (default: the config's model before training) and write `<name>_results.json`."""
     start = time.perf_counter()
+    config, plan = plan_evaluation(config, GPU.current(), ModelShape.of(config, model_path))
+    log_plan(plan, "evaluation")
     splits = splits or load_splits(config)
     if model_path is None:
         tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
@@ -40,26 +47,33 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
     reset_peak_memory()
     load_start = time.perf_counter()
     model = load_for_inference(config, tokenizer, model_path)
+    check_tokenizer_fits(tokenizer, model)
     model_load_seconds = time.perf_counter() - load_start
     texts, y_true = list(splits.eval["text"]), splits.eval["label"].to_numpy()
+    batch, max_new_tokens = config.eval_batch_size, config.max_new_tokens or default_max_new_tokens(tokenizer)
+    runs = {"label_scoring": lambda t: score_labels(model, tokenizer, t, batch, config.max_length),
+            "generation": lambda t: generate_labels(model, tokenizer, t, batch, config.max_length, max_new_tokens)}
+    unknown = set(modes) - set(runs)
+    if unknown:
+        raise ValueError(f"unknown evaluation mode(s) {sorted(unknown)}; choose from {MODES}")
+    warmup = warmup_texts(texts, [len(p) for p in encode_prompts(tokenizer, texts, config.max_length)[0]], batch)
     evaluations = {}
     for mode in modes:
+        warmup_seconds = warm_up(runs[mode], warmup, model.device.type == "cuda")
         t0 = time.perf_counter()
-        if mode == "label_scoring":
-            predictions = score_labels(model, tokenizer, texts, config.eval_batch_size, config.max_length)
-            evaluations[mode] = summarize(y_true, predictions, texts, config.eval_batch_size, time.perf_counter() - t0)
-        elif mode == "generation":
-            max_new_tokens = config.max_new_tokens or default_max_new_tokens(tokenizer)
-            strict = generate_labels(model, tokenizer, texts, config.eval_batch_size, config.max_length, max_new_tokens)
-            seconds = time.perf_counter() - t0
-            for key, predictions in (("generation", strict), ("generation_lenient", parsed(strict, parse_lenient))):
-                evaluations[key] = {**summarize(y_true, predictions, texts, config.eval_batch_size, seconds),
-                                    "max_new_tokens": max_new_tokens}
-        else:
-            raise ValueError(f"unknown evaluation mode {mode!r}; choose from {MODES}")
+        predictions = runs[mode](texts)
+        seconds = time.perf_counter() - t0
+        read = {mode: predictions}
+        if mode == "generation":
+            read["generation_lenient"] = parsed(predictions, parse_lenient)
+        for key, p in read.items():
+            evaluations[key] = summarize(y_true, p, texts, batch, seconds)
+            evaluations[key]["throughput"]["warmup_seconds"] = warmup_seconds
+            if mode == "generation":
+                evaluations[key]["max_new_tokens"] = max_new_tokens
     record = {
         "name": name, "kind": "llm", "profile": config.profile, "model": str(model_path or config.model),
-        "config": config.to_dict(), "data": splits.describe(), "primary_mode": modes[0],
+        "config": config.to_dict(), "plan": plan, "data": splits.describe(), "primary_mode": modes[0],
         "evaluations": evaluations, "wall_seconds": time.perf_counter() - start,
         "model_load_seconds": model_load_seconds, "peak_memory_gib": peak_memory_gib(),  # GPU, weights included
     }
@@ -69,6 +83,17 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
     figure.savefig(results_dir / f"{name}_confusion_matrix.png", dpi=120, bbox_inches="tight")
     plt.close(figure)
     return record
+
+
+def warm_up(run, texts: list[str], on_gpu: bool) -> float:
+    """Seconds of an untimed pass over `texts` on a GPU (compiled layers compile, cuBLAS and cuDNN pick their
+    kernels, the allocator grows): 0 on the CPU, which has none of that to do."""
+    if not on_gpu:
+        return 0.0
+    start = time.perf_counter()
+    run(texts)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:

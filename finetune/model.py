@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from data_prep.task import LABELS, SYSTEM_PROMPT, USER_TEMPLATE, format_answer
 from finetune.adapters import is_adapter, quantization_config, with_adapter
 from finetune.config import RunConfig
+from finetune.plan import GPU, ModelShape, plan_evaluation
 from finetune.qwen_tokenizer import CHAT_TEMPLATE, build_qwen25_tokenizer
 from finetune.speedups import compile_decoder_layers
 
@@ -97,12 +98,34 @@ def load_model(config: RunConfig, tokenizer: PreTrainedTokenizerFast, attn_imple
     return model
 
 
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerFast, model: torch.nn.Module) -> None:
+    """Refuse a tokenizer whose ids do not mean what the model's embedding learned: more ids than it has rows, or its
+    end/padding/start tokens at other ids than the model's config names (e.g. a BPE trained here fed to Qwen's
+    weights, whose ids would all land on unrelated rows)."""
+    rows = model.get_input_embeddings().num_embeddings
+    model_name = model.config.name_or_path or "the scratch model"
+    tokenizer_name = tokenizer.name_or_path or "the tokenizer"
+    fix = "use the model's own tokenizer (--tokenizer none) or a model built for this one"
+    if len(tokenizer) > rows:
+        raise ValueError(f"{tokenizer_name} has {len(tokenizer)} tokens but {model_name}'s embedding has {rows} rows: "
+                         f"{fix}")
+    for role in ("eos", "pad", "bos"):
+        ours, theirs = getattr(tokenizer, f"{role}_token_id"), getattr(model.config, f"{role}_token_id", None)
+        if ours is None or theirs is None:
+            continue
+        if ours not in (theirs if isinstance(theirs, list) else [theirs]):
+            raise ValueError(f"{tokenizer_name} puts its {role} token {getattr(tokenizer, f'{role}_token')!r} at id "
+                             f"{ours}, but {model_name}'s config says {role}_token_id={theirs}: they do not share a "
+                             f"vocabulary; {fix}")
+
+
 def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
                        path: str | Path | None = None) -> torch.nn.Module:
     """The model for evaluation: sdpa attention, on the GPU where there is one, in eval mode, and with Liger's
     kernels or compiled decoder layers (inductor fuses the same norms, RoPE and SwiGLU) when the config asks for
     them. A LoRA adapter at `path` is loaded onto the config's model and merged into
     it; a QLoRA adapter stays beside its 4-bit base."""
+    config, _ = plan_evaluation(config, GPU.current(), ModelShape.of(config, path))  # resolves any "auto"
     adapter = is_adapter(path)
     model = load_model(config, tokenizer, "sdpa", path=None if adapter else path)
     if adapter:

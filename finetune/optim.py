@@ -14,9 +14,20 @@ instead of 4, so the 7B shape's states shrink by 14 GiB. On CUDA their update is
 (finetune/adamw8bit_kernel.py: the compiled one spent 0.14 s of a 1.0 s step binary-searching the quantization map,
 the kernel 0.084 s in results/benchmarks/h200_7b_train_fused.json), same math, same states, so checkpoints are
 torchao's either way; the tensors torchao leaves unquantized, CPU weights and DTensor shards keep the compiled update.
+
+The rounding's random bits are a function of (rounding_seed, step, the weight's index), not of torch's running RNG:
+under plain DDP every rank applies the same averaged gradient to its own replica, and each rank's RNG has moved on by
+its own dropout draws, so rounding from it would let the replicas drift apart. Seeded per step and weight, every
+replica rounds identically, and a resumed run rounds as the uninterrupted one. Under FSDP each rank rounds its own
+shard, so the rank joins the seed.
 """
 
+import random
+from contextlib import contextmanager
+
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torchao.optim import _AdamW
 from torchao.optim.adam import single_param_adam
 from torchao.optim.subclass_8bit import OptimState8bit
@@ -31,15 +42,41 @@ def _fused_8bit(p: torch.Tensor, state: dict) -> bool:
             and isinstance(state["exp_avg"], OptimState8bit) and isinstance(state["exp_avg_sq"], OptimState8bit))
 
 
+def rounding_seed(seed: int, step: int, index: int, shard: int = 0) -> int:
+    """The 31-bit seed of the stochastic rounding of weight `index` (its place among the optimizer's parameters) at
+    `step`: the same on every process that holds the same weight (`shard`: the rank, for an FSDP shard)."""
+    return random.Random(f"{seed}:{step}:{index}:{shard}").getrandbits(31)
+
+
+@contextmanager
+def _seeded(device: torch.device, seed: int):
+    """torch's generator on `device` seeded with `seed` inside, and back to where it was after: the compiled update
+    draws its rounding from it (Inductor's seeds come from the device's default generator)."""
+    if device.type == "cuda":
+        generator = torch.cuda.default_generators[device.index if device.index is not None else
+                                                  torch.cuda.current_device()]
+    else:
+        generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
+
+
 class AdamWBf16SR(_AdamW):
     """`torchao.optim._AdamW(bf16_stochastic_round=True)` with one compiled update reused across calls; with
     `state_bits=8`, torchao's `AdamW8bit(bf16_stochastic_round=True)` (bitsandbytes' block of 256 values, and its
-    rule of keeping tensors under 4,096 values unquantized)."""
+    rule of keeping tensors under 4,096 values unquantized). The rounding is seeded per step and weight from
+    `rounding_seed` (the module docstring says why)."""
 
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, state_bits: int = 16):
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, state_bits: int = 16,
+                 rounding_seed: int = 0):
         if state_bits not in (8, 16):
             raise ValueError(f"state_bits={state_bits}: the moments are kept in 16 (bf16) or 8 bits")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bf16_stochastic_round=True)
+        self.rounding_seed = rounding_seed
         if state_bits == 8:
             self.block_size = 256  # torchao's base class quantizes a buffer only when its size divides by this
 
@@ -53,6 +90,7 @@ class AdamWBf16SR(_AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        index = -1  # the weight's place among all groups' parameters: the same on every rank
         with torch._dynamo.utils.disable_cache_limit():  # one compiled variant per parameter shape, as in torchao
             for group in self.param_groups:
                 # torchao's own check: the update is compiled for a tensor learning rate. A float would be baked in
@@ -66,6 +104,7 @@ class AdamWBf16SR(_AdamW):
                 if group["lr"].device.type != "cpu":
                     group["lr"] = group["lr"].cpu()
                 for p in group["params"]:
+                    index += 1
                     if p.grad is None:
                         continue
                     if p.grad.is_sparse:
@@ -78,13 +117,17 @@ class AdamWBf16SR(_AdamW):
                     if state["step"].device.type != "cpu":
                         state["step"] = state["step"].cpu()
                     state["step"] += 1
+                    step = state["step"].item()  # a host tensor: no wait
+                    shard = dist.get_rank() if isinstance(p, DTensor) else 0
+                    seed = rounding_seed(self.rounding_seed, int(step), index, shard)
                     if _fused_8bit(p, state):
                         from finetune.adamw8bit_kernel import adamw8bit_step  # triton: imported where it runs
-                        adamw8bit_step(p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"],
-                                       step=state["step"].item(), lr=group["lr"].item(), beta1=group["betas"][0],
-                                       beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"])
+                        adamw8bit_step(p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"], step=step,
+                                       lr=group["lr"].item(), beta1=group["betas"][0], beta2=group["betas"][1],
+                                       weight_decay=group["weight_decay"], eps=group["eps"], seed=seed)
                     else:
-                        _update(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"], None,
-                                group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"], group["eps"],
-                                True, p.dtype is torch.bfloat16)
+                        with _seeded(p.device, seed):
+                            _update(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"], None,
+                                    group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"],
+                                    group["eps"], True, p.dtype is torch.bfloat16)
         return loss

@@ -115,6 +115,12 @@ def _batches(prompts: list[list[int]], batch_size: int):
         yield order[start:start + batch_size]
 
 
+def warmup_texts(texts: list[str], lengths: list[int], batch_size: int) -> list[str]:
+    """The two longest batches and the shortest one: the shapes that compile kernels and grow the allocator."""
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    return [texts[i] for i in order[: 2 * batch_size] + order[-batch_size:]]
+
+
 def _shared_opening(model, prompts: list[list[int]]) -> tuple[int, object | None]:
     """Length and key/value cache of the opening all prompts share (system turn and instruction), run once. It stops
     one token short of the shortest prompt so that every article keeps a token to run."""

@@ -144,29 +144,83 @@ def load_records(results_dir: str | Path) -> list[dict]:
     return records
 
 
-def summary_table(records: list[dict]) -> str:
-    """A markdown table, one row per evaluation of every run, with the commit that made it and the evaluation changes
-    made since (`made before`)."""
-    lines = ["| run | model | protocol | eval articles | mode | accuracy | macro-F1 | failures | articles/s | hardware "
-             "| commit | made before | file |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: r["path"]):
-        hardware, commit = hardware_label(r["environment"]), commit_label(r["environment"])
-        for mode, ev in r["evaluations"].items():
-            m, t = ev["metrics"], ev["throughput"]
-            lines.append(f"| {r['name']} | {r['model']} | {r['data']['protocol']} | {r['data']['eval_size']} | {mode} "
-                         f"| {m['accuracy']:.2%} | {m['macro_f1']:.2%} | {ev['failures']['count']} "
-                         f"| {t['articles_per_second']:.1f} | {hardware} | {commit} "
-                         f"| {', '.join(made_before(r, (mode,)))} | `{r['path']}` |")
+# What each column of a run table reads from a record: the answer scored among the four (a baseline's own prediction),
+# the answer generated and read strictly, and the same answer read leniently.
+ANSWER_COLUMNS = (("scored", ("label_scoring", "classifier")), ("generated", ("generation",)),
+                  ("lenient", ("generation_lenient",)))
+RUN_TABLE_LEGEND = ("*scored*: the most probable of the four answers (label scoring; a baseline's own prediction); "
+                    "*generated*: the model's own answer, the exact trained JSON; *lenient*: the same answer, its "
+                    "first JSON object, label in any case. *commit*: the code that wrote the file, `(dirty)` with "
+                    "uncommitted changes, `unknown` where the file records none.")
+EVALUATION_CHANGED_LEGEND = ("*evaluation changed since*: evaluation code committed after the file was written that "
+                             "changes what a column measures; a rerun today may differ.")
+
+
+def run_group(record: dict) -> str:
+    """The folder of results/ a record lies in (`gpu`, `methods`, ...), or `demo` for the notebooks' own records at its
+    top level."""
+    parts = Path(record["path"]).parts
+    return parts[0] if len(parts) > 1 else "demo"
+
+
+def answer_cells(record: dict) -> list[str]:
+    """Accuracy / macro-F1 of each answer column (ANSWER_COLUMNS), blank where the run has no such evaluation."""
+    cells = []
+    for _, modes in ANSWER_COLUMNS:
+        ev = next((record["evaluations"][m] for m in modes if m in record["evaluations"]), None)
+        cells.append("" if ev is None else f"{ev['metrics']['accuracy']:.2%} / {ev['metrics']['macro_f1']:.2%}")
+    return cells
+
+
+def run_table(header: list[str], rows: list[tuple[list[str], list[str]]]) -> str:
+    """A markdown table of `header` and rows of cells, with an `evaluation changed since` column before the last
+    (the file) only where some row has one, and the legends under it."""
+    changed = any(since for _, since in rows)
+    if changed:
+        header = [*header[:-1], "evaluation changed since", header[-1]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for cells, since in rows:
+        cells = [*cells[:-1], ", ".join(since), cells[-1]] if changed else cells
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", RUN_TABLE_LEGEND + (" " + EVALUATION_CHANGED_LEGEND if changed else "")]
     return "\n".join(lines)
 
 
+def summary_table(records: list[dict]) -> str:
+    """A markdown table, one row per run: accuracy and macro-F1 of each way of reading its answer, speed, what ran it
+    and the commit that made it."""
+    header = ["run", "model", "protocol", "eval articles",
+              *(f"{name}: accuracy / macro-F1" for name, _ in ANSWER_COLUMNS), "failed answers (generated)",
+              "articles/s (scored)", "hardware", "commit", "file"]
+    rows = []
+    for r in sorted(records, key=lambda r: r["path"]):
+        evs = r["evaluations"]
+        primary = evs.get(r.get("primary_mode")) or next(iter(evs.values()))
+        failures = str(evs["generation"]["failures"]["count"]) if "generation" in evs else ""
+        cells = [r["name"], r["model"], r["data"]["protocol"], str(r["data"]["eval_size"]), *answer_cells(r), failures,
+                 f"{primary['throughput']['articles_per_second']:,.1f}", hardware_label(r["environment"]),
+                 commit_label(r["environment"]), f"`{r['path']}`"]
+        rows.append((cells, made_before(r, tuple(evs))))
+    return run_table(header, rows)
+
+
+# The groups in results/summary.md, in order, with a heading each; a folder not named here comes after them.
+GROUP_TITLES = {"demo": "`make demo` (the notebooks, tiny profile)", "methods": "Methods (full fine-tuning, LoRA)",
+                "gpu": "GPU runs of the tiny recipe", "fsdp": "FSDP2 runs",
+                "cpu_packing": "Packing at equal articles per update (CPU)"}
+
+
 def write_summary(results_dir: str | Path = "results") -> Path:
-    """results/summary.md, generated from the results JSON files; never edit it by hand."""
+    """results/summary.md, generated from the results JSON files, one table per group of runs; never edit it by
+    hand."""
+    records = load_records(results_dir)
+    groups = sorted({run_group(r) for r in records}, key=lambda g: (list(GROUP_TITLES).index(g) if g in GROUP_TITLES
+                                                                      else len(GROUP_TITLES), g))
+    parts = ["# Results summary", "Generated by `python -m finetune.lab.report` from every results JSON under "
+             "`results/`; do not edit by hand."]
+    for group in groups:
+        parts += [f"## {GROUP_TITLES.get(group, group)}",
+                  summary_table([r for r in records if run_group(r) == group])]
     path = Path(results_dir) / "summary.md"
-    path.write_text("# Results summary\n\nGenerated by `python -m finetune.results` from every results JSON under "
-                    "`results/`; do not edit by hand.\n\n" + summary_table(load_records(results_dir)) + "\n")
+    path.write_text("\n\n".join(parts) + "\n")
     return path
-
-
-if __name__ == "__main__":
-    print(f"wrote {write_summary()}")

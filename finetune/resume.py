@@ -6,6 +6,7 @@ its config matches, apart from RESUME_FREE_FIELDS; `allow_config_change` resumes
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -15,28 +16,43 @@ from finetune.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-# What a complete checkpoint holds, by who wrote it: one process writes model*.safetensors (LoRA and QLoRA:
-# adapter_model.safetensors) and optimizer.pt; under FSDP accelerate's save_fsdp_model/save_fsdp_optimizer write
-# pytorch_model_fsdp.bin and optimizer.bin (FULL_STATE_DICT) or the DCP folders pytorch_model_fsdp_0/ and optimizer_0/
-# (SHARDED_STATE_DICT), complete once their .metadata exists.
+# What a complete checkpoint holds, by who wrote it (transformers' Trainer._save_checkpoint): one process writes
+# model*.safetensors (LoRA and QLoRA: adapter_model.safetensors) and optimizer.pt; under FSDP accelerate's
+# save_fsdp_model/save_fsdp_optimizer write pytorch_model_fsdp.bin and optimizer.bin (FULL_STATE_DICT) or the DCP
+# folders pytorch_model_fsdp_0/ and optimizer_0/ (SHARDED_STATE_DICT), complete once their .metadata exists. The main
+# process writes scheduler.pt in every case, and each process its RNG state (`rng_state_files`).
 CHECKPOINT_PARTS = {
     "trainer_state.json": ("trainer_state.json",),
     "model weights": ("model*.safetensors", "adapter_model.safetensors", "pytorch_model_fsdp.bin",
                       "pytorch_model_fsdp_0/.metadata"),
     "optimizer state": ("optimizer.pt", "optimizer.bin", "optimizer_0/.metadata"),
+    # Trainer._load_optimizer_and_scheduler loads the optimizer only where scheduler.pt exists too: without it the
+    # run would go on with fresh Adam moments and a schedule started over, silently.
+    "scheduler state": ("scheduler.pt",),
 }
 
 
-def last_checkpoint(output_dir: Path) -> str | None:
+def rng_state_files(world_size: int) -> list[str]:
+    """The RNG states Trainer._load_rng_state reads: rng_state.pth from one process, rng_state_<rank>.pth from each of
+    several (without its file a rank resumes with the seed's fresh RNG, and dropout and data order drift)."""
+    return ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
+
+
+def last_checkpoint(output_dir: Path, world_size: int | None = None) -> str | None:
     """The newest checkpoint to resume from; a partial one (interrupted while saving) is an error, not a guess. The
-    Trainer itself would resume from a checkpoint without optimizer state, silently, with fresh Adam moments."""
+    Trainer itself would resume from a checkpoint without optimizer, scheduler or RNG state, silently. `world_size`:
+    the processes that will resume it, by default those `accelerate launch` (or torchrun) started."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     last = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
     if last:
         missing = [f"{part} ({' or '.join(patterns)})" for part, patterns in CHECKPOINT_PARTS.items()
                    if not any(any(Path(last).glob(pattern)) for pattern in patterns)]
+        rng_missing = [name for name in rng_state_files(world_size) if not (Path(last) / name).is_file()]
+        missing += [f"RNG state ({' and '.join(rng_missing)})"] if rng_missing else []
         if missing:
+            other_count = " (or saved by another number of processes: resume with as many)" if rng_missing else ""
             raise RuntimeError(f"checkpoint {last} is incomplete (missing {', '.join(missing)}), probably cut off "
-                               "while saving. Delete that folder to resume from the one before it.")
+                               f"while saving{other_count}. Delete that folder to resume from the one before it.")
     return last
 
 
@@ -93,3 +109,21 @@ def run_finished(config: RunConfig, checkpoint: str) -> bool:
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     return 0 < state.get("max_steps", 0) <= state.get("global_step", 0) and (
         config.final_dir / "train_summary.json").exists()
+
+
+def whole_run_train_loss(train_loss: float, log_history: list[dict], resumed_from: str | None,
+                         global_step: int) -> float:
+    """The mean training loss over every step of the run, resumed or not. The Trainer's `train_loss` sums the losses
+    of the steps since the resume but divides by all of them (transformers' Trainer: `_total_loss_scalar /
+    global_step`); the steps before the resume are read from the losses logged then (each the mean since the log
+    before), weighted by the steps each covers. Steps after the last log before the checkpoint were never logged:
+    they are left out of the mean rather than guessed."""
+    if resumed_from is None:
+        return train_loss
+    resumed_step = int(Path(resumed_from).name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-"))  # rotated away by now
+    before, covered, previous = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and entry["step"] <= resumed_step:
+            before += entry["loss"] * (entry["step"] - previous)
+            covered, previous = covered + entry["step"] - previous, entry["step"]
+    return (before + train_loss * global_step) / (covered + global_step - resumed_step)

@@ -1,16 +1,13 @@
-"""Opt-in training speed-ups applied to the model before training: compiled decoder layers, FP8 matmuls, and how many
-layers recompute their activations when `checkpointed_layers="auto"`."""
+"""Training speed-ups applied to the model before training: compiled decoder layers, FP8 matmuls, and the memory
+estimates that decide how many layers recompute their activations (`finetune/plan.py` chooses)."""
 
 import dataclasses
-import logging
 
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from finetune.config import RunConfig
-
-log = logging.getLogger(__name__)
 
 # torchao's recipes and variants of its tensorwise one (e4m3 inputs and weights, e5m2 output gradients, one scale a
 # tensor, fast accumulation in the forward matmul), each name saying what differs. Against bf16 on the 1024-wide model
@@ -134,47 +131,18 @@ def layers_to_checkpoint(budget_bytes: float, fixed_bytes: float, kept_layer_byt
     return num_layers
 
 
-def training_state_bytes(config: RunConfig, model: nn.Module) -> float:
-    """Weights, gradients and optimizer states of `model` before any adapter is added. Full fine-tuning: all of them
-    for every weight. LoRA and QLoRA: the frozen weights as loaded (bf16, or QLoRA's 4-bit), plus the three for rank
-    `lora_rank` adapters on every decoder projection (peft's all-linear; an upper bound for fewer targets)."""
-    if config.method == "full":
-        return model.num_parameters() * STATE_BYTES_PER_PARAMETER[config.optimizer]
-    linears = [m for layer in decoder_layers(model) for m in layer.modules() if isinstance(m, nn.Linear)]
-    adapters = sum(config.lora_rank * (m.in_features + m.out_features) for m in linears)
-    return model.get_memory_footprint() + adapters * STATE_BYTES_PER_PARAMETER[config.optimizer]
-
-
-def memory_budget_bytes(max_memory_gib: float | None) -> float:
-    """What this process may use on its GPU: what it holds now plus what is free, less the workspace; at most
-    `max_memory_gib` (e.g. 70, so a setting chosen on a 141 GB card also fits an 80 GB one)."""
-    free, _total = torch.cuda.mem_get_info()
-    available = free + torch.cuda.memory_allocated() - WORKSPACE_GIB * GIB
-    return available if max_memory_gib is None else min(available, max_memory_gib * GIB - WORKSPACE_GIB * GIB)
-
-
-def auto_checkpointed_layers(config: RunConfig, model: nn.Module) -> int | None:
-    """`checkpointed_layers="auto"`: the number of layers to recompute, from the card's memory, for one GPU. The
-    micro-batch is `per_device_train_batch_size` rows of `max_length` tokens (packing fills them). None (every
-    layer, the recipe's default) without a GPU."""
-    if not torch.cuda.is_available():
-        log.info("checkpointed_layers=auto without a GPU: every layer recomputes its activations")
-        return None
-    layers = decoder_layers(model)
-    kept, checkpointed = layer_activation_bytes(model.config.hidden_size, model.config.intermediate_size,
-                                                config.per_device_train_batch_size * config.max_length)
-    fixed = training_state_bytes(config, model)
-    budget = memory_budget_bytes(config.max_memory_gib)
-    n = layers_to_checkpoint(budget, fixed, kept, checkpointed, len(layers))
-    log.info("checkpointed_layers=auto: %d of %d layers recompute (budget %.1f GiB, estimate %.2f GiB a kept layer)",
-             n, len(layers), budget / GIB, kept / GIB)
-    return n
-
-
 def check_speedups(config: RunConfig) -> None:
     """Fail before any model is built on settings that cannot run."""
     if config.fp8 is not None and config.fp8 not in FP8_RECIPES:
         raise ValueError(f"unknown fp8 recipe {config.fp8!r}; choose from {FP8_RECIPES} or none")
+    if config.fp8 is not None and config.method != "full":
+        why = {"qlora": "its frozen weights are bitsandbytes' 4-bit layers, which torchao's conversion leaves as they "
+                        "are: nothing would run in FP8",
+               "lora": "torchao's FP8 linears compute a gradient for every weight they hold (their backward returns "
+                       "one whatever requires_grad says), so the frozen weights would cost their weight gradients "
+                       "too"}.get(config.method, "FP8 is checked for full fine-tuning only")
+        raise ValueError(f"fp8={config.fp8!r} with method={config.method!r}: {why}. Use --fp8 none with "
+                         f"--method {config.method}, or --method full to train in FP8.")
     n = config.checkpointed_layers
     if not (n is None or n == "auto" or (isinstance(n, int) and n >= 0)):
         raise ValueError(f"checkpointed_layers={n!r}: give a number of layers, 'auto' or none")

@@ -2,8 +2,10 @@
 benchmark's step clock and profiler."""
 
 import math
+import statistics
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import is_peft_model
@@ -37,33 +39,79 @@ def peak_memory_gib(reserved: bool = False) -> float | None:
 
 def mean_article_tokens(train_dataset) -> float:
     """Mean tokens per article in TRL's prepared dataset (packed rows list each article's length)."""
-    if "seq_lengths" in train_dataset.column_names:
-        lengths = [n for row in train_dataset["seq_lengths"] for n in row]
-    else:
-        lengths = [len(ids) for ids in train_dataset["input_ids"]]
+    lengths = _article_lengths(train_dataset)
     return sum(lengths) / len(lengths)
 
 
-def training_flops_per_token(config: PretrainedConfig, mean_seq_len: float, adapter_params: int | None = None) -> float:
-    """Forward + backward FLOPs per real token: 6 x matmul parameters plus causal attention over its own article.
+def _article_lengths(train_dataset) -> list[int]:
+    if "seq_lengths" in train_dataset.column_names:
+        return [n for row in train_dataset["seq_lengths"] for n in row]
+    return [len(ids) for ids in train_dataset["input_ids"]]
 
-    Attention scores and values cost 2 x 2 x hidden x (context) per layer forward; a causal token sees on average
-    half its sequence. Embedding lookups are free; the LM head is a matmul and counts.
 
-    LoRA and QLoRA (`adapter_params`, the adapters' trainable parameters): the frozen matmuls run forward (2 per
-    parameter) and backward to their inputs (2), but compute no weight gradient; the adapters cost the full 6. QLoRA
-    is counted the same (bf16 matmul FLOPs after dequantization), so its MFU shows what the 4-bit weights cost.
-    Recomputation under gradient checkpointing is never counted, as for full fine-tuning.
+@dataclass(frozen=True)
+class ArticleTokens:
+    """What sets a training step's FLOPs per token, read from TRL's prepared dataset."""
+
+    attention_length: float  # sum of L^2 / sum of L: the article length an average token attends within
+    loss_share: float  # the share of tokens that carry loss (labels != -100): the answer tokens
+
+
+def article_tokens(train_dataset) -> ArticleTokens:
+    """The token-weighted article length and the loss-bearing share of the tokens of TRL's prepared dataset."""
+    lengths = _article_lengths(train_dataset)
+    if "labels" in train_dataset.column_names:
+        labelled = sum(label != -100 for row in train_dataset["labels"] for label in row)
+    else:  # a preparation that leaves the completion mask for the collator to turn into labels
+        labelled = sum(map(sum, train_dataset["completion_mask"]))
+    return ArticleTokens(sum(n * n for n in lengths) / sum(lengths), labelled / sum(lengths))
+
+
+def training_flops_per_token(config: PretrainedConfig, tokens: ArticleTokens, adapter_params: int | None = None,
+                             head_on_every_token: bool = False) -> float:
+    """Forward + backward FLOPs per real token that a training step needs: the decoder's matmuls for every token, the
+    LM head for the tokens whose logits are computed, and causal attention within each article.
+
+    Matmuls cost 2 FLOPs per weight and token forward and 4 backward (gradients of input and weight). Embedding
+    lookups, norms and activations are not counted; recomputation (gradient checkpointing, the fused loss recomputing
+    its logits in backward) never is: the count is what the step needs, not what a recipe spends.
+
+    The LM head: TRL 1.16's loss (its fused LM head, `trl.trainer.utils.add_fused_lm_head`) projects only the positions
+    whose next-token label is not -100, the answer tokens (`tokens.loss_share`, ~7.5 of ~102.5 per article), wherever
+    Triton is available; the suite's SFTTrainer forces that path on every device. `head_on_every_token` counts every
+    position instead: TRL's path where there is no Triton (fixed tile shapes), e.g. stock TRL on the CPU. Liger's
+    fused linear cross-entropy never runs under TRL 1.16: SFTTrainer turns it off with `use_liger_kernel` (it would
+    replace the forward TRL patches with its fused head) and applies only Liger's layer kernels, so Liger rows compute
+    the head as every other row does.
+
+    Attention: scores and values cost 2 x 2 x (query heads x head dim) per earlier position forward, and twice that
+    backward; a causal token at position i of its article sees i + 1 positions, (L + 1) / 2 on average over an article
+    of L tokens, which over articles of different lengths, weighted by tokens, is (sum L^2 / sum L + 1) / 2.
+
+    LoRA and QLoRA (`adapter_params`, the adapters' trainable parameters): the frozen matmuls, the LM head among them,
+    run forward (2 per parameter) and backward to their inputs (2), but compute no weight gradient; the adapters cost
+    the full 6. QLoRA is counted the same (bf16 matmul FLOPs after dequantization), so its MFU shows what the 4-bit
+    weights cost. FP8 matmuls are counted as these same FLOPs, against the bf16 peak.
     """
     hidden, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     kv = config.num_key_value_heads * head_dim
-    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * config.intermediate_size
-    matmul_params = layers * per_layer + hidden * config.vocab_size
-    attention = layers * 2 * 2 * config.num_attention_heads * head_dim * (mean_seq_len / 2)
+    decoder_params = layers * (hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * config.intermediate_size)
+    head_params = hidden * config.vocab_size * (1.0 if head_on_every_token else tokens.loss_share)
+    attention = layers * 2 * 2 * config.num_attention_heads * head_dim * (tokens.attention_length + 1) / 2
     if adapter_params is None:
-        return 6 * matmul_params + 3 * attention
-    return 4 * matmul_params + 6 * adapter_params + 3 * attention
+        return 6 * (decoder_params + head_params) + 3 * attention
+    return 4 * (decoder_params + head_params) + 6 * adapter_params + 3 * attention
+
+
+def lm_head_on_every_token(trainer) -> bool:
+    """Whether `trainer`'s loss projects every position through the LM head: TRL's own `compute_loss` where Triton is
+    missing (stock TRL on the CPU). The suite's SFTTrainer (finetune.train) overrides it to score only the answer
+    tokens on every device, as TRL itself does wherever Triton is."""
+    import trl
+    from trl.trainer.utils import _use_triton
+
+    return type(trainer).compute_loss is trl.SFTTrainer.compute_loss and not _use_triton(trainer.args.device)
 
 
 def adapter_parameters(model: torch.nn.Module) -> int | None:
@@ -74,23 +122,37 @@ def adapter_parameters(model: torch.nn.Module) -> int | None:
 
 
 class ThroughputCallback(TrainerCallback):
-    """Adds tokens_per_second and (on a known GPU) mfu to every log line, from TRL's running `num_tokens`."""
+    """Adds tokens_per_second and (on a known GPU) mfu to every log line, from TRL's running `num_tokens`; the run's
+    last line gets their medians over the logging intervals. An interval in which a checkpoint was written reports
+    nothing: the write is not training speed (it is timed on its own in the training summary)."""
 
-    def __init__(self, model_config: PretrainedConfig, mean_seq_len: float, adapter_params: int | None = None):
-        self.flops_per_token = training_flops_per_token(model_config, mean_seq_len, adapter_params)
+    def __init__(self, model_config: PretrainedConfig, tokens: ArticleTokens, adapter_params: int | None = None):
+        self.flops_per_token = training_flops_per_token(model_config, tokens, adapter_params)
         self.peak = peak_flops()
         self.last = None  # (time, tokens) at the previous log
+        self.rates: list[float] = []
+        self.saved = False
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "num_tokens" not in logs:
             return
+        if "train_runtime" in logs:  # the Trainer's closing summary, not an interval
+            if self.rates:
+                logs["train_tokens_per_second_median"] = statistics.median(self.rates)
+                if self.peak:
+                    logs["train_mfu_median"] = logs["train_tokens_per_second_median"] * self.flops_per_token / self.peak
+            return
         now, tokens = time.perf_counter(), float(logs["num_tokens"])
-        if self.last is not None and tokens > self.last[1]:
+        if self.last is not None and tokens > self.last[1] and not self.saved:
             rate = (tokens - self.last[1]) / (now - self.last[0]) / max(args.world_size, 1)
+            self.rates.append(rate)
             logs["tokens_per_second"] = rate
             if self.peak:
                 logs["mfu"] = rate * self.flops_per_token / self.peak
-        self.last = (now, tokens)
+        self.last, self.saved = (now, tokens), False
 
 
 def synchronized_now() -> float:

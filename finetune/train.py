@@ -1,10 +1,11 @@
 """Fine-tuning (full, LoRA or QLoRA) with TRL's SFTTrainer: config in, trainer built in named steps, train, save.
 
-    python -m finetune.train --profile tiny
-    python -m finetune.train --profile qwen2.5-7b --data_dir /data/ag_news
-    python -m finetune.train --profile qwen2.5-7b --method lora      # final/ holds the adapter: finetune.merge
-    accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 4 -m finetune.train \
-        --profile qwen2.5-7b --gradient_checkpointing false          # FSDP2: FSDP checkpoints the activations
+    python -m finetune.train --data_dir /data/ag_news                        # the qwen2.5-7b recipe
+    python -m finetune.train --profile tiny                                  # 2.4M parameters, CPU, minutes
+    python -m finetune.train --method lora                                   # final/ holds the adapter: finetune.merge
+    python -m finetune.train --profile qwen2.5-7b-reference                  # no speed-ups: the yardstick
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 4 -m finetune.train
+        --gradient_checkpointing false                                       # FSDP2: FSDP checkpoints activations
 """
 
 import json
@@ -26,10 +27,11 @@ from finetune.adapters import adapter_alone_in_saves, adapters_in_weights_dtype,
 from finetune.attention import choose_attn_implementation
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
-from finetune.model import load_model, load_tokenizer, weights_dtype
-from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished
-from finetune.speedups import auto_checkpointed_layers, check_speedups, compile_decoder_layers, convert_to_fp8
-from finetune.throughput import (ThroughputCallback, adapter_parameters, mean_article_tokens, peak_memory_gib,
+from finetune.model import check_tokenizer_fits, load_model, load_tokenizer, weights_dtype
+from finetune.plan import GPU, ModelShape, log_plan, plan_training
+from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished, whole_run_train_loss
+from finetune.speedups import check_speedups, compile_decoder_layers, convert_to_fp8
+from finetune.throughput import (ThroughputCallback, adapter_parameters, article_tokens, peak_memory_gib,
                                  reset_peak_memory)
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, 
 
     return AdamWBf16SR, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
                          "eps": args.adam_epsilon, "weight_decay": args.weight_decay,
-                         "state_bits": STOCHASTIC_ROUNDING_STATE_BITS[config.optimizer]}
+                         "state_bits": STOCHASTIC_ROUNDING_STATE_BITS[config.optimizer], "rounding_seed": config.seed}
 
 
 class SFTTrainer(trl.SFTTrainer):
@@ -144,22 +146,20 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     """Data, training arguments, tokenizer, model and trainer, in that order, from one config. `splits` replaces the
     config's data (e.g. a carve of the training articles for choosing settings)."""
     check_method(config)  # QLoRA without a GPU or bitsandbytes fails here, before the data loads
+    config, plan = plan_training(config, GPU.current(), ModelShape.of(config), fsdp=launched_with_fsdp())
+    log_plan(plan, "training")
     check_speedups(config)
-    if config.checkpointed_layers == "auto" and launched_with_fsdp():
-        raise ValueError("checkpointed_layers='auto' plans one GPU's memory; under FSDP give a number or none")
     splits = splits or load_splits(config)
     args = sft_config(config)
     with args.main_process_first(desc="tokenizer"):  # one rank builds and caches a tokenizer, then the others load it
         tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
     attn_implementation = choose_attn_implementation(config.attn_implementation, config.packing)
     model = load_model(config, tokenizer, attn_implementation)
+    check_tokenizer_fits(tokenizer, model)
     if config.fp8:
         convert_to_fp8(model, config.fp8)
     if config.compile_layers:
         compile_decoder_layers(model)
-    checkpointed = config.checkpointed_layers
-    if checkpointed == "auto" and config.gradient_checkpointing:
-        checkpointed = auto_checkpointed_layers(config, model)
     # LoRA and QLoRA: TRL wraps the model with the adapter and trains only that (None: full fine-tuning).
     trainer = SFTTrainer(model=model, args=args,
                          train_dataset=to_prompt_completion(splits.train, tokenizer, config.max_length),
@@ -170,12 +170,13 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
         if config.lora_embedding:
             adapter_alone_in_saves(trainer.model)
     # First in line, so the TensorBoard and progress callbacks see the numbers it adds to each log.
-    throughput = ThroughputCallback(model.config, mean_article_tokens(trainer.train_dataset),
+    throughput = ThroughputCallback(model.config, article_tokens(trainer.train_dataset),
                                     adapter_parameters(trainer.model))
     trainer.callback_handler.callbacks.insert(0, throughput)
-    if config.gradient_checkpointing and checkpointed is not None:
-        trainer.add_callback(SelectiveCheckpointing(checkpointed))
+    if config.gradient_checkpointing and config.checkpointed_layers is not None:
+        trainer.add_callback(SelectiveCheckpointing(config.checkpointed_layers))
     trainer.splits = splits  # what the run trained on, for its summary
+    trainer.plan, trainer.run_config = plan, config  # the "auto" settings as chosen (with their reasons), and all
     _drop_notebook_loss_table(trainer)
     return trainer
 
@@ -223,14 +224,17 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, spl
     # before or while rank 0 creates it). The barrier then returns every rank with final/ complete.
     if trainer.is_world_process_zero():
         state = trainer.state
-        summary = {"config": config.to_dict(), "data": trainer.splits.describe(), "resumed_from": last,
+        summary = {"config": config.to_dict(), "plan": trainer.plan, "data": trainer.splits.describe(),
+                   "resumed_from": last,
                    "world_size": trainer.args.world_size, "train_seconds": train_seconds,
                    "setup_seconds": setup_seconds, "final_save_seconds": final_save_seconds,
                    "checkpoint_save_seconds": save_clock.seconds, "peak_memory_gib": peak_gib,
                    # What one update sees: packing fits several articles in a row, so it changes this, not only speed.
                    "optimizer_steps": state.global_step,
                    "articles_per_optimizer_step": len(trainer.splits.train) * state.epoch / max(state.global_step, 1),
-                   "metrics": result.metrics, "log_history": state.log_history,
+                   "metrics": {**result.metrics, "train_loss": whole_run_train_loss(
+                       result.metrics["train_loss"], state.log_history, last, state.global_step)},
+                   "log_history": state.log_history,
                    "tensorboard": tensorboard_scalars(config.output_dir)}
         (config.final_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     trainer.accelerator.wait_for_everyone()

@@ -15,6 +15,9 @@ ANSWERS = [
     ('{"category":"Business","confidence":0.9}', (-1, "extra_keys"), (2, None)),
     ('{"category":"sports"}', (-1, "case"), (1, None)),
     ('{"category": "Sports"}', (-1, "spacing"), (1, None)),
+    ('{"Category": "Sports"}', (-1, "case"), (1, None)),  # the key in any case too
+    ('{"CATEGORY":"world"}', (-1, "case"), (0, None)),
+    ('{"Category":"Sports","category":"World"}', (-1, "extra_keys"), (0, None)),  # the exact key first
     ('{\n  "category": "Sci/Tech"\n}', (-1, "spacing"), (3, None)),
     ("", (-1, "empty"), (-1, "empty")),
     ("   \n", (-1, "empty"), (-1, "empty")),

@@ -52,15 +52,36 @@ def test_recipe_never_imports_the_lab_and_data_prep_never_imports_finetune():
         assert not any(name.startswith("finetune") for name in imported(path)), path.name
 
 
-def test_the_fast_7b_profile_is_the_benchmarks_fastest_checked_row():
-    """`qwen2.5-7b-fast` promises the speed measured for bench row 36 on the 7B shape: the same settings, and an FP8
-    recipe that held bf16's loss."""
-    from finetune.lab.bench import TRAIN_VARIANTS
+def test_without_a_profile_the_command_line_trains_the_7b_recipe():
+    config = config_from_args(["--model", "/models/Qwen2.5-7B-Instruct"])
+    assert config.profile == "qwen2.5-7b" and config.tokenizer is None and config.bf16
+    assert config.learning_rate == 2e-5 and config.num_train_epochs == 1.0
 
-    row = list(TRAIN_VARIANTS.values())[36]
-    fast = {k: v for k, v in PROFILES["qwen2.5-7b-fast"].items() if k != "run_name"}
-    assert fast == row and fast["fp8"] == "tensorwise_pow2_scales"
-    config = get_config("qwen2.5-7b-fast")
-    reference = get_config("qwen2.5-7b")
-    assert config.per_device_train_batch_size * config.gradient_accumulation_steps == (
-        reference.per_device_train_batch_size * reference.gradient_accumulation_steps)  # the same rows a step
+
+def test_help_documents_every_field_in_its_group(capsys):
+    """--help is read from the dataclass: every field has a line of help, listed under one of the groups."""
+    from dataclasses import fields
+
+    from finetune.config import GROUPS, RunConfig
+
+    with pytest.raises(SystemExit):
+        config_from_args(["--help"])
+    text = capsys.readouterr().out
+    for group in GROUPS:
+        assert f"{group} options:" in text
+    for f in fields(RunConfig):
+        assert f.metadata["help"] and f.metadata["group"] in GROUPS
+        if f.name != "profile":
+            assert f"--{f.name}" in text
+    assert "packed rows per micro-batch and GPU" in text
+
+
+def test_the_reference_recipe_is_the_7b_recipe_without_speed_ups():
+    """One flag away: the same hyperparameters, the same rows a step, none of the speed settings."""
+    recipe, reference = get_config("qwen2.5-7b"), get_config("qwen2.5-7b-reference")
+    learning = ("learning_rate", "num_train_epochs", "max_length", "lr_scheduler_type", "packing", "model", "bf16")
+    assert all(getattr(recipe, k) == getattr(reference, k) for k in learning)
+    assert recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps == (
+        reference.per_device_train_batch_size * reference.gradient_accumulation_steps)
+    assert (reference.compile_layers, reference.fp8, reference.optimizer) == (False, None, "adamw_bf16_sr")
+    assert "auto" in (recipe.compile_layers, recipe.fp8, recipe.optimizer)

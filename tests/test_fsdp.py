@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from finetune.config import get_config
-from finetune.train import last_checkpoint, sft_config
+from finetune.train import last_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,14 +130,15 @@ def _logits(folder: Path) -> torch.Tensor:
         return model(torch.arange(3, 67).reshape(2, 32)).logits
 
 
-def test_runs_with_bf16_weights_turn_fsdp_mixed_precision_off(monkeypatch):
-    """FSDP2's mixed precision is fp32 shards with bf16 compute (adamw_fp32_master); bf16 weights stay bf16 shards."""
-    reference = get_config("qwen2.5-7b")
-    assert sft_config(reference).mixed_precision == "bf16"  # one process: bf16 autocast, as before
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    precision = {opt: sft_config(get_config("qwen2.5-7b", optimizer=opt)).mixed_precision
-                 for opt in ("adamw", "adamw_bf16_sr", "adamw_fp32_master")}
-    assert precision == {"adamw": "no", "adamw_bf16_sr": "no", "adamw_fp32_master": "bf16"}
+@pytest.mark.slow
+def test_bf16_weights_stay_bf16_shards_under_fsdp(launch):
+    """FSDP2's mixed precision is fp32 shards with bf16 compute (adamw_fp32_master): accelerate upcasts every trained
+    weight to fp32 as it shards it. The optimizers that keep bf16 weights run with it off, so that stochastic rounding
+    has bf16 weights to round into: the saved model (gathered from the shards) is bf16, as one process saves it."""
+    launch("finetune/train.py", "--run_name", "bf16", "--max_steps", "1", "--save_steps", "100", "--bf16", "true",
+           "--optimizer", "adamw_bf16_sr")
+    saved = load_file(launch.checkpoints / "bf16" / "final" / "model.safetensors")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.bfloat16}
 
 
 @pytest.mark.slow
@@ -148,8 +149,11 @@ def test_two_ranks_train_like_one_process_and_save_a_model_from_pretrained_loads
     # Saved by rank 0 from the gathered shards, loaded with no FSDP: the same model the single process trained.
     torch.testing.assert_close(_logits(sharded), _logits(single), atol=1e-5, rtol=1e-5)
     checkpoint = uninterrupted / "checkpoint-4"
-    assert {"pytorch_model_fsdp.bin", "optimizer.bin"} <= {p.name for p in checkpoint.iterdir()}
-    assert last_checkpoint(uninterrupted) == str(checkpoint)
+    assert {"pytorch_model_fsdp.bin", "optimizer.bin", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"} <= {
+        p.name for p in checkpoint.iterdir()}
+    assert last_checkpoint(uninterrupted, world_size=2) == str(checkpoint)
+    with pytest.raises(RuntimeError, match=r"missing RNG state \(rng_state.pth\).*another number of processes"):
+        last_checkpoint(uninterrupted, world_size=1)
 
 
 @pytest.mark.slow
@@ -176,6 +180,7 @@ def test_run_resumed_from_a_sharded_checkpoint_ends_where_the_uninterrupted_run_
     launch("finetune/train.py", *flags, "--max_steps", "2", accelerate_flags=sharded)
     checkpoint = launch.checkpoints / "resumed" / "checkpoint-2"
     assert {"pytorch_model_fsdp_0", "optimizer_0"} <= {p.name for p in checkpoint.iterdir()}
+    assert last_checkpoint(checkpoint.parent, world_size=2) == str(checkpoint)  # complete: every part is there
     # max_steps 2, then 4: a changed run config, which resuming refuses unless allowed. Under the constant learning
     # rate here it is the same training, stopped early.
     launch("finetune/train.py", *flags, "--max_steps", "4", "--allow_config_change", "true", accelerate_flags=sharded)

@@ -72,20 +72,22 @@ def test_summary_is_generated_from_every_results_file(tmp_path):
     records = load_records(tmp_path)
     assert [r["name"] for r in records] == ["base_model", "finetuned_model"]
     table = summary_table(records)
-    assert "| base_model | scratch | holdout | 4 | label_scoring | 75.00% |" in table and "| CPU (" in table
-    assert "| finetuned_model | scratch | holdout | 4 | label_scoring | 100.00% |" in table
-    assert "do not edit by hand" in write_summary(tmp_path).read_text()
+    assert "| base_model | scratch | holdout | 4 | 75.00% / " in table and "| CPU (" in table
+    assert "| finetuned_model | scratch | holdout | 4 | 100.00% / " in table
+    summary = write_summary(tmp_path).read_text()
+    assert "do not edit by hand" in summary and "`python -m finetune.lab.report`" in summary
 
 
-def test_readme_generated_sections_match_the_committed_results(tmp_path):
-    """The README's tables are regenerated from results/; a hand edit or a stale table fails here."""
-    from finetune.lab.notebooks import PROJECT_DIR
-    from finetune.lab.report import update_readme
+def test_generated_sections_match_the_committed_results(tmp_path):
+    """The tables of README.md and docs/*.md are regenerated from results/; a hand edit or a stale table fails here."""
+    from finetune.lab.report import doc_pages, update_docs
 
-    readme = (PROJECT_DIR / "README.md").read_text()
-    copy = tmp_path / "README.md"
-    copy.write_text(readme)
-    assert update_readme(copy, PROJECT_DIR / "results") == readme
+    pages = {page.relative_to(PROJECT_DIR): page.read_text() for page in doc_pages(PROJECT_DIR)}
+    for relative, text in pages.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(text)
+    regenerated = update_docs(tmp_path, PROJECT_DIR / "results")
+    assert {page.relative_to(tmp_path): text for page, text in regenerated.items()} == pages
 
 
 def test_calibration_bins_match_a_hand_computed_case():
@@ -152,14 +154,13 @@ def test_tables_name_the_commit_and_mark_records_made_before_an_evaluation_chang
     # No commit recorded (a copied tree): the creation time says it came before every change.
     _record_made(tmp_path, "old_run", None, "2026-11-25T11:39:36+00:00")
     _record_made(tmp_path, "new_run", RUN_START_GIT_STATE["git_commit"] or None, "2099-01-01T00:00:00+00:00", dirty=True)
-    rows = {line.split(" | ")[0][2:] + "/" + line.split(" | ")[4]: line
-            for line in summary_table(load_records(tmp_path)).splitlines()[2:]}
-    assert "| unknown | answer-tree label scoring (33dda75) |" in rows["old_run/label_scoring"]
-    assert "cached decoding (b3ef6a2)" in rows["old_run/generation"] and "33dda75" not in rows["old_run/generation"]
-    assert "strict/lenient generation (d6676b1)" in rows["old_run/generation"]
+    table = summary_table(load_records(tmp_path))
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines()[2:] if line.startswith("| ")}
+    assert "| unknown | " in rows["old_run"] and "answer-tree label scoring (33dda75)" in rows["old_run"]
+    assert "cached decoding (b3ef6a2)" in rows["old_run"] and "strict/lenient generation (d6676b1)" in rows["old_run"]
     commit = (RUN_START_GIT_STATE["git_commit"] or "unknown")[:7]
-    for mode in ("label_scoring", "generation"):
-        assert rows[f"new_run/{mode}"].endswith(f"| {commit} (dirty) |  | `new_run_results.json` |")
+    assert rows["new_run"].endswith(f"| {commit} (dirty) |  | `new_run_results.json` |")
+    assert "`(dirty)` with uncommitted changes" in table and "*evaluation changed since*:" in table  # the legend
 
 
 def test_a_commit_in_this_history_is_judged_by_its_ancestry_not_its_date(tmp_path):
@@ -197,8 +198,9 @@ def test_training_runs_table_says_how_many_articles_each_optimizer_step_saw(tmp_
         (tmp_path / "runs" / f"{name}_train_summary.json").write_text(json.dumps(
             {"train_seconds": 20.0, "data": {"train_size": 6000}, **summary}))
     table = training_runs_table(tmp_path / "runs")
-    assert "| packed | 75.00% |" in table and "| 20 | 750 | 32.0 | CPU (" in table
-    assert "| unpacked | 75.00% |" in table and "| 20 | 1500 | 16.0 | CPU (" in table
+    assert "| packed | 75.00% / " in table and "| 20 | 750 | 32.0 | CPU (" in table
+    assert "| unpacked | 75.00% / " in table and "| 20 | 1500 | 16.0 | CPU (" in table
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 2  # the header and one row per run
     benchmark = {"benchmark": "eval", "environment": {**environment(), "git_commit": "abcdef123", "git_dirty": False},
                  "config": {"model": "checkpoints/run/final"},
                  "modes": {"label_scoring": {"articles": 4, "articles_per_second": 2.0, "batch_size": 4,

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -37,28 +38,72 @@ def test_plain_bf16_adamw_rounds_away_most_updates_and_stochastic_rounding_does_
 
 @pytest.mark.parametrize("state_bits", [16, 8])
 def test_our_stochastic_rounding_adamw_updates_exactly_as_torchao_does(state_bits):
-    """Same seed, same gradients, three steps with weight decay: bit-identical weights and states, against torchao's
-    _AdamW (bf16 moments) or AdamW8bit (8-bit moments for the tensors large enough to quantize, the 48 x 128 one)."""
+    """Same gradients, three steps with weight decay: bit-identical weights and states, against torchao's _AdamW
+    (bf16 moments) or AdamW8bit (8-bit moments for the tensors large enough to quantize, the 48 x 128 one), each of
+    torchao's steps run with torch's generator seeded as ours seeds each weight's rounding at that step."""
     from torchao.optim import AdamW8bit, _AdamW
 
-    from finetune.optim import AdamWBf16SR
+    from finetune.optim import AdamWBf16SR, rounding_seed
 
     theirs = {16: _AdamW, 8: AdamW8bit}[state_bits]
+
+    def torchao_seeded_per_step_and_weight(params):
+        optimizers = [theirs([p], lr=1e-3, weight_decay=0.1, bf16_stochastic_round=True) for p in params]
+
+        def step():
+            for index, optimizer in enumerate(optimizers):
+                torch.manual_seed(rounding_seed(7, int(optimizer.state[params[index]].get("step", 0)) + 1, index))
+                optimizer.step()
+        return SimpleNamespace(step=step, state={p: o.state[p] for p, o in zip(params, optimizers)})
+
     runs = []
-    for make in (lambda ps: theirs(ps, lr=1e-3, weight_decay=0.1, bf16_stochastic_round=True),
-                 lambda ps: AdamWBf16SR(ps, lr=1e-3, weight_decay=0.1, state_bits=state_bits)):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(n, 128).to(torch.bfloat16)) for n in (16, 48, 16)]
+    for make in (torchao_seeded_per_step_and_weight,
+                 lambda ps: AdamWBf16SR(ps, lr=1e-3, weight_decay=0.1, state_bits=state_bits, rounding_seed=7)):
+        generator = torch.Generator().manual_seed(0)  # not torch's: torchao's side reseeds that at every step
+        params = [torch.nn.Parameter(torch.randn(n, 128, generator=generator).to(torch.bfloat16)) for n in (16, 48, 16)]
         optimizer = make(params)
         for _ in range(3):
             for p in params:
-                p.grad = torch.randn_like(p)
+                p.grad = torch.randn(p.shape, generator=generator).to(torch.bfloat16)
             optimizer.step()
         runs.append([t for p in params for t in (p.detach(), *optimizer.state[p].values())])
     quantized = [type(t).__name__ for t in runs[1]].count("OptimState8bit")
     assert quantized == (2 if state_bits == 8 else 0)  # the two moments of the one tensor of >= 4,096 values
     for ours, theirs_ in zip(*runs):
         assert torch.equal(_plain(ours), _plain(theirs_))
+
+
+@pytest.mark.parametrize("state_bits, fused", [(16, False), (8, False), (8, True)])
+def test_replicas_whose_rng_has_drifted_apart_still_round_identically(state_bits, fused, monkeypatch):
+    """Plain DDP: every rank applies the same averaged gradient to its own replica, but each rank's RNG has moved on
+    by its own dropout draws. The rounding is seeded per step and weight, so the replicas stay bit-identical, in the
+    compiled update and in the fused 8-bit kernel (CUDA's path; here on Triton's interpreter, for the 8-bit weight);
+    another rounding_seed (another run's seed) draws other rounding."""
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    from finetune import optim
+    from finetune.optim import AdamWBf16SR
+
+    if fused:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("runs the kernel on CPU tensors: needs TRITON_INTERPRET=1 (no CUDA)")
+        monkeypatch.setattr(optim, "_fused_8bit", lambda p, state: isinstance(state["exp_avg"], OptimState8bit))
+
+    def replica(rng_draws: int, rounding_seed: int = 0) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, 128, generator=generator).to(torch.bfloat16)) for n in (48, 16)]
+        optimizer = AdamWBf16SR(params, lr=1e-3, weight_decay=0.1, state_bits=state_bits, rounding_seed=rounding_seed)
+        torch.manual_seed(rng_draws)
+        for _ in range(3):
+            torch.rand(rng_draws)  # this rank's dropout
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator).to(torch.bfloat16)
+            optimizer.step()
+        return [p.detach().clone() for p in params]
+
+    one, other = replica(rng_draws=1), replica(rng_draws=1000)
+    assert all(torch.equal(a, b) for a, b in zip(one, other))
+    assert not all(torch.equal(a, b) for a, b in zip(one, replica(rng_draws=1, rounding_seed=1)))
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -219,7 +264,7 @@ def test_fused_8bit_step_computes_torchaos_update(interpreter_fma_rounding_once)
             single_param_adam(theirs[0], grad, torch.tensor(step), theirs[1], theirs[2], None, lr, 0.9, 0.999, 0.1,
                               1e-8, True, False)
             kernel.adamw8bit_step(weight, grad, exp_avg, exp_avg_sq, step=step, lr=lr.item(), beta1=0.9, beta2=0.999,
-                                  weight_decay=0.1, eps=1e-8)
+                                  weight_decay=0.1, eps=1e-8, seed=int(step))
             for ours, reference in [(exp_avg, theirs[1]), (exp_avg_sq, theirs[2])]:
                 assert torch.equal(ours.codes, reference.codes) and torch.equal(ours.scale, reference.scale)
             down, up = _bf16_neighbours(theirs[0])
@@ -227,29 +272,28 @@ def test_fused_8bit_step_computes_torchaos_update(interpreter_fma_rounding_once)
 
 
 @on_the_interpreter
-def test_fused_8bit_step_rounds_to_bf16_without_bias_and_from_torchs_generator():
+def test_fused_8bit_step_rounds_to_bf16_without_bias_and_from_its_seed_alone():
     """A step of a third of a bf16 ulp on weights of 1.0 moves a third of them a whole ulp down (to 1 - 2^-8) and
-    leaves the rest: on average, exactly the step. Each call draws new rounding from torch's generator; a seed repeats
-    it."""
+    leaves the rest: on average, exactly the step. Each seed draws its own rounding; the same seed repeats it, whatever
+    torch's generator holds."""
     kernel = pytest.importorskip("finetune.adamw8bit_kernel")
     from torchao.optim.subclass_8bit import OptimState8bit
 
     lr = 2**-8 / 3  # Adam's first step moves each weight by lr (grad / |grad|)
 
-    def one_step() -> torch.Tensor:
+    def one_step(seed: int) -> torch.Tensor:
         weight = torch.ones(16, 256, dtype=torch.bfloat16)
         kernel.adamw8bit_step(weight, torch.ones_like(weight), OptimState8bit.zeros(weight.shape, signed=True),
                               OptimState8bit.zeros(weight.shape, signed=False), step=1.0, lr=lr, beta1=0.9,
-                              beta2=0.999, weight_decay=0.0, eps=1e-8)
+                              beta2=0.999, weight_decay=0.0, eps=1e-8, seed=seed)
         return weight.float()
 
-    torch.manual_seed(0)
-    draws = torch.stack([one_step() for _ in range(8)])  # 32,768 roundings
+    draws = torch.stack([one_step(seed) for seed in range(8)])  # 32,768 roundings
     assert set(draws.unique().tolist()) == {1 - 2**-8, 1.0}
     assert abs(draws.mean().item() - (1 - lr)) < 6e-5  # six standard deviations of the mean of 32,768 draws
     assert not torch.equal(draws[0], draws[1])
-    torch.manual_seed(0)
-    assert torch.equal(one_step(), draws[0])
+    torch.manual_seed(123)
+    assert torch.equal(one_step(0), draws[0])
 
 
 @pytest.mark.gpu

@@ -9,8 +9,9 @@ import torch
 from finetune.attention import VARLEN, choose_attn_implementation
 from finetune.config import config_from_args
 from finetune.model import load_model, train_bpe_tokenizer
-from finetune.speedups import (GIB, WORKSPACE_GIB, compile_decoder_layers, convert_to_fp8, decoder_layers,
-                               layer_activation_bytes, layers_to_checkpoint, training_state_bytes)
+from finetune.plan import FP8_RECIPE
+from finetune.speedups import (GIB, WORKSPACE_GIB, check_speedups, compile_decoder_layers, convert_to_fp8,
+                               decoder_layers, layer_activation_bytes, layers_to_checkpoint)
 from finetune.train import build_trainer
 
 
@@ -86,14 +87,14 @@ def test_fp8_converts_the_decoder_linears_only_and_keeps_the_loss(tiny_config, t
                                  optimizer="adamw")
     attn = choose_attn_implementation("auto", packing=True)
     bf16 = _losses_and_grads(load_model(config, tokenizer, attn).cuda(), "cuda")[0]
-    for recipe in ("rowwise", "tensorwise"):
+    for recipe in ("rowwise", "tensorwise", FP8_RECIPE):  # FP8_RECIPE: tensorwise_pow2_scales, the one recommended
         model = load_model(config, tokenizer, attn).cuda()
         convert_to_fp8(model, recipe)
         assert all(isinstance(m, Float8Linear) for layer in decoder_layers(model) for m in layer.modules()
                    if isinstance(m, torch.nn.Linear)) and not isinstance(model.lm_head, Float8Linear)
         fp8 = _losses_and_grads(model, "cuda")[0]
         print(f"bf16 {bf16} fp8 {recipe} {fp8}")
-        assert fp8 == pytest.approx(bf16, rel=2e-2)
+        assert fp8 == pytest.approx(bf16, rel=2e-2) and fp8 != bf16  # FP8's rounding, not a run left in bf16
 
 
 @pytest.mark.slow
@@ -150,6 +151,19 @@ def test_fp8_without_an_fp8_gpu_names_the_fix(tiny_config):
         build_trainer(dataclasses.replace(tiny_config, fp8="int8"))
 
 
+@pytest.mark.parametrize("method, why", [("lora", "compute a gradient for every weight"),
+                                         ("qlora", "nothing would run in FP8")])
+def test_fp8_with_adapters_is_refused_before_anything_loads_and_names_the_fix(tiny_config, method, why):
+    """QLoRA's 4-bit layers would stay as they are (no FP8 at all); LoRA's frozen weights would get weight gradients
+    they do not need. Refused before data, tokenizer or model load (the data folder does not exist)."""
+    config = dataclasses.replace(tiny_config, method=method, fp8="tensorwise_pow2_scales", data_dir="/nonexistent")
+    with pytest.raises(ValueError, match=rf"fp8='tensorwise_pow2_scales' with method='{method}': .*{why}.*"
+                                         rf"Use --fp8 none with --method {method}, or --method full"):
+        check_speedups(config)
+    check_speedups(dataclasses.replace(config, fp8=None))
+    check_speedups(dataclasses.replace(config, method="full"))
+
+
 def test_auto_checkpointing_keeps_every_layer_that_fits():
     """The 7B shape with a micro-batch of 8 packed 512-token rows: 61 GB of weights, gradients and AdamW states."""
     kept, checkpointed = layer_activation_bytes(hidden=3584, intermediate=18944, tokens=8 * 512)
@@ -167,17 +181,21 @@ def test_auto_checkpointing_keeps_every_layer_that_fits():
 
 
 def test_adapter_runs_plan_for_frozen_weights_and_small_adapter_states(tiny_config, tokenizer):
-    """LoRA keeps no gradients or AdamW states for the frozen weights: 2 bytes a bf16 weight, not 8, plus the
-    adapters' (rank r on each decoder projection: r x (inputs + outputs) parameters)."""
-    config = dataclasses.replace(tiny_config, bf16=True, optimizer="adamw_bf16_sr")
+    """The plan counts from the shape what the built model holds: every weight (8 bytes each with bf16 AdamW states),
+    and for LoRA 2 bytes a frozen weight plus the trainable adapters' 8 (counted by peft on the real model)."""
+    from peft import get_peft_model
+
+    from finetune.adapters import lora_config
+    from finetune.plan import ModelShape, training_state_bytes
+
+    config = dataclasses.replace(tiny_config, bf16=True, optimizer="adamw_bf16_sr", tie_word_embeddings=False)
     model = load_model(config, tokenizer)
-    lora = dataclasses.replace(config, method="lora", lora_rank=4)
-    h, i, layers = config.hidden_size, config.intermediate_size, config.num_layers
-    kv = config.num_kv_heads * h // config.num_heads
-    adapters = 4 * layers * (2 * (h + h) + 2 * (h + kv) + 2 * (h + i) + (i + h))  # q, o; k, v; gate, up; down
-    assert training_state_bytes(config, model) == model.num_parameters() * 8
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # RoPE's frequencies
-    assert training_state_bytes(lora, model) == model.num_parameters() * 2 + buffers + adapters * 8
+    shape = ModelShape.of(dataclasses.replace(config, vocab_size=model.config.vocab_size))
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n or "bias" in n)
+    assert training_state_bytes(config, shape) == (model.num_parameters() - norms) * 8
+    lora = dataclasses.replace(config, method="lora", lora_rank=4, lora_modules_to_save=None, lora_embedding=False)
+    adapters = sum(p.numel() for p in get_peft_model(model, lora_config(lora, model)).parameters() if p.requires_grad)
+    assert training_state_bytes(lora, shape) == (model.num_parameters() - norms) * 2 + adapters * 8
 
 
 def test_auto_checkpointing_on_the_cpu_recomputes_every_layer(tiny_config):

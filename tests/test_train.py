@@ -95,6 +95,8 @@ def test_interrupted_run_resumes_to_the_same_weights_and_losses(tiny_config, tmp
     assert summary["resumed_from"].endswith("checkpoint-5")
     expected = json.loads((straight / "train_summary.json").read_text())
     assert len(_losses(summary)) > 5 and _losses(summary) == pytest.approx(_losses(expected), rel=1e-4)
+    # the whole run's mean loss, not the steps since the resume divided by all of them (logged losses: 4 decimals)
+    assert summary["metrics"]["train_loss"] == pytest.approx(expected["metrics"]["train_loss"], rel=1e-3)
     straight_weights, resumed_weights = _weights(straight), _weights(resumed)
     assert next(iter(resumed_weights.values())).dtype == (torch.bfloat16 if bf16 else torch.float32)
     for name, value in straight_weights.items():
@@ -144,15 +146,27 @@ def test_partial_checkpoint_is_a_clear_error(tiny_config):
         train(tiny_config)
 
 
-@pytest.mark.parametrize("files", [("model.safetensors", "optimizer.pt"),  # one process
-                                   ("pytorch_model_fsdp.bin", "optimizer.bin"),  # FSDP, FULL_STATE_DICT
-                                   ("pytorch_model_fsdp_0/.metadata", "optimizer_0/.metadata")])  # SHARDED_STATE_DICT
-def test_complete_checkpoints_of_every_writer_are_resumed_from(tmp_path, files):
-    checkpoint = tmp_path / "checkpoint-4"
-    for name in ("trainer_state.json", *files):
-        (checkpoint / name).parent.mkdir(parents=True, exist_ok=True)
-        (checkpoint / name).write_text("{}")
-    assert last_checkpoint(tmp_path) == str(checkpoint)
+# Each part the Trainer writes into a checkpoint, as the completeness check names it when it is missing. Without
+# scheduler.pt the Trainer would load neither optimizer nor schedule (fresh Adam moments, the warm-up again); without
+# rng_state.pth, dropout and stochastic rounding would draw other numbers than the uninterrupted run.
+CHECKPOINT_FILES = {"trainer_state.json": "trainer_state.json", "model.safetensors": "model weights",
+                    "optimizer.pt": "optimizer state", "scheduler.pt": "scheduler state", "rng_state.pth": "RNG state"}
+
+
+def test_a_checkpoint_the_trainer_wrote_is_complete_and_each_missing_part_is_named(tiny_config, tmp_path):
+    """The FSDP writers' checkpoints (FULL_STATE_DICT, SHARDED_STATE_DICT) are checked on real ones in test_fsdp.py."""
+    config = dataclasses.replace(tiny_config, num_train_epochs=1.0, save_steps=5, max_train_samples=120)
+    train(config, callbacks=[StopAt(5)])
+    checkpoint = config.output_dir / "checkpoint-5"
+    assert set(CHECKPOINT_FILES) <= {p.name for p in checkpoint.iterdir()}
+    assert last_checkpoint(config.output_dir) == str(checkpoint)
+    for name, part in CHECKPOINT_FILES.items():
+        (checkpoint / name).rename(tmp_path / name)
+        with pytest.raises(RuntimeError, match=rf"checkpoint-5 is incomplete \(missing {part} \("):
+            last_checkpoint(config.output_dir)
+        (tmp_path / name).rename(checkpoint / name)
+    with pytest.raises(RuntimeError, match=r"missing RNG state \(rng_state_0.pth and rng_state_1.pth\)"):
+        last_checkpoint(config.output_dir, world_size=2)  # two processes resume from their own RNG states
 
 
 def test_sharded_checkpoint_without_its_metadata_is_a_clear_error(tmp_path):

@@ -27,16 +27,17 @@ import torch
 from accelerate import PartialState
 from transformers.trainer_utils import SaveStrategy
 
-from finetune.config import RunConfig, config_from_args
+from finetune.config import REFERENCE_SPEED, RunConfig, config_from_args
 from finetune.data import load_splits
 from finetune.model import load_for_inference, load_tokenizer
 from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
+from finetune.plan import GPU, ModelShape, plan_evaluation
 from finetune.predict import encode_prompts
 from finetune.results import environment
-from finetune.throughput import (HostSyncCounter, StepClock, StepProfiler, adapter_parameters, max_over_ranks,
-                                 mean_article_tokens, peak_flops, peak_memory_gib, reset_peak_memory,
-                                 training_flops_per_token)
-from finetune.lab.stock_trl import STOCK_TRL, stock_trl_trainer
+from finetune.throughput import (HostSyncCounter, StepClock, StepProfiler, adapter_parameters, article_tokens,
+                                 lm_head_on_every_token, max_over_ranks, mean_article_tokens, peak_flops,
+                                 peak_memory_gib, reset_peak_memory, training_flops_per_token)
+from finetune.lab.stock_trl import STOCK_TRL, STOCK_TRL_TUNED, stock_trl_trainer
 from finetune.speedups import decoder_layers
 from finetune.train import build_trainer, launched_with_fsdp
 
@@ -48,6 +49,9 @@ FULL_TRAIN_ARTICLES = 120_000
 # cache (bench_train_variant); FP8 rows follow the bf16 ones they extend, as torchao patches inductor's code
 # generation for the process once a model is converted. "auto ... within 70 GiB" plans for at most 70 GiB (an 80 GB
 # card); plain "auto" for all the card has.
+# Every row starts from the reference's speed settings (REFERENCE_SPEED), whatever the profile's defaults are, so that
+# a row's overrides say all it changes; the recipe rows set them back to the recipe's "auto".
+RECIPE_SPEED = {name: RunConfig.__dataclass_fields__[name].default for name in REFERENCE_SPEED}
 AUTO_70 = {"checkpointed_layers": "auto", "max_memory_gib": 70}
 FP8_8BIT = {"compile_layers": True, "fp8": "tensorwise", "optimizer": "adamw8bit_bf16_sr"}
 BATCH_16X2 = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 2}
@@ -121,6 +125,12 @@ TRAIN_VARIANTS = {
     **{f"compiled layers, FP8 {recipe}, 8-bit AdamW moments, batch 16 x 2, checkpointing auto": {
         **FP8_8BIT, **BATCH_16X2, "checkpointed_layers": "auto", "fp8": recipe}
        for recipe in ("rowwise", "rowwise_with_gw_hp", "tensorwise_forward_rowwise_grads", "tensorwise_pow2_scales")},
+    # The qwen2.5-7b recipe as a user runs it: every speed setting "auto", chosen for this GPU (finetune/plan.py);
+    # then with the FP8 recipe on, and LoRA and QLoRA taking the same speed-ups.
+    "the qwen2.5-7b recipe, planned for this GPU": RECIPE_SPEED,
+    "the qwen2.5-7b recipe with FP8 tensorwise_pow2_scales": {**RECIPE_SPEED, "fp8": "tensorwise_pow2_scales"},
+    "LoRA r16, the qwen2.5-7b recipe": {**RECIPE_SPEED, "method": "lora"},
+    "QLoRA r16, the qwen2.5-7b recipe": {**RECIPE_SPEED, "method": "qlora"},
 }
 
 
@@ -128,7 +138,7 @@ def run_order(catalogue: dict[str, dict], indices: list[int]) -> list[str]:
     """The chosen variants (always with the reference, index 0) by index, the Liger ones last."""
     names = list(catalogue)
     return sorted((names[i] for i in {0, *indices}),
-                  key=lambda n: (catalogue[n].get("use_liger_kernel", False), names.index(n)))
+                  key=lambda n: (catalogue[n].get("use_liger_kernel") is True, names.index(n)))
 
 
 # Under FSDP2 (`accelerate launch`, configs/accelerate/fsdp2.yaml) the same per-GPU recipe: who checkpoints the
@@ -180,7 +190,8 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
     optimizer_seconds = clock.optimizer_seconds[warmup_steps:warmup_steps + measured_steps]
     mean_len = mean_article_tokens(trainer.train_dataset)
     adapter_params = adapter_parameters(trainer.model)
-    flops = training_flops_per_token(trainer.model.config, mean_len, adapter_params)
+    flops = training_flops_per_token(trainer.model.config, article_tokens(trainer.train_dataset), adapter_params,
+                                     lm_head_on_every_token(trainer))
     peak = peak_flops()
     result = {
         "tokens_per_second": tokens_per_second,
@@ -188,9 +199,11 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         "optimizer_step_seconds": sum(optimizer_seconds) / len(optimizer_seconds),
         "tokens_per_step": tokens / measured_steps,  # all GPUs
         "mfu": tokens_per_second * flops / peak if peak else None,
+        "mfu_of": "bf16 peak",  # FP8 rows too: their matmuls are counted as bf16 FLOPs, against the bf16 peak
         "peak_allocated_gib": max_over_ranks(trainer.accelerator, peak_memory_gib()),
         "peak_reserved_gib": max_over_ranks(trainer.accelerator, peak_memory_gib(reserved=True)),
         "mean_article_tokens": mean_len,
+        **dataclasses.asdict(article_tokens(trainer.train_dataset)),  # what the FLOPs count above read
         "adapter_parameters": adapter_params,  # None: every weight trains
         "projected_epoch_minutes_full_train": FULL_TRAIN_ARTICLES * mean_len / (tokens_per_second * world_size) / 60,
         "final_loss": next(h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h),
@@ -209,23 +222,41 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
     return result
 
 
+def reference_start(config: RunConfig) -> dict:
+    """What every row changes first: a profile on the recipe's "auto" speed settings (the 7B shape) starts its rows
+    from the reference's, so that a row's overrides say all it changes; other profiles (tiny) and FSDP runs keep theirs."""
+    on_recipe = config.compile_layers == RECIPE_SPEED["compile_layers"] and not launched_with_fsdp()
+    return REFERENCE_SPEED if on_recipe else {}
+
+
 def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int, measured_steps: int,
                 profile: bool = False, save=lambda results: None, stock_trl_steps: tuple[int, int] | None = None,
                 trace_dir: Path | None = None) -> dict:
-    """Stock TRL first (with `stock_trl_steps`: its warm-up and measured steps), then every variant in turn, the
-    first of them the reference; `save` gets the results so far after each one, so a run cut short keeps what it
-    had. With `profile` and `trace_dir`, each profiled step's timeline goes there, named by the row's order."""
+    """Stock TRL as documented first (with `stock_trl_steps`: its warm-up and measured steps), then every variant in
+    turn, the first of them the reference, then stock TRL tuned (Liger patches the process, so it comes last); `save`
+    gets the results so far after each one, so a run cut short keeps what it had. Every row trains at the batch of
+    the last variant (the one being compared; the reference's shape when it runs alone). With `profile` and
+    `trace_dir`, each profiled step's timeline goes there, named by the row's order."""
     results = {}
+    start = reference_start(config)
+    batch = {k: {**dataclasses.asdict(config), **start, **list(variants.values())[-1]}[k]
+             for k in ("per_device_train_batch_size", "gradient_accumulation_steps")}
+    stock_config = dataclasses.replace(config, **batch)
+
+    def stock(name: str, **switches) -> None:
+        print(f"== {name}", flush=True)
+        results[name] = {"overrides": batch, "stock_trl": switches or True, "warmup_steps": stock_trl_steps[0],
+                         "measured_steps": stock_trl_steps[1],
+                         **bench_train_variant(stock_config, *stock_trl_steps,
+                                               build=lambda c, callbacks: stock_trl_trainer(c, callbacks, **switches))}
+        save(add_ratios(results, reference=next(iter(variants))))
+
     if stock_trl_steps:
-        print(f"== {STOCK_TRL}", flush=True)
-        results[STOCK_TRL] = {"overrides": {}, "stock_trl": True, "warmup_steps": stock_trl_steps[0],
-                              "measured_steps": stock_trl_steps[1],
-                              **bench_train_variant(config, *stock_trl_steps, build=stock_trl_trainer)}
-        save(results)
+        stock(STOCK_TRL)
     for row, (name, overrides) in enumerate(variants.items()):
         print(f"== {name}", flush=True)
         trace_path = str(trace_dir / f"row{row}.json.gz") if profile and trace_dir else None
-        run = {k: v for k, v in overrides.items() if not k.startswith("fsdp_")}
+        run = {**start, **{k: v for k, v in overrides.items() if not k.startswith("fsdp_")}}
         # `accelerate launch` hands the config to every rank as FSDP_* variables, which each trainer's plugin reads.
         fsdp_settings = {k.upper(): str(v).lower() for k, v in overrides.items() if k.startswith("fsdp_")}
         with mock.patch.dict(os.environ, fsdp_settings):
@@ -235,22 +266,31 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
         if PartialState().is_main_process:
             print(json.dumps(results[name]), flush=True)
         save(add_ratios(results, reference=next(iter(variants))))
+    if stock_trl_steps and torch.cuda.is_available():  # Liger's kernels are GPU code
+        for name, switches in STOCK_TRL_TUNED.items():
+            stock(name, **switches)
     return results
 
 
 def add_ratios(results: dict, reference: str) -> dict:
-    """Each row's tokens/s over the reference's and over stock TRL's, where both were measured."""
-    for base_name, key in ((reference, "speed_vs_reference"), (STOCK_TRL, "speed_vs_stock_trl")):
-        base = results.get(base_name, {}).get("tokens_per_second")
+    """Each row's tokens/s over the reference's, over stock TRL's as documented, and over the fastest tuned stock TRL
+    row of the same run (the anchor at its strongest), where they were measured."""
+    tuned = [results[n]["tokens_per_second"] for n in STOCK_TRL_TUNED if "tokens_per_second" in results.get(n, {})]
+    bases = {"speed_vs_reference": results.get(reference, {}).get("tokens_per_second"),
+             "speed_vs_stock_trl": results.get(STOCK_TRL, {}).get("tokens_per_second"),
+             "speed_vs_stock_trl_tuned": max(tuned, default=None)}
+    for key, base in bases.items():
         for row in results.values():
             if base and "tokens_per_second" in row:
                 row[key] = row["tokens_per_second"] / base
     return results
 
 
-def bench_eval(config: RunConfig, modes: list[str], repeats: int, generation_batch_size: int | None) -> dict:
+def bench_eval(config: RunConfig, modes: list[str], repeats: int, generation_batch_size: int | None,
+               save=lambda compared: None) -> dict:
     """Every mode of `finetune.lab.bench_eval` over every test-split article (both sides of a holdout carve: speed does
     not depend on what the model learned), the plain anchors first, on one model."""
+    config, _ = plan_evaluation(config, GPU.current(), ModelShape.of(config))  # any "auto" left: this GPU's choice
     splits = load_splits(config)
     texts = list(splits.eval["text"]) + (list(splits.train["text"]) if splits.protocol == "holdout" else [])
     tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
@@ -263,7 +303,7 @@ def bench_eval(config: RunConfig, modes: list[str], repeats: int, generation_bat
                              generation_batch_size=generation_batch_size or config.eval_batch_size,
                              max_length=config.max_length, repeats=repeats, liger=config.use_liger_kernel,
                              compile_layers=config.compile_layers,
-                             report=lambda name, value: print(name, json.dumps(value), flush=True))
+                             report=lambda name, value: print(name, json.dumps(value), flush=True), save=save)
     return {"data": splits.describe(), "tokenization_seconds": tokenization_seconds, "repeats": repeats, **compared}
 
 
@@ -332,7 +372,11 @@ def main(argv: list[str] | None = None) -> None:
         bench_train(config, {n: catalogue[n] for n in names}, known.warmup_steps, known.measured_steps,
                     known.profile_step, save, stock_trl_steps, known.trace_dir)
     else:
-        record.update(bench_eval(config, known.modes.split(","), known.repeats, known.generation_batch_size))
+        def save_modes(compared: dict) -> None:  # after every mode: a run cut short keeps what it measured
+            path.write_text(json.dumps({**record, **compared}, indent=2) + "\n")
+
+        record.update(bench_eval(config, known.modes.split(","), known.repeats, known.generation_batch_size,
+                                 save_modes))
         path.write_text(json.dumps(record, indent=2) + "\n")
     if PartialState().is_main_process:
         print(f"wrote {path}")

@@ -2,8 +2,9 @@
 model (`python -m finetune.lab.bench eval`).
 
 The anchors are what anyone would write first: label scoring as one left-padded forward over prompt + `{"category":"`
-read at its last position (the four labels' first tokens; `logits_to_keep=1`), and plain `generate` (batch 64, 8 new
-tokens). Every mode gets an untimed warm-up pass (the longest batches and the shortest, so kernels are compiled and the
+read at its last position (the four labels' first tokens; `logits_to_keep=1`), and plain `generate`, each at the
+suite's own batch size, on the same articles, plain `generate` with the suite's new-token budget (and, as an extra
+row, at batch 64 on every 4th article: what a first try usually uses). Every mode gets an untimed warm-up pass (the longest batches and the shortest, so kernels are compiled and the
 allocator has grown before the clock starts), then `repeats` timed passes over every article: median, min and max, and
 each mode's median as a ratio to its anchor's. The plain modes run first, on the model as built; Liger's kernels, when
 the config asks for them, are applied after them (they patch the process for good), before the suite's modes.
@@ -17,18 +18,17 @@ import torch
 
 from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
-from finetune.predict import (AnswerTree, _batches, _left_pad, answer_token_ids, encode_prompts, generate_labels,
-                              greedy_decoding, parse_strict, parsed, score_labels)
+from finetune.predict import (AnswerTree, _batches, _left_pad, answer_token_ids, default_max_new_tokens, encode_prompts,
+                              generate_labels, greedy_decoding, parse_strict, parsed, score_labels, warmup_texts)
 from finetune.throughput import peak_memory_gib, profile_table, reset_peak_memory
 
-PLAIN_GENERATE_BATCH = 64
-PLAIN_NEW_TOKENS = 8
-# Plain `generate` is slow (~80 articles/s on an H200): timed on every 4th article, an even sample of the same
+# The extra batch-64 row is slow (~100 articles/s on an H200): timed on every 4th article, an even sample of the same
 # articles, so that every pass of every mode fits one command on the GPU machine (its `articles` says how many).
-PLAIN_GENERATE_EVERY = 4
+SMALL_BATCH = 64
+SMALL_BATCH_EVERY = 4
 ANCHORS = {"label_scoring_tree": "plain_label_scoring", "label_scoring": "plain_label_scoring",
            "generation": "plain_generate", "generation_decoding": "plain_generate"}
-PLAIN_MODES = ("plain_label_scoring", "plain_generate")
+PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64")
 # "generation" is the suite's (the answer tree's check first, decoding for the rest); "generation_decoding" decodes
 # every article, to show what the check saves.
 MODES = PLAIN_MODES + ("label_scoring_tree", "label_scoring", "generation", "generation_decoding")
@@ -56,10 +56,11 @@ def plain_label_scoring(model, tokenizer, texts: list[str], batch_size: int, max
 
 @torch.inference_mode()
 def plain_generate(model, tokenizer, texts: list[str], batch_size: int, max_length: int) -> Predictions:
-    """The generation anchor: whole prompts, left-padded, length-sorted, `generate` greedy for 8 new tokens."""
+    """The generation anchor: whole prompts, left-padded, length-sorted, `generate` greedy with the suite's budget of
+    new tokens (it stops once every row has ended its turn, as the suite's does)."""
     prompts, truncated = encode_prompts(tokenizer, texts, max_length - max(map(len, answer_token_ids(tokenizer))))
     eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    decoding = greedy_decoding(PLAIN_NEW_TOKENS, eos, tokenizer.pad_token_id)
+    decoding = greedy_decoding(default_max_new_tokens(tokenizer), eos, tokenizer.pad_token_id)
     answers, seconds = [""] * len(texts), np.zeros(len(texts))
     for batch in _batches(prompts, batch_size):
         start = time.perf_counter()
@@ -76,7 +77,8 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
     """texts -> Predictions for one mode, at its batch size."""
     runners = {
         "plain_label_scoring": lambda t: plain_label_scoring(model, tokenizer, t, batch_size, max_length),
-        "plain_generate": lambda t: plain_generate(model, tokenizer, t, PLAIN_GENERATE_BATCH, max_length),
+        "plain_generate": lambda t: plain_generate(model, tokenizer, t, generation_batch_size, max_length),
+        "plain_generate_batch64": lambda t: plain_generate(model, tokenizer, t, SMALL_BATCH, max_length),
         "label_scoring_tree": lambda t: score_labels(model, tokenizer, t, batch_size, max_length, False, "tree"),
         "label_scoring": lambda t: score_labels(model, tokenizer, t, batch_size, max_length, False, "packed"),
         "generation": lambda t: generate_labels(model, tokenizer, t, generation_batch_size, max_length,
@@ -85,12 +87,6 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
                                                          progress=False, tree_check=False),
     }
     return runners[mode]
-
-
-def warmup_texts(texts: list[str], lengths: list[int], batch_size: int) -> list[str]:
-    """The two longest batches and the shortest one: the shapes that compile kernels and grow the allocator."""
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    return [texts[i] for i in order[: 2 * batch_size] + order[-batch_size:]]
 
 
 def time_mode(run, texts: list[str], warmup: list[str], repeats: int, batch_size: int) -> tuple[dict, Predictions]:
@@ -157,10 +153,10 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
                   generation_batch_size: int, max_length: int, repeats: int, liger: bool,
                   compile_layers: bool = False,
                   profile_modes: tuple[str, ...] = ("plain_label_scoring", "label_scoring_tree", "label_scoring"),
-                  report=print) -> dict:
+                  report=print, save=lambda compared: None) -> dict:
     """Every mode in `MODES` order (plain ones first; Liger's kernels and compiled layers, when asked for, applied
     after them), timed, with ratios to its anchor, agreement with the tree method, and a profiler table of two
-    batches for each of `profile_modes`."""
+    batches for each of `profile_modes`; `save` gets the results so far after each mode."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown eval mode(s) {sorted(unknown)}: choose from {', '.join(MODES)}")
@@ -173,10 +169,10 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
                 liger_report = liger_in_use(model)
                 report("liger", liger_report)
             sped_up = True
-        batch = {"plain_generate": PLAIN_GENERATE_BATCH, "generation": generation_batch_size,
-                 "generation_decoding": generation_batch_size}.get(mode, batch_size)
+        batch = {"plain_generate": generation_batch_size, "plain_generate_batch64": SMALL_BATCH,
+                 "generation": generation_batch_size, "generation_decoding": generation_batch_size}.get(mode, batch_size)
         run = mode_runner(mode, model, tokenizer, batch_size, generation_batch_size, max_length)
-        timed = texts[::PLAIN_GENERATE_EVERY] if mode == "plain_generate" else texts
+        timed = texts[::SMALL_BATCH_EVERY] if mode == "plain_generate_batch64" else texts
         results[mode], predictions[mode] = time_mode(run, timed, warmup_texts(texts, lengths, batch), repeats, batch)
         anchor = results.get(ANCHORS.get(mode))
         if anchor:
@@ -184,6 +180,7 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
         if mode in profile_modes:
             profiles[mode] = profile_mode(run, texts[: 2 * batch_size])
         report(mode, {k: v for k, v in results[mode].items() if not k.endswith("_per_run")})
+        save({"modes": results, "liger_kernels": liger_report, "profiles": profiles})
     if "label_scoring_tree" in predictions:
         for mode in ("label_scoring", "plain_label_scoring"):
             if mode in predictions:

@@ -5,6 +5,11 @@ Beside them, bf16 again with another stream of the optimizer's stochastic roundi
 weights and batches are fixed): how far rounding noise alone moves the same run, the yardstick for FP8's own rounding.
 
     python -m finetune.lab.bench_fp8 --profile tiny --bf16 true --hidden_size 1024 ... --max_steps 60   # GPU (FP8)
+    python -m finetune.lab.bench_fp8 --profile qwen2.5-7b-shape --recipes tensorwise_pow2_scales --max_steps 200 \
+        --evaluate --name fp8_7b                                           # the recipe at the 7B shape (make gpu-fp8-7b)
+
+With `--evaluate`, each trained model's weights are also scored (label scoring, bf16, no FP8) on the held-out articles:
+a model that learned the answer format and the labels reads them, one that learned less reads fewer.
 """
 
 import argparse
@@ -20,6 +25,8 @@ from transformers import TrainerCallback
 
 from finetune.config import RunConfig, config_from_args
 from finetune.lab.bench_optimizers import train_for_losses
+from finetune.model import load_model
+from finetune.predict import score_labels
 from finetune.results import environment
 from finetune.speedups import FP8_RECIPES
 
@@ -30,27 +37,44 @@ FINAL_LOSS_TOLERANCE = 0.02
 
 
 class ReseedRounding(TrainerCallback):
-    """Draws the GPU's random numbers (the optimizer's stochastic rounding) from another seed once the weights are
-    built; the batches' order comes from the CPU generator and is unchanged."""
+    """Another stream of the optimizer's stochastic rounding (its `rounding_seed`) once the weights are built; the
+    weights' initialisation and the batches' order keep the run's seed."""
 
     def __init__(self, seed: int):
         self.seed = seed
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        torch.cuda.manual_seed_all(self.seed)
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        inner.rounding_seed = self.seed
 
 
-def losses(config: RunConfig, fp8: str | None, rounding_seed: int | None = None) -> dict:
-    """Every optimizer step's training loss, the time it took and the peak memory, for one precision."""
+def losses(config: RunConfig, fp8: str | None, rounding_seed: int | None = None, evaluate: bool = False) -> dict:
+    """Every optimizer step's training loss, the time it took and the peak memory, for one precision; with
+    `evaluate`, the trained weights' label-scoring accuracy on the held-out articles."""
     name = f"fp8-{fp8 or 'bf16'}" + (f"-rounding{rounding_seed}" if rounding_seed is not None else "")
     return train_for_losses(dataclasses.replace(config, fp8=fp8, logging_steps=1, save_steps=10**9, run_name=name),
-                            callbacks=[ReseedRounding(rounding_seed)] if rounding_seed is not None else None)
+                            callbacks=[ReseedRounding(rounding_seed)] if rounding_seed is not None else None,
+                            after=held_out_accuracy if evaluate else None)
 
 
-def compare(config: RunConfig, recipes: tuple[str, ...] = FP8_RECIPES) -> dict:
+def held_out_accuracy(trainer) -> dict:
+    """The trained weights loaded into a plain bf16 model (what the saved model would be), scored on the held-out
+    articles: FP8 and compilation are how the weights were trained, not how they are read."""
+    config = dataclasses.replace(trainer.run_config, fp8=None, compile_layers=False, use_liger_kernel=False)
+    model = load_model(config, trainer.processing_class, "sdpa")
+    model.load_state_dict(trainer.model.state_dict())
+    model.eval()
+    texts, labels = list(trainer.splits.eval["text"]), trainer.splits.eval["label"].to_numpy()
+    predictions = score_labels(model, trainer.processing_class, texts, 256, config.max_length, progress=False)
+    del model
+    return {"held_out_accuracy": float((predictions.labels == labels).mean()), "held_out_articles": len(texts)}
+
+
+def compare(config: RunConfig, recipes: tuple[str, ...] = FP8_RECIPES, evaluate: bool = False) -> dict:
     """bf16 first (the reference), bf16 with other rounding draws (the noise floor), then each FP8 recipe."""
-    runs = {"bf16": losses(config, None), "bf16, other rounding draws": losses(config, None, rounding_seed=1),
-            **{recipe: losses(config, recipe) for recipe in recipes}}
+    runs = {"bf16": losses(config, None, evaluate=evaluate),
+            "bf16, other rounding draws": losses(config, None, rounding_seed=1, evaluate=evaluate),
+            **{recipe: losses(config, recipe, evaluate=evaluate) for recipe in recipes}}
     reference = runs["bf16"]["losses"]
     tail = max(1, len(reference) // 4)
     reference_end = sum(reference[-tail:]) / tail
@@ -93,9 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--recipes", default=",".join(FP8_RECIPES), help="which FP8 recipes, comma-separated")
     parser.add_argument("--name", default="fp8_vs_bf16", help="the results' file name, without extension")
+    parser.add_argument("--evaluate", action="store_true", help="score each trained model on the held-out articles")
     known, rest = parser.parse_known_args(argv)
     config = config_from_args(rest, description=__doc__)
-    runs = compare(config, tuple(known.recipes.split(",")))
+    runs = compare(config, tuple(r for r in known.recipes.split(",") if r), known.evaluate)
     out = Path(config.results_dir) / "fp8"
     out.mkdir(parents=True, exist_ok=True)
     record = {"question": "trained with FP8 matmuls from the same weights on the same batches, does the model reach "
@@ -106,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, run in runs.items():
         print(f"{name:<11} last-quarter loss {run['final_loss_mean_last_quarter']:.4f}  vs bf16 "
               f"{run['final_loss_relative_difference']:.2%} (max step {run['max_step_relative_difference']:.2%})  "
-              f"{'within' if run['within_tolerance'] else 'OUTSIDE'} {FINAL_LOSS_TOLERANCE:.0%}  {run['seconds']:.0f} s")
+              f"{'within' if run['within_tolerance'] else 'OUTSIDE'} {FINAL_LOSS_TOLERANCE:.0%}  {run['seconds']:.0f} s"
+              + (f"  held-out accuracy {run['held_out_accuracy']:.2%}" if "held_out_accuracy" in run else ""))
     print(f"wrote {out / known.name}.json")
 
 

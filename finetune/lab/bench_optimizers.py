@@ -7,12 +7,14 @@ initial weights on the same batches at the reference learning rate, measured aga
 
 import argparse
 import dataclasses
+import gc
 import json
 import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 from transformers import TrainerCallback
+from transformers.trainer_utils import SaveStrategy
 
 from finetune.config import RunConfig, config_from_args
 from finetune.results import environment
@@ -40,15 +42,21 @@ class UpdateProbe(TrainerCallback):
         self.final = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
 
 
-def train_for_losses(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict:
-    """Train `config` through `build_trainer`: every logged loss, the seconds training took and the peak memory."""
+def train_for_losses(config: RunConfig, callbacks: list[TrainerCallback] | None = None, after=None) -> dict:
+    """Train `config` through `build_trainer`: every logged loss, the seconds training took and the peak memory, and
+    whatever `after(trainer)` adds (e.g. the trained model's accuracy)."""
     reset_peak_memory()
     trainer = build_trainer(config, callbacks=callbacks)
+    trainer.args.save_strategy = SaveStrategy.NO  # else the Trainer writes a checkpoint after the last step
     start = time.perf_counter()
     trainer.train()
     result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
               "seconds": time.perf_counter() - start, "peak_memory_gib": peak_memory_gib()}
+    if after is not None:
+        result.update(after(trainer))
+    trainer.accelerator.free_memory()
     del trainer
+    gc.collect()
     return result
 
 

@@ -2,7 +2,7 @@
 
     python -m finetune.lab.methods --profile tiny --methods full,lora      # results/methods/, from a pretrained base
     python -m finetune.lab.methods --profile qwen2.5-7b --methods full,lora,qlora
-    notebooks/04_method_comparison.ipynb reads the records; finetune/lab/report.py puts them in the README
+    notebooks/04_method_comparison.ipynb reads the records; finetune/lab/report.py puts them in docs/methods.md
 
 The tiny profile's scratch model is pretrained first (finetune/pretrain.py): LoRA needs a base that knows something.
 Each record is an evaluation record (finetune/results.py) with a `training` entry: time, tokens/s, peak memory and
@@ -92,7 +92,7 @@ def benchmark_method_rows(results_dir: str | Path) -> list[dict]:
 
 
 def methods_section(results_dir: str | Path) -> str:
-    """The README's methods tables: the tiny profile's comparison and the 7B shape's speed and memory per method."""
+    """The methods tables (docs/methods.md): the tiny profile's comparison and the 7B shape's speed and memory per method."""
     def cell(value, fmt: str) -> str:
         return "n/a" if value is None else fmt.format(value)
 

@@ -1,4 +1,4 @@
-"""Rehearse the real run before downloading 15 GB: the four notebooks on the `qwen2.5-7b` profile, with the model
+"""Rehearse the real run before downloading the weights: the four notebooks on the `qwen2.5-7b` profile, with the model
 replaced by a stand-in folder laid out like the hub snapshot (random weights, see `finetune/lab/standin.py`).
 
     python -m finetune.lab.rehearse --shape 7b    # GPU: `make rehearse`; writes results/rehearsal/
@@ -63,7 +63,7 @@ def _num(value, fmt: str = "{:,.1f}") -> str:
 
 
 def rehearsal_table(results_dir: Path) -> str:
-    """What each step cost, as a markdown table read from a rehearsal's files (its README and the main README)."""
+    """What each step cost, as a markdown table read from a rehearsal's files (its README and docs/hardware.md)."""
     facts = json.loads((results_dir / "rehearsal.json").read_text())
     base = json.loads((results_dir / "base_model_results.json").read_text())
     tuned = json.loads((results_dir / "finetuned_model_results.json").read_text())
@@ -94,7 +94,33 @@ def rehearsal_table(results_dir: Path) -> str:
         for mode, ev in record["evaluations"].items():
             lines.append(_row(f"{name} {mode}: articles/s, accuracy",
                               f"{ev['throughput']['articles_per_second']:,.1f}, {ev['metrics']['accuracy']:.2%}"))
+    lines += same_run_rows(facts.get("same_run", {}), median(rates), tuned)
     return "\n".join(lines)
+
+
+def same_run_rows(same_run: dict, rehearsal_rate: float | None, tuned: dict) -> list[str]:
+    """The benchmark rows measured on the same machine right after the rehearsal, and the notebook path's share of
+    them: training tokens/s against the benchmark's recipe row, label scoring against the benchmark's."""
+    rows = []
+    if "train" in same_run:
+        record = json.loads(Path(same_run["train"]).read_text())
+        recipe = next((v for n, v in record["variants"].items() if n.startswith("the qwen2.5-7b recipe, planned")
+                       and "tokens_per_second" in v), None)
+        if recipe:
+            rows += [_row(f"benchmark's recipe row, same machine (`{Path(same_run['train']).name}`): tokens/s, MFU",
+                          f"{recipe['tokens_per_second']:,.0f}, {recipe['mfu']:.1%}"),
+                     _row("notebook path's training tokens/s / benchmark's",
+                          _num(rehearsal_rate / recipe["tokens_per_second"] if rehearsal_rate else None, "{:.2f}"))]
+    if "eval" in same_run:
+        record = json.loads(Path(same_run["eval"]).read_text())
+        scoring = record["modes"].get("label_scoring")
+        if scoring:
+            ours = tuned["evaluations"]["label_scoring"]["throughput"]["articles_per_second"]
+            rows += [_row(f"benchmark's label scoring, same machine (`{Path(same_run['eval']).name}`): articles/s",
+                          f"{scoring['articles_per_second']:,.1f} (batch {scoring['batch_size']})"),
+                     _row("notebook path's label scoring / benchmark's",
+                          f"{ours / scoring['articles_per_second']:.2f}")]
+    return rows
 
 
 def readme(results_dir: Path) -> str:
@@ -130,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--shape", choices=["tiny", "7b"], default="7b")
     parser.add_argument("--standin", help="stand-in folder (default checkpoints/standin-<shape>; written if missing)")
+    parser.add_argument("--same_run", nargs="*", default=None, metavar="BENCH_JSON", help="only rewrite the README, "
+                        "adding the train and eval benchmark files measured right after the rehearsal on its machine")
     known, rest = parser.parse_known_args(argv)
     defaults = {"run_name": f"rehearsal-{known.shape}", "max_steps": 20, "logging_steps": 5,
                 "results_dir": "results/rehearsal"}
@@ -139,6 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     config = get_config(PROFILE, **overrides)
     standin = Path(known.standin or Path(config.checkpoints_dir) / f"standin-{known.shape}")
     results_dir = Path(config.results_dir)
+    if known.same_run is not None:
+        facts = json.loads((results_dir / "rehearsal.json").read_text())
+        facts["same_run"] = {json.loads(Path(p).read_text())["benchmark"]: p for p in known.same_run}
+        (results_dir / "rehearsal.json").write_text(json.dumps(facts, indent=2) + "\n")
+        (results_dir / "README.md").write_text(readme(results_dir))
+        print(f"done: {results_dir}/README.md")
+        return
     facts = rehearse(known.shape, standin, overrides)
     facts["command"] = "python -m finetune.lab.rehearse " + " ".join(argv if argv is not None else sys.argv[1:])
     facts["environment"] = environment()

@@ -1,17 +1,23 @@
-"""Regenerate results/summary.md and the README's generated sections from the files under results/.
+"""Regenerate results/summary.md and the generated sections of README.md and docs/*.md from the files under results/.
 
     python -m finetune.lab.report          # `make demo` runs it last
 
-Every number in those sections comes from a results or benchmark JSON; nothing here is typed by hand.
+A section lies between `<!-- name:start -->` and `<!-- name:end -->` in whichever page holds those markers. Every
+number in those sections comes from a results or benchmark JSON; nothing here is typed by hand.
 """
 
 import json
 import re
+import statistics
 from pathlib import Path
 
 from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
-from finetune.results import commit_label, hardware_label, load_records, made_before, summary_table, write_summary
+from finetune.lab.spark import spark_section
+from finetune.lab.targets import (benchmark_records, published_comparison, runs, summarize, targets, targets_table,
+                                  training_rows)
+from finetune.results import (answer_cells, commit_label, hardware_label, load_records, made_before, run_group,
+                              run_table, summary_table, write_summary)
 
 MARKERS = "<!-- {}:start -->", "<!-- {}:end -->"
 
@@ -21,12 +27,6 @@ def replace_section(readme: str, name: str, body: str) -> str:
     start, end = (m.format(name) for m in MARKERS)
     head, rest = readme.split(start, 1)
     return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
-
-
-def benchmark_records(results_dir: Path, kind: str) -> list[tuple[Path, dict]]:
-    """The `python -m finetune.lab.bench <kind>` outputs under results/benchmarks, by file name."""
-    records = [(p, json.loads(p.read_text())) for p in sorted((results_dir / "benchmarks").glob("*.json"))]
-    return [(p, r) for p, r in records if r.get("benchmark") == kind]
 
 
 def _gib(value: float | None) -> str:
@@ -104,24 +104,28 @@ def optimizer_table(results_dir: Path) -> str:
 
 
 def training_runs_table(folder: Path) -> str:
-    """Runs trained and evaluated into `folder` (results/gpu, results/cpu_packing), each with its
+    """Runs trained and evaluated into `folder` (results/gpu, results/cpu_packing), one row each, with its
     `<name>_train_summary.json`: accuracy, and what one optimizer step saw (packing fits several articles a row)."""
-    lines = ["| run | accuracy (label scoring) | macro-F1 | generation accuracy | train seconds | optimizer steps "
-             "| articles per optimizer step | hardware | commit | made before | file |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["run", *(f"{name}: accuracy / macro-F1" for name in ("scored", "generated", "lenient")), "train seconds",
+              "optimizer steps", "articles per optimizer step", "hardware", "commit", "file"]
+    rows = []
     for record in load_records(folder):
-        ev = record["evaluations"]
         steps = articles = seconds = float("nan")
         summary_path = folder / f"{record['name']}_train_summary.json"
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
             seconds, (steps, articles) = summary["train_seconds"], optimizer_steps(summary)
-        lines.append(f"| {record['name']} | {ev['label_scoring']['metrics']['accuracy']:.2%} "
-                     f"| {ev['label_scoring']['metrics']['macro_f1']:.2%} | {ev['generation']['metrics']['accuracy']:.2%} "
-                     f"| {seconds:.0f} | {steps:.0f} | {articles:.1f} | {hardware_label(record['environment'])} "
-                     f"| {commit_label(record['environment'])} | {', '.join(made_before(record, tuple(ev)))} "
-                     f"| `{folder.name}/{record['path']}` |")
-    return "\n".join(lines)
+        cells = [record["name"], *answer_cells(record), f"{seconds:.0f}", f"{steps:.0f}", f"{articles:.1f}",
+                 hardware_label(record["environment"]), commit_label(record["environment"]),
+                 f"`{folder.name}/{record['path']}`"]
+        rows.append((cells, made_before(record, tuple(record["evaluations"]))))
+    return run_table(header, rows)
+
+
+def group_table(results_dir: Path, group: str) -> str:
+    """The summary table of one group of runs (`demo`, `fsdp`, ...: see finetune.results.run_group)."""
+    records = [r for r in load_records(results_dir) if run_group(r) == group]
+    return summary_table(records) if records else f"(no `{group}` run in `results/` yet)"
 
 
 def rehearsal_articles_per_update(results_dir: Path) -> str:
@@ -146,90 +150,6 @@ def optimizer_steps(summary: dict) -> tuple[int, float]:
     return last["step"], summary["data"]["train_size"] * last["epoch"] / last["step"]
 
 
-def fp8_recipes_within_tolerance(results_dir: Path) -> set[str]:
-    """FP8 recipes that reached bf16's loss in every comparison recorded (`finetune.lab.bench_fp8`, results/gpu/fp8/):
-    a recipe that missed once, or was never checked, is not a checked option."""
-    verdicts: dict[str, list[bool]] = {}
-    for path in sorted((results_dir / "gpu" / "fp8").glob("*.json")):
-        for name, run in json.loads(path.read_text())["runs"].items():
-            if not name.startswith("bf16"):
-                verdicts.setdefault(name, []).append(run["within_tolerance"])
-    return {recipe for recipe, passed in verdicts.items() if all(passed)}
-
-
-def targets_table(results_dir: Path) -> str:
-    """The targets next to the best figure any one-GPU H100 or H200 variant (or mode) measured, where, and pass or
-    miss. Ratios are the same run's: a training variant and the stock TRL row of one benchmark file; an evaluation
-    mode and the plain-HF anchors timed in the same process."""
-    def on_one_gpu(kind: str) -> list[tuple[str, dict]]:
-        return [(p.name, r) for p, r in benchmark_records(results_dir, kind)
-                if any(gpu in hardware_label(r["environment"]) for gpu in ("H100", "H200"))
-                and r.get("world_size", 1) == 1]
-
-    # The training targets ask for one of the suite's variants whose optimizer really updates bf16 weights (not stock
-    # TRL, not plain bf16 AdamW) and whose FP8 recipe, if any, passed the learning check, on a known GPU; memory
-    # targets are on the peak allocated.
-    checked = {None, *fp8_recipes_within_tolerance(results_dir)}
-    ours = [(f"`{file}`: {name}", v, hardware_label(r["environment"])) for file, r in on_one_gpu("train")
-            for name, v in r["variants"].items() if "error" not in v and v["mfu"] and not v.get("stock_trl")
-            and v["overrides"].get("optimizer", "adamw_bf16_sr") != "adamw" and v["overrides"].get("fp8") in checked]
-    fits = [(where, v) for where, v, _ in ours if v["peak_allocated_gib"] <= 70]
-    evals = [(f"`{file}`", mode, m) for file, r in on_one_gpu("eval") for mode, m in r["modes"].items()
-             if "vs_anchor" in m]
-    if not fits and not evals:
-        return "(no GPU benchmark yet: `make PY=python3 gpu-bench-train` and `make PY=python3 gpu-bench-eval`)"
-
-    def best(rows: list[tuple[str, dict]], key: str, higher_is_better: bool = True) -> tuple[float, str]:
-        where, value = (max if higher_is_better else min)(((w, v[key]) for w, v in rows), key=lambda wv: wv[1])
-        return value, where
-
-    def best_eval(mode: str, key: str) -> tuple[float, str]:
-        return best([(where, m) for where, md, m in evals if md == mode], key)
-
-    # (target, goal or None for a figure reported beside them, (best, where), format, whether higher is better)
-    rows = []
-    if fits:
-        rows.append(("MFU (7B shape, peak memory <= 70 GiB; FP8 rows counted against the bf16 peak)", 0.55,
-                     best(fits, "mfu"), "{:.1%}", True))
-        same_run = [(where, v) for where, v in fits if "speed_vs_stock_trl" in v]
-        if same_run:
-            bf16 = [(where, v) for where, v in fits if not v["overrides"].get("fp8")]
-            auto_h200 = [(f"{where} ({v['peak_allocated_gib']:.1f} GiB)", v) for where, v, device in ours
-                         if "H200" in device and v["overrides"].get("checkpointed_layers") == "auto"
-                         and not v["overrides"].get("max_memory_gib")]
-            # The issue asks both of one variant: the best MFU and the best ratio above may be different rows.
-            both = [where for where, v in same_run if v["mfu"] >= 0.55 and v["speed_vs_stock_trl"] >= 2.8]
-            rows += [("speed vs stock TRL, same run (peak memory <= 70 GiB)", 2.8,
-                      best(same_run, "speed_vs_stock_trl"), "{:.2f}x", True),
-                     ("variants with both >= 55% MFU and >= 2.8x stock TRL of their run (<= 70 GiB)", 1,
-                      (len(both), "; ".join(both) or "none"), "{:d}", True),
-                     ("MFU, bf16 only (no FP8), peak memory <= 70 GiB", None, best(bf16, "mfu"), "{:.1%}", True)]
-            if auto_h200:
-                rows.append(("MFU, checkpointing auto on all of a 141 GB H200", None, best(auto_h200, "mfu"),
-                             "{:.1%}", True))
-        rows += [("real tokens/s", 10_800, best(fits, "tokens_per_second"), "{:,.0f}", True),
-                 ("one epoch of 120K articles (min, lower is better)", 50,
-                  best(fits, "projected_epoch_minutes_full_train", higher_is_better=False), "{:.0f}", False)]
-    if any(md == "label_scoring" for _, md, _ in evals):
-        rows += [("label scoring articles/s over 7,600 (one H100 or H200)", 500,
-                  best_eval("label_scoring", "articles_per_second"), "{:.0f}", True),
-                 ("label scoring vs plain HF label scoring, same run", 1.4, best_eval("label_scoring", "vs_anchor"),
-                  "{:.2f}x", True)]
-    if any(md == "generation" for _, md, _ in evals):
-        rows += [("generation articles/s over 7,600", 250, best_eval("generation", "articles_per_second"), "{:.0f}",
-                  True),
-                 ("generation vs plain `generate` (batch 64, 8 new tokens), same run", 3.0,
-                  best_eval("generation", "vs_anchor"), "{:.2f}x", True)]
-    lines = ["| target | goal | best measured | measured by | met |", "|---|---|---|---|---|"]
-    for name, goal, (value, where), fmt, higher_is_better in rows:
-        if goal is None:
-            lines.append(f"| {name} | (reported) | {fmt.format(value)} | {where} | |")
-            continue
-        met = value >= goal if higher_is_better else value <= goal
-        lines.append(f"| {name} | {fmt.format(goal)} | {fmt.format(value)} | {where} | {'yes' if met else 'no'} |")
-    return "\n".join(lines)
-
-
 def rehearsal_section(results_dir: Path) -> str:
     """The GPU rehearsal's costs, step by step (what a user with the weights needs to know about their card)."""
     folder = results_dir / "rehearsal"
@@ -239,6 +159,38 @@ def rehearsal_section(results_dir: Path) -> str:
     return (f"Measured by `make rehearse` on {hardware_label(facts['environment'])} at commit "
             f"`{(facts['environment']['git_commit'] or 'unknown')[:7]}` (`results/rehearsal/`, its README has the "
             f"command):\n\n{rehearsal_table(folder)}")
+
+
+RECIPE_ROW = "the qwen2.5-7b recipe, planned for this GPU"  # finetune/lab/bench.py's row of the default recipe
+
+
+def gpu_expectations(results_dir: Path) -> str:
+    """What the real run costs on one H200: the epoch and training memory of the bf16 reference and of the
+    `qwen2.5-7b` recipe as planned for the card (medians over the benchmark runs), and the rehearsal's disk and
+    evaluation memory."""
+    rows = [(row, device) for row, device in training_rows(results_dir) if "H200" in device]
+    reference = summarize([row for row, _ in rows if not row[3]["overrides"]], "projected_epoch_minutes_full_train")
+    fastest = summarize([row for row, _ in rows if row[1] == RECIPE_ROW], "projected_epoch_minutes_full_train")
+    if reference is None or fastest is None:
+        return "(no H200 benchmark yet: `make PY=python3 gpu-bench-train-recipe`)"
+
+    def peak(m) -> str:
+        return f"{statistics.median(v['peak_allocated_gib'] for v in m.figures):.1f}"
+
+    lines = ["| on one H200 | bf16 reference (`qwen2.5-7b-reference`) | the `qwen2.5-7b` recipe as planned |",
+             "|---|---|---|",
+             f"| one epoch of 120,000 articles, projected (min) | {reference.median:.0f} ({runs(reference)}) "
+             f"| {fastest.median:.0f} ({runs(fastest)}) |",
+             f"| training peak GPU memory, allocated (GiB) | {peak(reference)} | {peak(fastest)} |"]
+    facts_path = results_dir / "rehearsal" / "rehearsal.json"
+    if facts_path.exists():
+        facts = json.loads(facts_path.read_text())
+        tuned = json.loads((results_dir / "rehearsal" / "finetuned_model_results.json").read_text())
+        lines += [f"| weights on disk (GB) | {facts['standin_gb']:.1f} | |",
+                  f"| checkpoints folder after {facts['overrides'].get('max_steps')} steps: one resumable checkpoint "
+                  f"and the final model (GB) | {facts['checkpoints_gb']:.1f} | |",
+                  f"| evaluation peak GPU memory (GiB) | {tuned['peak_memory_gib']:.1f} | |"]
+    return "\n".join(lines)
 
 
 def scaling_table(results_dir: Path) -> str:
@@ -265,27 +217,46 @@ def scaling_table(results_dir: Path) -> str:
     return "\n".join(lines) if len(lines) > 2 else "(no multi-GPU benchmark yet: `make PY=python3 gpu-fsdp`)"
 
 
-def update_readme(readme_path: Path = Path("README.md"), results_dir: Path = Path("results")) -> str:
-    readme = readme_path.read_text()
-    sections = {"results-table": summary_table(load_records(results_dir)),
-                "bench-train": training_benchmark_table(results_dir),
-                "bench-eval": eval_benchmark_table(results_dir),
-                "bench-targets": targets_table(results_dir),
-                "optimizers": optimizer_table(results_dir),
-                "gpu-runs": training_runs_table(results_dir / "gpu"),
-                "cpu-packing-runs": training_runs_table(results_dir / "cpu_packing"),
-                "rehearsal-articles-per-update": rehearsal_articles_per_update(results_dir),
-                "rehearsal": rehearsal_section(results_dir),
-                "fsdp-scaling": scaling_table(results_dir),
-                "methods": methods_section(results_dir)}
-    for name, body in sections.items():
-        if MARKERS[0].format(name) in readme:
-            readme = replace_section(readme, name, body)
-    readme_path.write_text(readme)
-    return readme
+def sections(results_dir: Path) -> dict[str, str]:
+    """Every generated section by its marker name."""
+    return {"published-comparison": published_comparison(results_dir),
+            "demo-results": group_table(results_dir, "demo"),
+            "gpu-expectations": gpu_expectations(results_dir),
+            "dgx-spark-projection": spark_section(results_dir),
+            "fsdp-runs": group_table(results_dir, "fsdp"),
+            "bench-train": training_benchmark_table(results_dir),
+            "bench-eval": eval_benchmark_table(results_dir),
+            "bench-targets": targets_table(results_dir),
+            "optimizers": optimizer_table(results_dir),
+            "gpu-runs": training_runs_table(results_dir / "gpu"),
+            "cpu-packing-runs": training_runs_table(results_dir / "cpu_packing"),
+            "rehearsal-articles-per-update": rehearsal_articles_per_update(results_dir),
+            "rehearsal": rehearsal_section(results_dir),
+            "fsdp-scaling": scaling_table(results_dir),
+            "methods": methods_section(results_dir)}
+
+
+def doc_pages(root: Path) -> list[Path]:
+    """The pages that may hold generated sections: README.md and docs/*.md."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def update_docs(root: Path = Path("."), results_dir: Path = Path("results")) -> dict[Path, str]:
+    """Rewrite each generated section in whichever page holds its markers; the pages' new texts, by path."""
+    bodies = sections(results_dir)
+    pages = {}
+    for page in doc_pages(root):
+        text = page.read_text()
+        for name, body in bodies.items():
+            if MARKERS[0].format(name) in text:
+                text = replace_section(text, name, body)
+        if text != page.read_text():
+            page.write_text(text)
+        pages[page] = text
+    return pages
 
 
 if __name__ == "__main__":
     print(f"wrote {write_summary()}")
-    update_readme()
-    print("refreshed the generated sections of README.md")
+    update_docs()
+    print("refreshed the generated sections of README.md and docs/")

@@ -1,0 +1,235 @@
+"""The suite's speed targets beside what the one-GPU benchmarks measured, and the published run beside the suite.
+
+Each benchmark file is one run, and its ratios are that run's own (a variant over the stock TRL row of the same file,
+a mode over the plain-HF anchor timed in the same process). Runs of the same configuration differ by a fifth and more
+(the stock TRL anchor most of all), so a target row gives, for each configuration, the median over the files that
+measured it with min - max beside it, and is met when the best configuration's median meets it: never a maximum over
+runs.
+"""
+
+import json
+import statistics
+from pathlib import Path
+from typing import NamedTuple
+
+from finetune.results import hardware_label, load_records
+
+
+class Measured(NamedTuple):
+    """One configuration's figure over the runs (files) that measured it."""
+    median: float
+    low: float
+    high: float
+    where: str  # the files and the configuration, for a table cell
+    runs: int
+    figures: list[dict]  # each run's variant or mode, for what else a row wants to say about them
+    key: tuple = ()  # the group: (device, variant) for training, (mode, device, model, batch) for evaluation
+
+
+# (group key, configuration label, file name, the variant's or mode's figures): one configuration on one device is
+# one group, whichever files measured it.
+Row = tuple[tuple, str, str, dict]
+
+
+def summarize(rows: list[Row], metric: str, higher_is_better: bool = True) -> Measured | None:
+    """The configuration whose median `metric` over its runs is best, with its spread; None without rows."""
+    groups: dict[tuple, list[tuple[str, str, dict]]] = {}
+    for key, label, file, figures in rows:
+        groups.setdefault(key, []).append((label, file, figures))
+    measured = []
+    for key, runs in groups.items():
+        values = [figures[metric] for _, _, figures in runs]
+        files = ", ".join(f"`{file}`" for _, file, _ in runs)
+        measured.append(Measured(statistics.median(values), min(values), max(values), f"{files}: {runs[0][0]}",
+                                 len(runs), [figures for _, _, figures in runs], key))
+    if not measured:
+        return None
+    return (max if higher_is_better else min)(measured, key=lambda m: m.median)
+
+
+def benchmark_records(results_dir: Path, kind: str) -> list[tuple[Path, dict]]:
+    """The `python -m finetune.lab.bench <kind>` outputs under results/benchmarks, by file name."""
+    records = [(p, json.loads(p.read_text())) for p in sorted((results_dir / "benchmarks").glob("*.json"))]
+    return [(p, r) for p, r in records if r.get("benchmark") == kind]
+
+
+def fp8_recipes_within_tolerance(results_dir: Path) -> set[str]:
+    """FP8 recipes that reached bf16's loss in every comparison recorded (`finetune.lab.bench_fp8`, results/gpu/fp8/):
+    a recipe that missed once, or was never checked, is not a checked option."""
+    verdicts: dict[str, list[bool]] = {}
+    for path in sorted((results_dir / "gpu" / "fp8").glob("*.json")):
+        for name, run in json.loads(path.read_text())["runs"].items():
+            if not name.startswith("bf16"):
+                verdicts.setdefault(name, []).append(run["within_tolerance"])
+    return {recipe for recipe, passed in verdicts.items() if all(passed)}
+
+
+def _on_one_gpu(results_dir: Path, kind: str) -> list[tuple[str, dict]]:
+    return [(p.name, r) for p, r in benchmark_records(results_dir, kind)
+            if any(gpu in hardware_label(r["environment"]) for gpu in ("H100", "H200")) and r.get("world_size", 1) == 1]
+
+
+def training_rows(results_dir: Path) -> list[tuple[Row, str]]:
+    """The suite's variants that may count toward a target, each with its device: an optimizer that really updates
+    bf16 weights (not stock TRL, not plain bf16 AdamW), an FP8 recipe, if any, that passed the learning check, a known
+    GPU."""
+    checked = {None, *fp8_recipes_within_tolerance(results_dir)}
+    rows = []
+    for file, record in _on_one_gpu(results_dir, "train"):
+        device = hardware_label(record["environment"])
+        for name, v in record["variants"].items():
+            fp8 = v["overrides"].get("fp8")
+            fp8 = None if fp8 == "auto" else fp8  # "auto" chooses FP8 only once its recipe is checked (finetune/plan.py)
+            if ("error" not in v and v["mfu"] and not v.get("stock_trl") and fp8 in checked
+                    and v["overrides"].get("method", "full") == "full"
+                    and v["overrides"].get("optimizer", "adamw_bf16_sr") != "adamw"):
+                rows.append((((device, name), name, file, v), device))
+    return rows
+
+
+def eval_rows(results_dir: Path) -> list[Row]:
+    """Every mode timed beside its plain-HF anchor, grouped by mode, device, kernels, model and batch."""
+    rows = []
+    for file, record in _on_one_gpu(results_dir, "eval"):
+        device = hardware_label(record["environment"])
+        if (record.get("liger_kernels") or {}).get("in_use"):
+            device += ", Liger"
+        config = record.get("config", {})
+        if config.get("compile_layers"):
+            device += ", compiled layers"
+        model = "random weights" if config.get("model", "scratch") == "scratch" else "trained weights"
+        for mode, m in record["modes"].items():
+            if "vs_anchor" in m:
+                label = f"{mode}, batch {m.get('batch_size')}, {device}, {model}"
+                rows.append(((mode, device, model, m.get("batch_size")), label, file, m))
+    return rows
+
+
+# (target, goal or None for a figure reported beside them, the measurement or None, format, whether higher is better)
+Target = tuple[str, float | None, Measured | None, str, bool]
+
+
+def targets(results_dir: Path) -> list[Target]:
+    """Every target with the best configuration's median; peak memory counts the allocated peak."""
+    ours = training_rows(results_dir)
+    fits = [row for row, _ in ours if row[3]["peak_allocated_gib"] <= 70]
+    evals = eval_rows(results_dir)
+    rows: list[Target] = []
+    if fits:
+        rows.append(("MFU (7B shape, peak memory <= 70 GiB; FP8 rows counted against the bf16 peak)", 0.55,
+                     summarize(fits, "mfu"), "{:.1%}", True))
+        same_run = [row for row in fits if "speed_vs_stock_trl" in row[3]]
+        if same_run:
+            bf16 = [row for row in fits if not row[3]["overrides"].get("fp8")]
+            auto_h200 = [row for row, device in ours if "H200" in device
+                         and row[3]["overrides"].get("checkpointed_layers") == "auto"
+                         and not row[3]["overrides"].get("max_memory_gib")]
+            tuned = [row for row in same_run if "speed_vs_stock_trl_tuned" in row[3]]
+            if tuned:
+                rows.append(("speed vs stock TRL tuned (Liger, FlashAttention where installed, checkpointing off "
+                             "where it fits), same run and batch (peak memory <= 70 GiB)", 3.0,
+                             summarize(tuned, "speed_vs_stock_trl_tuned"), "{:.2f}x", True))
+            rows += [("speed vs stock TRL, same run (peak memory <= 70 GiB)", 2.8,
+                      summarize(same_run, "speed_vs_stock_trl"), "{:.2f}x", True),
+                     ("configurations whose medians reach both >= 55% MFU and >= 2.8x stock TRL (<= 70 GiB)", 1,
+                      _both(same_run), "{:.0f}", True),
+                     ("MFU, bf16 only (no FP8), peak memory <= 70 GiB", None, summarize(bf16, "mfu"), "{:.1%}", True)]
+            best_auto = summarize(auto_h200, "mfu")
+            if best_auto:
+                peak = max(v["peak_allocated_gib"] for v in best_auto.figures)
+                rows.append(("MFU, checkpointing auto on all of a 141 GB H200", None,
+                             best_auto._replace(where=f"{best_auto.where} ({peak:.1f} GiB)"), "{:.1%}", True))
+        rows += [("real tokens/s", 10_800, summarize(fits, "tokens_per_second"), "{:,.0f}", True),
+                 ("one epoch of 120K articles (min, lower is better)", 50,
+                  summarize(fits, "projected_epoch_minutes_full_train", higher_is_better=False), "{:.0f}", False)]
+    for mode, speed_goal, ratio_goal, speed_name, ratio_name in (
+            ("label_scoring", 500, 1.4, "label scoring articles/s over 7,600 (one H100 or H200)",
+             "label scoring vs plain HF label scoring, same run"),
+            ("generation", 250, 3.0, "generation articles/s over 7,600",
+             "generation vs plain `generate` (batch 64, 8 new tokens), same run")):
+        of_mode = [row for row in evals if row[0][0] == mode]
+        if of_mode:
+            rows += [(speed_name, speed_goal, summarize(of_mode, "articles_per_second"), "{:.0f}", True),
+                     (ratio_name, ratio_goal, summarize(of_mode, "vs_anchor"), "{:.2f}x", True)]
+    return rows
+
+
+def _both(rows: list[Row]) -> Measured:
+    """How many configurations reach both training goals by their medians, and which."""
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row[0], []).append(row)
+    both = []
+    for group in groups.values():
+        mfu, ratio = summarize(group, "mfu"), summarize(group, "speed_vs_stock_trl")
+        if mfu.median >= 0.55 and ratio.median >= 2.8:
+            both.append(mfu.where)
+    return Measured(len(both), len(both), len(both), "; ".join(both) or "none", 1, [])
+
+
+def runs(measured: Measured) -> str:
+    """How many runs a figure stands for, in words: `1 run`, `median of 3 runs`."""
+    return "1 run" if measured.runs == 1 else f"median of {measured.runs} runs"
+
+
+def _spread(measured: Measured, fmt: str) -> str:
+    if measured.runs == 1:
+        return "1 run"
+    return f"{fmt.format(measured.low)} - {fmt.format(measured.high)} ({measured.runs} runs)"
+
+
+def targets_table(results_dir: Path) -> str:
+    """The targets, each beside the best configuration's median over its runs, its spread and where it was measured."""
+    rows = [row for row in targets(results_dir) if row[2] is not None]
+    if not rows:
+        return "(no GPU benchmark yet: `make PY=python3 gpu-bench-train` and `make PY=python3 gpu-bench-eval`)"
+    lines = ["| target | goal | median over runs | measured by | met | min - max over runs |",
+             "|---|---|---|---|---|---|"]
+    for name, goal, m, fmt, higher_is_better in rows:
+        spread = "" if name.startswith("configurations") else _spread(m, fmt)
+        if goal is None:
+            lines.append(f"| {name} | (reported) | {fmt.format(m.median)} | {m.where} | | {spread} |")
+            continue
+        met = m.median >= goal if higher_is_better else m.median <= goal
+        lines.append(f"| {name} | {fmt.format(goal)} | {fmt.format(m.median)} | {m.where} | {'yes' if met else 'no'} "
+                     f"| {spread} |")
+    return "\n".join(lines)
+
+
+# The published reference run (Qwen2.5-7B-Instruct, one epoch of full fine-tuning on 120,000 articles on a DGX Spark,
+# evaluated on the 7,600 test articles by generation), in its own figures: what this suite sets out to improve on.
+PUBLISHED_RUN = {"epoch": "about 10 h (DGX Spark)", "accuracy": "88.33%",
+                 "evaluation": "49.6 articles/s, generation (DGX Spark)"}
+
+
+def finetuned_7b_accuracy(results_dir: Path) -> str:
+    """The fine-tuned Qwen2.5-7B-Instruct's accuracy on the standard protocol's 7,600 articles, if a results file holds
+    it."""
+    for r in load_records(results_dir):
+        if (r["profile"] == "qwen2.5-7b" and r["data"]["protocol"] == "standard"
+                and r["name"] == "finetuned_model"):
+            ev = r["evaluations"]
+            return (f"{ev['label_scoring']['metrics']['accuracy']:.2%} scored, "
+                    f"{ev['generation']['metrics']['accuracy']:.2%} generated (`{r['path']}`)")
+    return "not measured yet: it needs the weights on a GPU (see below); the lab machines have none"
+
+
+def published_comparison(results_dir: Path) -> str:
+    """The published run's figures beside the suite's: medians over the one-GPU benchmark runs of the 7B shape."""
+    by_name = {name: m for name, _, m, _, _ in targets(results_dir)}
+    recipe = [row for row, device in training_rows(results_dir)
+              if row[1] == "the qwen2.5-7b recipe, planned for this GPU" and "H200" in device]
+    epoch = summarize(recipe, "projected_epoch_minutes_full_train", higher_is_better=False)
+    scoring = by_name.get("label scoring articles/s over 7,600 (one H100 or H200)")
+    generation = by_name.get("generation articles/s over 7,600")
+    suite_epoch = ("not measured yet: `make PY=python3 gpu-bench-train`" if epoch is None else
+                   f"{epoch.median:.0f} min, projected from the real tokens/s of the `qwen2.5-7b` recipe on one "
+                   f"{epoch.key[0]} ({runs(epoch)})")
+    speeds = [f"{m.median:.0f} articles/s, {what}, on one {m.key[1].split(',')[0]} ({runs(m)})"
+              for m, what in ((scoring, "label scoring"), (generation, "generation")) if m]
+    return "\n".join([
+        "| | published run | this suite |", "|---|---|---|",
+        f"| one epoch of 120,000 articles, Qwen2.5-7B | {PUBLISHED_RUN['epoch']} | {suite_epoch} |",
+        f"| accuracy on the 7,600 test articles | {PUBLISHED_RUN['accuracy']} | {finetuned_7b_accuracy(results_dir)} |",
+        f"| evaluation speed over the 7,600 articles | {PUBLISHED_RUN['evaluation']} "
+        f"| {'; '.join(speeds) or 'not measured yet: `make PY=python3 gpu-bench-eval`'} |"])

@@ -1,0 +1,282 @@
+"""The recipe's "auto" settings chosen from the hardware at start, each with the reason it was chosen.
+
+`qwen2.5-7b` asks for the fastest settings whose learning was checked, where the machine runs them: compiled decoder
+layers, 8-bit AdamW moments with the fused Triton update, FP8 matmuls once their learning is checked at the 7B shape,
+as few recomputed layers as the memory allows, and for evaluation Liger's kernels and a batch sized from the memory.
+Every choice is a plain value in the returned config (what runs) and a reason (what is logged once and written into the
+training summary and results JSON). A setting given explicitly is kept as given; what it needs is checked where it is
+used (a missing package or an unsupported GPU is named there, never silently dropped).
+
+GPUs whose memory the CPU shares (GB10 in the DGX Spark, Jetson) report `is_integrated`: what the host side needs
+(the OS, Python, the data, and the host copy a checkpoint write makes) comes out of the same memory, so the plan keeps
+it aside.
+"""
+
+import dataclasses
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.config import RunConfig
+from finetune.speedups import (GIB, STATE_BYTES_PER_PARAMETER, WORKSPACE_GIB, layer_activation_bytes,
+                               layers_to_checkpoint)
+
+log = logging.getLogger(__name__)
+
+# The FP8 recipe the speed-up would use: the one that held bf16's loss on the 1024-wide model (results/gpu/fp8/).
+FP8_RECIPE = "tensorwise_pow2_scales"
+# Whether that recipe reached bf16's loss at the 7B shape (results/gpu/fp8/fp8_7b.json, `make gpu-fp8-7b`;
+# tests/test_plan.py keeps this equal to the committed result). Until it does, "auto" leaves FP8 off.
+FP8_CHECKED_AT_7B = False
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper and later have FP8 tensor cores
+# Memory shared by CPU and GPU: the OS, Python, tokenizer, data and loader workers, beside the model's host copy.
+HOST_RESERVE_GIB = 8.0
+EVAL_MAX_BATCH = 512  # label scoring gained nothing past it on an H200; generation's padding grows with it
+CPU_EVAL_BATCH = 64
+
+
+@dataclass(frozen=True)
+class GPU:
+    """What the plan needs to know about the card: its FP8 support, its memory, whether the host shares it."""
+
+    name: str
+    capability: tuple[int, int]
+    total_gib: float
+    free_gib: float  # free to this process: free on the device plus what its allocator holds
+    integrated: bool
+
+    @classmethod
+    def current(cls) -> "GPU | None":
+        if not torch.cuda.is_available():
+            return None
+        props = torch.cuda.get_device_properties(0)
+        free, _ = torch.cuda.mem_get_info()
+        return cls(props.name, (props.major, props.minor), props.total_memory / GIB,
+                   (free + torch.cuda.memory_reserved()) / GIB, bool(getattr(props, "is_integrated", False)))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    tied: bool
+
+    @classmethod
+    def of(cls, config: RunConfig, path: str | Path | None = None) -> "ModelShape":
+        """The shape of the model at `path` (a trained folder with its config.json) or of the run's model: the
+        scratch fields, or the checkpoint's config.json (a hub id or folder). An adapter folder has the base's shape."""
+        if path is not None and (Path(path) / "config.json").exists():
+            source = str(path)
+        elif config.model == "scratch":
+            return cls(config.hidden_size, config.intermediate_size, config.num_layers, config.vocab_size,
+                       config.num_heads, config.num_kv_heads, config.tie_word_embeddings)
+        else:
+            source = config.model
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(source)
+        return cls(c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size, c.num_attention_heads,
+                   c.num_key_value_heads, c.tie_word_embeddings)
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.hidden // self.heads
+
+    @property
+    def linear_parameters(self) -> int:
+        """The decoder layers' projections: q, k, v, o and the SwiGLU's three."""
+        per_layer = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_width + 3 * self.hidden * self.intermediate
+        return self.layers * per_layer
+
+    @property
+    def parameters(self) -> int:
+        return self.linear_parameters + self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def adapter_parameters(self, rank: int) -> int:
+        """LoRA on every decoder projection (peft's all-linear; an upper bound for fewer targets)."""
+        h, kv, i = self.hidden, self.kv_width, self.intermediate
+        return self.layers * rank * (2 * (h + h) + 2 * (h + kv) + 2 * (h + i) + (i + h))
+
+
+Plan = dict[str, dict]  # setting -> {"value": ..., "reason": ...}
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def plan_training(config: RunConfig, gpu: GPU | None, shape: ModelShape, has=installed,
+                  fsdp: bool = False) -> tuple[RunConfig, Plan]:
+    """`config` with every "auto" speed setting of training replaced by its choice, and the choices with reasons.
+    Under FSDP2 (`fsdp`) "auto" keeps the reference's settings: the single-GPU speed-ups are not checked on shards."""
+    plan: Plan = {}
+
+    def choose(name: str, value, reason: str) -> None:
+        plan[name] = {"value": value, "reason": reason}
+
+    if fsdp:
+        return _fsdp_plan(config, choose), plan
+    if config.compile_layers == "auto":
+        if gpu is None:
+            choose("compile_layers", False, "off: no CUDA GPU (inductor's fused kernels are GPU code here)")
+        elif not has("triton"):
+            choose("compile_layers", False, "off: Triton is not installed (torch.compile's GPU backend needs it)")
+        else:
+            choose("compile_layers", True, "on: one compiled graph serves every decoder layer (CUDA + Triton)")
+    compiled = plan.get("compile_layers", {}).get("value", config.compile_layers)
+
+    if config.fp8 == "auto":
+        choose("fp8", *_fp8(config, gpu, has))
+    if config.optimizer == "auto":
+        if not config.bf16:
+            choose("optimizer", "adamw", "adamw: fp32 weights update exactly (bf16=False)")
+        elif config.method != "full":
+            choose("optimizer", "adamw_bf16_sr", "adamw_bf16_sr: the adapters are a few MB, 8-bit moments save nothing")
+        elif gpu is not None and has("triton") and has("torchao"):
+            choose("optimizer", "adamw8bit_bf16_sr", "adamw8bit_bf16_sr: 8-bit moments (6 bytes a parameter instead of "
+                   "8) with the fused Triton update, stochastic rounding into bf16")
+        else:
+            choose("optimizer", "adamw_bf16_sr", "adamw_bf16_sr: the fused 8-bit update needs a CUDA GPU and Triton")
+    if config.use_liger_kernel == "auto":
+        if compiled:
+            choose("use_liger_kernel", False, "off: the compiled layers fuse the same norms, RoPE and SwiGLU, and the "
+                   "suite's loss computes the LM head for the answer tokens only")
+        elif gpu is not None and has("liger_kernel"):
+            choose("use_liger_kernel", True, "on: Liger's fused norms, RoPE, SwiGLU and loss (eager layers)")
+        else:
+            choose("use_liger_kernel", False, _liger_off_reason(gpu, has))
+    resolved = dataclasses.replace(config, **{name: choice["value"] for name, choice in plan.items()})
+
+    if config.checkpointed_layers == "auto" and config.gradient_checkpointing:
+        value, reason = _checkpointed_layers(resolved, gpu, shape)
+        choose("checkpointed_layers", value, reason)
+        resolved = dataclasses.replace(resolved, checkpointed_layers=value)
+    return resolved, plan
+
+
+def _fsdp_plan(config: RunConfig, choose) -> RunConfig:
+    reference = {"compile_layers": False, "fp8": None, "optimizer": "adamw_bf16_sr", "use_liger_kernel": False,
+                 "checkpointed_layers": None}
+    for name, value in reference.items():
+        if getattr(config, name) == "auto":
+            choose(name, value, "the reference's setting: under FSDP2 the single-GPU speed-ups are not checked yet")
+    return dataclasses.replace(config, **{name: value for name, value in reference.items()
+                                          if getattr(config, name) == "auto"})
+
+
+def _fp8(config: RunConfig, gpu: GPU | None, has) -> tuple[str | None, str]:
+    if config.method != "full":
+        return None, f"off: FP8 is for full fine-tuning (method={config.method!r} keeps its frozen weights as loaded)"
+    if gpu is None:
+        return None, "off: no CUDA GPU"
+    if gpu.capability < FP8_MIN_CAPABILITY:
+        return None, f"off: compute capability {gpu.capability[0]}.{gpu.capability[1]} has no FP8 tensor cores (8.9+)"
+    if not has("torchao"):
+        return None, "off: torchao is not installed (pip install torchao)"
+    if not FP8_CHECKED_AT_7B:
+        return None, (f"off: {FP8_RECIPE} held bf16's loss on a 1024-wide model but not within 2% at the 7B shape "
+                      f"(results/gpu/fp8/fp8_7b.json); --fp8 {FP8_RECIPE} turns it on")
+    return FP8_RECIPE, f"on: {FP8_RECIPE} held bf16's loss at the 7B shape (results/gpu/fp8/fp8_7b.json)"
+
+
+def _liger_off_reason(gpu: GPU | None, has) -> str:
+    if gpu is None:
+        return "off: no CUDA GPU (Liger's kernels are Triton GPU code)"
+    return "off: liger-kernel is not installed (pip install -e '.[gpu]')"
+
+
+def _checkpointed_layers(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> tuple[int | None, str]:
+    """The fewest layers to recompute such that weights, gradients, optimizer states and activations fit."""
+    if gpu is None:
+        return None, "every layer: no GPU memory to plan"
+    kept, checkpointed = layer_activation_bytes(shape.hidden, shape.intermediate,
+                                                config.per_device_train_batch_size * config.max_length)
+    budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=2 * shape.parameters)
+    fixed = training_state_bytes(config, shape)
+    n = layers_to_checkpoint(budget, fixed, kept, checkpointed, shape.layers)
+    return n, (f"{n} of {shape.layers} layers recompute: budget {budget / GIB:.1f} GiB ({assumed}), weights, "
+               f"gradients and optimizer states {fixed / GIB:.1f} GiB, {kept / GIB:.2f} GiB a kept layer at "
+               f"{config.per_device_train_batch_size} x {config.max_length} tokens")
+
+
+def memory_budget(gpu: GPU, max_memory_gib: float | None, weights_bytes: float) -> tuple[float, str]:
+    """Bytes the run may plan for on `gpu`, and what that assumed. Shared memory keeps aside the host's needs: the
+    reserve, and one host copy of the weights (what writing a checkpoint or the final model passes through)."""
+    available = gpu.free_gib * GIB - WORKSPACE_GIB * GIB
+    assumed = f"{gpu.free_gib:.1f} GiB free less {WORKSPACE_GIB} GiB of workspace"
+    if gpu.integrated:
+        host = HOST_RESERVE_GIB * GIB + weights_bytes
+        available -= host
+        assumed += (f", less {host / GIB:.1f} GiB the CPU shares ({HOST_RESERVE_GIB:.0f} GiB for the OS, data and "
+                    f"Python, {weights_bytes / GIB:.1f} GiB for a checkpoint's host copy of the weights)")
+    if max_memory_gib is not None and max_memory_gib * GIB - WORKSPACE_GIB * GIB < available:
+        available = max_memory_gib * GIB - WORKSPACE_GIB * GIB
+        assumed = f"max_memory_gib={max_memory_gib:g} less {WORKSPACE_GIB} GiB of workspace"
+    return available, assumed
+
+
+def training_state_bytes(config: RunConfig, shape: ModelShape) -> float:
+    """Weights, gradients and optimizer states. Full fine-tuning: all of them for every weight. LoRA and QLoRA: the
+    frozen weights as loaded (bf16, or QLoRA's 4-bit projections), plus all three for the adapters."""
+    optimizer = config.optimizer if config.optimizer in STATE_BYTES_PER_PARAMETER else "adamw_bf16_sr"
+    if config.method == "full":
+        return shape.parameters * STATE_BYTES_PER_PARAMETER[optimizer]
+    frozen = 2 * shape.parameters
+    if config.method == "qlora":  # 4-bit projections with a 2-byte scale per 64 weights, the rest bf16
+        frozen -= shape.linear_parameters * (2 - 0.5 - 2 / 64)
+    return frozen + shape.adapter_parameters(config.lora_rank) * STATE_BYTES_PER_PARAMETER[optimizer]
+
+
+def plan_evaluation(config: RunConfig, gpu: GPU | None, shape: ModelShape,
+                    has=installed) -> tuple[RunConfig, Plan]:
+    """`config` with evaluation's "auto" settings chosen: Liger's kernels, compiled layers, the batch size."""
+    plan: Plan = {}
+
+    def choose(name: str, value, reason: str) -> None:
+        plan[name] = {"value": value, "reason": reason}
+
+    if config.use_liger_kernel == "auto":
+        if gpu is not None and has("liger_kernel"):
+            choose("use_liger_kernel", True, "on: Liger's fused RMSNorm, RoPE and SwiGLU")
+        else:
+            choose("use_liger_kernel", False, _liger_off_reason(gpu, has))
+    liger = plan.get("use_liger_kernel", {}).get("value", config.use_liger_kernel)
+    if config.compile_layers == "auto":
+        if liger:
+            choose("compile_layers", False, "off: Liger's kernels fuse the same ops, and were faster at evaluation")
+        elif gpu is None or not has("triton"):
+            choose("compile_layers", False, "off: no CUDA GPU with Triton")
+        else:
+            choose("compile_layers", True, "on: compiled layers in place of Liger's kernels (compiled during warm-up)")
+    if config.eval_batch_size == "auto":
+        choose("eval_batch_size", *_eval_batch_size(config, gpu, shape))
+    return dataclasses.replace(config, **{name: choice["value"] for name, choice in plan.items()}), plan
+
+
+def _eval_batch_size(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> tuple[int, str]:
+    """The largest power of two up to EVAL_MAX_BATCH whose articles fit: per article, the fp32 logits of label
+    scoring's answer tree (16 positions, twice: logits and their log-softmax), one layer's activations over
+    `max_length` tokens, and generation's key/value cache over the prompt and its answer."""
+    if gpu is None:
+        return CPU_EVAL_BATCH, f"{CPU_EVAL_BATCH}: no GPU memory to plan"
+    weights = 2 * shape.parameters
+    budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=weights)
+    tokens = config.max_length + 16
+    per_article = (2 * 16 * shape.vocab * 4 + tokens * (2 * shape.intermediate + 4 * shape.hidden) * 2
+                   + tokens * shape.layers * 2 * shape.kv_width * 2)
+    fits = max(1, int((budget - weights) // per_article))
+    batch = min(EVAL_MAX_BATCH, 1 << (fits.bit_length() - 1))
+    return batch, (f"{batch}: {fits} articles of {per_article / 2**20:.0f} MiB fit beside {weights / GIB:.1f} GiB of "
+                   f"weights in {budget / GIB:.1f} GiB ({assumed}); at most {EVAL_MAX_BATCH}")
+
+
+def log_plan(plan: Plan, what: str) -> None:
+    for name, choice in plan.items():
+        log.info("%s: %s = %s (%s)", what, name, choice["value"], choice["reason"])

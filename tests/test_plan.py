@@ -1,0 +1,108 @@
+"""The recipe's "auto" settings as the hardware decides them (finetune/plan.py): fed the description of a GPU, no
+GPU needed, so every machine's choices are checked on the CPU."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune.config import get_config
+from finetune.plan import (FP8_CHECKED_AT_7B, FP8_RECIPE, GPU, HOST_RESERVE_GIB, ModelShape, plan_evaluation,
+                           plan_training)
+
+QWEN_7B = ModelShape(hidden=3584, intermediate=18944, layers=28, vocab=152064, heads=28, kv_heads=4, tied=False)
+# NVIDIA GB10 (DGX Spark): Blackwell, compute capability 12.1, 128 GB shared by CPU and GPU; what CUDA reports as total
+# and free with the OS and a desktop session up is about 119 and 110 GiB.
+GB10 = GPU("NVIDIA GB10", (12, 1), total_gib=119.7, free_gib=110.0, integrated=True)
+H100 = GPU("NVIDIA H100 80GB HBM3", (9, 0), total_gib=79.2, free_gib=78.7, integrated=False)
+A100 = GPU("NVIDIA A100-SXM4-80GB", (8, 0), total_gib=79.2, free_gib=78.7, integrated=False)
+EVERYTHING = {"triton", "torchao", "liger_kernel"}.__contains__
+
+
+def test_qwen2_5_7b_shape_counts_its_published_parameters():
+    assert QWEN_7B.parameters == pytest.approx(7.62e9, rel=0.01)
+
+
+@pytest.mark.parametrize("gpu", [GB10, H100], ids=["GB10", "H100"])
+def test_a_gpu_with_triton_gets_compiled_layers_and_8_bit_moments(gpu):
+    config, plan = plan_training(get_config("qwen2.5-7b"), gpu, QWEN_7B, has=EVERYTHING)
+    assert config.compile_layers is True and config.optimizer == "adamw8bit_bf16_sr"
+    assert config.use_liger_kernel is False  # the compiled layers fuse what Liger would
+    assert {"compile_layers", "optimizer", "fp8", "use_liger_kernel", "checkpointed_layers"} <= set(plan)
+    assert all(choice["reason"] for choice in plan.values())
+
+
+def test_fp8_waits_for_its_7b_check_and_names_why():
+    for gpu in (GB10, H100):
+        config, plan = plan_training(get_config("qwen2.5-7b"), gpu, QWEN_7B, has=EVERYTHING)
+        assert config.fp8 == (FP8_RECIPE if FP8_CHECKED_AT_7B else None)
+        if not FP8_CHECKED_AT_7B:
+            assert "7B" in plan["fp8"]["reason"] and f"--fp8 {FP8_RECIPE}" in plan["fp8"]["reason"]
+    config, plan = plan_training(get_config("qwen2.5-7b"), A100, QWEN_7B, has=EVERYTHING)
+    assert config.fp8 is None and "compute capability 8.0 has no FP8" in plan["fp8"]["reason"]
+
+
+def test_fp8_checked_flag_agrees_with_the_committed_7b_check():
+    """The flag that lets "auto" choose FP8 is the committed result of `make gpu-fp8-7b`, not an opinion."""
+    path = Path(__file__).resolve().parents[1] / "results" / "gpu" / "fp8" / "fp8_7b.json"
+    if not path.exists():
+        assert not FP8_CHECKED_AT_7B
+        return
+    runs = json.loads(path.read_text())["runs"]
+    assert FP8_CHECKED_AT_7B == runs[FP8_RECIPE]["within_tolerance"]
+
+
+def test_the_h100_recomputes_some_layers_and_the_gb10_budgets_for_its_host():
+    """7.6B weights with 8-bit moments take 43 GiB: an 80 GB H100 keeps most layers' activations at 16 x 512 tokens;
+    the GB10's plan first sets aside what the CPU needs of the shared memory, and says so."""
+    h100, h100_plan = plan_training(get_config("qwen2.5-7b"), H100, QWEN_7B, has=EVERYTHING)
+    gb10, gb10_plan = plan_training(get_config("qwen2.5-7b"), GB10, QWEN_7B, has=EVERYTHING)
+    assert 0 < h100.checkpointed_layers < 28
+    assert "shares" in gb10_plan["checkpointed_layers"]["reason"]
+    assert f"{HOST_RESERVE_GIB:.0f} GiB" in gb10_plan["checkpointed_layers"]["reason"]
+    # With less free (a browser, a second notebook), the host's share is what makes layers recompute.
+    busy = GPU(GB10.name, GB10.capability, GB10.total_gib, free_gib=100.0, integrated=True)
+    discrete = GPU(GB10.name, GB10.capability, GB10.total_gib, free_gib=100.0, integrated=False)
+    assert plan_training(get_config("qwen2.5-7b"), discrete, QWEN_7B, has=EVERYTHING)[0].checkpointed_layers \
+        < plan_training(get_config("qwen2.5-7b"), busy, QWEN_7B, has=EVERYTHING)[0].checkpointed_layers
+
+
+def test_missing_packages_and_no_gpu_are_named_not_silently_dropped():
+    config, plan = plan_training(get_config("qwen2.5-7b"), H100, QWEN_7B, has=lambda name: False)
+    assert config.compile_layers is False and "Triton is not installed" in plan["compile_layers"]["reason"]
+    assert config.optimizer == "adamw_bf16_sr" and "Triton" in plan["optimizer"]["reason"]
+    assert config.use_liger_kernel is False and "liger-kernel is not installed" in plan["use_liger_kernel"]["reason"]
+    config, plan = plan_training(get_config("qwen2.5-7b"), None, QWEN_7B, has=EVERYTHING)
+    assert config.compile_layers is False and config.checkpointed_layers is None
+    assert "no CUDA GPU" in plan["compile_layers"]["reason"]
+
+
+def test_explicit_settings_are_kept_and_the_reference_plans_nothing():
+    config, plan = plan_training(get_config("qwen2.5-7b-reference"), H100, QWEN_7B, has=EVERYTHING)
+    assert plan == {} and config == get_config("qwen2.5-7b-reference")
+    config, plan = plan_training(get_config("qwen2.5-7b", compile_layers=False), H100, QWEN_7B, has=EVERYTHING)
+    assert "compile_layers" not in plan and config.compile_layers is False
+
+
+def test_lora_takes_the_same_speed_ups_but_not_fp8():
+    config, plan = plan_training(get_config("qwen2.5-7b", method="lora"), H100, QWEN_7B, has=EVERYTHING)
+    assert config.compile_layers is True and config.fp8 is None and "full fine-tuning" in plan["fp8"]["reason"]
+    assert config.checkpointed_layers == 0  # 15 GB of frozen weights leave room for every layer's activations
+
+
+def test_fsdp_keeps_the_reference_settings_with_a_reason():
+    config, plan = plan_training(get_config("qwen2.5-7b"), H100, QWEN_7B, has=EVERYTHING, fsdp=True)
+    assert (config.compile_layers, config.fp8, config.optimizer) == (False, None, "adamw_bf16_sr")
+    assert all("FSDP2" in choice["reason"] for choice in plan.values())
+
+
+def test_evaluation_uses_liger_and_the_largest_batch_that_fits():
+    for gpu in (GB10, H100):
+        config, plan = plan_evaluation(get_config("qwen2.5-7b"), gpu, QWEN_7B, has=EVERYTHING)
+        assert config.use_liger_kernel is True and config.compile_layers is False
+        assert config.eval_batch_size == 512, plan["eval_batch_size"]["reason"]
+    small = GPU("NVIDIA L4", (8, 9), total_gib=22.0, free_gib=21.5, integrated=False)
+    config, plan = plan_evaluation(get_config("qwen2.5-7b"), small, QWEN_7B, has=EVERYTHING)
+    assert 1 <= config.eval_batch_size < 512 and config.eval_batch_size & (config.eval_batch_size - 1) == 0
+    config, plan = plan_evaluation(get_config("qwen2.5-7b"), None, QWEN_7B, has=EVERYTHING)
+    assert config.use_liger_kernel is False and config.eval_batch_size == 64

@@ -1,0 +1,68 @@
+"""The report generator: targets judged on the median of runs, sections written into whichever page holds them, one
+row per run grouped by folder."""
+
+import json
+
+from finetune.lab.report import update_docs
+from finetune.lab.targets import targets_table
+from finetune.results import write_record, write_summary
+from tests.test_metrics_and_results import make_record
+
+
+def _train_file(path, mfu: float, vs_stock: float, tokens: float) -> None:
+    fast = {"overrides": {"compile_layers": True}, "tokens_per_second": tokens, "mfu": mfu, "peak_allocated_gib": 65.0,
+            "speed_vs_stock_trl": vs_stock, "projected_epoch_minutes_full_train": 20.0}
+    record = {"benchmark": "train", "world_size": 1, "variants": {"compiled": fast},
+              "environment": {"hardware": {"gpu": {"name": "NVIDIA H200"}, "torch_threads": 16},
+                              "git_commit": "abc1234"}}
+    path.write_text(json.dumps(record))
+
+
+def test_targets_are_met_on_the_median_of_runs_never_on_the_best_run(tmp_path):
+    """Three runs of one configuration: the best alone would meet both goals, the median meets neither."""
+    (tmp_path / "benchmarks").mkdir()
+    for name, mfu, vs_stock in (("a", 0.50, 2.5), ("b", 0.52, 2.6), ("c", 0.70, 3.3)):
+        _train_file(tmp_path / "benchmarks" / f"{name}.json", mfu, vs_stock, 10_000 + 1_000 * vs_stock)
+    table = targets_table(tmp_path)
+    where = "`a.json`, `b.json`, `c.json`: compiled"
+    assert f"| 55.0% | 52.0% | {where} | no | 50.0% - 70.0% (3 runs) |" in table
+    assert f"| 2.80x | 2.60x | {where} | no | 2.50x - 3.30x (3 runs) |" in table
+    assert "| 1 | 0 | none | no |" in table
+
+
+def test_each_generated_section_goes_into_the_page_that_holds_its_markers(tmp_path):
+    results = tmp_path / "results"
+    write_record(make_record("finetuned_model", 1.0), results / "finetuned_model_results.json")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("# r\n<!-- demo-results:start -->\nstale\n<!-- demo-results:end -->\ntail\n")
+    (tmp_path / "docs" / "performance.md").write_text("<!-- bench-targets:start -->\n<!-- bench-targets:end -->\n")
+    (tmp_path / "docs" / "plain.md").write_text("no markers\n")
+    pages = update_docs(tmp_path, results)
+    readme = (tmp_path / "README.md").read_text()
+    assert "| finetuned_model | scratch |" in readme and "stale" not in readme and readme.endswith("end -->\ntail\n")
+    assert "no GPU benchmark yet" in (tmp_path / "docs" / "performance.md").read_text()
+    assert (tmp_path / "docs" / "plain.md").read_text() == "no markers\n"
+    assert set(pages) == {tmp_path / "README.md", tmp_path / "docs" / "performance.md", tmp_path / "docs" / "plain.md"}
+
+
+def test_summary_has_one_row_per_run_under_a_heading_per_group(tmp_path):
+    write_record(make_record("finetuned_model", 1.0), tmp_path / "finetuned_model_results.json")
+    write_record(make_record("lora", 0.75), tmp_path / "methods" / "lora_results.json")
+    summary = write_summary(tmp_path).read_text()
+    demo, methods = summary.split("## `make demo`")[1].split("## Methods")
+    assert [line.split(" | ")[0] for line in demo.splitlines() if line.startswith("| ") and "run |" not in line] == \
+        ["| finetuned_model"]
+    assert "| lora | scratch | holdout | 4 | 75.00% / " in methods and "finetuned_model" not in methods
+
+
+def test_readme_is_a_front_door_whose_links_lead_somewhere():
+    """README.md stays short (the depth is in docs/), and every page it links to exists."""
+    import re
+
+    from finetune.results import PROJECT_DIR
+
+    readme = (PROJECT_DIR / "README.md").read_text()
+    assert len(readme.encode()) <= 12 * 1024
+    links = re.findall(r"\]\(([^)#]+)", readme)
+    assert "docs/dgx-spark.md" in links and "docs/performance.md" in links
+    assert [link for link in links if not (PROJECT_DIR / link).exists()] == []
