@@ -135,7 +135,7 @@ def test_8bit_moments_take_a_byte_a_value_and_reload_as_the_trainer_resumes():
 
 
 def test_optimizer_options_map_to_weights_and_optimizer():
-    reference = get_config("qwen2.5-7b")
+    reference = get_config("qwen2.5-7b-reference")
     assert reference.optimizer == "adamw_bf16_sr" and weights_dtype(reference) == torch.bfloat16
     cls, kwargs = optimizer_cls_and_kwargs(reference, sft_config(reference))
     assert cls.__name__ == "AdamWBf16SR" and kwargs["lr"] == 2e-5

@@ -224,3 +224,63 @@ def test_selective_checkpointing_recomputes_only_the_first_layers(tiny_config):
         layer.forward = counted
     trainer.train()
     assert calls == [2, 1]
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused_naming_both(tiny_config):
+    """A BPE trained here fed to a checkpoint's weights would put every id on an unrelated row: refused, by size or by
+    the special tokens' ids, with both names in the message."""
+    from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_config, train_texts=["Stocks rallied.", "The striker scored."] * 50)
+    model = load_model(tiny_config, tokenizer)
+    check_tokenizer_fits(tokenizer, model)  # the model built for it fits
+    model.config.eos_token_id = 151645  # Qwen2.5-Instruct's <|im_end|>
+    model.config.name_or_path = "Qwen/Qwen2.5-7B-Instruct"
+    with pytest.raises(ValueError, match=r"'<\|im_end\|>' at id \d+, but Qwen/Qwen2.5-7B-Instruct's config says "
+                                         r"eos_token_id=151645"):
+        check_tokenizer_fits(tokenizer, model)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.resize_token_embeddings(len(tokenizer) - 10)
+    with pytest.raises(ValueError, match=f"has {len(tokenizer)} tokens but .* has {len(tokenizer) - 10} rows"):
+        check_tokenizer_fits(tokenizer, model)
+
+
+def test_the_run_ends_with_median_interval_speed_not_the_whole_run_average():
+    """The closing log line gets the median of the logging intervals' tokens/s; an interval in which a checkpoint was
+    written reports none (the write is timed on its own)."""
+    from unittest import mock
+
+    from transformers import Qwen2Config
+
+    from finetune.throughput import ArticleTokens, ThroughputCallback
+
+    callback = ThroughputCallback(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
+                                  ArticleTokens(attention_length=100.0, loss_share=0.07))
+    args = mock.Mock(world_size=1)
+    logs = []
+    clock = iter([0.0, 1.0, 2.0, 4.0, 14.0, 15.0, 99.0])  # seconds at each log
+    with mock.patch("finetune.throughput.time.perf_counter", lambda: next(clock)):
+        for step, tokens in enumerate([0, 1000, 2000, 3000, 4000, 5000]):
+            if step == 4:
+                callback.on_save(args, None, None)  # written during the interval that ends at the 5th log
+            logs.append({"num_tokens": tokens})
+            callback.on_log(args, None, None, logs=logs[-1])
+        final = {"num_tokens": 5000, "train_runtime": 99.0}
+        callback.on_log(args, None, None, logs=final)
+    rates = [log.get("tokens_per_second") for log in logs]
+    assert rates == [None, 1000.0, 1000.0, 500.0, None, 1000.0]
+    assert final["train_tokens_per_second_median"] == 1000.0 and "tokens_per_second" not in final
+
+
+def test_evaluation_defaults_are_planned_and_recorded_with_the_warm_up_apart(tiny_config):
+    """"auto" evaluation settings are chosen for the machine (on the CPU: batch 64, no Liger, eager layers), written
+    into the results JSON with their reasons, and the warm-up is reported beside the timed speed, never inside it."""
+    from finetune.evaluate import evaluate
+
+    config = dataclasses.replace(tiny_config, eval_batch_size="auto", use_liger_kernel="auto", compile_layers="auto")
+    record = evaluate(config, "planned", modes=("label_scoring",))
+    assert record["plan"]["eval_batch_size"]["value"] == 64 and record["plan"]["use_liger_kernel"]["value"] is False
+    assert record["config"]["eval_batch_size"] == 64 and "no GPU" in record["plan"]["eval_batch_size"]["reason"]
+    speed = record["evaluations"]["label_scoring"]["throughput"]
+    assert speed["warmup_seconds"] == 0.0 and speed["batch_size"] == 64  # nothing to compile or grow on the CPU
