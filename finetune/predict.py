@@ -226,7 +226,8 @@ def _tree_passes(model, tokenizer, prompts: list[list[int]], tree: AnswerTree, b
         layout = nullcontext()
         tail_logits = lambda rows: _tree_logits(model, rows, tree, common, header, tokenizer.pad_token_id)
     with layout:
-        for batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, disable=not progress):
+        # leave=False: a check stopped early (a model off the trained format) clears its bar rather than leaving it short
+        for batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, disable=not progress, leave=False):
             yield batch, tail_logits([prompts[i][common:] for i in batch])
 
 

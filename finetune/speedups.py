@@ -132,10 +132,10 @@ def layers_to_checkpoint(budget_bytes: float, fixed_bytes: float, kept_layer_byt
 
 
 def check_speedups(config: RunConfig) -> None:
-    """Fail before any model is built on settings that cannot run."""
-    if config.fp8 is not None and config.fp8 not in FP8_RECIPES:
-        raise ValueError(f"unknown fp8 recipe {config.fp8!r}; choose from {FP8_RECIPES} or none")
-    if config.fp8 is not None and config.method != "full":
+    """Fail before any model is built on settings that cannot run ("auto" is the plan's to choose)."""
+    if config.fp8 not in (None, "auto", *FP8_RECIPES):
+        raise ValueError(f"unknown fp8 recipe {config.fp8!r}; choose from {FP8_RECIPES}, auto or none")
+    if config.fp8 not in (None, "auto") and config.method != "full":
         why = {"qlora": "its frozen weights are bitsandbytes' 4-bit layers, which torchao's conversion leaves as they "
                         "are: nothing would run in FP8",
                "lora": "torchao's FP8 linears compute a gradient for every weight they hold (their backward returns "

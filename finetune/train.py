@@ -146,9 +146,9 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     """Data, training arguments, tokenizer, model and trainer, in that order, from one config. `splits` replaces the
     config's data (e.g. a carve of the training articles for choosing settings)."""
     check_method(config)  # QLoRA without a GPU or bitsandbytes fails here, before the data loads
+    check_speedups(config)
     config, plan = plan_training(config, GPU.current(), ModelShape.of(config), fsdp=launched_with_fsdp())
     log_plan(plan, "training")
-    check_speedups(config)
     splits = splits or load_splits(config)
     args = sft_config(config)
     with args.main_process_first(desc="tokenizer"):  # one rank builds and caches a tokenizer, then the others load it

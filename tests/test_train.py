@@ -53,7 +53,7 @@ def test_short_training_run_lowers_the_loss_and_saves_a_loadable_model(tiny_conf
 
 
 def test_profiles_differ_only_where_the_tiny_run_needs_it():
-    reference, tiny = get_config("qwen2.5-7b"), get_config("tiny")
+    reference, tiny = get_config("qwen2.5-7b-reference"), get_config("tiny")
     assert (reference.model, reference.learning_rate, reference.num_train_epochs) == ("Qwen/Qwen2.5-7B-Instruct", 2e-5, 1.0)
     assert (reference.per_device_train_batch_size, reference.gradient_accumulation_steps) == (8, 4)
     assert (reference.max_length, reference.gradient_checkpointing, reference.bf16, reference.packing) == (

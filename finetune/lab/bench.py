@@ -309,16 +309,20 @@ def bench_eval(config: RunConfig, modes: list[str], repeats: int, generation_bat
 
 def plot_train(results: dict, path: Path) -> None:
     names = [n for n, r in results.items() if "tokens_per_second" in r]
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(names) + 1.5))
-    ax.barh(names, [results[n]["tokens_per_second"] for n in names])
-    for i, n in enumerate(names):
+    rates = [results[n]["tokens_per_second"] for n in names]
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(names) + 1.5), layout="constrained")
+    bars = ax.barh(names, rates)
+    labels = []
+    for n in names:
         mfu, stock = results[n]["mfu"], results[n].get("speed_vs_stock_trl")
-        ax.text(results[n]["tokens_per_second"], i, f" {results[n]['tokens_per_second']:.0f}"
-                + (f" ({mfu:.0%} MFU)" if mfu else "") + (f" {stock:.2f}x stock TRL" if stock else ""), va="center")
+        labels.append(f"{results[n]['tokens_per_second']:.0f}" + (f" ({mfu:.0%} MFU)" if mfu else "")
+                      + (f" {stock:.2f}x stock TRL" if stock else ""))
+    ax.bar_label(bars, labels=labels, padding=3, fontsize=8)
+    ax.set_xlim(0, max(rates, default=1) * 1.6)  # room for the labels inside the frame
     ax.invert_yaxis()
     ax.set_xlabel("real tokens/s")
     ax.set_title("Training throughput by variant")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
