@@ -211,7 +211,7 @@ class AnswerTreeTerms:
 
 
 def _tree_passes(model, tokenizer, prompts: list[list[int]], tree: AnswerTree, batch_size: int, method: str,
-                 desc: str, progress: bool):
+                 desc: str, progress: bool, leave: bool = True):
     """Per batch: its article indices and the tail logits (articles, tail, vocab) of one forward over each prompt
     followed by the answer tree. The shared opening runs once for all batches."""
     if method not in SCORING_METHODS:
@@ -226,8 +226,7 @@ def _tree_passes(model, tokenizer, prompts: list[list[int]], tree: AnswerTree, b
         layout = nullcontext()
         tail_logits = lambda rows: _tree_logits(model, rows, tree, common, header, tokenizer.pad_token_id)
     with layout:
-        # leave=False: a check stopped early (a model off the trained format) clears its bar rather than leaving it short
-        for batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, disable=not progress, leave=False):
+        for batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, disable=not progress, leave=leave):
             yield batch, tail_logits([prompts[i][common:] for i in batch])
 
 
@@ -318,8 +317,9 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
         trained = tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
         start = time.perf_counter()
         # closing(): a pass stopped early must restore the model's attention before decoding starts.
+        # leave=False: a check stopped early (a model off the trained format) clears its bar rather than leaving it short
         with closing(_tree_passes(model, tokenizer, prompts, tree, batch_size, "auto", "answer tree",
-                                  progress)) as passes:
+                                  progress, leave=False)) as passes:
             for batch, logits in passes:
                 missed = (logits[:, terms.positions].argmax(-1) != terms.tokens).float()  # (articles, terms)
                 followed = (missed @ terms.owner == 0).cpu().numpy()  # (articles, labels): at most one per article

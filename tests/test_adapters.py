@@ -157,6 +157,7 @@ def _assert_evaluation_scored_the_adapter(config, final) -> None:
     assert np.abs(evaluated - base).max() > 1e-3
 
 
+@pytest.mark.slow  # the full run's resume test covers the mechanism in the fast set; this adds the adapter's state
 def test_interrupted_lora_run_resumes_to_the_same_adapter_and_losses(lora_config, tmp_path):
     straight = train(dataclasses.replace(lora_config, checkpoints_dir=str(tmp_path / "straight")))
     interrupted = dataclasses.replace(lora_config, checkpoints_dir=str(tmp_path / "interrupted"))
