@@ -56,10 +56,12 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
     unknown = set(modes) - set(runs)
     if unknown:
         raise ValueError(f"unknown evaluation mode(s) {sorted(unknown)}; choose from {MODES}")
-    warmup = warmup_texts(texts, [len(p) for p in encode_prompts(tokenizer, texts, config.max_length)[0]], batch)
+    on_gpu = model.device.type == "cuda"
+    warmup = (warmup_texts(texts, [len(p) for p in encode_prompts(tokenizer, texts, config.max_length)[0]], batch)
+              if on_gpu else [])
     evaluations = {}
     for mode in modes:
-        warmup_seconds = warm_up(runs[mode], warmup, model.device.type == "cuda")
+        warmup_seconds = warm_up(runs[mode], warmup, on_gpu)
         t0 = time.perf_counter()
         predictions = runs[mode](texts)
         seconds = time.perf_counter() - t0

@@ -125,7 +125,8 @@ def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
     kernels or compiled decoder layers (inductor fuses the same norms, RoPE and SwiGLU) when the config asks for
     them. A LoRA adapter at `path` is loaded onto the config's model and merged into
     it; a QLoRA adapter stays beside its 4-bit base."""
-    config, _ = plan_evaluation(config, GPU.current(), ModelShape.of(config, path))  # resolves any "auto"
+    if "auto" in (config.use_liger_kernel, config.compile_layers, config.eval_batch_size):  # evaluate() planned already
+        config, _ = plan_evaluation(config, GPU.current(), ModelShape.of(config, path))
     adapter = is_adapter(path)
     model = load_model(config, tokenizer, "sdpa", path=None if adapter else path)
     if adapter:

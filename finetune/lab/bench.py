@@ -38,6 +38,7 @@ from finetune.throughput import (HostSyncCounter, StepClock, StepProfiler, adapt
                                  lm_head_on_every_token, max_over_ranks, mean_article_tokens, peak_flops,
                                  peak_memory_gib, reset_peak_memory, training_flops_per_token)
 from finetune.lab.stock_trl import STOCK_TRL, STOCK_TRL_TUNED, stock_trl_trainer
+from finetune.lab.targets import RECIPE_ROW
 from finetune.speedups import decoder_layers
 from finetune.train import build_trainer, launched_with_fsdp
 
@@ -127,7 +128,7 @@ TRAIN_VARIANTS = {
        for recipe in ("rowwise", "rowwise_with_gw_hp", "tensorwise_forward_rowwise_grads", "tensorwise_pow2_scales")},
     # The qwen2.5-7b recipe as a user runs it: every speed setting "auto", chosen for this GPU (finetune/plan.py);
     # then with the FP8 recipe on, and LoRA and QLoRA taking the same speed-ups.
-    "the qwen2.5-7b recipe, planned for this GPU": RECIPE_SPEED,
+    RECIPE_ROW: RECIPE_SPEED,
     "the qwen2.5-7b recipe with FP8 tensorwise_pow2_scales": {**RECIPE_SPEED, "fp8": "tensorwise_pow2_scales"},
     "LoRA r16, the qwen2.5-7b recipe": {**RECIPE_SPEED, "method": "lora"},
     "QLoRA r16, the qwen2.5-7b recipe": {**RECIPE_SPEED, "method": "qlora"},

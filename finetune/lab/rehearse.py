@@ -19,6 +19,7 @@ from pathlib import Path
 from finetune.config import get_config, overrides_from_args
 from finetune.lab.notebooks import NOTEBOOKS, notebook_parameters, run_notebooks
 from finetune.lab.standin import HUB_ID, write_standin
+from finetune.lab.targets import RECIPE_ROW
 from finetune.results import environment
 
 PROFILE = "qwen2.5-7b"
@@ -104,7 +105,7 @@ def same_run_rows(same_run: dict, rehearsal_rate: float | None, tuned: dict) -> 
     rows = []
     if "train" in same_run:
         record = json.loads(Path(same_run["train"]).read_text())
-        recipe = next((v for n, v in record["variants"].items() if n.startswith("the qwen2.5-7b recipe, planned")
+        recipe = next((v for n, v in record["variants"].items() if n == RECIPE_ROW
                        and "tokens_per_second" in v), None)
         if recipe:
             rows += [_row(f"benchmark's recipe row, same machine (`{Path(same_run['train']).name}`): tokens/s, MFU",

@@ -14,7 +14,7 @@ from pathlib import Path
 from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
 from finetune.lab.spark import spark_section
-from finetune.lab.targets import (benchmark_records, published_comparison, runs, summarize, targets, targets_table,
+from finetune.lab.targets import (RECIPE_ROW, benchmark_records, published_comparison, runs, summarize, targets, targets_table,
                                   training_rows)
 from finetune.results import (answer_cells, commit_label, hardware_label, load_records, made_before, run_group,
                               run_table, summary_table, write_summary)
@@ -159,9 +159,6 @@ def rehearsal_section(results_dir: Path) -> str:
     return (f"Measured by `make rehearse` on {hardware_label(facts['environment'])} at commit "
             f"`{(facts['environment']['git_commit'] or 'unknown')[:7]}` (`results/rehearsal/`, its README has the "
             f"command):\n\n{rehearsal_table(folder)}")
-
-
-RECIPE_ROW = "the qwen2.5-7b recipe, planned for this GPU"  # finetune/lab/bench.py's row of the default recipe
 
 
 def gpu_expectations(results_dir: Path) -> str:

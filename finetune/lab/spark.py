@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import Qwen2Config
 
 from finetune.config import get_config
+from finetune.lab.targets import RECIPE_ROW
 from finetune.plan import GPU, ModelShape, plan_evaluation, plan_training
 from finetune.throughput import PEAK_BF16_TFLOPS, ArticleTokens, training_flops_per_token
 
@@ -21,7 +22,6 @@ PUBLISHED_MFU = 0.306
 PUBLISHED_EPOCH_HOURS = 10
 QWEN_7B = ModelShape(hidden=3584, intermediate=18944, layers=28, vocab=152064, heads=28, kv_heads=4, tied=False)
 EPOCH_ARTICLES = 120_000
-RECIPE_ROW = "the qwen2.5-7b recipe, planned for this GPU"
 MEASURED = Path("results/benchmarks/h200_7b_train_recipe.json")
 
 

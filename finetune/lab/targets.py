@@ -14,6 +14,9 @@ from typing import NamedTuple
 
 from finetune.results import hardware_label, load_records
 
+# The benchmark row of the qwen2.5-7b recipe as a user runs it (finetune/lab/bench.py), which the pages quote.
+RECIPE_ROW = "the qwen2.5-7b recipe, planned for this GPU"
+
 
 class Measured(NamedTuple):
     """One configuration's figure over the runs (files) that measured it."""
@@ -218,7 +221,7 @@ def published_comparison(results_dir: Path) -> str:
     """The published run's figures beside the suite's: medians over the one-GPU benchmark runs of the 7B shape."""
     by_name = {name: m for name, _, m, _, _ in targets(results_dir)}
     recipe = [row for row, device in training_rows(results_dir)
-              if row[1] == "the qwen2.5-7b recipe, planned for this GPU" and "H200" in device]
+              if row[1] == RECIPE_ROW and "H200" in device]
     epoch = summarize(recipe, "projected_epoch_minutes_full_train", higher_is_better=False)
     scoring = by_name.get("label scoring articles/s over 7,600 (one H100 or H200)")
     generation = by_name.get("generation articles/s over 7,600")
