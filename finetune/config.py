@@ -45,7 +45,9 @@ class RunConfig:
                          "bitsandbytes). Adapters are saved alone (finetune.merge merges them)")
     lora_rank: int = option(16, "model", "LoRA/QLoRA: adapter rank")
     lora_alpha: int = option(32, "model", "LoRA/QLoRA: the adapter's update is scaled by alpha / rank")
-    lora_dropout: float = option(0.05, "model", "LoRA/QLoRA: dropout on each adapter's input")
+    # peft's default. Dropout copies and masks every adapted projection's input: the 7B recipe's LoRA trained 4% faster
+    # without it (results/benchmarks/h200_7b_train_choices.json).
+    lora_dropout: float = option(0.0, "model", "LoRA/QLoRA: dropout on each adapter's input")
     # 2e-4 is the QLoRA paper's rate for its 7B and 13B models (Dettmers et al., 2023, appendix), ten times the full
     # recipe's: adapters start at zero and move only a low-rank slice of each weight.
     lora_learning_rate: float = option(2e-4, "model", "LoRA/QLoRA learning rate (full fine-tuning uses "
@@ -102,6 +104,11 @@ class RunConfig:
     checkpointed_layers: int | str | None = option("auto", "speed", "how many decoder layers recompute (the first "
                                                    "N): a number, none (every layer) or 'auto' (the fewest the "
                                                    "GPU's memory allows)")
+    merge_micro_batches: bool | str = option("auto", "speed", "run each optimizer step's rows (per_device_train_"
+                                             "batch_size x gradient_accumulation_steps) in fewer, larger micro-"
+                                             "batches, the same update: 'auto' (or true) halves their number while "
+                                             "the memory holds them with no layer recomputed; false keeps them as "
+                                             "given")
     max_memory_gib: float | None = option(None, "speed", "cap for the memory 'auto' plans with, in GiB (e.g. 70 to "
                                           "plan on a 141 GB card what fits an 80 GB one); none = what is free")
     compile_layers: bool | str = option("auto", "speed", "torch.compile each decoder layer (one graph for all): "
@@ -138,7 +145,8 @@ class RunConfig:
 
 # The speed settings of the bf16 reference: every layer recomputed, plain eager layers, no FP8, 16-bit moments.
 REFERENCE_SPEED = dict(compile_layers=False, fp8=None, optimizer="adamw_bf16_sr", per_device_train_batch_size=8,
-                       gradient_accumulation_steps=4, checkpointed_layers=None, use_liger_kernel=False)
+                       gradient_accumulation_steps=4, checkpointed_layers=None, use_liger_kernel=False,
+                       merge_micro_batches=False)
 
 PROFILES: dict[str, dict] = {
     "qwen2.5-7b": {},
@@ -157,7 +165,7 @@ PROFILES: dict[str, dict] = {
         intermediate_size=512, num_layers=2, num_heads=6, num_kv_heads=2, learning_rate=1e-3, num_train_epochs=4.0,
         per_device_train_batch_size=16, gradient_accumulation_steps=1, max_length=256, warmup_steps=0.05,
         lr_scheduler_type="cosine", weight_decay=0.1, gradient_checkpointing=False, bf16=False, optimizer="adamw",
-        compile_layers=False, fp8=None, use_liger_kernel=False, checkpointed_layers=None,
+        compile_layers=False, fp8=None, use_liger_kernel=False, checkpointed_layers=None, merge_micro_batches=False,
         logging_steps=20, save_steps=250, dataloader_num_workers=0, eval_batch_size=128,
         # The holdout carve's sizes, so that without $AG_NEWS_DIR the hub's 120,000 training articles do not turn
         # minutes into an hour. Results notes say when a cap bites; `max_train_samples=None` (an override, or
@@ -167,7 +175,7 @@ PROFILES: dict[str, dict] = {
         # results/methods/carve/lora_carve.json). Two thirds of this model's weights are its 8K-token embedding: with
         # it frozen the projections' adapters trail full fine-tuning (also with rank 64 or no dropout); an adapter on
         # the embedding beside them, with the five RMSNorms (960 weights) trained whole, scores level with it there.
-        lora_learning_rate=3e-3, lora_modules_to_save="norm", lora_embedding=True,
+        lora_learning_rate=3e-3, lora_dropout=0.05, lora_modules_to_save="norm", lora_embedding=True,
     ),
 }
 

@@ -2,7 +2,7 @@
 
 `qwen2.5-7b` asks for the fastest settings whose learning was checked, where the machine runs them: compiled decoder
 layers, 8-bit AdamW moments with the fused Triton update, FP8 matmuls once their learning is checked at the 7B shape,
-as few recomputed layers as the memory allows, and for evaluation Liger's kernels and a batch sized from the memory.
+as few recomputed layers as the memory allows and then as few micro-batches a step, and for evaluation Liger's kernels and a batch sized from the memory.
 Every choice is a plain value in the returned config (what runs) and a reason (what is logged once and written into the
 training summary and results JSON). A setting given explicitly is kept as given; what it needs is checked where it is
 used (a missing package or an unsupported GPU is named there, never silently dropped).
@@ -158,12 +158,17 @@ def plan_training(config: RunConfig, gpu: GPU | None, shape: ModelShape, has=ins
         value, reason = _checkpointed_layers(resolved, gpu, shape)
         choose("checkpointed_layers", value, reason)
         resolved = dataclasses.replace(resolved, checkpointed_layers=value)
+    if config.merge_micro_batches in ("auto", True):
+        rows, micro_batches, reason = _micro_batches(resolved, gpu, shape)
+        choose("merge_micro_batches", micro_batches < config.gradient_accumulation_steps, reason)
+        resolved = dataclasses.replace(resolved, merge_micro_batches=plan["merge_micro_batches"]["value"],
+                                       per_device_train_batch_size=rows, gradient_accumulation_steps=micro_batches)
     return resolved, plan
 
 
 def _fsdp_plan(config: RunConfig, choose) -> RunConfig:
     reference = {"compile_layers": False, "fp8": None, "optimizer": "adamw_bf16_sr", "use_liger_kernel": False,
-                 "checkpointed_layers": None}
+                 "checkpointed_layers": None, "merge_micro_batches": False}
     for name, value in reference.items():
         if getattr(config, name) == "auto":
             choose(name, value, "the reference's setting: under FSDP2 the single-GPU speed-ups are not checked yet")
@@ -204,6 +209,31 @@ def _checkpointed_layers(config: RunConfig, gpu: GPU | None, shape: ModelShape) 
     return n, (f"{n} of {shape.layers} layers recompute: budget {budget / GIB:.1f} GiB ({assumed}), weights, "
                f"gradients and optimizer states {fixed / GIB:.1f} GiB, {kept / GIB:.2f} GiB a kept layer at "
                f"{config.per_device_train_batch_size} x {config.max_length} tokens")
+
+
+def _micro_batches(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> tuple[int, int, str]:
+    """The step's rows in as few micro-batches as fit with no layer recomputed. The loss is normalized over the whole
+    step, so the update is the same; fewer micro-batches launch fewer kernels and pay the per-pass costs (the
+    embedding's and LM head's gradients, the loss) fewer times a token. Recompute costs more than that gains, so a plan
+    that recomputes keeps the micro-batches as given."""
+    rows, micro_batches = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    given = f"{rows} x {micro_batches} rows kept"
+    if gpu is None:
+        return rows, micro_batches, f"{given}: no GPU memory to plan"
+    if config.gradient_checkpointing and config.checkpointed_layers != 0:
+        return rows, micro_batches, f"{given}: layers are recomputed at this micro-batch already"
+    budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=2 * shape.parameters)
+    fixed = training_state_bytes(config, shape)
+    while micro_batches % 2 == 0:
+        kept, checkpointed = layer_activation_bytes(shape.hidden, shape.intermediate, 2 * rows * config.max_length)
+        if layers_to_checkpoint(budget, fixed, kept, checkpointed, shape.layers):
+            break
+        rows, micro_batches = 2 * rows, micro_batches // 2
+    if micro_batches == config.gradient_accumulation_steps:
+        return rows, micro_batches, f"{given}: twice the rows would need recompute in {budget / GIB:.1f} GiB ({assumed})"
+    return rows, micro_batches, (f"{config.per_device_train_batch_size} x {config.gradient_accumulation_steps} rows "
+                                 f"run as {rows} x {micro_batches}: every layer's activations for {rows} rows fit in "
+                                 f"{budget / GIB:.1f} GiB ({assumed})")
 
 
 def memory_budget(gpu: GPU, max_memory_gib: float | None, weights_bytes: float) -> tuple[float, str]:

@@ -15,6 +15,7 @@ QWEN_7B = ModelShape(hidden=3584, intermediate=18944, layers=28, vocab=152064, h
 # and free with the OS and a desktop session up is about 119 and 110 GiB.
 GB10 = GPU("NVIDIA GB10", (12, 1), total_gib=119.7, free_gib=110.0, integrated=True)
 H100 = GPU("NVIDIA H100 80GB HBM3", (9, 0), total_gib=79.2, free_gib=78.7, integrated=False)
+H200 = GPU("NVIDIA H200", (9, 0), total_gib=139.8, free_gib=139.3, integrated=False)
 A100 = GPU("NVIDIA A100-SXM4-80GB", (8, 0), total_gib=79.2, free_gib=78.7, integrated=False)
 EVERYTHING = {"triton", "torchao", "liger_kernel"}.__contains__
 
@@ -65,6 +66,23 @@ def test_the_h100_recomputes_some_layers_and_the_gb10_budgets_for_its_host():
     discrete = GPU(GB10.name, GB10.capability, GB10.total_gib, free_gib=100.0, integrated=False)
     assert plan_training(get_config("qwen2.5-7b"), discrete, QWEN_7B, has=EVERYTHING)[0].checkpointed_layers \
         < plan_training(get_config("qwen2.5-7b"), busy, QWEN_7B, has=EVERYTHING)[0].checkpointed_layers
+
+
+def test_a_step_runs_in_fewer_micro_batches_only_where_no_layer_would_recompute():
+    """The H200 holds every layer's activations for the step's 32 rows at once: one micro-batch. The H100 recomputes
+    layers already at 16 rows, so it keeps 16 x 2; the product, the rows an update sees, never changes."""
+    h200, plan = plan_training(get_config("qwen2.5-7b"), H200, QWEN_7B, has=EVERYTHING)
+    assert (h200.per_device_train_batch_size, h200.gradient_accumulation_steps, h200.checkpointed_layers) == (32, 1, 0)
+    assert h200.merge_micro_batches is True and "run as 32 x 1" in plan["merge_micro_batches"]["reason"]
+    h100, plan = plan_training(get_config("qwen2.5-7b"), H100, QWEN_7B, has=EVERYTHING)
+    assert (h100.per_device_train_batch_size, h100.gradient_accumulation_steps) == (16, 2)
+    assert h100.merge_micro_batches is False and "recomputed" in plan["merge_micro_batches"]["reason"]
+    # Memory for 16 rows without recompute but not for 32: kept as given, with the budget in the reason.
+    roomy, plan = plan_training(get_config("qwen2.5-7b", max_memory_gib=100), H200, QWEN_7B, has=EVERYTHING)
+    assert (roomy.per_device_train_batch_size, roomy.checkpointed_layers) == (16, 0)
+    assert "max_memory_gib=100" in plan["merge_micro_batches"]["reason"]
+    kept = plan_training(get_config("qwen2.5-7b", merge_micro_batches=False), H200, QWEN_7B, has=EVERYTHING)
+    assert kept[0].per_device_train_batch_size == 16 and "merge_micro_batches" not in kept[1]
 
 
 def test_missing_packages_and_no_gpu_are_named_not_silently_dropped():
