@@ -106,6 +106,9 @@ def test_lora_takes_the_same_speed_ups_but_not_fp8():
     config, plan = plan_training(get_config("qwen2.5-7b", method="lora"), H100, QWEN_7B, has=EVERYTHING)
     assert config.compile_layers is True and config.fp8 is None and "full fine-tuning" in plan["fp8"]["reason"]
     assert config.checkpointed_layers == 0  # 15 GB of frozen weights leave room for every layer's activations
+    assert config.optimizer == "adamw8bit_bf16_sr"  # the fused update: one kernel per adapter weight
+    h200 = plan_training(get_config("qwen2.5-7b", method="lora"), H200, QWEN_7B, has=EVERYTHING)[0]
+    assert (h200.per_device_train_batch_size, h200.gradient_accumulation_steps) == (32, 1)
 
 
 def test_fsdp_keeps_the_reference_settings_with_a_reason():
