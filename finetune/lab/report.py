@@ -71,7 +71,7 @@ def eval_benchmark_table(results_dir: Path) -> str:
         device, commit = hardware_label(record["environment"]), commit_label(record["environment"])
         if (record.get("liger_kernels") or {}).get("in_use"):
             device += ", Liger (suite's modes)"
-        if record["config"].get("compile_layers"):
+        if record["config"].get("compile_layers") is True:  # "auto" beside Liger plans them off
             device += ", compiled layers (suite's modes)"
         # Speed does not depend on what a model learned, except generation's: decoding stops when answers end.
         model = record["config"]["model"]

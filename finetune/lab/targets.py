@@ -98,7 +98,7 @@ def eval_rows(results_dir: Path) -> list[Row]:
         if (record.get("liger_kernels") or {}).get("in_use"):
             device += ", Liger"
         config = record.get("config", {})
-        if config.get("compile_layers"):
+        if config.get("compile_layers") is True:  # "auto" beside Liger plans them off
             device += ", compiled layers"
         model = "random weights" if config.get("model", "scratch") == "scratch" else "trained weights"
         for mode, m in record["modes"].items():
