@@ -5,8 +5,13 @@ import os
 import random
 from pathlib import Path
 
-import pytest
-import torch
+# Compiled-layer tests load Inductor's C++ kernels, whose OpenMP threads then spin beside torch's own after every
+# parallel region: on a 2-core machine every later test ran several times slower. Idle threads sleep instead. Read
+# once, when OpenMP starts, hence before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Without a GPU, Triton kernels (the fused 8-bit AdamW's) run on Triton's interpreter. Triton reads this as each kernel
 # is defined, including its own library's, so it is set before anything imports triton.

@@ -181,6 +181,12 @@ def test_run_resumed_from_a_sharded_checkpoint_ends_where_the_uninterrupted_run_
     checkpoint = launch.checkpoints / "resumed" / "checkpoint-2"
     assert {"pytorch_model_fsdp_0", "optimizer_0"} <= {p.name for p in checkpoint.iterdir()}
     assert last_checkpoint(checkpoint.parent, world_size=2) == str(checkpoint)  # complete: every part is there
+    # DCP writes .metadata once every rank's shards are on disk: without it the optimizer state is cut off.
+    metadata = checkpoint / "optimizer_0" / ".metadata"
+    metadata.rename(checkpoint / "held.metadata")
+    with pytest.raises(RuntimeError, match=r"checkpoint-2 is incomplete \(missing optimizer state"):
+        last_checkpoint(checkpoint.parent, world_size=2)
+    (checkpoint / "held.metadata").rename(metadata)
     # max_steps 2, then 4: a changed run config, which resuming refuses unless allowed. Under the constant learning
     # rate here it is the same training, stopped early.
     launch("finetune/train.py", *flags, "--max_steps", "4", "--allow_config_change", "true", accelerate_flags=sharded)
