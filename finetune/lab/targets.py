@@ -90,6 +90,18 @@ def training_rows(results_dir: Path) -> list[tuple[Row, str]]:
     return rows
 
 
+def tuned_anchor_ceilings(results_dir: Path) -> list[Row]:
+    """Per run, the ratio a step computing at the bf16 peak would reach against that run's tuned stock TRL (its faster
+    tuned row): MFU counts the same FLOPs for every row, so no row can pass 1 / the anchor's MFU."""
+    rows = []
+    for file, record in _on_one_gpu(results_dir, "train"):
+        device = hardware_label(record["environment"])
+        for name, v in record["variants"].items():
+            if name.startswith("stock TRL tuned") and v.get("speed_vs_stock_trl_tuned") == 1.0 and v.get("mfu"):
+                rows.append(((device, name), name, file, {**v, "ceiling": 1 / v["mfu"]}))
+    return rows
+
+
 def eval_rows(results_dir: Path) -> list[Row]:
     """Every mode timed beside its plain-HF anchor, grouped by mode, device, kernels, model and batch."""
     rows = []
@@ -142,6 +154,10 @@ def targets(results_dir: Path) -> list[Target]:
                 peak = max(v["peak_allocated_gib"] for v in best_auto.figures)
                 rows.append(("MFU, checkpointing auto on all of a 141 GB H200", None,
                              best_auto._replace(where=f"{best_auto.where} ({peak:.1f} GiB)"), "{:.1%}", True))
+        ceiling = summarize(tuned_anchor_ceilings(results_dir), "ceiling")
+        if ceiling:
+            rows.append(("the most any row can reach against stock TRL tuned: a step at 100% MFU (1 / the anchor's "
+                         "MFU), same run", None, ceiling, "{:.2f}x", True))
         rows += [("real tokens/s", 10_800, summarize(fits, "tokens_per_second"), "{:,.0f}", True),
                  ("one epoch of 120K articles (min, lower is better)", 50,
                   summarize(fits, "projected_epoch_minutes_full_train", higher_is_better=False), "{:.0f}", False)]
