@@ -47,7 +47,7 @@ def _fitted_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str],
     """Prompt token ids per article within `limit`, and the cut text of each article that had to be shortened."""
     rendered = tokenizer.apply_chat_template([build_prompt_messages(t) for t in texts], add_generation_prompt=True,
                                              tokenize=False)
-    # One batched call: the fast tokenizer spreads it over threads (per-article calls cost seconds on 7,600 articles).
+    # One batched call: the fast tokenizer spreads it over threads (per-article calls are far slower over a test set).
     encoded = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     shortened = {}
     for i, ids in enumerate(encoded):

@@ -101,9 +101,9 @@ def _fp8_shaped(linear: nn.Linear) -> bool:
 # 8-bit moments take 1 byte each plus an fp32 scale per block of 256; fp32 master weights keep all four in fp32.
 STATE_BYTES_PER_PARAMETER = {"adamw": 8, "adamw_bf16_sr": 8, "adamw8bit_bf16_sr": 2 + 2 + 2 * (1 + 4 / 256),
                              "adamw_fp32_master": 16}
-# Loss workspace, CUDA context and allocator slack that the model below does not count. 3 GiB matched the H100 runs
-# with Liger's fused loss; on the H200 without Liger, 14 of 28 layers recomputed under a 70 GiB cap peaked at 72.5
-# GiB (results/benchmarks/h200_7b_train_speed.json, made with 3), so 2.5 more.
+# Loss workspace, CUDA context and allocator slack that the model below does not count: sized so that runs without
+# Liger's fused loss, whose logits take more room, peak within their cap (a smaller workspace overran a 70 GiB cap in
+# results/benchmarks/h200_7b_train_speed.json).
 WORKSPACE_GIB = 5.5
 
 
@@ -111,11 +111,10 @@ def layer_activation_bytes(hidden: int, intermediate: int, tokens: int) -> tuple
     """Bytes of bf16 activations one decoder layer keeps for the backward pass over `tokens` tokens: (kept, when
     checkpointed). A kept layer holds about 8 hidden-wide tensors a token (its input, two norms' inputs and
     outputs, q/k/v, the attention output, the residual) and 3 intermediate-wide ones (the SwiGLU's gate, up and
-    their product); a checkpointed one holds only its input and recomputes the rest. On the 7B shape this gives
-    0.65 GiB a kept layer for 4,096 tokens; the H100 runs measured 0.61 (68.1 GiB with 12 kept, 60.8 with none), so
-    the per-layer estimate errs on the safe side. With the workspace below it checkpoints 18 of 28 layers within
-    70 GiB, and none on a 141 GB H200. Compiled and FP8 layers keep fewer
-    or smaller activations, so for them it errs further on the safe side."""
+    their product); a checkpointed one holds only its input and recomputes the rest. On the 7B shape this is more
+    than the H100 runs measured a kept layer (results/benchmarks/h100_7b_train*.json), so the estimate errs on the
+    safe side. Compiled and FP8 layers keep fewer or smaller activations, so for them it errs further on the safe
+    side."""
     return 2 * tokens * (8 * hidden + 3 * intermediate), 2 * tokens * hidden
 
 

@@ -22,7 +22,7 @@ from finetune.predict import (AnswerTree, _batches, _left_pad, answer_token_ids,
                               generate_labels, greedy_decoding, parse_strict, parsed, score_labels, warmup_texts)
 from finetune.throughput import peak_memory_gib, profile_table, reset_peak_memory
 
-# The extra batch-64 row is slow (~100 articles/s on an H200): timed on every 4th article, an even sample of the same
+# The extra batch-64 row is slow: timed on every 4th article, an even sample of the same
 # articles, so that every pass of every mode fits one command on the GPU machine (its `articles` says how many).
 SMALL_BATCH = 64
 SMALL_BATCH_EVERY = 4
