@@ -1,7 +1,9 @@
 """Training speed-ups applied to the model before training: compiled decoder layers, FP8 matmuls, and the memory
-estimates that decide how many layers recompute their activations (`finetune/plan.py` chooses)."""
+estimates (the optimizers' states, the layers' activations) that decide how many layers recompute their activations
+(`finetune/plan.py` chooses)."""
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -97,10 +99,26 @@ def _fp8_shaped(linear: nn.Linear) -> bool:
     return out_features % 16 == 0 and in_features % 16 == 0
 
 
-# bytes per parameter for weights + gradients + optimizer states: bf16 weights, grads and two bf16 AdamW moments;
-# 8-bit moments take 1 byte each plus an fp32 scale per block of 256; fp32 master weights keep all four in fp32.
-STATE_BYTES_PER_PARAMETER = {"adamw": 8, "adamw_bf16_sr": 8, "adamw8bit_bf16_sr": 2 + 2 + 2 * (1 + 4 / 256),
-                             "adamw_fp32_master": 16}
+@dataclass(frozen=True)
+class Optimizer:
+    """One `--optimizer` option, in one table (OPTIMIZERS) so that the options the trainer builds and the ones the
+    plan sizes the memory for cannot drift apart."""
+
+    bytes_per_parameter: float  # weights + gradients + both AdamW moments
+    # Bits of each moment of the stochastic-rounding update (finetune/optim.py); None: torch's AdamW, which keeps its
+    # moments in the weights' dtype and rounds to nearest.
+    state_bits: int | None = None
+
+    @property
+    def rounds_stochastically(self) -> bool:
+        return self.state_bits is not None
+
+
+# bf16 weights, grads and two bf16 moments; 8-bit moments take 1 byte each plus an fp32 scale per block of 256; fp32
+# master weights keep all four in fp32.
+OPTIMIZERS = {"adamw": Optimizer(8), "adamw_bf16_sr": Optimizer(8, state_bits=16),
+              "adamw8bit_bf16_sr": Optimizer(2 + 2 + 2 * (1 + 4 / 256), state_bits=8),
+              "adamw_fp32_master": Optimizer(16)}
 # Loss workspace, CUDA context and allocator slack that the model below does not count: sized so that runs without
 # Liger's fused loss, whose logits take more room, peak within their cap (a smaller workspace overran a 70 GiB cap in
 # results/benchmarks/h200_7b_train_speed.json).

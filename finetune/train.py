@@ -30,7 +30,7 @@ from finetune.data import load_splits, to_prompt_completion
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer, weights_dtype
 from finetune.plan import GPU, ModelShape, log_plan, plan_training
 from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished, whole_run_train_loss
-from finetune.speedups import check_speedups, compile_decoder_layers, convert_to_fp8
+from finetune.speedups import OPTIMIZERS, check_speedups, compile_decoder_layers, convert_to_fp8
 from finetune.throughput import (ThroughputCallback, adapter_parameters, article_tokens, peak_memory_gib,
                                  reset_peak_memory)
 
@@ -80,16 +80,12 @@ def sft_config(config: RunConfig) -> SFTConfig:
     return args
 
 
-OPTIMIZERS = ("adamw", "adamw_bf16_sr", "adamw8bit_bf16_sr", "adamw_fp32_master")
-# The stochastic-rounding options (finetune/optim.py), by the bits each keeps its moments in.
-STOCHASTIC_ROUNDING_STATE_BITS = {"adamw_bf16_sr": 16, "adamw8bit_bf16_sr": 8}
-
-
 def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, dict] | None:
     """The optimizer for `config.optimizer`; None lets the Trainer build its plain AdamW from `args`."""
     if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose from {OPTIMIZERS}")
-    if config.optimizer not in STOCHASTIC_ROUNDING_STATE_BITS:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose from {tuple(OPTIMIZERS)}")
+    optimizer = OPTIMIZERS[config.optimizer]
+    if not optimizer.rounds_stochastically:
         return None
     if not config.bf16:
         raise ValueError(f"optimizer={config.optimizer!r} rounds into bf16 weights: it needs bf16=True")
@@ -97,7 +93,7 @@ def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, 
 
     return AdamWBf16SR, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
                          "eps": args.adam_epsilon, "weight_decay": args.weight_decay,
-                         "state_bits": STOCHASTIC_ROUNDING_STATE_BITS[config.optimizer], "rounding_seed": config.seed}
+                         "state_bits": optimizer.state_bits, "rounding_seed": config.seed}
 
 
 class FusedHeadSFTTrainer(trl.SFTTrainer):
