@@ -30,6 +30,7 @@ from transformers.trainer_utils import SaveStrategy
 from finetune.config import REFERENCE_SPEED, RunConfig, config_from_args
 from finetune.data import load_splits
 from finetune.model import load_for_inference, load_tokenizer
+from finetune.lab import fp8_recipes  # noqa: F401  the rows' FP8 recipes beside the recipe's own
 from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
 from finetune.plan import GPU, ModelShape, plan_evaluation
 from finetune.predict import encode_prompts
