@@ -111,13 +111,13 @@ gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under F
 	  --repeats 2 --modes plain_label_scoring,plain_generate,label_scoring,generation,generation_decoding
 
 # Speed II (one GPU, 7B shape, ~7 min each): stock TRL, the reference and the new variants, each file with its own
-# stock TRL row so that every ratio is the same run's. BENCH_VARIANTS are indices into finetune/lab/bench.py's
-# TRAIN_VARIANTS (the reference, 0, always runs); the JSON is rewritten after every row, so a run cut short keeps
-# what it measured. Default: checkpointing auto within 70 GiB, compiled, compiled + FP8 rowwise, and compiled on all
-# of the card's memory.
+# stock TRL row so that every ratio is the same run's. BENCH_VARIANTS are names (VARIANT_SLUGS) or indices into
+# finetune/lab/bench.py's TRAIN_VARIANTS (the reference always runs); the JSON is rewritten after every row, so a run
+# cut short keeps what it measured. Default: checkpointing auto within 70 GiB, compiled, compiled + FP8 rowwise, and
+# compiled on all of the card's memory.
 BENCH_NAME ?= h200_7b_train_speed
-BENCH_VARIANTS ?= 11,13,14,16
-BENCH_LIGER_VARIANTS ?= 8,15,20,21
+BENCH_VARIANTS ?= auto70,compiled-auto70,compiled-fp8-rowwise-auto70,compiled-auto
+BENCH_LIGER_VARIANTS ?= liger-gc16,compiled-fp8-tensorwise-auto70,liger-compiled-auto70,liger-compiled-fp8-rowwise-auto70
 BENCH_STEPS ?= --warmup_steps 1 --measured_steps 3 --stock_trl_steps 1,2
 BENCH_TRAIN := $(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape $(BENCH_STEPS)
 
@@ -135,7 +135,7 @@ gpu-bench-train-liger:  ## stock TRL, reference, FP8 tensorwise, then Liger: 16 
 gpu-bench-train-recipe: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench-train-recipe:  ## stock TRL (documented and tuned), reference, the qwen2.5-7b recipe, + FP8, LoRA, QLoRA
 	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --warmup_steps 2 --measured_steps 4 \
-	  --stock_trl_steps 2,4 --name $(BENCH_NAME)_recipe --variants 37,38,39,40,45
+	  --stock_trl_steps 2,4 --name $(BENCH_NAME)_recipe --variants recipe,recipe-fp8,lora,qlora,lora-8bit
 
 # Does the FP8 recipe learn what bf16 learns at the 7B shape (~5 min on one H200)? 200 steps of the recipe at 8 rows a
 # step, bf16 and a second bf16 rounding draw (the noise floor) beside FP8, each model scored on the held-out articles;
@@ -161,13 +161,13 @@ gpu-fp8:  ## ~8 min: does FP8 (and compilation) change what is learned?
 	  run=gpu-fp8-$$recipe; $(call gpu_tiny_run,$${run},--fp8 $$recipe) || exit 1; \
 	done
 
-# Full fine-tuning, LoRA and QLoRA (TRAIN_VARIANTS 0, 5 and 6) in one process, then QLoRA's GPU test. QLoRA needs
-# bitsandbytes (the `gpu` extra).
+# Full fine-tuning, LoRA and QLoRA (the reference, lora-reference and qlora-reference in finetune/lab/bench.py) in one
+# process, then QLoRA's GPU test. QLoRA needs bitsandbytes (the `gpu` extra).
 gpu-methods: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-methods:  ## ~6 min: the 7B shape trained in full, with LoRA and with QLoRA (tokens/s, MFU, peak memory)
 	mkdir -p $(GPU_OUT)
-	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --name h200_7b_methods --variants 22,23 \
-	  --warmup_steps 1 --measured_steps 3 --stock_trl_steps none
+	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --name h200_7b_methods \
+	  --variants lora-reference,qlora-reference --warmup_steps 1 --measured_steps 3 --stock_trl_steps none
 	$(PY) -m pytest -q -m gpu -s tests/test_adapters.py 2>&1 | tee $(GPU_OUT)/gpu_qlora_test.log
 
 # The tiny profile's comparison on the CPU: a pretrained base (finetune/pretrain.py), then full fine-tuning and LoRA

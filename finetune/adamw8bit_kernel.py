@@ -1,12 +1,12 @@
 """torchao's 8-bit AdamW step (bf16 weights, stochastic rounding) as one Triton kernel: one pass over memory a weight.
 
-On the H200 the compiled `single_param_adam` took 0.14 s of a 1.0 s 7B step (`optimizer_step_seconds`, 339 weights,
+The compiled `single_param_adam` took a large share of a 7B step on the H200 (`optimizer_step_seconds` in
 results/benchmarks/h200_7b_train_16x2.json). Inductor makes two kernels a weight, the blocks' absmax and then the
 update, and the update is bound by issuing instructions, not by memory: torchao's quantizer is a binary search, eight
 dependent steps (seven gathers from the 256-value map) per moment and two more gathers to round. Here the code comes
 from the map's structure (decades of evenly spaced values) and two independent comparisons, and the kernel reads
 weight, gradient and both codes once and writes weight and codes once: the ~10 bytes a value that bound the step
-(~17 ms on the 7B shape).
+by memory bandwidth.
 """
 
 import functools

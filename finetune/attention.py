@@ -105,7 +105,8 @@ def _cuda_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     Keys and values keep their own, fewer heads (GQA): FlashAttention-2's varlen kernel, forward and backward, lets
     each serve its group of query heads. Releases before `enable_gqa` (torch 2.10, 2.11) pass them to the kernel
     unchecked; later ones want the flag. Repeating them to every query head instead copied 7 x the 7B's keys and
-    values in every layer: 14% of label scoring's GPU time (results/benchmarks/h200_7b_eval_liger_512.json)."""
+    values in every layer, a share of label scoring's GPU time worth saving (measured in
+    results/benchmarks/h200_7b_eval_liger_512.json)."""
     varlen_attn, causal, takes_gqa = CUDA_VARLEN
     dtype = q.dtype
     if dtype not in (torch.float16, torch.bfloat16):  # fp32 master weights under autocast; the kernel is 16-bit only

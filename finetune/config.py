@@ -45,8 +45,8 @@ class RunConfig:
                          "bitsandbytes). Adapters are saved alone (finetune.merge merges them)")
     lora_rank: int = option(16, "model", "LoRA/QLoRA: adapter rank")
     lora_alpha: int = option(32, "model", "LoRA/QLoRA: the adapter's update is scaled by alpha / rank")
-    # peft's default. Dropout copies and masks every adapted projection's input: the 7B recipe's LoRA trained 4% faster
-    # without it (results/benchmarks/h200_7b_train_choices.json).
+    # peft's default. Dropout copies and masks every adapted projection's input: the 7B recipe's LoRA trained faster
+    # without it (measured in results/benchmarks/h200_7b_train_choices.json).
     lora_dropout: float = option(0.0, "model", "LoRA/QLoRA: dropout on each adapter's input")
     # 2e-4 is the QLoRA paper's rate for its 7B and 13B models (Dettmers et al., 2023, appendix), ten times the full
     # recipe's: adapters start at zero and move only a low-rank slice of each weight.
@@ -159,7 +159,7 @@ PROFILES: dict[str, dict] = {
         intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4, tie_word_embeddings=False,
     ),
     # 2.4M parameters (1.6M of them the tied 8K-token embedding): learns AG News from scratch on 2 CPU cores in
-    # about three minutes. Whole-word tokens and weight decay matter more here than depth or width.
+    # minutes. Whole-word tokens and weight decay matter more here than depth or width.
     "tiny": dict(
         run_name="tiny-ag-news", model="scratch", tokenizer="bpe", vocab_size=8192, hidden_size=192,
         intermediate_size=512, num_layers=2, num_heads=6, num_kv_heads=2, learning_rate=1e-3, num_train_epochs=4.0,

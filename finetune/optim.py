@@ -11,8 +11,8 @@ that stops being a tensor is an error, not a recompile at every step.
 8-bit moments are torchao's `AdamW8bit` states (`OptimState8bit`: blockwise dynamic-tree quantization, as in
 bitsandbytes and Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"): 2 bytes of moments a weight
 instead of 4, so the 7B shape's states shrink by 14 GiB. On CUDA their update is one Triton kernel a weight
-(finetune/adamw8bit_kernel.py: the compiled one spent 0.14 s of a 1.0 s step binary-searching the quantization map,
-the kernel 0.084 s in results/benchmarks/h200_7b_train_fused.json), same math, same states, so checkpoints are
+(finetune/adamw8bit_kernel.py: the compiled one spends its time binary-searching the quantization map; both are
+measured in results/benchmarks/h200_7b_train_fused.json), same math, same states, so checkpoints are
 torchao's either way; the tensors torchao leaves unquantized, CPU weights and DTensor shards keep the compiled update.
 
 The rounding's random bits are a function of (rounding_seed, step, the weight's index), not of torch's running RNG:

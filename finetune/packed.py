@@ -1,11 +1,11 @@
 """Label scoring over packed rows (`finetune.predict.score_labels`, method "packed"): a batch's articles, each followed
 by its answer tree, laid end to end in one row with no padding at all, attending through the varlen kernel.
 
-Each article's tokens see the shared opening's keys (computed once for the whole evaluation, never copied per
-article) and their own, causally; each answer branch sees that and its own earlier tokens. In varlen terms an article
-is five sequences: its trunk (article and the answers' shared prefix) and one per label's branch, whose keys are
-gathered from [opening; packed row] by index. No 4D mask exists, so the flash kernel runs, and no padding token is
-computed.
+Each article's tokens see the opening's keys (the prompt tokens every article shares, computed once for the whole
+evaluation, never copied per article) and their own, causally; each answer branch sees that and its own earlier
+tokens. In varlen terms an article is five sequences: its trunk and one per label's branch, whose keys are gathered
+from [opening; packed row] by index. The trunk is the article followed by the answers' stem (`AnswerTree`), run as one
+causal sequence. No 4D mask exists, so the flash kernel runs, and no padding token is computed.
 """
 
 from contextlib import contextmanager
@@ -36,33 +36,34 @@ class PackedBatch:
     tail: int  # per article: the last prompt token and every tree token
 
 
-def pack_batch(articles: list[list[int]], tree, opening: int, device) -> PackedBatch:
-    """The packed row for `articles` (prompt tokens after the shared `opening`, at least one each) and the answer
+def pack_batch(articles: list[list[int]], tree, opening_length: int, device) -> PackedBatch:
+    """The packed row for `articles` (prompt tokens after the opening, at least one each) and the answer
     `tree` (`finetune.predict.AnswerTree`): index arithmetic in numpy, one copy to the device."""
     n_tree, depth = len(tree.tokens), np.asarray(tree.depth)
-    n_prefix = n_tree - len(depth)
+    n_stem = n_tree - len(depth)
     branch_lengths = np.bincount(tree.branch)  # branches are contiguous in the tree's tokens, label by label
-    branch_starts = n_prefix + np.concatenate([[0], np.cumsum(branch_lengths)[:-1]])
+    branch_starts = n_stem + np.concatenate([[0], np.cumsum(branch_lengths)[:-1]])
     length = np.array([len(a) for a in articles])
     row_start = np.concatenate([[0], np.cumsum(length + n_tree)[:-1]])
-    trunk = length + n_prefix
+    trunk = length + n_stem
 
     within = np.arange((length + n_tree).sum()) - np.repeat(row_start, length + n_tree)
     trunk_of = np.repeat(trunk, length + n_tree)
     in_branch = within >= trunk_of
-    positions = opening + np.where(in_branch, trunk_of + depth[np.clip(within - trunk_of, 0, len(depth) - 1)], within)
+    branch_depth = depth[np.clip(within - trunk_of, 0, len(depth) - 1)]
+    positions = opening_length + np.where(in_branch, trunk_of + branch_depth, within)
 
     # Per article: the trunk, then each branch; as query counts and as key segments (start, length) in
     # [opening; row], keys = opening + trunk (+ the branch's own tokens).
     q_lengths = np.column_stack([trunk, np.tile(branch_lengths, (len(articles), 1))])
-    trunk_keys = opening + row_start
+    trunk_keys = opening_length + row_start
     starts = np.column_stack([np.zeros_like(trunk), trunk_keys]
                              + [c for s in branch_starts for c in (np.zeros_like(trunk), trunk_keys,
                                                                    trunk_keys + length + s)])
-    lengths = np.column_stack([np.full_like(trunk, opening), trunk]
-                              + [c for b in branch_lengths for c in (np.full_like(trunk, opening), trunk,
+    lengths = np.column_stack([np.full_like(trunk, opening_length), trunk]
+                              + [c for b in branch_lengths for c in (np.full_like(trunk, opening_length), trunk,
                                                                      np.full_like(trunk, b))])
-    k_lengths = np.column_stack([opening + trunk] + [opening + trunk + b for b in branch_lengths])
+    k_lengths = np.column_stack([opening_length + trunk] + [opening_length + trunk + b for b in branch_lengths])
     starts, lengths = starts.ravel(), lengths.ravel()
     key_index = np.arange(lengths.sum()) + np.repeat(starts - _exclusive_cumsum(lengths), lengths)
     tail = row_start + length - 1  # the last prompt token, then every tree token
@@ -83,24 +84,24 @@ def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(x)[:-1]])
 
 
-def opening_keys(header) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per layer, the shared opening's keys and values as (tokens, kv heads, dim), the varlen layout."""
-    if header is None:
+def opening_keys(opening_cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer, the opening's keys and values as (tokens, kv heads, dim), the varlen layout."""
+    if opening_cache is None:
         return None
-    return [(layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)) for layer in header.layers]
+    return [(layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)) for layer in opening_cache.layers]
 
 
 def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None = None,
-                             packed: PackedBatch | None = None, opening: list | None = None,
+                             packed: PackedBatch | None = None, opening_kv: list | None = None,
                              **kwargs) -> tuple[torch.Tensor, None]:
     """Attention of one packed row (see `PackedBatch`): the varlen kernel on CUDA, its exact padded equivalent
     elsewhere (the CPU tests check the layout through it)."""
     if packed is None:
         raise ValueError(f"attn_implementation {PACKED!r} scores packed rows only: call finetune.predict.score_labels")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, dim)
-    if opening is not None:
-        opening_k, opening_v = opening[module.layer_idx]
+    if opening_kv is not None:
+        opening_k, opening_v = opening_kv[module.layer_idx]
         k, v = torch.cat([opening_k, k]), torch.cat([opening_v, v])
     k, v = k[packed.key_index], v[packed.key_index]
     attend = _cuda_varlen_attention if q.is_cuda and CUDA_VARLEN is not None else _padded_causal_attention
@@ -121,9 +122,9 @@ def packed_attention(model):
         model.set_attn_implementation(previous)
 
 
-def packed_logits(model, batch: PackedBatch, opening: list | None) -> torch.Tensor:
+def packed_logits(model, batch: PackedBatch, opening_kv: list | None) -> torch.Tensor:
     """(articles, tail, vocab) float logits at the positions scoring reads, from one forward over the packed row."""
     no_masks = dict.fromkeys(model.config.layer_types)  # the attention keeps the sequences apart; skip mask building
     logits = model(input_ids=batch.ids, position_ids=batch.positions, attention_mask=no_masks, use_cache=False,
-                   logits_to_keep=batch.tail_index, packed=batch, opening=opening).logits
+                   logits_to_keep=batch.tail_index, packed=batch, opening_kv=opening_kv).logits
     return logits[0].float().unflatten(0, (-1, batch.tail))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from finetune.config import RunConfig
-from finetune.speedups import (GIB, STATE_BYTES_PER_PARAMETER, WORKSPACE_GIB, layer_activation_bytes,
+from finetune.speedups import (GIB, OPTIMIZERS, WORKSPACE_GIB, layer_activation_bytes,
                                layers_to_checkpoint)
 
 log = logging.getLogger(__name__)
@@ -255,13 +255,13 @@ def memory_budget(gpu: GPU, max_memory_gib: float | None, weights_bytes: float) 
 def training_state_bytes(config: RunConfig, shape: ModelShape) -> float:
     """Weights, gradients and optimizer states. Full fine-tuning: all of them for every weight. LoRA and QLoRA: the
     frozen weights as loaded (bf16, or QLoRA's 4-bit projections), plus all three for the adapters."""
-    optimizer = config.optimizer if config.optimizer in STATE_BYTES_PER_PARAMETER else "adamw_bf16_sr"
+    optimizer = OPTIMIZERS.get(config.optimizer, OPTIMIZERS["adamw_bf16_sr"])
     if config.method == "full":
-        return shape.parameters * STATE_BYTES_PER_PARAMETER[optimizer]
+        return shape.parameters * optimizer.bytes_per_parameter
     frozen = 2 * shape.parameters
     if config.method == "qlora":  # 4-bit projections with a 2-byte scale per 64 weights, the rest bf16
         frozen -= shape.linear_parameters * (2 - 0.5 - 2 / 64)
-    return frozen + shape.adapter_parameters(config.lora_rank) * STATE_BYTES_PER_PARAMETER[optimizer]
+    return frozen + shape.adapter_parameters(config.lora_rank) * optimizer.bytes_per_parameter
 
 
 def plan_evaluation(config: RunConfig, gpu: GPU | None, shape: ModelShape,

@@ -47,7 +47,7 @@ def _fitted_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str],
     """Prompt token ids per article within `limit`, and the cut text of each article that had to be shortened."""
     rendered = tokenizer.apply_chat_template([build_prompt_messages(t) for t in texts], add_generation_prompt=True,
                                              tokenize=False)
-    # One batched call: the fast tokenizer spreads it over threads (per-article calls cost seconds on 7,600 articles).
+    # One batched call: the fast tokenizer spreads it over threads (per-article calls are far slower over a test set).
     encoded = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     shortened = {}
     for i, ids in enumerate(encoded):
@@ -121,23 +121,23 @@ def warmup_texts(texts: list[str], lengths: list[int], batch_size: int) -> list[
     return [texts[i] for i in order[: 2 * batch_size] + order[-batch_size:]]
 
 
-def _shared_opening(model, prompts: list[list[int]]) -> tuple[int, object | None]:
-    """Length and key/value cache of the opening all prompts share (system turn and instruction), run once. It stops
-    one token short of the shortest prompt so that every article keeps a token to run."""
-    common = min(_common_prefix_length(prompts), min(map(len, prompts)) - 1)
-    if not common:
+def _opening_cache(model, prompts: list[list[int]]) -> tuple[int, object | None]:
+    """Length and key/value cache of the opening: the tokens all prompts share (system turn and instruction), run
+    once. It stops one token short of the shortest prompt so that every article keeps a token to run."""
+    opening_length = min(_common_prefix_length(prompts), min(map(len, prompts)) - 1)
+    if not opening_length:
         return 0, None
-    opening = torch.tensor([prompts[0][:common]], device=model.device)
-    return common, model(input_ids=opening, use_cache=True).past_key_values
+    opening_ids = torch.tensor([prompts[0][:opening_length]], device=model.device)
+    return opening_length, model(input_ids=opening_ids, use_cache=True).past_key_values
 
 
-def _batch_cache(header, rows: int):
-    """The shared opening's cache for `rows` articles, as broadcast views of its tensors: no copy. The model extends
-    the cache it is given by concatenation, which writes new tensors and leaves the opening's untouched."""
-    if header is None:
+def _batch_cache(opening_cache, rows: int):
+    """The opening's cache for `rows` articles, as broadcast views of its tensors: no copy. The model extends the
+    cache it is given by concatenation, which writes new tensors and leaves the opening's untouched."""
+    if opening_cache is None:
         return None
-    cache = copy.copy(header)
-    cache.layers = [copy.copy(layer) for layer in header.layers]
+    cache = copy.copy(opening_cache)
+    cache.layers = [copy.copy(layer) for layer in opening_cache.layers]
     for layer in cache.layers:
         layer.keys, layer.values = (x.expand(rows, -1, -1, -1) for x in (layer.keys, layer.values))
     return cache
@@ -145,43 +145,44 @@ def _batch_cache(header, rows: int):
 
 @dataclass
 class AnswerTree:
-    """The four answers as one token tree: their shared prefix (`{"category":"`), then each label's own branch.
+    """The four answers as one token tree: their stem, the tokens all four start with (`{"category":"`), then each
+    label's own branch.
 
-    A scoring row ends with the prefix and the branches side by side (each branch minus its last token, which is only
+    A scoring row ends with the stem and the branches side by side (each branch minus its last token, which is only
     ever predicted; every branch keeps at least one token, since all answers end with the same end-of-turn token).
     `terms` lists every log-probability an answer needs as (row-tail position, token) and `owner` says which answers
     it counts for, so an answer's log-probability is one gather and one matrix product.
     """
 
-    tokens: list[int]  # prefix + branch tokens, in row order
+    tokens: list[int]  # stem + branch tokens, in row order
     branch: list[int]  # per branch token: its label index
-    depth: list[int]  # per branch token: its offset after the prefix (the same position for parallel branches)
+    depth: list[int]  # per branch token: its offset after the stem (the same position for parallel branches)
     terms: list[tuple[int, int]]  # (position counted from the last prompt token, token it must predict)
     owner: torch.Tensor  # (terms, labels): 1 where the term belongs to the label's answer
 
     @classmethod
     def from_answers(cls, answers: list[list[int]]) -> "AnswerTree":
-        shared = 0
-        while all(len(a) > shared + 1 and a[shared] == answers[0][shared] for a in answers):
-            shared += 1
-        branch, depth, tokens = [], [], list(answers[0][:shared])
-        terms = [(k, answers[0][k]) for k in range(shared)]  # the last prompt token and the prefix predict the prefix
-        owner = [[1.0] * len(answers) for _ in range(shared)]
-        for label, answer in enumerate(answers):  # the prefix's last token predicts each branch's first token
-            terms.append((shared, answer[shared]))
+        n_stem = 0
+        while all(len(a) > n_stem + 1 and a[n_stem] == answers[0][n_stem] for a in answers):
+            n_stem += 1
+        branch, depth, tokens = [], [], list(answers[0][:n_stem])
+        terms = [(k, answers[0][k]) for k in range(n_stem)]  # the last prompt token and the stem predict the stem
+        owner = [[1.0] * len(answers) for _ in range(n_stem)]
+        for label, answer in enumerate(answers):  # the stem's last token predicts each branch's first token
+            terms.append((n_stem, answer[n_stem]))
             owner.append([float(c == label) for c in range(len(answers))])
         for label, answer in enumerate(answers):
-            for d, token in enumerate(answer[shared:-1]):
+            for d, token in enumerate(answer[n_stem:-1]):
                 tokens.append(token)
                 branch.append(label)
                 depth.append(d)
-                terms.append((len(tokens), answer[shared + d + 1]))
+                terms.append((len(tokens), answer[n_stem + d + 1]))
                 owner.append([float(c == label) for c in range(len(answers))])
         return cls(tokens, branch, depth, terms, torch.tensor(owner))
 
 
-def _scoring_mask(valid: torch.Tensor, branches: torch.Tensor, header: int) -> torch.Tensor:
-    """(batch, 1, row, header + row) boolean attention: every query sees the shared header; within the row, causal
+def _scoring_mask(valid: torch.Tensor, branches: torch.Tensor, opening_length: int) -> torch.Tensor:
+    """(batch, 1, row, opening + row) boolean attention: every query sees the opening; within the row, causal
     over real tokens, except among the branch tokens at the row's end, where `branches` (branch x branch) rules: a
     branch token sees its own branch only. Each query also sees itself, so a padding query's softmax is never empty
     (an empty one would put NaN into the keys and values it produces)."""
@@ -189,7 +190,7 @@ def _scoring_mask(valid: torch.Tensor, branches: torch.Tensor, header: int) -> t
     row = torch.ones(width, width, dtype=torch.bool, device=valid.device).tril() & valid[:, None, :]
     row[:, -n_branch:, -n_branch:] = branches
     row |= torch.eye(width, dtype=torch.bool, device=valid.device)
-    return torch.cat([valid.new_ones(len(valid), width, header), row], -1)[:, None]
+    return torch.cat([valid.new_ones(len(valid), width, opening_length), row], -1)[:, None]
 
 
 SCORING_METHODS = ("auto", "packed", "tree")
@@ -213,21 +214,23 @@ class AnswerTreeTerms:
 def _tree_passes(model, tokenizer, prompts: list[list[int]], tree: AnswerTree, batch_size: int, method: str,
                  desc: str, progress: bool, leave: bool = True):
     """Per batch: its article indices and the tail logits (articles, tail, vocab) of one forward over each prompt
-    followed by the answer tree. The shared opening runs once for all batches."""
+    followed by the answer tree. The opening runs once for all batches."""
     if method not in SCORING_METHODS:
         raise ValueError(f"method={method!r}: choose one of {SCORING_METHODS}")
     if method == "auto":
         method = "packed" if model.device.type == "cuda" else "tree"
-    common, header = _shared_opening(model, prompts)
+    opening_length, opening_cache = _opening_cache(model, prompts)
     if method == "packed":
-        opening, layout = opening_keys(header), packed_attention(model)
-        tail_logits = lambda rows: packed_logits(model, pack_batch(rows, tree, common, model.device), opening)
+        opening_kv, layout = opening_keys(opening_cache), packed_attention(model)
+        tail_logits = lambda rows: packed_logits(model, pack_batch(rows, tree, opening_length, model.device),
+                                                 opening_kv)
     else:
         layout = nullcontext()
-        tail_logits = lambda rows: _tree_logits(model, rows, tree, common, header, tokenizer.pad_token_id)
+        tail_logits = lambda rows: _tree_logits(model, rows, tree, opening_length, opening_cache,
+                                                tokenizer.pad_token_id)
     with layout:
         for batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, disable=not progress, leave=leave):
-            yield batch, tail_logits([prompts[i][common:] for i in batch])
+            yield batch, tail_logits([prompts[i][opening_length:] for i in batch])
 
 
 @torch.inference_mode()
@@ -235,9 +238,9 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
                  progress: bool = True, method: str = "auto") -> Predictions:
     """Full log-probability of each label's answer, one forward pass per batch, no token computed twice.
 
-    The system turn and instruction that open every prompt run once for all articles (a shared KV cache). Each
-    article is then followed by the answer tree (see `AnswerTree`): the four answers add a dozen-odd tokens rather
-    than four copies of the article or a second pass on a copied cache. `method` lays a batch out as
+    The opening (system turn and instruction, the same in every prompt) runs once for all articles (a shared KV
+    cache). Each article is then followed by the answer tree (see `AnswerTree`): the four answers add a dozen-odd
+    tokens rather than four copies of the article or a second pass on a copied cache. `method` lays a batch out as
     "packed": one row without padding, attention through the varlen kernel (`finetune.packed`); or
     "tree": left-padded rows and a 4D mask. "auto" packs on CUDA, where the kernel is, and uses the tree elsewhere.
     """
@@ -256,18 +259,19 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
     return Predictions(labels=logprobs.argmax(1), batch_seconds=seconds, truncated=truncated, label_logprobs=logprobs)
 
 
-def _tree_logits(model, rows: list[list[int]], tree: AnswerTree, common: int, header, pad_id: int) -> torch.Tensor:
+def _tree_logits(model, rows: list[list[int]], tree: AnswerTree, opening_length: int, opening_cache,
+                 pad_id: int) -> torch.Tensor:
     """Tail logits of left-padded rows, each an article then the answer tree, under the tree's 4D mask."""
     device, n_branch = model.device, len(tree.branch)
     branch, depth = (torch.tensor(x, device=device) for x in (tree.branch, tree.depth))
     branches = (branch[:, None] == branch[None, :]) & (depth[None, :] <= depth[:, None])  # who sees whom in the tree
-    # Left padding sits between the shared opening and each article; the mask hides it, positions skip it.
+    # Left padding sits between the opening and each article; the mask hides it, positions skip it.
     ids, valid = _left_pad([row + tree.tokens for row in rows], pad_id, device)
-    positions = common + (valid.cumsum(-1) - 1).clamp(min=0)
+    positions = opening_length + (valid.cumsum(-1) - 1).clamp(min=0)
     positions[:, -n_branch:] = positions[:, -n_branch - 1:-n_branch] + 1 + depth  # branches run side by side
-    mask = _scoring_mask(valid.bool(), branches, common)
+    mask = _scoring_mask(valid.bool(), branches, opening_length)
     return model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                 past_key_values=_batch_cache(header, len(rows)), use_cache=header is not None,
+                 past_key_values=_batch_cache(opening_cache, len(rows)), use_cache=opening_cache is not None,
                  logits_to_keep=len(tree.tokens) + 1).logits.float()
 
 
@@ -342,21 +346,21 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
 
 def _decode(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
             progress: bool) -> tuple[list[str], np.ndarray]:
-    """Greedy decoding of each prompt, and the wall time of each one's batch. As in label scoring, the opening every
-    prompt shares runs once and each batch continues from a view of its cache."""
+    """Greedy decoding of each prompt, and the wall time of each one's batch. As in label scoring, the opening runs
+    once and each batch continues from a view of its cache."""
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     decoding = greedy_decoding(max_new_tokens, eos, tokenizer.pad_token_id)
-    common, header = _shared_opening(model, prompts)
-    opening = torch.tensor([prompts[0][:common]], device=model.device)
+    opening_length, opening_cache = _opening_cache(model, prompts)
+    opening_ids = torch.tensor([prompts[0][:opening_length]], device=model.device)
     answers, seconds = [""] * len(prompts), np.zeros(len(prompts))
     for batch in tqdm(list(_batches(prompts, batch_size)), desc="generation", disable=not progress):
         start = time.perf_counter()
-        # Left padding sits between the shared opening and each article; the mask hides it, positions skip it.
-        ids, mask = _left_pad([prompts[i][common:] for i in batch], tokenizer.pad_token_id, model.device)
-        ids = torch.cat([opening.expand(len(batch), -1), ids], 1)
-        mask = torch.cat([mask.new_ones(len(batch), common), mask], 1)
+        # Left padding sits between the opening and each article; the mask hides it, positions skip it.
+        ids, mask = _left_pad([prompts[i][opening_length:] for i in batch], tokenizer.pad_token_id, model.device)
+        ids = torch.cat([opening_ids.expand(len(batch), -1), ids], 1)
+        mask = torch.cat([mask.new_ones(len(batch), opening_length), mask], 1)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding,
-                             past_key_values=_batch_cache(header, len(batch)))
+                             past_key_values=_batch_cache(opening_cache, len(batch)))
         for i, answer in zip(batch, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
             answers[i] = answer
         seconds[batch] = time.perf_counter() - start

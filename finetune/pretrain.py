@@ -21,7 +21,7 @@ from finetune.attention import choose_attn_implementation
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
 from finetune.model import load_model, load_tokenizer, task_strings
-from finetune.train import SFTTrainer, sft_config
+from finetune.train import FusedHeadSFTTrainer, sft_config
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def pretrained_base(config: RunConfig) -> Path:
     args.completion_only_loss = False  # plain text: every token is trained
     args.save_strategy = SaveStrategy.NO  # minutes of CPU: a cut-off run starts again
     model = load_model(config, tokenizer, choose_attn_implementation(config.attn_implementation, config.packing))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                         processing_class=tokenizer)
+    trainer = FusedHeadSFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                                  processing_class=tokenizer)
     trainer.train()
     trainer.save_model(path)
     (path / "pretrain_inputs.json").write_text(json.dumps({**inputs, "articles": len(articles)}, indent=2) + "\n")

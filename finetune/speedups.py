@@ -1,7 +1,9 @@
 """Training speed-ups applied to the model before training: compiled decoder layers, FP8 matmuls, and the memory
-estimates that decide how many layers recompute their activations (`finetune/plan.py` chooses)."""
+estimates (the optimizers' states, the layers' activations) that decide how many layers recompute their activations
+(`finetune/plan.py` chooses)."""
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -9,14 +11,6 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from finetune.config import RunConfig
 
-# torchao's recipes and variants of its tensorwise one (e4m3 inputs and weights, e5m2 output gradients, one scale a
-# tensor, fast accumulation in the forward matmul), each name saying what differs. Against bf16 on the 1024-wide model
-# (results/gpu/fp8/) every recipe that rounds its scales down to a power of 2 held the 2% tolerance and none of the
-# others did, whichever matmul or dtype they changed: "tensorwise_pow2_scales" keeps tensorwise's speed and is the one
-# to use; the rest stay to re-run that comparison.
-FP8_RECIPES = ("rowwise", "tensorwise", "tensorwise_e4m3_grads", "tensorwise_exact_accum", "tensorwise_bf16_wgrad",
-               "rowwise_with_gw_hp", "tensorwise_bf16_backward", "rowwise_forward_tensorwise_backward",
-               "tensorwise_forward_rowwise_grads", "tensorwise_pow2_scales")
 GIB = 2**30
 
 
@@ -53,42 +47,26 @@ def convert_to_fp8(model: nn.Module, recipe: str, emulate: bool = False) -> None
                                    module_filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and _fp8_shaped(m))
 
 
+def tensorwise_pow2_scales():
+    """torchao's tensorwise recipe (one scale a tensor, e4m3 inputs and weights, e5m2 output gradients, fast
+    accumulation in the forward matmul) with its scales rounded down to a power of 2, as its rowwise recipes round
+    theirs: of the recipes compared on the 1024-wide model (results/gpu/fp8/, finetune/lab/fp8_recipes.py), those
+    that round their scales so were the ones that held bf16's loss, and this one keeps tensorwise's speed."""
+    from torchao.float8 import Float8LinearConfig
+
+    return Float8LinearConfig(round_scales_to_power_of_2=True)
+
+
+# --fp8 name -> torchao's Float8LinearConfig for it, built on use (torchao is slow to import). The recipe's own here;
+# finetune/lab/fp8_recipes.py adds the ones it was compared with for the lab's benchmarks.
+FP8_RECIPES = {"tensorwise_pow2_scales": tensorwise_pow2_scales}
+
+
 def fp8_linear_config(recipe: str):
     """torchao's `Float8LinearConfig` for one of FP8_RECIPES."""
-    from torchao.float8 import CastConfig, Float8GemmConfig, Float8LinearConfig, ScalingGranularity, ScalingType
-
-    e4m3, e5m2, rows = torch.float8_e4m3fn, torch.float8_e5m2, ScalingGranularity.AXISWISE
-    if recipe in ("rowwise", "tensorwise", "rowwise_with_gw_hp"):
-        return Float8LinearConfig.from_recipe_name(recipe)
-    if recipe == "tensorwise_e4m3_grads":  # one more mantissa bit for output gradients, 2^8 less range
-        return Float8LinearConfig(cast_config_grad_output=CastConfig(target_dtype=e4m3))
-    if recipe == "tensorwise_exact_accum":  # the forward matmul accumulates in fp32 throughout
-        return Float8LinearConfig(gemm_config_output=Float8GemmConfig(use_fast_accum=False))
-    if recipe == "tensorwise_bf16_wgrad":  # the weight-gradient matmul in bf16: a third of the FLOPs
-        # torchao checks that each operand names one FP8 dtype, even for the matmul that skips the cast
-        return Float8LinearConfig(
-            cast_config_input_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=e4m3),
-            cast_config_grad_output_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=e5m2))
-    if recipe == "tensorwise_pow2_scales":  # scales rounded down to a power of 2, as the rowwise recipes do
-        return Float8LinearConfig(round_scales_to_power_of_2=True)
-    if recipe == "tensorwise_bf16_backward":  # FP8 in the forward matmul only
-        return Float8LinearConfig(
-            cast_config_input_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=e4m3),
-            cast_config_weight_for_grad_input=CastConfig(ScalingType.DISABLED, target_dtype=e4m3),
-            cast_config_grad_output=CastConfig(ScalingType.DISABLED, target_dtype=e5m2))
-    if recipe == "rowwise_forward_tensorwise_backward":  # a scale a row for the forward's inputs and weights only
-        return Float8LinearConfig(
-            cast_config_input=CastConfig(scaling_granularity=rows, target_dtype=e4m3),
-            cast_config_weight=CastConfig(scaling_granularity=rows, target_dtype=e4m3),
-            cast_config_input_for_grad_weight=CastConfig(target_dtype=e4m3),
-            cast_config_weight_for_grad_input=CastConfig(target_dtype=e4m3), round_scales_to_power_of_2=True)
-    if recipe == "tensorwise_forward_rowwise_grads":  # rowwise_with_gw_hp's backward behind a tensorwise forward
-        return Float8LinearConfig(
-            cast_config_grad_output=CastConfig(scaling_granularity=rows, target_dtype=e4m3),
-            cast_config_input_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=e4m3),
-            cast_config_grad_output_for_grad_weight=CastConfig(ScalingType.DISABLED, target_dtype=e4m3),
-            round_scales_to_power_of_2=True)
-    raise ValueError(f"unknown fp8 recipe {recipe!r}; choose from {FP8_RECIPES} or none")
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"unknown fp8 recipe {recipe!r}; choose from {tuple(FP8_RECIPES)} or none")
+    return FP8_RECIPES[recipe]()
 
 
 def _fp8_shaped(linear: nn.Linear) -> bool:
@@ -97,13 +75,29 @@ def _fp8_shaped(linear: nn.Linear) -> bool:
     return out_features % 16 == 0 and in_features % 16 == 0
 
 
-# bytes per parameter for weights + gradients + optimizer states: bf16 weights, grads and two bf16 AdamW moments;
-# 8-bit moments take 1 byte each plus an fp32 scale per block of 256; fp32 master weights keep all four in fp32.
-STATE_BYTES_PER_PARAMETER = {"adamw": 8, "adamw_bf16_sr": 8, "adamw8bit_bf16_sr": 2 + 2 + 2 * (1 + 4 / 256),
-                             "adamw_fp32_master": 16}
-# Loss workspace, CUDA context and allocator slack that the model below does not count. 3 GiB matched the H100 runs
-# with Liger's fused loss; on the H200 without Liger, 14 of 28 layers recomputed under a 70 GiB cap peaked at 72.5
-# GiB (results/benchmarks/h200_7b_train_speed.json, made with 3), so 2.5 more.
+@dataclass(frozen=True)
+class Optimizer:
+    """One `--optimizer` option, in one table (OPTIMIZERS) so that the options the trainer builds and the ones the
+    plan sizes the memory for cannot drift apart."""
+
+    bytes_per_parameter: float  # weights + gradients + both AdamW moments
+    # Bits of each moment of the stochastic-rounding update (finetune/optim.py); None: torch's AdamW, which keeps its
+    # moments in the weights' dtype and rounds to nearest.
+    state_bits: int | None = None
+
+    @property
+    def rounds_stochastically(self) -> bool:
+        return self.state_bits is not None
+
+
+# bf16 weights, grads and two bf16 moments; 8-bit moments take 1 byte each plus an fp32 scale per block of 256; fp32
+# master weights keep all four in fp32.
+OPTIMIZERS = {"adamw": Optimizer(8), "adamw_bf16_sr": Optimizer(8, state_bits=16),
+              "adamw8bit_bf16_sr": Optimizer(2 + 2 + 2 * (1 + 4 / 256), state_bits=8),
+              "adamw_fp32_master": Optimizer(16)}
+# Loss workspace, CUDA context and allocator slack that the model below does not count: sized so that runs without
+# Liger's fused loss, whose logits take more room, peak within their cap (a smaller workspace overran a 70 GiB cap in
+# results/benchmarks/h200_7b_train_speed.json).
 WORKSPACE_GIB = 5.5
 
 
@@ -111,11 +105,10 @@ def layer_activation_bytes(hidden: int, intermediate: int, tokens: int) -> tuple
     """Bytes of bf16 activations one decoder layer keeps for the backward pass over `tokens` tokens: (kept, when
     checkpointed). A kept layer holds about 8 hidden-wide tensors a token (its input, two norms' inputs and
     outputs, q/k/v, the attention output, the residual) and 3 intermediate-wide ones (the SwiGLU's gate, up and
-    their product); a checkpointed one holds only its input and recomputes the rest. On the 7B shape this gives
-    0.65 GiB a kept layer for 4,096 tokens; the H100 runs measured 0.61 (68.1 GiB with 12 kept, 60.8 with none), so
-    the per-layer estimate errs on the safe side. With the workspace below it checkpoints 18 of 28 layers within
-    70 GiB, and none on a 141 GB H200. Compiled and FP8 layers keep fewer
-    or smaller activations, so for them it errs further on the safe side."""
+    their product); a checkpointed one holds only its input and recomputes the rest. On the 7B shape this is more
+    than the H100 runs measured a kept layer (results/benchmarks/h100_7b_train*.json), so the estimate errs on the
+    safe side. Compiled and FP8 layers keep fewer or smaller activations, so for them it errs further on the safe
+    side."""
     return 2 * tokens * (8 * hidden + 3 * intermediate), 2 * tokens * hidden
 
 
@@ -134,7 +127,7 @@ def layers_to_checkpoint(budget_bytes: float, fixed_bytes: float, kept_layer_byt
 def check_speedups(config: RunConfig) -> None:
     """Fail before any model is built on settings that cannot run ("auto" is the plan's to choose)."""
     if config.fp8 not in (None, "auto", *FP8_RECIPES):
-        raise ValueError(f"unknown fp8 recipe {config.fp8!r}; choose from {FP8_RECIPES}, auto or none")
+        raise ValueError(f"unknown fp8 recipe {config.fp8!r}; choose from {tuple(FP8_RECIPES)}, auto or none")
     if config.fp8 not in (None, "auto") and config.method != "full":
         why = {"qlora": "its frozen weights are bitsandbytes' 4-bit layers, which torchao's conversion leaves as they "
                         "are: nothing would run in FP8",

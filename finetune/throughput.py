@@ -78,11 +78,11 @@ def training_flops_per_token(config: PretrainedConfig, tokens: ArticleTokens, ad
 
     The LM head: TRL 1.16's loss (its fused LM head, `trl.trainer.utils.add_fused_lm_head`) projects only the positions
     whose next-token label is not -100, the answer tokens (`tokens.loss_share`, ~7.5 of ~102.5 per article), wherever
-    Triton is available; the suite's SFTTrainer forces that path on every device. `head_on_every_token` counts every
-    position instead: TRL's path where there is no Triton (fixed tile shapes), e.g. stock TRL on the CPU. Liger's
-    fused linear cross-entropy never runs under TRL 1.16: SFTTrainer turns it off with `use_liger_kernel` (it would
-    replace the forward TRL patches with its fused head) and applies only Liger's layer kernels, so Liger rows compute
-    the head as every other row does.
+    Triton is available; the suite's FusedHeadSFTTrainer forces that path on every device. `head_on_every_token`
+    counts every position instead: TRL's path where there is no Triton (fixed tile shapes), e.g. stock TRL on the CPU.
+    Liger's fused linear cross-entropy never runs under TRL 1.16: TRL's SFTTrainer turns it off with
+    `use_liger_kernel` (it would replace the forward TRL patches with its fused head) and applies only Liger's layer
+    kernels, so Liger rows compute the head as every other row does.
 
     Attention: scores and values cost 2 x 2 x (query heads x head dim) per earlier position forward, and twice that
     backward; a causal token at position i of its article sees i + 1 positions, (L + 1) / 2 on average over an article
@@ -106,8 +106,8 @@ def training_flops_per_token(config: PretrainedConfig, tokens: ArticleTokens, ad
 
 def lm_head_on_every_token(trainer) -> bool:
     """Whether `trainer`'s loss projects every position through the LM head: TRL's own `compute_loss` where Triton is
-    missing (stock TRL on the CPU). The suite's SFTTrainer (finetune.train) overrides it to score only the answer
-    tokens on every device, as TRL itself does wherever Triton is."""
+    missing (stock TRL on the CPU). The suite's FusedHeadSFTTrainer (finetune.train) overrides it to score only the
+    answer tokens on every device, as TRL itself does wherever Triton is."""
     import trl
     from trl.trainer.utils import _use_triton
 

@@ -30,7 +30,7 @@ from finetune.data import load_splits, to_prompt_completion
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer, weights_dtype
 from finetune.plan import GPU, ModelShape, log_plan, plan_training
 from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished, whole_run_train_loss
-from finetune.speedups import check_speedups, compile_decoder_layers, convert_to_fp8
+from finetune.speedups import OPTIMIZERS, check_speedups, compile_decoder_layers, convert_to_fp8
 from finetune.throughput import (ThroughputCallback, adapter_parameters, article_tokens, peak_memory_gib,
                                  reset_peak_memory)
 
@@ -80,16 +80,12 @@ def sft_config(config: RunConfig) -> SFTConfig:
     return args
 
 
-OPTIMIZERS = ("adamw", "adamw_bf16_sr", "adamw8bit_bf16_sr", "adamw_fp32_master")
-# The stochastic-rounding options (finetune/optim.py), by the bits each keeps its moments in.
-STOCHASTIC_ROUNDING_STATE_BITS = {"adamw_bf16_sr": 16, "adamw8bit_bf16_sr": 8}
-
-
 def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, dict] | None:
     """The optimizer for `config.optimizer`; None lets the Trainer build its plain AdamW from `args`."""
     if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose from {OPTIMIZERS}")
-    if config.optimizer not in STOCHASTIC_ROUNDING_STATE_BITS:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose from {tuple(OPTIMIZERS)}")
+    optimizer = OPTIMIZERS[config.optimizer]
+    if not optimizer.rounds_stochastically:
         return None
     if not config.bf16:
         raise ValueError(f"optimizer={config.optimizer!r} rounds into bf16 weights: it needs bf16=True")
@@ -97,12 +93,12 @@ def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, 
 
     return AdamWBf16SR, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
                          "eps": args.adam_epsilon, "weight_decay": args.weight_decay,
-                         "state_bits": STOCHASTIC_ROUNDING_STATE_BITS[config.optimizer], "rounding_seed": config.seed}
+                         "state_bits": optimizer.state_bits, "rounding_seed": config.seed}
 
 
-class SFTTrainer(trl.SFTTrainer):
-    """TRL's SFTTrainer, whose fused LM head scores only the positions that carry loss on every device, and which under
-    FSDP2 gathers the weights once per optimizer step rather than once per micro-batch.
+class FusedHeadSFTTrainer(trl.SFTTrainer):
+    """TRL's SFTTrainer with its fused LM head, which scores only the positions that carry loss, on every device, and
+    which under FSDP2 gathers the weights once per optimizer step rather than once per micro-batch.
 
     TRL does that where Triton is available and scores every position elsewhere (fixed tile shapes for accelerators
     without it). On the CPU nothing is compiled, and with the loss on ~7 answer tokens of ~120 the full head is two
@@ -142,7 +138,7 @@ class SelectiveCheckpointing(TrainerCallback):
 
 
 def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = None,
-                  splits: Splits | None = None) -> SFTTrainer:
+                  splits: Splits | None = None) -> FusedHeadSFTTrainer:
     """Data, training arguments, tokenizer, model and trainer, in that order, from one config. `splits` replaces the
     config's data (e.g. a carve of the training articles for choosing settings)."""
     check_method(config)  # QLoRA without a GPU or bitsandbytes fails here, before the data loads
@@ -161,10 +157,11 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     if config.compile_layers:
         compile_decoder_layers(model)
     # LoRA and QLoRA: TRL wraps the model with the adapter and trains only that (None: full fine-tuning).
-    trainer = SFTTrainer(model=model, args=args,
-                         train_dataset=to_prompt_completion(splits.train, tokenizer, config.max_length),
-                         processing_class=tokenizer, callbacks=callbacks, peft_config=lora_config(config, model),
-                         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(config, args))
+    trainer = FusedHeadSFTTrainer(model=model, args=args,
+                                  train_dataset=to_prompt_completion(splits.train, tokenizer, config.max_length),
+                                  processing_class=tokenizer, callbacks=callbacks,
+                                  peft_config=lora_config(config, model),
+                                  optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(config, args))
     if config.method != "full":
         adapters_in_weights_dtype(trainer.model, weights_dtype(config))
         if config.lora_embedding:
@@ -181,7 +178,7 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     return trainer
 
 
-def _drop_notebook_loss_table(trainer: SFTTrainer) -> None:
+def _drop_notebook_loss_table(trainer: FusedHeadSFTTrainer) -> None:
     """In a notebook the Trainer's progress bar also prints a table of every logged loss, dozens of rows."""
     from transformers.utils import is_in_notebook
 
@@ -255,7 +252,7 @@ class SaveClock(TrainerCallback):
             self.seconds.append(time.perf_counter() - self._start)
 
 
-def save_final_model(trainer: SFTTrainer, folder: Path) -> None:
+def save_final_model(trainer: FusedHeadSFTTrainer, folder: Path) -> None:
     """The trained model as `from_pretrained` loads it, from every rank (under FSDP the save gathers the shards); for
     LoRA and QLoRA the adapter alone, as peft's `from_pretrained` loads it onto the base model.
 

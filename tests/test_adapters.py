@@ -248,7 +248,7 @@ def test_carve_candidates_read_as_the_command_line_types_them():
 
 
 def test_answer_loss_is_the_trained_loss_split_by_answer_token(lora_config, monkeypatch, tmp_path):
-    """finetune.lab.answer_loss on a carve run: every answer token counted, the opening all four answers share named,
+    """finetune.lab.answer_loss on a carve run: every answer token counted, the stem all four answers share named,
     and the mean over tokens is the loss TRL computes on the same examples."""
     monkeypatch.setattr(lora_carve, "CARVE_TRAIN_SIZE", 80)  # the fixture trains on 120 articles
     config = dataclasses.replace(lora_config, lora_dropout=0.0)

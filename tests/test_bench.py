@@ -9,6 +9,7 @@ from transformers import TrainerState
 
 from finetune.lab import bench, bench_optimizers
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
+from finetune.lab.targets import RECIPE_ROW
 from finetune.throughput import StepClock, gpu_busy_share, nccl_kernel_share
 from tests.conftest import write_synthetic_csv
 
@@ -280,3 +281,14 @@ def test_variants_run_reference_first_and_liger_last_whatever_their_index():
     assert [bench.TRAIN_VARIANTS[n].get("use_liger_kernel", False) for n in order] == [False, False, False, True, True]
     assert order[1:3] == ["checkpointing auto within 70 GiB",
                           "compiled layers, FP8 tensorwise, checkpointing auto within 70 GiB"]
+
+
+def test_variants_are_chosen_by_name_or_by_the_index_recorded_with_earlier_runs():
+    """Every short name names a row; a name and its row's index choose the same row; an unknown name lists the names."""
+    names = list(bench.TRAIN_VARIANTS)
+    assert all(label in bench.TRAIN_VARIANTS for label in bench.VARIANT_SLUGS.values())
+    assert [names[i] for i in bench.chosen_indices(bench.TRAIN_VARIANTS, "recipe,lora,22")] == [
+        RECIPE_ROW, "LoRA r16, the qwen2.5-7b recipe", "LoRA r16, all linear projections (peft)"]
+    assert bench.chosen_indices(bench.TRAIN_VARIANTS, "all") == list(range(len(names)))
+    with pytest.raises(SystemExit, match="no variant 'fastest'.*recipe-fp8"):
+        bench.chosen_indices(bench.TRAIN_VARIANTS, "fastest")

@@ -59,12 +59,12 @@ def test_label_scoring_equals_explicit_per_answer_logprob(model, tokenizer, meth
 def test_packed_rows_hold_every_article_and_answer_tree_without_padding(tokenizer):
     tree = AnswerTree.from_answers(answer_token_ids(tokenizer))
     articles = [[5, 6, 7], [8], [9, 10]]
-    batch = pack_batch(articles, tree, opening=4, device="cpu")
+    batch = pack_batch(articles, tree, opening_length=4, device="cpu")
     assert batch.ids[0].tolist() == [t for a in articles for t in a + tree.tokens]
     assert batch.positions[0, :3].tolist() == [4, 5, 6] and batch.positions[0, 3 + len(tree.tokens)].item() == 4
     sequences = 1 + len(set(tree.branch))  # per article: its trunk, then one per branch
     assert len(batch.cu_q) == 1 + sequences * len(articles) and batch.cu_q[-1] == batch.ids.shape[1]
-    assert batch.key_index[:4].tolist() == [0, 1, 2, 3]  # the first trunk's keys start with the shared opening
+    assert batch.key_index[:4].tolist() == [0, 1, 2, 3]  # the first trunk's keys start with the opening
 
 
 def test_scoring_methods_are_named(model, tokenizer):

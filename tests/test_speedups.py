@@ -2,6 +2,8 @@
 FP8, and `checkpointed_layers="auto"` picks the fastest setting that fits the memory it is given."""
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,6 +89,8 @@ def test_fp8_converts_the_decoder_linears_only_and_keeps_the_loss(tiny_config, t
                                  optimizer="adamw")
     attn = choose_attn_implementation("auto", packing=True)
     bf16 = _losses_and_grads(load_model(config, tokenizer, attn).cuda(), "cuda")[0]
+    import finetune.lab.fp8_recipes  # noqa: F401  rowwise and tensorwise beside the recipe's own
+
     for recipe in ("rowwise", "tensorwise", FP8_RECIPE):  # FP8_RECIPE: tensorwise_pow2_scales, the one recommended
         model = load_model(config, tokenizer, attn).cuda()
         convert_to_fp8(model, recipe)
@@ -103,6 +107,8 @@ def test_fp8_layers_compile_whole_and_learn_what_high_precision_ones_do(tiny_con
     convert, that the compiled FP8 layers trace into one graph, and that the losses stay within FP8's rounding."""
     from torch._dynamo.utils import counters
     from torchao.float8.float8_linear import Float8Linear
+
+    import finetune.lab.fp8_recipes  # noqa: F401  rowwise and tensorwise beside the recipe's own
 
     choose_attn_implementation("auto", packing=True)
     reference = _losses_and_grads(load_model(tiny_config, tokenizer, VARLEN))[0]
@@ -122,16 +128,17 @@ def test_fp8_layers_compile_whole_and_learn_what_high_precision_ones_do(tiny_con
 
 
 def test_every_fp8_recipe_is_a_config_torchao_accepts_and_trains_with():
-    """Each name in FP8_RECIPES builds a Float8LinearConfig that torchao's checks accept (each operand one FP8 dtype in
+    """Each recipe compared (finetune/lab/fp8_recipes.py, the recipe's own among them) builds a Float8LinearConfig that torchao's checks accept (each operand one FP8 dtype in
     both matmuls it feeds) and that runs forward and backward (emulated); an unknown name is refused by name."""
     from torchao.float8 import convert_to_float8_training
 
-    from finetune.speedups import FP8_RECIPES, fp8_linear_config
+    from finetune.lab.fp8_recipes import COMPARISON
+    from finetune.speedups import fp8_linear_config
 
     torch.manual_seed(0)
     x = torch.randn(48, 64, dtype=torch.bfloat16)
     reference = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)).to(torch.bfloat16)
-    for recipe in FP8_RECIPES:
+    for recipe in COMPARISON:
         model = torch.nn.Sequential(*[torch.nn.Linear(m.in_features, m.out_features) for m in reference])
         model.load_state_dict(reference.state_dict())
         model = model.to(torch.bfloat16)
@@ -143,10 +150,24 @@ def test_every_fp8_recipe_is_a_config_torchao_accepts_and_trains_with():
         fp8_linear_config("fp4")
 
 
+def test_the_recipe_offers_its_own_fp8_recipe_and_the_lab_adds_the_compared_ones():
+    """The recipe's `--fp8` takes the recommended recipe; the comparison's others are the lab's, registered when a lab
+    benchmark imports them (in a fresh process here: registration lasts for the process)."""
+    code = ("import finetune.train\n"
+            "from finetune.speedups import FP8_RECIPES\n"
+            "print(list(FP8_RECIPES))\n"
+            "from finetune.lab import bench\n"
+            "print(all(row.get('fp8') in (None, 'auto', *FP8_RECIPES) for row in bench.TRAIN_VARIANTS.values()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == [f"[{FP8_RECIPE!r}]", "True"]
+    with pytest.raises(ValueError, match=f"unknown fp8 recipe 'int8'; choose from .*{FP8_RECIPE}"):
+        check_speedups(config_from_args(["--profile", "tiny", "--fp8", "int8"]))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's refusal")
 def test_fp8_without_an_fp8_gpu_names_the_fix(tiny_config):
     with pytest.raises(ValueError, match="--fp8 none"):
-        build_trainer(dataclasses.replace(tiny_config, fp8="rowwise"))
+        build_trainer(dataclasses.replace(tiny_config, fp8=FP8_RECIPE))
     with pytest.raises(ValueError, match="choose from"):
         build_trainer(dataclasses.replace(tiny_config, fp8="int8"))
 

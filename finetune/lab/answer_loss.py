@@ -1,6 +1,7 @@
 """Which answer tokens carry a trained model's loss: the mean loss of each token of the trained answer, on the carve's
 training articles, for runs `make tiny-lora-carve` trained. Label scoring sums each answer's log-probability, so the
-opening tokens every answer shares (`{"category":"`) cancel out of it: loss there costs training loss, not accuracy.
+answers' stem, the tokens every answer starts with (`{"category":"`), cancels out of it: loss there costs training
+loss, not accuracy.
 
     python -m finetune.lab.answer_loss --profile tiny --runs full lora embedding   # -> results/methods/carve/
 """
@@ -26,15 +27,15 @@ ARTICLES = 500  # the first of the carve's training articles: enough for a mean 
 
 def answer_token_losses(config: RunConfig, name: str, articles: int = ARTICLES) -> dict:
     """Mean loss per answer token (by its text) of the carve run `name`, and the share of the answer loss that falls on
-    the opening tokens shared by every answer."""
+    the answers' stem (written as `opening_*`, the keys of the committed results)."""
     final = dataclasses.replace(config, run_name=carve_run_name(config, name)).final_dir
     trained = json.loads((final / "train_summary.json").read_text())["config"]
     run = dataclasses.replace(config, **{k: trained[k] for k in ("model", "tokenizer", "method")})
     tokenizer = AutoTokenizer.from_pretrained(final)
     model = load_for_inference(run, tokenizer, final)
     completions = completion_token_ids(tokenizer)
-    shared = next(i for i, ids in enumerate(zip(*completions)) if len(set(ids)) > 1)  # opening tokens of every answer
-    losses, opening, total = defaultdict(list), 0.0, 0.0
+    n_stem = next(i for i, ids in enumerate(zip(*completions)) if len(set(ids)) > 1)
+    losses, stem_loss, total = defaultdict(list), 0.0, 0.0
     train = carve_splits(config).train.iloc[:articles]
     examples = to_prompt_completion(train, tokenizer, config.max_length)  # as training saw them
     for example, label in zip(examples, train["label"]):
@@ -47,11 +48,11 @@ def answer_token_losses(config: RunConfig, name: str, articles: int = ARTICLES) 
                                                          reduction="none").tolist()
         for i, (token, loss) in enumerate(zip(answer, token_losses)):
             losses[tokenizer.decode([token])].append(loss)
-            opening += loss if i < shared else 0.0
+            stem_loss += loss if i < n_stem else 0.0
             total += loss
     count = sum(map(len, losses.values()))
-    return {"final": str(final), "mean_answer_token_loss": total / count, "opening_share_of_loss": opening / total,
-            "opening_tokens": [tokenizer.decode([t]) for t in completions[0][:shared]],
+    return {"final": str(final), "mean_answer_token_loss": total / count, "opening_share_of_loss": stem_loss / total,
+            "opening_tokens": [tokenizer.decode([t]) for t in completions[0][:n_stem]],
             "loss_by_token": {token: sum(v) / len(v) for token, v in losses.items()}}
 
 

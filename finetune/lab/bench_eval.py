@@ -22,7 +22,7 @@ from finetune.predict import (AnswerTree, _batches, _left_pad, answer_token_ids,
                               generate_labels, greedy_decoding, parse_strict, parsed, score_labels, warmup_texts)
 from finetune.throughput import peak_memory_gib, profile_table, reset_peak_memory
 
-# The extra batch-64 row is slow (~100 articles/s on an H200): timed on every 4th article, an even sample of the same
+# The extra batch-64 row is slow: timed on every 4th article, an even sample of the same
 # articles, so that every pass of every mode fits one command on the GPU machine (its `articles` says how many).
 SMALL_BATCH = 64
 SMALL_BATCH_EVERY = 4
@@ -36,17 +36,17 @@ MODES = PLAIN_MODES + ("label_scoring_tree", "label_scoring", "generation", "gen
 
 @torch.inference_mode()
 def plain_label_scoring(model, tokenizer, texts: list[str], batch_size: int, max_length: int) -> Predictions:
-    """The label-scoring anchor: whole prompts, left-padded, plus the answers' shared opening; the label whose first
-    token is likeliest next."""
+    """The label-scoring anchor: whole prompts, left-padded, plus the answers' stem (`AnswerTree`); the label whose
+    first token is likeliest next."""
     answers = answer_token_ids(tokenizer)
     tree = AnswerTree.from_answers(answers)
-    opening = tree.tokens[: len(tree.tokens) - len(tree.branch)]  # {"category":"
-    first_tokens = torch.tensor([a[len(opening)] for a in answers], device=model.device)
+    stem = tree.tokens[: len(tree.tokens) - len(tree.branch)]  # {"category":"
+    first_tokens = torch.tensor([a[len(stem)] for a in answers], device=model.device)
     prompts, truncated = encode_prompts(tokenizer, texts, max_length - max(map(len, answers)))
     labels, seconds = np.zeros(len(texts), dtype=int), np.zeros(len(texts))
     for batch in _batches(prompts, batch_size):
         start = time.perf_counter()
-        ids, mask = _left_pad([prompts[i] + opening for i in batch], tokenizer.pad_token_id, model.device)
+        ids, mask = _left_pad([prompts[i] + stem for i in batch], tokenizer.pad_token_id, model.device)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                        logits_to_keep=1).logits[:, -1]
         labels[batch] = logits[:, first_tokens].argmax(-1).cpu().numpy()

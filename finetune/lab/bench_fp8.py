@@ -25,10 +25,10 @@ from transformers import TrainerCallback
 
 from finetune.config import RunConfig, config_from_args
 from finetune.lab.bench_optimizers import train_for_losses
+from finetune.lab.fp8_recipes import COMPARISON
 from finetune.model import load_model
 from finetune.predict import score_labels
 from finetune.results import environment
-from finetune.speedups import FP8_RECIPES
 
 # FP8 passes if the mean loss over the last quarter of the steps is within this fraction of bf16's: set before
 # measuring, tight enough that a recipe which learns less (a loss that stalls) fails, loose enough for the rounding of
@@ -70,7 +70,7 @@ def held_out_accuracy(trainer) -> dict:
     return {"held_out_accuracy": float((predictions.labels == labels).mean()), "held_out_articles": len(texts)}
 
 
-def compare(config: RunConfig, recipes: tuple[str, ...] = FP8_RECIPES, evaluate: bool = False) -> dict:
+def compare(config: RunConfig, recipes: tuple[str, ...] = COMPARISON, evaluate: bool = False) -> dict:
     """bf16 first (the reference), bf16 with other rounding draws (the noise floor), then each FP8 recipe."""
     runs = {"bf16": losses(config, None, evaluate=evaluate),
             "bf16, other rounding draws": losses(config, None, rounding_seed=1, evaluate=evaluate),
@@ -115,7 +115,7 @@ def plot_losses(record: dict) -> plt.Figure:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--recipes", default=",".join(FP8_RECIPES), help="which FP8 recipes, comma-separated")
+    parser.add_argument("--recipes", default=",".join(COMPARISON), help="which FP8 recipes, comma-separated")
     parser.add_argument("--name", default="fp8_vs_bf16", help="the results' file name, without extension")
     parser.add_argument("--evaluate", action="store_true", help="score each trained model on the held-out articles")
     known, rest = parser.parse_known_args(argv)

@@ -19,7 +19,8 @@ from transformers.trainer_utils import SaveStrategy
 from finetune.config import RunConfig, config_from_args
 from finetune.results import environment
 from finetune.throughput import peak_memory_gib, reset_peak_memory
-from finetune.train import OPTIMIZERS, build_trainer
+from finetune.speedups import OPTIMIZERS
+from finetune.train import build_trainer
 
 
 class UpdateProbe(TrainerCallback):
