@@ -35,7 +35,7 @@ demo-results: check-data $(INSTALLED)  ## maintainers: the demo into results/ (c
 # The fast set leaves out the tests marked slow (end-to-end runs at full demo size); it still runs a notebook headless
 # and a training run whose loss falls.
 test: $(INSTALLED)  ## the fast tests (CI runs this)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 test-all: $(INSTALLED)  ## every test, the slow end-to-end ones too
 	$(BIN)/python -m pytest -q
