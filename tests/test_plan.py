@@ -7,13 +7,9 @@ from pathlib import Path
 import pytest
 
 from finetune.config import get_config
-from finetune.plan import (FP8_CHECKED_AT_7B, FP8_RECIPE, GPU, HOST_RESERVE_GIB, ModelShape, plan_evaluation,
-                           plan_training)
+from finetune.lab.spark import GB10, QWEN_7B  # the GB10 and 7B shape the Spark page's projection plans for
+from finetune.plan import FP8_CHECKED_AT_7B, FP8_RECIPE, GPU, HOST_RESERVE_GIB, plan_evaluation, plan_training
 
-QWEN_7B = ModelShape(hidden=3584, intermediate=18944, layers=28, vocab=152064, heads=28, kv_heads=4, tied=False)
-# NVIDIA GB10 (DGX Spark): Blackwell, compute capability 12.1, 128 GB shared by CPU and GPU; what CUDA reports as total
-# and free with the OS and a desktop session up is about 119 and 110 GiB.
-GB10 = GPU("NVIDIA GB10", (12, 1), total_gib=119.7, free_gib=110.0, integrated=True)
 H100 = GPU("NVIDIA H100 80GB HBM3", (9, 0), total_gib=79.2, free_gib=78.7, integrated=False)
 H200 = GPU("NVIDIA H200", (9, 0), total_gib=139.8, free_gib=139.3, integrated=False)
 A100 = GPU("NVIDIA A100-SXM4-80GB", (8, 0), total_gib=79.2, free_gib=78.7, integrated=False)
