@@ -2,7 +2,8 @@
 
 `qwen2.5-7b` asks for the fastest settings whose learning was checked, where the machine runs them: compiled decoder
 layers, 8-bit AdamW moments with the fused Triton update, FP8 matmuls once their learning is checked at the 7B shape,
-as few recomputed layers as the memory allows and then as few micro-batches a step, and for evaluation Liger's kernels and a batch sized from the memory.
+as few recomputed layers as the memory allows and then as few micro-batches a step, and for evaluation Liger's
+kernels and a batch sized from the memory.
 Every choice is a plain value in the returned config (what runs) and a reason (what is logged once and written into the
 training summary and results JSON). A setting given explicitly is kept as given; what it needs is checked where it is
 used (a missing package or an unsupported GPU is named there, never silently dropped).
@@ -222,6 +223,8 @@ def _micro_batches(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> tup
         return rows, micro_batches, f"{given}: no GPU memory to plan"
     if config.gradient_checkpointing and config.checkpointed_layers != 0:
         return rows, micro_batches, f"{given}: layers are recomputed at this micro-batch already"
+    if micro_batches % 2:
+        return rows, micro_batches, f"{given}: {micro_batches} micro-batch(es) a step do not halve"
     budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=2 * shape.parameters)
     fixed = training_state_bytes(config, shape)
     while micro_batches % 2 == 0:
@@ -230,7 +233,8 @@ def _micro_batches(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> tup
             break
         rows, micro_batches = 2 * rows, micro_batches // 2
     if micro_batches == config.gradient_accumulation_steps:
-        return rows, micro_batches, f"{given}: twice the rows would need recompute in {budget / GIB:.1f} GiB ({assumed})"
+        return rows, micro_batches, (f"{given}: twice the rows would need recompute in {budget / GIB:.1f} GiB "
+                                     f"({assumed})")
     return rows, micro_batches, (f"{config.per_device_train_batch_size} x {config.gradient_accumulation_steps} rows "
                                  f"run as {rows} x {micro_batches}: every layer's activations for {rows} rows fit in "
                                  f"{budget / GIB:.1f} GiB ({assumed})")

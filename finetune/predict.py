@@ -321,7 +321,7 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
         trained = tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
         start = time.perf_counter()
         # closing(): a pass stopped early must restore the model's attention before decoding starts.
-        # leave=False: a check stopped early (a model off the trained format) clears its bar rather than leaving it short
+        # leave=False: a check stopped early (a model off the trained format) clears its bar, not leaving it short
         with closing(_tree_passes(model, tokenizer, prompts, tree, batch_size, "auto", "answer tree",
                                   progress, leave=False)) as passes:
             for batch, logits in passes:

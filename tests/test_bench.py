@@ -230,7 +230,8 @@ def test_targets_compare_with_stock_trl_of_the_same_run_and_report_the_h200_auto
         "plain bf16 AdamW": row(20_000, 0.9, 60, 5.0, optimizer="adamw"),  # loses updates: never a target figure
         "fp8 that learns less": row(15_000, 0.65, 68, 3.75, fp8="tensorwise"),  # missed the FP8 check: neither
         # The faster tuned anchor (1.0 against itself) bounds every row: at 40% MFU, nothing passes 2.5x it.
-        "stock TRL tuned: Liger, no GC": {**row(6_000, 0.4, 95, 1.5), "stock_trl": True, "speed_vs_stock_trl_tuned": 1.0},
+        "stock TRL tuned: Liger, no GC": {**row(6_000, 0.4, 95, 1.5), "stock_trl": True,
+                                          "speed_vs_stock_trl_tuned": 1.0},
         "stock TRL tuned: Liger, full GC": {**row(5_000, 0.3, 61, 1.25), "stock_trl": True,
                                             "speed_vs_stock_trl_tuned": 5 / 6},
     })

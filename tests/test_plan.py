@@ -79,6 +79,10 @@ def test_a_step_runs_in_fewer_micro_batches_only_where_no_layer_would_recompute(
     assert "max_memory_gib=100" in plan["merge_micro_batches"]["reason"]
     kept = plan_training(get_config("qwen2.5-7b", merge_micro_batches=False), H200, QWEN_7B, has=EVERYTHING)
     assert kept[0].per_device_train_batch_size == 16 and "merge_micro_batches" not in kept[1]
+    # One micro-batch a step already: nothing to halve, and the reason says so rather than blaming the memory.
+    one, plan = plan_training(get_config("qwen2.5-7b", per_device_train_batch_size=32, gradient_accumulation_steps=1),
+                              H200, QWEN_7B, has=EVERYTHING)
+    assert one.per_device_train_batch_size == 32 and "do not halve" in plan["merge_micro_batches"]["reason"]
 
 
 def test_missing_packages_and_no_gpu_are_named_not_silently_dropped():

@@ -14,8 +14,8 @@ from pathlib import Path
 from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
 from finetune.lab.spark import spark_section
-from finetune.lab.targets import (RECIPE_ROW, benchmark_records, published_comparison, runs, summarize, targets, targets_table,
-                                  training_rows)
+from finetune.lab.targets import (RECIPE_ROW, benchmark_records, published_comparison, runs, summarize, targets,
+                                  targets_table, training_rows)
 from finetune.results import (answer_cells, commit_label, hardware_label, load_records, made_before, run_group,
                               run_table, summary_table, write_summary)
 

@@ -82,7 +82,7 @@ def training_rows(results_dir: Path) -> list[tuple[Row, str]]:
         device = hardware_label(record["environment"])
         for name, v in record["variants"].items():
             fp8 = v["overrides"].get("fp8")
-            fp8 = None if fp8 == "auto" else fp8  # "auto" chooses FP8 only once its recipe is checked (finetune/plan.py)
+            fp8 = None if fp8 == "auto" else fp8  # "auto" chooses FP8 only once its recipe is checked (plan.py)
             if ("error" not in v and v["mfu"] and not v.get("stock_trl") and fp8 in checked
                     and v["overrides"].get("method", "full") == "full"
                     and v["overrides"].get("optimizer", "adamw_bf16_sr") != "adamw"):
