@@ -3,12 +3,14 @@
 The compiled `single_param_adam` took a large share of a 7B step on the H200 (`optimizer_step_seconds` in
 results/benchmarks/h200_7b_train_16x2.json). Inductor makes two kernels a weight, the blocks' absmax and then the
 update, and the update is bound by issuing instructions, not by memory: torchao's quantizer is a binary search, eight
-dependent steps (seven gathers from the 256-value map) per moment and two more gathers to round. Here the code comes
-from the map's structure (decades of evenly spaced values) and two independent comparisons, and the kernel reads
-weight, gradient and both codes once and writes weight and codes once: the ~10 bytes a value that bound the step
-by memory bandwidth.
+dependent steps (seven gathers from the 256-value map) per moment and two more gathers to round. This kernel reads
+weight, gradient and both codes once and writes weight and codes once, and keeps the work a value small, since that,
+not the ~10 bytes a value, is what bounds it: a code is one lookup by the value's top bits and one comparison
+(`code_table`), the 256-value tables are read through shared memory, a division by a block's scale or a bias
+correction is a multiply and two FMAs from its reciprocal, and the rounding's random bits come from a short integer
+hash. Each choice keeps torchao's arithmetic: the same codes and scales, bit for bit (tests/test_optimizers.py). The
+kernel's time before and after is in results/benchmarks/h200_adamw8bit_kernel.log.
 """
-
 import functools
 
 import torch
@@ -49,68 +51,114 @@ def rounding_thresholds(signed: bool, device: torch.device) -> torch.Tensor:
     return torch.cat([-infinity, _from_ordered(at_or_above), infinity]).to(device)
 
 
+# Constants of the code table (`code_table`), read by the kernels as they are and by the host as `.value`.
+SMALLEST_KEY = tl.constexpr(0x33800000)  # the bits of 2^-24: every |x| below it takes the code of 0, on both maps
+BUCKET_BITS = tl.constexpr(16)  # a bucket: the floats that share their sign, exponent and top 7 mantissa bits
+BUCKETS = tl.constexpr(((0x3F800000 - 0x33800000) >> 16) + 1)  # |x| from 2^-24 to 1
+
+
+@functools.cache
+def code_table(signed: bool, device: torch.device) -> torch.Tensor:
+    """Per bucket of |x| (then per bucket of -|x|, on the signed map): torchao's lowest code in it, as uint8. A bucket
+    is at most 2^-7 of its value wide, narrower than the map's spacing anywhere, so it holds at most two codes and one
+    comparison with `rounding_thresholds` picks between them (checked here, at both ends of every bucket)."""
+    qmap = torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned(), dtype=torch.float32)
+    low = (torch.arange(BUCKETS.value, dtype=torch.int32) << BUCKET_BITS.value) + SMALLEST_KEY.value
+    high = torch.clamp(low + (1 << BUCKET_BITS.value) - 1, max=0x3F800000)
+    low[0] = 0  # the first bucket reaches down to 0
+    ends = [(low, high)] + ([(-high, -low)] if signed else [])  # (lowest, highest) as ordered keys
+    codes = []
+    for lowest, highest in ends:
+        code_low, code_high = (quantize_8bit_with_qmap(_from_ordered(k.long()), qmap).int() for k in (lowest, highest))
+        if (code_high - code_low).max() > 1:
+            raise AssertionError("a bucket of the code table spans more than two codes")
+        codes.append(code_low)
+    return torch.cat(codes).to(torch.uint8).to(device)
+
+
 @triton.jit
-def _quantize(x, thresholds_ptr, SIGNED: tl.constexpr):
-    """torchao's code for x in [-1, 1], exactly. Its map is 0, 1 and seven decades [10^(d-7), 10^(d-6)), d = 0..6, of
-    2^d evenly spaced values (signed map, mirrored below 0) or 2^(d+1) (unsigned). Scaled up into the top decade
-    [0.1, 1), x's nearest entry is floor((|x| + 0.8) * n / 0.9) entries above 0 (one fewer on the unsigned map), n
-    being the top decade's count halved for each decade scaled (below the smallest entry that is 0; at 1, 1). Float32
-    error, and the decades' edges where the spacing changes, leave that at most one code off: comparing x with the
-    thresholds on either side (`rounding_thresholds`) settles it."""
-    scaled = tl.abs(x)
-    n = tl.full(x.shape, 64.0 if SIGNED else 128.0, tl.float32)  # values in the top decade
-    for _ in tl.static_range(6):
-        below = scaled < 0.1
-        scaled = tl.where(below, scaled * 10.0, scaled)
-        n = tl.where(below, n * 0.5, n)
-    steps = tl.floor((scaled + 0.8) * n * (1 / 0.9)).to(tl.int32)
+def _quantize(x, table_ptr, thresholds_ptr, SIGNED: tl.constexpr):
+    """torchao's code for x in [-1, 1], exactly: the lowest code of x's bucket (`code_table`), and one more where x
+    is at or above the next code's threshold."""
+    magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    bucket = tl.minimum(tl.maximum(magnitude - SMALLEST_KEY, 0) >> BUCKET_BITS, BUCKETS - 1)
     if SIGNED:
-        estimate = tl.where(x < 0, 127 - steps, 127 + steps)  # code 127 is 0
-    else:
-        estimate = steps - 1  # the formula counts the top decade from 128; unsigned codes count it from 127
-    estimate = tl.minimum(tl.maximum(estimate, 0), 255)
-    lower = tl.load(thresholds_ptr + estimate)
-    upper = tl.load(thresholds_ptr + estimate + 1)
-    return estimate - (x < lower).to(tl.int32) + (x >= upper).to(tl.int32)
+        bucket = tl.where(x < 0, bucket + BUCKETS, bucket)
+    lowest = tl.load(table_ptr + bucket).to(tl.int32)
+    return lowest + (x >= _lookup(thresholds_ptr + 1, lowest)).to(tl.int32)  # entry c + 1: code c + 1's threshold
+
+
+@triton.jit
+def _lookup(table_ptr, index):
+    """table[index] for a table of 256 float32, through shared memory (`tl.gather` of the whole table): a gather
+    from global memory costs a cache transaction for each distinct line a warp touches."""
+    table = tl.load(table_ptr + tl.arange(0, 256))
+    return tl.reshape(tl.gather(table, tl.reshape(index, (index.numel,)), 0), index.shape)
 
 
 @triton.jit
 def _dequantize(codes_ptr, scale_ptr, qmap_ptr, offsets, blocks, in_bounds):
     codes = tl.load(codes_ptr + offsets, mask=in_bounds[:, None], other=0).to(tl.int32)
     scale = tl.load(scale_ptr + blocks, mask=in_bounds, other=0.0)
-    return tl.load(qmap_ptr + codes) * scale[:, None]
+    return _lookup(qmap_ptr, codes) * scale[:, None]
 
 
 @triton.jit
-def _requantize(values, codes_ptr, scale_ptr, thresholds_ptr, offsets, blocks, in_bounds, SIGNED: tl.constexpr):
+def _divide(x, y, reciprocal):
+    """x / y correctly rounded, as torch divides, from `reciprocal` = 1 / y correctly rounded: a multiply and two
+    FMAs (Markstein's refinement: the residual x - y * q is exact, and one correction rounds the quotient right),
+    where `tl.math.div_rn` spends a reciprocal, a range check and a branch on every value."""
+    quotient = x * reciprocal
+    return tl.fma(tl.fma(-y, quotient, x), reciprocal, quotient)
+
+
+@triton.jit
+def _requantize(values, codes_ptr, scale_ptr, table_ptr, thresholds_ptr, offsets, blocks, in_bounds,
+                SIGNED: tl.constexpr):
     """OptimState8bit.copy_(values): each block's absmax (clipped at 1e-12) is its scale, values / scale its codes."""
     scale = tl.maximum(tl.max(tl.abs(values), axis=1), 1e-12)
-    codes = _quantize(tl.math.div_rn(values, scale[:, None]), thresholds_ptr, SIGNED)
+    scaled = _divide(values, scale[:, None], tl.math.div_rn(1.0, scale)[:, None])  # one division a block
+    codes = _quantize(scaled, table_ptr, thresholds_ptr, SIGNED)
     tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=in_bounds[:, None])
     tl.store(scale_ptr + blocks, scale, mask=in_bounds)
+
+
+@triton.jit
+def _random16(seed, offsets):
+    """16 random bits a value: the top half of Wellons' lowbias32 hash of (offset xor seed). A bijection of 32 bits
+    with full avalanche, a dozen instructions where Philox (`tl.randint`) takes ten rounds of multiplies: the rounding
+    needs bits that are uniform and unrelated from value to value and step to step, not a cryptographic stream."""
+    x = offsets.to(tl.uint32) ^ seed.to(tl.uint32)
+    x ^= x >> 16
+    x *= 0x21F0AAAD
+    x ^= x >> 15
+    x *= 0xD35A2D97
+    x ^= x >> 15
+    return (x >> 16).to(tl.int32)
 
 
 @triton.jit
 def _to_bf16_stochastically(x, seed, offsets):
     """torchao's `_fp32_to_bf16_sr`: truncate toward zero; step away from zero with probability (low 16 bits) / 2^16."""
     bits = x.to(tl.int32, bitcast=True)
-    random16 = (tl.randint(seed, offsets) & 0xFFFF).to(tl.int32)
     truncated = bits & -65536  # 0xFFFF0000
-    bits = tl.where(random16 < (bits & 0xFFFF), truncated + 0x10000, truncated)
+    bits = tl.where(_random16(seed, offsets) < (bits & 0xFFFF), truncated + 0x10000, truncated)
     return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed every call: specialising on its value would recompile
-def _adamw8bit_kernel(param_ptr, grad_ptr, m_codes_ptr, m_scale_ptr, m_qmap_ptr, m_thresholds_ptr, v_codes_ptr,
-                      v_scale_ptr, v_qmap_ptr, v_thresholds_ptr, seed, n_blocks, lr, lr_times_weight_decay,
-                      one_minus_beta1, one_minus_beta2, eps, bias_correction1, sqrt_bias_correction2,
+def _adamw8bit_kernel(param_ptr, grad_ptr, grad_scale_ptr, m_codes_ptr, m_scale_ptr, m_qmap_ptr, m_table_ptr, m_thresholds_ptr,
+                      v_codes_ptr, v_scale_ptr, v_qmap_ptr, v_table_ptr, v_thresholds_ptr, seed, n_blocks, lr,
+                      lr_times_weight_decay, one_minus_beta1, one_minus_beta2, eps, bias_correction1,
+                      reciprocal_bias_correction1, sqrt_bias_correction2, reciprocal_sqrt_bias_correction2,
                       BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
     """`single_param_adam` for one weight, its operations in torchao's order (scalars arrive as float32 torch made)."""
     blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     offsets = blocks.to(tl.int64)[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
     in_bounds = blocks < n_blocks  # per block; [:, None] broadcasts it along the block's values
     weight = tl.load(param_ptr + offsets, mask=in_bounds[:, None], other=0.0).to(tl.float32)
-    grad = tl.load(grad_ptr + offsets, mask=in_bounds[:, None], other=0.0).to(tl.float32)
+    grad = tl.load(grad_ptr + offsets, mask=in_bounds[:, None], other=0.0)
+    grad = (grad.to(tl.float32) * tl.load(grad_scale_ptr).to(tl.float32)).to(grad.dtype).to(tl.float32)  # as mul_
     exp_avg = _dequantize(m_codes_ptr, m_scale_ptr, m_qmap_ptr, offsets, blocks, in_bounds)
     exp_avg_sq = _dequantize(v_codes_ptr, v_scale_ptr, v_qmap_ptr, offsets, blocks, in_bounds)
 
@@ -118,51 +166,64 @@ def _adamw8bit_kernel(param_ptr, grad_ptr, m_codes_ptr, m_scale_ptr, m_qmap_ptr,
     # torch.lerp with a weight under 0.5 is start + weight * (end - start), rounded once (an FMA) on CPU and GPU
     exp_avg = tl.fma(one_minus_beta1, grad - exp_avg, exp_avg)
     exp_avg_sq = tl.fma(one_minus_beta2, grad * grad - exp_avg_sq, exp_avg_sq)
-    _requantize(exp_avg, m_codes_ptr, m_scale_ptr, m_thresholds_ptr, offsets, blocks, in_bounds, True)
-    _requantize(exp_avg_sq, v_codes_ptr, v_scale_ptr, v_thresholds_ptr, offsets, blocks, in_bounds, False)
+    _requantize(exp_avg, m_codes_ptr, m_scale_ptr, m_table_ptr, m_thresholds_ptr, offsets, blocks, in_bounds, True)
+    _requantize(exp_avg_sq, v_codes_ptr, v_scale_ptr, v_table_ptr, v_thresholds_ptr, offsets, blocks, in_bounds,
+                False)
 
     # division and square root rounded as torch rounds them (Triton's `/` and tl.sqrt are approximations on GPUs)
-    denom = tl.math.div_rn(tl.math.sqrt_rn(exp_avg_sq), sqrt_bias_correction2) + eps
-    weight = weight - tl.math.div_rn(lr * tl.math.div_rn(exp_avg, bias_correction1), denom)
-    weight = _to_bf16_stochastically(weight, seed, offsets)
+    denom = _divide(tl.math.sqrt_rn(exp_avg_sq), sqrt_bias_correction2, reciprocal_sqrt_bias_correction2) + eps
+    step = lr * _divide(exp_avg, bias_correction1, reciprocal_bias_correction1)
+    weight = _to_bf16_stochastically(weight - tl.math.div_rn(step, denom), seed, offsets)
     tl.store(param_ptr + offsets, weight, mask=in_bounds[:, None])
+
+
+@functools.cache
+def _ones(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.ones((), dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=16)
 def _float32_scalars(lr: float, weight_decay: float, beta1: float, beta2: float, step: float) -> tuple[float, ...]:
-    """lr * weight_decay and the bias corrections, computed as `single_param_adam` computes them: in float32 torch."""
+    """lr * weight_decay and the bias corrections, computed as `single_param_adam` computes them (in float32 torch),
+    each correction with its reciprocal (for `_divide`)."""
     lr_, step_ = torch.tensor(lr), torch.tensor(step)
-    return (lr_ * weight_decay).item(), (1 - beta1**step_).item(), (1 - beta2**step_).sqrt().item()
+    bias_correction1, sqrt_bias_correction2 = 1 - beta1**step_, (1 - beta2**step_).sqrt()
+    return ((lr_ * weight_decay).item(), bias_correction1.item(), (1 / bias_correction1).item(),
+            sqrt_bias_correction2.item(), (1 / sqrt_bias_correction2).item())
 
 
 def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: OptimState8bit, exp_avg_sq: OptimState8bit, *,
                    step: float, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
-                   seed: int) -> None:
+                   seed: int, grad_scale: torch.Tensor | None = None) -> None:
     """`single_param_adam(param, grad, step, exp_avg, exp_avg_sq, None, lr, beta1, beta2, weight_decay, eps,
     IS_ADAMW=True, BF16_STOCHASTIC_ROUND=True)` in place, for a contiguous bf16 `param`. step and lr are host numbers
     (torchao keeps both as CPU tensors), so nothing waits on the GPU; the rounding's random bits come from `seed`
-    (31 bits; finetune.optim.rounding_seed), not from torch's generator."""
-    lr_times_weight_decay, bias_correction1, sqrt_bias_correction2 = _float32_scalars(lr, weight_decay, beta1, beta2,
-                                                                                      step)
+    (31 bits; finetune.optim.rounding_seed), not from torch's generator. `grad_scale` (a one-value device tensor,
+    gradient clipping's coefficient) multiplies the gradient as it is read, rounded to its dtype as `grad.mul_` would
+    round it."""
+    lr_times_weight_decay, *bias_corrections = _float32_scalars(lr, weight_decay, beta1, beta2, step)
     n_blocks = exp_avg.scale.numel()
     _adamw8bit_kernel[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](
-        param, grad.contiguous(), exp_avg.codes, exp_avg.scale, exp_avg.qmap,
+        param, grad.contiguous(), _ones(grad.dtype, grad.device) if grad_scale is None else grad_scale,
+        exp_avg.codes, exp_avg.scale, exp_avg.qmap, code_table(True, param.device),
         rounding_thresholds(True, param.device), exp_avg_sq.codes, exp_avg_sq.scale, exp_avg_sq.qmap,
-        rounding_thresholds(False, param.device), seed, n_blocks, lr, lr_times_weight_decay, 1 - beta1, 1 - beta2, eps,
-        bias_correction1, sqrt_bias_correction2, BLOCK_SIZE=exp_avg.block_size, BLOCKS=BLOCKS_PER_PROGRAM)
+        code_table(False, param.device), rounding_thresholds(False, param.device), seed, n_blocks, lr,
+        lr_times_weight_decay, 1 - beta1, 1 - beta2, eps, *bias_corrections, BLOCK_SIZE=exp_avg.block_size,
+        BLOCKS=BLOCKS_PER_PROGRAM)
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, codes_ptr, thresholds_ptr, n, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _quantize_kernel(x_ptr, codes_ptr, table_ptr, thresholds_ptr, n, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offsets, mask=offsets < n)
-    tl.store(codes_ptr + offsets, _quantize(x, thresholds_ptr, SIGNED).to(tl.uint8), mask=offsets < n)
+    tl.store(codes_ptr + offsets, _quantize(x, table_ptr, thresholds_ptr, SIGNED).to(tl.uint8), mask=offsets < n)
 
 
 def quantize(x: torch.Tensor, signed: bool) -> torch.Tensor:
     """`quantize_8bit_with_qmap(x, map)` for torchao's signed or unsigned map, by the kernel's quantizer (for tests)."""
     codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     block = 8192
-    _quantize_kernel[(triton.cdiv(x.numel(), block),)](x.contiguous(), codes, rounding_thresholds(signed, x.device),
-                                                        x.numel(), SIGNED=signed, BLOCK=block)
+    _quantize_kernel[(triton.cdiv(x.numel(), block),)](x.contiguous(), codes, code_table(signed, x.device),
+                                                        rounding_thresholds(signed, x.device), x.numel(),
+                                                        SIGNED=signed, BLOCK=block)
     return codes

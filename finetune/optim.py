@@ -77,6 +77,7 @@ class AdamWBf16SR(_AdamW):
             raise ValueError(f"state_bits={state_bits}: the moments are kept in 16 (bf16) or 8 bits")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bf16_stochastic_round=True)
         self.rounding_seed = rounding_seed
+        self._grad_scale = None  # set by clip_grad_norm_, applied by the next step
         if state_bits == 8:
             self.block_size = 256  # torchao's base class quantizes a buffer only when its size divides by this
 
@@ -85,11 +86,30 @@ class AdamWBf16SR(_AdamW):
         return OptimState8bit.zeros(p.shape, signed, block_size, p.device, dtype=p.dtype)
 
     @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` over this optimizer's gradients, with the scaling left to the next step:
+        the fused kernel multiplies each gradient by the coefficient as it reads it (rounded to the gradient's dtype,
+        as `mul_` rounds), which saves a pass over every gradient's bytes; the other weights' gradients are scaled
+        by `_foreach_mul_` at the step, as torch does. Returns the total norm, computed as torch computes it."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        self._grad_scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        return norm
+
+    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        for p in with_grad:
+            if not self.state[p]:
+                self.state[p].update(step=torch.tensor(0.0), exp_avg=self._new_buffer(p, True),
+                                     exp_avg_sq=self._new_buffer(p, False))
+        grad_scale, self._grad_scale = self._grad_scale, None
+        if grad_scale is not None:  # clip_grad_norm_ left the scaling to the step: the fused kernel's, or here
+            torch._foreach_mul_([p.grad for p in with_grad if not _fused_8bit(p, self.state[p])], grad_scale)
         index = -1  # the weight's place among all groups' parameters: the same on every rank
         with torch._dynamo.utils.disable_cache_limit():  # one compiled variant per parameter shape, as in torchao
             for group in self.param_groups:
@@ -110,10 +130,6 @@ class AdamWBf16SR(_AdamW):
                     if p.grad.is_sparse:
                         raise RuntimeError("Sparse gradient is not supported")
                     state = self.state[p]
-                    if not state:
-                        state["step"] = torch.tensor(0.0)
-                        state["exp_avg"] = self._new_buffer(p, True)
-                        state["exp_avg_sq"] = self._new_buffer(p, False)
                     if state["step"].device.type != "cpu":
                         state["step"] = state["step"].cpu()
                     state["step"] += 1
@@ -124,7 +140,8 @@ class AdamWBf16SR(_AdamW):
                         from finetune.adamw8bit_kernel import adamw8bit_step  # triton: imported where it runs
                         adamw8bit_step(p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"], step=step,
                                        lr=group["lr"].item(), beta1=group["betas"][0], beta2=group["betas"][1],
-                                       weight_decay=group["weight_decay"], eps=group["eps"], seed=seed)
+                                       weight_decay=group["weight_decay"], eps=group["eps"], seed=seed,
+                                       grad_scale=grad_scale)
                     else:
                         with _seeded(p.device, seed):
                             _update(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"], None,

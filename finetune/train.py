@@ -123,6 +123,14 @@ class FusedHeadSFTTrainer(trl.SFTTrainer):
             model.set_reshard_after_backward(self.accelerator.sync_gradients)
         return super().training_step(model, *args, **kwargs)
 
+    def _clip_grad_norm(self, model):
+        """AdamWBf16SR clips inside its step (`clip_grad_norm_`: the norm now, the scaling in the fused update), one
+        pass over the gradients fewer; sharded gradients (FSDP) take accelerate's clipping."""
+        optimizer = self.optimizer.optimizer  # accelerate's wrapper holds it
+        if hasattr(optimizer, "clip_grad_norm_") and not self.is_fsdp_enabled:
+            return optimizer.clip_grad_norm_(self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
+
 
 class SelectiveCheckpointing(TrainerCallback):
     """Activation checkpointing on the first `n` decoder layers only: the others keep their activations and skip the

@@ -293,3 +293,12 @@ def test_variants_are_chosen_by_name_or_by_the_index_recorded_with_earlier_runs(
     assert bench.chosen_indices(bench.TRAIN_VARIANTS, "all") == list(range(len(names)))
     with pytest.raises(SystemExit, match="no variant 'fastest'.*recipe-fp8"):
         bench.chosen_indices(bench.TRAIN_VARIANTS, "fastest")
+
+
+def test_the_optimizer_benchmark_updates_every_matrix_of_the_model_shape():
+    """The 8-bit step's benchmark updates the 7B shape's matrices, as many values as the planner counts."""
+    from finetune.lab.bench_adamw8bit import weight_shapes
+    from finetune.lab.spark import QWEN_7B
+
+    assert len(weight_shapes(QWEN_7B)) == 2 + 7 * 28
+    assert sum(a * b for a, b in weight_shapes(QWEN_7B)) == QWEN_7B.parameters

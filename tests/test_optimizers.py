@@ -106,6 +106,92 @@ def test_replicas_whose_rng_has_drifted_apart_still_round_identically(state_bits
     assert not all(torch.equal(a, b) for a, b in zip(one, replica(rng_draws=1, rounding_seed=1)))
 
 
+@pytest.fixture
+def interpreter_bf16_rounding_to_nearest(monkeypatch):
+    """Triton's interpreter casts float32 to bf16 by truncation; a GPU's cast, like torch's, rounds to nearest even."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast(self, src, dst_type)
+        bits = src.data.astype(np.float32).view(np.uint32).astype(np.uint64)
+        return interpreter.TensorHandle(((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16),
+                                        dst_type.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
+
+
+@pytest.mark.parametrize("state_bits, fused", [(16, False), (8, False), (8, True)])
+def test_clipping_left_to_the_step_updates_as_torchs_clipping_does(state_bits, fused, monkeypatch,
+                                                                    interpreter_bf16_rounding_to_nearest):
+    """`clip_grad_norm_` returns torch's norm and leaves the gradients alone; the step then scales them (inside the
+    fused kernel for its weights, here on Triton's interpreter) to the same weights and states, bit for bit, as
+    `torch.nn.utils.clip_grad_norm_` followed by a step."""
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    from finetune import optim
+
+    if fused:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("runs the kernel on CPU tensors: needs TRITON_INTERPRET=1 (no CUDA)")
+        monkeypatch.setattr(optim, "_fused_8bit", lambda p, state: isinstance(state["exp_avg"], OptimState8bit))
+
+    def run(clip_in_the_step: bool) -> tuple[list[torch.Tensor], list[float]]:
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, 128, generator=generator).to(torch.bfloat16)) for n in (48, 16)]
+        optimizer = optim.AdamWBf16SR(params, lr=1e-3, weight_decay=0.1, state_bits=state_bits)
+        norms = []
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator).to(torch.bfloat16)
+            if clip_in_the_step:
+                grads = [p.grad.clone() for p in params]
+                norms.append(optimizer.clip_grad_norm_(0.5).item())
+                assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))  # scaled by the step, not here
+            else:
+                norms.append(torch.nn.utils.clip_grad_norm_(params, 0.5).item())
+            optimizer.step()
+        return [t for p in params for t in (p.detach(), *optimizer.state[p].values())], norms
+
+    (ours, our_norms), (torchs, torch_norms) = run(True), run(False)
+    assert our_norms == torch_norms and min(our_norms) > 0.5 * 10  # every step clipped, by a factor of 10 or more
+    for a, b in zip(ours, torchs):
+        assert torch.equal(_plain(a), _plain(b))
+
+
+def test_the_trainer_leaves_clipping_to_the_optimizer_with_the_same_result(tiny_config, monkeypatch):
+    """FusedHeadSFTTrainer hands clipping to AdamWBf16SR: three clipped steps give the weights and logged gradient
+    norms of the Trainer's own clipping, bit for bit."""
+    import trl
+    from transformers.trainer_utils import SaveStrategy
+
+    from finetune.optim import AdamWBf16SR
+    from finetune.train import FusedHeadSFTTrainer, build_trainer
+
+    config = dataclasses.replace(tiny_config, optimizer="adamw_bf16_sr", bf16=True, max_steps=3, logging_steps=1)
+    calls = []
+    clip = AdamWBf16SR.clip_grad_norm_
+    monkeypatch.setattr(AdamWBf16SR, "clip_grad_norm_", lambda self, max_norm: calls.append(1) or clip(self, max_norm))
+
+    def trained() -> tuple[dict, list[float]]:
+        trainer = build_trainer(config)
+        trainer.args.save_strategy = SaveStrategy.NO
+        trainer.args.max_grad_norm = 0.05  # small enough that every step clips
+        trainer.train()
+        norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+        return {k: v.clone() for k, v in trainer.model.state_dict().items()}, norms
+
+    ours, our_norms = trained()
+    assert len(calls) == 3
+    monkeypatch.setattr(FusedHeadSFTTrainer, "_clip_grad_norm", trl.SFTTrainer._clip_grad_norm)
+    theirs, their_norms = trained()
+    assert len(calls) == 3 and len(our_norms) == 3 and our_norms == their_norms and min(our_norms) > 0.05
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """An 8-bit state's codes and scales (equal codes and scales: equal states); any other tensor as it is."""
     return torch.cat([t.codes.flatten().float(), t.scale.flatten()]) if type(t).__name__ == "OptimState8bit" else t

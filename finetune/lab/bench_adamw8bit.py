@@ -1,0 +1,124 @@
+"""How long the 8-bit AdamW step takes over every weight of a model shape, on one GPU: the fused kernel
+(finetune/adamw8bit_kernel.py), any earlier version of it given as a file, and torchao's compiled update
+(AdamWBf16SR with the kernel turned off), each timed in the same process on the same weights and gradients.
+
+    python -m finetune.lab.bench_adamw8bit --shape 7b
+    git show 6005047:finetune/adamw8bit_kernel.py > /tmp/kernel_6005047.py
+    python -m finetune.lab.bench_adamw8bit --shape 7b --compare /tmp/kernel_6005047.py   # beside an older kernel
+
+The step reads a bf16 weight, its bf16 gradient and two 8-bit codes, and writes weight and codes back: 10 bytes a
+value (the blocks' scales add 1/32 of that), so bytes / time says how close each row comes to the memory's bandwidth.
+"""
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from finetune.lab.spark import QWEN_7B
+from finetune.results import environment
+
+BYTES_PER_VALUE = 2 + 2 + 2 + 2 * (1 + 1)  # weight read and written, gradient read, both codes read and written
+SHAPES = {"7b": QWEN_7B}
+
+
+def weight_shapes(shape) -> list[tuple[int, int]]:
+    """The 2-D weights of a Qwen2-shape decoder: embedding, LM head (unless tied), and per layer q, k, v, o, gate,
+    up, down (the 1-D biases and norms are a rounding error of the bytes)."""
+    hidden, intermediate, kv = shape.hidden, shape.intermediate, shape.kv_width
+    layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (intermediate, hidden),
+             (intermediate, hidden), (hidden, intermediate)]
+    return [(shape.vocab, hidden)] * (1 if shape.tied else 2) + layer * shape.layers
+
+
+def time_steps(step, warmup: int, measured: int) -> list[float]:
+    """Milliseconds of each measured call of `step(t)`, by CUDA events, after `warmup` calls."""
+    for t in range(1, warmup + 1):
+        step(t)
+    times = []
+    for t in range(warmup + 1, warmup + measured + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(t)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def kernel_row(module, params, grads, warmup: int, measured: int) -> list[float]:
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    states = [(OptimState8bit.zeros(p.shape, True, device="cuda"), OptimState8bit.zeros(p.shape, False, device="cuda"))
+              for p in params]
+
+    def step(t: int) -> None:
+        for i, (p, g, (m, v)) in enumerate(zip(params, grads, states)):
+            module.adamw8bit_step(p, g, m, v, step=float(t), lr=1e-5, beta1=0.9, beta2=0.999, weight_decay=0.0,
+                                  eps=1e-8, seed=1000 * t + i)
+    return time_steps(step, warmup, measured)
+
+
+def compiled_row(params, grads, warmup: int, measured: int) -> list[float]:
+    from finetune import optim
+
+    fused = optim._fused_8bit
+    optim._fused_8bit = lambda p, state: False
+    try:
+        weights = [torch.nn.Parameter(p) for p in params]
+        for w, g in zip(weights, grads):
+            w.grad = g
+        optimizer = optim.AdamWBf16SR(weights, lr=1e-5, weight_decay=0.0, state_bits=8)
+        return time_steps(lambda t: optimizer.step(), warmup, measured)
+    finally:
+        optim._fused_8bit = fused
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="7b", help="the model shape whose weights are updated")
+    parser.add_argument("--compare", nargs="*", default=[], help="files of other versions of adamw8bit_kernel.py")
+    parser.add_argument("--warmup", type=int, default=3, help="steps before the clock (compilation, first touch)")
+    parser.add_argument("--measured", type=int, default=6, help="timed steps; the median is reported")
+    parser.add_argument("--name", default="h200_adamw8bit_kernel", help="results/benchmarks/<name>.json")
+    parser.add_argument("--results_dir", default="results/benchmarks")
+    args = parser.parse_args(argv)
+
+    shapes = weight_shapes(SHAPES[args.shape])
+    values = sum(a * b for a, b in shapes)
+    generator = torch.Generator("cuda").manual_seed(0)
+    params = [(torch.randn(s, device="cuda", generator=generator) * 0.02).to(torch.bfloat16) for s in shapes]
+    grads = [(torch.randn(s, device="cuda", generator=generator) * 1e-3).to(torch.bfloat16) for s in shapes]
+
+    from finetune import adamw8bit_kernel
+    rows = {"fused kernel (finetune/adamw8bit_kernel.py)": lambda: kernel_row(adamw8bit_kernel, params, grads,
+                                                                              args.warmup, args.measured)}
+    for path in args.compare:
+        spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        rows[f"fused kernel ({path})"] = lambda module=module: kernel_row(module, params, grads, args.warmup,
+                                                                         args.measured)
+    rows["torchao's compiled update (finetune.optim, no fused kernel)"] = lambda: compiled_row(params, grads,
+                                                                                              args.warmup,
+                                                                                              args.measured)
+    results = {}
+    for name, run in rows.items():
+        times = sorted(run())
+        median = times[len(times) // 2]
+        results[name] = {"median_ms": median, "min_ms": times[0], "max_ms": times[-1], "ms": times,
+                         "gb_per_second": values * BYTES_PER_VALUE / median / 1e6}
+        print(f"{name:<70} {median:8.2f} ms ({times[0]:.2f}-{times[-1]:.2f}) "
+              f"{results[name]['gb_per_second']:7.0f} GB/s", flush=True)
+        torch.cuda.empty_cache()
+    out = Path(args.results_dir) / f"{args.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "adamw8bit_step", "shape": args.shape, "weights": len(shapes),
+                               "values": values, "bytes_per_value": BYTES_PER_VALUE, "rows": results,
+                               "environment": environment()}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
