@@ -66,3 +66,21 @@ def test_readme_is_a_front_door_whose_links_lead_somewhere():
     links = re.findall(r"\]\(([^)#]+)", readme)
     assert "docs/dgx-spark.md" in links and "docs/performance.md" in links
     assert [link for link in links if not (PROJECT_DIR / link).exists()] == []
+
+
+def test_mfu_compared_across_files_is_recounted_by_todays_count():
+    """A file the bench wrote with today's FLOP count recounts to its own MFU (the bench counted from the model's
+    config during the run, the recount from the statistics the file recorded); one written when the LM head was
+    counted for every token recounts lower."""
+    from pathlib import Path
+
+    from finetune.lab.targets import RECIPE_ROW, recounted_mfu
+
+    def recipe(name: str) -> tuple[dict, dict]:
+        record = json.loads((Path("results/benchmarks") / name).read_text())
+        return record, record["variants"][RECIPE_ROW]
+
+    record, row = recipe("h200_7b_train_recipe_kernel.json")
+    assert abs(recounted_mfu(record, row) - row["mfu"]) < 1e-6
+    record, row = recipe("h200_7b_train_recipe.json")
+    assert recounted_mfu(record, row) < row["mfu"] - 0.03

@@ -7,12 +7,10 @@ peak, at the MFU the recipe reached on an H200 and at the MFU the published run 
 import json
 from pathlib import Path
 
-from transformers import Qwen2Config
-
 from finetune.config import get_config
-from finetune.lab.targets import RECIPE_ROW
+from finetune.lab.targets import RECIPE_ROW, step_flops_per_token
 from finetune.plan import GPU, ModelShape, plan_evaluation, plan_training
-from finetune.throughput import PEAK_BF16_TFLOPS, ArticleTokens, training_flops_per_token
+from finetune.throughput import PEAK_BF16_TFLOPS
 
 # GB10 as CUDA would describe it: compute capability 12.1, 128 GB shared by CPU and GPU (about 119 GiB as CUDA counts
 # it), of which the plan assumes 110 GiB free with the OS up. The published run reports 38.2 TFLOP/s there (30.6% of
@@ -31,14 +29,7 @@ def spark_section(results_dir: Path = Path("results")) -> str:
         return f"(no H200 run of the recipe yet: `make PY=python3 gpu-bench-train-recipe` writes `{MEASURED}`)"
     record = json.loads(path.read_text())
     row = record["variants"][RECIPE_ROW]
-    config = record["config"]
-    model = Qwen2Config(hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
-                        num_hidden_layers=config["num_layers"], num_attention_heads=config["num_heads"],
-                        num_key_value_heads=config["num_kv_heads"], vocab_size=config["vocab_size"])
-    tokens = ArticleTokens(attention_length=row.get("attention_length", row.get("token_weighted_article_tokens")),
-                           loss_share=row.get("loss_share", row.get("loss_tokens_per_article", 0)
-                                              / row["mean_article_tokens"]))
-    flops_per_token = training_flops_per_token(model, tokens)
+    flops_per_token = step_flops_per_token(record, row)
     epoch_flops = EPOCH_ARTICLES * row["mean_article_tokens"] * flops_per_token
     h200_mfu = row["tokens_per_second"] * flops_per_token / (PEAK_BF16_TFLOPS["H200"] * 1e12)
     peak = PEAK_BF16_TFLOPS["GB10"] * 1e12

@@ -12,7 +12,10 @@ import statistics
 from pathlib import Path
 from typing import NamedTuple
 
+from transformers import Qwen2Config
+
 from finetune.results import hardware_label, load_records
+from finetune.throughput import PEAK_BF16_TFLOPS, ArticleTokens, training_flops_per_token
 
 # The benchmark row of the qwen2.5-7b recipe as a user runs it (finetune/lab/bench.py), which the pages quote.
 RECIPE_ROW = "the qwen2.5-7b recipe, planned for this GPU"
@@ -56,6 +59,35 @@ def benchmark_records(results_dir: Path, kind: str) -> list[tuple[Path, dict]]:
     return [(p, r) for p, r in records if r.get("benchmark") == kind]
 
 
+def step_flops_per_token(record: dict, row: dict) -> float | None:
+    """The FLOPs a full fine-tuning step computes per token for a training benchmark's row, counted by today's
+    `training_flops_per_token` from the shape and token statistics the file recorded. A file's own `mfu` is the
+    count of the bench that wrote it (earlier ones counted the LM head for every token), so figures compared across
+    files are recounted here. None where the file recorded no token statistics."""
+    attention_length = row.get("attention_length", row.get("token_weighted_article_tokens"))
+    loss_share = row.get("loss_share")
+    if loss_share is None and "loss_tokens_per_article" in row:
+        loss_share = row["loss_tokens_per_article"] / row["mean_article_tokens"]
+    if attention_length is None or loss_share is None:
+        return None
+    config = record["config"]
+    model = Qwen2Config(hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
+                        num_hidden_layers=config["num_layers"], num_attention_heads=config["num_heads"],
+                        num_key_value_heads=config["num_kv_heads"], vocab_size=config["vocab_size"])
+    return training_flops_per_token(model, ArticleTokens(attention_length, loss_share))
+
+
+def recounted_mfu(record: dict, row: dict) -> float | None:
+    """A full fine-tuning row's MFU by today's count (`step_flops_per_token`), of its GPU's bf16 peak; the file's own
+    where the count or the GPU's peak is unknown."""
+    flops = step_flops_per_token(record, row)
+    gpu = hardware_label(record["environment"])
+    peak = next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in gpu), None)
+    if flops is None or peak is None:
+        return row["mfu"]
+    return row["tokens_per_second"] * flops / (peak * 1e12)
+
+
 def fp8_recipes_within_tolerance(results_dir: Path) -> set[str]:
     """FP8 recipes that reached bf16's loss in every comparison recorded (`finetune.lab.bench_fp8`, results/gpu/fp8/):
     a recipe that missed once, or was never checked, is not a checked option."""
@@ -86,7 +118,7 @@ def training_rows(results_dir: Path) -> list[tuple[Row, str]]:
             if ("error" not in v and v["mfu"] and not v.get("stock_trl") and fp8 in checked
                     and v["overrides"].get("method", "full") == "full"
                     and v["overrides"].get("optimizer", "adamw_bf16_sr") != "adamw"):
-                rows.append((((device, name), name, file, v), device))
+                rows.append((((device, name), name, file, {**v, "mfu": recounted_mfu(record, v)}), device))
     return rows
 
 
