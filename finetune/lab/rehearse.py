@@ -100,15 +100,16 @@ def rehearsal_table(results_dir: Path) -> str:
 
 
 def same_run_rows(same_run: dict, rehearsal_rate: float | None, tuned: dict) -> list[str]:
-    """The benchmark rows measured on the same machine right after the rehearsal, and the notebook path's share of
-    them: training tokens/s against the benchmark's recipe row, label scoring against the benchmark's."""
+    """The benchmark rows measured at the rehearsal's commit on the same kind of GPU, in the same session, and the
+    notebook path's share of them: training tokens/s against the benchmark's recipe row, label scoring against the
+    benchmark's."""
     rows = []
     if "train" in same_run:
         record = json.loads(Path(same_run["train"]).read_text())
         recipe = next((v for n, v in record["variants"].items() if n == RECIPE_ROW
                        and "tokens_per_second" in v), None)
         if recipe:
-            rows += [_row(f"benchmark's recipe row, same machine (`{Path(same_run['train']).name}`): tokens/s, MFU",
+            rows += [_row(f"benchmark's recipe row, same commit (`{Path(same_run['train']).name}`): tokens/s, MFU",
                           f"{recipe['tokens_per_second']:,.0f}, {recipe['mfu']:.1%}"),
                      _row("notebook path's training tokens/s / benchmark's",
                           _num(rehearsal_rate / recipe["tokens_per_second"] if rehearsal_rate else None, "{:.2f}"))]
@@ -117,7 +118,7 @@ def same_run_rows(same_run: dict, rehearsal_rate: float | None, tuned: dict) -> 
         scoring = record["modes"].get("label_scoring")
         if scoring:
             ours = tuned["evaluations"]["label_scoring"]["throughput"]["articles_per_second"]
-            rows += [_row(f"benchmark's label scoring, same machine (`{Path(same_run['eval']).name}`): articles/s",
+            rows += [_row(f"benchmark's label scoring, same commit (`{Path(same_run['eval']).name}`): articles/s",
                           f"{scoring['articles_per_second']:,.1f} (batch {scoring['batch_size']})"),
                      _row("notebook path's label scoring / benchmark's",
                           f"{ours / scoring['articles_per_second']:.2f}")]
