@@ -108,9 +108,10 @@ class AdamWBf16SR(_AdamW):
                 self.state[p].update(step=torch.tensor(0.0), exp_avg=self._new_buffer(p, True),
                                      exp_avg_sq=self._new_buffer(p, False))
         grad_scale, self._grad_scale = self._grad_scale, None
-        unfused = [p.grad for p in with_grad if not _fused_8bit(p, self.state[p])]
-        if grad_scale is not None and unfused:  # clip_grad_norm_ left the scaling to the step: the kernel's, or here
-            torch._foreach_mul_(unfused, grad_scale)
+        if grad_scale is not None:  # clip_grad_norm_ left the scaling to the step: the fused kernel's, or here
+            unfused = [p.grad for p in with_grad if not _fused_8bit(p, self.state[p])]
+            if unfused:
+                torch._foreach_mul_(unfused, grad_scale)
         index = -1  # the weight's place among all groups' parameters: the same on every rank
         with torch._dynamo.utils.disable_cache_limit():  # one compiled variant per parameter shape, as in torchao
             for group in self.param_groups:
