@@ -147,9 +147,9 @@ def _to_bf16_stochastically(x, seed, offsets):
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed every call: specialising on its value would recompile
-def _adamw8bit_kernel(param_ptr, grad_ptr, grad_scale_ptr, m_codes_ptr, m_scale_ptr, m_qmap_ptr, m_table_ptr, m_thresholds_ptr,
-                      v_codes_ptr, v_scale_ptr, v_qmap_ptr, v_table_ptr, v_thresholds_ptr, seed, n_blocks, lr,
-                      lr_times_weight_decay, one_minus_beta1, one_minus_beta2, eps, bias_correction1,
+def _adamw8bit_kernel(param_ptr, grad_ptr, grad_scale_ptr, m_codes_ptr, m_scale_ptr, m_qmap_ptr, m_table_ptr,
+                      m_thresholds_ptr, v_codes_ptr, v_scale_ptr, v_qmap_ptr, v_table_ptr, v_thresholds_ptr, seed,
+                      n_blocks, lr, lr_times_weight_decay, one_minus_beta1, one_minus_beta2, eps, bias_correction1,
                       reciprocal_bias_correction1, sqrt_bias_correction2, reciprocal_sqrt_bias_correction2,
                       BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
     """`single_param_adam` for one weight, its operations in torchao's order (scalars arrive as float32 torch made)."""
