@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
 .PHONY: demo demo-results test test-all lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train gpu-bench-eval-trained \
-	gpu-bench-train-liger gpu-bench-train-recipe gpu-fp8-7b gpu-fp8 gpu-methods tiny-methods tiny-lora-carve rehearse gpu-fsdp gpu-bench-fsdp
+	gpu-bench-train-liger gpu-bench-train-recipe gpu-optimizer gpu-fp8-7b gpu-fp8 gpu-methods tiny-methods tiny-lora-carve rehearse gpu-fsdp gpu-bench-fsdp
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -136,6 +136,13 @@ gpu-bench-train-recipe: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:Tru
 gpu-bench-train-recipe:  ## stock TRL (documented and tuned), reference, the qwen2.5-7b recipe, + FP8, LoRA, QLoRA
 	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --warmup_steps 2 --measured_steps 4 \
 	  --stock_trl_steps 2,4 --name $(BENCH_NAME)_recipe --variants recipe,recipe-fp8,lora,qlora
+
+# The fused 8-bit AdamW update (~3 min on one H200): its GPU tests (every float32's code against torchao's, whole steps
+# against the compiled update), then one step over the 7B shape's weights beside torchao's compiled update.
+gpu-optimizer:  ## the 8-bit update's GPU tests and its time over the 7B shape's weights
+	mkdir -p $(GPU_OUT)
+	$(PY) -m pytest -q -m gpu -s tests/test_optimizers.py 2>&1 | tee $(GPU_OUT)/gpu_adamw8bit_test.log
+	$(PY) -m finetune.lab.bench_adamw8bit --shape 7b
 
 # Does the FP8 recipe learn what bf16 learns at the 7B shape (~5 min on one H200)? 200 steps of the recipe at 8 rows a
 # step, bf16 and a second bf16 rounding draw (the noise floor) beside FP8, each model scored on the held-out articles;
