@@ -11,6 +11,7 @@ correction is a multiply and two FMAs from its reciprocal, and the rounding's ra
 hash. Each choice keeps torchao's arithmetic: the same codes and scales, bit for bit (tests/test_optimizers.py). The
 kernel's time before and after is in results/benchmarks/h200_adamw8bit_kernel.log.
 """
+
 import functools
 
 import torch
@@ -54,7 +55,7 @@ def rounding_thresholds(signed: bool, device: torch.device) -> torch.Tensor:
 # Constants of the code table (`code_table`), read by the kernels as they are and by the host as `.value`.
 SMALLEST_KEY = tl.constexpr(0x33800000)  # the bits of 2^-24: every |x| below it takes the code of 0, on both maps
 BUCKET_BITS = tl.constexpr(16)  # a bucket: the floats that share their sign, exponent and top 7 mantissa bits
-BUCKETS = tl.constexpr(((0x3F800000 - 0x33800000) >> 16) + 1)  # |x| from 2^-24 to 1
+BUCKETS = tl.constexpr(((0x3F800000 - SMALLEST_KEY.value) >> BUCKET_BITS.value) + 1)  # |x| from 2^-24 to 1
 
 
 @functools.cache

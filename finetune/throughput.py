@@ -15,12 +15,17 @@ from transformers import PretrainedConfig, TrainerCallback
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "GB10": 125.0}
 
 
+def bf16_peak_tflops(gpu_name: str) -> float | None:
+    """The dense bf16 peak of the GPU named `gpu_name` (as CUDA names it), or None for an unlisted one."""
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in gpu_name), None)
+
+
 def peak_flops() -> float | None:
     """The GPU's dense bf16 peak in FLOP/s, or None where it is unknown (CPU, unlisted GPUs)."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(0)
-    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+    tflops = bf16_peak_tflops(torch.cuda.get_device_name(0))
+    return None if tflops is None else tflops * 1e12
 
 
 def reset_peak_memory() -> None:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 from transformers import Qwen2Config
 
 from finetune.results import hardware_label, load_records
-from finetune.throughput import PEAK_BF16_TFLOPS, ArticleTokens, training_flops_per_token
+from finetune.throughput import ArticleTokens, bf16_peak_tflops, training_flops_per_token
 
 # The benchmark row of the qwen2.5-7b recipe as a user runs it (finetune/lab/bench.py), which the pages quote.
 RECIPE_ROW = "the qwen2.5-7b recipe, planned for this GPU"
@@ -81,8 +81,7 @@ def recounted_mfu(record: dict, row: dict) -> float | None:
     """A full fine-tuning row's MFU by today's count (`step_flops_per_token`), of its GPU's bf16 peak; the file's own
     where the count or the GPU's peak is unknown."""
     flops = step_flops_per_token(record, row)
-    gpu = hardware_label(record["environment"])
-    peak = next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in gpu), None)
+    peak = bf16_peak_tflops(hardware_label(record["environment"]))
     if flops is None or peak is None:
         return row["mfu"]
     return row["tokens_per_second"] * flops / (peak * 1e12)
