@@ -1,4 +1,5 @@
-"""torchao's 8-bit AdamW step (bf16 weights, stochastic rounding) as one Triton kernel: one pass over memory a weight.
+"""torchao's 8-bit AdamW step (bf16 weights, stochastic rounding) as one Triton kernel: one pass over memory, and
+one launch for many weights.
 
 The compiled `single_param_adam` took a large share of a 7B step on the H200 (`optimizer_step_seconds` in
 results/benchmarks/h200_7b_train_16x2.json). Inductor makes two kernels a weight, the blocks' absmax and then the
@@ -147,19 +148,36 @@ def _to_bf16_stochastically(x, seed, offsets):
     return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: specialising on its value would recompile
-def _adamw8bit_kernel(param_ptr, grad_ptr, grad_scale_ptr, m_codes_ptr, m_scale_ptr, m_qmap_ptr, m_table_ptr,
-                      m_thresholds_ptr, v_codes_ptr, v_scale_ptr, v_qmap_ptr, v_table_ptr, v_thresholds_ptr, seed,
-                      n_blocks, lr, lr_times_weight_decay, one_minus_beta1, one_minus_beta2, eps, bias_correction1,
-                      reciprocal_bias_correction1, sqrt_bias_correction2, reciprocal_sqrt_bias_correction2,
-                      BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
-    """`single_param_adam` for one weight, its operations in torchao's order (scalars arrive as float32 torch made)."""
-    blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-    offsets = blocks.to(tl.int64)[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
-    in_bounds = blocks < n_blocks  # per block; [:, None] broadcasts it along the block's values
+# The columns of a row of the weights' table (`adamw8bit_step` writes them in this order): where the weight's
+# tensors are, its rounding seed, its number of blocks and its first program.
+PARAM, GRAD, M_CODES, M_SCALE, V_CODES, V_SCALE, SEED, N_BLOCKS, FIRST_PROGRAM, COLUMNS = map(tl.constexpr, range(10))
+
+
+@triton.jit
+def _adamw8bit_kernel(table_ptr, corrections_ptr, weight_of_program_ptr, grad_scale_ptr, m_qmap_ptr, m_table_ptr,
+                      m_thresholds_ptr, v_qmap_ptr, v_table_ptr, v_thresholds_ptr, lr, lr_times_weight_decay,
+                      one_minus_beta1, one_minus_beta2, eps, BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+    """`single_param_adam` for BLOCKS blocks of one of the weights in the table, its operations in torchao's order
+    (scalars arrive as float32 torch made)."""
+    program = tl.program_id(0)
+    index = tl.load(weight_of_program_ptr + program).to(tl.int64)  # the weight's row in the tables
+    row = table_ptr + index * COLUMNS
+    param_ptr = tl.load(row + PARAM).to(tl.pointer_type(tl.bfloat16))
+    grad_ptr = tl.load(row + GRAD).to(tl.pointer_type(tl.bfloat16))
+    m_codes_ptr = tl.load(row + M_CODES).to(tl.pointer_type(tl.uint8))
+    m_scale_ptr = tl.load(row + M_SCALE).to(tl.pointer_type(tl.float32))
+    v_codes_ptr = tl.load(row + V_CODES).to(tl.pointer_type(tl.uint8))
+    v_scale_ptr = tl.load(row + V_SCALE).to(tl.pointer_type(tl.float32))
+    corrections = corrections_ptr + index * 4  # the weight's step's bias corrections and their reciprocals
+    bias_correction1, reciprocal_bias_correction1 = tl.load(corrections), tl.load(corrections + 1)
+    sqrt_bias_correction2, reciprocal_sqrt_bias_correction2 = tl.load(corrections + 2), tl.load(corrections + 3)
+
+    blocks = (program - tl.load(row + FIRST_PROGRAM)) * BLOCKS + tl.arange(0, BLOCKS)
+    offsets = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
+    in_bounds = blocks < tl.load(row + N_BLOCKS)  # per block; [:, None] broadcasts it along the block's values
     weight = tl.load(param_ptr + offsets, mask=in_bounds[:, None], other=0.0).to(tl.float32)
-    grad = tl.load(grad_ptr + offsets, mask=in_bounds[:, None], other=0.0)
-    grad = (grad.to(tl.float32) * tl.load(grad_scale_ptr).to(tl.float32)).to(grad.dtype).to(tl.float32)  # as mul_
+    grad = tl.load(grad_ptr + offsets, mask=in_bounds[:, None], other=0.0).to(tl.float32)
+    grad = (grad * tl.load(grad_scale_ptr).to(tl.float32)).to(tl.bfloat16).to(tl.float32)  # as mul_ rounds
     exp_avg = _dequantize(m_codes_ptr, m_scale_ptr, m_qmap_ptr, offsets, blocks, in_bounds)
     exp_avg_sq = _dequantize(v_codes_ptr, v_scale_ptr, v_qmap_ptr, offsets, blocks, in_bounds)
 
@@ -174,43 +192,74 @@ def _adamw8bit_kernel(param_ptr, grad_ptr, grad_scale_ptr, m_codes_ptr, m_scale_
     # division and square root rounded as torch rounds them (Triton's `/` and tl.sqrt are approximations on GPUs)
     denom = _divide(tl.math.sqrt_rn(exp_avg_sq), sqrt_bias_correction2, reciprocal_sqrt_bias_correction2) + eps
     step = lr * _divide(exp_avg, bias_correction1, reciprocal_bias_correction1)
-    weight = _to_bf16_stochastically(weight - tl.math.div_rn(step, denom), seed, offsets)
+    weight = _to_bf16_stochastically(weight - tl.math.div_rn(step, denom), tl.load(row + SEED), offsets)
     tl.store(param_ptr + offsets, weight, mask=in_bounds[:, None])
 
 
 @functools.cache
-def _ones(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.ones((), dtype=dtype, device=device)
+def _ones(device: torch.device) -> torch.Tensor:
+    return torch.ones((), dtype=torch.bfloat16, device=device)
 
 
-@functools.lru_cache(maxsize=16)
-def _float32_scalars(lr: float, weight_decay: float, beta1: float, beta2: float, step: float) -> tuple[float, ...]:
-    """lr * weight_decay and the bias corrections, computed as `single_param_adam` computes them (in float32 torch),
-    each correction with its reciprocal (for `_divide`)."""
-    lr_, step_ = torch.tensor(lr), torch.tensor(step)
+@functools.cache
+def _qmap(signed: bool, device: torch.device) -> torch.Tensor:
+    """torchao's map (every OptimState8bit holds a copy of it)."""
+    return torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned(), dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _bias_corrections(beta1: float, beta2: float, step: float) -> tuple[float, ...]:
+    """The bias corrections as `single_param_adam` computes them (in float32 torch), each with its reciprocal (for
+    `_divide`)."""
+    step_ = torch.tensor(step)
     bias_correction1, sqrt_bias_correction2 = 1 - beta1**step_, (1 - beta2**step_).sqrt()
-    return ((lr_ * weight_decay).item(), bias_correction1.item(), (1 / bias_correction1).item(),
-            sqrt_bias_correction2.item(), (1 / sqrt_bias_correction2).item())
+    return (bias_correction1.item(), (1 / bias_correction1).item(), sqrt_bias_correction2.item(),
+            (1 / sqrt_bias_correction2).item())
 
 
-def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: OptimState8bit, exp_avg_sq: OptimState8bit, *,
-                   step: float, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
-                   seed: int, grad_scale: torch.Tensor | None = None) -> None:
+@functools.lru_cache(maxsize=8)
+def _programs(n_blocks: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """For one launch over weights of `n_blocks` blocks each: every program's weight, and each weight's first program
+    (a program takes BLOCKS_PER_PROGRAM blocks of one weight)."""
+    programs = torch.tensor([triton.cdiv(n, BLOCKS_PER_PROGRAM) for n in n_blocks])
+    first_program = (torch.cumsum(programs, 0) - programs).tolist()
+    return torch.repeat_interleave(torch.arange(len(n_blocks), dtype=torch.int32), programs).to(device), first_program
+
+
+def _upload(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host table on `device` without waiting for the GPU: a copy from pageable memory would synchronize,
+    one from pinned memory is queued (torch's pinned-memory cache keeps the buffer until the copy has run)."""
+    table = torch.tensor(rows, dtype=dtype)
+    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
+
+
+def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[OptimState8bit],
+                   exp_avg_sqs: list[OptimState8bit], *, steps: list[float], seeds: list[int], lr: float,
+                   beta1: float, beta2: float, weight_decay: float, eps: float,
+                   grad_scale: torch.Tensor | None = None) -> None:
     """`single_param_adam(param, grad, step, exp_avg, exp_avg_sq, None, lr, beta1, beta2, weight_decay, eps,
-    IS_ADAMW=True, BF16_STOCHASTIC_ROUND=True)` in place, for a contiguous bf16 `param`. step and lr are host numbers
-    (torchao keeps both as CPU tensors), so nothing waits on the GPU; the rounding's random bits come from `seed`
-    (31 bits; finetune.optim.rounding_seed), not from torch's generator. `grad_scale` (a one-value device tensor,
-    gradient clipping's coefficient) multiplies the gradient as it is read, rounded to its dtype as `grad.mul_` would
-    round it."""
-    lr_times_weight_decay, *bias_corrections = _float32_scalars(lr, weight_decay, beta1, beta2, step)
-    n_blocks = exp_avg.scale.numel()
-    _adamw8bit_kernel[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](
-        param, grad.contiguous(), _ones(grad.dtype, grad.device) if grad_scale is None else grad_scale,
-        exp_avg.codes, exp_avg.scale, exp_avg.qmap, code_table(True, param.device),
-        rounding_thresholds(True, param.device), exp_avg_sq.codes, exp_avg_sq.scale, exp_avg_sq.qmap,
-        code_table(False, param.device), rounding_thresholds(False, param.device), seed, n_blocks, lr,
-        lr_times_weight_decay, 1 - beta1, 1 - beta2, eps, *bias_corrections, BLOCK_SIZE=exp_avg.block_size,
-        BLOCKS=BLOCKS_PER_PROGRAM)
+    IS_ADAMW=True, BF16_STOCHASTIC_ROUND=True)` in place for each contiguous bf16 weight of `params`, all in one
+    kernel launch: a table on the device says where each weight's tensors are. One launch a weight cost LoRA's 392
+    adapter weights more host time than their GPU work (results/benchmarks/h200_7b_train_recipe_kernel.json).
+
+    steps and lr are host numbers (torchao keeps both as CPU tensors), so nothing waits on the GPU; each weight's
+    rounding draws its random bits from its seed (31 bits; finetune.optim.rounding_seed), not from torch's generator.
+    `grad_scale` (a one-value device tensor, gradient clipping's coefficient) multiplies the gradients as they are
+    read, rounded to bf16 as `grad.mul_` would round them."""
+    device = params[0].device
+    grads = [g.contiguous() for g in grads]  # held until the launch is queued; the allocator orders any reuse after it
+    weight_of_program, first_program = _programs(tuple(m.scale.numel() for m in exp_avgs), device)
+    table = [[p.data_ptr(), g.data_ptr(), m.codes.data_ptr(), m.scale.data_ptr(), v.codes.data_ptr(),
+              v.scale.data_ptr(), seed, m.scale.numel(), first]
+             for p, g, m, v, seed, first in zip(params, grads, exp_avgs, exp_avg_sqs, seeds, first_program)]
+    corrections = [_bias_corrections(beta1, beta2, step) for step in steps]
+    lr_times_weight_decay = (torch.tensor(lr) * weight_decay).item()  # in float32, as torchao computes it
+    _adamw8bit_kernel[(weight_of_program.numel(),)](
+        _upload(table, torch.int64, device), _upload(corrections, torch.float32, device), weight_of_program,
+        _ones(device) if grad_scale is None else grad_scale, _qmap(True, device), code_table(True, device),
+        rounding_thresholds(True, device), _qmap(False, device), code_table(False, device),
+        rounding_thresholds(False, device), lr, lr_times_weight_decay, 1 - beta1, 1 - beta2, eps,
+        BLOCK_SIZE=exp_avgs[0].block_size, BLOCKS=BLOCKS_PER_PROGRAM)
 
 
 @triton.jit

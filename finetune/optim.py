@@ -10,10 +10,11 @@ that stops being a tensor is an error, not a recompile at every step.
 
 8-bit moments are torchao's `AdamW8bit` states (`OptimState8bit`: blockwise dynamic-tree quantization, as in
 bitsandbytes and Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"): 2 bytes of moments a weight
-instead of 4, so the 7B shape's states shrink by 14 GiB. On CUDA their update is one Triton kernel a weight
-(finetune/adamw8bit_kernel.py: the compiled one spends its time binary-searching the quantization map; both are
-measured in results/benchmarks/h200_7b_train_fused.json), same math, same states, so checkpoints are
-torchao's either way; the tensors torchao leaves unquantized, CPU weights and DTensor shards keep the compiled update.
+instead of 4, so the 7B shape's states shrink by 14 GiB. On CUDA their update is one Triton kernel, launched once
+for a parameter group's weights (finetune/adamw8bit_kernel.py: the compiled one spends its time binary-searching the
+quantization map; both are measured in results/benchmarks/h200_7b_train_fused.json), same math, same states, so
+checkpoints are torchao's either way; the tensors torchao leaves unquantized, CPU weights and DTensor shards keep the
+compiled update.
 
 The rounding's random bits are a function of (rounding_seed, step, the weight's index), not of torch's running RNG:
 under plain DDP every rank applies the same averaged gradient to its own replica, and each rank's RNG has moved on by
@@ -22,7 +23,6 @@ replica rounds identically, and a resumed run rounds as the uninterrupted one. U
 shard, so the rank joins the seed.
 """
 
-import random
 from contextlib import contextmanager
 
 import torch
@@ -44,8 +44,10 @@ def _fused_8bit(p: torch.Tensor, state: dict) -> bool:
 
 def rounding_seed(seed: int, step: int, index: int, shard: int = 0) -> int:
     """The 31-bit seed of the stochastic rounding of weight `index` (its place among the optimizer's parameters) at
-    `step`: the same on every process that holds the same weight (`shard`: the rank, for an FSDP shard)."""
-    return random.Random(f"{seed}:{step}:{index}:{shard}").getrandbits(31)
+    `step`: the same on every process that holds the same weight (`shard`: the rank, for an FSDP shard). Python's
+    hash of a tuple of ints is a fixed function (PYTHONHASHSEED salts only strings and bytes) and costs a fraction of
+    a microsecond, against ~20 for seeding a `random.Random`, which LoRA's 392 adapter weights paid at every step."""
+    return hash((seed, step, index, shard)) & 0x7FFFFFFF
 
 
 @contextmanager
@@ -125,6 +127,7 @@ class AdamWBf16SR(_AdamW):
                 # back once, at the first step: the only time this update waits for the GPU.
                 if group["lr"].device.type != "cpu":
                     group["lr"] = group["lr"].cpu()
+                fused = []  # the group's weights for the fused kernel, updated together in one launch
                 for p in group["params"]:
                     index += 1
                     if p.grad is None:
@@ -139,14 +142,18 @@ class AdamWBf16SR(_AdamW):
                     shard = dist.get_rank() if isinstance(p, DTensor) else 0
                     seed = rounding_seed(self.rounding_seed, int(step), index, shard)
                     if _fused_8bit(p, state):
-                        from finetune.adamw8bit_kernel import adamw8bit_step  # triton: imported where it runs
-                        adamw8bit_step(p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"], step=step,
-                                       lr=group["lr"].item(), beta1=group["betas"][0], beta2=group["betas"][1],
-                                       weight_decay=group["weight_decay"], eps=group["eps"], seed=seed,
-                                       grad_scale=grad_scale)
+                        fused.append((p, state, step, seed))
                     else:
                         with _seeded(p.device, seed):
                             _update(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"], None,
                                     group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"],
                                     group["eps"], True, p.dtype is torch.bfloat16)
+                if fused:
+                    from finetune.adamw8bit_kernel import adamw8bit_step  # triton: imported where it runs
+                    params, states, steps, seeds = zip(*fused)
+                    adamw8bit_step([p.detach() for p in params], [p.grad for p in params],
+                                   [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states],
+                                   steps=steps, seeds=seeds, lr=group["lr"].item(), beta1=group["betas"][0],
+                                   beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"],
+                                   grad_scale=grad_scale)
         return loss

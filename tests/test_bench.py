@@ -1,6 +1,7 @@
 """The benchmark and optimizer-measurement entry points run on the tiny profile, so the GPU scripts cannot rot."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -296,9 +297,15 @@ def test_variants_are_chosen_by_name_or_by_the_index_recorded_with_earlier_runs(
 
 
 def test_the_optimizer_benchmark_updates_every_matrix_of_the_model_shape():
-    """The 8-bit step's benchmark updates the 7B shape's matrices, as many values as the planner counts."""
+    """The 8-bit step's benchmark updates the 7B shape's matrices, as many values as the planner counts; its LoRA
+    shape, the adapters' values as peft counted them in the training benchmark's LoRA row."""
     from finetune.lab.bench_adamw8bit import weight_shapes
     from finetune.lab.spark import QWEN_7B
 
     assert len(weight_shapes(QWEN_7B)) == 2 + 7 * 28
     assert sum(a * b for a, b in weight_shapes(QWEN_7B)) == QWEN_7B.parameters
+    recorded = json.loads(Path("results/benchmarks/h200_7b_train_recipe_kernel.json").read_text())
+    lora = recorded["variants"]["LoRA r16, the qwen2.5-7b recipe"]
+    assert lora["overrides"]["method"] == "lora" and recorded["config"]["lora_rank"] == 16
+    assert len(weight_shapes(QWEN_7B, lora_rank=16)) == 2 * 7 * 28
+    assert sum(a * b for a, b in weight_shapes(QWEN_7B, lora_rank=16)) == lora["adapter_parameters"]

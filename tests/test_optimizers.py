@@ -350,8 +350,8 @@ def test_fused_8bit_step_computes_torchaos_update(interpreter_fma_rounding_once)
             theirs = weight.float(), _state_copy(exp_avg), _state_copy(exp_avg_sq)
             single_param_adam(theirs[0], grad, torch.tensor(step), theirs[1], theirs[2], None, lr, 0.9, 0.999, 0.1,
                               1e-8, True, False)
-            kernel.adamw8bit_step(weight, grad, exp_avg, exp_avg_sq, step=step, lr=lr.item(), beta1=0.9, beta2=0.999,
-                                  weight_decay=0.1, eps=1e-8, seed=int(step))
+            kernel.adamw8bit_step([weight], [grad], [exp_avg], [exp_avg_sq], steps=[step], seeds=[int(step)],
+                                  lr=lr.item(), beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8)
             for ours, reference in [(exp_avg, theirs[1]), (exp_avg_sq, theirs[2])]:
                 assert torch.equal(ours.codes, reference.codes) and torch.equal(ours.scale, reference.scale)
             down, up = _bf16_neighbours(theirs[0])
@@ -370,9 +370,9 @@ def test_fused_8bit_step_rounds_to_bf16_without_bias_and_from_its_seed_alone():
 
     def one_step(seed: int) -> torch.Tensor:
         weight = torch.ones(16, 256, dtype=torch.bfloat16)
-        kernel.adamw8bit_step(weight, torch.ones_like(weight), OptimState8bit.zeros(weight.shape, signed=True),
-                              OptimState8bit.zeros(weight.shape, signed=False), step=1.0, lr=lr, beta1=0.9,
-                              beta2=0.999, weight_decay=0.0, eps=1e-8, seed=seed)
+        kernel.adamw8bit_step([weight], [torch.ones_like(weight)], [OptimState8bit.zeros(weight.shape, signed=True)],
+                              [OptimState8bit.zeros(weight.shape, signed=False)], steps=[1.0], seeds=[seed], lr=lr,
+                              beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8)
         return weight.float()
 
     draws = torch.stack([one_step(seed) for seed in range(8)])  # 32,768 roundings
@@ -381,6 +381,57 @@ def test_fused_8bit_step_rounds_to_bf16_without_bias_and_from_its_seed_alone():
     assert not torch.equal(draws[0], draws[1])
     torch.manual_seed(123)
     assert torch.equal(one_step(0), draws[0])
+
+
+@on_the_interpreter
+def test_one_launch_over_many_weights_updates_each_as_its_own_launch_does():
+    """The kernel finds each weight through the table: four weights of 5, 16, 21 and 3 blocks (part-filled last
+    programs), each at its own step and seed, updated in one launch, give the weights and states of four launches."""
+    kernel = pytest.importorskip("finetune.adamw8bit_kernel")
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    shapes = [(5, 256), (64, 64), (48, 112), (3, 256)]
+
+    def three_steps(together: bool) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        weights = [(torch.randn(s, generator=generator) * 0.05).to(torch.bfloat16) for s in shapes]
+        moments = [(OptimState8bit.zeros(s, signed=True), OptimState8bit.zeros(s, signed=False)) for s in shapes]
+        for step in (1, 2, 3):
+            grads = [(torch.randn(s, generator=generator) * 1e-2).to(torch.bfloat16) for s in shapes]
+            updates = [([w], [g], [m], [v], [float(step + i)], [10 * step + i])
+                       for i, (w, g, (m, v)) in enumerate(zip(weights, grads, moments))]
+            if together:
+                updates = [[sum(lists, []) for lists in zip(*updates)]]
+            for w, g, m, v, steps, seeds in updates:
+                kernel.adamw8bit_step(w, g, m, v, steps=steps, seeds=seeds, lr=1e-3, beta1=0.9, beta2=0.999,
+                                      weight_decay=0.1, eps=1e-8)
+        return weights + [_plain(t) for pair in moments for t in pair]
+
+    together, apart = three_steps(True), three_steps(False)
+    assert all(torch.equal(a, b) for a, b in zip(together, apart))
+    generator = torch.Generator().manual_seed(0)
+    initial = [(torch.randn(s, generator=generator) * 0.05).to(torch.bfloat16) for s in shapes]
+    assert all((w != w0).float().mean() > 0.5 for w, w0 in zip(together, initial))  # every weight was updated
+
+
+def test_the_optimizer_launches_the_fused_kernel_once_for_each_group(monkeypatch):
+    """LoRA's 392 adapter weights took 392 launches, each costing more host time than its GPU work: the step hands
+    all of a group's fused weights to one call, and only those."""
+    pytest.importorskip("triton")
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    from finetune import adamw8bit_kernel, optim
+
+    calls = []
+    monkeypatch.setattr(optim, "_fused_8bit", lambda p, state: isinstance(state["exp_avg"], OptimState8bit))
+    monkeypatch.setattr(adamw8bit_kernel, "adamw8bit_step", lambda params, *args, **kwargs: calls.append(params))
+    weights = [torch.nn.Parameter(torch.zeros(n, 128, dtype=torch.bfloat16)) for n in (32, 48, 16, 64, 40)]
+    optimizer = optim.AdamWBf16SR([{"params": weights[:3]}, {"params": weights[3:], "weight_decay": 0.0}], lr=1e-3,
+                                  state_bits=8)
+    for w in weights:
+        w.grad = torch.ones_like(w)
+    optimizer.step()
+    assert [[p.shape[0] for p in params] for params in calls] == [[32, 48], [64, 40]]  # 16 x 128 stays unquantized
 
 
 @pytest.mark.gpu

@@ -5,6 +5,10 @@
     python -m finetune.lab.bench_adamw8bit --shape 7b
     git show 6005047:finetune/adamw8bit_kernel.py > /tmp/kernel_6005047.py
     python -m finetune.lab.bench_adamw8bit --shape 7b --compare /tmp/kernel_6005047.py   # beside an older kernel
+    python -m finetune.lab.bench_adamw8bit --shape 7b --lora_rank 16 --compare /tmp/kernel_ad67def.py
+
+The LoRA shape (392 small adapter weights) times the host's share: kernels before 2026-12 took one launch a weight,
+the current one launches once for all. CUDA events time the GPU's timeline, so a GPU waiting on launches counts.
 
 The step reads a bf16 weight, its bf16 gradient and two 8-bit codes, and writes weight and codes back: 10 bytes a
 value (the blocks' scales add 1/32 of that), so bytes / time says how close each row comes to the memory's bandwidth.
@@ -12,6 +16,7 @@ value (the blocks' scales add 1/32 of that), so bytes / time says how close each
 
 import argparse
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 
@@ -24,12 +29,15 @@ BYTES_PER_VALUE = 2 + 2 + 2 + 2 * (1 + 1)  # weight read and written, gradient r
 SHAPES = {"7b": QWEN_7B}
 
 
-def weight_shapes(shape) -> list[tuple[int, int]]:
+def weight_shapes(shape, lora_rank: int | None = None) -> list[tuple[int, int]]:
     """The 2-D weights of a Qwen2-shape decoder: embedding, LM head (unless tied), and per layer q, k, v, o, gate,
-    up, down (the 1-D biases and norms are a rounding error of the bytes)."""
+    up, down (the 1-D biases and norms are a rounding error of the bytes). With `lora_rank`: the LoRA adapters of
+    every linear projection instead, A (rank x in) and B (out x rank) of each."""
     hidden, intermediate, kv = shape.hidden, shape.intermediate, shape.kv_width
     layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (intermediate, hidden),
              (intermediate, hidden), (hidden, intermediate)]
+    if lora_rank:
+        return [adapter for out, in_ in layer for adapter in [(lora_rank, in_), (out, lora_rank)]] * shape.layers
     return [(shape.vocab, hidden)] * (1 if shape.tied else 2) + layer * shape.layers
 
 
@@ -54,10 +62,17 @@ def kernel_row(module, params, grads, warmup: int, measured: int) -> list[float]
     states = [(OptimState8bit.zeros(p.shape, True, device="cuda"), OptimState8bit.zeros(p.shape, False, device="cuda"))
               for p in params]
 
+    one_launch_a_weight = "param" in inspect.signature(module.adamw8bit_step).parameters  # kernels before 2026-12
+
     def step(t: int) -> None:
-        for i, (p, g, (m, v)) in enumerate(zip(params, grads, states)):
-            module.adamw8bit_step(p, g, m, v, step=float(t), lr=1e-5, beta1=0.9, beta2=0.999, weight_decay=0.0,
-                                  eps=1e-8, seed=1000 * t + i)
+        if one_launch_a_weight:
+            for i, (p, g, (m, v)) in enumerate(zip(params, grads, states)):
+                module.adamw8bit_step(p, g, m, v, step=float(t), lr=1e-5, beta1=0.9, beta2=0.999, weight_decay=0.0,
+                                      eps=1e-8, seed=1000 * t + i)
+        else:
+            module.adamw8bit_step(params, grads, [m for m, _ in states], [v for _, v in states],
+                                  steps=[float(t)] * len(params), seeds=[1000 * t + i for i in range(len(params))],
+                                  lr=1e-5, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8)
     return time_steps(step, warmup, measured)
 
 
@@ -79,6 +94,7 @@ def compiled_row(params, grads, warmup: int, measured: int) -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="7b", help="the model shape whose weights are updated")
+    parser.add_argument("--lora_rank", type=int, default=None, help="update LoRA adapters of this rank instead")
     parser.add_argument("--compare", nargs="*", default=[], help="files of other versions of adamw8bit_kernel.py")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the clock (compilation, first touch)")
     parser.add_argument("--measured", type=int, default=6, help="timed steps; the median is reported")
@@ -86,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results_dir", default="results/benchmarks")
     args = parser.parse_args(argv)
 
-    shapes = weight_shapes(SHAPES[args.shape])
+    shapes = weight_shapes(SHAPES[args.shape], args.lora_rank)
     values = sum(a * b for a, b in shapes)
     generator = torch.Generator("cuda").manual_seed(0)
     params = [(torch.randn(s, device="cuda", generator=generator) * 0.02).to(torch.bfloat16) for s in shapes]
@@ -115,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.empty_cache()
     out = Path(args.results_dir) / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "adamw8bit_step", "shape": args.shape, "weights": len(shapes),
+    out.write_text(json.dumps({"benchmark": "adamw8bit_step", "shape": args.shape,
+                               "lora_rank": args.lora_rank, "weights": len(shapes),
                                "values": values, "bytes_per_value": BYTES_PER_VALUE, "rows": results,
                                "environment": environment()}, indent=2) + "\n")
 
