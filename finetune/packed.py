@@ -1,11 +1,14 @@
 """Label scoring over packed rows (`finetune.predict.score_labels`, method "packed"): a batch's articles, each followed
-by its answer tree, laid end to end in one row with no padding at all, attending through the varlen kernel.
+by its answer tree, laid out in one row with no padding at all.
 
 Each article's tokens see the opening's keys (the prompt tokens every article shares, computed once for the whole
-evaluation, never copied per article) and their own, causally; each answer branch sees that and its own earlier
-tokens. In varlen terms an article is five sequences: its trunk and one per label's branch, whose keys are gathered
-from [opening; packed row] by index. The trunk is the article followed by the answers' stem (`AnswerTree`), run as one
-causal sequence. No 4D mask exists, so the flash kernel runs, and no padding token is computed.
+evaluation) and their own, causally; each answer branch sees that and its own earlier tokens. The row holds every
+article's trunk (the article followed by the answers' stem, `AnswerTree`) first, then every article's branches. The
+trunks attend through the varlen kernel, one causal sequence an article, their keys gathered from [opening; row] by
+index. The branches, a few tokens an article, attend in one dense call over [opening; trunk; own branches] under the
+tree's mask: as varlen sequences of their own (one a label, 1-3 queries each) they had cost the kernel a 128-query
+tile per head each, four of every five tiles of a batch (the attention profile of results/benchmarks/
+h200_7b_eval_rehearsal.json).
 """
 
 from contextlib import contextmanager
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
@@ -23,15 +27,20 @@ PACKED = "packed_answers"
 
 @dataclass
 class PackedBatch:
-    """One packed row and what the attention needs to keep its sequences apart."""
+    """One packed row and what the attention needs to keep its articles and answers apart. Key indices count rows of
+    [opening keys; the row's keys]."""
 
-    ids: torch.Tensor  # (1, tokens): per article, its tokens after the opening, then the answer tree's tokens
+    ids: torch.Tensor  # (1, tokens): every article's trunk (its tokens after the opening, then the stem), then
+    # every article's branch tokens
     positions: torch.Tensor  # (1, tokens): as if each article followed the opening alone; branches side by side
-    cu_q: torch.Tensor  # (sequences + 1,) int32: where each sequence's queries start in the row
-    cu_k: torch.Tensor  # (sequences + 1,) int32: where each sequence's keys start in `key_index`
+    trunk_tokens: int  # the row's trunk tokens, which come first
+    cu_q: torch.Tensor  # (articles + 1,) int32: where each trunk's queries start in the row
+    cu_k: torch.Tensor  # (articles + 1,) int32: where each trunk's keys start in `key_index`
     max_q: int
     max_k: int
-    key_index: torch.Tensor  # (keys,): each sequence's keys, as rows of [opening keys; the row's keys]
+    key_index: torch.Tensor  # (keys,): each trunk's keys: the opening, then the trunk
+    branch_key_index: torch.Tensor  # (articles, width): an article's branches' keys: opening, trunk, branches
+    branch_mask: torch.Tensor  # (articles, branch tokens, width) bool: which of those keys each branch token sees
     tail_index: torch.Tensor  # (articles * tail,): the row positions whose logits scoring reads
     tail: int  # per article: the last prompt token and every tree token
 
@@ -39,45 +48,51 @@ class PackedBatch:
 def pack_batch(articles: list[list[int]], tree, opening_length: int, device) -> PackedBatch:
     """The packed row for `articles` (prompt tokens after the opening, at least one each) and the answer
     `tree` (`finetune.predict.AnswerTree`): index arithmetic in numpy, one copy to the device."""
-    n_tree, depth = len(tree.tokens), np.asarray(tree.depth)
-    n_stem = n_tree - len(depth)
-    branch_lengths = np.bincount(tree.branch)  # branches are contiguous in the tree's tokens, label by label
-    branch_starts = n_stem + np.concatenate([[0], np.cumsum(branch_lengths)[:-1]])
+    n_branch, depth = len(tree.branch), np.asarray(tree.depth)
+    n_stem = len(tree.tokens) - n_branch
+    branch = np.asarray(tree.branch)
     length = np.array([len(a) for a in articles])
-    row_start = np.concatenate([[0], np.cumsum(length + n_tree)[:-1]])
     trunk = length + n_stem
+    trunk_start = _exclusive_cumsum(trunk)
+    branch_start = trunk.sum() + np.arange(len(articles)) * n_branch
+    positions = opening_length + np.concatenate([np.arange(trunk.sum()) - np.repeat(trunk_start, trunk),
+                                                 (trunk[:, None] + depth).ravel()])
 
-    within = np.arange((length + n_tree).sum()) - np.repeat(row_start, length + n_tree)
-    trunk_of = np.repeat(trunk, length + n_tree)
-    in_branch = within >= trunk_of
-    branch_depth = depth[np.clip(within - trunk_of, 0, len(depth) - 1)]
-    positions = opening_length + np.where(in_branch, trunk_of + branch_depth, within)
-
-    # Per article: the trunk, then each branch; as query counts and as key segments (start, length) in
-    # [opening; row], keys = opening + trunk (+ the branch's own tokens).
-    q_lengths = np.column_stack([trunk, np.tile(branch_lengths, (len(articles), 1))])
-    trunk_keys = opening_length + row_start
-    starts = np.column_stack([np.zeros_like(trunk), trunk_keys]
-                             + [c for s in branch_starts for c in (np.zeros_like(trunk), trunk_keys,
-                                                                   trunk_keys + length + s)])
-    lengths = np.column_stack([np.full_like(trunk, opening_length), trunk]
-                              + [c for b in branch_lengths for c in (np.full_like(trunk, opening_length), trunk,
-                                                                     np.full_like(trunk, b))])
-    k_lengths = np.column_stack([opening_length + trunk] + [opening_length + trunk + b for b in branch_lengths])
-    starts, lengths = starts.ravel(), lengths.ravel()
+    # The trunks as varlen sequences: keys = opening + trunk, queries = the trunk (aligned bottom-right).
+    starts = np.column_stack([np.zeros_like(trunk), opening_length + trunk_start]).ravel()
+    lengths = np.column_stack([np.full_like(trunk, opening_length), trunk]).ravel()
     key_index = np.arange(lengths.sum()) + np.repeat(starts - _exclusive_cumsum(lengths), lengths)
-    tail = row_start + length - 1  # the last prompt token, then every tree token
-    tail_index = (tail[:, None] + np.arange(n_tree + 1)).ravel()
+
+    # The branches' keys, one row an article: the opening, the trunk (padded to the longest: padding points at key
+    # 0 and is masked), the article's branch tokens. A branch token sees the opening, its trunk and the earlier
+    # tokens of its own branch.
+    width = trunk.max()
+    trunk_keys = opening_length + trunk_start[:, None] + np.arange(width)
+    valid = np.arange(width) < trunk[:, None]
+    branch_key_index = np.concatenate([np.broadcast_to(np.arange(opening_length), (len(articles), opening_length)),
+                                       np.where(valid, trunk_keys, 0),
+                                       opening_length + branch_start[:, None] + np.arange(n_branch)], axis=1)
+    in_tree = (branch[:, None] == branch[None, :]) & (depth[None, :] <= depth[:, None])
+    branch_mask = np.concatenate([np.ones((len(articles), n_branch, opening_length), bool),
+                                  np.broadcast_to(valid[:, None, :], (len(articles), n_branch, width)),
+                                  np.broadcast_to(in_tree, (len(articles), n_branch, n_branch))], axis=2)
+
+    # Per article: the last prompt token and the stem (in its trunk), then its branch tokens.
+    tail_index = np.column_stack([trunk_start[:, None] + length[:, None] - 1 + np.arange(n_stem + 1),
+                                  branch_start[:, None] + np.arange(n_branch)]).ravel()
 
     def tensor(x, dtype=torch.long) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype)
 
-    ids = [token for article in articles for token in article + tree.tokens]
+    stem, branches = tree.tokens[:n_stem], tree.tokens[n_stem:]
+    ids = [token for article in articles for token in article + stem] + branches * len(articles)
     return PackedBatch(ids=torch.tensor([ids], device=device), positions=tensor(positions[None]),
-                       cu_q=tensor(np.concatenate([[0], np.cumsum(q_lengths)]), torch.int32),
-                       cu_k=tensor(np.concatenate([[0], np.cumsum(k_lengths)]), torch.int32),
-                       max_q=int(q_lengths.max()), max_k=int(k_lengths.max()), key_index=tensor(key_index),
-                       tail_index=tensor(tail_index), tail=n_tree + 1)
+                       trunk_tokens=int(trunk.sum()),
+                       cu_q=tensor(np.concatenate([[0], np.cumsum(trunk)]), torch.int32),
+                       cu_k=tensor(np.concatenate([[0], np.cumsum(opening_length + trunk)]), torch.int32),
+                       max_q=int(width), max_k=int(opening_length + width), key_index=tensor(key_index),
+                       branch_key_index=tensor(branch_key_index), branch_mask=tensor(branch_mask, torch.bool),
+                       tail_index=tensor(tail_index), tail=len(tree.tokens) + 1)
 
 
 def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
@@ -95,18 +110,35 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              attention_mask: torch.Tensor | None, scaling: float | None = None,
                              packed: PackedBatch | None = None, opening_kv: list | None = None,
                              **kwargs) -> tuple[torch.Tensor, None]:
-    """Attention of one packed row (see `PackedBatch`): the varlen kernel on CUDA, its exact padded equivalent
-    elsewhere (the CPU tests check the layout through it)."""
+    """Attention of one packed row (see `PackedBatch`): the trunks through the varlen kernel on CUDA (elsewhere its
+    exact padded equivalent; the CPU tests check the layout through it), the branches through `_branch_attention`."""
     if packed is None:
         raise ValueError(f"attn_implementation {PACKED!r} scores packed rows only: call finetune.predict.score_labels")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, dim)
     if opening_kv is not None:
         opening_k, opening_v = opening_kv[module.layer_idx]
         k, v = torch.cat([opening_k, k]), torch.cat([opening_v, v])
-    k, v = k[packed.key_index], v[packed.key_index]
     attend = _cuda_varlen_attention if q.is_cuda and CUDA_VARLEN is not None else _padded_causal_attention
-    out = attend(q, k, v, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k, scaling)
-    return out.unsqueeze(0), None
+    trunks = attend(q[:packed.trunk_tokens], k[packed.key_index], v[packed.key_index], packed.cu_q, packed.cu_k,
+                    packed.max_q, packed.max_k, scaling)
+    branches = _branch_attention(q[packed.trunk_tokens:], k[packed.branch_key_index], v[packed.branch_key_index],
+                                 packed.branch_mask, scaling)
+    return torch.cat([trunks, branches]).unsqueeze(0), None
+
+
+def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scaling: float | None) -> torch.Tensor:
+    """Every article's branch tokens attending to their keys (`PackedBatch.branch_key_index`) under `mask`, in one
+    sdpa call. q: (articles * branch tokens, heads, dim); k, v: (articles, width, kv heads, dim). The query heads
+    that share a key head are laid along the queries (as transformers' repeat_kv pairs them: key head j serves query
+    heads j * group to (j + 1) * group - 1), so the keys are neither copied per head nor need sdpa's GQA option."""
+    articles, width, kv_heads, dim = k.shape
+    heads, n_branch = q.shape[1], mask.shape[1]
+    group = heads // kv_heads
+    q = q.view(articles, n_branch, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(articles, kv_heads, -1, dim)
+    out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask.repeat(1, group, 1)[:, None], scale=scaling)
+    return out.view(articles, kv_heads, group, n_branch, dim).permute(0, 3, 1, 2, 4).reshape(-1, heads, dim)
 
 
 @contextmanager

@@ -57,14 +57,30 @@ def test_label_scoring_equals_explicit_per_answer_logprob(model, tokenizer, meth
 
 
 def test_packed_rows_hold_every_article_and_answer_tree_without_padding(tokenizer):
+    """Trunks (article and stem) first, one varlen sequence each; then each article's branches, whose keys are the
+    opening, their own trunk and their own branch's earlier tokens: never padding, another article or another label."""
     tree = AnswerTree.from_answers(answer_token_ids(tokenizer))
+    n_stem = len(tree.tokens) - len(tree.branch)
+    stem, branches = tree.tokens[:n_stem], tree.tokens[n_stem:]
     articles = [[5, 6, 7], [8], [9, 10]]
     batch = pack_batch(articles, tree, opening_length=4, device="cpu")
-    assert batch.ids[0].tolist() == [t for a in articles for t in a + tree.tokens]
-    assert batch.positions[0, :3].tolist() == [4, 5, 6] and batch.positions[0, 3 + len(tree.tokens)].item() == 4
-    sequences = 1 + len(set(tree.branch))  # per article: its trunk, then one per branch
-    assert len(batch.cu_q) == 1 + sequences * len(articles) and batch.cu_q[-1] == batch.ids.shape[1]
-    assert batch.key_index[:4].tolist() == [0, 1, 2, 3]  # the first trunk's keys start with the opening
+    assert batch.ids[0].tolist() == [t for a in articles for t in a + stem] + branches * 3
+    trunks = [len(a) + n_stem for a in articles]
+    assert batch.trunk_tokens == sum(trunks) and batch.cu_q.tolist() == [0, *np.cumsum(trunks)]
+    assert batch.positions[0, :3].tolist() == [4, 5, 6] and batch.positions[0, trunks[0]].item() == 4
+    assert batch.positions[0, sum(trunks):].tolist() == [4 + t + d for t in trunks for d in tree.depth]
+    assert batch.key_index[:trunks[0] + 5].tolist() == list(range(4 + trunks[0])) + [0]  # opening, trunk; opening
+    second = 1  # the second article's branches: keys that are real are its opening, its trunk, its own branches
+    seen = batch.branch_key_index[second][batch.branch_mask[second].any(0)].tolist()
+    first_branch = 4 + sum(trunks) + second * len(branches)
+    assert sorted(seen) == list(range(4)) + list(range(4 + trunks[0], 4 + trunks[0] + trunks[1])) + list(
+        range(first_branch, first_branch + len(branches)))
+    for i, (label, depth) in enumerate(zip(tree.branch, tree.depth)):  # within the tree: own label, not deeper
+        sees = batch.branch_mask[second, i, -len(branches):]
+        assert sees.tolist() == [b == label and d <= depth for b, d in zip(tree.branch, tree.depth)]
+    tail = batch.tail_index.view(3, -1)
+    assert tail[1].tolist() == [trunks[0] + 1 - 1 + k for k in range(n_stem + 1)] + list(
+        range(sum(trunks) + len(branches), sum(trunks) + 2 * len(branches)))
 
 
 def test_scoring_methods_are_named(model, tokenizer):
