@@ -36,9 +36,9 @@ _update = torch.compile(single_param_adam, fullgraph=True, dynamic=False)  # com
 
 
 def _fused_8bit(p: torch.Tensor, state: dict) -> bool:
-    """Whether the fused kernel takes this weight: bf16 on CUDA with both moments in 8 bits (a DTensor shard's states
-    are DTensors)."""
-    return (p.is_cuda and p.dtype is torch.bfloat16 and p.is_contiguous()
+    """Whether the fused kernel takes this weight: bf16 on CUDA, its gradient too, with both moments in 8 bits (a
+    DTensor shard's states are DTensors)."""
+    return (p.is_cuda and p.dtype is torch.bfloat16 and p.is_contiguous() and p.grad.dtype is torch.bfloat16
             and isinstance(state["exp_avg"], OptimState8bit) and isinstance(state["exp_avg_sq"], OptimState8bit))
 
 

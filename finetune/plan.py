@@ -139,10 +139,10 @@ def plan_training(config: RunConfig, gpu: GPU | None, shape: ModelShape, has=ins
         if not config.bf16:
             choose("optimizer", "adamw", "adamw: fp32 weights update exactly (bf16=False)")
         elif gpu is not None and has("triton") and has("torchao"):
-            # LoRA too: its ~400 small adapter weights are each one fused kernel rather than one compiled call under a
-            # reseeded generator, which made the 16-bit update wait on the host (h200_7b_train_recipe_methods.json).
+            # LoRA too: its ~400 small adapter weights take one fused launch rather than one compiled call each under
+            # a reseeded generator, which made the 16-bit update wait on the host (h200_7b_train_recipe_methods.json).
             choose("optimizer", "adamw8bit_bf16_sr", "adamw8bit_bf16_sr: 8-bit moments (6 bytes a parameter instead of "
-                   "8) with the fused Triton update, one kernel a weight, stochastic rounding into bf16")
+                   "8) with the fused Triton update, one launch for all weights, stochastic rounding into bf16")
         else:
             choose("optimizer", "adamw_bf16_sr", "adamw_bf16_sr: the fused 8-bit update needs a CUDA GPU and Triton")
     if config.use_liger_kernel == "auto":
