@@ -135,7 +135,7 @@ def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     articles, width, kv_heads, dim = k.shape
     heads, n_branch = q.shape[1], mask.shape[1]
     group = heads // kv_heads
-    q = q.view(articles, n_branch, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(articles, kv_heads, -1, dim)
+    q = q.reshape(articles, n_branch, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(articles, kv_heads, -1, dim)
     out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask.repeat(1, group, 1)[:, None], scale=scaling)
     return out.view(articles, kv_heads, group, n_branch, dim).permute(0, 3, 1, 2, 4).reshape(-1, heads, dim)
