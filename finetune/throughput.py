@@ -201,7 +201,7 @@ class StepProfiler(TrainerCallback):
 
     def __init__(self, step: int, trace_path: str | None = None):
         self.step, self.trace_path, self.profiler, self.table = step, trace_path, None, None
-        self.nccl_share = self.busy_share = None
+        self.nccl_share = self.busy_share = self.idle_by_host_range = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.step and self.profiler is None and self.table is None:
@@ -215,6 +215,7 @@ class StepProfiler(TrainerCallback):
             self.table = profile_table(self.profiler)
             self.nccl_share = nccl_kernel_share(self.profiler)
             self.busy_share = gpu_busy_share(self.profiler)
+            self.idle_by_host_range = gpu_idle_by_host_range(self.profiler)
             if self.trace_path:
                 self.profiler.export_chrome_trace(self.trace_path)
             self.profiler = None
@@ -262,12 +263,41 @@ def gpu_busy_share(profiler) -> float | None:
     return _timeline_share(profiler, lambda e: True)
 
 
+def gpu_idle_by_host_range(profiler, top: int = 6) -> dict[str, float] | None:
+    """Where the profiled step's GPU waited: each idle stretch of its timeline (between the first kernel's start and
+    the last one's end, nothing running) charged to the innermost host range that spans all of it (an annotation such
+    as "Optimizer.step#...", "enumerate(DataLoader)#..." or an aten op), else to "(between host ranges)"; milliseconds
+    per range, the `top` largest. None without GPU events. `gpu_busy_share` says how much the GPU waited; this says
+    what the host was doing meanwhile."""
+    device = sorted((e.time_range for e in _device_events(profiler)), key=lambda span: span.start)
+    if not device:
+        return None
+    gaps, end = [], device[0].end
+    for span in device[1:]:
+        if span.start > end:
+            gaps.append((end, span.start))
+        end = max(end, span.end)
+    host = [e for e in profiler.events() if e.device_type == torch.profiler.DeviceType.CPU]
+    idle: dict[str, float] = {}
+    for start, stop in gaps:
+        spanning = [e for e in host if e.time_range.start <= start and e.time_range.end >= stop]
+        name = min(spanning, key=lambda e: e.time_range.end - e.time_range.start).name if spanning else \
+            "(between host ranges)"
+        idle[name] = idle.get(name, 0.0) + (stop - start) / 1000  # the profiler's times are microseconds
+    return dict(sorted(idle.items(), key=lambda item: -item[1])[:top])
+
+
+def _device_events(profiler) -> list:
+    """The GPU timeline's kernels and copies. Annotations (`record_function` ranges such as "Optimizer.step#..." or
+    "nccl:...") are on the GPU timeline too but run nothing: left out."""
+    return [e for e in profiler.events() if e.device_type == torch.profiler.DeviceType.CUDA
+            and not e.is_user_annotation]
+
+
 def _timeline_share(profiler, chosen) -> float | None:
-    """The union of the `chosen` GPU events' intervals over the GPU timeline (first kernel start to last kernel end).
-    Annotations (`record_function` ranges such as "Optimizer.step#..." or "nccl:...") are on the GPU timeline too but
-    run nothing: skipped."""
-    device = [e for e in profiler.events() if e.device_type == torch.profiler.DeviceType.CUDA
-              and not e.is_user_annotation]
+    """The union of the `chosen` GPU events' intervals over the GPU timeline (first kernel start to last kernel
+    end)."""
+    device = _device_events(profiler)
     if not device:
         return None
     busy, end = 0, -math.inf

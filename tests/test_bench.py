@@ -11,7 +11,7 @@ from transformers import TrainerState
 from finetune.lab import bench, bench_optimizers
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
 from finetune.lab.targets import RECIPE_ROW
-from finetune.throughput import StepClock, gpu_busy_share, nccl_kernel_share
+from finetune.throughput import StepClock, gpu_busy_share, gpu_idle_by_host_range, nccl_kernel_share
 from tests.conftest import write_synthetic_csv
 
 
@@ -83,6 +83,22 @@ def test_nccl_and_busy_shares_of_the_gpu_timeline():
     assert gpu_busy_share(profiler) == pytest.approx(0.7)
     assert nccl_kernel_share(SimpleNamespace(events=lambda: [])) is None  # CPU: no GPU timeline
     assert gpu_busy_share(SimpleNamespace(events=lambda: [])) is None
+
+
+def test_gpu_idle_time_is_charged_to_the_innermost_host_range_spanning_it():
+    """Three idle stretches (20-30, 40-45 and 50-80 us): only the second lies wholly inside the optimizer's step and
+    goes to it, not to the training step around it; the first starts before the step, and the last is longer than the
+    data loader's range inside it, so both go to the training step."""
+    def event(name: str, start: int, end: int, device: str = "CUDA") -> SimpleNamespace:
+        return SimpleNamespace(name=name, device_type=getattr(torch.profiler.DeviceType, device),
+                               is_user_annotation=False, time_range=SimpleNamespace(start=start, end=end))
+
+    step = [event("gemm", 0, 20), event("adam_a", 30, 40), event("adam_b", 45, 50), event("gemm", 80, 100),
+            event("training_step", 0, 100, "CPU"), event("Optimizer.step#AdamW.step", 25, 50, "CPU"),
+            event("Optimizer.step#AdamW.step", 19, 20, "CPU"), event("enumerate(DataLoader)", 60, 79, "CPU")]
+    idle = gpu_idle_by_host_range(SimpleNamespace(events=lambda: step))
+    assert idle == {"training_step": pytest.approx(0.040), "Optimizer.step#AdamW.step": pytest.approx(0.005)}
+    assert gpu_idle_by_host_range(SimpleNamespace(events=lambda: [])) is None
 
 
 def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tmp_path):
