@@ -1,6 +1,7 @@
 """Training throughput: real tokens/s and model FLOPs utilization (MFU), logged to TensorBoard with the loss, and the
 benchmark's step clock and profiler."""
 
+import bisect
 import math
 import statistics
 import time
@@ -277,14 +278,43 @@ def gpu_idle_by_host_range(profiler, top: int = 6) -> dict[str, float] | None:
         if span.start > end:
             gaps.append((end, span.start))
         end = max(end, span.end)
-    host = [e for e in profiler.events() if e.device_type == torch.profiler.DeviceType.CPU]
+    threads = _host_ranges_by_thread(profiler)
     idle: dict[str, float] = {}
     for start, stop in gaps:
-        spanning = [e for e in host if e.time_range.start <= start and e.time_range.end >= stop]
+        spanning = [r for thread in threads for r in [_innermost_spanning(*thread, start, stop)] if r is not None]
         name = min(spanning, key=lambda e: e.time_range.end - e.time_range.start).name if spanning else \
             "(between host ranges)"
         idle[name] = idle.get(name, 0.0) + (stop - start) / 1000  # the profiler's times are microseconds
     return dict(sorted(idle.items(), key=lambda item: -item[1])[:top])
+
+
+def _host_ranges_by_thread(profiler) -> list[tuple[list, list[int], list[int | None]]]:
+    """Per host thread (the autograd engine runs the backward on its own): its ranges sorted by start, their starts,
+    and each one's enclosing range (ranges on one thread nest), found with a stack."""
+    by_thread: dict[int, list] = {}
+    for e in profiler.events():
+        if e.device_type == torch.profiler.DeviceType.CPU:
+            by_thread.setdefault(getattr(e, "thread", 0), []).append(e)
+    threads = []
+    for events in by_thread.values():
+        events.sort(key=lambda e: (e.time_range.start, -e.time_range.end))
+        parents, open_ranges = [], []
+        for i, e in enumerate(events):
+            while open_ranges and events[open_ranges[-1]].time_range.end <= e.time_range.start:
+                open_ranges.pop()
+            parents.append(open_ranges[-1] if open_ranges else None)
+            open_ranges.append(i)
+        threads.append((events, [e.time_range.start for e in events], parents))
+    return threads
+
+
+def _innermost_spanning(events: list, starts: list[int], parents: list[int | None], start: int, stop: int):
+    """The innermost of one thread's ranges that spans [start, stop]: from the last one to begin by `start`, out
+    through its enclosing ranges until one lasts past `stop`. None if none does."""
+    i = bisect.bisect_right(starts, start) - 1
+    while i is not None and i >= 0 and events[i].time_range.end < stop:
+        i = parents[i]
+    return events[i] if i is not None and i >= 0 else None
 
 
 def _device_events(profiler) -> list:
