@@ -7,7 +7,7 @@
     python -m finetune.lab.bench_adamw8bit --shape 7b --compare /tmp/kernel_6005047.py   # beside an older kernel
     python -m finetune.lab.bench_adamw8bit --shape 7b --lora_rank 16 --compare /tmp/kernel_ad67def.py
 
-The LoRA shape (392 small adapter weights) times the host's share: kernels before 2026-12 took one launch a weight,
+The LoRA shape (392 small adapter weights) times the host's share: kernels up to ad67def took one launch a weight,
 the current one launches once for all. CUDA events time the GPU's timeline, so a GPU waiting on launches counts.
 
 The step reads a bf16 weight, its bf16 gradient and two 8-bit codes, and writes weight and codes back: 10 bytes a
@@ -62,7 +62,7 @@ def kernel_row(module, params, grads, warmup: int, measured: int) -> list[float]
     states = [(OptimState8bit.zeros(p.shape, True, device="cuda"), OptimState8bit.zeros(p.shape, False, device="cuda"))
               for p in params]
 
-    one_launch_a_weight = "param" in inspect.signature(module.adamw8bit_step).parameters  # kernels before 2026-12
+    one_launch_a_weight = "param" in inspect.signature(module.adamw8bit_step).parameters  # up to ad67def
 
     def step(t: int) -> None:
         if one_launch_a_weight:
