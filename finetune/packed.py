@@ -155,8 +155,8 @@ def packed_attention(model):
 
 
 def packed_logits(model, batch: PackedBatch, opening_kv: list | None) -> torch.Tensor:
-    """(articles, tail, vocab) float logits at the positions scoring reads, from one forward over the packed row."""
+    """(articles, tail, vocab) logits at the positions scoring reads, from one forward over the packed row."""
     no_masks = dict.fromkeys(model.config.layer_types)  # the attention keeps the sequences apart; skip mask building
     logits = model(input_ids=batch.ids, position_ids=batch.positions, attention_mask=no_masks, use_cache=False,
                    logits_to_keep=batch.tail_index, packed=batch, opening_kv=opening_kv).logits
-    return logits[0].float().unflatten(0, (-1, batch.tail))
+    return logits[0].unflatten(0, (-1, batch.tail))
