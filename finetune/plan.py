@@ -296,14 +296,14 @@ def plan_evaluation(config: RunConfig, gpu: GPU | None, shape: ModelShape,
 
 def _eval_batch_size(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> tuple[int, str]:
     """The largest power of two up to EVAL_MAX_BATCH whose articles fit: per article, the logits of label scoring's
-    answer tree (16 positions, in bf16, then their float32 log-softmax), one layer's activations over `max_length`
-    tokens, and generation's key/value cache over the prompt and its answer."""
+    answer tree (16 positions: in bf16, a float32 copy, and its float32 log-softmax), one layer's activations over
+    `max_length` tokens, and generation's key/value cache over the prompt and its answer."""
     if gpu is None:
         return CPU_EVAL_BATCH, f"{CPU_EVAL_BATCH}: no GPU memory to plan"
     weights = 2 * shape.parameters
     budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=weights)
     tokens = config.max_length + 16
-    per_article = (16 * shape.vocab * (2 + 4) + tokens * (2 * shape.intermediate + 4 * shape.hidden) * 2
+    per_article = (16 * shape.vocab * (2 + 4 + 4) + tokens * (2 * shape.intermediate + 4 * shape.hidden) * 2
                    + tokens * shape.layers * 2 * shape.kv_width * 2)
     fits = max(1, int((budget - weights) // per_article))
     batch = min(EVAL_MAX_BATCH, 1 << (fits.bit_length() - 1))

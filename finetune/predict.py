@@ -252,9 +252,9 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
     seconds = np.zeros(len(texts))
     start = time.perf_counter()
     for batch, logits in _tree_passes(model, tokenizer, prompts, tree, batch_size, method, "label scoring", progress):
-        # One pass from the model's dtype to float32 log-probabilities. Before: a float32 copy of the logits, then
-        # logsumexp's max, subtract, exp and sum passes over it, those alone 2% of a 7B batch's GPU time
-        # (h200_7b_eval_rehearsal.json's profile)
+        # float32 log-probabilities by one fused log_softmax over a float32 copy of the logits (torch fuses the
+        # conversion only for float16), where logsumexp made separate max, subtract, exp and sum passes over it: those
+        # alone took 2% of a 7B batch's GPU time (h200_7b_eval_rehearsal.json's profile)
         term_logprobs = torch.log_softmax(logits, -1, dtype=torch.float32)[:, terms.positions, terms.tokens]
         logprobs[batch] = (term_logprobs @ terms.owner).cpu().numpy()
         seconds[batch] = time.perf_counter() - start
