@@ -127,7 +127,7 @@ class AdamWBf16SR(_AdamW):
                 # back once, at the first step: the only time this update waits for the GPU.
                 if group["lr"].device.type != "cpu":
                     group["lr"] = group["lr"].cpu()
-                fused = []  # the group's weights for the fused kernel, updated together in one launch
+                fused, compiled = [], []  # (weight, state, step, rounding seed) for each update
                 for p in group["params"]:
                     index += 1
                     if p.grad is None:
@@ -141,14 +141,8 @@ class AdamWBf16SR(_AdamW):
                     step = state["step"].item()  # a host tensor: no wait
                     shard = dist.get_rank() if isinstance(p, DTensor) else 0
                     seed = rounding_seed(self.rounding_seed, int(step), index, shard)
-                    if _fused_8bit(p, state):
-                        fused.append((p, state, step, seed))
-                    else:
-                        with _seeded(p.device, seed):
-                            _update(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"], None,
-                                    group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"],
-                                    group["eps"], True, p.dtype is torch.bfloat16)
-                if fused:
+                    (fused if _fused_8bit(p, state) else compiled).append((p, state, step, seed))
+                if fused:  # first, so that the GPU runs it while the host makes the compiled calls below
                     from finetune.adamw8bit_kernel import adamw8bit_step  # triton: imported where it runs
                     params, states, steps, seeds = zip(*fused)
                     adamw8bit_step([p.detach() for p in params], [p.grad for p in params],
@@ -156,4 +150,9 @@ class AdamWBf16SR(_AdamW):
                                    steps=steps, seeds=seeds, lr=group["lr"].item(), beta1=group["betas"][0],
                                    beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"],
                                    grad_scale=grad_scale)
+                for p, state, _, seed in compiled:
+                    with _seeded(p.device, seed):
+                        _update(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"], None,
+                                group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"],
+                                group["eps"], True, p.dtype is torch.bfloat16)
         return loss
