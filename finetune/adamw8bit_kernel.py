@@ -247,6 +247,8 @@ def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_av
     `grad_scale` (a one-value device tensor, gradient clipping's coefficient) multiplies the gradients as they are
     read, rounded to bf16 as `grad.mul_` would round them."""
     device = params[0].device
+    if any(p.device != device for p in params):
+        raise ValueError("adamw8bit_step updates the weights of one device in a launch: call it once per device")
     grads = [g.contiguous() for g in grads]  # held until the launch is queued; the allocator orders any reuse after it
     weight_of_program, first_program = _programs(tuple(m.scale.numel() for m in exp_avgs), device)
     table = [[p.data_ptr(), g.data_ptr(), m.codes.data_ptr(), m.scale.data_ptr(), v.codes.data_ptr(),
