@@ -250,15 +250,27 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
     prompts, truncated = encode_prompts(tokenizer, texts, max_length - max(map(len, answers)))
     logprobs = np.zeros((len(texts), len(answers)))
     seconds = np.zeros(len(texts))
-    start = time.perf_counter()
+    start, pending = time.perf_counter(), None
+
+    def read_back(batch: list[int], scores: torch.Tensor) -> None:
+        nonlocal start
+        logprobs[batch] = scores.cpu().numpy()  # waits for that batch's forward, not for the one queued after it
+        seconds[batch] = time.perf_counter() - start
+        start = time.perf_counter()
+
     for batch, logits in _tree_passes(model, tokenizer, prompts, tree, batch_size, method, "label scoring", progress):
         # float32 log-probabilities by one fused log_softmax over a float32 copy of the logits (torch fuses the
         # conversion only for float16), where logsumexp made separate max, subtract, exp and sum passes over it: those
         # alone took 2% of a 7B batch's GPU time (h200_7b_eval_rehearsal.json's profile)
-        term_logprobs = torch.log_softmax(logits, -1, dtype=torch.float32)[:, terms.positions, terms.tokens]
-        logprobs[batch] = (term_logprobs @ terms.owner).cpu().numpy()
-        seconds[batch] = time.perf_counter() - start
-        start = time.perf_counter()
+        scores = torch.log_softmax(logits, -1, dtype=torch.float32)[:, terms.positions, terms.tokens] @ terms.owner
+        del logits  # before the next batch's forward allocates
+        # The previous batch is read back only now, with this one's forward queued behind it: the GPU goes on while
+        # the host waits, reads and packs the next batch, instead of idling through that at every batch.
+        if pending is not None:
+            read_back(*pending)
+        pending = batch, scores
+    if pending is not None:
+        read_back(*pending)
     return Predictions(labels=logprobs.argmax(1), batch_seconds=seconds, truncated=truncated, label_logprobs=logprobs)
 
 
