@@ -20,7 +20,8 @@ from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
 from finetune.predict import (AnswerTree, _batches, _left_pad, answer_token_ids, default_max_new_tokens, encode_prompts,
                               generate_labels, greedy_decoding, parse_strict, parsed, score_labels, warmup_texts)
-from finetune.throughput import peak_memory_gib, profile_table, reset_peak_memory
+from finetune.throughput import (gpu_busy_share, gpu_idle_by_host_range, peak_memory_gib, profile_table,
+                                 reset_peak_memory)
 
 # The extra batch-64 row is slow: timed on every 4th article, an even sample of the same
 # articles, so that every pass of every mode fits one command on the GPU machine (its `articles` says how many).
@@ -141,12 +142,14 @@ def agreement(predictions: Predictions, reference: Predictions) -> dict:
     return result
 
 
-def profile_mode(run, texts: list[str]) -> list[str]:
-    """A torch profiler table (top kernels and ops by device time) of `run` over `texts`."""
+def profile_mode(run, texts: list[str]) -> tuple[list[str], dict]:
+    """A torch profiler table (top kernels and ops by device time) of `run` over `texts`, and how much of the GPU's
+    timeline was busy and what the host did while it waited (None on the CPU)."""
     with torch.profiler.profile() as profiler:
         run(texts)
         _synchronize()
-    return profile_table(profiler)
+    return profile_table(profiler), {"gpu_busy_share": gpu_busy_share(profiler),
+                                     "gpu_idle_ms_by_host_range": gpu_idle_by_host_range(profiler)}
 
 
 def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch_size: int,
@@ -178,7 +181,8 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
         if anchor:
             results[mode]["vs_anchor"] = results[mode]["articles_per_second"] / anchor["articles_per_second"]
         if mode in profile_modes:
-            profiles[mode] = profile_mode(run, texts[: 2 * batch_size])
+            profiles[mode], timeline = profile_mode(run, texts[: 2 * batch_size])
+            results[mode].update(timeline)
         report(mode, {k: v for k, v in results[mode].items() if not k.endswith("_per_run")})
         save({"modes": results, "liger_kernels": liger_report, "profiles": profiles})
     if "label_scoring_tree" in predictions:
