@@ -129,7 +129,8 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
         assert all(modes[mode]["vs_anchor"] != pytest.approx(r, rel=1e-9) for p, r in ratios.items() if p != own)
     assert packed["agreement_with_tree"]["same_labels"] == 1.0  # the two layouts compute the same log-probabilities
     assert packed["agreement_with_tree"]["max_abs_logprob_difference"] < 1e-4
-    assert set(record["profiles"]) == {"plain_label_scoring", "label_scoring_tree", "label_scoring"}
+    assert set(record["profiles"]) == {"plain_label_scoring", "label_scoring_tree", "label_scoring", "plain_generate",
+                                       "generation_decoding"}
     assert packed["gpu_busy_share"] is None and packed["gpu_idle_ms_by_host_range"] is None  # no GPU timeline here
     assert record["liger_kernels"] is None
     assert " threads) | random weights | label_scoring | 100 |" in eval_benchmark_table(tmp_path)

@@ -155,7 +155,8 @@ def profile_mode(run, texts: list[str]) -> tuple[list[str], dict]:
 def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch_size: int,
                   generation_batch_size: int, max_length: int, repeats: int, liger: bool,
                   compile_layers: bool = False,
-                  profile_modes: tuple[str, ...] = ("plain_label_scoring", "label_scoring_tree", "label_scoring"),
+                  profile_modes: tuple[str, ...] = ("plain_label_scoring", "label_scoring_tree", "label_scoring",
+                                                    "plain_generate", "generation_decoding"),
                   report=print, save=lambda compared: None) -> dict:
     """Every mode in `MODES` order (plain ones first; Liger's kernels and compiled layers, when asked for, applied
     after them), timed, with ratios to its anchor, agreement with the tree method, and a profiler table of two
