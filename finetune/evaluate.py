@@ -24,7 +24,7 @@ from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
 from finetune.metrics import summarize
 from finetune.model import check_tokenizer_fits, load_for_inference, load_tokenizer
-from finetune.plan import GPU, ModelShape, log_plan, plan_evaluation
+from finetune.plan import GPU, ModelShape, OutOfMemory, gpu_memory_note, log_plan, plan_evaluation
 from finetune.plots import plot_confusion_matrix
 from finetune.predict import default_max_new_tokens, encode_prompts, generate_labels, parsed, score_labels, warmup_texts
 from finetune.results import write_record
@@ -61,10 +61,15 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
               if on_gpu else [])
     evaluations = {}
     for mode in modes:
-        warmup_seconds = warm_up(runs[mode], warmup, on_gpu)
-        t0 = time.perf_counter()
-        predictions = runs[mode](texts)
-        seconds = time.perf_counter() - t0
+        try:
+            warmup_seconds = warm_up(runs[mode], warmup, on_gpu)
+            t0 = time.perf_counter()
+            predictions = runs[mode](texts)
+            seconds = time.perf_counter() - t0
+        except torch.OutOfMemoryError as error:
+            raise OutOfMemory(f"CUDA ran out of memory in {mode} at {batch} articles a batch{gpu_memory_note()}. "
+                              f"Nothing of this evaluation was written; rerun with --eval_batch_size "
+                              f"{max(1, batch // 2)}.") from error
         read = {mode: predictions}
         if mode == "generation":
             read["generation_lenient"] = parsed(predictions, parse_lenient)
@@ -105,7 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     known, rest = parser.parse_known_args(argv)
     config = config_from_args(rest, description=__doc__)
     name = known.name or ("finetuned_model" if known.model_path else "base_model")
-    record = evaluate(config, name, known.model_path)
+    try:
+        record = evaluate(config, name, known.model_path)
+    except OutOfMemory as error:
+        raise SystemExit(f"error: {error}") from None
     for mode, ev in record["evaluations"].items():
         print(f"{name} {mode}: accuracy {ev['metrics']['accuracy']:.2%}, macro-F1 {ev['metrics']['macro_f1']:.2%}")
 

@@ -311,6 +311,20 @@ def _eval_batch_size(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> t
                    f"weights in {budget / GIB:.1f} GiB ({assumed}); at most {EVAL_MAX_BATCH}")
 
 
+class OutOfMemory(RuntimeError):
+    """The GPU ran out of memory: the message says what was kept and which settings need less."""
+
+
+def gpu_memory_note() -> str:
+    """The GPU's memory at the moment (after an out-of-memory error): this process's peak and what others hold."""
+    if not torch.cuda.is_available():
+        return ""
+    free, total = torch.cuda.mem_get_info()
+    others = total - free - torch.cuda.memory_reserved()
+    return (f" (this process peaked at {torch.cuda.max_memory_allocated() / GIB:.1f} GiB of the GPU's "
+            f"{total / GIB:.1f} GiB; other processes hold {max(others, 0) / GIB:.1f} GiB)")
+
+
 def log_plan(plan: Plan, what: str) -> None:
     for name, choice in plan.items():
         log.info("%s: %s = %s (%s)", what, name, choice["value"], choice["reason"])

@@ -19,7 +19,6 @@ import trl
 import trl.trainer.utils
 from torch.distributed.fsdp import FSDPModule
 from transformers import TrainerCallback
-from transformers.modeling_layers import GradientCheckpointingLayer
 from trl import SFTConfig
 
 from data_prep.splits import Splits
@@ -28,9 +27,9 @@ from finetune.attention import choose_attn_implementation
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer, weights_dtype
-from finetune.plan import GPU, ModelShape, log_plan, plan_training
+from finetune.plan import GPU, ModelShape, OutOfMemory, gpu_memory_note, log_plan, plan_training
 from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished, whole_run_train_loss
-from finetune.speedups import OPTIMIZERS, check_speedups, compile_decoder_layers, convert_to_fp8
+from finetune.speedups import OPTIMIZERS, check_speedups, compile_decoder_layers, convert_to_fp8, decoder_layers
 from finetune.throughput import (ThroughputCallback, adapter_parameters, article_tokens, peak_memory_gib,
                                  reset_peak_memory)
 
@@ -140,8 +139,7 @@ class SelectiveCheckpointing(TrainerCallback):
         self.n = n
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(decoder_layers(model)):
             layer.gradient_checkpointing = i < self.n
 
 
@@ -220,7 +218,10 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, spl
         log.info("resuming from %s", last)
     reset_peak_memory()
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last)
+    try:
+        result = trainer.train(resume_from_checkpoint=last)
+    except torch.OutOfMemoryError as error:
+        raise OutOfMemory(out_of_memory_advice(config, trainer)) from error
     train_seconds, peak_gib = time.perf_counter() - start, peak_memory_gib()
     save_start = time.perf_counter()
     save_final_model(trainer, config.final_dir)
@@ -244,6 +245,31 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, spl
         (config.final_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     trainer.accelerator.wait_for_everyone()
     return config.final_dir
+
+
+def out_of_memory_advice(config: RunConfig, trainer: FusedHeadSFTTrainer) -> str:
+    """What a training step that ran out of GPU memory leaves, and the settings that need less: recomputing more
+    layers or a smaller memory budget may change when a run resumes; fewer rows a micro-batch (the same update over
+    more micro-batches) changes the run config, so resuming with it must be allowed."""
+    checkpoint = last_checkpoint(config.output_dir)
+    kept = (f"Training up to {Path(checkpoint).name} is kept: the same command resumes from it" if checkpoint else
+            f"No checkpoint was written yet (one every {config.save_steps} steps): a rerun starts afresh")
+    planned, layers = trainer.run_config, decoder_layers(trainer.model)
+    recomputed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
+    rows, accumulation = planned.per_device_train_batch_size, planned.gradient_accumulation_steps
+    options = []
+    if recomputed < len(layers) and not trainer.is_fsdp_enabled:  # FSDP's own activation checkpointing is not seen
+        switch = "" if planned.gradient_checkpointing else "--gradient_checkpointing true "
+        options.append(f"recompute more of the {len(layers)} decoder layers' activations (now {recomputed}): "
+                       f"{switch}--checkpointed_layers {min(len(layers), recomputed + max(1, len(layers) // 4))}")
+    options.append("plan the 'auto' settings within a smaller budget: --max_memory_gib <GiB>")
+    if rows > 1:
+        unmerged = " --merge_micro_batches false" if planned.merge_micro_batches is True else ""
+        options.append(f"the same update over more, smaller micro-batches: --per_device_train_batch_size {rows // 2} "
+                       f"--gradient_accumulation_steps {accumulation * 2}{unmerged} (resuming with them needs "
+                       "--allow_config_change true)")
+    return (f"CUDA ran out of memory at optimizer step {trainer.state.global_step + 1}{gpu_memory_note()}. {kept}. "
+            f"To need less: {'; or '.join(options)}.")
 
 
 class SaveClock(TrainerCallback):
@@ -289,7 +315,10 @@ def tensorboard_scalars(output_dir: Path) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = config_from_args(argv, description=__doc__)
-    print(f"final model: {train(config)}")
+    try:
+        print(f"final model: {train(config)}")
+    except OutOfMemory as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

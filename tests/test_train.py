@@ -276,3 +276,47 @@ def test_evaluation_defaults_are_planned_and_recorded_with_the_warm_up_apart(tin
     assert record["config"]["eval_batch_size"] == 64 and "no GPU" in record["plan"]["eval_batch_size"]["reason"]
     speed = record["evaluations"]["label_scoring"]["throughput"]
     assert speed["warmup_seconds"] == 0.0 and speed["batch_size"] == 64  # nothing to compile or grow on the CPU
+
+
+class OutOfMemoryAt(TrainerCallback):
+    """Simulates the GPU running out of memory during step `step + 1`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_running_out_of_memory_names_what_is_kept_and_what_needs_less(tiny_config):
+    """An out-of-memory error mid-run says which checkpoint the same command resumes from and which settings need less
+    memory; the rerun then resumes there. Before the first checkpoint, it says a rerun starts afresh."""
+    from finetune.plan import OutOfMemory
+
+    config = dataclasses.replace(tiny_config, num_train_epochs=1.0, save_steps=5, max_train_samples=120,
+                                 per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    with pytest.raises(OutOfMemory, match="starts afresh.*recompute more of the 2 decoder layers.*now 0.*"
+                                          "--gradient_checkpointing true --checkpointed_layers 1"):
+        train(config, callbacks=[OutOfMemoryAt(2)])  # the tiny profile recomputes nothing
+    with pytest.raises(OutOfMemory) as raised:
+        train(dataclasses.replace(config, gradient_checkpointing=True, checkpointed_layers=None),
+              callbacks=[OutOfMemoryAt(7)])  # every layer recomputes; both may change on resume
+    message = str(raised.value)
+    assert "optimizer step 8" in message and "Training up to checkpoint-5 is kept" in message
+    assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 2" in message
+    assert "--max_memory_gib" in message and "--checkpointed_layers" not in message  # nothing more to recompute
+    summary = json.loads((train(config) / "train_summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-5")
+
+
+def test_evaluation_out_of_memory_asks_for_a_smaller_batch(tiny_config, monkeypatch):
+    import finetune.evaluate
+    from finetune.plan import OutOfMemory
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(finetune.evaluate, "score_labels", out_of_memory)
+    with pytest.raises(OutOfMemory, match="label_scoring at 16 articles a batch.*--eval_batch_size 8"):
+        finetune.evaluate.evaluate(dataclasses.replace(tiny_config, eval_batch_size=16), "oom", modes=("label_scoring",))
