@@ -104,16 +104,7 @@ class AdamWBf16SR(_AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        for p in with_grad:
-            if not self.state[p]:
-                self.state[p].update(step=torch.tensor(0.0), exp_avg=self._new_buffer(p, True),
-                                     exp_avg_sq=self._new_buffer(p, False))
-        grad_scale, self._grad_scale = self._grad_scale, None
-        if grad_scale is not None:  # clip_grad_norm_ left the scaling to the step: the fused kernel's, or here
-            unfused = [p.grad for p in with_grad if not _fused_8bit(p, self.state[p])]
-            if unfused:
-                torch._foreach_mul_(unfused, grad_scale)
+        grad_scale, self._grad_scale = self._grad_scale, None  # clip_grad_norm_'s, left to the step
         index = -1  # the weight's place among all groups' parameters: the same on every rank
         with torch._dynamo.utils.disable_cache_limit():  # one compiled variant per parameter shape, as in torchao
             for group in self.param_groups:
@@ -135,6 +126,9 @@ class AdamWBf16SR(_AdamW):
                     if p.grad.is_sparse:
                         raise RuntimeError("Sparse gradient is not supported")
                     state = self.state[p]
+                    if not state:
+                        state.update(step=torch.tensor(0.0), exp_avg=self._new_buffer(p, True),
+                                     exp_avg_sq=self._new_buffer(p, False))
                     if state["step"].device.type != "cpu":
                         state["step"] = state["step"].cpu()
                     state["step"] += 1
@@ -150,6 +144,8 @@ class AdamWBf16SR(_AdamW):
                                    steps=steps, seeds=seeds, lr=group["lr"].item(), beta1=group["betas"][0],
                                    beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"],
                                    grad_scale=grad_scale)
+                if compiled and grad_scale is not None:  # the fused kernel scales its gradients as it reads them
+                    torch._foreach_mul_([p.grad for p, *_ in compiled], grad_scale)
                 for p, state, _, seed in compiled:
                     with _seeded(p.device, seed):
                         _update(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"], None,
