@@ -35,6 +35,12 @@ def _from_ordered(keys: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
+def _qmap(signed: bool, device: torch.device) -> torch.Tensor:
+    """torchao's map (every OptimState8bit holds a copy of it)."""
+    return torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned(), dtype=torch.float32, device=device)
+
+
+@functools.cache
 def rounding_thresholds(signed: bool, device: torch.device) -> torch.Tensor:
     """Entry c: the smallest float32 that torchao's `quantize_8bit_with_qmap` sends to code c or above; -inf for
     c = 0 and inf at 256, so that code = #(entries 1..255 at or below x) for every x.
@@ -42,7 +48,7 @@ def rounding_thresholds(signed: bool, device: torch.device) -> torch.Tensor:
     torchao rounds between neighbours with its own float32 arithmetic, `x - q[c] >= (q[c+1] - q[c]) * 0.5`, so a
     boundary is within an ulp of the midpoint but not exactly there; bisecting over every float32 between each pair of
     neighbours, with torchao's function as the judge, finds it exactly (its codes rise monotonically with x)."""
-    qmap = torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned(), dtype=torch.float32)
+    qmap = _qmap(signed, torch.device("cpu"))
     targets = torch.arange(1, 256)
     below, at_or_above = _ordered(qmap[:-1]), _ordered(qmap[1:])  # code(below) < target <= code(at_or_above)
     while (at_or_above - below > 1).any():
@@ -64,7 +70,7 @@ def code_table(signed: bool, device: torch.device) -> torch.Tensor:
     """Per bucket of |x| (then per bucket of -|x|, on the signed map): torchao's lowest code in it, as uint8. A bucket
     is at most 2^-7 of its value wide, narrower than the map's spacing anywhere, so it holds at most two codes and one
     comparison with `rounding_thresholds` picks between them (checked here, at both ends of every bucket)."""
-    qmap = torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned(), dtype=torch.float32)
+    qmap = _qmap(signed, torch.device("cpu"))
     low = (torch.arange(BUCKETS.value, dtype=torch.int32) << BUCKET_BITS.value) + SMALLEST_KEY.value
     high = torch.clamp(low + (1 << BUCKET_BITS.value) - 1, max=0x3F800000)
     low[0] = 0  # the first bucket reaches down to 0
@@ -199,12 +205,6 @@ def _adamw8bit_kernel(table_ptr, corrections_ptr, weight_of_program_ptr, grad_sc
 @functools.cache
 def _ones(device: torch.device) -> torch.Tensor:
     return torch.ones((), dtype=torch.bfloat16, device=device)
-
-
-@functools.cache
-def _qmap(signed: bool, device: torch.device) -> torch.Tensor:
-    """torchao's map (every OptimState8bit holds a copy of it)."""
-    return torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned(), dtype=torch.float32, device=device)
 
 
 @functools.lru_cache(maxsize=64)
