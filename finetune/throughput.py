@@ -2,15 +2,19 @@
 benchmark's step clock and profiler."""
 
 import bisect
+import collections
 import math
 import statistics
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate.utils import is_peft_model
 from transformers import PretrainedConfig, TrainerCallback
+
+from finetune.results import PROJECT_DIR
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, by device-name substring (first match wins).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "GB10": 125.0}
@@ -226,10 +230,10 @@ class HostSyncCounter(TrainerCallback):
     """How many times one optimizer step stopped the host until the GPU caught up (a `.item()`, a data-dependent
     shape, a copy to the CPU), counted by torch's sync debug mode; each one drains the queue of launched kernels.
     None on the CPU. The step clock's own synchronizations are not counted (torch does not flag an explicit
-    `torch.cuda.synchronize`)."""
+    `torch.cuda.synchronize`). `sites` says which source lines made them: the count alone cannot say what to remove."""
 
     def __init__(self, step: int):
-        self.step, self.count, self._caught, self._records = step, None, None, None
+        self.step, self.count, self.sites, self._caught, self._records = step, None, None, None, None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.step and torch.cuda.is_available():
@@ -242,8 +246,19 @@ class HostSyncCounter(TrainerCallback):
         if self._caught is not None and state.global_step == self.step:
             torch.cuda.set_sync_debug_mode("default")
             self._caught.__exit__(None, None, None)
-            self.count = sum("synchronizing" in str(w.message) for w in self._records)
+            self.sites = collections.Counter(_source_line(w.filename, w.lineno) for w in self._records
+                                             if "synchronizing" in str(w.message))
+            self.count = sum(self.sites.values())
             self._caught = None
+
+
+def _source_line(filename: str, lineno: int) -> str:
+    """`package/module.py:line`: the path from site-packages or from this repository, never a machine's own."""
+    path = Path(filename)
+    for root in (*(p for p in path.parents if p.name in ("site-packages", "dist-packages")), PROJECT_DIR):
+        if path.is_relative_to(root):
+            return f"{path.relative_to(root)}:{lineno}"
+    return f"{path.name}:{lineno}"
 
 
 def profile_table(profiler) -> list[str]:

@@ -287,11 +287,13 @@ def test_host_sync_counter_counts_the_synchronizing_calls_of_its_step_only(monke
             state.global_step = step - 1
             counter.on_step_begin(None, state, None)
             for _ in range(step):  # what torch's sync debug mode emits at each .item() while it is on
-                warnings.warn("called a synchronizing CUDA operation")
+                warnings.warn_explicit("called a synchronizing CUDA operation", UserWarning,
+                                       f"{torch.__file__.rsplit('torch', 1)[0]}transformers/trainer.py", 1844)
             warnings.warn("an unrelated warning")
             state.global_step = step
             counter.on_step_end(None, state, None)
     assert counter.count == 2 and modes == ["warn", "default"]
+    assert counter.sites == {"transformers/trainer.py:1844": 2}  # from site-packages, not this machine's path
 
 
 def test_variants_run_reference_first_and_liger_last_whatever_their_index():

@@ -260,6 +260,7 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         "final_loss": next(h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h),
         # What ran, read from the trained model and trainer (an "auto" choice, TRL's default optimizer).
         "host_syncs_per_step": syncs.count,
+        "host_syncs_by_site": dict(syncs.sites.most_common()) if syncs.sites is not None else None,
         "checkpointed_layers": sum(bool(layer.gradient_checkpointing) for layer in decoder_layers(trainer.model)),
         "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                           else trainer.optimizer).__name__,
