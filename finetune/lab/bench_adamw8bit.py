@@ -56,24 +56,36 @@ def time_steps(step, warmup: int, measured: int) -> list[float]:
     return times
 
 
-def kernel_row(module, params, grads, warmup: int, measured: int) -> list[float]:
+def load_kernel_module(path: str):
+    """A version of adamw8bit_kernel.py from a file (e.g. `git show REV:finetune/adamw8bit_kernel.py`)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def zero_states(params: list[torch.Tensor]) -> list[tuple]:
+    """Fresh signed first and unsigned second moments for each weight, on its device."""
     from torchao.optim.subclass_8bit import OptimState8bit
 
-    states = [(OptimState8bit.zeros(p.shape, True, device="cuda"), OptimState8bit.zeros(p.shape, False, device="cuda"))
-              for p in params]
+    return [tuple(OptimState8bit.zeros(p.shape, signed, device=p.device) for signed in (True, False)) for p in params]
 
-    one_launch_a_weight = "param" in inspect.signature(module.adamw8bit_step).parameters  # up to ad67def
 
-    def step(t: int) -> None:
-        if one_launch_a_weight:
-            for i, (p, g, (m, v)) in enumerate(zip(params, grads, states)):
-                module.adamw8bit_step(p, g, m, v, step=float(t), lr=1e-5, beta1=0.9, beta2=0.999, weight_decay=0.0,
-                                      eps=1e-8, seed=1000 * t + i)
-        else:
-            module.adamw8bit_step(params, grads, [m for m, _ in states], [v for _, v in states],
-                                  steps=[float(t)] * len(params), seeds=[1000 * t + i for i in range(len(params))],
-                                  lr=1e-5, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8)
-    return time_steps(step, warmup, measured)
+def kernel_step(module, params, grads, states, t: int) -> None:
+    """Step `t` of `module.adamw8bit_step` over every weight: kernels up to ad67def take one weight a call."""
+    options = dict(lr=1e-5, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8)
+    if "param" in inspect.signature(module.adamw8bit_step).parameters:
+        for i, (p, g, (m, v)) in enumerate(zip(params, grads, states)):
+            module.adamw8bit_step(p, g, m, v, step=float(t), seed=1000 * t + i, **options)
+    else:
+        module.adamw8bit_step(params, grads, [m for m, _ in states], [v for _, v in states],
+                              steps=[float(t)] * len(params), seeds=[1000 * t + i for i in range(len(params))],
+                              **options)
+
+
+def kernel_row(module, params, grads, warmup: int, measured: int) -> list[float]:
+    states = zero_states(params)
+    return time_steps(lambda t: kernel_step(module, params, grads, states, t), warmup, measured)
 
 
 def compiled_row(params, grads, warmup: int, measured: int) -> list[float]:
@@ -112,9 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = {"fused kernel (finetune/adamw8bit_kernel.py)": lambda: kernel_row(adamw8bit_kernel, params, grads,
                                                                               args.warmup, args.measured)}
     for path in args.compare:
-        spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_kernel_module(path)
         rows[f"fused kernel ({path})"] = lambda module=module: kernel_row(module, params, grads, args.warmup,
                                                                          args.measured)
     rows["torchao's compiled update (finetune.optim, no fused kernel)"] = lambda: compiled_row(params, grads,
