@@ -59,40 +59,37 @@ def rounding_thresholds(signed: bool, device: torch.device) -> torch.Tensor:
     return torch.cat([-infinity, _from_ordered(at_or_above), infinity]).to(device)
 
 
-# Constants of the code table (`code_table`), read by the kernels as they are and by the host as `.value`.
-SMALLEST_KEY = tl.constexpr(0x33800000)  # the bits of 2^-24: every |x| below it takes the code of 0, on both maps
-BUCKET_BITS = tl.constexpr(16)  # a bucket: the floats that share their sign, exponent and top 7 mantissa bits
-BUCKETS = tl.constexpr(((0x3F800000 - SMALLEST_KEY.value) >> BUCKET_BITS.value) + 1)  # |x| from 2^-24 to 1
+BUCKET_BITS = tl.constexpr(16)  # a bucket of the code table: the floats that share their top 16 bits
 
 
 @functools.cache
 def code_table(signed: bool, device: torch.device) -> torch.Tensor:
-    """Per bucket of |x| (then per bucket of -|x|, on the signed map): torchao's lowest code in it, as uint8. A bucket
-    is at most 2^-7 of its value wide, narrower than the map's spacing anywhere, so it holds at most two codes and one
-    comparison with `rounding_thresholds` picks between them (checked here, at both ends of every bucket)."""
+    """Per bucket, indexed by a float32's top 16 bits (sign, exponent, top 7 mantissa bits): torchao's lowest code in
+    it, as uint8. A bucket is at most 2^-7 of its value wide, narrower than the map's spacing anywhere, so it holds at
+    most two codes and one comparison with `rounding_thresholds` picks between them (checked here, at both ends of every
+    bucket in [-1, 1]). Every 16-bit pattern has its entry, so the kernel reads one with a shift and nothing else: no
+    absolute value, clamp or sign test. Values out of [-1, 1] (only a NaN or an infinity gets there) take the code of
+    the nearer end; 64 KB a map, of which a step reads the few lines its values fall in."""
     qmap = _qmap(signed, torch.device("cpu"))
-    low = (torch.arange(BUCKETS.value, dtype=torch.int32) << BUCKET_BITS.value) + SMALLEST_KEY.value
-    high = torch.clamp(low + (1 << BUCKET_BITS.value) - 1, max=0x3F800000)
-    low[0] = 0  # the first bucket reaches down to 0
-    ends = [(low, high)] + ([(-high, -low)] if signed else [])  # (lowest, highest) as ordered keys
-    codes = []
-    for lowest, highest in ends:
-        code_low, code_high = (quantize_8bit_with_qmap(_from_ordered(k.long()), qmap).int() for k in (lowest, highest))
-        if (code_high - code_low).max() > 1:
-            raise AssertionError("a bucket of the code table spans more than two codes")
-        codes.append(code_low)
-    return torch.cat(codes).to(torch.uint8).to(device)
+    first = torch.arange(1 << 16, dtype=torch.int64) << BUCKET_BITS.value  # each bucket's first and last bit pattern
+    code_first, code_last = (quantize_8bit_with_qmap(_clamped_float(bits), qmap).int()
+                             for bits in (first, first + (1 << BUCKET_BITS.value) - 1))
+    if (code_last - code_first).abs().max() > 1:
+        raise AssertionError("a bucket of the code table spans more than two codes")
+    return torch.minimum(code_first, code_last).to(torch.uint8).to(device)
+
+
+def _clamped_float(bits: torch.Tensor) -> torch.Tensor:
+    """The float32 of each 32-bit pattern (int64), its magnitude clamped to 1: infinities and NaNs lie beyond."""
+    magnitude = torch.clamp(bits & 0x7FFFFFFF, max=0x3F800000).int().view(torch.float32)
+    return torch.where(bits >= 1 << 31, -magnitude, magnitude)
 
 
 @triton.jit
-def _quantize(x, table_ptr, thresholds_ptr, SIGNED: tl.constexpr):
+def _quantize(x, table_ptr, thresholds_ptr):
     """torchao's code for x in [-1, 1], exactly: the lowest code of x's bucket (`code_table`), and one more where x
     is at or above the next code's threshold."""
-    magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    bucket = tl.minimum(tl.maximum(magnitude - SMALLEST_KEY, 0) >> BUCKET_BITS, BUCKETS - 1)
-    if SIGNED:
-        bucket = tl.where(x < 0, bucket + BUCKETS, bucket)
-    lowest = tl.load(table_ptr + bucket).to(tl.int32)
+    lowest = tl.load(table_ptr + (x.to(tl.uint32, bitcast=True) >> BUCKET_BITS)).to(tl.int32)
     return lowest + (x >= _lookup(thresholds_ptr + 1, lowest)).to(tl.int32)  # entry c + 1: code c + 1's threshold
 
 
@@ -121,12 +118,11 @@ def _divide(x, y, reciprocal):
 
 
 @triton.jit
-def _requantize(values, codes_ptr, scale_ptr, table_ptr, thresholds_ptr, offsets, blocks, in_bounds,
-                SIGNED: tl.constexpr):
+def _requantize(values, codes_ptr, scale_ptr, table_ptr, thresholds_ptr, offsets, blocks, in_bounds):
     """OptimState8bit.copy_(values): each block's absmax (clipped at 1e-12) is its scale, values / scale its codes."""
     scale = tl.maximum(tl.max(tl.abs(values), axis=1), 1e-12)
     scaled = _divide(values, scale[:, None], tl.math.div_rn(1.0, scale)[:, None])  # one division a block
-    codes = _quantize(scaled, table_ptr, thresholds_ptr, SIGNED)
+    codes = _quantize(scaled, table_ptr, thresholds_ptr)
     tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=in_bounds[:, None])
     tl.store(scale_ptr + blocks, scale, mask=in_bounds)
 
@@ -154,6 +150,19 @@ def _to_bf16_stochastically(x, seed, offsets):
     return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
 
+@triton.jit
+def _pointer(address_ptr, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """The pointer stored at `address_ptr`. Triton cannot know the alignment of an address it reads from memory, as it
+    does a tensor argument's, and without it loads and stores one value an instruction: a third more instructions in
+    all than the kernel that took each weight as arguments, by a static count for sm_90
+    (results/benchmarks/adamw8bit_sass.json). ALIGNED says the host checked every address in the table is 16-byte
+    aligned (every tensor allocation is), so a thread loads its 8 contiguous values with one instruction."""
+    pointer = tl.load(address_ptr).to(tl.pointer_type(dtype))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
 # The columns of a row of the weights' table (`adamw8bit_step` writes them in this order): where the weight's
 # tensors are, its rounding seed, its number of blocks and its first program.
 PARAM, GRAD, M_CODES, M_SCALE, V_CODES, V_SCALE, SEED, N_BLOCKS, FIRST_PROGRAM, COLUMNS = map(tl.constexpr, range(10))
@@ -162,18 +171,19 @@ PARAM, GRAD, M_CODES, M_SCALE, V_CODES, V_SCALE, SEED, N_BLOCKS, FIRST_PROGRAM, 
 @triton.jit
 def _adamw8bit_kernel(table_ptr, corrections_ptr, weight_of_program_ptr, grad_scale_ptr, m_qmap_ptr, m_table_ptr,
                       m_thresholds_ptr, v_qmap_ptr, v_table_ptr, v_thresholds_ptr, lr, lr_times_weight_decay,
-                      one_minus_beta1, one_minus_beta2, eps, BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+                      one_minus_beta1, one_minus_beta2, eps, DECAY: tl.constexpr, ALIGNED: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
     """`single_param_adam` for BLOCKS blocks of one of the weights in the table, its operations in torchao's order
     (scalars arrive as float32 torch made)."""
     program = tl.program_id(0)
     index = tl.load(weight_of_program_ptr + program).to(tl.int64)  # the weight's row in the tables
     row = table_ptr + index * COLUMNS
-    param_ptr = tl.load(row + PARAM).to(tl.pointer_type(tl.bfloat16))
-    grad_ptr = tl.load(row + GRAD).to(tl.pointer_type(tl.bfloat16))
-    m_codes_ptr = tl.load(row + M_CODES).to(tl.pointer_type(tl.uint8))
-    m_scale_ptr = tl.load(row + M_SCALE).to(tl.pointer_type(tl.float32))
-    v_codes_ptr = tl.load(row + V_CODES).to(tl.pointer_type(tl.uint8))
-    v_scale_ptr = tl.load(row + V_SCALE).to(tl.pointer_type(tl.float32))
+    param_ptr = _pointer(row + PARAM, tl.bfloat16, ALIGNED)
+    grad_ptr = _pointer(row + GRAD, tl.bfloat16, ALIGNED)
+    m_codes_ptr = _pointer(row + M_CODES, tl.uint8, ALIGNED)
+    m_scale_ptr = _pointer(row + M_SCALE, tl.float32, False)  # read one value a block: no vector to gain
+    v_codes_ptr = _pointer(row + V_CODES, tl.uint8, ALIGNED)
+    v_scale_ptr = _pointer(row + V_SCALE, tl.float32, False)
     corrections = corrections_ptr + index * 4  # the weight's step's bias corrections and their reciprocals
     bias_correction1, reciprocal_bias_correction1 = tl.load(corrections), tl.load(corrections + 1)
     sqrt_bias_correction2, reciprocal_sqrt_bias_correction2 = tl.load(corrections + 2), tl.load(corrections + 3)
@@ -183,17 +193,19 @@ def _adamw8bit_kernel(table_ptr, corrections_ptr, weight_of_program_ptr, grad_sc
     in_bounds = blocks < tl.load(row + N_BLOCKS)  # per block; [:, None] broadcasts it along the block's values
     weight = tl.load(param_ptr + offsets, mask=in_bounds[:, None], other=0.0).to(tl.float32)
     grad = tl.load(grad_ptr + offsets, mask=in_bounds[:, None], other=0.0).to(tl.float32)
-    grad = (grad * tl.load(grad_scale_ptr).to(tl.float32)).to(tl.bfloat16).to(tl.float32)  # as mul_ rounds
+    grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    if grad_scale != 1.0:  # clipping scaled the step (a scale of 1 would leave every gradient as it is)
+        grad = (grad * grad_scale).to(tl.bfloat16).to(tl.float32)  # as mul_ rounds
     exp_avg = _dequantize(m_codes_ptr, m_scale_ptr, m_qmap_ptr, offsets, blocks, in_bounds)
     exp_avg_sq = _dequantize(v_codes_ptr, v_scale_ptr, v_qmap_ptr, offsets, blocks, in_bounds)
 
-    weight = weight - lr_times_weight_decay * weight
+    if DECAY:  # no weight decay (the recipe's) leaves the weight exactly as it is
+        weight = weight - lr_times_weight_decay * weight
     # torch.lerp with a weight under 0.5 is start + weight * (end - start), rounded once (an FMA) on CPU and GPU
     exp_avg = tl.fma(one_minus_beta1, grad - exp_avg, exp_avg)
     exp_avg_sq = tl.fma(one_minus_beta2, grad * grad - exp_avg_sq, exp_avg_sq)
-    _requantize(exp_avg, m_codes_ptr, m_scale_ptr, m_table_ptr, m_thresholds_ptr, offsets, blocks, in_bounds, True)
-    _requantize(exp_avg_sq, v_codes_ptr, v_scale_ptr, v_table_ptr, v_thresholds_ptr, offsets, blocks, in_bounds,
-                False)
+    _requantize(exp_avg, m_codes_ptr, m_scale_ptr, m_table_ptr, m_thresholds_ptr, offsets, blocks, in_bounds)
+    _requantize(exp_avg_sq, v_codes_ptr, v_scale_ptr, v_table_ptr, v_thresholds_ptr, offsets, blocks, in_bounds)
 
     # division and square root rounded as torch rounds them (Triton's `/` and tl.sqrt are approximations on GPUs)
     denom = _divide(tl.math.sqrt_rn(exp_avg_sq), sqrt_bias_correction2, reciprocal_sqrt_bias_correction2) + eps
@@ -255,20 +267,21 @@ def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_av
               v.scale.data_ptr(), seed, m.scale.numel(), first]
              for p, g, m, v, seed, first in zip(params, grads, exp_avgs, exp_avg_sqs, seeds, first_program)]
     corrections = [_bias_corrections(beta1, beta2, step) for step in steps]
+    aligned = all(row[column.value] % 16 == 0 for row in table for column in (PARAM, GRAD, M_CODES, V_CODES))
     lr_times_weight_decay = (torch.tensor(lr) * weight_decay).item()  # in float32, as torchao computes it
     _adamw8bit_kernel[(weight_of_program.numel(),)](
         _upload(table, torch.int64, device), _upload(corrections, torch.float32, device), weight_of_program,
         _ones(device) if grad_scale is None else grad_scale, _qmap(True, device), code_table(True, device),
         rounding_thresholds(True, device), _qmap(False, device), code_table(False, device),
         rounding_thresholds(False, device), lr, lr_times_weight_decay, 1 - beta1, 1 - beta2, eps,
-        BLOCK_SIZE=exp_avgs[0].block_size, BLOCKS=BLOCKS_PER_PROGRAM)
+        DECAY=weight_decay != 0, ALIGNED=aligned, BLOCK_SIZE=exp_avgs[0].block_size, BLOCKS=BLOCKS_PER_PROGRAM)
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, codes_ptr, table_ptr, thresholds_ptr, n, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _quantize_kernel(x_ptr, codes_ptr, table_ptr, thresholds_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offsets, mask=offsets < n)
-    tl.store(codes_ptr + offsets, _quantize(x, table_ptr, thresholds_ptr, SIGNED).to(tl.uint8), mask=offsets < n)
+    tl.store(codes_ptr + offsets, _quantize(x, table_ptr, thresholds_ptr).to(tl.uint8), mask=offsets < n)
 
 
 def quantize(x: torch.Tensor, signed: bool) -> torch.Tensor:
@@ -277,5 +290,5 @@ def quantize(x: torch.Tensor, signed: bool) -> torch.Tensor:
     block = 8192
     _quantize_kernel[(triton.cdiv(x.numel(), block),)](x.contiguous(), codes, code_table(signed, x.device),
                                                         rounding_thresholds(signed, x.device), x.numel(),
-                                                        SIGNED=signed, BLOCK=block)
+                                                        BLOCK=block)
     return codes

@@ -1,7 +1,11 @@
 """The optimizer options: bf16 weights under plain AdamW lose most small updates; stochastic rounding keeps them."""
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -383,6 +387,35 @@ def test_fused_8bit_step_rounds_to_bf16_without_bias_and_from_its_seed_alone():
     assert torch.equal(one_step(0), draws[0])
 
 
+@on_the_interpreter
+def test_the_kernel_loads_vectors_only_from_addresses_the_host_found_aligned(monkeypatch):
+    """A weight that starts 2 bytes into its storage (a view) takes the scalar path, and updates as the aligned copy
+    of it does; an aligned one is marked aligned (the kernel then loads 8 values an instruction)."""
+    kernel = pytest.importorskip("finetune.adamw8bit_kernel")
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    launched, real = [], kernel._adamw8bit_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["ALIGNED"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernel, "_adamw8bit_kernel", Spy())
+    storage = (torch.randn(2 * 256 + 1, generator=torch.Generator().manual_seed(0)) * 0.05).to(torch.bfloat16)
+    before = storage[1:].clone().view(2, 256)
+    weights = [before.clone(), storage[1:].view(2, 256)]  # equal values, aligned and not
+    grad = torch.full((2, 256), 1e-2, dtype=torch.bfloat16)
+    for weight in weights:
+        kernel.adamw8bit_step([weight], [grad], [OptimState8bit.zeros(weight.shape, signed=True)],
+                              [OptimState8bit.zeros(weight.shape, signed=False)], steps=[1.0], seeds=[7], lr=1e-3,
+                              beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8)
+    assert launched == [True, False]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], before)
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="runs the kernel: on CUDA, or on CPU tensors with TRITON_INTERPRET=1")
 def test_one_launch_over_many_weights_updates_each_as_its_own_launch_does():
@@ -480,3 +513,29 @@ def test_fused_8bit_step_on_cuda_matches_the_compiled_update(monkeypatch):
             # rounding of an update of about lr, which near a bf16 boundary can put the neighbours one ulp apart.
             down, up = _bf16_neighbours(theirs[0])
             assert ((p.detach().float() - theirs[0]).abs() <= (up - down).abs() + 1e-4 * 1e-3).all()
+
+
+def test_the_kernels_main_path_leaves_out_only_the_slow_paths_branched_over_to_a_call():
+    from finetune.lab.sass_adamw8bit import main_path
+
+    sass = ["LDG.E R0, desc[UR4][R2.64]", "@!P4 BRA 0x40", "MOV R4, R0", "CALL.REL.NOINC 0x90",  # slow division
+            "FFMA R1, R0, R0, R0", "@P0 BRA 0x70", "FADD R1, R1, R1",  # a branch over plain code counts
+            "STG.E desc[UR4][R2.64], R1", "EXIT", "RET.REL.NODEC R4 0x0"]
+    assert main_path(sass) == ["LDG.E R0, desc[UR4][R2.64]", "@!P4 BRA 0x40", "FFMA R1, R0, R0, R0",
+                               "@P0 BRA 0x70", "FADD R1, R1, R1", "STG.E desc[UR4][R2.64], R1", "EXIT"]
+
+
+def test_the_fused_kernel_compiles_offline_to_vector_loads_for_hopper():
+    """Compiled for sm_90 from the arguments a step passes, on this CPU: each thread's 8 values a load of weight,
+    gradient and codes. Reading the weights' addresses from a table lost their alignment (and the vector loads) at
+    66a08cf, 165 instructions a value; ad67def, one launch a weight, 122; this kernel ~116
+    (results/benchmarks/adamw8bit_sass.json)."""
+    pytest.importorskip("torchao")
+    script = ("import json; from finetune.lab.sass_adamw8bit import count, load_kernel_module; "
+              "print(json.dumps(count(load_kernel_module('finetune/adamw8bit_kernel.py'), 90)))")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # compile, do not interpret
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(done.stdout.splitlines()[-1])
+    assert row["instructions_per_value"] < 130 and row["values_per_thread"] == 8
