@@ -138,15 +138,16 @@ gpu-bench-train-recipe:  ## stock TRL (documented and tuned), reference, the qwe
 	  --stock_trl_steps 2,4 --name $(BENCH_NAME)_recipe --variants recipe,recipe-fp8,lora,qlora
 
 # The fused 8-bit AdamW update (~3 min on one H200): its tests on the GPU (every float32's code against torchao's, whole
-# steps against the compiled update, one launch over many weights against one each), then one step over the 7B shape's weights beside torchao's compiled update, and one
-# over its LoRA adapters beside the kernel of ad67def, which took one launch a weight (ONE_LAUNCH_A_WEIGHT: a copy of
-# that file, made from git history unless given, e.g. where a tree was copied without it).
+# steps against the compiled update, one launch over many weights against one each), then one step over the 7B
+# shape's weights and one over its LoRA adapters, each beside the kernel of ad67def, which took one launch a weight
+# and compiles to the code timed at c781a75 (ONE_LAUNCH_A_WEIGHT: a copy of that file, made from git history unless
+# given, e.g. where a tree was copied without it), and beside torchao's compiled update.
 ONE_LAUNCH_A_WEIGHT ?= /tmp/kernel_ad67def.py
 gpu-optimizer:  ## the 8-bit update's GPU tests and its time over the 7B shape's weights, then over its LoRA adapters
 	mkdir -p $(GPU_OUT)
 	$(PY) -m pytest -q -s tests/test_optimizers.py 2>&1 | tee $(GPU_OUT)/gpu_adamw8bit_test.log
-	$(PY) -m finetune.lab.bench_adamw8bit --shape 7b
 	test -f $(ONE_LAUNCH_A_WEIGHT) || git show ad67def:finetune/adamw8bit_kernel.py > $(ONE_LAUNCH_A_WEIGHT)
+	$(PY) -m finetune.lab.bench_adamw8bit --shape 7b --compare $(ONE_LAUNCH_A_WEIGHT) --name h200_adamw8bit_kernel_7b
 	$(PY) -m finetune.lab.bench_adamw8bit --shape 7b --lora_rank 16 --compare $(ONE_LAUNCH_A_WEIGHT) \
 	  --name h200_adamw8bit_kernel_lora
 
