@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import triton
 
 from finetune.lab.bench_adamw8bit import kernel_step, load_kernel_module, zero_states
 from finetune.results import environment
@@ -63,9 +64,8 @@ def compile_offline(kernel, args: tuple, kwargs: dict, arch: int):
 
 
 def cuobjdump(cubin: bytes, flag: str) -> str:
-    """The output of the `cuobjdump` Triton ships (`-sass`, `-res-usage`) for a cubin."""
-    import triton
-
+    """The output of the `cuobjdump` Triton ships (`-sass`, `-res-usage`) for a cubin (Triton 3.6's reads sm_90 but
+    not sm_121)."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['registers']} registers", flush=True)
     out = Path(args.results_dir) / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "adamw8bit_sass", "count": "static, main path", "rows": rows,
-                               "environment": environment()}, indent=2) + "\n")
+    out.write_text(json.dumps({"benchmark": "adamw8bit_sass", "count": "static, main path",
+                               "triton": triton.__version__, "rows": rows, "environment": environment()},
+                              indent=2) + "\n")
 
 
 if __name__ == "__main__":
