@@ -388,6 +388,30 @@ def test_fused_8bit_step_rounds_to_bf16_without_bias_and_from_its_seed_alone():
 
 
 @on_the_interpreter
+def test_a_program_of_8_blocks_updates_as_one_of_4_does():
+    """bench_adamw8bit --blocks_per_program times the kernel with larger programs: they must compute the same step
+    (weights of 5, 16 and 21 blocks: part-filled last programs at either size)."""
+    from finetune.lab.bench_adamw8bit import kernel_step, load_kernel_module, zero_states
+
+    kernel = pytest.importorskip("finetune.adamw8bit_kernel")
+    wider = load_kernel_module(kernel.__file__)
+    wider.BLOCKS_PER_PROGRAM = 2 * kernel.BLOCKS_PER_PROGRAM
+    shapes = [(5, 256), (64, 64), (48, 112)]
+    results = []
+    for module in (kernel, wider):
+        generator = torch.Generator().manual_seed(0)
+        params = [(torch.randn(s, generator=generator) * 0.05).to(torch.bfloat16) for s in shapes]
+        grads = [(torch.randn(s, generator=generator) * 1e-2).to(torch.bfloat16) for s in shapes]
+        states = zero_states(params)
+        for t in (1, 2):
+            kernel_step(module, params, grads, states, t)
+        results.append(params + [_plain(x) for pair in states for x in pair])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    programs = [len(module._programs((5, 16, 21), torch.device("cpu"))[0]) for module in (kernel, wider)]
+    assert programs == [2 + 4 + 6, 1 + 2 + 3]  # the copy did launch half as many programs
+
+
+@on_the_interpreter
 def test_the_kernel_loads_vectors_only_from_addresses_the_host_found_aligned(monkeypatch):
     """A weight that starts 2 bytes into its storage (a view) takes the scalar path, and updates as the aligned copy
     of it does; an aligned one is marked aligned (the kernel then loads 8 values an instruction)."""
