@@ -63,19 +63,20 @@ def compile_offline(kernel, args: tuple, kwargs: dict, arch: int):
     return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
-def cuobjdump(cubin: bytes, flag: str) -> str:
-    """The output of the `cuobjdump` Triton ships (`-sass`, `-res-usage`) for a cubin (Triton 3.6's reads sm_90 but
-    not sm_121)."""
+def disassembly(cubin: bytes) -> str:
+    """A cubin's SASS and register count, from the `cuobjdump` Triton ships (Triton 3.6's reads sm_90 but not
+    sm_121)."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        return subprocess.run([str(tool), flag, file.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(tool), "-sass", "-res-usage", file.name], capture_output=True, text=True,
+                              check=True).stdout
 
 
-def sass_lines(cubin: bytes) -> list[str]:
-    """The instructions of a cubin, one string each ("@!P4 BRA 0x1d30"), in address order."""
-    lines = [line.split("*/", 1)[1].split(";")[0].strip() for line in cuobjdump(cubin, "-sass").splitlines()
+def sass_lines(disassembled: str) -> list[str]:
+    """The instructions of a disassembly, one string each ("@!P4 BRA 0x1d30"), in address order."""
+    lines = [line.split("*/", 1)[1].split(";")[0].strip() for line in disassembled.splitlines()
              if line.strip().startswith("/*") and "*/" in line]
     return [line for line in lines if line]
 
@@ -103,12 +104,12 @@ def opcode(instruction: str) -> str:
 def count(module, arch: int) -> dict:
     values_per_program, args, kwargs = captured_launch(module)
     compiled = compile_offline(module._adamw8bit_kernel, args, kwargs, arch)
-    cubin = compiled.asm["cubin"]
-    path = main_path(sass_lines(cubin))
+    disassembled = disassembly(compiled.asm["cubin"])
+    path = main_path(sass_lines(disassembled))
     per_thread = values_per_program / (32 * compiled.metadata.num_warps)
     opcodes = collections.Counter(map(opcode, path))
     return {"instructions_per_value": len(path) / per_thread, "values_per_thread": per_thread,
-            "registers": int(cuobjdump(cubin, "-res-usage").split("REG:")[1].split()[0]),
+            "registers": int(disassembled.split("REG:")[1].split()[0]),
             "by_opcode_per_value": {op: n / per_thread for op, n in opcodes.most_common(12)}}
 
 
