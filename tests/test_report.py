@@ -84,3 +84,32 @@ def test_mfu_compared_across_files_is_recounted_by_todays_count():
     assert abs(recounted_mfu(record, row) - row["mfu"]) < 1e-6
     record, row = recipe("h200_7b_train_recipe.json")
     assert recounted_mfu(record, row) < row["mfu"] - 0.03
+
+
+def test_spark_projection_is_the_median_of_the_recipes_h200_runs_with_their_range(tmp_path):
+    """Three H200 runs of the recipe at 0.9, 1.0 and 1.2 times one run's tokens/s, and an H100 run that must not count:
+    the projected hours are the epoch's tokens at the median run's tokens/s scaled from the H200's bf16 peak to GB10's
+    (an MFU is tokens/s times a fixed count over the peak), the range from the fastest and slowest runs."""
+    from pathlib import Path
+
+    from finetune.lab.spark import spark_section
+    from finetune.lab.targets import RECIPE_ROW
+
+    source = json.loads(Path("results/benchmarks/h200_7b_train_recipe_kernel.json").read_text())
+    row = source["variants"][RECIPE_ROW]
+    (tmp_path / "benchmarks").mkdir()
+    for name, scale, gpu in (("a", 0.9, "NVIDIA H200"), ("b", 1.0, "NVIDIA H200"), ("c", 1.2, "NVIDIA H200"),
+                             ("d", 3.0, "NVIDIA H100 80GB HBM3")):
+        record = json.loads(json.dumps(source))
+        record["variants"] = {RECIPE_ROW: {**row, "tokens_per_second": row["tokens_per_second"] * scale}}
+        record["environment"]["hardware"]["gpu"]["name"] = gpu
+        (tmp_path / "benchmarks" / f"{name}.json").write_text(json.dumps(record))
+
+    def hours(scale: float) -> str:
+        seconds = 120_000 * row["mean_article_tokens"] / (row["tokens_per_second"] * scale) * 989 / 125
+        return f"{seconds / 3600:.1f}"
+
+    section = spark_section(tmp_path)
+    assert "`a.json`, `b.json`, `c.json`)" in section
+    assert f"median of 3 runs ({row['mfu']:.1%}; {0.9 * row['mfu']:.1%} - {1.2 * row['mfu']:.1%}) " \
+           f"| {hours(1.0)} ({hours(1.2)} - {hours(0.9)}) |" in section

@@ -1,15 +1,16 @@
 """The DGX Spark (GB10) section of docs/dgx-spark.md: what the `qwen2.5-7b` recipe chooses there, and the epoch time
 projected from what was measured elsewhere. No GB10 has been lent to this project, so every figure here is a
 projection, labelled as one: the FLOPs one epoch needs (the same count as the benchmarks' MFU) over GB10's datasheet
-peak, at the MFU the recipe reached on an H200 and at the MFU the published run reported on the Spark itself.
+peak, at the median MFU of the recipe's runs on an H200 (with their range) and at the MFU the published run reported on the Spark itself.
 """
 
-import json
+import statistics
 from pathlib import Path
 
 from finetune.config import get_config
-from finetune.lab.targets import RECIPE_ROW, step_flops_per_token
+from finetune.lab.targets import RECIPE_ROW, benchmark_records, recounted_mfu, step_flops_per_token
 from finetune.plan import GPU, ModelShape, plan_evaluation, plan_training
+from finetune.results import hardware_label
 from finetune.throughput import PEAK_BF16_TFLOPS
 
 # GB10 as CUDA would describe it: compute capability 12.1, 128 GB shared by CPU and GPU (about 119 GiB as CUDA counts
@@ -20,35 +21,44 @@ PUBLISHED_MFU = 0.306
 PUBLISHED_EPOCH_HOURS = 10
 QWEN_7B = ModelShape(hidden=3584, intermediate=18944, layers=28, vocab=152064, heads=28, kv_heads=4, tied=False)
 EPOCH_ARTICLES = 120_000
-MEASURED = Path("results/benchmarks/h200_7b_train_recipe.json")
+
+
+def recipe_runs(results_dir: Path) -> list[tuple[str, float, float]]:
+    """Every one-H200 benchmark run of the recipe as (file, FLOPs one epoch computes, MFU by today's count)."""
+    runs = []
+    for path, record in benchmark_records(results_dir, "train"):
+        row = record["variants"].get(RECIPE_ROW)
+        flops_per_token = row and "error" not in row and step_flops_per_token(record, row)
+        if flops_per_token and "H200" in hardware_label(record["environment"]) and record.get("world_size", 1) == 1:
+            runs.append((path.name, EPOCH_ARTICLES * row["mean_article_tokens"] * flops_per_token,
+                         recounted_mfu(record, row)))
+    return runs
 
 
 def spark_section(results_dir: Path = Path("results")) -> str:
-    path = results_dir / "benchmarks" / MEASURED.name
-    if not path.exists():
-        return f"(no H200 run of the recipe yet: `make PY=python3 gpu-bench-train-recipe` writes `{MEASURED}`)"
-    record = json.loads(path.read_text())
-    row = record["variants"][RECIPE_ROW]
-    flops_per_token = step_flops_per_token(record, row)
-    epoch_flops = EPOCH_ARTICLES * row["mean_article_tokens"] * flops_per_token
-    h200_mfu = row["tokens_per_second"] * flops_per_token / (PEAK_BF16_TFLOPS["H200"] * 1e12)
-    peak = PEAK_BF16_TFLOPS["GB10"] * 1e12
+    runs = recipe_runs(results_dir)
+    if not runs:
+        return "(no H200 run of the recipe yet: `make PY=python3 gpu-bench-train-recipe` writes one)"
+    epoch_flops = statistics.median(flops for _, flops, _ in runs)
+    mfus = [mfu for _, _, mfu in runs]
+
+    def hours(mfu: float) -> float:
+        return epoch_flops / (PEAK_BF16_TFLOPS["GB10"] * 1e12 * mfu) / 3600
+
     container = {"triton", "torchao", "liger_kernel"}.__contains__  # the NGC image with the `gpu` extra
     _, training_plan = plan_training(get_config("qwen2.5-7b"), GB10, QWEN_7B, has=container)
     _, evaluation_plan = plan_evaluation(get_config("qwen2.5-7b"), GB10, QWEN_7B, has=container)
     lines = [
-        f"Projected from `{path.relative_to(results_dir.parent)}` (one H200, commit "
-        f"`{(record['environment']['git_commit'] or 'unknown')[:7]}`): the recipe's "
-        f"{row['tokens_per_second']:,.0f} tokens/s there are {h200_mfu:.1%} of the H200's bf16 peak by the FLOPs a "
-        f"step computes ({flops_per_token / 1e9:.1f} GFLOP a token, {row['mean_article_tokens']:.1f} tokens an "
-        f"article: {epoch_flops / 1e15:,.0f} PFLOP for one epoch of {EPOCH_ARTICLES:,} articles).",
+        f"Projected from the recipe's benchmark runs on one H200 ({', '.join(f'`{name}`' for name, _, _ in runs)}), "
+        f"their MFU counted by the FLOPs a step computes: {epoch_flops / 1e15:,.0f} PFLOP for one epoch of "
+        f"{EPOCH_ARTICLES:,} articles.",
         "",
         "| one epoch of 120,000 articles on a DGX Spark | hours |",
         "|---|---|",
-        f"| projection: GB10's {PEAK_BF16_TFLOPS['GB10']:.0f} TFLOP/s at the recipe's H200 MFU ({h200_mfu:.1%}) "
-        f"| {epoch_flops / (peak * h200_mfu) / 3600:.1f} |",
-        f"| projection: at the published run's MFU on the Spark ({PUBLISHED_MFU:.1%}) "
-        f"| {epoch_flops / (peak * PUBLISHED_MFU) / 3600:.1f} |",
+        f"| projection: GB10's {PEAK_BF16_TFLOPS['GB10']:.0f} TFLOP/s at the recipe's H200 MFU, median of {len(runs)} "
+        f"runs ({statistics.median(mfus):.1%}; {min(mfus):.1%} - {max(mfus):.1%}) "
+        f"| {hours(statistics.median(mfus)):.1f} ({hours(max(mfus)):.1f} - {hours(min(mfus)):.1f}) |",
+        f"| projection: at the published run's MFU on the Spark ({PUBLISHED_MFU:.1%}) | {hours(PUBLISHED_MFU):.1f} |",
         f"| the published run, measured there | about {PUBLISHED_EPOCH_HOURS} |",
         "",
         f"What `qwen2.5-7b` chooses on a GB10 ({GB10.free_gib:.0f} GiB free assumed, the container's packages; "
