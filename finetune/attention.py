@@ -53,10 +53,13 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                              cu_seq_lens_q: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                              **kwargs) -> tuple[torch.Tensor, None]:
-    """Per-article causal attention for a packed row; ordinary sdpa (with its mask) for padded batches."""
+    """Per-article causal attention for a packed row; sdpa under its mask for padded batches, the keys not copied per
+    query head (`_masked_grouped_attention`)."""
     if cu_seq_lens_q is None and attention_mask is None and position_ids is not None and query.shape[0] == 1:
         cu_seq_lens_q = _boundaries_from_positions(position_ids[0])
     if cu_seq_lens_q is None:
+        if attention_mask is not None and attention_mask.shape[1] == 1 and key.shape[1] != query.shape[1]:
+            return _masked_grouped_attention(query, key, value, attention_mask, dropout, scaling), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if dropout:
         raise NotImplementedError("varlen attention has no dropout; Qwen2 trains with attention_dropout=0")
@@ -71,6 +74,22 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     else:
         out = _padded_causal_attention(q, k, v, cu, cu, max_len, max_len, scaling)
     return out.unsqueeze(0), None
+
+
+def _masked_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                              dropout: float, scaling: float | None) -> torch.Tensor:
+    """sdpa under a padding mask (left-padded evaluation and generation batches, unpacked training) with fewer key
+    heads than query heads, without copying the keys. transformers repeats every key and value to each query head
+    there (sdpa's `enable_gqa` falls back to its math kernel under a mask): 7 x the 7B's keys written and read again in
+    every layer, at every decoding step. Instead the query heads that share a key head (repeat_kv's pairing: key head j
+    serves query heads j * group to (j + 1) * group - 1) are laid along the queries and the mask's rows repeated
+    for them. query: (batch, heads, queries, dim); key, value: (batch, kv heads, keys, dim); mask: (batch, 1,
+    queries, keys). Returns (batch, queries, heads, dim), as transformers' attention functions do."""
+    batch, heads, queries, dim = query.shape
+    group = heads // key.shape[1]
+    out = F.scaled_dot_product_attention(query.reshape(batch, key.shape[1], group * queries, dim), key, value,
+                                         attn_mask=mask.repeat(1, 1, group, 1), dropout_p=dropout, scale=scaling)
+    return out.view(batch, heads, queries, dim).transpose(1, 2).contiguous()
 
 
 def _cuda_varlen_kernel() -> tuple[object, dict, bool] | None:

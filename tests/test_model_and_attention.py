@@ -71,6 +71,41 @@ def test_packed_rows_do_not_attend_across_articles(tiny_config, tokenizer):
     assert not torch.allclose(leaky[len(rows[0]):], alone[len(rows[0]):], atol=1e-3)
 
 
+def test_padded_batches_attend_as_transformers_does_without_copying_keys_per_query_head(tiny_config, tokenizer,
+                                                                                         monkeypatch):
+    """Left-padded prompts, then greedy decoding from them (each step's one query under the padding mask): the varlen
+    implementation gives eager attention's logits and tokens, and never calls transformers' `repeat_kv` (the copy of
+    every key per query head it avoids). The model has fewer key heads than query heads."""
+    import transformers.integrations.sdpa_attention as sdpa_attention
+
+    from finetune.predict import _left_pad, greedy_decoding
+
+    choose_attn_implementation("auto", packing=False)
+    model = load_model(dataclasses.replace(tiny_config, num_kv_heads=2), tokenizer, VARLEN).eval()
+    assert model.config.num_attention_heads == 2 * model.config.num_key_value_heads
+    prompts = [tokenizer.apply_chat_template(build_prompt_messages(t), tokenize=True, add_generation_prompt=True,
+                                             return_dict=False) for t in TEXTS]
+    ids, mask = _left_pad(prompts, tokenizer.pad_token_id, "cpu")
+    decoding = greedy_decoding(6, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    decoding.eos_token_id = None  # decode all six steps, whatever the untrained model picks
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            return logits[mask.bool()], model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding)
+
+    def no_copies(*args):
+        raise AssertionError("repeat_kv called: keys copied per query head")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sdpa_attention, "repeat_kv", no_copies)
+        logits, tokens = run()
+    model.set_attn_implementation("eager")
+    expected_logits, expected_tokens = run()
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(tokens, expected_tokens) and tokens.shape[1] == ids.shape[1] + 6
+
+
 def test_scratch_model_is_seeded_and_sized_from_the_tokenizer(tiny_config, tokenizer):
     first, second = load_model(tiny_config, tokenizer), load_model(tiny_config, tokenizer)
     assert first.config.vocab_size == max(len(tokenizer), tiny_config.vocab_size) and first.config.model_type == "qwen2"
