@@ -11,6 +11,7 @@ import re
 import statistics
 from pathlib import Path
 
+from finetune.lab.bench_eval import ANCHORS
 from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
 from finetune.lab.spark import spark_section
@@ -81,6 +82,9 @@ def eval_benchmark_table(results_dir: Path) -> str:
             spread = (f"{m['articles_per_second_min']:.0f} - {m['articles_per_second_max']:.0f} ({m['repeats']} passes)"
                       if "repeats" in m else "one cold pass")
             ratio = f"{m['vs_anchor']:.2f}x" if "vs_anchor" in m else ""
+            anchor_batch = record["modes"][ANCHORS[mode]]["batch_size"] if ratio else m["batch_size"]
+            if anchor_batch != m["batch_size"]:
+                ratio += f" (anchor at batch {anchor_batch})"
             lines.append(f"| `{path.name}` | {device} | {model} | {mode} | {m['articles']} | {m['articles_per_second']:.1f} "
                          f"| {spread} | {ratio} | {lat['p50']:.0f} / {lat['p95']:.0f} | {m['batch_size']} "
                          f"| {_gib(m['peak_allocated_gib'])} | {commit} |")
