@@ -98,6 +98,9 @@ gpu-bench-eval:  ## the 7B shape: every evaluation mode beside plain-HF label sc
 # decodes. Sixteen steps under FSDP2 (one process; the save gathers the shards) teach the 7B shape the answer format
 # (not the labels); the suite's evaluation and the eval benchmark then run on the saved folder. About 8 minutes on one
 # H200; the folder is 15 GB (a link from checkpoints/fsdp-7b to /dev/shm helps where the disk is small).
+# Every mode and both anchors at batch 512, so each ratio compares equal batches (h200_7b_eval_trained.json, an older
+# run, timed plain `generate` at 64).
+TRAINED_EVAL_NAME ?= h200_7b_eval_trained_512
 gpu-bench-eval-trained: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under FSDP2, evaluated and benchmarked
 	rm -rf checkpoints/fsdp-7b/*  # the folder may be a link: keep it, empty it
@@ -105,9 +108,9 @@ gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under F
 	  --profile qwen2.5-7b-shape --run_name fsdp-7b --max_steps 16 --learning_rate 5e-5 --logging_steps 4 \
 	  --gradient_checkpointing false --dataloader_num_workers 2
 	$(PY) -m finetune.evaluate --profile qwen2.5-7b-shape --model_path checkpoints/fsdp-7b/final --name fsdp-7b \
-	  --eval_batch_size 256 --results_dir results/fsdp
+	  --results_dir results/fsdp
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --model checkpoints/fsdp-7b/final \
-	  --name h200_7b_eval_trained --eval_batch_size 256 --generation_batch_size 512 --use_liger_kernel true \
+	  --name $(TRAINED_EVAL_NAME) --eval_batch_size 512 --generation_batch_size 512 --use_liger_kernel true \
 	  --repeats 2 --modes plain_label_scoring,plain_generate,label_scoring,generation,generation_decoding
 
 # Speed II (one GPU, 7B shape, ~7 min each): stock TRL, the reference and the new variants, each file with its own

@@ -136,6 +136,21 @@ def tuned_anchor_ceilings(results_dir: Path) -> list[Row]:
     return rows
 
 
+def generation_ceilings(results_dir: Path) -> list[Row]:
+    """Per run, the most generation can reach against plain `generate`: its check of the answer tree is label
+    scoring's packed pass, so it is never faster than label scoring at the same batch. Label scoring's articles/s over
+    plain `generate`'s, where the two ran at one batch size in one run."""
+    rows = []
+    for file, record in _on_one_gpu(results_dir, "eval"):
+        scoring, plain = record["modes"].get("label_scoring"), record["modes"].get("plain_generate")
+        if scoring and plain and scoring["batch_size"] == plain["batch_size"]:
+            device = hardware_label(record["environment"])
+            rows.append(((device, plain["batch_size"]), f"label scoring over plain `generate`, batch "
+                         f"{plain['batch_size']}, {device}", file,
+                         {"ceiling": scoring["articles_per_second"] / plain["articles_per_second"]}))
+    return rows
+
+
 def eval_rows(results_dir: Path) -> list[Row]:
     """Every mode timed beside its plain-HF anchor, grouped by mode, device, kernels, model and batch. A row's
     `vs_anchor` is dropped where its anchor ran at another batch size (files before the anchors ran at the suite's
@@ -208,7 +223,9 @@ def targets(results_dir: Path) -> list[Target]:
             ("generation vs plain `generate`, same run and batch, on weights taught the answer format", 3.0,
              [row for row in trained if row[0][0] == "generation"], "vs_anchor"),
             ("decoding every article vs plain `generate`, same run and batch, on weights taught the answer format", 2.0,
-             [row for row in trained if row[0][0] == "generation_decoding"], "vs_anchor")):
+             [row for row in trained if row[0][0] == "generation_decoding"], "vs_anchor"),
+            ("the most generation can reach against plain `generate`: label scoring's speed (its answer-tree check is "
+             "label scoring's pass), same run and batch", None, generation_ceilings(results_dir), "ceiling")):
         rows.append((name, goal, summarize([row for row in of_mode if metric in row[3]], metric),
                      "{:.0f}" if metric == "articles_per_second" else "{:.2f}x", True))
     return rows
