@@ -19,6 +19,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def recomputed_layers(model: nn.Module) -> int:
+    """How many decoder layers recompute their activations in the backward pass (transformers' per-layer switch; FSDP's
+    own activation checkpointing wraps layers from outside and is not counted)."""
+    return sum(bool(layer.gradient_checkpointing) for layer in decoder_layers(model))
+
+
 def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> None:
     """Regional compilation: `torch.compile` each decoder layer in place, the way accelerate's
     `compile_regions_fsdp2` does, so module names, isinstance checks and gradient checkpointing (which wraps the

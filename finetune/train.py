@@ -29,7 +29,8 @@ from finetune.data import load_splits, to_prompt_completion
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer, weights_dtype
 from finetune.plan import GPU, ModelShape, OutOfMemory, gpu_memory_note, log_plan, plan_training
 from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished, whole_run_train_loss
-from finetune.speedups import OPTIMIZERS, check_speedups, compile_decoder_layers, convert_to_fp8, decoder_layers
+from finetune.speedups import (OPTIMIZERS, check_speedups, compile_decoder_layers, convert_to_fp8, decoder_layers,
+                               recomputed_layers)
 from finetune.throughput import (ThroughputCallback, adapter_parameters, article_tokens, peak_memory_gib,
                                  reset_peak_memory)
 
@@ -254,8 +255,7 @@ def out_of_memory_advice(config: RunConfig, trainer: FusedHeadSFTTrainer) -> str
     checkpoint = last_checkpoint(config.output_dir)
     kept = (f"Training up to {Path(checkpoint).name} is kept: the same command resumes from it" if checkpoint else
             f"No checkpoint was written yet (one every {config.save_steps} steps): a rerun starts afresh")
-    planned, layers = trainer.run_config, decoder_layers(trainer.model)
-    recomputed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
+    planned, layers, recomputed = trainer.run_config, decoder_layers(trainer.model), recomputed_layers(trainer.model)
     rows, accumulation = planned.per_device_train_batch_size, planned.gradient_accumulation_steps
     options = []
     if recomputed < len(layers) and not trainer.is_fsdp_enabled:  # FSDP's own activation checkpointing is not seen

@@ -40,7 +40,7 @@ from finetune.throughput import (HostSyncCounter, StepClock, StepProfiler, adapt
                                  peak_memory_gib, reset_peak_memory, training_flops_per_token)
 from finetune.lab.stock_trl import STOCK_TRL, STOCK_TRL_TUNED, stock_trl_trainer
 from finetune.lab.targets import RECIPE_ROW
-from finetune.speedups import decoder_layers
+from finetune.speedups import recomputed_layers
 from finetune.train import build_trainer, launched_with_fsdp
 
 FULL_TRAIN_ARTICLES = 120_000
@@ -261,7 +261,7 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         # What ran, read from the trained model and trainer (an "auto" choice, TRL's default optimizer).
         "host_syncs_per_step": syncs.count,
         "host_syncs_by_site": dict(syncs.sites.most_common()) if syncs.sites is not None else None,
-        "checkpointed_layers": sum(bool(layer.gradient_checkpointing) for layer in decoder_layers(trainer.model)),
+        "checkpointed_layers": recomputed_layers(trainer.model),
         "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                           else trainer.optimizer).__name__,
     }
