@@ -215,8 +215,14 @@ def config_from_args(argv: list[str] | None = None, description: str = "") -> Ru
 
 
 def _metavar(field_type) -> str:
-    names = [getattr(t, "__name__", str(t)) for t in (typing.get_args(field_type) or (field_type,))]
-    return "|".join("none" if n == "NoneType" else n.upper() for n in names)
+    types = typing.get_args(field_type) or (field_type,)
+    return "|".join("none" if t is type(None) else "auto" if t is str and _auto_only(types) else t.__name__.upper()
+                    for t in types)
+
+
+def _auto_only(types: tuple) -> bool:
+    """Beside a bool or a number, the one text a field takes is "auto" (compile_layers, eval_batch_size, ...)."""
+    return str in types and len(set(types) - {type(None)}) > 1
 
 
 def _caster(field_type):
@@ -225,16 +231,17 @@ def _caster(field_type):
     def cast(text: str):
         if text.lower() == "none" and type(None) in types:
             return None
-        if bool in types:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        if bool in types and text.lower() in ("true", "false", "1", "0"):
             return text.lower() in ("true", "1")
-        for base in (t for t in types if t is not type(None)):  # the first type that reads it: int | str takes 16, auto
+        for base in (t for t in types if t not in (type(None), bool)):  # int | str takes 16 and auto
+            if base is str and _auto_only(types) and text != "auto":
+                continue
             try:
                 return base(text)
             except ValueError:
                 continue
-        raise argparse.ArgumentTypeError(f"cannot read {text!r} as {field_type}")
+        expected = _metavar(field_type).lower().replace("bool", "true or false").replace("|", " or ")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
 
     cast.__name__ = getattr(field_type, "__name__", str(field_type))  # argparse names the type in its errors
     return cast

@@ -12,6 +12,25 @@ def test_cli_flags_are_typed_like_the_fields():
     assert config.packing is False and config.data_dir is None and config.run_name == "123"
 
 
+def test_fields_that_take_a_switch_or_auto_read_both_from_the_command_line(capsys):
+    """The tiny and reference profiles pin compile_layers, use_liger_kernel and merge_micro_batches off: `auto` turns
+    the planner back on from the command line, a number or switch still reads as one, any other text is refused."""
+    config = config_from_args(["--profile", "qwen2.5-7b-reference", "--compile_layers", "auto", "--use_liger_kernel",
+                               "auto", "--merge_micro_batches", "auto", "--eval_batch_size", "auto",
+                               "--checkpointed_layers", "auto"])
+    assert [config.compile_layers, config.use_liger_kernel, config.merge_micro_batches, config.eval_batch_size,
+            config.checkpointed_layers] == ["auto"] * 5
+    config = config_from_args(["--profile", "tiny", "--compile_layers", "1", "--eval_batch_size", "64",
+                               "--checkpointed_layers", "none"])
+    assert config.compile_layers is True and config.eval_batch_size == 64 and config.checkpointed_layers is None
+    for flag, text, expected in (("--compile_layers", "maybe", "expected true or false or auto, got 'maybe'"),
+                                 ("--eval_batch_size", "big", "expected int or auto, got 'big'"),
+                                 ("--bf16", "auto", "expected true or false, got 'auto'")):
+        with pytest.raises(SystemExit):
+            config_from_args(["--profile", "tiny", flag, text])
+        assert f"argument {flag}: {expected}" in capsys.readouterr().err
+
+
 def test_lora_settings_are_flags_and_leave_full_fine_tunings_learning_rate_alone():
     config = config_from_args(["--profile", "tiny", "--lora_learning_rate", "5e-3", "--lora_modules_to_save", "none"])
     assert config.lora_learning_rate == 5e-3 and config.lora_modules_to_save is None
