@@ -13,7 +13,7 @@ from finetune.adapters import is_adapter, quantization_config, with_adapter
 from finetune.config import RunConfig
 from finetune.plan import GPU, ModelShape, plan_evaluation
 from finetune.qwen_tokenizer import CHAT_TEMPLATE, build_qwen25_tokenizer
-from finetune.speedups import compile_decoder_layers
+from finetune.speedups import compile_decoder_layers, weights_dtype
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,6 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path) -> P
 def task_strings() -> list[str]:
     """The constant parts of every example: the prompt strings and the four answers (no article, no pairing)."""
     return [SYSTEM_PROMPT, USER_TEMPLATE] + [format_answer(label) for label in LABELS]
-
-
-def weights_dtype(config: RunConfig) -> torch.dtype:
-    """bf16 weights for bf16 runs, except with fp32 master weights (bf16 is then the autocast compute dtype)."""
-    return torch.bfloat16 if config.bf16 and config.optimizer != "adamw_fp32_master" else torch.float32
 
 
 def load_model(config: RunConfig, tokenizer: PreTrainedTokenizerFast, attn_implementation: str = "sdpa",

@@ -23,7 +23,7 @@ import torch
 
 from finetune.config import RunConfig
 from finetune.speedups import (GIB, OPTIMIZERS, WORKSPACE_GIB, layer_activation_bytes,
-                               layers_to_checkpoint)
+                               layers_to_checkpoint, weights_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,9 @@ def _checkpointed_layers(config: RunConfig, gpu: GPU | None, shape: ModelShape) 
     if gpu is None:
         return None, "every layer: no GPU memory to plan"
     kept, checkpointed = layer_activation_bytes(shape.hidden, shape.intermediate,
-                                                config.per_device_train_batch_size * config.max_length)
-    budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=2 * shape.parameters)
+                                                config.per_device_train_batch_size * config.max_length,
+                                                2 if config.bf16 else 4)
+    budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=weight_bytes(config) * shape.parameters)
     fixed = training_state_bytes(config, shape)
     n = layers_to_checkpoint(budget, fixed, kept, checkpointed, shape.layers)
     return n, (f"{n} of {shape.layers} layers recompute: budget {budget / GIB:.1f} GiB ({assumed}), weights, "
@@ -225,10 +226,11 @@ def _micro_batches(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> tup
         return rows, micro_batches, f"{given}: layers are recomputed at this micro-batch already"
     if micro_batches % 2:
         return rows, micro_batches, f"{given}: {micro_batches} micro-batch(es) a step do not halve"
-    budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=2 * shape.parameters)
+    budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=weight_bytes(config) * shape.parameters)
     fixed = training_state_bytes(config, shape)
     while micro_batches % 2 == 0:
-        kept, checkpointed = layer_activation_bytes(shape.hidden, shape.intermediate, 2 * rows * config.max_length)
+        kept, checkpointed = layer_activation_bytes(shape.hidden, shape.intermediate, 2 * rows * config.max_length,
+                                                    2 if config.bf16 else 4)
         if layers_to_checkpoint(budget, fixed, kept, checkpointed, shape.layers):
             break
         rows, micro_batches = 2 * rows, micro_batches // 2
@@ -258,14 +260,21 @@ def memory_budget(gpu: GPU, max_memory_gib: float | None, weights_bytes: float) 
 
 def training_state_bytes(config: RunConfig, shape: ModelShape) -> float:
     """Weights, gradients and optimizer states. Full fine-tuning: all of them for every weight. LoRA and QLoRA: the
-    frozen weights as loaded (bf16, or QLoRA's 4-bit projections), plus all three for the adapters."""
-    optimizer = OPTIMIZERS.get(config.optimizer, OPTIMIZERS["adamw_bf16_sr"])
+    frozen weights as loaded (`weights_dtype`, or QLoRA's 4-bit projections), plus all three for the adapters."""
+    per_parameter = OPTIMIZERS.get(config.optimizer, OPTIMIZERS["adamw_bf16_sr"]).bytes_per_parameter
+    if config.optimizer == "adamw":  # plain AdamW keeps its gradients and moments in the weights' dtype
+        per_parameter = 4 * weight_bytes(config)
     if config.method == "full":
-        return shape.parameters * optimizer.bytes_per_parameter
-    frozen = 2 * shape.parameters
-    if config.method == "qlora":  # 4-bit projections with a 2-byte scale per 64 weights, the rest bf16
-        frozen -= shape.linear_parameters * (2 - 0.5 - 2 / 64)
-    return frozen + shape.adapter_parameters(config.lora_rank) * optimizer.bytes_per_parameter
+        return shape.parameters * per_parameter
+    frozen = weight_bytes(config) * shape.parameters
+    if config.method == "qlora":  # 4-bit projections with a 2-byte scale per 64 weights, the rest as loaded
+        frozen -= shape.linear_parameters * (weight_bytes(config) - 0.5 - 2 / 64)
+    return frozen + shape.adapter_parameters(config.lora_rank) * per_parameter
+
+
+def weight_bytes(config: RunConfig) -> int:
+    """Bytes a weight takes as loaded: 2 in bf16, 4 in fp32 (bf16=False, or fp32 master weights)."""
+    return weights_dtype(config).itemsize
 
 
 def plan_evaluation(config: RunConfig, gpu: GPU | None, shape: ModelShape,
@@ -300,7 +309,7 @@ def _eval_batch_size(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> t
     `max_length` tokens, and generation's key/value cache over the prompt and its answer."""
     if gpu is None:
         return CPU_EVAL_BATCH, f"{CPU_EVAL_BATCH}: no GPU memory to plan"
-    weights = 2 * shape.parameters
+    weights = weight_bytes(config) * shape.parameters
     budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=weights)
     tokens = config.max_length + 16
     per_article = (16 * shape.vocab * (2 + 4 + 4) + tokens * (2 * shape.intermediate + 4 * shape.hidden) * 2

@@ -26,11 +26,11 @@ from finetune.adapters import adapter_alone_in_saves, adapters_in_weights_dtype,
 from finetune.attention import choose_attn_implementation
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
-from finetune.model import check_tokenizer_fits, load_model, load_tokenizer, weights_dtype
+from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
 from finetune.plan import GPU, ModelShape, OutOfMemory, gpu_memory_note, log_plan, plan_training
 from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished, whole_run_train_loss
 from finetune.speedups import (OPTIMIZERS, check_speedups, compile_decoder_layers, convert_to_fp8, decoder_layers,
-                               recomputed_layers)
+                               recomputed_layers, weights_dtype)
 from finetune.throughput import (ThroughputCallback, adapter_parameters, article_tokens, peak_memory_gib,
                                  reset_peak_memory)
 

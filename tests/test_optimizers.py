@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from finetune.config import get_config
-from finetune.model import weights_dtype
+from finetune.speedups import weights_dtype
 from finetune.train import optimizer_cls_and_kwargs, sft_config
 
 

@@ -64,6 +64,16 @@ def test_the_h100_recomputes_some_layers_and_the_gb10_budgets_for_its_host():
         < plan_training(get_config("qwen2.5-7b"), busy, QWEN_7B, has=EVERYTHING)[0].checkpointed_layers
 
 
+def test_fp32_weights_are_planned_at_four_bytes_a_value():
+    """bf16=False loads fp32 weights, and plain AdamW (the plan's choice then) keeps fp32 gradients and moments:
+    16 bytes a parameter, not bf16's 8, and activations twice the size: more layers recompute than at bf16."""
+    fp32, plan = plan_training(get_config("qwen2.5-7b", bf16=False), H200, QWEN_7B, has=EVERYTHING)
+    bf16, _ = plan_training(get_config("qwen2.5-7b", optimizer="adamw"), H200, QWEN_7B, has=EVERYTHING)
+    assert fp32.optimizer == "adamw"
+    assert f"optimizer states {QWEN_7B.parameters * 16 / 2**30:.1f} GiB" in plan["checkpointed_layers"]["reason"]
+    assert fp32.checkpointed_layers > bf16.checkpointed_layers
+
+
 def test_a_step_runs_in_fewer_micro_batches_only_where_no_layer_would_recompute():
     """The H200 holds every layer's activations for the step's 32 rows at once: one micro-batch. The H100 recomputes
     layers already at 16 rows, so it keeps 16 x 2; the product, the rows an update sees, never changes."""
