@@ -67,11 +67,14 @@ def make_splits(data: dict[str, pd.DataFrame], source: DataSource, protocol: str
         why = notes[-1] if leaked.any() else "its train split holds no articles"
         raise DataError(f"nothing to train on in {source.name}: {why}. Supply a train split that is not a copy of "
                         "the eval split, or carve the test split with protocol 'holdout' (--protocol holdout)")
+    if eval_.empty:
+        raise DataError(f"nothing to evaluate on in {source.name}: its test split holds no articles. Supply one, or "
+                        "carve the train split with protocol 'holdout' (--protocol holdout)")
     if max_train_samples and max_train_samples < len(train):
-        train = _stratified_take(train, max_train_samples, split_seed)[0]
+        train = _stratified_take(train, max_train_samples, split_seed, "max_train_samples")[0]
         notes.append(f"training limited to {max_train_samples} articles")
     if max_eval_samples and max_eval_samples < len(eval_):
-        eval_ = _stratified_take(eval_, max_eval_samples, split_seed)[0]
+        eval_ = _stratified_take(eval_, max_eval_samples, split_seed, "max_eval_samples")[0]
         notes.append(f"evaluation limited to {max_eval_samples} articles")
     return Splits(train.reset_index(drop=True), eval_.reset_index(drop=True), protocol, source, split_seed, notes)
 
@@ -82,7 +85,7 @@ def _carve(pool: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, pd.Data
     scikit-learn's stratified split first; then every group it split moves whole to the side of its first article,
     each article moved trading places with a random ungrouped article of its class, so that the sizes and class
     counts stay exactly those of the stratified split and most of the carve stays as it was."""
-    taken, _ = _stratified_take(pool, n, seed)
+    taken, _ = _stratified_take(pool, n, seed, "holdout_train_size")
     in_train = pd.Series(pool.index.isin(taken.index), index=pool.index)
     grouped = pool["group"].ne("") & pool["group"].duplicated(keep=False)
     if not grouped.any():
@@ -109,9 +112,13 @@ def _carve(pool: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, pd.Data
     return pool[in_train], pool[~in_train], [note]
 
 
-def _stratified_take(df: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`n` articles with the split's class balance, and the rest; both in file order."""
-    if n >= len(df):
-        raise DataError(f"cannot take {n} articles from a split of {len(df)}")
+def _stratified_take(df: pd.DataFrame, n: int, seed: int, setting: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`n` articles with the split's class balance, and the rest; both in file order. `setting` names the option that
+    asked for `n`, for the message when it cannot be done."""
+    classes = df["label"].nunique()
+    if not classes <= n <= len(df) - classes or df["label"].value_counts().min() < 2:
+        raise DataError(f"{setting}={n}: a stratified take from {len(df)} articles of {classes} classes needs "
+                        f"between {classes} and {len(df) - classes} of them, and at least two articles of every "
+                        f"class (the rarest has {df['label'].value_counts().min()})")
     taken, rest = train_test_split(df, train_size=n, stratify=df["label"], random_state=seed)
     return taken.sort_index(), rest.sort_index()

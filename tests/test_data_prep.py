@@ -267,6 +267,25 @@ def test_an_empty_train_split_is_an_error(tmp_path):
         make_splits(data, source)
 
 
+def test_an_empty_test_split_is_an_error_before_any_training(tmp_path):
+    write_synthetic_csv(tmp_path / "train.csv", per_class=5)
+    _write(tmp_path / "test.csv", ['"9","Bad","Label"\n'])
+    data, source = load_ag_news(tmp_path, skip_bad_rows=True)
+    with pytest.raises(DataError, match="nothing to evaluate on.*holds no articles.*protocol 'holdout'"):
+        make_splits(data, source)
+
+
+def test_limits_a_stratified_take_cannot_meet_name_their_setting(synthetic_dir, tmp_path):
+    """Fewer articles than classes (or all but fewer than a class's worth) cannot be stratified: the message names
+    the option, not scikit-learn's `train_size`, and the converter stops with it instead of a traceback."""
+    data, source = load_ag_news(synthetic_dir)
+    with pytest.raises(DataError, match="max_eval_samples=2: a stratified take from 100 articles of 4 classes needs "
+                                        "between 4 and 96"):
+        make_splits(data, source, holdout_train_size=300, max_eval_samples=2)
+    with pytest.raises(SystemExit, match="error: holdout_train_size=3: a stratified take"):
+        main(["--source", str(synthetic_dir), "--out", str(tmp_path / "out"), "--holdout-train-size", "3"])
+
+
 def test_standard_protocol_without_train_split_is_an_error(synthetic_dir):
     data, source = load_ag_news(synthetic_dir)
     with pytest.raises(DataError, match="needs train and test"):
@@ -289,4 +308,6 @@ def test_to_chat_records_keeps_ids_and_labels(synthetic_dir):
     split = load_ag_news(synthetic_dir)[0]["test"].head(3)
     records = to_chat_records(split)
     assert [r["id"] for r in records] == list(split["id"])
-    assert all(r["messages"][2]["content"] == format_answer(r["label"]) for r in records)
+    assert [r["label"] for r in records] == [LABELS[y] for y in split["label"]]
+    assert [r["messages"][1]["content"].split("\n\n", 1)[1] for r in records] == list(split["text"])
+    assert [r["messages"][2]["content"] for r in records] == [format_answer(LABELS[y]) for y in split["label"]]
