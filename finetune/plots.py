@@ -59,6 +59,9 @@ def plot_training_loss(log_history: list[dict]) -> plt.Figure:
     history = pd.DataFrame([h for h in log_history if "loss" in h])
     fig, axes = _figure((7.5, 3.5))
     ax = axes[0][0]
+    if history.empty:  # a run shorter than logging_steps logs only its summary
+        ax.set_title("No training loss logged: the run ended before its first logging step (logging_steps)")
+        return fig
     ax.plot(history["step"], history["loss"], linewidth=1, alpha=0.6 if len(history) >= 40 else 1, label="logged")
     if len(history) >= 40:
         window = len(history) // 20

@@ -217,3 +217,13 @@ def test_baselines_import_no_torch():
     code = "import sys, finetune.baselines; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_loss_plot_shows_the_last_logged_loss_or_says_none_was_logged():
+    """A run shorter than logging_steps logs only its summary: the notebook's plot says so instead of failing."""
+    from finetune.plots import plot_training_loss
+
+    summary_only = [{"train_loss": 0.5, "step": 5, "epoch": 1.0}]
+    assert "No training loss logged" in plot_training_loss(summary_only).axes[0].get_title()
+    logged = [{"loss": 2.0, "step": 20}, {"loss": 0.25, "step": 40}, *summary_only]
+    assert plot_training_loss(logged).axes[0].get_title().endswith("last logged 0.25")
