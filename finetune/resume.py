@@ -104,6 +104,11 @@ def check_resume(config: RunConfig, checkpoint: str) -> dict[str, tuple]:
     return changes
 
 
+def checkpoint_step(checkpoint: str) -> int:
+    """The optimizer step a checkpoint folder (`checkpoint-<step>`) was written at."""
+    return int(Path(checkpoint).name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-"))
+
+
 def run_finished(config: RunConfig, checkpoint: str) -> bool:
     """Whether `checkpoint` is the run's last step and the final model and summary were written after it."""
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
@@ -120,7 +125,7 @@ def whole_run_train_loss(train_loss: float, log_history: list[dict], resumed_fro
     they are left out of the mean rather than guessed."""
     if resumed_from is None:
         return train_loss
-    resumed_step = int(Path(resumed_from).name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-"))  # rotated away by now
+    resumed_step = checkpoint_step(resumed_from)  # rotated away by now: its name tells the step
     before, covered, previous = 0.0, 0, 0
     for entry in log_history:
         if "loss" in entry and entry["step"] <= resumed_step:

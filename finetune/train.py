@@ -28,7 +28,8 @@ from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
 from finetune.plan import GPU, ModelShape, OutOfMemory, gpu_memory_note, log_plan, plan_training
-from finetune.resume import SaveRunConfig, check_resume, last_checkpoint, run_finished, whole_run_train_loss
+from finetune.resume import (SaveRunConfig, check_resume, checkpoint_step, last_checkpoint, run_finished,
+                             whole_run_train_loss)
 from finetune.speedups import (OPTIMIZERS, check_speedups, compile_decoder_layers, convert_to_fp8, decoder_layers,
                                recomputed_layers, weights_dtype)
 from finetune.throughput import (ThroughputCallback, adapter_parameters, article_tokens, peak_memory_gib,
@@ -201,7 +202,8 @@ def _drop_notebook_loss_table(trainer: FusedHeadSFTTrainer) -> None:
 def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, splits: Splits | None = None) -> Path:
     """Train (resuming from the run's last checkpoint if one exists), save the final model, return its folder.
 
-    A finished run is left as it is: its final model and summary (with the real training time) stay."""
+    A finished run is left as it is: its final model and summary (with the real training time) stay, also when a
+    changed run config (allow_config_change) adds no step to it."""
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # only fp32 leftovers use it; bf16 matmuls are unaffected
         torch.backends.cudnn.benchmark = True
@@ -223,6 +225,10 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, spl
         result = trainer.train(resume_from_checkpoint=last)
     except torch.OutOfMemoryError as error:
         raise OutOfMemory(out_of_memory_advice(config, trainer)) from error
+    if last and trainer.state.global_step == checkpoint_step(last) and run_finished(config, last):
+        log.warning("%s is finished and the changed run config adds no step to it; its final model and "
+                    "train_summary.json stay as they are.", config.run_name)
+        return config.final_dir
     train_seconds, peak_gib = time.perf_counter() - start, peak_memory_gib()
     save_start = time.perf_counter()
     save_final_model(trainer, config.final_dir)

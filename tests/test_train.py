@@ -137,6 +137,12 @@ def test_running_a_finished_run_again_leaves_its_summary_alone(tiny_config, capl
         assert train(config) == config.final_dir
     assert summary.read_text() == before
     assert "is finished" in caplog.text
+    # A change that is allowed but adds no step (a learning rate) resumes, trains nothing and keeps them too.
+    changed = dataclasses.replace(config, learning_rate=5e-3, allow_config_change=True)
+    with caplog.at_level("WARNING", logger="finetune.train"):
+        assert train(changed) == config.final_dir
+    assert summary.read_text() == before
+    assert "adds no step to it" in caplog.text
 
 
 def test_partial_checkpoint_is_a_clear_error(tiny_config):
