@@ -42,7 +42,8 @@ def make_splits(data: dict[str, pd.DataFrame], source: DataSource, protocol: str
     Everything done to the data beyond the protocol itself is said in `notes`; callers show them to the user."""
     if protocol == "auto":
         protocol = "standard" if {"train", "test"} <= data.keys() else "holdout"
-    notes = []
+    notes = [f"skipped {frame.attrs['skipped_rows']} malformed rows of the {split} split (skip_bad_rows)"
+             for split, frame in data.items() if frame.attrs.get("skipped_rows")]
     if protocol == "standard":
         if not {"train", "test"} <= data.keys():
             raise DataError(f"protocol 'standard' needs train and test splits; {source.name} has only {sorted(data)}")

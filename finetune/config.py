@@ -71,7 +71,8 @@ class RunConfig:
     split_seed: int = option(42, "data", "seed of the holdout carve and the sample limits")
     max_train_samples: int | None = option(None, "data", "train on at most this many articles (none = all)")
     max_eval_samples: int | None = option(None, "data", "evaluate on at most this many articles (none = all)")
-    skip_bad_rows: bool = option(False, "data", "skip malformed CSV rows (each named) instead of stopping at the first")
+    skip_bad_rows: bool = option(False, "data", "skip malformed rows (csv, parquet, jsonl) instead of stopping at "
+                                 "the first; how many is logged and noted in the results")
 
     # Training.
     learning_rate: float = option(2e-5, "training", "full fine-tuning's peak learning rate")

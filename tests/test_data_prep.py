@@ -124,11 +124,14 @@ def test_unterminated_quote_in_the_last_row_names_file_and_line(tmp_path):
     assert list(split["text"]) == ["Fine Row"] and split.attrs["skipped_rows"] == 1
 
 
-def test_bad_rows_are_skipped_and_counted_only_when_asked(tmp_path):
-    _write(tmp_path / "test.csv", ['"1","Fine","Row"\n', '"9","Bad","Label"\n', '"2","Also","Fine"\n'])
-    split = load_ag_news(tmp_path, skip_bad_rows=True)[0]["test"]
-    assert list(split["label"]) == [0, 1]
-    assert split.attrs["skipped_rows"] == 1
+def test_bad_rows_skipped_when_asked_are_noted_in_the_results(tmp_path):
+    write_synthetic_csv(tmp_path / "test.csv", per_class=5)
+    with open(tmp_path / "test.csv", "a", encoding="utf-8") as f:
+        f.write('"9","Bad","Label"\n')
+    data, source = load_ag_news(tmp_path, skip_bad_rows=True)
+    assert len(data["test"]) == 20
+    notes = make_splits(data, source, holdout_train_size=8).notes  # what every results file records
+    assert notes[0] == "skipped 1 malformed rows of the test split (skip_bad_rows)"
 
 
 @pytest.mark.parametrize("name", ["test.csv", "test.csv.gz"])
