@@ -21,7 +21,7 @@ from finetune.attention import choose_attn_implementation
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
 from finetune.model import load_model, load_tokenizer, task_strings
-from finetune.train import FusedHeadSFTTrainer, sft_config
+from finetune.train import FusedHeadSFTTrainer, optimizer_cls_and_kwargs, sft_config
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ def pretrained_base(config: RunConfig) -> Path:
     args.save_strategy = SaveStrategy.NO  # minutes of CPU: a cut-off run starts again
     model = load_model(config, tokenizer, choose_attn_implementation(config.attn_implementation, config.packing))
     trainer = FusedHeadSFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                                  processing_class=tokenizer)
+                                  processing_class=tokenizer,
+                                  optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(config, args))
     trainer.train()
     trainer.save_model(path)
     (path / "pretrain_inputs.json").write_text(json.dumps({**inputs, "articles": len(articles)}, indent=2) + "\n")

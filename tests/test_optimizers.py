@@ -563,3 +563,21 @@ def test_the_fused_kernel_compiles_offline_to_vector_loads_for_hopper():
     assert done.returncode == 0, done.stderr[-2000:]
     row = json.loads(done.stdout.splitlines()[-1])
     assert row["instructions_per_value"] < 150 and row["values_per_thread"] == 8
+
+
+def test_pretraining_a_base_trains_with_the_configs_optimizer(tiny_config, monkeypatch):
+    """The optimizer is part of a pretrained base's cache key (finetune/pretrain.py), so it must be the one used."""
+    import finetune.pretrain as pretrain
+
+    class Built(Exception):
+        pass
+
+    def trainer(**kwargs):
+        raise Built(kwargs["optimizer_cls_and_kwargs"])
+
+    monkeypatch.setattr(pretrain, "FusedHeadSFTTrainer", trainer)
+    config = dataclasses.replace(tiny_config, optimizer="adamw_bf16_sr", bf16=True, max_train_samples=40)
+    with pytest.raises(Built) as built:
+        pretrain.pretrained_base(config)
+    optimizer_cls, kwargs = built.value.args[0]
+    assert optimizer_cls.__name__ == "AdamWBf16SR" and kwargs["state_bits"] == 16
