@@ -29,6 +29,9 @@ def load_tokenizer(config: RunConfig, train_texts: list[str] | None = None) -> P
         return train_bpe_tokenizer(train_texts, config.vocab_size, cache)
     if config.tokenizer == "qwen2.5":
         return build_qwen25_tokenizer(cache)
+    if not config.tokenizer and config.model == "scratch":
+        raise ValueError("a scratch model has no tokenizer of its own: choose --tokenizer bpe (trained on the "
+                         "articles) or qwen2.5 (Qwen's, built offline), or a folder or hub id")
     return AutoTokenizer.from_pretrained(config.tokenizer or config.model)
 
 

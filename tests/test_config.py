@@ -104,3 +104,12 @@ def test_the_reference_recipe_is_the_7b_recipe_without_speed_ups():
         reference.per_device_train_batch_size * reference.gradient_accumulation_steps)
     assert (reference.compile_layers, reference.fp8, reference.optimizer) == (False, None, "adamw_bf16_sr")
     assert "auto" in (recipe.compile_layers, recipe.fp8, recipe.optimizer)
+
+
+def test_a_scratch_model_without_a_tokenizer_is_told_which_to_choose():
+    """`--tokenizer none` means the model's own, and a scratch model has none: asking the hub for "scratch" would fail
+    with a network error that says nothing of the cause."""
+    from finetune.model import load_tokenizer
+
+    with pytest.raises(ValueError, match="scratch model has no tokenizer of its own: choose --tokenizer bpe"):
+        load_tokenizer(get_config("tiny", tokenizer=None))
