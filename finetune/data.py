@@ -29,9 +29,9 @@ def to_prompt_completion(df: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, m
 
     An article too long for `max_length` loses the end of its text, as at evaluation, so that every example keeps
     its answer: TRL cuts an over-long tokenized example from the right, answer first."""
-    from finetune.predict import completion_token_ids, fit_articles  # here: predict imports torch, load_splits needs none
+    from finetune.predict import fit_articles, prompt_budget  # here: predict imports torch, load_splits needs none
 
-    room = max_length - max(map(len, completion_token_ids(tokenizer)))
+    room = prompt_budget(tokenizer, max_length)
     return datasets.Dataset.from_dict({
         "prompt": [build_prompt_messages(text) for text in fit_articles(tokenizer, list(df["text"]), room)],
         "completion": [[{"role": "assistant", "content": format_answer(LABELS[y])}] for y in df["label"]],

@@ -87,6 +87,12 @@ def completion_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     return completions
 
 
+def prompt_budget(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
+    """The tokens a prompt may take: `max_length` less the longest trained completion, so that training and
+    evaluation cut an over-long article at the same token and every example keeps room for its answer."""
+    return max_length - max(map(len, completion_token_ids(tokenizer)))
+
+
 def answer_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """Each label's answer tokens as training sees them: everything after the prompt through the end-of-turn token."""
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -159,6 +165,11 @@ class AnswerTree:
     depth: list[int]  # per branch token: its offset after the stem (the same position for parallel branches)
     terms: list[tuple[int, int]]  # (position counted from the last prompt token, token it must predict)
     owner: torch.Tensor  # (terms, labels): 1 where the term belongs to the label's answer
+
+    def sees(self) -> np.ndarray:
+        """(branch tokens, branch tokens) bool: which branch tokens each one attends to, its own branch's up to it."""
+        branch, depth = np.asarray(self.branch), np.asarray(self.depth)
+        return (branch[:, None] == branch[None, :]) & (depth[None, :] <= depth[:, None])
 
     @classmethod
     def from_answers(cls, answers: list[list[int]]) -> "AnswerTree":
@@ -247,7 +258,7 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
     answers = answer_token_ids(tokenizer)
     tree = AnswerTree.from_answers(answers)
     terms = AnswerTreeTerms.of(tree, model.device)
-    prompts, truncated = encode_prompts(tokenizer, texts, max_length - max(map(len, answers)))
+    prompts, truncated = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))
     logprobs = np.zeros((len(texts), len(answers)))
     seconds = np.zeros(len(texts))
     start, pending = time.perf_counter(), None
@@ -278,8 +289,7 @@ def _tree_logits(model, rows: list[list[int]], tree: AnswerTree, opening_length:
                  pad_id: int) -> torch.Tensor:
     """Tail logits of left-padded rows, each an article then the answer tree, under the tree's 4D mask."""
     device, n_branch = model.device, len(tree.branch)
-    branch, depth = (torch.tensor(x, device=device) for x in (tree.branch, tree.depth))
-    branches = (branch[:, None] == branch[None, :]) & (depth[None, :] <= depth[:, None])  # who sees whom in the tree
+    depth, branches = torch.tensor(tree.depth, device=device), torch.from_numpy(tree.sees()).to(device)
     # Left padding sits between the opening and each article; the mask hides it, positions skip it.
     ids, valid = _left_pad([row + tree.tokens for row in rows], pad_id, device)
     positions = opening_length + (valid.cumsum(-1) - 1).clamp(min=0)
@@ -328,7 +338,7 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
     past it must not change what the model reads, and may run past `max_length` (positions allow it)."""
     max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
     answer_ids = answer_token_ids(tokenizer)
-    prompts, truncated = encode_prompts(tokenizer, texts, max_length - max(map(len, answer_ids)))
+    prompts, truncated = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))
     answers, seconds = [None] * len(texts), np.zeros(len(texts))
     if tree_check and max_new_tokens >= max(map(len, answer_ids)):
         tree = AnswerTree.from_answers(answer_ids)

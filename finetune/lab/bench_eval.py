@@ -19,7 +19,8 @@ import torch
 from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
 from finetune.predict import (AnswerTree, _batches, _left_pad, answer_token_ids, default_max_new_tokens, encode_prompts,
-                              generate_labels, greedy_decoding, parse_strict, parsed, score_labels, warmup_texts)
+                              generate_labels, greedy_decoding, parse_strict, parsed, prompt_budget, score_labels,
+                              warmup_texts)
 from finetune.throughput import (gpu_busy_share, gpu_idle_by_host_range, peak_memory_gib, profile_table,
                                  reset_peak_memory)
 
@@ -43,7 +44,7 @@ def plain_label_scoring(model, tokenizer, texts: list[str], batch_size: int, max
     tree = AnswerTree.from_answers(answers)
     stem = tree.tokens[: len(tree.tokens) - len(tree.branch)]  # {"category":"
     first_tokens = torch.tensor([a[len(stem)] for a in answers], device=model.device)
-    prompts, truncated = encode_prompts(tokenizer, texts, max_length - max(map(len, answers)))
+    prompts, truncated = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))
     labels, seconds = np.zeros(len(texts), dtype=int), np.zeros(len(texts))
     for batch in _batches(prompts, batch_size):
         start = time.perf_counter()
@@ -59,7 +60,7 @@ def plain_label_scoring(model, tokenizer, texts: list[str], batch_size: int, max
 def plain_generate(model, tokenizer, texts: list[str], batch_size: int, max_length: int) -> Predictions:
     """The generation anchor: whole prompts, left-padded, length-sorted, `generate` greedy with the suite's budget of
     new tokens (it stops once every row has ended its turn, as the suite's does)."""
-    prompts, truncated = encode_prompts(tokenizer, texts, max_length - max(map(len, answer_token_ids(tokenizer))))
+    prompts, truncated = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))
     eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     decoding = greedy_decoding(default_max_new_tokens(tokenizer), eos, tokenizer.pad_token_id)
     answers, seconds = [""] * len(texts), np.zeros(len(texts))
