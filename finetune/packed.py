@@ -50,7 +50,6 @@ def pack_batch(articles: list[list[int]], tree, opening_length: int, device) -> 
     `tree` (`finetune.predict.AnswerTree`): index arithmetic in numpy, one copy to the device."""
     n_branch, depth = len(tree.branch), np.asarray(tree.depth)
     n_stem = len(tree.tokens) - n_branch
-    branch = np.asarray(tree.branch)
     length = np.array([len(a) for a in articles])
     trunk = length + n_stem
     trunk_start = _exclusive_cumsum(trunk)
@@ -72,10 +71,9 @@ def pack_batch(articles: list[list[int]], tree, opening_length: int, device) -> 
     branch_key_index = np.concatenate([np.broadcast_to(np.arange(opening_length), (len(articles), opening_length)),
                                        np.where(valid, trunk_keys, 0),
                                        opening_length + branch_start[:, None] + np.arange(n_branch)], axis=1)
-    in_tree = (branch[:, None] == branch[None, :]) & (depth[None, :] <= depth[:, None])
     branch_mask = np.concatenate([np.ones((len(articles), n_branch, opening_length), bool),
                                   np.broadcast_to(valid[:, None, :], (len(articles), n_branch, width)),
-                                  np.broadcast_to(in_tree, (len(articles), n_branch, n_branch))], axis=2)
+                                  np.broadcast_to(tree.sees(), (len(articles), n_branch, n_branch))], axis=2)
 
     # Per article: the last prompt token and the stem (in its trunk), then its branch tokens.
     tail_index = np.column_stack([trunk_start[:, None] + length[:, None] - 1 + np.arange(n_stem + 1),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import RunConfig
+from finetune.config import REFERENCE_SPEED, RunConfig
 from finetune.speedups import (GIB, OPTIMIZERS, WORKSPACE_GIB, layer_activation_bytes,
                                layers_to_checkpoint, weights_dtype)
 
@@ -152,7 +152,7 @@ def plan_training(config: RunConfig, gpu: GPU | None, shape: ModelShape, has=ins
         elif gpu is not None and has("liger_kernel"):
             choose("use_liger_kernel", True, "on: Liger's fused norms, RoPE, SwiGLU and loss (eager layers)")
         else:
-            choose("use_liger_kernel", False, _liger_off_reason(gpu, has))
+            choose("use_liger_kernel", False, _liger_off_reason(gpu))
     resolved = dataclasses.replace(config, **{name: choice["value"] for name, choice in plan.items()})
 
     if config.checkpointed_layers == "auto" and config.gradient_checkpointing:
@@ -168,8 +168,8 @@ def plan_training(config: RunConfig, gpu: GPU | None, shape: ModelShape, has=ins
 
 
 def _fsdp_plan(config: RunConfig, choose) -> RunConfig:
-    reference = {"compile_layers": False, "fp8": None, "optimizer": "adamw_bf16_sr", "use_liger_kernel": False,
-                 "checkpointed_layers": None, "merge_micro_batches": False}
+    reference = {name: REFERENCE_SPEED[name] for name in ("compile_layers", "fp8", "optimizer", "use_liger_kernel",
+                                                          "checkpointed_layers", "merge_micro_batches")}
     for name, value in reference.items():
         if getattr(config, name) == "auto":
             choose(name, value, "the reference's setting: under FSDP2 the single-GPU speed-ups are not checked yet")
@@ -192,7 +192,7 @@ def _fp8(config: RunConfig, gpu: GPU | None, has) -> tuple[str | None, str]:
     return FP8_RECIPE, f"on: {FP8_RECIPE} held bf16's loss at the 7B shape (results/gpu/fp8/fp8_7b.json)"
 
 
-def _liger_off_reason(gpu: GPU | None, has) -> str:
+def _liger_off_reason(gpu: GPU | None) -> str:
     if gpu is None:
         return "off: no CUDA GPU (Liger's kernels are Triton GPU code)"
     return "off: liger-kernel is not installed (pip install -e '.[gpu]')"
@@ -289,7 +289,7 @@ def plan_evaluation(config: RunConfig, gpu: GPU | None, shape: ModelShape,
         if gpu is not None and has("liger_kernel"):
             choose("use_liger_kernel", True, "on: Liger's fused RMSNorm, RoPE and SwiGLU")
         else:
-            choose("use_liger_kernel", False, _liger_off_reason(gpu, has))
+            choose("use_liger_kernel", False, _liger_off_reason(gpu))
     liger = plan.get("use_liger_kernel", {}).get("value", config.use_liger_kernel)
     if config.compile_layers == "auto":
         if liger:

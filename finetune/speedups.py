@@ -43,7 +43,7 @@ def convert_to_fp8(model: nn.Module, recipe: str, emulate: bool = False) -> None
     if not emulate and (not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)):
         raise ValueError("fp8 needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+: L40S, H100, H200); "
                          "run with --fp8 none")
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # slow import, GPU option only
+    from torchao.float8 import convert_to_float8_training  # slow import, GPU option only
 
     # A packed micro-batch holds any number of tokens, and that number is the inner dimension of the weight-gradient
     # matmul, which FP8 kernels need in multiples of 16: pad it.

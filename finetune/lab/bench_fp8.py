@@ -19,7 +19,6 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from matplotlib.ticker import PercentFormatter
 from transformers import TrainerCallback
 

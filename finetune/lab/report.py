@@ -15,8 +15,8 @@ from finetune.lab.bench_eval import ANCHORS
 from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
 from finetune.lab.spark import spark_section
-from finetune.lab.targets import (RECIPE_ROW, benchmark_records, published_comparison, runs, summarize, targets,
-                                  targets_table, training_rows)
+from finetune.lab.targets import (RECIPE_ROW, benchmark_records, published_comparison, runs, summarize, targets_table,
+                                  training_rows)
 from finetune.results import (answer_cells, commit_label, hardware_label, load_records, made_before, run_group,
                               run_table, summary_table, write_summary)
 
@@ -204,11 +204,11 @@ def scaling_table(results_dir: Path) -> str:
             sets.setdefault(match[1], {})[record["world_size"]] = record
     lines = ["| run | commit | GPUs | variant | tokens/s per GPU | per-GPU speed vs 1 GPU | MFU | peak GiB per GPU |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, runs in sets.items():
-        one_gpu = next(iter(runs.get(1, {}).get("variants", {}).values()), {})
+    for name, by_size in sets.items():
+        one_gpu = next(iter(by_size.get(1, {}).get("variants", {}).values()), {})
         if "tokens_per_second" not in one_gpu:
             continue
-        for n, record in sorted(runs.items()):
+        for n, record in sorted(by_size.items()):
             commit = commit_label(record["environment"])
             for variant, v in record["variants"].items():
                 if "tokens_per_second" in v:
