@@ -22,6 +22,8 @@ EVALUATION_CHANGES = (
     ("33dda75", "2026-11-25T13:34:38+00:00", ("label_scoring",), "answer-tree label scoring"),
     ("ad4c322", "2026-11-28T18:37:04+00:00", ("generation", "generation_lenient"), "greedy GenerationConfig"),
     ("d6676b1", "2026-11-28T18:37:17+00:00", ("generation", "generation_lenient"), "strict/lenient generation"),
+    ("84f9ac6", "2026-12-05T01:21:32+00:00", ("label_scoring", "generation", "generation_lenient"),
+     "training's prompt budget"),
 )
 
 

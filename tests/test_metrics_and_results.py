@@ -170,7 +170,8 @@ def test_a_commit_in_this_history_is_judged_by_its_ancestry_not_its_date(tmp_pat
     record = {"environment": {"git_commit": "140d4f3"}, "created_at": "2099-01-01T00:00:00+00:00"}
     if subprocess.run(["git", "cat-file", "-e", "140d4f3^{commit}"], cwd=PROJECT_DIR).returncode:
         pytest.skip("a shallow or copied tree: the commit is not in its history")
-    assert made_before(record, ("label_scoring",)) == ["answer-tree label scoring (33dda75)"]
+    assert made_before(record, ("label_scoring",)) == ["answer-tree label scoring (33dda75)",
+                                                      "training's prompt budget (84f9ac6)"]
     assert made_before({**record, "environment": {"git_commit": "HEAD"}}, ("generation", "label_scoring")) == []
 
 
