@@ -234,9 +234,21 @@ def test_lora_benchmark_row_counts_the_adapters_and_reaches_the_methods_table(ti
             "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4", "--max_length", "128",
             "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
     bench.main(args)
-    full, lora = json.loads((tmp_path / "benchmarks" / "methods_smoke.json").read_text())["variants"].values()
+    record = json.loads((tmp_path / "benchmarks" / "methods_smoke.json").read_text())
+    full, lora = record["variants"].values()
     assert full["adapter_parameters"] is None and lora["overrides"] == {"method": "lora"}
-    assert 0 < lora["adapter_parameters"] < 64 * 64 * 100 and lora["tokens_per_second"] > 0
+    # The adapters the tiny profile's LoRA trains, counted from the shapes: a rank-r adapter on an n -> m projection is
+    # r x n (A) plus m x r (B). Each layer's q and o map h -> h, k and v h -> kv (kv heads x head dim), gate and up
+    # h -> i and down i -> h: r (2h + 2h + 2(h + kv) + 3(h + i)) a layer. The embedding's adapter is r x (vocab + h)
+    # (the BPE tokenizer has at most the config's 512 tokens); the RMSNorms train whole (lora_modules_to_save="norm"):
+    # two a layer and the final one, h weights each. 2 x 34,816 + 9,216 + 320 = 79,168 here.
+    c = record["config"]
+    h, i, r = c["hidden_size"], c["intermediate_size"], c["lora_rank"]
+    kv = c["num_kv_heads"] * h // c["num_heads"]
+    assert (c["lora_embedding"], c["lora_modules_to_save"], c["vocab_size"]) == (True, "norm", 512)
+    per_layer = r * (2 * h + 2 * h + 2 * (h + kv) + 3 * (h + i))
+    expected = c["num_layers"] * per_layer + r * (c["vocab_size"] + h) + (2 * c["num_layers"] + 1) * h
+    assert lora["adapter_parameters"] == expected == 79_168 and lora["tokens_per_second"] > 0
     rows = benchmark_method_rows(tmp_path)
     assert [row["method"] for row in rows] == ["full", "lora"] and rows[1]["speed_vs_full"] > 0
     assert "| lora | LoRA r16" in methods_section(tmp_path)
@@ -269,9 +281,13 @@ def test_answer_loss_is_the_trained_loss_split_by_answer_token(lora_config, monk
 
 
 def test_training_takes_the_articles_it_is_given(lora_config):
-    """The carve that chooses adapter settings trains on part of the training side, never on evaluation articles."""
+    """The carve that chooses adapter settings trains on part of the training side, never on evaluation articles. The
+    packed rows the trainer reads hold exactly the carve's training articles: as many, and each of them (decoded)."""
     training_side = load_splits(lora_config)
     carve = make_splits({"test": training_side.train}, training_side.source, "holdout", 60, 7)
     trainer = build_trainer(lora_config, splits=carve)
-    assert trainer.splits is carve and set(carve.train["text"]) <= set(training_side.train["text"])
+    assert set(carve.train["text"]) <= set(training_side.train["text"]) and len(carve.train) < len(training_side.train)
+    rows = [trainer.processing_class.decode(ids) for ids in trainer.train_dataset["input_ids"]]
+    assert sum(map(len, trainer.train_dataset["seq_lengths"])) == len(carve.train)
+    assert all(any(text in row for row in rows) for text in carve.train["text"])
 

@@ -39,11 +39,22 @@ def test_bpe_tokenizer_is_cached(tokenizer, tmp_path_factory):
     assert (cached / "tokenizer.json").stat().st_mtime_ns == mtime and second.get_vocab() == first.get_vocab()
 
 
-def test_packing_with_plain_sdpa_is_refused():
+def test_packing_with_plain_sdpa_is_refused(monkeypatch):
+    """"auto" takes FlashAttention-2 only where it can run (a GPU and the flash_attn package), else the varlen path."""
+    import importlib.util
+
     with pytest.raises(ValueError, match="attend to each other"):
         choose_attn_implementation("sdpa", packing=True)
     assert choose_attn_implementation("sdpa", packing=False) == "sdpa"
-    assert choose_attn_implementation("auto", packing=True) in (VARLEN, "flash_attention_2")
+    installed = importlib.util.find_spec
+    for cuda, flash_attn, chosen in ((False, True, VARLEN), (True, False, VARLEN), (True, True, "flash_attention_2")):
+
+        def find_spec(name, *args):  # flash_attn there or not, as the case says; every other package as installed
+            return (object() if flash_attn else None) if name == "flash_attn" else installed(name, *args)
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+        assert choose_attn_implementation("auto", packing=True) == chosen, (cuda, flash_attn)
 
 
 def _packed_row(tokenizer):
@@ -107,8 +118,13 @@ def test_padded_batches_attend_as_transformers_does_without_copying_keys_per_que
 
 
 def test_scratch_model_is_seeded_and_sized_from_the_tokenizer(tiny_config, tokenizer):
+    """The embedding has the config's rows where the tokenizer has fewer tokens (a BPE trained on little text), and
+    the tokenizer's length where the config asks for fewer, so that every token id has a row."""
     first, second = load_model(tiny_config, tokenizer), load_model(tiny_config, tokenizer)
-    assert first.config.vocab_size == max(len(tokenizer), tiny_config.vocab_size) and first.config.model_type == "qwen2"
+    assert len(tokenizer) < tiny_config.vocab_size == 512
+    assert first.config.vocab_size == 512 and first.config.model_type == "qwen2"
+    small = load_model(dataclasses.replace(tiny_config, vocab_size=64), tokenizer)
+    assert small.config.vocab_size == small.get_input_embeddings().num_embeddings == len(tokenizer) > 64
     for a, b in zip(first.parameters(), second.parameters()):
         assert torch.equal(a, b)
     prompt = tokenizer.apply_chat_template(build_prompt_messages(TEXTS[0]), add_generation_prompt=True,

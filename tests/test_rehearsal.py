@@ -10,7 +10,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from finetune.lab import notebooks, rehearse
 from finetune.config import get_config
 from finetune.results import validate_record
-from finetune.lab.standin import PUBLISHED_CONFIG, PUBLISHED_GENERATION_CONFIG, SHAPES, write_standin
+from finetune.lab.standin import PUBLISHED_CONFIG, SHAPES, write_standin
+from tests.test_qwen_tokenizer import NOT_SPECIAL, SPECIAL_IDS
+
+# Qwen/Qwen2.5-7B-Instruct's config.json and generation_config.json on the hub, written out here rather than read
+# from the stand-in's own constants, so that a wrong constant there cannot agree with itself.
+HUB_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944,
+    "max_position_embeddings": 32768, "max_window_layers": 28, "model_type": "qwen2", "num_attention_heads": 28,
+    "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 152064,
+}
+HUB_GENERATION_CONFIG = {
+    "bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+    "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "transformers_version": "4.37.0",
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +42,16 @@ def test_standin_has_the_hub_snapshot_files_and_published_metadata(standin):
     assert shards[0].startswith("model-00001-of-0000")
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         assert (standin / name).stat().st_size > 1000, name
-    config = json.loads((standin / "config.json").read_text())
-    assert config == {**PUBLISHED_CONFIG, **SHAPES["tiny"]}
-    assert config["vocab_size"] == 152064 and config["tie_word_embeddings"] is False
-    assert json.loads((standin / "generation_config.json").read_text()) == PUBLISHED_GENERATION_CONFIG
-    assert json.loads((standin / "tokenizer_config.json").read_text())["tokenizer_class"] == "Qwen2Tokenizer"
+    # The tiny shape changes sizes only; every other field is the hub's, and the 7b shape is the hub's config whole.
+    assert set(SHAPES["tiny"]) <= {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                   "num_key_value_heads", "max_window_layers"}
+    assert json.loads((standin / "config.json").read_text()) == {**HUB_CONFIG, **SHAPES["tiny"]}
+    assert {**PUBLISHED_CONFIG, **SHAPES["7b"]} == HUB_CONFIG
+    assert json.loads((standin / "generation_config.json").read_text()) == HUB_GENERATION_CONFIG
+    tokenizer_config = json.loads((standin / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "Qwen2Tokenizer"
+    assert {int(i): (t["content"], t["special"]) for i, t in tokenizer_config["added_tokens_decoder"].items()} == {
+        i: (token, token not in NOT_SPECIAL) for token, i in SPECIAL_IDS.items()}
 
 
 def test_standin_loads_through_the_auto_classes_with_qwens_tokens(standin):
