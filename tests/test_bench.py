@@ -132,7 +132,7 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     assert modes["label_scoring"]["articles"] == modes["plain_generate"]["articles"] == 100
     assert modes["plain_generate"]["batch_size"] == modes["generation"]["batch_size"]
     assert modes["plain_generate_batch64"]["articles"] == 25 and modes["plain_generate_batch64"]["batch_size"] == 64
-    packed, anchor = modes["label_scoring"], modes["plain_label_scoring"]
+    packed = modes["label_scoring"]
     assert packed["repeats"] == 2 and len(packed["seconds_per_run"]) == 2
     assert packed["articles_per_second_min"] <= packed["articles_per_second"] <= packed["articles_per_second_max"]
     # Each mode is compared with its own anchor at the same batch: never the batch-64 extra row, never another mode's.
