@@ -48,7 +48,7 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path) -> P
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     # The prompt strings and answers go in too, so the constant parts of every example tokenize compactly.
-    tokenizer.train_from_iterator(texts + task_strings() * 100, trainer)
+    tokenizer.train_from_iterator(texts + task_strings(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=CHAT_TEMPLATE)
     fast.save_pretrained(path)
@@ -57,8 +57,10 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path) -> P
 
 
 def task_strings() -> list[str]:
-    """The constant parts of every example: the prompt strings and the four answers (no article, no pairing)."""
-    return [SYSTEM_PROMPT, USER_TEMPLATE] + [format_answer(label) for label in LABELS]
+    """The constant parts of every example, the prompt strings and the four answers (no article, no pairing), a
+    hundred times over: as often as the words every article shares, so that a tokenizer or a base model trained on
+    the articles learns them too."""
+    return ([SYSTEM_PROMPT, USER_TEMPLATE] + [format_answer(label) for label in LABELS]) * 100
 
 
 def load_model(config: RunConfig, tokenizer: PreTrainedTokenizerFast, attn_implementation: str = "sdpa",

@@ -47,7 +47,7 @@ def pretrained_base(config: RunConfig) -> Path:
     # tokens keep their random embeddings, and LoRA, which cannot change embeddings, cannot learn to answer. They
     # carry no article and no pairing of an article with its label.
     articles = list(load_splits(config).train["text"])
-    texts = articles + task_strings() * 100
+    texts = articles + task_strings()
     inputs = {**{name: getattr(config, name) for name in PRETRAIN_FIELDS}, "epochs": PRETRAIN_EPOCHS}
     digest = hashlib.sha1((json.dumps(inputs, sort_keys=True) + "\n".join(texts)).encode()).hexdigest()[:12]
     path = Path(config.checkpoints_dir) / "pretrained" / f"{config.profile}-{digest}"
