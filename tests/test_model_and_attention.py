@@ -230,3 +230,22 @@ def test_cuda_varlen_kernel_gradients_with_fewer_key_value_heads():
     _causal_alone(*leaves, cu, cu).backward(grad_out)
     for fast, exact in zip((q, k, v), leaves):
         torch.testing.assert_close(fast.grad.float(), exact.grad, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+def test_masked_grouped_attention_matches_repeated_keys_on_gpu():
+    """Decoding's attention on CUDA in bf16 at the 7B's heads (28 query heads, 4 key heads, dim 128): whichever sdpa
+    kernel takes the query heads laid along the queries under a padding mask, it gives what keys repeated per query
+    head (transformers' repeat_kv pairing) give in fp32."""
+    from finetune.attention import _masked_grouped_attention
+
+    torch.manual_seed(0)
+    for queries in (1, 37):  # a decoding step, and a left-padded prefill
+        q = torch.randn(8, 28, queries, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(8, 4, 60, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        mask = torch.rand(8, 1, queries, 60, device="cuda") > 0.3
+        mask[..., -1] = True  # every query sees at least itself
+        out = _masked_grouped_attention(q, k, v, mask, 0.0, None)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float().repeat_interleave(7, 1), v.float().repeat_interleave(7, 1), attn_mask=mask)
+        torch.testing.assert_close(out.float(), expected.transpose(1, 2), atol=2e-2, rtol=2e-2)
