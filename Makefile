@@ -121,7 +121,7 @@ gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under F
 BENCH_NAME ?= h200_7b_train_speed
 BENCH_VARIANTS ?= auto70,compiled-auto70,compiled-fp8-rowwise-auto70,compiled-auto
 BENCH_LIGER_VARIANTS ?= liger-gc16,compiled-fp8-tensorwise-auto70,liger-compiled-auto70,liger-compiled-fp8-rowwise-auto70
-BENCH_STEPS ?= --warmup_steps 1 --measured_steps 3 --stock_trl_steps 1,2
+BENCH_STEPS ?= --warmup_steps 1 --measured_steps 3
 BENCH_TRAIN := $(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape $(BENCH_STEPS)
 
 gpu-bench-train: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True

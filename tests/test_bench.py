@@ -11,6 +11,7 @@ from transformers import TrainerState
 from finetune.lab import bench, bench_optimizers
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
 from finetune.lab.targets import RECIPE_ROW
+from finetune.results import PROJECT_DIR
 from finetune.throughput import StepClock, gpu_busy_share, gpu_idle_by_host_range, nccl_kernel_share
 from tests.conftest import write_synthetic_csv
 
@@ -30,14 +31,14 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
     ticks = iter(range(10**6))
     monkeypatch.setattr(throughput, "synchronized_now", lambda: float(next(ticks)))
     args = ["train", "--name", "smoke", "--variants", "1", "--warmup_steps", "1", "--measured_steps", "2", "--profile_step",
-            "--trace_dir", str(tmp_path / "traces"), "--stock_trl_steps", "1,1", "--profile", "tiny", "--data_dir", tiny_config.data_dir,
+            "--trace_dir", str(tmp_path / "traces"), "--stock_trl_steps", "1,2", "--profile", "tiny", "--data_dir", tiny_config.data_dir,
             "--holdout_train_size", "300", "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4",
             "--max_length", "128", "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
     bench.main(args)
     record = json.loads((tmp_path / "benchmarks" / "smoke.json").read_text())
     assert list(record["variants"])[:2] == [bench.STOCK_TRL, next(iter(bench.TRAIN_VARIANTS))]
     stock, reference, unpacked = record["variants"].values()
-    assert stock["measured_steps"] == 1 and stock["optimizer"] == "AdamW"
+    assert stock["measured_steps"] == 2 and stock["optimizer"] == "AdamW"
     assert stock["checkpointed_layers"] == 2 and reference["checkpointed_layers"] == 0  # the tiny profile: no GC
     assert record["world_size"] == 1 and unpacked["overrides"] == {"packing": False}
     for row in (stock, reference, unpacked):
@@ -58,16 +59,45 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
 
 def test_each_row_is_given_as_its_speed_over_the_reference_and_over_stock_trl():
     """A row twice the reference's tokens/s is 2x it; rows without a rate, and ratios to an unmeasured base, are left
-    out."""
-    results = {bench.STOCK_TRL: {"tokens_per_second": 50.0}, "reference": {"tokens_per_second": 100.0},
-               "fast": {"tokens_per_second": 200.0}, "failed": {"error": "OutOfMemoryError"}}
+    out; a row at another batch than stock TRL's, or timed over other steps, gets no ratio to it (the reference's own
+    batch is part of what it is, so its ratio stays)."""
+    steps = {"batch": [16, 2], "warmup_steps": 2, "measured_steps": 4}
+    results = {bench.STOCK_TRL: {"tokens_per_second": 50.0, **steps}, "reference": {"tokens_per_second": 100.0, **steps},
+               "fast": {"tokens_per_second": 200.0, **steps}, "failed": {"error": "OutOfMemoryError", **steps},
+               "8x4": {"tokens_per_second": 120.0, **steps, "batch": [8, 4]},
+               "longer": {"tokens_per_second": 180.0, **steps, "measured_steps": 8}}
     bench.add_ratios(results, reference="reference")
-    assert results["fast"] == {"tokens_per_second": 200.0, "speed_vs_reference": 2.0, "speed_vs_stock_trl": 4.0}
+    assert results["fast"] == {"tokens_per_second": 200.0, **steps, "speed_vs_reference": 2.0, "speed_vs_stock_trl": 4.0}
     assert results["reference"]["speed_vs_stock_trl"] == 2.0 and results[bench.STOCK_TRL]["speed_vs_reference"] == 0.5
-    assert results["failed"] == {"error": "OutOfMemoryError"}
+    assert results["failed"] == {"error": "OutOfMemoryError", **steps}
+    for name in ("8x4", "longer"):
+        assert "speed_vs_stock_trl" not in results[name] and results[name]["speed_vs_reference"] > 1
     without_stock = bench.add_ratios({"reference": {"tokens_per_second": 100.0}, "fast": {"tokens_per_second": 150.0}},
                                      reference="reference")
     assert without_stock["fast"] == {"tokens_per_second": 150.0, "speed_vs_reference": 1.5}
+
+
+def test_files_before_rows_recorded_their_steps_drop_ratios_to_an_anchor_that_timed_others():
+    """Two committed files the bench wrote before it checked: h200_7b_train_speed.json timed stock TRL over steps 2-3
+    beside rows over 2-4; h200_7b_train_fused.json timed it at 8 x 4 beside a 16 x 2 row, over 8 steps beside 4. Their
+    ratios to it are not made; h200_7b_train_recipe.json's stock rows ran at its rows' batch and steps, so its stand."""
+    from finetune.lab.targets import anchor_mismatch, anchor_ratios
+
+    def record(name: str) -> dict:
+        return json.loads((PROJECT_DIR / "results" / "benchmarks" / name).read_text())
+
+    speed, fused, recipe = record("h200_7b_train_speed.json"), record("h200_7b_train_fused.json"), \
+        record("h200_7b_train_recipe.json")
+    stock = speed["variants"][bench.STOCK_TRL]
+    for row in list(speed["variants"].values())[1:]:
+        assert anchor_mismatch(speed, row, stock) == "anchor timed over steps 2-3"
+        assert "speed_vs_stock_trl" in row and "speed_vs_stock_trl" not in anchor_ratios(speed, row)
+    batch_16x2 = next(v for v in fused["variants"].values() if v["overrides"].get("per_device_train_batch_size") == 16)
+    assert anchor_mismatch(fused, batch_16x2, fused["variants"][bench.STOCK_TRL]) == "anchor at batch 8 x 4"
+    recipe_row = recipe["variants"][RECIPE_ROW]
+    assert anchor_ratios(recipe, recipe_row) == recipe_row
+    reference = next(iter(v for v in recipe["variants"].values() if not v.get("stock_trl")))
+    assert anchor_mismatch(recipe, reference, recipe["variants"][bench.STOCK_TRL]) == "anchor at batch 16 x 2"
 
 
 def test_step_clock_times_the_steps_after_the_warm_up_ones_and_from_the_start_without_any():

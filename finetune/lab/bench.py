@@ -39,7 +39,7 @@ from finetune.throughput import (HostSyncCounter, StepClock, StepProfiler, adapt
                                  lm_head_on_every_token, max_over_ranks, mean_article_tokens, peak_flops,
                                  peak_memory_gib, reset_peak_memory, training_flops_per_token)
 from finetune.lab.stock_trl import STOCK_TRL, STOCK_TRL_TUNED, stock_trl_trainer
-from finetune.lab.targets import RECIPE_ROW
+from finetune.lab.targets import RECIPE_ROW, anchor_mismatch
 from finetune.speedups import recomputed_layers
 from finetune.train import build_trainer, launched_with_fsdp
 
@@ -297,8 +297,8 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
 
     def stock(name: str, **switches) -> None:
         print(f"== {name}", flush=True)
-        results[name] = {"overrides": batch, "stock_trl": switches or True, "warmup_steps": stock_trl_steps[0],
-                         "measured_steps": stock_trl_steps[1],
+        results[name] = {"overrides": batch, "stock_trl": switches or True, "batch": list(batch.values()),
+                         "warmup_steps": stock_trl_steps[0], "measured_steps": stock_trl_steps[1],
                          **bench_train_variant(stock_config, *stock_trl_steps,
                                                build=lambda c, callbacks: stock_trl_trainer(c, callbacks, **switches))}
         save(add_ratios(results, reference=next(iter(variants))))
@@ -308,13 +308,14 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
     for row, (name, overrides) in enumerate(variants.items()):
         print(f"== {name}", flush=True)
         trace_path = str(trace_dir / f"row{row}.json.gz") if profile and trace_dir else None
-        run = {**start, **{k: v for k, v in overrides.items() if not k.startswith("fsdp_")}}
+        run = dataclasses.replace(config, **start, **{k: v for k, v in overrides.items() if not k.startswith("fsdp_")})
         # `accelerate launch` hands the config to every rank as FSDP_* variables, which each trainer's plugin reads.
         fsdp_settings = {k.upper(): str(v).lower() for k, v in overrides.items() if k.startswith("fsdp_")}
         with mock.patch.dict(os.environ, fsdp_settings):
             results[name] = {"overrides": overrides,
-                             **bench_train_variant(dataclasses.replace(config, **run), warmup_steps, measured_steps,
-                                                     profile, trace_path=trace_path)}
+                             "batch": [run.per_device_train_batch_size, run.gradient_accumulation_steps],
+                             "warmup_steps": warmup_steps, "measured_steps": measured_steps,
+                             **bench_train_variant(run, warmup_steps, measured_steps, profile, trace_path=trace_path)}
         if PartialState().is_main_process:
             print(json.dumps(results[name]), flush=True)
         save(add_ratios(results, reference=next(iter(variants))))
@@ -326,15 +327,17 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
 
 def add_ratios(results: dict, reference: str) -> dict:
     """Each row's tokens/s over the reference's, over stock TRL's as documented, and over the fastest tuned stock TRL
-    row of the same run (the anchor at its strongest), where they were measured."""
-    tuned = [results[n]["tokens_per_second"] for n in STOCK_TRL_TUNED if "tokens_per_second" in results.get(n, {})]
-    bases = {"speed_vs_reference": results.get(reference, {}).get("tokens_per_second"),
-             "speed_vs_stock_trl": results.get(STOCK_TRL, {}).get("tokens_per_second"),
-             "speed_vs_stock_trl_tuned": max(tuned, default=None)}
-    for key, base in bases.items():
-        for row in results.values():
-            if base and "tokens_per_second" in row:
-                row[key] = row["tokens_per_second"] / base
+    row of the same run (the anchor at its strongest), where they were measured. A ratio to stock TRL is made only
+    where the anchor timed the same steps at the same batch (`targets.anchor_mismatch`); the reference's batch is part
+    of what it is."""
+    rate = {name: row["tokens_per_second"] for name, row in results.items() if "tokens_per_second" in row}
+    tuned = max((name for name in STOCK_TRL_TUNED if name in rate), key=rate.get, default=None)
+    anchors = {"speed_vs_reference": reference, "speed_vs_stock_trl": STOCK_TRL, "speed_vs_stock_trl_tuned": tuned}
+    for key, anchor in anchors.items():
+        for name, row in results.items():
+            if anchor in rate and name in rate and (
+                    key == "speed_vs_reference" or not anchor_mismatch({}, row, results[anchor])):
+                row[key] = rate[name] / rate[anchor]
     return results
 
 
@@ -396,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trace_dir", type=Path, default=None, help="train, with --profile_step: write each "
                         "profiled step's timeline there (row<k>.json.gz, k the row's order in the run)")
     parser.add_argument("--stock_trl_steps", default=None, help="train: 'W,M' warm-up and measured steps of the "
-                        "stock TRL row (it is the slowest; default: the variants' own); 'none' skips it")
+                        "stock TRL rows (default: the variants' own; other steps time other articles, and the rows then get no "
+                        "ratio to them); 'none' skips them")
     known, rest = parser.parse_known_args(argv)
     config = config_from_args(rest, description=__doc__)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch (torchrun) for every rank

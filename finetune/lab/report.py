@@ -15,8 +15,9 @@ from finetune.lab.bench_eval import ANCHORS
 from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
 from finetune.lab.spark import spark_section
-from finetune.lab.targets import (RECIPE_ROW, benchmark_records, published_comparison, runs, summarize, targets_table,
-                                  training_rows)
+from finetune.lab.stock_trl import STOCK_TRL
+from finetune.lab.targets import (RECIPE_ROW, anchor_mismatch, benchmark_records, published_comparison, runs, summarize,
+                                  targets_table, training_rows)
 from finetune.results import (answer_cells, commit_label, hardware_label, load_records, made_before, run_group,
                               run_table, summary_table, write_summary)
 
@@ -53,7 +54,12 @@ def training_benchmark_table(results_dir: Path) -> str:
                 continue
             mfu = f"{v['mfu']:.1%}" if v["mfu"] else "n/a"
             update = f"{v['optimizer_step_seconds']:.3f}" if "optimizer_step_seconds" in v else "not timed"
-            ratios = " | ".join(f"{v[k]:.2f}x" if k in v else "" for k in ("speed_vs_reference", "speed_vs_stock_trl"))
+            stock = record["variants"].get(STOCK_TRL)
+            mismatch = stock and "speed_vs_stock_trl" in v and anchor_mismatch(record, v, stock)
+            vs_stock = f"{v['speed_vs_stock_trl']:.2f}x" if "speed_vs_stock_trl" in v else ""
+            vs_stock += f" ({mismatch}: not a ratio)" if mismatch else ""
+            vs_reference = f"{v['speed_vs_reference']:.2f}x" if "speed_vs_reference" in v else ""
+            ratios = f"{vs_reference} | {vs_stock}"
             lines.append(f"| `{path.name}` | {device} | {name} | {v['tokens_per_second']:,.0f} | {ratios} "
                          f"| {mfu} | {v['step_seconds']:.2f} | {update} | {_count(v.get('host_syncs_per_step'))} "
                          f"| {_count(v.get('checkpointed_layers'))} "

@@ -14,7 +14,9 @@ from typing import NamedTuple
 
 from transformers import Qwen2Config
 
+from finetune.config import REFERENCE_SPEED
 from finetune.lab.bench_eval import ANCHORS
+from finetune.lab.stock_trl import STOCK_TRL, STOCK_TRL_TUNED
 from finetune.results import hardware_label, load_records
 from finetune.throughput import ArticleTokens, bf16_peak_tflops, training_flops_per_token
 
@@ -80,6 +82,41 @@ def step_flops_per_token(record: dict, row: dict) -> float | None:
     return training_flops_per_token(model, ArticleTokens(attention_length, loss_share))
 
 
+def row_steps(record: dict, row: dict) -> tuple[int, int, int, int]:
+    """What a training row timed: rows a micro-batch, micro-batches a step (as configured: a plan that merges them
+    trains the same steps), warm-up steps and measured steps. The bench records them in every row; for files written
+    before, they are inferred the way the bench ran the row: its overrides' batch, else the reference's where the
+    file's profile was the recipe's (the bench starts its variants there), else the file's; its own steps, else the
+    file's."""
+    if "batch" in row:
+        return (*row["batch"], row["warmup_steps"], row["measured_steps"])
+    config = record["config"]
+    start = REFERENCE_SPEED if config.get("compile_layers") == "auto" and not row.get("stock_trl") else {}
+    batch = {**config, **start, **row.get("overrides", {})}
+    return (batch["per_device_train_batch_size"], batch["gradient_accumulation_steps"],
+            row.get("warmup_steps", record.get("warmup_steps")), row.get("measured_steps", record.get("measured_steps")))
+
+
+def anchor_mismatch(record: dict, row: dict, anchor: dict) -> str | None:
+    """Why `row` may not be divided by `anchor`, or None where both timed the same steps of the same batches: the same
+    articles at the same batch size, as a ratio to an anchor must be."""
+    (rows, micro_batches, warmup, measured), theirs = row_steps(record, row), row_steps(record, anchor)
+    if (rows, micro_batches) != theirs[:2]:
+        return f"anchor at batch {theirs[0]} x {theirs[1]}"
+    if (warmup, measured) != theirs[2:]:
+        return f"anchor timed over steps {theirs[2] + 1}-{theirs[2] + theirs[3]}"
+    return None
+
+
+def anchor_ratios(record: dict, row: dict) -> dict:
+    """`row` without its ratios to stock TRL (as documented, and tuned) where the anchor timed other steps or another
+    batch (files before the bench checked: stock TRL over 8 steps beside rows over 4, at 8 x 4 beside rows at 16 x 2)."""
+    anchors = {"speed_vs_stock_trl": [record["variants"].get(STOCK_TRL)],
+               "speed_vs_stock_trl_tuned": [record["variants"].get(name) for name in STOCK_TRL_TUNED]}
+    return {k: v for k, v in row.items()
+            if k not in anchors or not any(a and anchor_mismatch(record, row, a) for a in anchors[k])}
+
+
 def recounted_mfu(record: dict, row: dict) -> float | None:
     """A full fine-tuning row's MFU by today's count (`step_flops_per_token`), of its GPU's bf16 peak; the file's own
     where the count or the GPU's peak is unknown."""
@@ -120,7 +157,8 @@ def training_rows(results_dir: Path) -> list[tuple[Row, str]]:
             if ("error" not in v and v["mfu"] and not v.get("stock_trl") and fp8 in checked
                     and v["overrides"].get("method", "full") == "full"
                     and v["overrides"].get("optimizer", "adamw_bf16_sr") != "adamw"):
-                rows.append((((device, name), name, file, {**v, "mfu": recounted_mfu(record, v)}), device))
+                rows.append((((device, name), name, file, {**anchor_ratios(record, v), "mfu": recounted_mfu(record, v)}),
+                             device))
     return rows
 
 
@@ -132,7 +170,7 @@ def tuned_anchor_ceilings(results_dir: Path) -> list[Row]:
         device = hardware_label(record["environment"])
         for name, v in record["variants"].items():
             if name.startswith("stock TRL tuned") and v.get("speed_vs_stock_trl_tuned") == 1.0 and v.get("mfu"):
-                rows.append(((device, name), name, file, {**v, "ceiling": 1 / v["mfu"]}))
+                rows.append(((device, name), name, file, {**v, "ceiling": 1 / recounted_mfu(record, v)}))
     return rows
 
 
@@ -187,26 +225,24 @@ def targets(results_dir: Path) -> list[Target]:
         rows.append(("MFU (7B shape, peak memory <= 70 GiB; FP8 rows counted against the bf16 peak)", 0.55,
                      summarize(fits, "mfu"), "{:.1%}", True))
         same_run = [row for row in fits if "speed_vs_stock_trl" in row[3]]
-        if same_run:
-            bf16 = [row for row in fits if not row[3]["overrides"].get("fp8")]
-            auto_h200 = [row for row, device in ours if "H200" in device
-                         and row[3]["overrides"].get("checkpointed_layers") == "auto"
-                         and not row[3]["overrides"].get("max_memory_gib")]
-            tuned = [row for row in same_run if "speed_vs_stock_trl_tuned" in row[3]]
-            if tuned:
-                rows.append(("speed vs stock TRL tuned (Liger, FlashAttention where installed, checkpointing off "
-                             "where it fits), same run and batch (peak memory <= 70 GiB)", 3.0,
-                             summarize(tuned, "speed_vs_stock_trl_tuned"), "{:.2f}x", True))
-            rows += [("speed vs stock TRL, same run (peak memory <= 70 GiB)", 2.8,
-                      summarize(same_run, "speed_vs_stock_trl"), "{:.2f}x", True),
-                     ("configurations whose medians reach both >= 55% MFU and >= 2.8x stock TRL (<= 70 GiB)", 1,
-                      _both(same_run), "{:.0f}", True),
-                     ("MFU, bf16 only (no FP8), peak memory <= 70 GiB", None, summarize(bf16, "mfu"), "{:.1%}", True)]
-            best_auto = summarize(auto_h200, "mfu")
-            if best_auto:
-                peak = max(v["peak_allocated_gib"] for v in best_auto.figures)
-                rows.append(("MFU, checkpointing auto on all of a 141 GB H200", None,
-                             best_auto._replace(where=f"{best_auto.where} ({peak:.1f} GiB)"), "{:.1%}", True))
+        tuned = [row for row in fits if "speed_vs_stock_trl_tuned" in row[3]]
+        bf16 = [row for row in fits if not row[3]["overrides"].get("fp8")]
+        auto_h200 = [row for row, device in ours if "H200" in device
+                     and row[3]["overrides"].get("checkpointed_layers") == "auto"
+                     and not row[3]["overrides"].get("max_memory_gib")]
+        rows += [("speed vs stock TRL tuned (Liger, FlashAttention where installed, checkpointing off where it fits), "
+                  "same run, steps and batch (peak memory <= 70 GiB)", 3.0,
+                  summarize(tuned, "speed_vs_stock_trl_tuned"), "{:.2f}x", True),
+                 ("speed vs stock TRL, same run, steps and batch (peak memory <= 70 GiB)", 2.8,
+                  summarize(same_run, "speed_vs_stock_trl"), "{:.2f}x", True),
+                 ("configurations whose medians reach both >= 55% MFU and >= 2.8x stock TRL (<= 70 GiB)", 1,
+                  _both(same_run), "{:.0f}", True),
+                 ("MFU, bf16 only (no FP8), peak memory <= 70 GiB", None, summarize(bf16, "mfu"), "{:.1%}", True)]
+        best_auto = summarize(auto_h200, "mfu")
+        if best_auto:
+            peak = max(v["peak_allocated_gib"] for v in best_auto.figures)
+            rows.append(("MFU, checkpointing auto on all of a 141 GB H200", None,
+                         best_auto._replace(where=f"{best_auto.where} ({peak:.1f} GiB)"), "{:.1%}", True))
         ceiling = summarize(tuned_anchor_ceilings(results_dir), "ceiling")
         if ceiling:
             rows.append(("the most any row can reach against stock TRL tuned: a step at 100% MFU (1 / the anchor's "
