@@ -238,6 +238,9 @@ def targets(results_dir: Path) -> list[Target]:
                  ("configurations whose medians reach both >= 55% MFU and >= 2.8x stock TRL (<= 70 GiB)", 1,
                   _both(same_run), "{:.0f}", True),
                  ("MFU, bf16 only (no FP8), peak memory <= 70 GiB", None, summarize(bf16, "mfu"), "{:.1%}", True)]
+        recipe_tuned = [row for row, _ in ours if row[1] == RECIPE_ROW and "speed_vs_stock_trl_tuned" in row[3]]
+        rows.append(("the `qwen2.5-7b` recipe vs stock TRL tuned, same run, steps and batch (all of the card's memory, "
+                     "as both use it)", None, summarize(recipe_tuned, "speed_vs_stock_trl_tuned"), "{:.2f}x", True))
         best_auto = summarize(auto_h200, "mfu")
         if best_auto:
             peak = max(v["peak_allocated_gib"] for v in best_auto.figures)
