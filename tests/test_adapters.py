@@ -22,7 +22,9 @@ from finetune.lab import lora_carve
 from finetune.lab.answer_loss import answer_token_losses
 from finetune.lab.lora_carve import parse_candidate
 from finetune.lab.methods import benchmark_method_rows, methods_section
+from finetune.lab.targets import RECIPE_ROW
 from finetune.merge import merge_adapter
+from finetune.results import PROJECT_DIR
 from finetune.model import load_for_inference, load_model
 from finetune.predict import score_labels
 from finetune.pretrain import pretrained_base
@@ -252,6 +254,25 @@ def test_lora_benchmark_row_counts_the_adapters_and_reaches_the_methods_table(ti
     rows = benchmark_method_rows(tmp_path)
     assert [row["method"] for row in rows] == ["full", "lora"] and rows[1]["speed_vs_full"] > 0
     assert "| lora | LoRA r16" in methods_section(tmp_path)
+
+
+def test_adapter_rows_are_compared_with_the_full_fine_tuning_they_change():
+    """On the committed 7B runs: LoRA and QLoRA on the recipe against the recipe's row, not the bf16 reference; an
+    adapter row with its own optimizer still against the recipe; the peft defaults against the reference; a row that
+    changes more than the method (compiled layers within 24 GiB) against nothing; stock TRL never listed."""
+    from finetune.lab.methods import _full_twin
+
+    def variants(name: str) -> dict:
+        return json.loads((PROJECT_DIR / "results" / "benchmarks" / name).read_text())["variants"]
+
+    recipe, methods, lora_fp8 = (variants(f"h200_7b_{name}.json") for name in ("train_recipe_methods", "methods",
+                                                                                 "train_lora_fp8"))
+    assert _full_twin(recipe, recipe["LoRA r16, the qwen2.5-7b recipe, 8-bit AdamW moments"]) == RECIPE_ROW
+    assert _full_twin(methods, methods["LoRA r16, all linear projections (peft)"]).startswith("reference")
+    compiled = next(v for n, v in lora_fp8.items() if "within 24 GiB" in n)
+    assert _full_twin(lora_fp8, compiled) is None
+    rows = [row for row in benchmark_method_rows(PROJECT_DIR / "results") if row["file"].endswith("lora_fp8.json")]
+    assert not any("stock TRL" in row["variant"] for row in rows)
 
 
 def test_carve_candidates_read_as_the_command_line_types_them():

@@ -71,24 +71,37 @@ def method_rows(results_dir: str | Path) -> list[dict]:
 
 
 def benchmark_method_rows(results_dir: str | Path) -> list[dict]:
-    """The training benchmarks that measured LoRA or QLoRA (`make gpu-methods`): each method's variant, with the full
-    fine-tuning reference of the same run."""
+    """The training benchmarks that measured LoRA or QLoRA (`make gpu-methods`): each method's variant beside the
+    full fine-tuning row of the same run that it changes (`_full_twin`), and that row."""
     rows = []
     for path in sorted((Path(results_dir) / "benchmarks").glob("*.json")):
         record = json.loads(path.read_text())
         variants = record.get("variants", {}) if record.get("benchmark") == "train" else {}
-        if not any("method" in v["overrides"] for v in variants.values()):
-            continue
+        adapters = {name: v for name, v in variants.items() if "method" in v["overrides"]}
+        twins = {name: _full_twin(variants, v) for name, v in adapters.items()}
         for name, v in variants.items():
-            if v["overrides"] and "method" not in v["overrides"]:
+            if name not in adapters and name not in twins.values():
                 continue
+            twin = variants.get(twins.get(name, name), {})
             rows.append({"method": v["overrides"].get("method", "full"), "variant": name,
-                         "tokens_per_second": v.get("tokens_per_second"), "speed_vs_full": v.get("speed_vs_reference"),
+                         "tokens_per_second": v.get("tokens_per_second"),
+                         "speed_vs_full": (v["tokens_per_second"] / twin["tokens_per_second"]
+                                           if "tokens_per_second" in v and "tokens_per_second" in twin else None),
                          "mfu": v.get("mfu"), "peak_allocated_gib": v.get("peak_allocated_gib"),
                          "adapter_parameters": v.get("adapter_parameters"), "error": v.get("error"),
                          "hardware": hardware_label(record["environment"]),
                          "commit": commit_label(record["environment"]), "file": f"benchmarks/{path.name}"})
     return rows
+
+
+def _full_twin(variants: dict, adapter: dict) -> str | None:
+    """The full fine-tuning row (not stock TRL) an adapter row changes: the same overrides but for the method, the
+    adapter's own settings and the optimizer (each method's own choice); the first such row, else None."""
+    def strip(overrides: dict) -> dict:
+        return {k: v for k, v in overrides.items() if k not in ("method", "optimizer") and not k.startswith("lora_")}
+
+    return next((name for name, v in variants.items() if "method" not in v["overrides"] and not v.get("stock_trl")
+                 and strip(v["overrides"]) == strip(adapter["overrides"])), None)
 
 
 def methods_section(results_dir: str | Path) -> str:
@@ -105,7 +118,7 @@ def methods_section(results_dir: str | Path) -> str:
                      f"| {r['output_mb']:.2f} | {r['hardware']} | {r['commit']} | `{r['file']}` |")
     if len(lines) == 2:
         lines = ["(not compared yet: `make tiny-methods`)"]
-    lines += ["", "| method | variant | real tokens/s | vs full (same run) | MFU | peak alloc (GiB) "
+    lines += ["", "| method | variant | real tokens/s | vs the full fine-tuning it changes (same run) | MFU | peak alloc (GiB) "
               "| adapter parameters | hardware | commit | file |", "|---|---|---|---|---|---|---|---|---|---|"]
     bench = benchmark_method_rows(results_dir)
     for r in bench:
