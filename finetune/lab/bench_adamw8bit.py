@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import inspect
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -134,15 +135,15 @@ def main(argv: list[str] | None = None) -> None:
                                                                                            args.warmup, args.measured)
     for path in args.compare:
         module = load_kernel_module(path)
-        rows[f"fused kernel ({path})"] = lambda module=module: kernel_row(module, params, grads, args.warmup,
-                                                                         args.measured)
+        rows[f"fused kernel ({Path(path).name})"] = lambda module=module: kernel_row(module, params, grads,
+                                                                                   args.warmup, args.measured)
     rows["torchao's compiled update (finetune.optim, no fused kernel)"] = lambda: compiled_row(params, grads,
                                                                                               args.warmup,
                                                                                               args.measured)
     results = {}
     for name, run in rows.items():
         times = sorted(run())
-        median = times[len(times) // 2]
+        median = statistics.median(times)
         results[name] = {"median_ms": median, "min_ms": times[0], "max_ms": times[-1], "ms": times,
                          "gb_per_second": values * BYTES_PER_VALUE / median / 1e6}
         print(f"{name:<70} {median:8.2f} ms ({times[0]:.2f}-{times[-1]:.2f}) "

@@ -12,6 +12,7 @@ Any RunConfig field is a flag (`--max_steps 20` and `--logging_steps 5` by defau
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ def rehearse(shape: str, standin: Path, overrides: dict) -> dict:
 
 
 def median(values: list[float]) -> float | None:
-    return values[len(values) // 2] if values else None
+    return statistics.median(values) if values else None
 
 
 def _row(label: str, value) -> str:
