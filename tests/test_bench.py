@@ -154,8 +154,13 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     bench.main(args)
     record = json.loads((tmp_path / "benchmarks" / "smoke_eval.json").read_text())
     modes = record["modes"]
-    assert list(modes) == ["plain_label_scoring", "plain_generate", "plain_generate_batch64", "label_scoring_tree",
-                           "label_scoring", "generation", "generation_decoding"]
+    assert list(modes) == ["plain_label_scoring", "plain_generate", "plain_generate_batch64",
+                           "plain_label_scoring_kernels", "label_scoring_tree", "label_scoring", "generation",
+                           "generation_decoding"]
+    # The anchor timed again after the suite's kernels (none on the CPU): the suite's method over it alone.
+    kernels_anchor = modes["plain_label_scoring_kernels"]["articles_per_second"]
+    assert modes["label_scoring"]["vs_anchor_with_kernels"] == pytest.approx(
+        modes["label_scoring"]["articles_per_second"] / kernels_anchor)
     # 4 new tokens cannot hold a trained answer (6 or more): the tree's check is skipped and every article decodes.
     assert modes["generation"]["decoded_answers"] == modes["generation_decoding"]["decoded_answers"] == 100
     # The generation anchor decodes the same articles at the suite's batch; the batch-64 extra row every 4th article.

@@ -258,6 +258,8 @@ def targets(results_dir: Path) -> list[Target]:
             (SCORING_TARGET, 700, [row for row in evals if row[0][0] == "label_scoring"], "articles_per_second"),
             ("label scoring vs plain HF label scoring, same run and batch", 2.0,
              [row for row in evals if row[0][0] == "label_scoring"], "vs_anchor"),
+            ("label scoring vs plain HF label scoring with the same kernels (Liger), same run and batch", None,
+             [row for row in evals if row[0][0] == "label_scoring"], "vs_anchor_with_kernels"),
             (GENERATION_TARGET, 250, [row for row in evals if row[0][0] == "generation"], "articles_per_second"),
             ("generation vs plain `generate`, same run and batch, on weights taught the answer format", 3.0,
              [row for row in trained if row[0][0] == "generation"], "vs_anchor"),
