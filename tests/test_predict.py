@@ -13,7 +13,7 @@ from finetune import predict
 from finetune.model import load_model, train_bpe_tokenizer
 from finetune.packed import pack_batch
 from finetune.predict import (AnswerTree, answer_token_ids, default_max_new_tokens, encode_prompts, generate_labels,
-                              score_labels)
+                              prompt_budget, score_labels)
 from finetune.qwen_tokenizer import build_qwen25_tokenizer
 from finetune.lab.standin import PUBLISHED_GENERATION_CONFIG, write_standin
 
@@ -193,7 +193,7 @@ def test_tree_check_answers_exactly_as_greedy_decoding(model, tokenizer):
     """Articles whose greedy answer is a trained one are answered from the scoring pass, the rest decoded: every
     answer is the token-by-token greedy one, and both kinds occur here."""
     trained = answer_trained(model, tokenizer, TEXTS[:4])
-    prompts, _ = encode_prompts(tokenizer, TEXTS, 512 - max(map(len, answer_token_ids(tokenizer))))  # as generation
+    prompts, _ = encode_prompts(tokenizer, TEXTS, prompt_budget(tokenizer, 512))  # as generation
     greedy = [greedy_answer(trained, tokenizer, p, 16) for p in prompts]
     checked = generate_labels(trained, tokenizer, TEXTS, batch_size=8, progress=False)
     decoded = generate_labels(trained, tokenizer, TEXTS, batch_size=8, progress=False, tree_check=False)
