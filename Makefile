@@ -111,7 +111,7 @@ gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under F
 	  --results_dir results/fsdp
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --model checkpoints/fsdp-7b/final \
 	  --name $(TRAINED_EVAL_NAME) --eval_batch_size 512 --generation_batch_size 512 --use_liger_kernel true \
-	  --repeats 2 --modes plain_label_scoring,plain_generate,plain_label_scoring_kernels,label_scoring,generation,generation_decoding
+	  --repeats 2 --modes plain_label_scoring,plain_generate,plain_label_scoring_kernels,plain_generate_kernels,label_scoring,generation,generation_decoding
 
 # Speed II (one GPU, 7B shape, ~7 min each): stock TRL, the reference and the new variants, each file with its own
 # stock TRL row so that every ratio is the same run's. BENCH_VARIANTS are names (VARIANT_SLUGS) or indices into

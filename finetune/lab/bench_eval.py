@@ -8,7 +8,7 @@ row, at batch 64 on every 4th article: what a first try usually uses). Every mod
 longest batches and the shortest, so kernels are compiled and the allocator has grown before the clock starts), then
 `repeats` timed passes over every article: median, min and max, and each mode's median as a ratio to its anchor's. The
 plain modes run first, on the model as built; Liger's kernels, when the config asks for them, are applied after them
-(they patch the process for good), before the suite's modes and a second timing of the label-scoring anchor with them.
+(they patch the process for good), before the suite's modes and a second timing of both anchors with them.
 """
 
 import statistics
@@ -31,13 +31,15 @@ SMALL_BATCH = 64
 SMALL_BATCH_EVERY = 4
 ANCHORS = {"label_scoring_tree": "plain_label_scoring", "label_scoring": "plain_label_scoring",
            "generation": "plain_generate", "generation_decoding": "plain_generate"}
+# The same anchors timed again after the suite's kernels were applied: the anchor at its strongest.
+KERNEL_ANCHORS = {mode: f"{anchor}_kernels" for mode, anchor in ANCHORS.items()}
 PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64")
 # "generation" is the suite's (the answer tree's check first, decoding for the rest); "generation_decoding" decodes
-# every article, to show what the check saves. "plain_label_scoring_kernels" is the label-scoring anchor again, timed
-# after Liger's kernels (or compiled layers) were applied for the suite's modes: the anchor at its strongest, so that
-# `vs_anchor_with_kernels` is the suite's method alone.
-MODES = PLAIN_MODES + ("plain_label_scoring_kernels", "label_scoring_tree", "label_scoring", "generation",
-                       "generation_decoding")
+# every article, to show what the check saves. The "_kernels" anchors are the plain ones again, timed after Liger's
+# kernels (or compiled layers) were applied for the suite's modes, so that `vs_anchor_with_kernels` is the suite's
+# method alone.
+MODES = PLAIN_MODES + ("plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree", "label_scoring",
+                       "generation", "generation_decoding")
 
 
 @torch.inference_mode()
@@ -86,6 +88,7 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
         "plain_generate": lambda t: plain_generate(model, tokenizer, t, generation_batch_size, max_length),
         "plain_generate_batch64": lambda t: plain_generate(model, tokenizer, t, SMALL_BATCH, max_length),
         "plain_label_scoring_kernels": lambda t: plain_label_scoring(model, tokenizer, t, batch_size, max_length),
+        "plain_generate_kernels": lambda t: plain_generate(model, tokenizer, t, generation_batch_size, max_length),
         "label_scoring_tree": lambda t: score_labels(model, tokenizer, t, batch_size, max_length, False, "tree"),
         "label_scoring": lambda t: score_labels(model, tokenizer, t, batch_size, max_length, False, "packed"),
         "generation": lambda t: generate_labels(model, tokenizer, t, generation_batch_size, max_length,
@@ -179,17 +182,19 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
                 liger_report = liger_in_use(model)
                 report("liger", liger_report)
             sped_up = True
-        batch = {"plain_generate": generation_batch_size, "plain_generate_batch64": SMALL_BATCH,
-                 "generation": generation_batch_size, "generation_decoding": generation_batch_size}.get(mode, batch_size)
+        batch = {"plain_generate": generation_batch_size, "plain_generate_kernels": generation_batch_size,
+                 "plain_generate_batch64": SMALL_BATCH, "generation": generation_batch_size,
+                 "generation_decoding": generation_batch_size}.get(mode, batch_size)
         run = mode_runner(mode, model, tokenizer, batch_size, generation_batch_size, max_length)
         timed = texts[::SMALL_BATCH_EVERY] if mode == "plain_generate_batch64" else texts
         results[mode], predictions[mode] = time_mode(run, timed, warmup_texts(texts, lengths, batch), repeats, batch)
         anchor = results.get(ANCHORS.get(mode))
         if anchor:
             results[mode]["vs_anchor"] = results[mode]["articles_per_second"] / anchor["articles_per_second"]
-        if mode == "label_scoring" and "plain_label_scoring_kernels" in results:
+        kernel_anchor = results.get(KERNEL_ANCHORS.get(mode))
+        if kernel_anchor:
             results[mode]["vs_anchor_with_kernels"] = (results[mode]["articles_per_second"]
-                                                       / results["plain_label_scoring_kernels"]["articles_per_second"])
+                                                       / kernel_anchor["articles_per_second"])
         if mode in profile_modes:
             profiles[mode], timeline = profile_mode(run, texts[: 2 * batch_size])
             results[mode].update(timeline)
