@@ -262,19 +262,15 @@ def test_a_train_split_that_is_a_copy_of_test_is_an_error_that_names_the_cause(t
     assert not (tmp_path / "out").exists()
 
 
-def test_an_empty_train_split_is_an_error(tmp_path):
-    write_synthetic_csv(tmp_path / "test.csv", per_class=2)
-    _write(tmp_path / "train.csv", ['"9","Bad","Label"\n'])
+@pytest.mark.parametrize("empty, full, message", [
+    ("train", "test", "nothing to train on.*holds no articles"),
+    ("test", "train", "nothing to evaluate on.*holds no articles.*protocol 'holdout'"),  # before any training
+])
+def test_an_empty_split_is_an_error(tmp_path, empty, full, message):
+    write_synthetic_csv(tmp_path / f"{full}.csv", per_class=5)
+    _write(tmp_path / f"{empty}.csv", ['"9","Bad","Label"\n'])
     data, source = load_ag_news(tmp_path, skip_bad_rows=True)
-    with pytest.raises(DataError, match="nothing to train on.*holds no articles"):
-        make_splits(data, source)
-
-
-def test_an_empty_test_split_is_an_error_before_any_training(tmp_path):
-    write_synthetic_csv(tmp_path / "train.csv", per_class=5)
-    _write(tmp_path / "test.csv", ['"9","Bad","Label"\n'])
-    data, source = load_ag_news(tmp_path, skip_bad_rows=True)
-    with pytest.raises(DataError, match="nothing to evaluate on.*holds no articles.*protocol 'holdout'"):
+    with pytest.raises(DataError, match=message):
         make_splits(data, source)
 
 
