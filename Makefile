@@ -1,4 +1,7 @@
 # Two commands from a fresh clone: `make demo` and `make test`.
+# A recipe line piped into tee fails when its command fails, not only when tee does.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,7 +19,7 @@ $(INSTALLED): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q -r requirements.txt
 	touch $@
 
-check-data:  ## fail in seconds, before installing anything, when there is no data to run on
+check-data:  ## fail in seconds, before installing anything, when there is no data to run on (or no Python >= 3.11)
 	@$(PYTHON) -m data_prep.source
 
 # The demo writes into DEMO_DIR, which git ignores, so a clone stays clean; the committed reference run in results/

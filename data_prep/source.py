@@ -1,5 +1,8 @@
 """Where AG News comes from: a folder ($AG_NEWS_DIR or an explicit path) or the hub. Standard library only, so
-`python3 -m data_prep.source` can check for data before any package is installed."""
+`python3 -m data_prep.source` can check for data before any package is installed (and for the Python the packages
+need)."""
+
+from __future__ import annotations
 
 import os
 import socket
@@ -32,6 +35,12 @@ def data_available(source: str | None = None) -> bool:
     return os.path.isdir(source) if source else hub_reachable()
 
 
+PYTHON_NEEDED = (3, 11)  # trl 1.16's own requirement
+
 if __name__ == "__main__":
+    if sys.version_info < PYTHON_NEEDED:
+        needed = ".".join(map(str, PYTHON_NEEDED))
+        sys.exit(f"error: Python {sys.version.split()[0]} is too old: the suite needs Python >= {needed} (TRL's "
+                 f"minimum). Give make one, e.g. make PYTHON=python{needed} demo")
     if not data_available(sys.argv[1] if len(sys.argv) > 1 else None):
         sys.exit(f"error: {NO_DATA_MESSAGE}")
