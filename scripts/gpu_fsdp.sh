@@ -36,13 +36,16 @@ launch=("$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsd
 #    gather the weights once per optimizer step") and [2] (fp32 master weights, sharded).
 gpus=$(nvidia-smi -L | wc -l)
 GPUS=${GPUS:-$(n=1; while ((n <= gpus)); do printf '%d ' $n; n=$((n * 2)); done)}
+benched=()  # this run's files only: a glob would also take the committed runs of other sets and GPU counts
 for n in $GPUS; do
     variants=0,4,2
     ((n == 1)) && variants=0
+    benched+=("results/benchmarks/${NAME}_${n}gpu.json")
+    rm -f "${benched[-1]}"  # a failed step must not leave a committed file standing in for its result
     step "bench_${n}gpu" 300 "${launch[@]}" "$n" -m finetune.lab.bench train --profile qwen2.5-7b-shape --name "${NAME}_${n}gpu" \
         --variants $variants --dataloader_num_workers 2
 done
-cp results/benchmarks/"${NAME}"_*gpu.json "$OUT"/ 2>/dev/null
+cp "${benched[@]}" "$OUT"/ 2>/dev/null
 
 # 2. Resume: the tiny recipe on 2 GPUs (fp32 master weights: FSDP2's mixed precision), sharded checkpoints every 100
 #    steps. The run to 200 is the uninterrupted one; deleting what it wrote after step 100 leaves the disk as a kill
@@ -75,16 +78,16 @@ grep -E "accuracy" "$OUT/evaluate.log"
 # 4. (Left out with SKIP_7B_SAVE=1.) The 7B shape's end-of-run save on 2 GPUs: the shards gathered into plain safetensors by rank 0 (15 GB), loaded by
 #    from_pretrained and evaluated on 200 articles; train_summary.json records final_save_seconds.
 if [[ -z ${SKIP_7B_SAVE:-} ]]; then
-    rm -rf checkpoints/fsdp-7b
+    rm -rf checkpoints/fsdp-7b/*  # the folder may be a link (to /dev/shm, where the disk is small): keep it, empty it
     step save_7b 240 "${launch[@]}" 2 -m finetune.train --profile qwen2.5-7b-shape --run_name fsdp-7b --max_steps 2 \
         --gradient_checkpointing false --dataloader_num_workers 2
     cp checkpoints/fsdp-7b/final/train_summary.json "$OUT/fsdp-7b_train_summary.json"
     step evaluate_7b 180 "$PY" -m finetune.evaluate --profile qwen2.5-7b-shape --model_path checkpoints/fsdp-7b/final \
         --name fsdp-7b --max_eval_samples 200 --eval_batch_size 200 --results_dir "$OUT"
-    rm -rf checkpoints/fsdp-7b
+    rm -rf checkpoints/fsdp-7b/*
 fi
 
-"$PY" - results/benchmarks/"${NAME}"_*gpu.json <<'EOF'
+"$PY" - "${benched[@]}" <<'EOF'
 import json, sys
 print(f"{'GPUs':>4} {'tokens/s/GPU':>12} {'MFU':>6} {'step s':>7} {'peak GiB':>8} {'epoch min':>9}")
 for path in sys.argv[1:]:

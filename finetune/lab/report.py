@@ -6,6 +6,7 @@ A section lies between `<!-- name:start -->` and `<!-- name:end -->` in whicheve
 number in those sections comes from a results or benchmark JSON; nothing here is typed by hand.
 """
 
+import argparse
 import json
 import re
 import statistics
@@ -263,7 +264,14 @@ def update_docs(root: Path = Path("."), results_dir: Path = Path("results")) -> 
     return pages
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Regenerate results/summary.md and the tables of README.md and docs/ "
+                                                 "from the files under results/ (no options: it always reads results/)")
+    parser.parse_args(argv)
     print(f"wrote {write_summary()}")
     update_docs()
     print("refreshed the generated sections of README.md and docs/")
+
+
+if __name__ == "__main__":
+    main()
