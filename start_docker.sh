@@ -100,16 +100,21 @@ require_free_ports() {
   done
 }
 
-# The same token across start and status, so the printed URL keeps working.
+# The same token across start and status, so the printed URL keeps working; one given in JUPYTER_TOKEN is kept too.
 jupyter_token() {
   if [[ -n "${JUPYTER_TOKEN:-}" ]]; then
-    echo "$JUPYTER_TOKEN"
-    return
-  fi
-  if [[ ! -s "$TOKEN_FILE" ]]; then
+    (umask 077 && printf '%s' "$JUPYTER_TOKEN" >"$TOKEN_FILE")
+  elif [[ ! -s "$TOKEN_FILE" ]]; then
     (umask 077 && od -An -tx1 -N24 /dev/urandom | tr -d ' \n' >"$TOKEN_FILE")
   fi
   cat "$TOKEN_FILE"
+}
+
+# The host port a running container publishes for `container_port`, else `fallback` (this shell's setting).
+published_port() {
+  local mapping
+  mapping="$(docker port "$1" "$2/tcp" 2>/dev/null | head -n 1)"
+  if [[ -n "$mapping" ]]; then echo "${mapping##*:}"; else echo "$3"; fi
 }
 
 print_urls() {
@@ -167,6 +172,9 @@ cmd_status() {
     return
   fi
   echo "Health: $(docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{else}}unknown{{end}}' "$id")"
+  # The ports it was started with, which this shell's JUPYTER_PORT / TENSORBOARD_PORT need not repeat.
+  JUPYTER_PORT="$(published_port "$id" 8888 "$JUPYTER_PORT")"
+  TENSORBOARD_PORT="$(published_port "$id" 6006 "$TENSORBOARD_PORT")"
   print_urls
 }
 

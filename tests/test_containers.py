@@ -40,6 +40,7 @@ case "$1" in
     fi ;;
   ps) [[ -z "${FAKE_DOCKER_RUNNING:-}" ]] || echo 0123456789ab ;;
   inspect) echo healthy ;;
+  port) [[ -z "${FAKE_DOCKER_RUNNING:-}" || "$3" != 8888/tcp ]] || echo "127.0.0.1:${FAKE_DOCKER_JUPYTER_PORT:-}" ;;
 esac
 """
 
@@ -333,11 +334,18 @@ def test_start_on_every_interface_warns_that_tensorboard_has_no_login(host: Host
 
 def test_start_generates_one_token_and_status_reuses_it(host: Host):
     first = host.run("start")
-    status = host.run("status", FAKE_DOCKER_RUNNING="1")
+    status = host.run("status", FAKE_DOCKER_RUNNING="1", FAKE_DOCKER_JUPYTER_PORT=host.env["JUPYTER_PORT"])
     token = (host.project / ".jupyter_token").read_text()
     assert len(token) == 48
     assert f"/lab?token={token}\n" in first.stdout
     assert f"/lab?token={token}\n" in status.stdout
+
+
+def test_status_shows_the_token_and_port_the_container_was_started_with(host: Host):
+    """Started with its own token and port; a later status from a shell without them shows the same URL."""
+    host.run("start", JUPYTER_TOKEN="mysecret")
+    status = host.run("status", FAKE_DOCKER_RUNNING="1", FAKE_DOCKER_JUPYTER_PORT="18888", JUPYTER_PORT="8888")
+    assert "http://localhost:18888/lab?token=mysecret\n" in status.stdout
 
 
 def test_start_twice_reports_already_running_and_skips_the_port_check(host: Host):
