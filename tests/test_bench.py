@@ -77,6 +77,26 @@ def test_each_row_is_given_as_its_speed_over_the_reference_and_over_stock_trl():
     assert without_stock["fast"] == {"tokens_per_second": 150.0, "speed_vs_reference": 1.5}
 
 
+def test_rows_on_the_recipes_profile_start_from_the_reference_and_record_what_they_ran(monkeypatch):
+    """On the 7B recipe's "auto" settings every row starts from the reference's (8 x 4 among them) and its overrides
+    win; stock TRL runs at the last variant's batch; each row records the batch and steps it was timed at."""
+    from finetune.config import REFERENCE_SPEED, get_config
+
+    ran = {}
+
+    def variant(config, warmup, measured, *args, build=None, **kwargs):
+        ran[len(ran)] = (config.per_device_train_batch_size, config.gradient_accumulation_steps, config.compile_layers)
+        return {"tokens_per_second": 100.0 + len(ran)}
+
+    monkeypatch.setattr(bench, "bench_train_variant", variant)
+    variants = {"reference": {}, "recipe": {**bench.RECIPE_SPEED, "per_device_train_batch_size": 16,
+                                           "gradient_accumulation_steps": 2}}
+    results = bench.bench_train(get_config("qwen2.5-7b"), variants, 2, 4, stock_trl_steps=(2, 4))
+    assert ran == {0: (16, 2, "auto"), 1: (8, 4, REFERENCE_SPEED["compile_layers"]), 2: (16, 2, "auto")}
+    assert [results[name]["batch"] for name in (bench.STOCK_TRL, "reference", "recipe")] == [[16, 2], [8, 4], [16, 2]]
+    assert "speed_vs_stock_trl" in results["recipe"] and "speed_vs_stock_trl" not in results["reference"]
+
+
 def test_files_before_rows_recorded_their_steps_drop_ratios_to_an_anchor_that_timed_others():
     """Two committed files the bench wrote before it checked: h200_7b_train_speed.json timed stock TRL over steps 2-3
     beside rows over 2-4; h200_7b_train_fused.json timed it at 8 x 4 beside a 16 x 2 row, over 8 steps beside 4. Their

@@ -308,7 +308,8 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
     for row, (name, overrides) in enumerate(variants.items()):
         print(f"== {name}", flush=True)
         trace_path = str(trace_dir / f"row{row}.json.gz") if profile and trace_dir else None
-        run = dataclasses.replace(config, **start, **{k: v for k, v in overrides.items() if not k.startswith("fsdp_")})
+        settings = {**start, **{k: v for k, v in overrides.items() if not k.startswith("fsdp_")}}  # overrides win
+        run = dataclasses.replace(config, **settings)
         # `accelerate launch` hands the config to every rank as FSDP_* variables, which each trainer's plugin reads.
         fsdp_settings = {k.upper(): str(v).lower() for k, v in overrides.items() if k.startswith("fsdp_")}
         with mock.patch.dict(os.environ, fsdp_settings):
