@@ -400,8 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trace_dir", type=Path, default=None, help="train, with --profile_step: write each "
                         "profiled step's timeline there (row<k>.json.gz, k the row's order in the run)")
     parser.add_argument("--stock_trl_steps", default=None, help="train: 'W,M' warm-up and measured steps of the "
-                        "stock TRL rows (default: the variants' own; other steps time other articles, and the rows then get no "
-                        "ratio to them); 'none' skips them")
+                        "stock TRL rows (default: the variants' own; other steps time other articles, and the rows "
+                        "then get no ratio to them); 'none' skips them")
     known, rest = parser.parse_known_args(argv)
     config = config_from_args(rest, description=__doc__)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch (torchrun) for every rank
