@@ -89,7 +89,8 @@ def _masked_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: tor
     group = heads // key.shape[1]
     out = F.scaled_dot_product_attention(query.reshape(batch, key.shape[1], group * queries, dim), key, value,
                                          attn_mask=mask.repeat(1, 1, group, 1), dropout_p=dropout, scale=scaling)
-    return out.view(batch, heads, queries, dim).transpose(1, 2).contiguous()
+    # reshape, not view: CUDA's memory-efficient kernel returns its output laid out as (batch, queries, heads, dim).
+    return out.reshape(batch, heads, queries, dim).transpose(1, 2).contiguous()
 
 
 def _cuda_varlen_kernel() -> tuple[object, dict, bool] | None:

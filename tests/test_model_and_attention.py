@@ -232,6 +232,24 @@ def test_cuda_varlen_kernel_gradients_with_fewer_key_value_heads():
         torch.testing.assert_close(fast.grad.float(), exact.grad, atol=5e-2, rtol=5e-2)
 
 
+def test_masked_grouped_attention_takes_the_output_layout_cuda_kernels_return(monkeypatch):
+    """On CUDA, sdpa's memory-efficient kernel (the one a bf16 masked call takes) returns its output laid out as
+    (batch, queries, heads, dim), a transposed view: the heads laid along the queries must still come back in their
+    places, and no view may assume a contiguous output."""
+    from finetune.attention import _masked_grouped_attention
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2))
+    torch.manual_seed(0)
+    for queries in (1, 37):  # a decoding step, and a left-padded prefill
+        q, k, v = torch.randn(3, 28, queries, 16), torch.randn(3, 4, 60, 16), torch.randn(3, 4, 60, 16)
+        mask = torch.rand(3, 1, queries, 60) > 0.3
+        mask[..., -1] = True
+        expected = sdpa(q, k.repeat_interleave(7, 1), v.repeat_interleave(7, 1), attn_mask=mask).transpose(1, 2)
+        torch.testing.assert_close(_masked_grouped_attention(q, k, v, mask, 0.0, None), expected)
+
+
 @pytest.mark.gpu
 def test_masked_grouped_attention_matches_repeated_keys_on_gpu():
     """Decoding's attention on CUDA in bf16 at the 7B's heads (28 query heads, 4 key heads, dim 128): whichever sdpa
