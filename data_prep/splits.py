@@ -116,10 +116,11 @@ def _carve(pool: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, pd.Data
 def _stratified_take(df: pd.DataFrame, n: int, seed: int, setting: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`n` articles with the split's class balance, and the rest; both in file order. `setting` names the option that
     asked for `n`, for the message when it cannot be done."""
-    classes = df["label"].nunique()
-    if not classes <= n <= len(df) - classes or df["label"].value_counts().min() < 2:
+    counts = df["label"].value_counts()
+    classes, rarest = len(counts), counts.min()
+    if not classes <= n <= len(df) - classes or rarest < 2:
         raise DataError(f"{setting}={n}: a stratified take from {len(df)} articles of {classes} classes needs "
                         f"between {classes} and {len(df) - classes} of them, and at least two articles of every "
-                        f"class (the rarest has {df['label'].value_counts().min()})")
+                        f"class (the rarest has {rarest})")
     taken, rest = train_test_split(df, train_size=n, stratify=df["label"], random_state=seed)
     return taken.sort_index(), rest.sort_index()

@@ -204,7 +204,7 @@ def _checkpointed_layers(config: RunConfig, gpu: GPU | None, shape: ModelShape) 
         return None, "every layer: no GPU memory to plan"
     kept, checkpointed = layer_activation_bytes(shape.hidden, shape.intermediate,
                                                 config.per_device_train_batch_size * config.max_length,
-                                                2 if config.bf16 else 4)
+                                                activation_bytes(config))
     budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=weight_bytes(config) * shape.parameters)
     fixed = training_state_bytes(config, shape)
     n = layers_to_checkpoint(budget, fixed, kept, checkpointed, shape.layers)
@@ -230,7 +230,7 @@ def _micro_batches(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> tup
     fixed = training_state_bytes(config, shape)
     while micro_batches % 2 == 0:
         kept, checkpointed = layer_activation_bytes(shape.hidden, shape.intermediate, 2 * rows * config.max_length,
-                                                    2 if config.bf16 else 4)
+                                                    activation_bytes(config))
         if layers_to_checkpoint(budget, fixed, kept, checkpointed, shape.layers):
             break
         rows, micro_batches = 2 * rows, micro_batches // 2
@@ -275,6 +275,11 @@ def training_state_bytes(config: RunConfig, shape: ModelShape) -> float:
 def weight_bytes(config: RunConfig) -> int:
     """Bytes a weight takes as loaded: 2 in bf16, 4 in fp32 (bf16=False, or fp32 master weights)."""
     return weights_dtype(config).itemsize
+
+
+def activation_bytes(config: RunConfig) -> int:
+    """Bytes an activation takes: 2 in bf16 runs (fp32 master weights compute under bf16 autocast), else 4."""
+    return 2 if config.bf16 else 4
 
 
 def plan_evaluation(config: RunConfig, gpu: GPU | None, shape: ModelShape,

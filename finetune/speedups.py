@@ -96,11 +96,14 @@ class Optimizer:
         return self.state_bits is not None
 
 
-# bf16 weights, grads and two bf16 moments (plain AdamW on fp32 weights, bf16=False: all four fp32, `state_bytes`);
-# 8-bit moments take 1 byte each plus an fp32 scale per block of 256; fp32 master weights keep all four in fp32.
+# bf16 weights, grads and two bf16 moments (plain AdamW on fp32 weights, bf16=False: all four fp32, as
+# plan.training_state_bytes counts them); 8-bit moments take 1 byte each plus an fp32 scale per block of 256; fp32
+# master weights keep all four in fp32.
 OPTIMIZERS = {"adamw": Optimizer(8), "adamw_bf16_sr": Optimizer(8, state_bits=16),
               "adamw8bit_bf16_sr": Optimizer(2 + 2 + 2 * (1 + 4 / 256), state_bits=8),
               "adamw_fp32_master": Optimizer(16)}
+
+
 def weights_dtype(config: RunConfig) -> torch.dtype:
     """bf16 weights for bf16 runs, except with fp32 master weights (bf16 is then the autocast compute dtype)."""
     return torch.bfloat16 if config.bf16 and config.optimizer != "adamw_fp32_master" else torch.float32
@@ -116,10 +119,10 @@ def layer_activation_bytes(hidden: int, intermediate: int, tokens: int, value_by
     """Bytes of activations (bf16, or fp32 with `value_bytes` 4) one decoder layer keeps for the backward pass over
     `tokens` tokens: (kept, when checkpointed). A kept layer holds about 8 hidden-wide tensors a token (its input,
     two norms' inputs and outputs, q/k/v, the attention output, the residual) and 3 intermediate-wide ones (the
-    SwiGLU's gate, up and their product); a checkpointed one holds only its input and recomputes the rest. On the 7B shape this is more
-    than the H100 runs measured a kept layer (results/benchmarks/h100_7b_train*.json), so the estimate errs on the
-    safe side. Compiled and FP8 layers keep fewer or smaller activations, so for them it errs further on the safe
-    side."""
+    SwiGLU's gate, up and their product); a checkpointed one holds only its input and recomputes the rest. On the 7B
+    shape this is more than the H100 runs measured a kept layer (results/benchmarks/h100_7b_train*.json), so the
+    estimate errs on the safe side. Compiled and FP8 layers keep fewer or smaller activations, so for them it errs
+    further on the safe side."""
     return value_bytes * tokens * (8 * hidden + 3 * intermediate), value_bytes * tokens * hidden
 
 
