@@ -12,13 +12,12 @@ import re
 import statistics
 from pathlib import Path
 
-from finetune.lab.bench_eval import ANCHORS
 from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
 from finetune.lab.spark import spark_section
 from finetune.lab.stock_trl import STOCK_TRL
-from finetune.lab.targets import (RECIPE_ROW, anchor_mismatch, benchmark_records, published_comparison, runs, summarize,
-                                  targets_table, training_rows)
+from finetune.lab.targets import (RECIPE_ROW, anchor_mismatch, benchmark_records, eval_anchor_mismatch,
+                                  published_comparison, runs, summarize, targets_table, training_rows)
 from finetune.results import (answer_cells, commit_label, hardware_label, load_records, made_before, run_group,
                               run_table, summary_table, write_summary)
 
@@ -89,9 +88,8 @@ def eval_benchmark_table(results_dir: Path) -> str:
             spread = (f"{m['articles_per_second_min']:.0f} - {m['articles_per_second_max']:.0f} ({m['repeats']} passes)"
                       if "repeats" in m else "one cold pass")
             ratio = f"{m['vs_anchor']:.2f}x" if "vs_anchor" in m else ""
-            anchor_batch = record["modes"][ANCHORS[mode]]["batch_size"] if ratio else m["batch_size"]
-            if anchor_batch != m["batch_size"]:
-                ratio += f" (anchor at batch {anchor_batch})"
+            mismatch = ratio and eval_anchor_mismatch(record, mode)
+            ratio += f" ({mismatch})" if mismatch else ""
             lines.append(f"| `{path.name}` | {device} | {model} | {mode} | {m['articles']} | {m['articles_per_second']:.1f} "
                          f"| {spread} | {ratio} | {lat['p50']:.0f} / {lat['p95']:.0f} | {m['batch_size']} "
                          f"| {_gib(m['peak_allocated_gib'])} | {commit} |")

@@ -1,14 +1,15 @@
 """The DGX Spark (GB10) section of docs/dgx-spark.md: what the `qwen2.5-7b` recipe chooses there, and the epoch time
 projected from what was measured elsewhere. No GB10 has been lent to this project, so every figure here is a
 projection, labelled as one: the FLOPs one epoch needs (the same count as the benchmarks' MFU) over GB10's datasheet
-peak, at the median MFU of the recipe's runs on an H200 (with their range) and at the MFU the published run reported on the Spark itself.
+peak, at the median MFU of the recipe's runs on an H200 (with their range) and at the MFU the published run reported
+on the Spark itself.
 """
 
 import statistics
 from pathlib import Path
 
 from finetune.config import get_config
-from finetune.lab.targets import RECIPE_ROW, benchmark_records, recounted_mfu, step_flops_per_token
+from finetune.lab.targets import RECIPE_ROW, on_one_gpu, recounted_mfu, step_flops_per_token
 from finetune.plan import GPU, ModelShape, plan_evaluation, plan_training
 from finetune.results import hardware_label
 from finetune.throughput import PEAK_BF16_TFLOPS
@@ -26,11 +27,11 @@ EPOCH_ARTICLES = 120_000
 def recipe_runs(results_dir: Path) -> list[tuple[str, float, float]]:
     """Every one-H200 benchmark run of the recipe as (file, FLOPs one epoch computes, MFU by today's count)."""
     runs = []
-    for path, record in benchmark_records(results_dir, "train"):
+    for file, record in on_one_gpu(results_dir, "train"):
         row = record["variants"].get(RECIPE_ROW)
         flops_per_token = row and "error" not in row and step_flops_per_token(record, row)
-        if flops_per_token and "H200" in hardware_label(record["environment"]) and record.get("world_size", 1) == 1:
-            runs.append((path.name, EPOCH_ARTICLES * row["mean_article_tokens"] * flops_per_token,
+        if flops_per_token and "H200" in hardware_label(record["environment"]):
+            runs.append((file, EPOCH_ARTICLES * row["mean_article_tokens"] * flops_per_token,
                          recounted_mfu(record, row)))
     return runs
 

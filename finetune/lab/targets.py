@@ -94,7 +94,8 @@ def row_steps(record: dict, row: dict) -> tuple[int, int, int, int]:
     start = REFERENCE_SPEED if config.get("compile_layers") == "auto" and not row.get("stock_trl") else {}
     batch = {**config, **start, **row.get("overrides", {})}
     return (batch["per_device_train_batch_size"], batch["gradient_accumulation_steps"],
-            row.get("warmup_steps", record.get("warmup_steps")), row.get("measured_steps", record.get("measured_steps")))
+            row.get("warmup_steps", record.get("warmup_steps")),
+            row.get("measured_steps", record.get("measured_steps")))
 
 
 def anchor_mismatch(record: dict, row: dict, anchor: dict) -> str | None:
@@ -110,7 +111,8 @@ def anchor_mismatch(record: dict, row: dict, anchor: dict) -> str | None:
 
 def anchor_ratios(record: dict, row: dict) -> dict:
     """`row` without its ratios to stock TRL (as documented, and tuned) where the anchor timed other steps or another
-    batch (files before the bench checked: stock TRL over 8 steps beside rows over 4, at 8 x 4 beside rows at 16 x 2)."""
+    batch (files before the bench checked: stock TRL over 8 steps beside rows over 4, at 8 x 4 beside rows at
+    16 x 2)."""
     anchors = {"speed_vs_stock_trl": [record["variants"].get(STOCK_TRL)],
                "speed_vs_stock_trl_tuned": [record["variants"].get(name) for name in STOCK_TRL_TUNED]}
     return {k: v for k, v in row.items()
@@ -138,7 +140,8 @@ def fp8_recipes_within_tolerance(results_dir: Path) -> set[str]:
     return {recipe for recipe, passed in verdicts.items() if all(passed)}
 
 
-def _on_one_gpu(results_dir: Path, kind: str) -> list[tuple[str, dict]]:
+def on_one_gpu(results_dir: Path, kind: str) -> list[tuple[str, dict]]:
+    """The benchmark files of `kind` run on one H100 or H200, by file name: the runs the targets are judged on."""
     return [(p.name, r) for p, r in benchmark_records(results_dir, kind)
             if any(gpu in hardware_label(r["environment"]) for gpu in ("H100", "H200")) and r.get("world_size", 1) == 1]
 
@@ -149,7 +152,7 @@ def training_rows(results_dir: Path) -> list[tuple[Row, str]]:
     GPU."""
     checked = {None, *fp8_recipes_within_tolerance(results_dir)}
     rows = []
-    for file, record in _on_one_gpu(results_dir, "train"):
+    for file, record in on_one_gpu(results_dir, "train"):
         device = hardware_label(record["environment"])
         for name, v in record["variants"].items():
             fp8 = v["overrides"].get("fp8")
@@ -157,8 +160,8 @@ def training_rows(results_dir: Path) -> list[tuple[Row, str]]:
             if ("error" not in v and v["mfu"] and not v.get("stock_trl") and fp8 in checked
                     and v["overrides"].get("method", "full") == "full"
                     and v["overrides"].get("optimizer", "adamw_bf16_sr") != "adamw"):
-                rows.append((((device, name), name, file, {**anchor_ratios(record, v), "mfu": recounted_mfu(record, v)}),
-                             device))
+                figures = {**anchor_ratios(record, v), "mfu": recounted_mfu(record, v)}
+                rows.append((((device, name), name, file, figures), device))
     return rows
 
 
@@ -166,7 +169,7 @@ def tuned_anchor_ceilings(results_dir: Path) -> list[Row]:
     """Per run, the ratio a step computing at the bf16 peak would reach against that run's tuned stock TRL (its faster
     tuned row): MFU counts the same FLOPs for every row, so no row can pass 1 / the anchor's MFU."""
     rows = []
-    for file, record in _on_one_gpu(results_dir, "train"):
+    for file, record in on_one_gpu(results_dir, "train"):
         device = hardware_label(record["environment"])
         for name, v in record["variants"].items():
             if name.startswith("stock TRL tuned") and v.get("speed_vs_stock_trl_tuned") == 1.0 and v.get("mfu"):
@@ -179,7 +182,7 @@ def generation_ceilings(results_dir: Path) -> list[Row]:
     scoring's packed pass, so it is never faster than label scoring at the same batch. Label scoring's articles/s over
     plain `generate`'s, where the two ran at one batch size in one run."""
     rows = []
-    for file, record in _on_one_gpu(results_dir, "eval"):
+    for file, record in on_one_gpu(results_dir, "eval"):
         scoring, plain = record["modes"].get("label_scoring"), record["modes"].get("plain_generate")
         if scoring and plain and scoring["batch_size"] == plain["batch_size"]:
             device = hardware_label(record["environment"])
@@ -189,12 +192,19 @@ def generation_ceilings(results_dir: Path) -> list[Row]:
     return rows
 
 
+def eval_anchor_mismatch(record: dict, mode: str) -> str | None:
+    """Why an evaluation mode may not be divided by its plain-HF anchor (the anchor ran at another batch size), or
+    None."""
+    anchor_batch = record["modes"][ANCHORS[mode]]["batch_size"]
+    return None if anchor_batch == record["modes"][mode]["batch_size"] else f"anchor at batch {anchor_batch}"
+
+
 def eval_rows(results_dir: Path) -> list[Row]:
     """Every mode timed beside its plain-HF anchor, grouped by mode, device, kernels, model and batch. A row's
     `vs_anchor` is dropped where its anchor ran at another batch size (files before the anchors ran at the suite's
     batch timed plain `generate` at 64): a ratio compares equal batches or is not made."""
     rows = []
-    for file, record in _on_one_gpu(results_dir, "eval"):
+    for file, record in on_one_gpu(results_dir, "eval"):
         device = hardware_label(record["environment"])
         if (record.get("liger_kernels") or {}).get("in_use"):
             device += ", Liger"
@@ -204,7 +214,7 @@ def eval_rows(results_dir: Path) -> list[Row]:
         model = "random weights" if config.get("model", "scratch") == "scratch" else "trained weights"
         for mode, m in record["modes"].items():
             if "vs_anchor" in m:
-                if record["modes"][ANCHORS[mode]]["batch_size"] != m["batch_size"]:
+                if eval_anchor_mismatch(record, mode):
                     m = {k: v for k, v in m.items() if k != "vs_anchor"}
                 label = f"{mode}, batch {m.get('batch_size')}, {device}, {model}"
                 rows.append(((mode, device, model, m.get("batch_size")), label, file, m))
@@ -253,21 +263,23 @@ def targets(results_dir: Path) -> list[Target]:
         rows += [("real tokens/s", 10_800, summarize(fits, "tokens_per_second"), "{:,.0f}", True),
                  ("one epoch of 120K articles (min, lower is better)", 50,
                   summarize(fits, "projected_epoch_minutes_full_train", higher_is_better=False), "{:.0f}", False)]
-    trained = [row for row in evals if row[0][2] == "trained weights"]
-    for name, goal, of_mode, metric in (
-            (SCORING_TARGET, 700, [row for row in evals if row[0][0] == "label_scoring"], "articles_per_second"),
-            ("label scoring vs plain HF label scoring, same run and batch", 2.0,
-             [row for row in evals if row[0][0] == "label_scoring"], "vs_anchor"),
+    def of_mode(mode: str, model: str | None = None) -> list[Row]:
+        return [row for row in evals if row[0][0] == mode and model in (None, row[0][2])]
+
+    taught = "trained weights"
+    for name, goal, measured, metric in (
+            (SCORING_TARGET, 700, of_mode("label_scoring"), "articles_per_second"),
+            ("label scoring vs plain HF label scoring, same run and batch", 2.0, of_mode("label_scoring"), "vs_anchor"),
             ("label scoring vs plain HF label scoring with the same kernels (Liger), same run and batch", None,
-             [row for row in evals if row[0][0] == "label_scoring"], "vs_anchor_with_kernels"),
-            (GENERATION_TARGET, 250, [row for row in evals if row[0][0] == "generation"], "articles_per_second"),
+             of_mode("label_scoring"), "vs_anchor_with_kernels"),
+            (GENERATION_TARGET, 250, of_mode("generation"), "articles_per_second"),
             ("generation vs plain `generate`, same run and batch, on weights taught the answer format", 3.0,
-             [row for row in trained if row[0][0] == "generation"], "vs_anchor"),
+             of_mode("generation", taught), "vs_anchor"),
             ("decoding every article vs plain `generate`, same run and batch, on weights taught the answer format", 2.0,
-             [row for row in trained if row[0][0] == "generation_decoding"], "vs_anchor"),
+             of_mode("generation_decoding", taught), "vs_anchor"),
             ("the most generation can reach against plain `generate`: label scoring's speed (its answer-tree check is "
              "label scoring's pass), same run and batch", None, generation_ceilings(results_dir), "ceiling")):
-        rows.append((name, goal, summarize([row for row in of_mode if metric in row[3]], metric),
+        rows.append((name, goal, summarize([row for row in measured if metric in row[3]], metric),
                      "{:.0f}" if metric == "articles_per_second" else "{:.2f}x", True))
     return rows
 
