@@ -1,6 +1,7 @@
 """Shared fixtures: a small synthetic AG News folder (tests never need ../shared) and a tiny config around it."""
 
 import csv
+import json
 import os
 import random
 from pathlib import Path
@@ -19,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from finetune.config import get_config  # noqa: E402
+from finetune.results import PROJECT_DIR  # noqa: E402
 
 # Each class gets its own words, so a tiny model can learn the task from a few hundred articles in seconds.
 TOPIC_WORDS = {
@@ -28,6 +30,11 @@ TOPIC_WORDS = {
     4: "software internet microsoft nasa chip researchers wireless computer genome browser",
 }
 FILLER = "the a of on in and to with after said new report officials week"
+
+
+def committed_benchmark(name: str) -> dict:
+    """A benchmark file committed under results/benchmarks: what a GPU run wrote, read by CPU tests as it is."""
+    return json.loads((PROJECT_DIR / "results" / "benchmarks" / name).read_text())
 
 
 def write_synthetic_csv(path: Path, per_class: int, seed: int = 0) -> None:

@@ -29,6 +29,7 @@ from finetune.model import load_for_inference, load_model
 from finetune.predict import score_labels
 from finetune.pretrain import pretrained_base
 from finetune.train import build_trainer, sft_config, train
+from tests.conftest import committed_benchmark
 from tests.test_train import StopAt, _losses
 
 
@@ -262,11 +263,8 @@ def test_adapter_rows_are_compared_with_the_full_fine_tuning_they_change():
     changes more than the method (compiled layers within 24 GiB) against nothing; stock TRL never listed."""
     from finetune.lab.methods import _full_twin
 
-    def variants(name: str) -> dict:
-        return json.loads((PROJECT_DIR / "results" / "benchmarks" / name).read_text())["variants"]
-
-    recipe, methods, lora_fp8 = (variants(f"h200_7b_{name}.json") for name in ("train_recipe_methods", "methods",
-                                                                                 "train_lora_fp8"))
+    recipe, methods, lora_fp8 = (committed_benchmark(f"h200_7b_{name}.json")["variants"]
+                                 for name in ("train_recipe_methods", "methods", "train_lora_fp8"))
     assert _full_twin(recipe, recipe["LoRA r16, the qwen2.5-7b recipe, 8-bit AdamW moments"]) == RECIPE_ROW
     assert _full_twin(methods, methods["LoRA r16, all linear projections (peft)"]).startswith("reference")
     compiled = next(v for n, v in lora_fp8.items() if "within 24 GiB" in n)

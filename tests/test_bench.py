@@ -1,7 +1,6 @@
 """The benchmark and optimizer-measurement entry points run on the tiny profile, so the GPU scripts cannot rot."""
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,9 +10,8 @@ from transformers import TrainerState
 from finetune.lab import bench, bench_optimizers
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
 from finetune.lab.targets import RECIPE_ROW
-from finetune.results import PROJECT_DIR
 from finetune.throughput import StepClock, gpu_busy_share, gpu_idle_by_host_range, nccl_kernel_share
-from tests.conftest import write_synthetic_csv
+from tests.conftest import committed_benchmark, write_synthetic_csv
 
 
 def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_path, monkeypatch):
@@ -103,11 +101,7 @@ def test_files_before_rows_recorded_their_steps_drop_ratios_to_an_anchor_that_ti
     ratios to it are not made; h200_7b_train_recipe.json's stock rows ran at its rows' batch and steps, so its stand."""
     from finetune.lab.targets import anchor_mismatch, anchor_ratios
 
-    def record(name: str) -> dict:
-        return json.loads((PROJECT_DIR / "results" / "benchmarks" / name).read_text())
-
-    speed, fused, recipe = record("h200_7b_train_speed.json"), record("h200_7b_train_fused.json"), \
-        record("h200_7b_train_recipe.json")
+    speed, fused, recipe = (committed_benchmark(f"h200_7b_train_{name}.json") for name in ("speed", "fused", "recipe"))
     stock = speed["variants"][bench.STOCK_TRL]
     for row in list(speed["variants"].values())[1:]:
         assert anchor_mismatch(speed, row, stock) == "anchor timed over steps 2-3"
@@ -394,7 +388,7 @@ def test_the_optimizer_benchmark_updates_every_matrix_of_the_model_shape():
 
     assert len(weight_shapes(QWEN_7B)) == 2 + 7 * 28
     assert sum(a * b for a, b in weight_shapes(QWEN_7B)) == QWEN_7B.parameters
-    recorded = json.loads(Path("results/benchmarks/h200_7b_train_recipe_kernel.json").read_text())
+    recorded = committed_benchmark("h200_7b_train_recipe_kernel.json")
     lora = recorded["variants"]["LoRA r16, the qwen2.5-7b recipe"]
     assert lora["overrides"]["method"] == "lora" and recorded["config"]["lora_rank"] == 16
     assert len(weight_shapes(QWEN_7B, lora_rank=16)) == 2 * 7 * 28

@@ -6,6 +6,7 @@ import json
 from finetune.lab.report import update_docs
 from finetune.lab.targets import targets_table
 from finetune.results import write_record, write_summary
+from tests.conftest import committed_benchmark
 from tests.test_metrics_and_results import make_record
 
 
@@ -72,12 +73,10 @@ def test_mfu_compared_across_files_is_recounted_by_todays_count():
     """A file the bench wrote with today's FLOP count recounts to its own MFU (the bench counted from the model's
     config during the run, the recount from the statistics the file recorded); one written when the LM head was
     counted for every token recounts lower."""
-    from pathlib import Path
-
     from finetune.lab.targets import RECIPE_ROW, recounted_mfu
 
     def recipe(name: str) -> tuple[dict, dict]:
-        record = json.loads((Path("results/benchmarks") / name).read_text())
+        record = committed_benchmark(name)
         return record, record["variants"][RECIPE_ROW]
 
     record, row = recipe("h200_7b_train_recipe_kernel.json")
@@ -90,12 +89,10 @@ def test_spark_projection_is_the_median_of_the_recipes_h200_runs_with_their_rang
     """Three H200 runs of the recipe at 0.9, 1.0 and 1.2 times one run's tokens/s, and an H100 run that must not count:
     the projected hours are the epoch's tokens at the median run's tokens/s scaled from the H200's bf16 peak to GB10's
     (an MFU is tokens/s times a fixed count over the peak), the range from the fastest and slowest runs."""
-    from pathlib import Path
-
     from finetune.lab.spark import spark_section
     from finetune.lab.targets import RECIPE_ROW
 
-    source = json.loads(Path("results/benchmarks/h200_7b_train_recipe_kernel.json").read_text())
+    source = committed_benchmark("h200_7b_train_recipe_kernel.json")
     row = source["variants"][RECIPE_ROW]
     (tmp_path / "benchmarks").mkdir()
     for name, scale, gpu in (("a", 0.9, "NVIDIA H200"), ("b", 1.0, "NVIDIA H200"), ("c", 1.2, "NVIDIA H200"),
