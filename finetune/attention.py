@@ -10,9 +10,11 @@ import importlib.util
 import inspect
 import logging
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -43,10 +45,45 @@ def choose_attn_implementation(requested: str, packing: bool) -> str:
     return chosen
 
 
+def choose_inference_attn_implementation(requested: str) -> str:
+    """The attention evaluation loads the model with: "auto" takes the varlen implementation, whose padded batches do
+    not copy the keys per query head (`_masked_grouped_attention`) and which takes label scoring's 4D masks
+    (FlashAttention-2 does not); any other name as asked."""
+    chosen = VARLEN if requested == "auto" else requested
+    if chosen == VARLEN:
+        register_varlen_attention()
+    return chosen
+
+
 def register_varlen_attention() -> None:
     """Make "varlen" a name transformers accepts for `attn_implementation` (idempotent)."""
     AttentionInterface.register(VARLEN, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN, sdpa_mask)
+
+
+@contextmanager
+def attention_implementation(model, name: str):
+    """The model with attention `name` for the duration, its own afterwards."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+# sdpa tries cuDNN's attention first on Hopper, and cuDNN builds an execution graph for every new shape: at each
+# decoding step the keys are one longer, and label scoring's branches change width with every batch. In the 7B's
+# decoding profile (results/benchmarks/h200_7b_eval_recipe_generation.json) its calls took 1.35 ms of host time each,
+# the GPU idle for most of it. Under a mask the memory-efficient kernel does the same with one launch.
+NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, dropout: float = 0.0,
+                scaling: float | None = None) -> torch.Tensor:
+    """sdpa under `mask`, by any kernel but cuDNN's."""
+    with sdpa_kernel(NOT_CUDNN):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
 
 
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -87,8 +124,8 @@ def _masked_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: tor
     queries, keys). Returns (batch, queries, heads, dim), as transformers' attention functions do."""
     batch, heads, queries, dim = query.shape
     group = heads // key.shape[1]
-    out = F.scaled_dot_product_attention(query.reshape(batch, key.shape[1], group * queries, dim), key, value,
-                                         attn_mask=mask.repeat(1, 1, group, 1), dropout_p=dropout, scale=scaling)
+    out = masked_sdpa(query.reshape(batch, key.shape[1], group * queries, dim), key, value,
+                      mask.repeat(1, 1, group, 1), dropout, scaling)
     # reshape, not view: CUDA's memory-efficient kernel returns its output laid out as (batch, queries, heads, dim).
     return out.reshape(batch, heads, queries, dim).transpose(1, 2).contiguous()
 

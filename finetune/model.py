@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from data_prep.task import LABELS, SYSTEM_PROMPT, USER_TEMPLATE, format_answer
 from finetune.adapters import is_adapter, quantization_config, with_adapter
+from finetune.attention import choose_inference_attn_implementation
 from finetune.config import RunConfig
 from finetune.plan import GPU, ModelShape, plan_evaluation
 from finetune.qwen_tokenizer import CHAT_TEMPLATE, build_qwen25_tokenizer
@@ -121,14 +122,15 @@ def check_tokenizer_fits(tokenizer: PreTrainedTokenizerFast, model: torch.nn.Mod
 
 def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
                        path: str | Path | None = None) -> torch.nn.Module:
-    """The model for evaluation: sdpa attention, on the GPU where there is one, in eval mode, and with Liger's
-    kernels or compiled decoder layers (inductor fuses the same norms, RoPE and SwiGLU) when the config asks for
-    them. A LoRA adapter at `path` is loaded onto the config's model and merged into
-    it; a QLoRA adapter stays beside its 4-bit base."""
+    """The model for evaluation: the suite's attention for padded batches (`choose_inference_attn_implementation`), on
+    the GPU where there is one, in eval mode, and with Liger's kernels or compiled decoder layers (inductor fuses the
+    same norms, RoPE and SwiGLU) when the config asks for them. A LoRA adapter at `path` is loaded onto the config's
+    model and merged into it; a QLoRA adapter stays beside its 4-bit base."""
     if "auto" in (config.use_liger_kernel, config.compile_layers, config.eval_batch_size):  # evaluate() planned already
         config, _ = plan_evaluation(config, GPU.current(), ModelShape.of(config, path))
     adapter = is_adapter(path)
-    model = load_model(config, tokenizer, "sdpa", path=None if adapter else path)
+    model = load_model(config, tokenizer, choose_inference_attn_implementation(config.attn_implementation),
+                       path=None if adapter else path)
     if adapter:
         model = with_adapter(model, path, merge=config.method != "qlora")
     if not quantization_config(config):  # a 4-bit model is loaded onto the GPU already, and cannot be moved

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
-from finetune.attention import CUDA_VARLEN, _cuda_varlen_attention, _padded_causal_attention
+from finetune.attention import (CUDA_VARLEN, _cuda_varlen_attention, _padded_causal_attention,
+                                attention_implementation, masked_sdpa)
 
 PACKED = "packed_answers"
 
@@ -134,8 +134,7 @@ def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     heads, n_branch = q.shape[1], mask.shape[1]
     group = heads // kv_heads
     q = q.reshape(articles, n_branch, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(articles, kv_heads, -1, dim)
-    out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask.repeat(1, group, 1)[:, None], scale=scaling)
+    out = masked_sdpa(q, k.transpose(1, 2), v.transpose(1, 2), mask.repeat(1, group, 1)[:, None], scaling=scaling)
     return out.view(articles, kv_heads, group, n_branch, dim).permute(0, 3, 1, 2, 4).reshape(-1, heads, dim)
 
 
@@ -144,12 +143,8 @@ def packed_attention(model):
     """The model with `packed_attention_forward` as its attention for the duration (its own one afterwards)."""
     AttentionInterface.register(PACKED, packed_attention_forward)
     AttentionMaskInterface.register(PACKED, sdpa_mask)  # never called: packed calls pass their (empty) masks
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(PACKED)
-    try:
+    with attention_implementation(model, PACKED):
         yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def packed_logits(model, batch: PackedBatch, opening_kv: list | None) -> torch.Tensor:

@@ -250,11 +250,30 @@ def test_masked_grouped_attention_takes_the_output_layout_cuda_kernels_return(mo
         torch.testing.assert_close(_masked_grouped_attention(q, k, v, mask, 0.0, None), expected)
 
 
+def test_masked_attention_runs_with_cudnn_switched_off(monkeypatch):
+    """cuDNN's attention, sdpa's first choice on Hopper, builds a graph for every new shape, and decoding's keys grow
+    by one at every step: the masked calls of decoding and of label scoring's answer branches leave it out, and
+    leave sdpa's choices as they were afterwards."""
+    from finetune.attention import _masked_grouped_attention
+    from finetune.packed import _branch_attention
+
+    sdpa, cudnn_on = torch.nn.functional.scaled_dot_product_attention, []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: cudnn_on.append(torch.backends.cuda.cudnn_sdp_enabled())
+                        or sdpa(*args, **kwargs))
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    _masked_grouped_attention(q, k, v, torch.ones(2, 1, 3, 5, dtype=torch.bool), 0.0, None)
+    _branch_attention(torch.randn(2 * 3, 4, 8), torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8),
+                      torch.ones(2, 3, 5, dtype=torch.bool), None)
+    assert cudnn_on == [False, False] and torch.backends.cuda.cudnn_sdp_enabled()
+
+
 @pytest.mark.gpu
 def test_masked_grouped_attention_matches_repeated_keys_on_gpu():
-    """Decoding's attention on CUDA in bf16 at the 7B's heads (28 query heads, 4 key heads, dim 128): whichever sdpa
-    kernel takes the query heads laid along the queries under a padding mask, it gives what keys repeated per query
-    head (transformers' repeat_kv pairing) give in fp32."""
+    """Decoding's attention on CUDA in bf16 at the 7B's heads (28 query heads, 4 key heads, dim 128): the kernel that
+    takes the query heads laid along the queries under a padding mask (not cuDNN's) gives what keys repeated per
+    query head (transformers' repeat_kv pairing) give in fp32."""
     from finetune.attention import _masked_grouped_attention
 
     torch.manual_seed(0)
@@ -263,7 +282,11 @@ def test_masked_grouped_attention_matches_repeated_keys_on_gpu():
         k, v = (torch.randn(8, 4, 60, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         mask = torch.rand(8, 1, queries, 60, device="cuda") > 0.3
         mask[..., -1] = True  # every query sees at least itself
-        out = _masked_grouped_attention(q, k, v, mask, 0.0, None)
+        with torch.profiler.profile() as profiler:
+            out = _masked_grouped_attention(q, k, v, mask, 0.0, None)
+            torch.cuda.synchronize()
+        kernels = [event.name for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+        assert kernels and not [name for name in kernels if "cudnn" in name.lower()], kernels
         expected = torch.nn.functional.scaled_dot_product_attention(
             q.float(), k.float().repeat_interleave(7, 1), v.float().repeat_interleave(7, 1), attn_mask=mask)
         torch.testing.assert_close(out.float(), expected.transpose(1, 2), atol=2e-2, rtol=2e-2)

@@ -202,6 +202,38 @@ def test_tree_check_answers_exactly_as_greedy_decoding(model, tokenizer):
     assert sum(a == build_messages("x", LABELS[i])[2]["content"] for i, a in enumerate(checked.answers[:4])) >= 2
 
 
+def test_evaluation_decodes_without_copying_keys_and_the_anchor_as_transformers_does(tokenizer, tmp_path,
+                                                                                     monkeypatch):
+    """The model evaluation loads takes the suite's attention: decoding its left-padded batches never calls
+    transformers' `repeat_kv` (a copy of every key per query head, at every step) and answers as transformers' own sdpa
+    does. The benchmark's plain `generate` anchor keeps transformers' attention, and hands the model back as it was."""
+    import transformers.integrations.sdpa_attention as sdpa_attention
+
+    from finetune.attention import VARLEN, attention_implementation
+    from finetune.config import get_config
+    from finetune.lab.bench_eval import plain_generate
+    from finetune.model import load_for_inference
+
+    config = get_config("tiny", hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
+                        checkpoints_dir=str(tmp_path))
+    model = load_for_inference(config, tokenizer)
+    assert model.config._attn_implementation == VARLEN
+    copies, repeat_kv = [], sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda *args: copies.append(args[1]) or repeat_kv(*args))
+    texts = TEXTS[:5]
+
+    def answers() -> list[str]:
+        return generate_labels(model, tokenizer, texts, batch_size=4, max_length=512, progress=False,
+                               tree_check=False).answers
+
+    ours = answers()
+    assert copies == []
+    plain_generate(model, tokenizer, texts, 4, 512)
+    assert set(copies) == {2} and model.config._attn_implementation == VARLEN
+    with attention_implementation(model, "sdpa"):
+        assert answers() == ours
+
+
 def test_tree_check_stops_after_a_batch_mostly_off_the_trained_answers(model, tokenizer, monkeypatch):
     """An untrained model never answers as trained: one batch is checked, then every article decodes."""
     checked_batches = []

@@ -4,11 +4,12 @@ model (`python -m finetune.lab.bench eval`).
 The anchors are what anyone would write first: label scoring as one left-padded forward over prompt + `{"category":"`
 read at its last position (the four labels' first tokens; `logits_to_keep=1`), and plain `generate`, each at the
 suite's own batch size, on the same articles, plain `generate` with the suite's new-token budget (and, as an extra
-row, at batch 64 on every 4th article: what a first try usually uses). Every mode gets an untimed warm-up pass (the
-longest batches and the shortest, so kernels are compiled and the allocator has grown before the clock starts), then
-`repeats` timed passes over every article: median, min and max, and each mode's median as a ratio to its anchor's. The
-plain modes run first, on the model as built; Liger's kernels, when the config asks for them, are applied after them
-(they patch the process for good), before the suite's modes and a second timing of both anchors with them.
+row, at batch 64 on every 4th article: what a first try usually uses), both with transformers' own sdpa attention
+(the suite's modes use its own, `finetune.attention`). Every mode gets an untimed warm-up pass (the longest batches
+and the shortest, so kernels are compiled and the allocator has grown before the clock starts), then `repeats` timed
+passes over every article: median, min and max, and each mode's median as a ratio to its anchor's. The plain modes
+run first, on the model as built; Liger's kernels, when the config asks for them, are applied after them (they patch
+the process for good), before the suite's modes and a second timing of both anchors with them.
 """
 
 import statistics
@@ -17,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from finetune.attention import attention_implementation
 from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
 from finetune.predict import (AnswerTree, _batches, _left_pad, answer_token_ids, default_max_new_tokens, encode_prompts,
@@ -33,6 +35,8 @@ ANCHORS = {"label_scoring_tree": "plain_label_scoring", "label_scoring": "plain_
            "generation": "plain_generate", "generation_decoding": "plain_generate"}
 # The same anchors timed again after the suite's kernels were applied: the anchor at its strongest.
 KERNEL_ANCHORS = {mode: f"{anchor}_kernels" for mode, anchor in ANCHORS.items()}
+# The anchors attend as transformers does by default, whatever the suite loaded the model with.
+ANCHOR_ATTENTION = "sdpa"
 PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64")
 # "generation" is the suite's (the answer tree's check first, decoding for the rest); "generation_decoding" decodes
 # every article, to show what the check saves. The "_kernels" anchors are the plain ones again, timed after Liger's
@@ -52,13 +56,14 @@ def plain_label_scoring(model, tokenizer, texts: list[str], batch_size: int, max
     first_tokens = torch.tensor([a[len(stem)] for a in answers], device=model.device)
     prompts, truncated = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))
     labels, seconds = np.zeros(len(texts), dtype=int), np.zeros(len(texts))
-    for batch in _batches(prompts, batch_size):
-        start = time.perf_counter()
-        ids, mask = _left_pad([prompts[i] + stem for i in batch], tokenizer.pad_token_id, model.device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       logits_to_keep=1).logits[:, -1]
-        labels[batch] = logits[:, first_tokens].argmax(-1).cpu().numpy()
-        seconds[batch] = time.perf_counter() - start
+    with attention_implementation(model, ANCHOR_ATTENTION):
+        for batch in _batches(prompts, batch_size):
+            start = time.perf_counter()
+            ids, mask = _left_pad([prompts[i] + stem for i in batch], tokenizer.pad_token_id, model.device)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                           logits_to_keep=1).logits[:, -1]
+            labels[batch] = logits[:, first_tokens].argmax(-1).cpu().numpy()
+            seconds[batch] = time.perf_counter() - start
     return Predictions(labels=labels, batch_seconds=seconds, truncated=truncated)
 
 
@@ -70,13 +75,14 @@ def plain_generate(model, tokenizer, texts: list[str], batch_size: int, max_leng
     eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     decoding = greedy_decoding(default_max_new_tokens(tokenizer), eos, tokenizer.pad_token_id)
     answers, seconds = [""] * len(texts), np.zeros(len(texts))
-    for batch in _batches(prompts, batch_size):
-        start = time.perf_counter()
-        ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, model.device)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding)
-        for i, answer in zip(batch, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
-            answers[i] = answer
-        seconds[batch] = time.perf_counter() - start
+    with attention_implementation(model, ANCHOR_ATTENTION):
+        for batch in _batches(prompts, batch_size):
+            start = time.perf_counter()
+            ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, model.device)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding)
+            for i, answer in zip(batch, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
+                answers[i] = answer
+            seconds[batch] = time.perf_counter() - start
     return parsed(Predictions(labels=np.full(len(texts), -1), batch_seconds=seconds, truncated=truncated,
                               answers=answers), parse_strict)
 
