@@ -24,6 +24,8 @@ EVALUATION_CHANGES = (
     ("d6676b1", "2026-11-28T18:37:17+00:00", ("generation", "generation_lenient"), "strict/lenient generation"),
     ("84f9ac6", "2026-12-05T01:21:32+00:00", ("label_scoring", "generation", "generation_lenient"),
      "training's prompt budget"),
+    ("3af8add", "2026-12-05T04:09:41+00:00", ("label_scoring", "generation", "generation_lenient"),
+     "the suite's attention in evaluation"),
 )
 
 

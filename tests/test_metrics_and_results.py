@@ -171,7 +171,8 @@ def test_a_commit_in_this_history_is_judged_by_its_ancestry_not_its_date(tmp_pat
     if subprocess.run(["git", "cat-file", "-e", "140d4f3^{commit}"], cwd=PROJECT_DIR).returncode:
         pytest.skip("a shallow or copied tree: the commit is not in its history")
     assert made_before(record, ("label_scoring",)) == ["answer-tree label scoring (33dda75)",
-                                                      "training's prompt budget (84f9ac6)"]
+                                                      "training's prompt budget (84f9ac6)",
+                                                      "the suite's attention in evaluation (3af8add)"]
     assert made_before({**record, "environment": {"git_commit": "HEAD"}}, ("generation", "label_scoring")) == []
 
 
