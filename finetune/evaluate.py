@@ -83,6 +83,7 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
         "config": config.to_dict(), "plan": plan, "data": splits.describe(), "primary_mode": modes[0],
         "evaluations": evaluations, "wall_seconds": time.perf_counter() - start,
         "model_load_seconds": model_load_seconds, "peak_memory_gib": peak_memory_gib(),  # GPU, weights included
+        "attn_implementation": model.config._attn_implementation,  # "auto" resolved (load_for_inference)
     }
     results_dir = Path(config.results_dir)
     write_record(record, results_dir / f"{name}_results.json")

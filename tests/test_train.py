@@ -282,6 +282,7 @@ def test_evaluation_defaults_are_planned_and_recorded_with_the_warm_up_apart(tin
     assert record["config"]["eval_batch_size"] == 64 and "no GPU" in record["plan"]["eval_batch_size"]["reason"]
     speed = record["evaluations"]["label_scoring"]["throughput"]
     assert speed["warmup_seconds"] == 0.0 and speed["batch_size"] == 64  # nothing to compile or grow on the CPU
+    assert record["attn_implementation"] == "varlen"  # "auto": the suite's, not transformers' sdpa
 
 
 class OutOfMemoryAt(TrainerCallback):
