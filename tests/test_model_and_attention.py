@@ -278,7 +278,8 @@ def test_masked_grouped_attention_matches_repeated_keys_on_gpu():
 
     torch.manual_seed(0)
     for queries in (1, 37):  # a decoding step, and a left-padded prefill
-        q = torch.randn(8, 28, queries, 128, device="cuda", dtype=torch.bfloat16)
+        # laid out as the model's projection gives it: (batch, queries, heads, dim), heads moved second by a view
+        q = torch.randn(8, queries, 28, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
         k, v = (torch.randn(8, 4, 60, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         mask = torch.rand(8, 1, queries, 60, device="cuda") > 0.3
         mask[..., -1] = True  # every query sees at least itself
