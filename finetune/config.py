@@ -119,8 +119,8 @@ class RunConfig:
                              "recipe's learning is checked at the 7B shape)")
     use_liger_kernel: bool | str = option("auto", "speed", "Liger's fused kernels: true, false or 'auto' (training: "
                                           "off when layers are compiled; evaluation: on with a GPU and liger-kernel)")
-    attn_implementation: str = option("auto", "speed", "'auto': FlashAttention-2 if installed, else the exact varlen "
-                                      "kernel (finetune/attention.py)")
+    attn_implementation: str = option("auto", "speed", "'auto' (training: FlashAttention-2 if installed, else the "
+                                      "exact varlen kernel; evaluation: the varlen one; finetune/attention.py)")
 
     # Evaluation.
     eval_batch_size: int | str = option("auto", "evaluation", "articles per batch, or 'auto' (from the GPU's free "
