@@ -88,21 +88,23 @@ def plain_generate(model, tokenizer, texts: list[str], batch_size: int, max_leng
 
 
 def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_size: int, max_length: int):
-    """texts -> Predictions for one mode, at its batch size."""
+    """texts -> Predictions for one mode, and the batch size it runs at."""
+    batch = {"plain_generate": generation_batch_size, "plain_generate_kernels": generation_batch_size,
+             "plain_generate_batch64": SMALL_BATCH, "generation": generation_batch_size,
+             "generation_decoding": generation_batch_size}.get(mode, batch_size)
     runners = {
-        "plain_label_scoring": lambda t: plain_label_scoring(model, tokenizer, t, batch_size, max_length),
-        "plain_generate": lambda t: plain_generate(model, tokenizer, t, generation_batch_size, max_length),
-        "plain_generate_batch64": lambda t: plain_generate(model, tokenizer, t, SMALL_BATCH, max_length),
-        "plain_label_scoring_kernels": lambda t: plain_label_scoring(model, tokenizer, t, batch_size, max_length),
-        "plain_generate_kernels": lambda t: plain_generate(model, tokenizer, t, generation_batch_size, max_length),
-        "label_scoring_tree": lambda t: score_labels(model, tokenizer, t, batch_size, max_length, False, "tree"),
-        "label_scoring": lambda t: score_labels(model, tokenizer, t, batch_size, max_length, False, "packed"),
-        "generation": lambda t: generate_labels(model, tokenizer, t, generation_batch_size, max_length,
-                                                progress=False),
-        "generation_decoding": lambda t: generate_labels(model, tokenizer, t, generation_batch_size, max_length,
-                                                         progress=False, tree_check=False),
+        "plain_label_scoring": lambda t: plain_label_scoring(model, tokenizer, t, batch, max_length),
+        "plain_generate": lambda t: plain_generate(model, tokenizer, t, batch, max_length),
+        "plain_generate_batch64": lambda t: plain_generate(model, tokenizer, t, batch, max_length),
+        "plain_label_scoring_kernels": lambda t: plain_label_scoring(model, tokenizer, t, batch, max_length),
+        "plain_generate_kernels": lambda t: plain_generate(model, tokenizer, t, batch, max_length),
+        "label_scoring_tree": lambda t: score_labels(model, tokenizer, t, batch, max_length, False, "tree"),
+        "label_scoring": lambda t: score_labels(model, tokenizer, t, batch, max_length, False, "packed"),
+        "generation": lambda t: generate_labels(model, tokenizer, t, batch, max_length, progress=False),
+        "generation_decoding": lambda t: generate_labels(model, tokenizer, t, batch, max_length, progress=False,
+                                                         tree_check=False),
     }
-    return runners[mode]
+    return runners[mode], batch
 
 
 def time_mode(run, texts: list[str], warmup: list[str], repeats: int, batch_size: int) -> tuple[dict, Predictions]:
@@ -188,10 +190,7 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
                 liger_report = liger_in_use(model)
                 report("liger", liger_report)
             sped_up = True
-        batch = {"plain_generate": generation_batch_size, "plain_generate_kernels": generation_batch_size,
-                 "plain_generate_batch64": SMALL_BATCH, "generation": generation_batch_size,
-                 "generation_decoding": generation_batch_size}.get(mode, batch_size)
-        run = mode_runner(mode, model, tokenizer, batch_size, generation_batch_size, max_length)
+        run, batch = mode_runner(mode, model, tokenizer, batch_size, generation_batch_size, max_length)
         timed = texts[::SMALL_BATCH_EVERY] if mode == "plain_generate_batch64" else texts
         results[mode], predictions[mode] = time_mode(run, timed, warmup_texts(texts, lengths, batch), repeats, batch)
         anchor = results.get(ANCHORS.get(mode))
