@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.lab import notebooks, rehearse
@@ -61,6 +62,16 @@ def test_standin_loads_through_the_auto_classes_with_qwens_tokens(standin):
     model = AutoModelForCausalLM.from_pretrained(standin)
     assert model.config.num_hidden_layers == SHAPES["tiny"]["num_hidden_layers"]
     assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.do_sample
+
+
+@pytest.mark.gpu
+def test_standin_gives_its_gpu_memory_back(tmp_path):
+    """The stand-in is built on the GPU; memory its writer keeps cached is memory the rehearsal's notebooks, run next
+    as other processes, do not see free, and their plan recomputes layers that would fit."""
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    write_standin(tmp_path / "standin", "tiny", cache_dir=tmp_path / "tokenizers")
+    assert torch.cuda.memory_reserved() <= before
 
 
 @pytest.mark.slow

@@ -84,6 +84,11 @@ def write_standin(out: str | Path, shape: str = "tiny", seed: int = 0,
     shard_bytes = math.ceil(sum(p.numel() * p.element_size() for p in model.parameters()) / SHARDS) + 2**20
     model.save_pretrained(out, max_shard_size=shard_bytes)
     del model
+    # Give the weights' memory back to the device: left in this process's allocator cache, it is memory the notebooks
+    # that `rehearse` runs next do not see free, and their plan recomputed 18 layers on an H100 where 7 fit
+    # (results/rehearsal/h100/).
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     # save_pretrained writes today's config and generation-config formats; the snapshot has the published files.
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(PUBLISHED_GENERATION_CONFIG, indent=2) + "\n")
