@@ -338,8 +338,8 @@ def _bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_fused_8bit_step_computes_torchaos_update(interpreter_fma_rounding_once):
     """Three AdamW steps with weight decay, each from the same weights and states as torchao's eager single_param_adam
     (fp32 weights, no rounding): the same moment codes and scales, bit for bit, and bf16 weights that are one of the
-    two bf16 values around torchao's fp32 weight. Weights of 5, 16 and 21 blocks of 256: programs take 4 blocks, so
-    the last one is part-filled."""
+    two bf16 values around torchao's fp32 weight. Weights of 5, 16 and 21 blocks of 256: programs take 4 blocks a
+    round for 4 rounds, so a weight's last program has a part-filled round and may have empty ones."""
     kernel = pytest.importorskip("finetune.adamw8bit_kernel")
     from torchao.optim.adam import single_param_adam
     from torchao.optim.subclass_8bit import OptimState8bit
@@ -388,17 +388,20 @@ def test_fused_8bit_step_rounds_to_bf16_without_bias_and_from_its_seed_alone():
 
 
 @on_the_interpreter
-def test_a_program_of_8_blocks_updates_as_one_of_4_does():
-    """bench_adamw8bit --blocks_per_program times the kernel with larger programs: they must compute the same step
-    (weights of 5, 16 and 21 blocks: part-filled last programs at either size)."""
+@pytest.mark.parametrize("constant, value, programs", [("BLOCKS_PER_PROGRAM", 8, 1 + 1 + 1),
+                                                       ("ROUNDS_PER_PROGRAM", 1, 2 + 4 + 6)])
+def test_programs_of_other_sizes_update_as_the_kernels_do(constant, value, programs):
+    """bench_adamw8bit --blocks_per_program and --rounds_per_program time the kernel with other programs: they must
+    compute the same step. Weights of 5, 16 and 21 blocks: the kernel's programs of 4 x 4 blocks leave the last one of
+    the 21 with one block in its second round and none in its last two."""
     from finetune.lab.bench_adamw8bit import kernel_step, load_kernel_module, zero_states
 
     kernel = pytest.importorskip("finetune.adamw8bit_kernel")
-    wider = load_kernel_module(kernel.__file__)
-    wider.BLOCKS_PER_PROGRAM = 2 * kernel.BLOCKS_PER_PROGRAM
+    other = load_kernel_module(kernel.__file__)
+    setattr(other, constant, value)
     shapes = [(5, 256), (64, 64), (48, 112)]
     results = []
-    for module in (kernel, wider):
+    for module in (kernel, other):
         generator = torch.Generator().manual_seed(0)
         params = [(torch.randn(s, generator=generator) * 0.05).to(torch.bfloat16) for s in shapes]
         grads = [(torch.randn(s, generator=generator) * 1e-2).to(torch.bfloat16) for s in shapes]
@@ -407,8 +410,8 @@ def test_a_program_of_8_blocks_updates_as_one_of_4_does():
             kernel_step(module, params, grads, states, t)
         results.append(params + [_plain(x) for pair in states for x in pair])
     assert all(torch.equal(a, b) for a, b in zip(*results))
-    programs = [len(module._programs((5, 16, 21), torch.device("cpu"))[0]) for module in (kernel, wider)]
-    assert programs == [2 + 4 + 6, 1 + 2 + 3]  # the copy did launch half as many programs
+    launched = [len(module._programs((5, 16, 21), torch.device("cpu"))[0]) for module in (kernel, other)]
+    assert launched == [1 + 1 + 2, programs]  # the copy did launch its own number of programs
 
 
 @on_the_interpreter
