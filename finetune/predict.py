@@ -19,6 +19,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from data_prep.task import LABELS, build_messages, build_prompt_messages
 from finetune.answers import parse_strict
+from finetune.attention import without_cudnn_attention
 from finetune.metrics import Predictions
 from finetune.packed import opening_keys, pack_batch, packed_attention, packed_logits
 
@@ -230,18 +231,19 @@ def _tree_passes(model, tokenizer, prompts: list[list[int]], tree: AnswerTree, b
         raise ValueError(f"method={method!r}: choose one of {SCORING_METHODS}")
     if method == "auto":
         method = "packed" if model.device.type == "cuda" else "tree"
-    opening_length, opening_cache = _opening_cache(model, prompts)
-    if method == "packed":
-        opening_kv, layout = opening_keys(opening_cache), packed_attention(model)
-        tail_logits = lambda rows: packed_logits(model, pack_batch(rows, tree, opening_length, model.device),
-                                                 opening_kv)
-    else:
-        layout = nullcontext()
-        tail_logits = lambda rows: _tree_logits(model, rows, tree, opening_length, opening_cache,
-                                                tokenizer.pad_token_id)
-    with layout:
-        for batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, disable=not progress, leave=leave):
-            yield batch, tail_logits([prompts[i][opening_length:] for i in batch])
+    with without_cudnn_attention():  # switched once for the pass, not in each masked call (`masked_sdpa`)
+        opening_length, opening_cache = _opening_cache(model, prompts)
+        if method == "packed":
+            opening_kv, layout = opening_keys(opening_cache), packed_attention(model)
+            tail_logits = lambda rows: packed_logits(model, pack_batch(rows, tree, opening_length, model.device),
+                                                     opening_kv)
+        else:
+            layout = nullcontext()
+            tail_logits = lambda rows: _tree_logits(model, rows, tree, opening_length, opening_cache,
+                                                    tokenizer.pad_token_id)
+        with layout:
+            for batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, disable=not progress, leave=leave):
+                yield batch, tail_logits([prompts[i][opening_length:] for i in batch])
 
 
 @torch.inference_mode()
@@ -375,20 +377,21 @@ def _decode(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new
     once and each batch continues from a view of its cache."""
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     decoding = greedy_decoding(max_new_tokens, eos, tokenizer.pad_token_id)
-    opening_length, opening_cache = _opening_cache(model, prompts)
-    opening_ids = torch.tensor([prompts[0][:opening_length]], device=model.device)
     answers, seconds = [""] * len(prompts), np.zeros(len(prompts))
-    for batch in tqdm(list(_batches(prompts, batch_size)), desc="generation", disable=not progress):
-        start = time.perf_counter()
-        # Left padding sits between the opening and each article; the mask hides it, positions skip it.
-        ids, mask = _left_pad([prompts[i][opening_length:] for i in batch], tokenizer.pad_token_id, model.device)
-        ids = torch.cat([opening_ids.expand(len(batch), -1), ids], 1)
-        mask = torch.cat([mask.new_ones(len(batch), opening_length), mask], 1)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding,
-                             past_key_values=_batch_cache(opening_cache, len(batch)))
-        for i, answer in zip(batch, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
-            answers[i] = answer
-        seconds[batch] = time.perf_counter() - start
+    with without_cudnn_attention():  # switched once for the pass, not in each masked call (`masked_sdpa`)
+        opening_length, opening_cache = _opening_cache(model, prompts)
+        opening_ids = torch.tensor([prompts[0][:opening_length]], device=model.device)
+        for batch in tqdm(list(_batches(prompts, batch_size)), desc="generation", disable=not progress):
+            start = time.perf_counter()
+            # Left padding sits between the opening and each article; the mask hides it, positions skip it.
+            ids, mask = _left_pad([prompts[i][opening_length:] for i in batch], tokenizer.pad_token_id, model.device)
+            ids = torch.cat([opening_ids.expand(len(batch), -1), ids], 1)
+            mask = torch.cat([mask.new_ones(len(batch), opening_length), mask], 1)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding,
+                                 past_key_values=_batch_cache(opening_cache, len(batch)))
+            for i, answer in zip(batch, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
+                answers[i] = answer
+            seconds[batch] = time.perf_counter() - start
     return answers, seconds
 
 

@@ -234,6 +234,32 @@ def test_evaluation_decodes_without_copying_keys_and_the_anchor_as_transformers_
         assert answers() == ours
 
 
+
+def test_evaluation_switches_cudnn_attention_off_once_a_pass(tokenizer, tmp_path, monkeypatch):
+    """Every attention call of label scoring and decoding runs with cuDNN's attention off (it rebuilds its graph for
+    each new shape), switched once around each pass: not by each masked call, one a layer at every decoding step,
+    whose switching is Python time on a host that decoding waits for. A masked call outside a pass still switches."""
+    from finetune import attention
+    from finetune.config import get_config
+    from finetune.model import load_for_inference
+
+    config = get_config("tiny", hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
+                        checkpoints_dir=str(tmp_path))
+    model = load_for_inference(config, tokenizer)
+    switches, cudnn_on, real = [], [], attention.without_cudnn_attention
+    monkeypatch.setattr(attention, "without_cudnn_attention", lambda: switches.append(1) or real())
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: cudnn_on.append(torch.backends.cuda.cudnn_sdp_enabled())
+                        or sdpa(*args, **kwargs))
+    generate_labels(model, tokenizer, TEXTS[:5], batch_size=4, max_length=512, progress=False, tree_check=False)
+    score_labels(model, tokenizer, TEXTS[:5], batch_size=4, progress=False, method="tree")
+    assert len(cudnn_on) > 2 * model.config.num_hidden_layers and not any(cudnn_on)
+    assert switches == [] and torch.backends.cuda.cudnn_sdp_enabled()
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    attention._masked_grouped_attention(q, k, v, torch.ones(2, 1, 3, 5, dtype=torch.bool), 0.0, None)
+    assert switches == [1] and cudnn_on[-1] is False
+
 def test_tree_check_stops_after_a_batch_mostly_off_the_trained_answers(model, tokenizer, monkeypatch):
     """An untrained model never answers as trained: one batch is checked, then every article decodes."""
     checked_batches = []
