@@ -159,12 +159,17 @@ def test_gpu_idle_time_is_charged_to_the_innermost_host_range_spanning_it():
     assert gpu_idle_by_host_range(SimpleNamespace(events=lambda: [])) is None
 
 
-def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tmp_path):
+def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tmp_path, monkeypatch):
+    from finetune.lab import bench_eval
+
     write_synthetic_csv(tmp_path / "test.csv", per_class=25)  # 100 articles: every mode runs three times
     args = ["eval", "--name", "smoke_eval", "--profile", "tiny", "--data_dir", str(tmp_path),
             "--holdout_train_size", "60", "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4",
-            "--max_length", "128", "--eval_batch_size", "32", "--repeats", "2", "--max_new_tokens", "4",
-            "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
+            "--max_length", "128", "--eval_batch_size", "32", "--generation_batch_size", "16", "--repeats", "2",
+            "--max_new_tokens", "4", "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
+    profiled, profile_mode = [], bench_eval.profile_mode
+    monkeypatch.setattr(bench_eval, "profile_mode", lambda run, texts: profiled.append(len(texts))
+                        or profile_mode(run, texts))
     bench.main(args)
     record = json.loads((tmp_path / "benchmarks" / "smoke_eval.json").read_text())
     modes = record["modes"]
@@ -195,6 +200,7 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     assert packed["agreement_with_tree"]["max_abs_logprob_difference"] < 1e-4
     assert set(record["profiles"]) == {"plain_label_scoring", "label_scoring_tree", "label_scoring", "plain_generate",
                                        "generation_decoding"}
+    assert profiled == [64, 32, 64, 64, 32]  # two of each mode's own batches, in the modes' order
     assert packed["gpu_busy_share"] is None and packed["gpu_idle_ms_by_host_range"] is None  # no GPU timeline here
     assert record["liger_kernels"] is None
     assert " threads) | random weights | label_scoring | 100 |" in eval_benchmark_table(tmp_path)

@@ -201,7 +201,7 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
             results[mode]["vs_anchor_with_kernels"] = (results[mode]["articles_per_second"]
                                                        / kernel_anchor["articles_per_second"])
         if mode in profile_modes:
-            profiles[mode], timeline = profile_mode(run, texts[: 2 * batch_size])
+            profiles[mode], timeline = profile_mode(run, texts[: 2 * batch])  # two of its own batches
             results[mode].update(timeline)
         report(mode, {k: v for k, v in results[mode].items() if not k.endswith("_per_run")})
         save({"modes": results, "liger_kernels": liger_report, "profiles": profiles})
