@@ -22,11 +22,12 @@ from torchao.optim.quant_utils import quantize_8bit_with_qmap
 from torchao.optim.subclass_8bit import OptimState8bit, get_qmap_signed, get_qmap_unsigned
 
 BLOCKS_PER_PROGRAM = 4  # quantization blocks of 256 a program updates at once: 1,024 values
-# Rounds of BLOCKS_PER_PROGRAM blocks a program makes, along its weight. Before its first value a program reads its
-# weight's row of the table, a chain of dependent loads; one round a program paid that chain for every 1,024 values,
-# and the one launch for all weights took 49.2 ms over the 7B's weights where one launch a weight, with its addresses
-# as arguments, took 44.1 (results/benchmarks/h100_adamw8bit_kernel_7b.json).
-ROUNDS_PER_PROGRAM = 4
+# Rounds of BLOCKS_PER_PROGRAM blocks a program makes along its weight. Before its first value a program reads its
+# weight's row of the table, a chain of dependent loads, and the one launch for all weights took 49.2 ms over the 7B's
+# weights where one launch a weight, its addresses passed as arguments, took 44.1 (h100_adamw8bit_kernel_7b.json). More
+# rounds pay that chain once for more values but keep more registers live, so fewer programs share an SM
+# (results/benchmarks/adamw8bit_sass_rounds.json): one round stays until `make gpu-optimizer` has timed 4 and 8.
+ROUNDS_PER_PROGRAM = 1
 
 
 def _ordered(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@
     python -m finetune.lab.bench_adamw8bit --shape 7b --compare /tmp/kernel_6005047.py   # beside an older kernel
     python -m finetune.lab.bench_adamw8bit --shape 7b --lora_rank 16 --compare /tmp/kernel_ad67def.py
     python -m finetune.lab.bench_adamw8bit --shape 7b --blocks_per_program 8    # 2,048 values a round too
-    python -m finetune.lab.bench_adamw8bit --shape 7b --rounds_per_program 1 8  # programs of 1 and 8 rounds too
+    python -m finetune.lab.bench_adamw8bit --shape 7b --rounds_per_program 4 8  # programs of 4 and 8 rounds too
 
 The LoRA shape (392 small adapter weights) times the host's share: kernels up to ad67def took one launch a weight,
 the current one launches once for all. CUDA events time the GPU's timeline, so a GPU waiting on launches counts.
