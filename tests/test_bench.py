@@ -9,7 +9,7 @@ from transformers import TrainerState
 
 from finetune.lab import bench, bench_optimizers
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
-from finetune.lab.targets import RECIPE_ROW
+from finetune.lab.targets import LORA_ROW, RECIPE_ROW
 from finetune.throughput import StepClock, gpu_busy_share, gpu_idle_by_host_range, nccl_kernel_share
 from tests.conftest import committed_benchmark, write_synthetic_csv
 
@@ -323,8 +323,13 @@ def test_targets_compare_with_stock_trl_of_the_same_run_and_report_the_h200_auto
                                           "speed_vs_stock_trl_tuned": 1.0},
         "stock TRL tuned: Liger, full GC": {**row(5_000, 0.3, 61, 1.25), "stock_trl": True,
                                             "speed_vs_stock_trl_tuned": 5 / 6},
+        RECIPE_ROW: row(10_000, 0.45, 97, 2.5),
+        LORA_ROW: row(15_000, 0.4, 50, 3.75, method="lora"),  # LoRA is never a full fine-tuning target figure
     })
     (tmp_path / "benchmarks" / "h200_train.json").write_text(json.dumps(h200))
+    h100 = _train_record("NVIDIA H100 80GB HBM3", {RECIPE_ROW: row(10_000, 0.45, 70.5, 2.5),
+                                                   LORA_ROW: row(12_000, 0.4, 48, 3.0, method="lora")})
+    (tmp_path / "benchmarks" / "h100_train.json").write_text(json.dumps(h100))
     (tmp_path / "gpu" / "fp8").mkdir(parents=True)
     for name, tensorwise_passed in (("first.json", True), ("second.json", False)):  # one miss is enough to fail
         runs = {"bf16": {"within_tolerance": True}, "rowwise": {"within_tolerance": True},
@@ -340,6 +345,9 @@ def test_targets_compare_with_stock_trl_of_the_same_run_and_report_the_h200_auto
     assert "141 GB H200 | (reported) | 60.0% | `h200_train.json`: bf16 auto, all memory (90.0 GiB) |" in table
     assert "100% MFU (1 / the anchor's MFU), same run | (reported) | 2.50x | `h200_train.json`: stock TRL tuned: Liger, " \
            "no GC |" in table
+    # LoRA over the recipe of its own run, a row per card: each card's plan differs
+    assert "as planned for the card (NVIDIA H100 80GB HBM3) | 1.30x | 1.20x | `h100_train.json`: " in table
+    assert "as planned for the card (NVIDIA H200) | 1.30x | 1.50x | `h200_train.json`: " in table
 
 
 def test_host_sync_counter_counts_the_synchronizing_calls_of_its_step_only(monkeypatch):

@@ -22,6 +22,7 @@ from finetune.throughput import ArticleTokens, bf16_peak_tflops, training_flops_
 
 # The benchmark row of the qwen2.5-7b recipe as a user runs it (finetune/lab/bench.py), which the pages quote.
 RECIPE_ROW = "the qwen2.5-7b recipe, planned for this GPU"
+LORA_ROW = "LoRA r16, the qwen2.5-7b recipe"  # LoRA with the recipe's speed settings, planned for the same GPU
 SCORING_TARGET = "label scoring articles/s over 7,600 (one H100 or H200)"
 GENERATION_TARGET = "generation articles/s over 7,600"
 
@@ -177,6 +178,19 @@ def tuned_anchor_ceilings(results_dir: Path) -> list[Row]:
     return rows
 
 
+def lora_over_recipe(results_dir: Path) -> list[Row]:
+    """Per run, LoRA's tokens/s over the full recipe's, each as planned for the card: the same steps and batch, and
+    LoRA computing no weight gradients for its frozen base."""
+    rows = []
+    for file, record in on_one_gpu(results_dir, "train"):
+        lora, full = (record["variants"].get(name, {}) for name in (LORA_ROW, RECIPE_ROW))
+        if "tokens_per_second" in lora and "tokens_per_second" in full:
+            device = hardware_label(record["environment"])
+            rows.append(((device, LORA_ROW), LORA_ROW, file,
+                         {"lora_over_recipe": lora["tokens_per_second"] / full["tokens_per_second"]}))
+    return rows
+
+
 def generation_ceilings(results_dir: Path) -> list[Row]:
     """Per run, the most generation can reach against plain `generate`: its check of the answer tree is label
     scoring's packed pass, so it is never faster than label scoring at the same batch. Label scoring's articles/s over
@@ -251,6 +265,11 @@ def targets(results_dir: Path) -> list[Target]:
         recipe_tuned = [row for row, _ in ours if row[1] == RECIPE_ROW and "speed_vs_stock_trl_tuned" in row[3]]
         rows.append(("the `qwen2.5-7b` recipe vs stock TRL tuned, same run, steps and batch (all of the card's memory, "
                      "as both use it)", None, summarize(recipe_tuned, "speed_vs_stock_trl_tuned"), "{:.2f}x", True))
+        lora = lora_over_recipe(results_dir)
+        for device in sorted({key[0] for key, *_ in lora}):  # a row per card: its memory changes both plans
+            rows.append((f"LoRA r16 vs the full `qwen2.5-7b` recipe, same run, both as planned for the card ({device})",
+                         1.3, summarize([row for row in lora if row[0][0] == device], "lora_over_recipe"), "{:.2f}x",
+                         True))
         best_auto = summarize(auto_h200, "mfu")
         if best_auto:
             peak = max(v["peak_allocated_gib"] for v in best_auto.figures)
