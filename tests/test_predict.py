@@ -202,7 +202,18 @@ def test_tree_check_answers_exactly_as_greedy_decoding(model, tokenizer):
     assert sum(a == build_messages("x", LABELS[i])[2]["content"] for i, a in enumerate(checked.answers[:4])) >= 2
 
 
-def test_evaluation_decodes_without_copying_keys_and_the_anchor_as_transformers_does(tokenizer, tmp_path,
+@pytest.fixture(scope="module")
+def evaluation_model(tokenizer, tmp_path_factory):
+    """The model as evaluation loads it (`load_for_inference`), with fewer key/value heads than query heads."""
+    from finetune.config import get_config
+    from finetune.model import load_for_inference
+
+    config = get_config("tiny", hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
+                        checkpoints_dir=str(tmp_path_factory.mktemp("c")))
+    return load_for_inference(config, tokenizer)
+
+
+def test_evaluation_decodes_without_copying_keys_and_the_anchor_as_transformers_does(evaluation_model, tokenizer,
                                                                                      monkeypatch):
     """The model evaluation loads takes the suite's attention: decoding its left-padded batches never calls
     transformers' `repeat_kv` (a copy of every key per query head, at every step) and answers as transformers' own sdpa
@@ -210,13 +221,9 @@ def test_evaluation_decodes_without_copying_keys_and_the_anchor_as_transformers_
     import transformers.integrations.sdpa_attention as sdpa_attention
 
     from finetune.attention import VARLEN, attention_implementation
-    from finetune.config import get_config
     from finetune.lab.bench_eval import plain_generate
-    from finetune.model import load_for_inference
 
-    config = get_config("tiny", hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
-                        checkpoints_dir=str(tmp_path))
-    model = load_for_inference(config, tokenizer)
+    model = evaluation_model
     assert model.config._attn_implementation == VARLEN
     copies, repeat_kv = [], sdpa_attention.repeat_kv
     monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda *args: copies.append(args[1]) or repeat_kv(*args))
@@ -234,18 +241,13 @@ def test_evaluation_decodes_without_copying_keys_and_the_anchor_as_transformers_
         assert answers() == ours
 
 
-
-def test_evaluation_switches_cudnn_attention_off_once_a_pass(tokenizer, tmp_path, monkeypatch):
+def test_evaluation_switches_cudnn_attention_off_once_a_pass(evaluation_model, tokenizer, monkeypatch):
     """Every attention call of label scoring and decoding runs with cuDNN's attention off (it rebuilds its graph for
     each new shape), switched once around each pass: not by each masked call, one a layer at every decoding step,
     whose switching is Python time on a host that decoding waits for. A masked call outside a pass still switches."""
     from finetune import attention
-    from finetune.config import get_config
-    from finetune.model import load_for_inference
 
-    config = get_config("tiny", hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
-                        checkpoints_dir=str(tmp_path))
-    model = load_for_inference(config, tokenizer)
+    model = evaluation_model
     switches, cudnn_on, real = [], [], attention.without_cudnn_attention
     monkeypatch.setattr(attention, "without_cudnn_attention", lambda: switches.append(1) or real())
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -259,6 +261,7 @@ def test_evaluation_switches_cudnn_attention_off_once_a_pass(tokenizer, tmp_path
     q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     attention._masked_grouped_attention(q, k, v, torch.ones(2, 1, 3, 5, dtype=torch.bool), 0.0, None)
     assert switches == [1] and cudnn_on[-1] is False
+
 
 def test_tree_check_stops_after_a_batch_mostly_off_the_trained_answers(model, tokenizer, monkeypatch):
     """An untrained model never answers as trained: one batch is checked, then every article decodes."""
