@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from data_prep.task import LABELS, build_messages, build_prompt_messages
 from finetune.answers import parse_strict
 from finetune.attention import without_cudnn_attention
+from finetune.decode import GreedyDecoder, left_pad
 from finetune.metrics import Predictions
 from finetune.packed import opening_keys, pack_batch, packed_attention, packed_logits
 
@@ -105,21 +106,17 @@ def default_max_new_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
     return max(map(len, answer_token_ids(tokenizer))) + ANSWER_HEADROOM_TOKENS
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _batches(prompts: list[list[int]], batch_size: int):
-    """Index batches of similar length, longest first, so padding stays small and memory peaks early."""
+    """Index batches of similar length, longest first, so padding stays small and memory peaks early: as few as
+    `batch_size` allows, their sizes a token apart at most, never a short remainder (decoding fills each batch up to
+    the largest, `GreedyDecoder`)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+    count = -(-len(order) // batch_size)
+    start = 0
+    for k in range(count):
+        end = start + len(order) // count + (k < len(order) % count)
+        yield order[start:end]
+        start = end
 
 
 def warmup_texts(texts: list[str], lengths: list[int], batch_size: int) -> list[str]:
@@ -293,7 +290,7 @@ def _tree_logits(model, rows: list[list[int]], tree: AnswerTree, opening_length:
     device, n_branch = model.device, len(tree.branch)
     depth, branches = torch.tensor(tree.depth, device=device), torch.from_numpy(tree.sees()).to(device)
     # Left padding sits between the opening and each article; the mask hides it, positions skip it.
-    ids, valid = _left_pad([row + tree.tokens for row in rows], pad_id, device)
+    ids, valid = left_pad([row + tree.tokens for row in rows], pad_id, device)
     positions = opening_length + (valid.cumsum(-1) - 1).clamp(min=0)
     positions[:, -n_branch:] = positions[:, -n_branch - 1:-n_branch] + 1 + depth  # branches run side by side
     mask = _scoring_mask(valid.bool(), branches, opening_length)
@@ -309,17 +306,6 @@ def _common_prefix_length(rows: list[list[int]]) -> int:
     while n < min(len(first), len(last)) and first[n] == last[n]:
         n += 1
     return n
-
-
-def greedy_decoding(max_new_tokens: int, eos: list[int], pad: int) -> GenerationConfig:
-    """The suite's decoding, whatever the checkpoint's generation_config.json asks (Qwen2.5-Instruct's samples at
-    temperature 0.7 with a 1.05 repetition penalty): greedy, no penalty, no minimum length. transformers fills every
-    field left unset here from the model's own generation config, hence each knob set to its neutral value. The KV
-    cache is asked for too: a model trained here carries use_cache=False (training never reuses keys and values), and
-    without a cache every decoding step would re-run the whole prompt."""
-    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
-                            repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos, pad_token_id=pad,
-                            use_cache=True)
 
 
 @torch.inference_mode()
@@ -373,23 +359,20 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
 
 def _decode(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
             progress: bool) -> tuple[list[str], np.ndarray]:
-    """Greedy decoding of each prompt, and the wall time of each one's batch. As in label scoring, the opening runs
-    once and each batch continues from a view of its cache."""
+    """Greedy decoding of each prompt (`GreedyDecoder`), and the wall time of each one's batch. As in label scoring,
+    the opening runs once."""
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    decoding = greedy_decoding(max_new_tokens, eos, tokenizer.pad_token_id)
     answers, seconds = [""] * len(prompts), np.zeros(len(prompts))
+    batches = list(_batches(prompts, batch_size))
     with without_cudnn_attention():  # switched once for the pass, not in each masked call (`masked_sdpa`)
         opening_length, opening_cache = _opening_cache(model, prompts)
-        opening_ids = torch.tensor([prompts[0][:opening_length]], device=model.device)
-        for batch in tqdm(list(_batches(prompts, batch_size)), desc="generation", disable=not progress):
+        decoder = GreedyDecoder(model, opening_cache, opening_length, rows=max(map(len, batches)),
+                                max_tail=max(map(len, prompts)) - opening_length, max_new_tokens=max_new_tokens,
+                                eos=eos, pad_id=tokenizer.pad_token_id)
+        for batch in tqdm(batches, desc="generation", disable=not progress):
             start = time.perf_counter()
-            # Left padding sits between the opening and each article; the mask hides it, positions skip it.
-            ids, mask = _left_pad([prompts[i][opening_length:] for i in batch], tokenizer.pad_token_id, model.device)
-            ids = torch.cat([opening_ids.expand(len(batch), -1), ids], 1)
-            mask = torch.cat([mask.new_ones(len(batch), opening_length), mask], 1)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding,
-                                 past_key_values=_batch_cache(opening_cache, len(batch)))
-            for i, answer in zip(batch, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
+            new_tokens = decoder.decode([prompts[i][opening_length:] for i in batch])
+            for i, answer in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 answers[i] = answer
             seconds[batch] = time.perf_counter() - start
     return answers, seconds

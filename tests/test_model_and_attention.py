@@ -89,14 +89,15 @@ def test_padded_batches_attend_as_transformers_does_without_copying_keys_per_que
     every key per query head it avoids). The model has fewer key heads than query heads."""
     import transformers.integrations.sdpa_attention as sdpa_attention
 
-    from finetune.predict import _left_pad, greedy_decoding
+    from finetune.decode import left_pad
+    from finetune.lab.bench_eval import greedy_decoding
 
     choose_attn_implementation("auto", packing=False)
     model = load_model(dataclasses.replace(tiny_config, num_kv_heads=2), tokenizer, VARLEN).eval()
     assert model.config.num_attention_heads == 2 * model.config.num_key_value_heads
     prompts = [tokenizer.apply_chat_template(build_prompt_messages(t), tokenize=True, add_generation_prompt=True,
                                              return_dict=False) for t in TEXTS]
-    ids, mask = _left_pad(prompts, tokenizer.pad_token_id, "cpu")
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
     decoding = greedy_decoding(6, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     decoding.eos_token_id = None  # decode all six steps, whatever the untrained model picks
 

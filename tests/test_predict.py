@@ -114,10 +114,11 @@ def test_scoring_and_generation_survive_bad_input_and_garbage_answers(model, tok
 
 
 def test_generation_reads_back_a_well_formed_answer(model, tokenizer, monkeypatch):
-    """A model whose generate always answers Business checks the decode + parse path end to end."""
+    """A decoder that always answers Business checks the decode + parse path end to end."""
+    from finetune.decode import GreedyDecoder
+
     answer = answer_token_ids(tokenizer)[LABELS.index("Business")]
-    monkeypatch.setattr(model, "generate", lambda input_ids, **kwargs: torch.cat(
-        [input_ids, torch.tensor([answer] * len(input_ids))], 1))
+    monkeypatch.setattr(GreedyDecoder, "decode", lambda self, tails: [answer] * len(tails))
     predictions = generate_labels(model, tokenizer, TEXTS[:2], batch_size=2, progress=False)
     assert list(predictions.labels) == [2, 2] and predictions.failures == {}
     assert predictions.answers[0] == build_messages("x", "Business")[2]["content"]
@@ -147,8 +148,9 @@ def greedy_answer(model, tokenizer, prompt: list[int], max_new_tokens: int, pena
     ids, end = list(prompt), {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     for _ in range(max_new_tokens):
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[:, -1]
-        ids.append(int(RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids]), logits).argmax()))
+            logits = model(input_ids=torch.tensor([ids], device=model.device), logits_to_keep=1).logits[:, -1]
+        ids.append(int(RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids], device=model.device),
+                                                                 logits).argmax()))
         if ids[-1] in end:
             break
     return tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
@@ -318,3 +320,25 @@ def test_tree_check_on_cuda_answers_as_greedy_decoding(tokenizer, tmp_path):
     checked = generate_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False)
     decoded = generate_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False, tree_check=False)
     assert checked.answers == decoded.answers and checked.decoded < len(checked.answers)
+
+
+@pytest.mark.gpu
+def test_decoding_on_cuda_replays_one_captured_step_and_answers_as_greedy_decoding(tokenizer, tmp_path, monkeypatch):
+    """On CUDA a decoding step is captured once per pass, then replayed for every later step of every batch (batches
+    of two sizes here: the smaller filled up); the answers are still the token-by-token greedy ones."""
+    from finetune.config import get_config
+
+    config = get_config("tiny", hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
+                        checkpoints_dir=str(tmp_path))
+    model = load_model(config, tokenizer).cuda().eval()  # float32: exact greedy comparisons
+    captures, replays = [], []
+    capture_begin, replay = torch.cuda.CUDAGraph.capture_begin, torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", lambda self, *a, **k: captures.append(1)
+                        or capture_begin(self, *a, **k))
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or replay(self))
+    texts = TEXTS * 3 + TEXTS[:1]  # 22 articles in batches of 8: 8, 7 and 7
+    generated = generate_labels(model, tokenizer, texts, batch_size=8, max_new_tokens=12, progress=False,
+                                tree_check=False)
+    prompts, _ = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, 512))
+    assert generated.answers == [greedy_answer(model, tokenizer, p, 12) for p in prompts]
+    assert len(captures) == 1 and len(replays) > 2

@@ -17,13 +17,14 @@ import time
 
 import numpy as np
 import torch
+from transformers import GenerationConfig
 
 from finetune.attention import attention_implementation
 from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
-from finetune.predict import (AnswerTree, _batches, _left_pad, answer_token_ids, default_max_new_tokens, encode_prompts,
-                              generate_labels, greedy_decoding, parse_strict, parsed, prompt_budget, score_labels,
-                              warmup_texts)
+from finetune.decode import left_pad
+from finetune.predict import (AnswerTree, _batches, answer_token_ids, default_max_new_tokens, encode_prompts,
+                              generate_labels, parse_strict, parsed, prompt_budget, score_labels, warmup_texts)
 from finetune.throughput import (gpu_busy_share, gpu_idle_by_host_range, peak_memory_gib, profile_table,
                                  reset_peak_memory)
 
@@ -59,12 +60,24 @@ def plain_label_scoring(model, tokenizer, texts: list[str], batch_size: int, max
     with attention_implementation(model, ANCHOR_ATTENTION):
         for batch in _batches(prompts, batch_size):
             start = time.perf_counter()
-            ids, mask = _left_pad([prompts[i] + stem for i in batch], tokenizer.pad_token_id, model.device)
+            ids, mask = left_pad([prompts[i] + stem for i in batch], tokenizer.pad_token_id, model.device)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                            logits_to_keep=1).logits[:, -1]
             labels[batch] = logits[:, first_tokens].argmax(-1).cpu().numpy()
             seconds[batch] = time.perf_counter() - start
     return Predictions(labels=labels, batch_seconds=seconds, truncated=truncated)
+
+
+def greedy_decoding(max_new_tokens: int, eos: list[int], pad: int) -> GenerationConfig:
+    """The anchor's `generate` decoding as the suite's (`GreedyDecoder`), whatever the checkpoint's
+    generation_config.json asks (Qwen2.5-Instruct's samples at temperature 0.7 with a 1.05 repetition penalty):
+    greedy, no penalty, no minimum length. transformers fills every field left unset here from the model's own
+    generation config, hence each knob set to its neutral value. The KV cache is asked for too: a model trained here
+    carries use_cache=False (training never reuses keys and values), and without a cache every decoding step would
+    re-run the whole prompt."""
+    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
+                            repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos, pad_token_id=pad,
+                            use_cache=True)
 
 
 @torch.inference_mode()
@@ -78,7 +91,7 @@ def plain_generate(model, tokenizer, texts: list[str], batch_size: int, max_leng
     with attention_implementation(model, ANCHOR_ATTENTION):
         for batch in _batches(prompts, batch_size):
             start = time.perf_counter()
-            ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, model.device)
+            ids, mask = left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, model.device)
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding)
             for i, answer in zip(batch, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
                 answers[i] = answer
