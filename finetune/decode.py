@@ -7,8 +7,12 @@ profile, results/benchmarks/h100_7b_eval_recipe_generation.json). With the cache
 each time, so it is captured once and replayed.
 """
 
+import logging
+
 import torch
 from transformers import StaticCache
+
+log = logging.getLogger(__name__)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,9 +108,15 @@ class GreedyDecoder:
         with torch.cuda.stream(stream):
             self._forward()
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the step; runs nothing
-            self._forward()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):  # records the step; runs nothing
+                self._forward()
+        except RuntimeError as e:  # a kernel that cannot be captured (the step above ran all the same)
+            log.warning("decoding steps run one launch at a time: capturing a step as a CUDA graph failed (%s)", e)
+            self.cuda_graph = False
+            return
+        self.graph = graph
 
     def _forward(self) -> None:
         logits = self.model(input_ids=self.tokens, attention_mask=self.seen, position_ids=self.positions,

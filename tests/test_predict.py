@@ -342,3 +342,21 @@ def test_decoding_on_cuda_replays_one_captured_step_and_answers_as_greedy_decodi
     prompts, _ = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, 512))
     assert generated.answers == [greedy_answer(model, tokenizer, p, 12) for p in prompts]
     assert len(captures) == 1 and len(replays) > 2
+
+
+@pytest.mark.gpu
+def test_decoding_on_cuda_goes_on_step_by_step_when_capture_fails(tokenizer, tmp_path, monkeypatch, caplog):
+    """A step that cannot be captured (here one that reads a value back mid-step, as a host sync would) is said once
+    in the log, and decoding goes on a launch at a time with the same greedy answers."""
+    from finetune.config import get_config
+    from finetune.decode import GreedyDecoder
+
+    config = get_config("tiny", hidden_size=64, intermediate_size=128, checkpoints_dir=str(tmp_path))
+    model = load_model(config, tokenizer).cuda().eval()
+    forward = GreedyDecoder._forward
+    monkeypatch.setattr(GreedyDecoder, "_forward", lambda self: forward(self) or self.next_tokens.sum().item())
+    generated = generate_labels(model, tokenizer, TEXTS, batch_size=4, max_new_tokens=8, progress=False,
+                                tree_check=False)
+    prompts, _ = encode_prompts(tokenizer, TEXTS, prompt_budget(tokenizer, 512))
+    assert generated.answers == [greedy_answer(model, tokenizer, p, 8) for p in prompts]
+    assert sum("capturing a step as a CUDA graph failed" in r.message for r in caplog.records) == 1
