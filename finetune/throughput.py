@@ -279,6 +279,13 @@ def gpu_busy_share(profiler) -> float | None:
     return _timeline_share(profiler, lambda e: True)
 
 
+def gpu_busy_seconds(profiler) -> float | None:
+    """How long any kernel or copy ran in the profile, overlaps counted once; None without GPU events. The work
+    profiled over this is the rate it would reach if the GPU never waited for the host."""
+    device = _device_events(profiler)
+    return _union_length([e.time_range for e in device]) / 1e6 if device else None  # the profiler's us
+
+
 def gpu_idle_by_host_range(profiler, top: int = 6) -> dict[str, float] | None:
     """Where the profiled step's GPU waited: each idle stretch of its timeline (between the first kernel's start and
     the last one's end, nothing running) charged to the innermost host range that spans all of it (an annotation such
@@ -345,11 +352,16 @@ def _timeline_share(profiler, chosen) -> float | None:
     device = _device_events(profiler)
     if not device:
         return None
+    span = max(e.time_range.end for e in device) - min(e.time_range.start for e in device)
+    return _union_length([e.time_range for e in device if chosen(e)]) / span
+
+
+def _union_length(spans: list) -> float:
     busy, end = 0, -math.inf
-    for span in sorted((e.time_range for e in device if chosen(e)), key=lambda span: span.start):
+    for span in sorted(spans, key=lambda span: span.start):
         busy += max(0, span.end - max(span.start, end))
         end = max(end, span.end)
-    return busy / (max(e.time_range.end for e in device) - min(e.time_range.start for e in device))
+    return busy
 
 
 def max_over_ranks(accelerator, value: float | None) -> float | None:

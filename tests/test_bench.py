@@ -10,7 +10,8 @@ from transformers import TrainerState
 from finetune.lab import bench, bench_optimizers
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
 from finetune.lab.targets import LORA_ROW, RECIPE_ROW
-from finetune.throughput import StepClock, gpu_busy_share, gpu_idle_by_host_range, nccl_kernel_share
+from finetune.throughput import (StepClock, gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range,
+                                 nccl_kernel_share)
 from tests.conftest import committed_benchmark, write_synthetic_csv
 
 
@@ -139,8 +140,10 @@ def test_nccl_and_busy_shares_of_the_gpu_timeline():
     profiler = SimpleNamespace(events=lambda: step)
     assert nccl_kernel_share(profiler) == pytest.approx(0.4)
     assert gpu_busy_share(profiler) == pytest.approx(0.7)
+    assert gpu_busy_seconds(profiler) == pytest.approx(70e-6)  # the profiler's microseconds
     assert nccl_kernel_share(SimpleNamespace(events=lambda: [])) is None  # CPU: no GPU timeline
     assert gpu_busy_share(SimpleNamespace(events=lambda: [])) is None
+    assert gpu_busy_seconds(SimpleNamespace(events=lambda: [])) is None
 
 
 def test_gpu_idle_time_is_charged_to_the_innermost_host_range_spanning_it():
@@ -202,6 +205,7 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
                                        "generation_decoding"}
     assert profiled == [64, 32, 64, 64, 32]  # two of each mode's own batches, in the modes' order
     assert packed["gpu_busy_share"] is None and packed["gpu_idle_ms_by_host_range"] is None  # no GPU timeline here
+    assert packed["gpu_bound_articles_per_second"] is None
     assert record["liger_kernels"] is None
     assert " threads) | random weights | label_scoring | 100 |" in eval_benchmark_table(tmp_path)
     assert "no GPU benchmark" in targets_table(tmp_path)  # CPU runs are never counted against targets
