@@ -266,6 +266,26 @@ def profile_table(profiler) -> list[str]:
     return profiler.key_averages().table(sort_by=sort_key, row_limit=25, max_name_column_width=60).splitlines()
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm")
+
+
+def matmul_rates(profiler, top: int = 12) -> list[dict]:
+    """Each matmul shape's calls, time and TFLOP/s (2 M K N a call, from the shapes a `record_shapes=True` profile
+    keeps), the longest first: which projection of a pass runs well below the others' rate. Times are the GPU's
+    kernels' where there are any, else the CPU's (`clock`)."""
+    rows = []
+    for event in profiler.key_averages(group_by_input_shape=True):
+        if event.key not in MATMUL_OPS or not event.input_shapes:
+            continue
+        (m, k), (_, n) = event.input_shapes[:2] if event.key == "aten::mm" else event.input_shapes[1:3]
+        on_gpu = event.self_device_time_total > 0
+        micros = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+        rows.append({"op": event.key, "m": m, "k": k, "n": n, "calls": event.count, "ms": micros / 1000,
+                     "clock": "gpu" if on_gpu else "cpu",
+                     "tflops_per_second": 2 * m * k * n * event.count / micros / 1e6 if micros else None})
+    return sorted(rows, key=lambda row: -row["ms"])[:top]
+
+
 def nccl_kernel_share(profiler) -> float | None:
     """The share of the profiled step's GPU timeline with an NCCL kernel running; None without GPU events. NCCL runs
     on its own streams, overlapping compute: this is how long communication is in flight, an upper bound on the time

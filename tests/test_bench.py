@@ -10,7 +10,7 @@ from transformers import TrainerState
 from finetune.lab import bench, bench_optimizers
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
 from finetune.lab.targets import LORA_ROW, RECIPE_ROW
-from finetune.throughput import (StepClock, gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range,
+from finetune.throughput import (StepClock, gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range, matmul_rates,
                                  nccl_kernel_share)
 from tests.conftest import committed_benchmark, write_synthetic_csv
 
@@ -126,6 +126,29 @@ def test_step_clock_times_the_steps_after_the_warm_up_ones_and_from_the_start_wi
     assert tokens == 600 and seconds > 0
 
 
+def test_matmul_rates_count_the_flops_torch_counts_per_shape():
+    """Per matmul shape (with and without bias, two calls of one), the FLOPs behind each rate add up to what torch's
+    own FlopCounterMode counts for the same calls."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w, bias, y = torch.randn(96, 48), torch.randn(24, 48), torch.randn(24), torch.randn(48, 40)
+
+    def run():
+        torch.nn.functional.linear(x, w, bias)
+        torch.mm(x, y)
+        torch.mm(x, y)
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    with torch.profiler.profile(record_shapes=True) as profiler:
+        run()
+    rows = matmul_rates(profiler)
+    assert sorted((r["op"], r["m"], r["k"], r["n"], r["calls"]) for r in rows) == [
+        ("aten::addmm", 96, 48, 24, 1), ("aten::mm", 96, 48, 40, 2)]
+    assert all(r["clock"] == "cpu" and r["ms"] > 0 for r in rows)
+    assert sum(r["tflops_per_second"] * r["ms"] * 1e9 for r in rows) == pytest.approx(counter.get_total_flops())
+
+
 def test_nccl_and_busy_shares_of_the_gpu_timeline():
     """Overlapping kernels count once, annotations (a `record_function` range, "nccl:...") not at all; busy is any
     kernel running, NCCL's share only its collectives."""
@@ -205,7 +228,7 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
                                        "generation_decoding"}
     assert profiled == [64, 32, 64, 64, 32]  # two of each mode's own batches, in the modes' order
     assert packed["gpu_busy_share"] is None and packed["gpu_idle_ms_by_host_range"] is None  # no GPU timeline here
-    assert packed["gpu_bound_articles_per_second"] is None
+    assert packed["gpu_bound_articles_per_second"] is None and packed["matmul_rates"][0]["clock"] == "cpu"
     assert record["liger_kernels"] is None
     assert " threads) | random weights | label_scoring | 100 |" in eval_benchmark_table(tmp_path)
     assert "no GPU benchmark" in targets_table(tmp_path)  # CPU runs are never counted against targets

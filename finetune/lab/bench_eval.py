@@ -25,8 +25,8 @@ from finetune.model import speed_up_for_inference
 from finetune.decode import left_pad
 from finetune.predict import (AnswerTree, _batches, answer_token_ids, default_max_new_tokens, encode_prompts,
                               generate_labels, parse_strict, parsed, prompt_budget, score_labels, warmup_texts)
-from finetune.throughput import (gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range, peak_memory_gib,
-                                 profile_table, reset_peak_memory)
+from finetune.throughput import (gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range, matmul_rates,
+                                 peak_memory_gib, profile_table, reset_peak_memory)
 
 # The extra batch-64 row is slow: timed on every 4th article, an even sample of the same
 # articles, so that every pass of every mode fits one command on the GPU machine (its `articles` says how many).
@@ -175,14 +175,16 @@ def agreement(predictions: Predictions, reference: Predictions) -> dict:
 def profile_mode(run, texts: list[str]) -> tuple[list[str], dict]:
     """A torch profiler table (top kernels and ops by device time) of `run` over `texts`; how much of the GPU's
     timeline was busy, what the host did while it waited, and the articles a second the GPU's own time allows: the
-    mode's ceiling while its kernels stay as they are, however little the host makes it wait (None on the CPU)."""
-    with torch.profiler.profile() as profiler:
+    mode's ceiling while its kernels stay as they are, however little the host makes it wait (None on the CPU); and
+    each matmul shape's rate (`matmul_rates`)."""
+    with torch.profiler.profile(record_shapes=True) as profiler:
         run(texts)
         _synchronize()
     busy = gpu_busy_seconds(profiler)
     return profile_table(profiler), {"gpu_busy_share": gpu_busy_share(profiler),
                                      "gpu_idle_ms_by_host_range": gpu_idle_by_host_range(profiler),
-                                     "gpu_bound_articles_per_second": len(texts) / busy if busy else None}
+                                     "gpu_bound_articles_per_second": len(texts) / busy if busy else None,
+                                     "matmul_rates": matmul_rates(profiler)}
 
 
 def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch_size: int,
