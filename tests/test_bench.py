@@ -48,6 +48,7 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
     assert reference["speed_vs_stock_trl"] == pytest.approx(reference["tokens_per_step"] / stock["tokens_per_step"])
     assert unpacked["speed_vs_reference"] == pytest.approx(unpacked["tokens_per_step"] / reference["tokens_per_step"])
     assert any("aten::mm" in line for line in reference["step_profile"])
+    assert any(r["op"] == "aten::mm" and r["calls"] > 0 for r in reference["matmul_rates"])
     assert reference["gpu_busy_share"] is None  # no GPU timeline on the CPU
     assert (tmp_path / "traces" / "row0.json.gz").stat().st_size > 0  # the reference's timeline (stock TRL is unprofiled)
     assert reference["projected_epoch_minutes_full_train"] > 0 and record["environment"]["packages"]["torch"]
