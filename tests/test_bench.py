@@ -10,8 +10,8 @@ from transformers import TrainerState
 from finetune.lab import bench, bench_optimizers
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
 from finetune.lab.targets import LORA_ROW, RECIPE_ROW
-from finetune.throughput import (StepClock, gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range, matmul_rates,
-                                 nccl_kernel_share)
+from finetune.lab.profiling import (StepClock, gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range,
+                                    matmul_rates, nccl_kernel_share)
 from tests.conftest import committed_benchmark, write_synthetic_csv
 
 
@@ -25,10 +25,10 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
     tokens. The 16-32 measured articles' mean is within a few percent of the training set's (articles vary by ~9
     tokens around ~94: 2% per standard deviation of a 16-article mean), hence 10%; padding counted (the unpacked
     rows are padded to their longest, ~20% more), one row's tokens, or a step's tokens counted twice all miss it."""
-    from finetune import throughput
+    from finetune.lab import profiling
 
     ticks = iter(range(10**6))
-    monkeypatch.setattr(throughput, "synchronized_now", lambda: float(next(ticks)))
+    monkeypatch.setattr(profiling, "synchronized_now", lambda: float(next(ticks)))
     args = ["train", "--name", "smoke", "--variants", "1", "--warmup_steps", "1", "--measured_steps", "2", "--profile_step",
             "--trace_dir", str(tmp_path / "traces"), "--stock_trl_steps", "1,2", "--profile", "tiny", "--data_dir", tiny_config.data_dir,
             "--holdout_train_size", "300", "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4",
@@ -381,7 +381,7 @@ def test_targets_compare_with_stock_trl_of_the_same_run_and_report_the_h200_auto
 def test_host_sync_counter_counts_the_synchronizing_calls_of_its_step_only(monkeypatch):
     import warnings
 
-    from finetune.throughput import HostSyncCounter
+    from finetune.lab.profiling import HostSyncCounter
 
     modes = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -35,9 +35,9 @@ from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
 from finetune.plan import GPU, ModelShape, plan_evaluation
 from finetune.predict import encode_prompts
 from finetune.results import environment
-from finetune.throughput import (HostSyncCounter, StepClock, StepProfiler, adapter_parameters, article_tokens,
-                                 lm_head_on_every_token, max_over_ranks, mean_article_tokens, peak_flops,
-                                 peak_memory_gib, reset_peak_memory, training_flops_per_token)
+from finetune.throughput import (adapter_parameters, article_tokens, lm_head_on_every_token, mean_article_tokens,
+                                 peak_flops, peak_memory_gib, reset_peak_memory, training_flops_per_token)
+from finetune.lab.profiling import HostSyncCounter, StepClock, StepProfiler, max_over_ranks
 from finetune.lab.stock_trl import STOCK_TRL, STOCK_TRL_TUNED, stock_trl_trainer
 from finetune.lab.targets import RECIPE_ROW, anchor_mismatch
 from finetune.speedups import recomputed_layers

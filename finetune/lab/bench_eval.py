@@ -25,8 +25,8 @@ from finetune.model import speed_up_for_inference
 from finetune.decode import left_pad
 from finetune.predict import (AnswerTree, _batches, answer_token_ids, default_max_new_tokens, encode_prompts,
                               generate_labels, parse_strict, parsed, prompt_budget, score_labels, warmup_texts)
-from finetune.throughput import (gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range, matmul_rates,
-                                 peak_memory_gib, profile_table, reset_peak_memory)
+from finetune.throughput import peak_memory_gib, reset_peak_memory
+from finetune.lab.profiling import gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range, matmul_rates, profile_table
 
 # The extra batch-64 row is slow: timed on every 4th article, an even sample of the same
 # articles, so that every pass of every mode fits one command on the GPU machine (its `articles` says how many).

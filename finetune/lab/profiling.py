@@ -1,0 +1,240 @@
+"""What a benchmark reads from a step beyond its tokens/s: a clock that waits for the GPU, the torch profiler's view of
+one step or pass (where the GPU waited and on what, each matmul shape's rate, NCCL's share), and the host syncs."""
+
+import bisect
+import collections
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from finetune.results import PROJECT_DIR
+
+
+def synchronized_now() -> float:
+    """Wall time once the GPU has finished the work queued so far."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class StepClock(TrainerCallback):
+    """Wall time and the Trainer's cumulative real-token count (all ranks) as training starts and at the end of every
+    optimizer step, and how long each optimizer update itself took (the part of a step that does not shrink with
+    faster kernels or less recompute)."""
+
+    def __init__(self):
+        self.marks = []  # (seconds, tokens): marks[0] as training starts, marks[k] after optimizer step k
+        self.optimizer_seconds = []
+        self._update_start = None
+
+    def window(self, warmup_steps: int, measured_steps: int) -> tuple[float, int]:
+        """Seconds and tokens of the `measured_steps` optimizer steps that follow the first `warmup_steps`."""
+        (t0, n0), (t1, n1) = self.marks[warmup_steps], self.marks[warmup_steps + measured_steps]
+        return t1 - t0, n1 - n0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.marks.append((synchronized_now(), state.num_input_tokens_seen or 0))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._update_start = synchronized_now()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.optimizer_seconds.append(synchronized_now() - self._update_start)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append((synchronized_now(), state.num_input_tokens_seen or 0))
+
+
+class StepProfiler(TrainerCallback):
+    """A torch profiler table (top ops by device time) of one optimizer step: where a training step's time goes; with
+    `trace_path`, its whole timeline too, for Perfetto or chrome://tracing (`.json.gz` is written compressed)."""
+
+    def __init__(self, step: int, trace_path: str | None = None):
+        self.step, self.trace_path, self.profiler, self.table = step, trace_path, None, None
+        self.nccl_share = self.busy_share = self.idle_by_host_range = self.matmul_rates = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step and self.profiler is None and self.table is None:
+            self.profiler = torch.profiler.profile(record_shapes=True)
+            self.profiler.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None and state.global_step == self.step:
+            synchronized_now()  # the step's last kernels finish inside the trace
+            self.profiler.stop()
+            self.table = profile_table(self.profiler)
+            self.nccl_share = nccl_kernel_share(self.profiler)
+            self.busy_share = gpu_busy_share(self.profiler)
+            self.idle_by_host_range = gpu_idle_by_host_range(self.profiler)
+            self.matmul_rates = matmul_rates(self.profiler)
+            if self.trace_path:
+                self.profiler.export_chrome_trace(self.trace_path)
+            self.profiler = None
+
+
+class HostSyncCounter(TrainerCallback):
+    """How many times one optimizer step stopped the host until the GPU caught up (a `.item()`, a data-dependent
+    shape, a copy to the CPU), counted by torch's sync debug mode; each one drains the queue of launched kernels.
+    None on the CPU. The step clock's own synchronizations are not counted (torch does not flag an explicit
+    `torch.cuda.synchronize`). `sites` says which source lines made them: the count alone cannot say what to remove."""
+
+    def __init__(self, step: int):
+        self.step, self.count, self.sites, self._caught, self._records = step, None, None, None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step and torch.cuda.is_available():
+            self._caught = warnings.catch_warnings(record=True)
+            self._records = self._caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._caught is not None and state.global_step == self.step:
+            torch.cuda.set_sync_debug_mode("default")
+            self._caught.__exit__(None, None, None)
+            self.sites = collections.Counter(_source_line(w.filename, w.lineno) for w in self._records
+                                             if "synchronizing" in str(w.message))
+            self.count = sum(self.sites.values())
+            self._caught = None
+
+
+def _source_line(filename: str, lineno: int) -> str:
+    """`package/module.py:line`: the path from site-packages or from this repository, never a machine's own."""
+    path = Path(filename)
+    for root in (*(p for p in path.parents if p.name in ("site-packages", "dist-packages")), PROJECT_DIR):
+        if path.is_relative_to(root):
+            return f"{path.relative_to(root)}:{lineno}"
+    return f"{path.name}:{lineno}"
+
+
+def profile_table(profiler) -> list[str]:
+    sort_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_key, row_limit=25, max_name_column_width=60).splitlines()
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm")
+
+
+def matmul_rates(profiler, top: int = 12) -> list[dict]:
+    """Each matmul shape's calls, time and TFLOP/s (2 M K N a call, from the shapes a `record_shapes=True` profile
+    keeps), the longest first: which projection of a pass runs well below the others' rate. Times are the GPU's
+    kernels' where there are any, else the CPU's (`clock`)."""
+    rows = []
+    for event in profiler.key_averages(group_by_input_shape=True):
+        if event.key not in MATMUL_OPS or not event.input_shapes:
+            continue
+        (m, k), (_, n) = event.input_shapes[:2] if event.key == "aten::mm" else event.input_shapes[1:3]
+        on_gpu = event.self_device_time_total > 0
+        micros = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+        rows.append({"op": event.key, "m": m, "k": k, "n": n, "calls": event.count, "ms": micros / 1000,
+                     "clock": "gpu" if on_gpu else "cpu",
+                     "tflops_per_second": 2 * m * k * n * event.count / micros / 1e6 if micros else None})
+    return sorted(rows, key=lambda row: -row["ms"])[:top]
+
+
+def nccl_kernel_share(profiler) -> float | None:
+    """The share of the profiled step's GPU timeline with an NCCL kernel running; None without GPU events. NCCL runs
+    on its own streams, overlapping compute: this is how long communication is in flight, an upper bound on the time
+    it adds."""
+    return _timeline_share(profiler, lambda e: e.name.startswith(("ncclDevKernel", "ncclKernel")))
+
+
+def gpu_busy_share(profiler) -> float | None:
+    """The share of the profiled step's GPU timeline with any kernel or copy running; None without GPU events. The
+    rest is time the GPU waited for the host: launches, host syncs, data loading, logging."""
+    return _timeline_share(profiler, lambda e: True)
+
+
+def gpu_busy_seconds(profiler) -> float | None:
+    """How long any kernel or copy ran in the profile, overlaps counted once; None without GPU events. The work
+    profiled over this is the rate it would reach if the GPU never waited for the host."""
+    device = _device_events(profiler)
+    return _union_length([e.time_range for e in device]) / 1e6 if device else None  # the profiler's us
+
+
+def gpu_idle_by_host_range(profiler, top: int = 6) -> dict[str, float] | None:
+    """Where the profiled step's GPU waited: each idle stretch of its timeline (between the first kernel's start and
+    the last one's end, nothing running) charged to the innermost host range that spans all of it (an annotation such
+    as "Optimizer.step#...", "enumerate(DataLoader)#..." or an aten op), else to "(between host ranges)"; milliseconds
+    per range, the `top` largest. None without GPU events. `gpu_busy_share` says how much the GPU waited; this says
+    what the host was doing meanwhile."""
+    device = sorted((e.time_range for e in _device_events(profiler)), key=lambda span: span.start)
+    if not device:
+        return None
+    gaps, end = [], device[0].end
+    for span in device[1:]:
+        if span.start > end:
+            gaps.append((end, span.start))
+        end = max(end, span.end)
+    threads = _host_ranges_by_thread(profiler)
+    idle: dict[str, float] = {}
+    for start, stop in gaps:
+        spanning = [r for thread in threads for r in [_innermost_spanning(*thread, start, stop)] if r is not None]
+        name = min(spanning, key=lambda e: e.time_range.end - e.time_range.start).name if spanning else \
+            "(between host ranges)"
+        idle[name] = idle.get(name, 0.0) + (stop - start) / 1000  # the profiler's times are microseconds
+    return dict(sorted(idle.items(), key=lambda item: -item[1])[:top])
+
+
+def _host_ranges_by_thread(profiler) -> list[tuple[list, list[int], list[int | None]]]:
+    """Per host thread (the autograd engine runs the backward on its own): its ranges sorted by start, their starts,
+    and each one's enclosing range (ranges on one thread nest), found with a stack."""
+    by_thread: dict[int, list] = {}
+    for e in profiler.events():
+        if e.device_type == torch.profiler.DeviceType.CPU:
+            by_thread.setdefault(getattr(e, "thread", 0), []).append(e)
+    threads = []
+    for events in by_thread.values():
+        events.sort(key=lambda e: (e.time_range.start, -e.time_range.end))
+        parents, open_ranges = [], []
+        for i, e in enumerate(events):
+            while open_ranges and events[open_ranges[-1]].time_range.end <= e.time_range.start:
+                open_ranges.pop()
+            parents.append(open_ranges[-1] if open_ranges else None)
+            open_ranges.append(i)
+        threads.append((events, [e.time_range.start for e in events], parents))
+    return threads
+
+
+def _innermost_spanning(events: list, starts: list[int], parents: list[int | None], start: int, stop: int):
+    """The innermost of one thread's ranges that spans [start, stop]: from the last one to begin by `start`, out
+    through its enclosing ranges until one lasts past `stop`. None if none does."""
+    i = bisect.bisect_right(starts, start) - 1
+    while i is not None and i >= 0 and events[i].time_range.end < stop:
+        i = parents[i]
+    return events[i] if i is not None and i >= 0 else None
+
+
+def _device_events(profiler) -> list:
+    """The GPU timeline's kernels and copies. Annotations (`record_function` ranges such as "Optimizer.step#..." or
+    "nccl:...") are on the GPU timeline too but run nothing: left out."""
+    return [e for e in profiler.events() if e.device_type == torch.profiler.DeviceType.CUDA
+            and not e.is_user_annotation]
+
+
+def _timeline_share(profiler, chosen) -> float | None:
+    """The union of the `chosen` GPU events' intervals over the GPU timeline (first kernel start to last kernel
+    end)."""
+    device = _device_events(profiler)
+    if not device:
+        return None
+    span = max(e.time_range.end for e in device) - min(e.time_range.start for e in device)
+    return _union_length([e.time_range for e in device if chosen(e)]) / span
+
+
+def _union_length(spans: list) -> float:
+    busy, end = 0, -math.inf
+    for span in sorted(spans, key=lambda span: span.start):
+        busy += max(0, span.end - max(span.start, end))
+        end = max(end, span.end)
+    return busy
+
+
+def max_over_ranks(accelerator, value: float | None) -> float | None:
+    """The largest of every rank's `value` (a collective: every rank calls it); None where it is None (CPU)."""
+    gathered = accelerator.gather(torch.tensor([math.nan if value is None else value], device=accelerator.device))
+    return None if value is None else gathered.max().item()
