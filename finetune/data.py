@@ -10,6 +10,7 @@ from data_prep.read import load_ag_news
 from data_prep.splits import Splits, make_splits
 from data_prep.task import LABELS, build_prompt_messages, format_answer
 from finetune.config import RunConfig
+from finetune.prompts import fit_articles, prompt_budget
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,6 @@ def to_prompt_completion(df: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, m
 
     An article too long for `max_length` loses the end of its text, as at evaluation, so that every example keeps
     its answer: TRL cuts an over-long tokenized example from the right, answer first."""
-    from finetune.predict import fit_articles, prompt_budget  # here: predict imports torch, load_splits needs none
-
     room = prompt_budget(tokenizer, max_length)
     return datasets.Dataset.from_dict({
         "prompt": [build_prompt_messages(text) for text in fit_articles(tokenizer, list(df["text"]), room)],

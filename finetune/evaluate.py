@@ -26,7 +26,8 @@ from finetune.metrics import summarize
 from finetune.model import check_tokenizer_fits, load_for_inference, load_tokenizer
 from finetune.plan import GPU, ModelShape, OutOfMemory, gpu_memory_note, log_plan, plan_evaluation
 from finetune.plots import plot_confusion_matrix
-from finetune.predict import default_max_new_tokens, encode_prompts, generate_labels, parsed, score_labels, warmup_texts
+from finetune.predict import generate_labels, parsed, score_labels, warmup_texts
+from finetune.prompts import default_max_new_tokens, encode_prompts
 from finetune.results import write_record
 from finetune.throughput import peak_memory_gib, reset_peak_memory
 

@@ -15,96 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
-from data_prep.task import LABELS, build_messages, build_prompt_messages
 from finetune.answers import parse_strict
 from finetune.attention import without_cudnn_attention
 from finetune.decode import GreedyDecoder, left_pad
 from finetune.metrics import Predictions
 from finetune.packed import opening_keys, pack_batch, packed_attention, packed_logits
-
-# Room past the longest trained answer (8 tokens with its end-of-turn, in Qwen2.5's tokenizer as in the tiny BPE) for
-# an instruct model's own style: ```json\n{"category": "Sci/Tech"}\n``` and its end-of-turn take 13 Qwen2.5 tokens
-# (the lenient reading needs 11, to the closing brace). Generation stops once every row has ended its turn, so a model
-# answering as trained never spends it; one that never ends (the untrained tiny model) pays a decoding step per token.
-ANSWER_HEADROOM_TOKENS = 8
-
-
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_prompt_tokens: int) -> tuple[list[list[int]], int]:
-    """Chat-template token ids per article, ending with the assistant header. An article too long for
-    `max_prompt_tokens` loses the end of its text, never the instruction or the answer slot."""
-    encoded, shortened = _fitted_prompts(tokenizer, texts, max_prompt_tokens)
-    return encoded, len(shortened)
-
-
-def fit_articles(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_prompt_tokens: int) -> list[str]:
-    """The articles as `encode_prompts` reads them: each one too long for `max_prompt_tokens` cut at its end."""
-    _, shortened = _fitted_prompts(tokenizer, texts, max_prompt_tokens)
-    return [shortened.get(i, text) for i, text in enumerate(texts)]
-
-
-def _fitted_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str],
-                    limit: int) -> tuple[list[list[int]], dict[int, str]]:
-    """Prompt token ids per article within `limit`, and the cut text of each article that had to be shortened."""
-    rendered = tokenizer.apply_chat_template([build_prompt_messages(t) for t in texts], add_generation_prompt=True,
-                                             tokenize=False)
-    # One batched call: the fast tokenizer spreads it over threads (per-article calls are far slower over a test set).
-    encoded = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    shortened = {}
-    for i, ids in enumerate(encoded):
-        if len(ids) > limit:
-            shortened[i], encoded[i] = _shortened(tokenizer, texts[i], len(ids) - limit, limit)
-    return encoded, shortened
-
-
-def _shortened(tokenizer: PreTrainedTokenizerBase, text: str, excess: int, limit: int) -> tuple[str, list[int]]:
-    """The article with its tail cut until the whole prompt fits `limit`, and that prompt's ids (a decode and
-    re-encode can shift a token at the cut, hence the loop)."""
-    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    keep = len(text_ids) - excess
-    while True:
-        kept = tokenizer.decode(text_ids[:max(keep, 0)])
-        ids = _render(tokenizer, build_prompt_messages(kept), generation_prompt=True)
-        if len(ids) <= limit or keep <= 0:
-            return kept, ids
-        keep -= len(ids) - limit
-
-
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
-                                              return_dict=False))
-
-
-def completion_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Each label's tokens after the prompt in a rendered training conversation, as TRL trains on them: the answer,
-    its end-of-turn token and whatever the template adds after it (Qwen's newline)."""
-    prompt = _render(tokenizer, build_prompt_messages("x"), generation_prompt=True)
-    completions = []
-    for label in LABELS:
-        full = _render(tokenizer, build_messages("x", label), generation_prompt=False)
-        if full[: len(prompt)] != prompt:
-            raise ValueError("the chat template does not render the prompt as a prefix of the full conversation")
-        completions.append(full[len(prompt):])
-    return completions
-
-
-def prompt_budget(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
-    """The tokens a prompt may take: `max_length` less the longest trained completion, so that training and
-    evaluation cut an over-long article at the same token and every example keeps room for its answer."""
-    return max_length - max(map(len, completion_token_ids(tokenizer)))
-
-
-def answer_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Each label's answer tokens as training sees them: everything after the prompt through the end-of-turn token."""
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return [completion[: completion.index(end) + 1] for completion in completion_token_ids(tokenizer)]
-
-
-def default_max_new_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The longest trained answer in this tokenizer's tokens, end-of-turn included, plus `ANSWER_HEADROOM_TOKENS`."""
-    return max(map(len, answer_token_ids(tokenizer))) + ANSWER_HEADROOM_TOKENS
-
+from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
 
 def _batches(prompts: list[list[int]], batch_size: int):
     """Index batches of similar length, longest first, so padding stays small and memory peaks early: as few as

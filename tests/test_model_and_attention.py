@@ -8,7 +8,7 @@ import torch
 from data_prep.task import LABELS, build_messages, build_prompt_messages, format_answer
 from finetune.attention import VARLEN, choose_attn_implementation
 from finetune.model import load_model, train_bpe_tokenizer
-from finetune.predict import answer_token_ids
+from finetune.prompts import answer_token_ids
 
 TEXTS = ["Stocks rally as profits beat forecasts.", "The striker scored twice in the final.",
          "Rebels and troops agree to a ceasefire.", "NASA tests a new chip for its probes."]

@@ -12,8 +12,8 @@ from data_prep.task import LABELS, build_messages, build_prompt_messages
 from finetune import predict
 from finetune.model import load_model, train_bpe_tokenizer
 from finetune.packed import pack_batch
-from finetune.predict import (AnswerTree, answer_token_ids, default_max_new_tokens, encode_prompts, generate_labels,
-                              prompt_budget, score_labels)
+from finetune.predict import AnswerTree, generate_labels, score_labels
+from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
 from finetune.qwen_tokenizer import build_qwen25_tokenizer
 from finetune.lab.standin import PUBLISHED_GENERATION_CONFIG, write_standin
 

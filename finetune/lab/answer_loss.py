@@ -19,7 +19,7 @@ from finetune.config import RunConfig, config_from_args
 from finetune.data import to_prompt_completion
 from finetune.lab.lora_carve import carve_run_name, carve_splits
 from finetune.model import load_for_inference
-from finetune.predict import completion_token_ids
+from finetune.prompts import completion_token_ids
 from finetune.results import environment
 
 ARTICLES = 500  # the first of the carve's training articles: enough for a mean per token

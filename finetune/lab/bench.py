@@ -33,7 +33,7 @@ from finetune.model import load_for_inference, load_tokenizer
 from finetune.lab import fp8_recipes  # noqa: F401  the rows' FP8 recipes beside the recipe's own
 from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
 from finetune.plan import GPU, ModelShape, plan_evaluation
-from finetune.predict import encode_prompts
+from finetune.prompts import encode_prompts
 from finetune.results import environment
 from finetune.throughput import (adapter_parameters, article_tokens, lm_head_on_every_token, mean_article_tokens,
                                  peak_flops, peak_memory_gib, reset_peak_memory, training_flops_per_token)

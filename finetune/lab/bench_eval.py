@@ -23,8 +23,8 @@ from finetune.attention import attention_implementation
 from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
 from finetune.decode import left_pad
-from finetune.predict import (AnswerTree, _batches, answer_token_ids, default_max_new_tokens, encode_prompts,
-                              generate_labels, parse_strict, parsed, prompt_budget, score_labels, warmup_texts)
+from finetune.predict import AnswerTree, _batches, generate_labels, parse_strict, parsed, score_labels, warmup_texts
+from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
 from finetune.throughput import peak_memory_gib, reset_peak_memory
 from finetune.lab.profiling import gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range, matmul_rates, profile_table
 
