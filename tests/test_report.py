@@ -112,6 +112,29 @@ def test_spark_projection_is_the_median_of_the_recipes_h200_runs_with_their_rang
            f"| {hours(1.0)} ({hours(1.2)} - {hours(0.9)}) |" in section
 
 
+def test_spark_scoring_projection_scales_each_hopper_run_by_the_peaks(tmp_path):
+    """Label scoring on a GB10 at the share of its card's peak each run reached: runs as the recipe evaluates there
+    (Liger's kernels, the planned batch 512) count, one without Liger and one at batch 256 do not; median and range."""
+    from finetune.lab.spark import scoring_lines
+
+    (tmp_path / "benchmarks").mkdir()
+    for name, gpu, liger, batch, rate in (("h100", "NVIDIA H100 80GB HBM3", True, 512, 600.0),
+                                          ("h200", "NVIDIA H200", True, 512, 500.0),
+                                          ("h200b", "NVIDIA H200", True, 512, 700.0),
+                                          ("plain", "NVIDIA H200", False, 512, 9000.0),
+                                          ("small", "NVIDIA H200", True, 256, 9000.0)):
+        modes = {"plain_label_scoring": {"batch_size": batch, "articles_per_second": 100.0},
+                 "label_scoring": {"batch_size": batch, "articles_per_second": rate, "vs_anchor": rate / 100}}
+        record = {"benchmark": "eval", "world_size": 1, "config": {"model": "checkpoints/taught"}, "modes": modes,
+                  "liger_kernels": {"in_use": liger}, "environment": {"hardware": {"gpu": {"name": gpu}}}}
+        (tmp_path / "benchmarks" / f"{name}.json").write_text(json.dumps(record))
+    lines = scoring_lines(tmp_path, 512)
+    assert "(`h100.json`, `h200.json`, `h200b.json`)" in lines[0]
+    assert f"| projection: label scoring, median of 3 runs | {600 * 125 / 989:.0f} ({500 * 125 / 989:.0f} - " \
+           f"{700 * 125 / 989:.0f}) |" in lines
+    assert "no run of label scoring at batch 128" in scoring_lines(tmp_path, 128)[0]
+
+
 def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
     """Two runs on weights taught the answer format: in one the anchor ran at batch 64 beside generation at 512 (the
     older files), in the other both at 512. Only the second makes the generation ratio; the per-run table still shows

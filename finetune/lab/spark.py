@@ -1,18 +1,18 @@
 """The DGX Spark (GB10) section of docs/dgx-spark.md: what the `qwen2.5-7b` recipe chooses there, and the epoch time
-projected from what was measured elsewhere. No GB10 has been lent to this project, so every figure here is a
-projection, labelled as one: the FLOPs one epoch needs (the same count as the benchmarks' MFU) over GB10's datasheet
-peak, at the median MFU of the recipe's runs on an H200 (with their range) and at the MFU the published run reported
-on the Spark itself.
+and label-scoring speed projected from what was measured elsewhere. No GB10 has been lent to this project, so every
+figure here is a projection, labelled as one: the FLOPs one epoch needs (the same count as the benchmarks' MFU) over
+GB10's datasheet peak, at the median MFU of the recipe's runs on an H200 (with their range) and at the MFU the
+published run reported on the Spark itself; label scoring at the share of its card's peak it reached on Hopper.
 """
 
 import statistics
 from pathlib import Path
 
 from finetune.config import get_config
-from finetune.lab.targets import RECIPE_ROW, on_one_gpu, recounted_mfu, step_flops_per_token
+from finetune.lab.targets import RECIPE_ROW, eval_rows, on_one_gpu, recounted_mfu, step_flops_per_token
 from finetune.plan import GPU, ModelShape, plan_evaluation, plan_training
 from finetune.results import hardware_label
-from finetune.throughput import PEAK_BF16_TFLOPS
+from finetune.throughput import PEAK_BF16_TFLOPS, bf16_peak_tflops
 
 # GB10 as CUDA would describe it: compute capability 12.1, 128 GB shared by CPU and GPU (about 119 GiB as CUDA counts
 # it), of which the plan assumes 110 GiB free with the OS up. The published run reports 38.2 TFLOP/s there (30.6% of
@@ -20,6 +20,7 @@ from finetune.throughput import PEAK_BF16_TFLOPS
 GB10 = GPU("NVIDIA GB10", (12, 1), total_gib=119.7, free_gib=110.0, integrated=True)
 PUBLISHED_MFU = 0.306
 PUBLISHED_EPOCH_HOURS = 10
+PUBLISHED_ARTICLES_PER_SECOND = 49.6  # its evaluation's inference speed there
 QWEN_7B = ModelShape(hidden=3584, intermediate=18944, layers=28, vocab=152064, heads=28, kv_heads=4, tied=False)
 EPOCH_ARTICLES = 120_000
 
@@ -34,6 +35,37 @@ def recipe_runs(results_dir: Path) -> list[tuple[str, float, float]]:
             runs.append((file, EPOCH_ARTICLES * row["mean_article_tokens"] * flops_per_token,
                          recounted_mfu(record, row)))
     return runs
+
+
+def scoring_runs(results_dir: Path, batch_size: int) -> list[tuple[str, float]]:
+    """Every one-GPU run of label scoring as the recipe evaluates on a GB10 (Liger's kernels, `batch_size`) on a card
+    of known peak, as (file, articles/s scaled by GB10's bf16 peak over that card's). Label scoring is matmul-bound:
+    a batch of 512 articles reads the weights once (about 0.06 s at GB10's 273 GB/s) for seconds of matmuls there."""
+    runs = []
+    for (mode, device, _, batch), _, file, figures in eval_rows(results_dir):
+        peak = bf16_peak_tflops(device)
+        if mode == "label_scoring" and batch == batch_size and device.endswith(", Liger") and peak:
+            runs.append((file, figures["articles_per_second"] * PEAK_BF16_TFLOPS["GB10"] / peak))
+    return runs
+
+
+def scoring_lines(results_dir: Path, batch_size: int) -> list[str]:
+    runs = scoring_runs(results_dir, batch_size)
+    if not runs:
+        return [f"(no run of label scoring at batch {batch_size} with Liger's kernels yet: `make PY=python3 "
+                "gpu-bench-eval` writes one)"]
+    rates = [rate for _, rate in runs]
+    return [
+        f"Label scoring, as the recipe evaluates there (Liger's kernels, batch {batch_size}), projected from its runs "
+        f"on Hopper cards ({', '.join(f'`{name}`' for name, _ in runs)}), each at the same share of its card's bf16 "
+        "peak:",
+        "",
+        "| evaluation on a DGX Spark | articles/s |",
+        "|---|---|",
+        f"| projection: label scoring, median of {len(runs)} runs | {statistics.median(rates):.0f} "
+        f"({min(rates):.0f} - {max(rates):.0f}) |",
+        f"| the published run's inference, measured there | {PUBLISHED_ARTICLES_PER_SECOND} |",
+    ]
 
 
 def spark_section(results_dir: Path = Path("results")) -> str:
@@ -61,6 +93,8 @@ def spark_section(results_dir: Path = Path("results")) -> str:
         f"| {hours(statistics.median(mfus)):.1f} ({hours(max(mfus)):.1f} - {hours(min(mfus)):.1f}) |",
         f"| projection: at the published run's MFU on the Spark ({PUBLISHED_MFU:.1%}) | {hours(PUBLISHED_MFU):.1f} |",
         f"| the published run, measured there | about {PUBLISHED_EPOCH_HOURS} |",
+        "",
+        *scoring_lines(results_dir, evaluation_plan["eval_batch_size"]["value"]),
         "",
         f"What `qwen2.5-7b` chooses on a GB10 ({GB10.free_gib:.0f} GiB free assumed, the container's packages; "
         "`finetune/plan.py`, checked by `tests/test_plan.py`):",
