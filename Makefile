@@ -118,7 +118,7 @@ gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under F
 
 # Speed II (one GPU, 7B shape, ~7 min each): stock TRL, the reference and the new variants, each file with its own
 # stock TRL row so that every ratio is the same run's. BENCH_VARIANTS are names (VARIANT_SLUGS) or indices into
-# finetune/lab/bench.py's TRAIN_VARIANTS (the reference always runs); the JSON is rewritten after every row, so a run
+# finetune/lab/train_variants.py's TRAIN_VARIANTS (the reference always runs); the JSON is rewritten after every row, so a run
 # cut short keeps what it measured. Default: checkpointing auto within 70 GiB, compiled, compiled + FP8 rowwise, and
 # compiled on all of the card's memory.
 BENCH_NAME ?= h200_7b_train_speed

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import TrainerState
 
-from finetune.lab import bench, bench_optimizers
+from finetune.lab import bench, bench_optimizers, train_variants
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
 from finetune.lab.targets import LORA_ROW, RECIPE_ROW
 from finetune.lab.profiling import (StepClock, gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range,
@@ -35,7 +35,7 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
             "--max_length", "128", "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
     bench.main(args)
     record = json.loads((tmp_path / "benchmarks" / "smoke.json").read_text())
-    assert list(record["variants"])[:2] == [bench.STOCK_TRL, next(iter(bench.TRAIN_VARIANTS))]
+    assert list(record["variants"])[:2] == [bench.STOCK_TRL, next(iter(train_variants.TRAIN_VARIANTS))]
     stock, reference, unpacked = record["variants"].values()
     assert stock["measured_steps"] == 2 and stock["optimizer"] == "AdamW"
     assert stock["checkpointed_layers"] == 2 and reference["checkpointed_layers"] == 0  # the tiny profile: no GC
@@ -89,7 +89,7 @@ def test_rows_on_the_recipes_profile_start_from_the_reference_and_record_what_th
         return {"tokens_per_second": 100.0 + len(ran)}
 
     monkeypatch.setattr(bench, "bench_train_variant", variant)
-    variants = {"reference": {}, "recipe": {**bench.RECIPE_SPEED, "per_device_train_batch_size": 16,
+    variants = {"reference": {}, "recipe": {**train_variants.RECIPE_SPEED, "per_device_train_batch_size": 16,
                                            "gradient_accumulation_steps": 2}}
     results = bench.bench_train(get_config("qwen2.5-7b"), variants, 2, 4, stock_trl_steps=(2, 4))
     assert ran == {0: (16, 2, "auto"), 1: (8, 4, REFERENCE_SPEED["compile_layers"]), 2: (16, 2, "auto")}
@@ -404,22 +404,22 @@ def test_host_sync_counter_counts_the_synchronizing_calls_of_its_step_only(monke
 
 def test_variants_run_reference_first_and_liger_last_whatever_their_index():
     """Liger patches Qwen2 for the whole process: a row after it would measure its kernels too."""
-    order = bench.run_order(bench.TRAIN_VARIANTS, [20, 8, 15, 11])
-    assert order[0] == next(iter(bench.TRAIN_VARIANTS)) and len(order) == 5
-    assert [bench.TRAIN_VARIANTS[n].get("use_liger_kernel", False) for n in order] == [False, False, False, True, True]
+    order = train_variants.run_order(train_variants.TRAIN_VARIANTS, [20, 8, 15, 11])
+    assert order[0] == next(iter(train_variants.TRAIN_VARIANTS)) and len(order) == 5
+    assert [train_variants.TRAIN_VARIANTS[n].get("use_liger_kernel", False) for n in order] == [False, False, False, True, True]
     assert order[1:3] == ["checkpointing auto within 70 GiB",
                           "compiled layers, FP8 tensorwise, checkpointing auto within 70 GiB"]
 
 
 def test_variants_are_chosen_by_name_or_by_the_index_recorded_with_earlier_runs():
     """Every short name names a row; a name and its row's index choose the same row; an unknown name lists the names."""
-    names = list(bench.TRAIN_VARIANTS)
-    assert all(label in bench.TRAIN_VARIANTS for label in bench.VARIANT_SLUGS.values())
-    assert [names[i] for i in bench.chosen_indices(bench.TRAIN_VARIANTS, "recipe,lora,22")] == [
+    names = list(train_variants.TRAIN_VARIANTS)
+    assert all(label in train_variants.TRAIN_VARIANTS for label in train_variants.VARIANT_SLUGS.values())
+    assert [names[i] for i in train_variants.chosen_indices(train_variants.TRAIN_VARIANTS, "recipe,lora,22")] == [
         RECIPE_ROW, "LoRA r16, the qwen2.5-7b recipe", "LoRA r16, all linear projections (peft)"]
-    assert bench.chosen_indices(bench.TRAIN_VARIANTS, "all") == list(range(len(names)))
+    assert train_variants.chosen_indices(train_variants.TRAIN_VARIANTS, "all") == list(range(len(names)))
     with pytest.raises(SystemExit, match="no variant 'fastest'.*recipe-fp8"):
-        bench.chosen_indices(bench.TRAIN_VARIANTS, "fastest")
+        train_variants.chosen_indices(train_variants.TRAIN_VARIANTS, "fastest")
 
 
 def test_the_optimizer_benchmark_updates_every_matrix_of_the_model_shape():
