@@ -97,26 +97,32 @@ class GreedyDecoder:
 
     def _step(self) -> None:
         """One token for every row: `tokens` in, `next_tokens` out, the cache one key longer. On CUDA the first step
-        runs as it is, on a side stream as capture wants (it compiles this shape's kernels and sizes the allocator),
-        and is captured; every later one, in this batch and the next, replays the capture."""
+        runs as it is on a stream of its own (it compiles this shape's kernels and sizes the allocator, as capture
+        needs) and is then captured there; every later one, in this batch and the next, replays the capture."""
         if not self.cuda_graph:
             return self._forward()
         if self.graph is not None:
             return self.graph.replay()
+        # A capture that fails leaves its stream allocating into the graph's memory: this stream is dropped after it.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
             self._forward()
+            try:
+                graph.capture_begin()
+                try:
+                    self._forward()  # recorded; runs nothing
+                finally:
+                    graph.capture_end()
+            except RuntimeError as e:  # a kernel that cannot be captured (the step above ran all the same)
+                cause = e.__context__ or e  # what failed in the step, where ending the capture then failed too
+                log.warning("decoding steps run one launch at a time: capturing a step as a CUDA graph failed (%s)",
+                            str(cause).splitlines()[0])
+                self.cuda_graph = False
+            else:
+                self.graph = graph
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):  # records the step; runs nothing
-                self._forward()
-        except RuntimeError as e:  # a kernel that cannot be captured (the step above ran all the same)
-            log.warning("decoding steps run one launch at a time: capturing a step as a CUDA graph failed (%s)", e)
-            self.cuda_graph = False
-            return
-        self.graph = graph
 
     def _forward(self) -> None:
         logits = self.model(input_ids=self.tokens, attention_mask=self.seen, position_ids=self.positions,

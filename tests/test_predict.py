@@ -360,3 +360,4 @@ def test_decoding_on_cuda_goes_on_step_by_step_when_capture_fails(tokenizer, tmp
     prompts, _ = encode_prompts(tokenizer, TEXTS, prompt_budget(tokenizer, 512))
     assert generated.answers == [greedy_answer(model, tokenizer, p, 8) for p in prompts]
     assert sum("capturing a step as a CUDA graph failed" in r.message for r in caplog.records) == 1
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the failed capture's stream is left behind
