@@ -26,6 +26,8 @@ EVALUATION_CHANGES = (
      "training's prompt budget"),
     ("3af8add", "2026-12-05T04:09:41+00:00", ("label_scoring", "generation", "generation_lenient"),
      "the suite's attention in evaluation"),
+    ("a0526c6", "2026-12-05T07:10:51+00:00", ("label_scoring", "generation", "generation_lenient"),
+     "CUDA-graph decoding, even batches"),
 )
 
 
