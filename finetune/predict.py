@@ -236,8 +236,8 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
     answer, its end-of-turn included, so it is answered without decoding. The rest (off the trained format: a fence,
     a space, an unknown label) decode token by token as without it: the answers are greedy decoding's either way, and
     a model answering as trained costs one scoring pass instead of eight decoding steps. Once a batch has fewer than
-    half its articles on a trained answer, the check stops and the rest decode: a model that answers otherwise pays
-    for one checked batch, not a second pass over everything.
+    half its articles on a trained answer, the check stops and the rest decode (`_tree_check`): a model that answers
+    otherwise pays for one checked batch, not a second pass over everything.
 
     Prompts are cut as in label scoring (and training), to leave room for the longest trained answer: the headroom
     past it must not change what the model reads, and may run past `max_length` (positions allow it)."""
@@ -246,24 +246,7 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
     prompts, truncated = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))
     answers, seconds = [None] * len(texts), np.zeros(len(texts))
     if tree_check and max_new_tokens >= max(map(len, answer_ids)):
-        tree = AnswerTree.from_answers(answer_ids)
-        terms = AnswerTreeTerms.of(tree, model.device)
-        trained = tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
-        start = time.perf_counter()
-        # closing(): a pass stopped early must restore the model's attention before decoding starts.
-        # leave=False: a check stopped early (a model off the trained format) clears its bar, not leaving it short
-        with closing(_tree_passes(model, tokenizer, prompts, tree, batch_size, "auto", "answer tree",
-                                  progress, leave=False)) as passes:
-            for batch, logits in passes:
-                missed = (logits[:, terms.positions].argmax(-1) != terms.tokens).float()  # (articles, terms)
-                followed = (missed @ terms.owner == 0).cpu().numpy()  # (articles, labels): at most one per article
-                for i, row in zip(batch, followed):
-                    if row.any():
-                        answers[i] = trained[row.argmax()]
-                seconds[batch] = time.perf_counter() - start
-                start = time.perf_counter()
-                if 2 * followed.any(1).sum() < len(batch):
-                    break  # a model that mostly answers otherwise (untrained, or an instruct model's own style)
+        answers, seconds = _tree_check(model, tokenizer, prompts, answer_ids, batch_size, progress)
     undecided = [i for i, answer in enumerate(answers) if answer is None]
     if undecided:
         decoded, decode_seconds = _decode(model, tokenizer, [prompts[i] for i in undecided], batch_size,
@@ -272,6 +255,51 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
             answers[i], seconds[i] = answer, seconds[i] + s
     return parsed(Predictions(labels=np.full(len(texts), -1), batch_seconds=seconds, truncated=truncated,
                               answers=answers, decoded=len(undecided)), parse_strict)
+
+
+def _tree_check(model, tokenizer, prompts: list[list[int]], answer_ids: list[list[int]], batch_size: int,
+                progress: bool) -> tuple[list[str | None], np.ndarray]:
+    """Each article's trained answer where its greedy choices follow one (None elsewhere), and its batch's wall time.
+
+    The first batch is read at once, so that a model which mostly answers otherwise stops the check there. Each later
+    one is read only once the next is queued behind it, as in label scoring: the GPU goes on while the host reads and
+    packs. A batch that stops the check then leaves the one queued after it to decoding, which answers the same."""
+    tree = AnswerTree.from_answers(answer_ids)
+    terms = AnswerTreeTerms.of(tree, model.device)
+    trained = tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
+    answers, seconds = [None] * len(prompts), np.zeros(len(prompts))
+    start = time.perf_counter()
+
+    def read(batch: list[int], followed: torch.Tensor) -> bool:
+        """The batch's answers from its check; whether the check goes on."""
+        nonlocal start
+        followed = followed.cpu().numpy()  # (articles, labels): at most one per article
+        for i, row in zip(batch, followed):
+            if row.any():
+                answers[i] = trained[row.argmax()]
+        seconds[batch] = time.perf_counter() - start
+        start = time.perf_counter()
+        return 2 * followed.any(1).sum() >= len(batch)  # else a model that mostly answers otherwise
+
+    waiting, first = None, True
+    # closing(): a pass stopped early must restore the model's attention before decoding starts.
+    # leave=False: a check stopped early (a model off the trained format) clears its bar, not leaving it short
+    with closing(_tree_passes(model, tokenizer, prompts, tree, batch_size, "auto", "answer tree", progress,
+                              leave=False)) as passes:
+        for batch, logits in passes:
+            missed = (logits[:, terms.positions].argmax(-1) != terms.tokens).float()  # (articles, terms)
+            del logits  # before the next batch's forward allocates
+            check = batch, missed @ terms.owner == 0
+            if first:
+                first, going_on = False, read(*check)
+            else:  # the batch before is read now, this one's forward queued behind it
+                going_on, waiting = waiting is None or read(*waiting), check
+            if not going_on:
+                waiting = None  # a batch queued after the one that stopped the check decodes with the rest
+                break
+    if waiting is not None:
+        read(*waiting)
+    return answers, seconds
 
 
 def _decode(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,

@@ -274,6 +274,31 @@ def test_tree_check_stops_after_a_batch_mostly_off_the_trained_answers(model, to
     assert len(checked_batches) == 1 and generated.decoded == len(TEXTS)
 
 
+def test_tree_check_reads_a_batch_behind_the_next_and_decodes_from_the_batch_that_stops_it(model, tokenizer,
+                                                                                            monkeypatch):
+    """The first batch is read at once; each later one once the next is queued. Batches 1 and 2 follow a trained
+    answer and are answered by the check, batch 3 does not and stops it: batch 4, already queued, decodes with it and
+    batch 5, never checked."""
+    tree = AnswerTree.from_answers(answer_token_ids(tokenizer))
+    follows, pulled, decoded = [True, True, False, True, True], [], []
+
+    def tree_passes(model, tokenizer, prompts, tree_, batch_size, *args, **kwargs):
+        for k, batch in enumerate(predict._batches(prompts, batch_size)):
+            pulled.append(k)
+            logits = torch.zeros(len(batch), len(tree.tokens) + 1, len(tokenizer))
+            for (position, token), owners in zip(tree.terms, tree.owner):
+                if follows[k] and owners[0]:  # every greedy choice along the first label's answer
+                    logits[:, position, token] = 1.0
+            yield batch, logits
+
+    monkeypatch.setattr(predict, "_tree_passes", tree_passes)
+    monkeypatch.setattr(predict, "_decode", lambda model, tokenizer, prompts, *args: (
+        decoded.extend(prompts) or ["decoded"] * len(prompts), np.zeros(len(prompts))))
+    generated = generate_labels(model, tokenizer, [f"article {i}" for i in range(10)], batch_size=2, progress=False)
+    assert pulled == [0, 1, 2, 3] and generated.decoded == len(decoded) == 6
+    assert sorted(generated.answers).count("decoded") == 6 and list(generated.labels).count(0) == 4
+
+
 def test_qwen_gets_room_for_a_fenced_instruct_answer(qwen_tokenizer):
     """The trained answers are 6 to 8 Qwen2.5 tokens (Sci/Tech longest), end-of-turn included; 8 more of headroom
     hold the answer as an instruct model writes it before fine-tuning, fence, spaces and end-of-turn included."""
