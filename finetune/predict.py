@@ -23,9 +23,10 @@ from finetune.metrics import Predictions
 from finetune.packed import opening_keys, pack_batch, packed_attention, packed_logits
 from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
 
+
 def _batches(prompts: list[list[int]], batch_size: int):
     """Index batches of similar length, longest first, so padding stays small and memory peaks early: as few as
-    `batch_size` allows, their sizes a token apart at most, never a short remainder (decoding fills each batch up to
+    `batch_size` allows, their sizes one article apart at most, never a short remainder (decoding fills each batch up to
     the largest, `GreedyDecoder`)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     count = -(-len(order) // batch_size)
