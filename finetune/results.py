@@ -28,6 +28,8 @@ EVALUATION_CHANGES = (
      "the suite's attention in evaluation"),
     ("a0526c6", "2026-12-05T07:10:51+00:00", ("label_scoring", "generation", "generation_lenient"),
      "CUDA-graph decoding, even batches"),
+    ("1d41fa0", "2026-12-05T07:59:55+00:00", ("generation", "generation_lenient"),
+     "answer-tree check read behind the next batch"),
 )
 
 
