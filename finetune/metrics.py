@@ -23,6 +23,7 @@ class Predictions:
     failures: dict[str, list[int]] = field(default_factory=dict)  # failure kind -> article indices, generation only
     answers: list[str] = field(default_factory=list)  # raw generated text, generation only
     decoded: int | None = None  # generation: answers decoded token by token (the rest followed a trained answer)
+    decoding_cuda_graph: bool | None = None  # generation: whether decoding replayed a captured step (None: none)
 
 
 def throughput(predictions: Predictions, batch_size: int, seconds: float) -> dict:
@@ -55,6 +56,8 @@ def summarize(y_true: np.ndarray, predictions: Predictions, texts: list[str], ba
         summary["label_probabilities"] = probs.round(4).tolist()  # per article, in eval-split order
     if predictions.decoded is not None:
         summary["decoded_answers"] = predictions.decoded
+    if predictions.decoding_cuda_graph is not None:
+        summary["decoding_cuda_graph"] = predictions.decoding_cuda_graph
     return summary
 
 

@@ -248,14 +248,14 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
     answers, seconds = [None] * len(texts), np.zeros(len(texts))
     if tree_check and max_new_tokens >= max(map(len, answer_ids)):
         answers, seconds = _tree_check(model, tokenizer, prompts, answer_ids, batch_size, progress)
-    undecided = [i for i, answer in enumerate(answers) if answer is None]
+    undecided, graphed = [i for i, answer in enumerate(answers) if answer is None], None
     if undecided:
-        decoded, decode_seconds = _decode(model, tokenizer, [prompts[i] for i in undecided], batch_size,
-                                          max_new_tokens, progress)
+        decoded, decode_seconds, graphed = _decode(model, tokenizer, [prompts[i] for i in undecided], batch_size,
+                                                   max_new_tokens, progress)
         for i, answer, s in zip(undecided, decoded, decode_seconds):
             answers[i], seconds[i] = answer, seconds[i] + s
     return parsed(Predictions(labels=np.full(len(texts), -1), batch_seconds=seconds, truncated=truncated,
-                              answers=answers, decoded=len(undecided)), parse_strict)
+                              answers=answers, decoded=len(undecided), decoding_cuda_graph=graphed), parse_strict)
 
 
 def _tree_check(model, tokenizer, prompts: list[list[int]], answer_ids: list[list[int]], batch_size: int,
@@ -304,9 +304,9 @@ def _tree_check(model, tokenizer, prompts: list[list[int]], answer_ids: list[lis
 
 
 def _decode(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
-            progress: bool) -> tuple[list[str], np.ndarray]:
-    """Greedy decoding of each prompt (`GreedyDecoder`), and the wall time of each one's batch. As in label scoring,
-    the opening runs once."""
+            progress: bool) -> tuple[list[str], np.ndarray, bool]:
+    """Greedy decoding of each prompt (`GreedyDecoder`), the wall time of each one's batch, and whether the steps
+    replayed a captured CUDA graph. As in label scoring, the opening runs once."""
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     answers, seconds = [""] * len(prompts), np.zeros(len(prompts))
     batches = list(_batches(prompts, batch_size))
@@ -321,7 +321,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new
             for i, answer in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 answers[i] = answer
             seconds[batch] = time.perf_counter() - start
-    return answers, seconds
+    return answers, seconds, decoder.graph is not None
 
 
 def parsed(predictions: Predictions, parse: Callable[[str], tuple[int, str | None]]) -> Predictions:

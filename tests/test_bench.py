@@ -210,6 +210,7 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
         assert modes[anchor]["batch_size"] == modes[mode]["batch_size"]
     # 4 new tokens cannot hold a trained answer (6 or more): the tree's check is skipped and every article decodes.
     assert modes["generation"]["decoded_answers"] == modes["generation_decoding"]["decoded_answers"] == 100
+    assert modes["generation_decoding"]["decoding_cuda_graph"] is False  # no CUDA here: each step as it is
     # The generation anchor decodes the same articles at the suite's batch; the batch-64 extra row every 4th article.
     assert modes["label_scoring"]["articles"] == modes["plain_generate"]["articles"] == 100
     assert modes["plain_generate"]["batch_size"] == modes["generation"]["batch_size"]

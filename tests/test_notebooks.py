@@ -179,6 +179,8 @@ def test_notebooks_execute_headless_and_write_valid_results(synthetic_dir, tmp_p
         assert record["data"]["protocol"] == "holdout" and record["data"]["eval_size"] == 100
     finetuned = json.loads((results / "finetuned_model_results.json").read_text())
     assert set(finetuned["evaluations"]) == {"label_scoring", "generation", "generation_lenient"}
+    base = json.loads((results / "base_model_results.json").read_text())["evaluations"]["generation"]
+    assert base["decoded_answers"] == 100 and base["decoding_cuda_graph"] is False  # every answer decoded, on the CPU
     assert finetuned["evaluations"]["label_scoring"]["metrics"]["accuracy"] > 0.5  # synthetic classes are easy
     for png in ("ag_news_distribution", "ag_news_text_lengths", "base_model_confusion_matrix", "calibration",
                 "finetuned_model_confusion_matrix", "per_class_f1_base_vs_finetuned", "comparison", "training_loss"):

@@ -293,7 +293,7 @@ def test_tree_check_reads_a_batch_behind_the_next_and_decodes_from_the_batch_tha
 
     monkeypatch.setattr(predict, "_tree_passes", tree_passes)
     monkeypatch.setattr(predict, "_decode", lambda model, tokenizer, prompts, *args: (
-        decoded.extend(prompts) or ["decoded"] * len(prompts), np.zeros(len(prompts))))
+        decoded.extend(prompts) or ["decoded"] * len(prompts), np.zeros(len(prompts)), False))
     generated = generate_labels(model, tokenizer, [f"article {i}" for i in range(10)], batch_size=2, progress=False)
     assert pulled == [0, 1, 2, 3] and generated.decoded == len(decoded) == 6
     assert sorted(generated.answers).count("decoded") == 6 and list(generated.labels).count(0) == 4
@@ -366,7 +366,7 @@ def test_decoding_on_cuda_replays_one_captured_step_and_answers_as_greedy_decodi
                                 tree_check=False)
     prompts, _ = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, 512))
     assert generated.answers == [greedy_answer(model, tokenizer, p, 12) for p in prompts]
-    assert len(captures) == 1 and len(replays) > 2
+    assert len(captures) == 1 and len(replays) > 2 and generated.decoding_cuda_graph is True
 
 
 @pytest.mark.gpu
@@ -386,3 +386,4 @@ def test_decoding_on_cuda_goes_on_step_by_step_when_capture_fails(tokenizer, tmp
     assert generated.answers == [greedy_answer(model, tokenizer, p, 8) for p in prompts]
     assert sum("capturing a step as a CUDA graph failed" in r.message for r in caplog.records) == 1
     assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the failed capture's stream is left behind
+    assert generated.decoding_cuda_graph is False

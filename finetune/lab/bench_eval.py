@@ -141,6 +141,8 @@ def time_mode(run, texts: list[str], warmup: list[str], repeats: int, batch_size
         result["failures"] = sum(map(len, predictions.failures.values()))
     if predictions.decoded is not None:
         result["decoded_answers"] = predictions.decoded
+    if predictions.decoding_cuda_graph is not None:
+        result["decoding_cuda_graph"] = predictions.decoding_cuda_graph
     return result, predictions
 
 
