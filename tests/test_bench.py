@@ -203,6 +203,7 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     assert list(modes) == ["plain_label_scoring", "plain_generate", "plain_generate_batch64",
                            "plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree",
                            "label_scoring", "generation", "generation_decoding"]
+    assert record["skipped_modes"] == {"plain_label_scoring_fp8": "no CUDA GPU", "label_scoring_fp8": "no CUDA GPU"}
     # The anchors timed again after the suite's kernels (none on the CPU): each mode over its own one of them.
     for mode, anchor in (("label_scoring", "plain_label_scoring_kernels"), ("generation", "plain_generate_kernels")):
         assert modes[mode]["vs_anchor_with_kernels"] == pytest.approx(
@@ -234,6 +235,29 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     assert record["liger_kernels"] is None
     assert " threads) | random weights | label_scoring | 100 |" in eval_benchmark_table(tmp_path)
     assert "no GPU benchmark" in targets_table(tmp_path)  # CPU runs are never counted against targets
+
+
+@pytest.mark.gpu
+def test_fp8_label_scoring_runs_fp8_matmuls_and_stays_near_bf16(tiny_config, tmp_path):
+    """On an FP8 GPU the lab's FP8 modes time label scoring with the decoder's linear layers in float8 (the LM head
+    in bf16), beside their anchor at the same precision, and say how far the labels and log-probabilities moved."""
+    from finetune.lab import bench_eval
+
+    if bench_eval.fp8_unavailable():
+        pytest.skip(bench_eval.fp8_unavailable())
+    write_synthetic_csv(tmp_path / "test.csv", per_class=25)
+    args = ["eval", "--name", "fp8_eval", "--profile", "tiny", "--data_dir", str(tmp_path), "--holdout_train_size",
+            "60", "--vocab_size", "512", "--hidden_size", "256", "--intermediate_size", "512", "--num_heads", "2",
+            "--max_length", "128", "--eval_batch_size", "32", "--repeats", "1", "--bf16", "true",
+            "--modes", "plain_label_scoring,label_scoring_tree,label_scoring,plain_label_scoring_fp8,label_scoring_fp8",
+            "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
+    bench.main(args)
+    record = json.loads((tmp_path / "benchmarks" / "fp8_eval.json").read_text())
+    fp8 = record["modes"]["label_scoring_fp8"]
+    assert record["skipped_modes"] == {} and fp8["vs_anchor"] == pytest.approx(
+        fp8["articles_per_second"] / record["modes"]["plain_label_scoring_fp8"]["articles_per_second"])
+    moved = fp8["agreement_with_tree"]["max_abs_logprob_difference"]
+    assert 0 < moved < 1.0  # FP8 rounding moves the log-probabilities a little: nonzero, so the matmuls were FP8
 
 
 def test_optimizer_measurement_shows_bf16_adamw_losing_updates_that_stochastic_rounding_keeps(tiny_config, tmp_path):

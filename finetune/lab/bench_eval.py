@@ -9,9 +9,11 @@ row, at batch 64 on every 4th article: what a first try usually uses), both with
 and the shortest, so kernels are compiled and the allocator has grown before the clock starts), then `repeats` timed
 passes over every article: median, min and max, and each mode's median as a ratio to its anchor's. The plain modes
 run first, on the model as built; Liger's kernels, when the config asks for them, are applied after them (they patch
-the process for good), before the suite's modes and a second timing of both anchors with them.
+the process for good), before the suite's modes and a second timing of both anchors with them. Last, where FP8 can
+run, label scoring and its anchor once more with the decoder layers' linear layers in FP8 (`quantize_for_fp8`).
 """
 
+import importlib.util
 import statistics
 import time
 
@@ -22,6 +24,7 @@ from transformers import GenerationConfig
 from finetune.attention import attention_implementation
 from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
+from finetune.plan import FP8_MIN_CAPABILITY
 from finetune.decode import left_pad
 from finetune.predict import AnswerTree, _batches, generate_labels, parse_strict, parsed, score_labels, warmup_texts
 from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
@@ -36,6 +39,11 @@ ANCHORS = {"label_scoring_tree": "plain_label_scoring", "label_scoring": "plain_
            "generation": "plain_generate", "generation_decoding": "plain_generate"}
 # The same anchors timed again after the suite's kernels were applied: the anchor at its strongest.
 KERNEL_ANCHORS = {mode: f"{anchor}_kernels" for mode, anchor in ANCHORS.items()}
+# Label scoring and its anchor again, last, once the decoder layers' linear layers are FP8 (`quantize_for_fp8`): a
+# measurement of what FP8 evaluation would give, each against the other at the same precision and kernels, and
+# against bf16's labels (`agreement_with_tree`). Not part of the recipe; skipped where FP8 cannot run.
+FP8_ANCHORS = {"label_scoring_fp8": "plain_label_scoring_fp8"}
+FP8_MODES = (*FP8_ANCHORS.values(), *FP8_ANCHORS)
 # The anchors attend as transformers does by default, whatever the suite loaded the model with.
 ANCHOR_ATTENTION = "sdpa"
 PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64")
@@ -44,7 +52,7 @@ PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64"
 # kernels (or compiled layers) were applied for the suite's modes, so that `vs_anchor_with_kernels` is the suite's
 # method alone.
 MODES = PLAIN_MODES + ("plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree", "label_scoring",
-                       "generation", "generation_decoding")
+                       "generation", "generation_decoding", *FP8_MODES)
 
 
 @torch.inference_mode()
@@ -110,9 +118,11 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
         "plain_generate": lambda t: plain_generate(model, tokenizer, t, batch, max_length),
         "plain_generate_batch64": lambda t: plain_generate(model, tokenizer, t, batch, max_length),
         "plain_label_scoring_kernels": lambda t: plain_label_scoring(model, tokenizer, t, batch, max_length),
+        "plain_label_scoring_fp8": lambda t: plain_label_scoring(model, tokenizer, t, batch, max_length),
         "plain_generate_kernels": lambda t: plain_generate(model, tokenizer, t, batch, max_length),
         "label_scoring_tree": lambda t: score_labels(model, tokenizer, t, batch, max_length, False, "tree"),
         "label_scoring": lambda t: score_labels(model, tokenizer, t, batch, max_length, False, "packed"),
+        "label_scoring_fp8": lambda t: score_labels(model, tokenizer, t, batch, max_length, False, "packed"),
         "generation": lambda t: generate_labels(model, tokenizer, t, batch, max_length, progress=False),
         "generation_decoding": lambda t: generate_labels(model, tokenizer, t, batch, max_length, progress=False,
                                                          tree_check=False),
@@ -174,6 +184,29 @@ def agreement(predictions: Predictions, reference: Predictions) -> dict:
     return result
 
 
+def fp8_unavailable() -> str | None:
+    """Why FP8 inference cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    capability = torch.cuda.get_device_capability()
+    if capability < FP8_MIN_CAPABILITY:
+        return f"compute capability {capability[0]}.{capability[1]} has no FP8 tensor cores (8.9+)"
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed (pip install torchao)"
+    return None
+
+
+def quantize_for_fp8(model) -> None:
+    """torchao's FP8 inference in the decoder layers: each linear layer's weight in float8 with a scale per row, each
+    activation row quantized as it comes (`Float8DynamicActivationFloat8WeightConfig`, PerRow), so that the matmuls
+    run on the FP8 tensor cores. The LM head stays bf16: it scores a few positions an article, and its rounding would
+    fall on the answers' log-probabilities directly. In place, for good: the FP8 modes run last."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and "lm_head" not in name)
+
+
 def profile_mode(run, texts: list[str]) -> tuple[list[str], dict]:
     """A torch profiler table (top kernels and ops by device time) of `run` over `texts`; how much of the GPU's
     timeline was busy, what the host did while it waited, and the articles a second the GPU's own time allows: the
@@ -193,16 +226,17 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
                   generation_batch_size: int, max_length: int, repeats: int, liger: bool,
                   compile_layers: bool = False,
                   profile_modes: tuple[str, ...] = ("plain_label_scoring", "label_scoring_tree", "label_scoring",
-                                                    "plain_generate", "generation_decoding"),
+                                                    "plain_generate", "generation_decoding", "label_scoring_fp8"),
                   report=print, save=lambda compared: None) -> dict:
     """Every mode in `MODES` order (plain ones first; Liger's kernels and compiled layers, when asked for, applied
-    after them), timed, with ratios to its anchor, agreement with the tree method, and a profiler table of two
-    batches for each of `profile_modes`; `save` gets the results so far after each mode."""
+    after them; the FP8 ones last, on the model quantized for them, or listed in `skipped_modes` with the reason),
+    timed, with ratios to its anchor, agreement with the tree method, and a profiler table of two batches for each of
+    `profile_modes`; `save` gets the results so far after each mode."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown eval mode(s) {sorted(unknown)}: choose from {', '.join(MODES)}")
     lengths = [len(p) for p in encode_prompts(tokenizer, texts, max_length)[0]]
-    results, profiles, predictions, liger_report, sped_up = {}, {}, {}, None, False
+    results, profiles, predictions, liger_report, sped_up, skipped, fp8_checked = {}, {}, {}, None, False, {}, False
     for mode in [m for m in MODES if m in modes]:
         if mode not in PLAIN_MODES and not sped_up:
             speed_up_for_inference(model, liger, compile_layers)
@@ -210,10 +244,20 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
                 liger_report = liger_in_use(model)
                 report("liger", liger_report)
             sped_up = True
+        if mode in FP8_MODES:
+            if not fp8_checked:  # the first FP8 mode quantizes the model, or says why it cannot
+                fp8_checked, why = True, fp8_unavailable()
+                if why:
+                    skipped = dict.fromkeys(FP8_MODES, why)
+                else:
+                    quantize_for_fp8(model)
+            if mode in skipped:
+                report(mode, {"skipped": skipped[mode]})
+                continue
         run, batch = mode_runner(mode, model, tokenizer, batch_size, generation_batch_size, max_length)
         timed = texts[::SMALL_BATCH_EVERY] if mode == "plain_generate_batch64" else texts
         results[mode], predictions[mode] = time_mode(run, timed, warmup_texts(texts, lengths, batch), repeats, batch)
-        anchor = results.get(ANCHORS.get(mode))
+        anchor = results.get({**ANCHORS, **FP8_ANCHORS}.get(mode))
         if anchor:
             results[mode]["vs_anchor"] = results[mode]["articles_per_second"] / anchor["articles_per_second"]
         kernel_anchor = results.get(KERNEL_ANCHORS.get(mode))
@@ -224,9 +268,9 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
             profiles[mode], timeline = profile_mode(run, texts[: 2 * batch])  # two of its own batches
             results[mode].update(timeline)
         report(mode, {k: v for k, v in results[mode].items() if not k.endswith("_per_run")})
-        save({"modes": results, "liger_kernels": liger_report, "profiles": profiles})
+        save({"modes": results, "liger_kernels": liger_report, "profiles": profiles, "skipped_modes": skipped})
     if "label_scoring_tree" in predictions:
-        for mode in ("label_scoring", "plain_label_scoring"):
+        for mode in ("label_scoring", "plain_label_scoring", *FP8_MODES):
             if mode in predictions:
                 results[mode]["agreement_with_tree"] = agreement(predictions[mode], predictions["label_scoring_tree"])
-    return {"modes": results, "liger_kernels": liger_report, "profiles": profiles}
+    return {"modes": results, "liger_kernels": liger_report, "profiles": profiles, "skipped_modes": skipped}
