@@ -22,11 +22,12 @@ from data_prep.splits import Splits
 from finetune.answers import parse_lenient
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
+from finetune.generation import generate_labels, parsed
 from finetune.metrics import summarize
 from finetune.model import check_tokenizer_fits, load_for_inference, load_tokenizer
 from finetune.plan import GPU, ModelShape, OutOfMemory, gpu_memory_note, log_plan, plan_evaluation
 from finetune.plots import plot_confusion_matrix
-from finetune.predict import generate_labels, parsed, score_labels, warmup_texts
+from finetune.predict import score_labels, warmup_texts
 from finetune.prompts import default_max_new_tokens, encode_prompts
 from finetune.results import write_record
 from finetune.throughput import peak_memory_gib, reset_peak_memory

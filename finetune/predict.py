@@ -1,30 +1,26 @@
-"""Predict AG News labels with a causal LM, two ways.
+"""Label scoring: each of the four answers' log-probability after the prompt, so no parse failure is possible.
 
-Label scoring (default) ranks the four possible answers by their log-probability after the prompt: no parse failure
-is possible. Generation decodes greedily and reads the answer back (strictly, or leniently: see `finetune.answers`),
-counting what fails to parse.
+The answer tree, the shared opening's cache and the batches here serve generation too (`finetune.generation`), whose
+check follows the trained answers through the same forward before anything decodes.
 """
 
 import copy
-import dataclasses
 import time
-from collections.abc import Callable
-from contextlib import closing, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from finetune.answers import parse_strict
 from finetune.attention import without_cudnn_attention
-from finetune.decode import GreedyDecoder, left_pad
+from finetune.decode import left_pad
 from finetune.metrics import Predictions
 from finetune.packed import opening_keys, pack_batch, packed_attention, packed_logits
-from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
+from finetune.prompts import answer_token_ids, encode_prompts, prompt_budget
 
 
-def _batches(prompts: list[list[int]], batch_size: int):
+def length_sorted_batches(prompts: list[list[int]], batch_size: int):
     """Index batches of similar length, longest first, so padding stays small and memory peaks early: as few as
     `batch_size` allows, their sizes one article apart at most, never a short remainder (decoding fills each batch up to
     the largest, `GreedyDecoder`)."""
@@ -43,7 +39,7 @@ def warmup_texts(texts: list[str], lengths: list[int], batch_size: int) -> list[
     return [texts[i] for i in order[: 2 * batch_size] + order[-batch_size:]]
 
 
-def _opening_cache(model, prompts: list[list[int]]) -> tuple[int, object | None]:
+def shared_opening(model, prompts: list[list[int]]) -> tuple[int, object | None]:
     """Length and key/value cache of the opening: the tokens all prompts share (system turn and instruction), run
     once. It stops one token short of the shortest prompt so that every article keeps a token to run."""
     opening_length = min(_common_prefix_length(prompts), min(map(len, prompts)) - 1)
@@ -138,7 +134,7 @@ class AnswerTreeTerms:
                    torch.tensor([t for _, t in tree.terms], device=device), tree.owner.to(device))
 
 
-def _tree_passes(model, tokenizer, prompts: list[list[int]], tree: AnswerTree, batch_size: int, method: str,
+def tree_passes(model, tokenizer, prompts: list[list[int]], tree: AnswerTree, batch_size: int, method: str,
                  desc: str, progress: bool, leave: bool = True):
     """Per batch: its article indices and the tail logits (articles, tail, vocab) of one forward over each prompt
     followed by the answer tree. The opening runs once for all batches."""
@@ -147,7 +143,7 @@ def _tree_passes(model, tokenizer, prompts: list[list[int]], tree: AnswerTree, b
     if method == "auto":
         method = "packed" if model.device.type == "cuda" else "tree"
     with without_cudnn_attention():  # switched once for the pass, not in each masked call (`masked_sdpa`)
-        opening_length, opening_cache = _opening_cache(model, prompts)
+        opening_length, opening_cache = shared_opening(model, prompts)
         if method == "packed":
             opening_kv, layout = opening_keys(opening_cache), packed_attention(model)
             tail_logits = lambda rows: packed_logits(model, pack_batch(rows, tree, opening_length, model.device),
@@ -157,7 +153,8 @@ def _tree_passes(model, tokenizer, prompts: list[list[int]], tree: AnswerTree, b
             tail_logits = lambda rows: _tree_logits(model, rows, tree, opening_length, opening_cache,
                                                     tokenizer.pad_token_id)
         with layout:
-            for batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, disable=not progress, leave=leave):
+            for batch in tqdm(list(length_sorted_batches(prompts, batch_size)), desc=desc, disable=not progress,
+                              leave=leave):
                 yield batch, tail_logits([prompts[i][opening_length:] for i in batch])
 
 
@@ -186,7 +183,7 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
         seconds[batch] = time.perf_counter() - start
         start = time.perf_counter()
 
-    for batch, logits in _tree_passes(model, tokenizer, prompts, tree, batch_size, method, "label scoring", progress):
+    for batch, logits in tree_passes(model, tokenizer, prompts, tree, batch_size, method, "label scoring", progress):
         # float32 log-probabilities by one fused log_softmax over a float32 copy of the logits (torch fuses the
         # conversion only for float16), where logsumexp made separate max, subtract, exp and sum passes over it: those
         # alone took 2% of a 7B batch's GPU time (h200_7b_eval_rehearsal.json's profile)
@@ -224,112 +221,3 @@ def _common_prefix_length(rows: list[list[int]]) -> int:
     while n < min(len(first), len(last)) and first[n] == last[n]:
         n += 1
     return n
-
-
-@torch.inference_mode()
-def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 512,
-                    max_new_tokens: int | None = None, progress: bool = True, tree_check: bool = True) -> Predictions:
-    """Greedy answers read strictly (`parsed` reads them another way); every raw answer is kept, every failure with
-    its kind. `max_new_tokens` defaults to `default_max_new_tokens`.
-
-    With `tree_check`, one forward per batch over each prompt and the answer tree (label scoring's) first: an article
-    whose every greedy choice along one trained answer is that answer's next token would decode to exactly that
-    answer, its end-of-turn included, so it is answered without decoding. The rest (off the trained format: a fence,
-    a space, an unknown label) decode token by token as without it: the answers are greedy decoding's either way, and
-    a model answering as trained costs one scoring pass instead of eight decoding steps. Once a batch has fewer than
-    half its articles on a trained answer, the check stops and the rest decode (`_tree_check`): a model that answers
-    otherwise pays for one checked batch, not a second pass over everything.
-
-    Prompts are cut as in label scoring (and training), to leave room for the longest trained answer: the headroom
-    past it must not change what the model reads, and may run past `max_length` (positions allow it)."""
-    max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
-    answer_ids = answer_token_ids(tokenizer)
-    prompts, truncated = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))
-    answers, seconds = [None] * len(texts), np.zeros(len(texts))
-    if tree_check and max_new_tokens >= max(map(len, answer_ids)):
-        answers, seconds = _tree_check(model, tokenizer, prompts, answer_ids, batch_size, progress)
-    undecided, graphed = [i for i, answer in enumerate(answers) if answer is None], None
-    if undecided:
-        decoded, decode_seconds, graphed = _decode(model, tokenizer, [prompts[i] for i in undecided], batch_size,
-                                                   max_new_tokens, progress)
-        for i, answer, s in zip(undecided, decoded, decode_seconds):
-            answers[i], seconds[i] = answer, seconds[i] + s
-    return parsed(Predictions(labels=np.full(len(texts), -1), batch_seconds=seconds, truncated=truncated,
-                              answers=answers, decoded=len(undecided), decoding_cuda_graph=graphed), parse_strict)
-
-
-def _tree_check(model, tokenizer, prompts: list[list[int]], answer_ids: list[list[int]], batch_size: int,
-                progress: bool) -> tuple[list[str | None], np.ndarray]:
-    """Each article's trained answer where its greedy choices follow one (None elsewhere), and its batch's wall time.
-
-    The first batch is read at once, so that a model which mostly answers otherwise stops the check there. Each later
-    one is read only once the next is queued behind it, as in label scoring: the GPU goes on while the host reads and
-    packs. A batch that stops the check then leaves the one queued after it to decoding, which answers the same."""
-    tree = AnswerTree.from_answers(answer_ids)
-    terms = AnswerTreeTerms.of(tree, model.device)
-    trained = tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
-    answers, seconds = [None] * len(prompts), np.zeros(len(prompts))
-    start = time.perf_counter()
-
-    def read(batch: list[int], followed: torch.Tensor) -> bool:
-        """The batch's answers from its check; whether the check goes on."""
-        nonlocal start
-        followed = followed.cpu().numpy()  # (articles, labels): at most one per article
-        for i, row in zip(batch, followed):
-            if row.any():
-                answers[i] = trained[row.argmax()]
-        seconds[batch] = time.perf_counter() - start
-        start = time.perf_counter()
-        return 2 * followed.any(1).sum() >= len(batch)  # else a model that mostly answers otherwise
-
-    waiting, first = None, True
-    # closing(): a pass stopped early must restore the model's attention before decoding starts.
-    # leave=False: a check stopped early (a model off the trained format) clears its bar, not leaving it short
-    with closing(_tree_passes(model, tokenizer, prompts, tree, batch_size, "auto", "answer tree", progress,
-                              leave=False)) as passes:
-        for batch, logits in passes:
-            missed = (logits[:, terms.positions].argmax(-1) != terms.tokens).float()  # (articles, terms)
-            del logits  # before the next batch's forward allocates
-            check = batch, missed @ terms.owner == 0
-            if first:
-                first, going_on = False, read(*check)
-            else:  # the batch before is read now, this one's forward queued behind it
-                going_on, waiting = waiting is None or read(*waiting), check
-            if not going_on:
-                waiting = None  # a batch queued after the one that stopped the check decodes with the rest
-                break
-    if waiting is not None:
-        read(*waiting)
-    return answers, seconds
-
-
-def _decode(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
-            progress: bool) -> tuple[list[str], np.ndarray, bool]:
-    """Greedy decoding of each prompt (`GreedyDecoder`), the wall time of each one's batch, and whether the steps
-    replayed a captured CUDA graph. As in label scoring, the opening runs once."""
-    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    answers, seconds = [""] * len(prompts), np.zeros(len(prompts))
-    batches = list(_batches(prompts, batch_size))
-    with without_cudnn_attention():  # switched once for the pass, not in each masked call (`masked_sdpa`)
-        opening_length, opening_cache = _opening_cache(model, prompts)
-        decoder = GreedyDecoder(model, opening_cache, opening_length, rows=max(map(len, batches)),
-                                max_tail=max(map(len, prompts)) - opening_length, max_new_tokens=max_new_tokens,
-                                eos=eos, pad_id=tokenizer.pad_token_id)
-        for batch in tqdm(batches, desc="generation", disable=not progress):
-            start = time.perf_counter()
-            new_tokens = decoder.decode([prompts[i][opening_length:] for i in batch])
-            for i, answer in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                answers[i] = answer
-            seconds[batch] = time.perf_counter() - start
-    return answers, seconds, decoder.graph is not None
-
-
-def parsed(predictions: Predictions, parse: Callable[[str], tuple[int, str | None]]) -> Predictions:
-    """The same generated answers read by `parse` (e.g. `finetune.answers.parse_lenient`): new labels and failures."""
-    labels = np.full(len(predictions.answers), -1)
-    failures: dict[str, list[int]] = {}
-    for i, answer in enumerate(predictions.answers):
-        labels[i], failure = parse(answer)
-        if failure:
-            failures.setdefault(failure, []).append(i)
-    return dataclasses.replace(predictions, labels=labels, failures=failures)

@@ -9,10 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, RepetitionPenaltyLogitsProcessor
 
 from data_prep.task import LABELS, build_messages, build_prompt_messages
-from finetune import predict
+from finetune import generation, predict
 from finetune.model import load_model, train_bpe_tokenizer
 from finetune.packed import pack_batch
-from finetune.predict import AnswerTree, generate_labels, score_labels
+from finetune.generation import generate_labels
+from finetune.predict import AnswerTree, score_labels
 from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
 from finetune.qwen_tokenizer import build_qwen25_tokenizer
 from finetune.lab.standin import PUBLISHED_GENERATION_CONFIG, write_standin
@@ -283,7 +284,7 @@ def test_tree_check_reads_a_batch_behind_the_next_and_decodes_from_the_batch_tha
     follows, pulled, decoded = [True, True, False, True, True], [], []
 
     def tree_passes(model, tokenizer, prompts, tree_, batch_size, *args, **kwargs):
-        for k, batch in enumerate(predict._batches(prompts, batch_size)):
+        for k, batch in enumerate(predict.length_sorted_batches(prompts, batch_size)):
             pulled.append(k)
             logits = torch.zeros(len(batch), len(tree.tokens) + 1, len(tokenizer))
             for (position, token), owners in zip(tree.terms, tree.owner):
@@ -291,8 +292,8 @@ def test_tree_check_reads_a_batch_behind_the_next_and_decodes_from_the_batch_tha
                     logits[:, position, token] = 1.0
             yield batch, logits
 
-    monkeypatch.setattr(predict, "_tree_passes", tree_passes)
-    monkeypatch.setattr(predict, "_decode", lambda model, tokenizer, prompts, *args: (
+    monkeypatch.setattr(generation, "tree_passes", tree_passes)
+    monkeypatch.setattr(generation, "_decode", lambda model, tokenizer, prompts, *args: (
         decoded.extend(prompts) or ["decoded"] * len(prompts), np.zeros(len(prompts)), False))
     generated = generate_labels(model, tokenizer, [f"article {i}" for i in range(10)], batch_size=2, progress=False)
     assert pulled == [0, 1, 2, 3] and generated.decoded == len(decoded) == 6

@@ -26,7 +26,9 @@ from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
 from finetune.plan import FP8_MIN_CAPABILITY
 from finetune.decode import left_pad
-from finetune.predict import AnswerTree, _batches, generate_labels, parse_strict, parsed, score_labels, warmup_texts
+from finetune.answers import parse_strict
+from finetune.generation import generate_labels, parsed
+from finetune.predict import AnswerTree, length_sorted_batches, score_labels, warmup_texts
 from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
 from finetune.throughput import peak_memory_gib, reset_peak_memory
 from finetune.lab.profiling import gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range, matmul_rates, profile_table
@@ -66,7 +68,7 @@ def plain_label_scoring(model, tokenizer, texts: list[str], batch_size: int, max
     prompts, truncated = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))
     labels, seconds = np.zeros(len(texts), dtype=int), np.zeros(len(texts))
     with attention_implementation(model, ANCHOR_ATTENTION):
-        for batch in _batches(prompts, batch_size):
+        for batch in length_sorted_batches(prompts, batch_size):
             start = time.perf_counter()
             ids, mask = left_pad([prompts[i] + stem for i in batch], tokenizer.pad_token_id, model.device)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
@@ -97,7 +99,7 @@ def plain_generate(model, tokenizer, texts: list[str], batch_size: int, max_leng
     decoding = greedy_decoding(default_max_new_tokens(tokenizer), eos, tokenizer.pad_token_id)
     answers, seconds = [""] * len(texts), np.zeros(len(texts))
     with attention_implementation(model, ANCHOR_ATTENTION):
-        for batch in _batches(prompts, batch_size):
+        for batch in length_sorted_batches(prompts, batch_size):
             start = time.perf_counter()
             ids, mask = left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, model.device)
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding)
