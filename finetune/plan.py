@@ -177,15 +177,23 @@ def _fsdp_plan(config: RunConfig, choose) -> RunConfig:
                                           if getattr(config, name) == "auto"})
 
 
+def fp8_unsupported(gpu: GPU | None, has=installed) -> str | None:
+    """Why FP8 matmuls cannot run here (no CUDA GPU, no FP8 tensor cores, no torchao), or None where they can."""
+    if gpu is None:
+        return "no CUDA GPU"
+    if gpu.capability < FP8_MIN_CAPABILITY:
+        return f"compute capability {gpu.capability[0]}.{gpu.capability[1]} has no FP8 tensor cores (8.9+)"
+    if not has("torchao"):
+        return "torchao is not installed (pip install torchao)"
+    return None
+
+
 def _fp8(config: RunConfig, gpu: GPU | None, has) -> tuple[str | None, str]:
     if config.method != "full":
         return None, f"off: FP8 is for full fine-tuning (method={config.method!r} keeps its frozen weights as loaded)"
-    if gpu is None:
-        return None, "off: no CUDA GPU"
-    if gpu.capability < FP8_MIN_CAPABILITY:
-        return None, f"off: compute capability {gpu.capability[0]}.{gpu.capability[1]} has no FP8 tensor cores (8.9+)"
-    if not has("torchao"):
-        return None, "off: torchao is not installed (pip install torchao)"
+    unsupported = fp8_unsupported(gpu, has)
+    if unsupported:
+        return None, f"off: {unsupported}"
     if not FP8_CHECKED_AT_7B:
         return None, (f"off: {FP8_RECIPE} held bf16's loss on a 1024-wide model but not within 2% at the 7B shape "
                       f"(results/gpu/fp8/fp8_7b.json); --fp8 {FP8_RECIPE} turns it on")

@@ -241,10 +241,10 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
 def test_fp8_label_scoring_runs_fp8_matmuls_and_stays_near_bf16(tiny_config, tmp_path):
     """On an FP8 GPU the lab's FP8 modes time label scoring with the decoder's linear layers in float8 (the LM head
     in bf16), beside their anchor at the same precision, and say how far the labels and log-probabilities moved."""
-    from finetune.lab import bench_eval
+    from finetune.plan import GPU, fp8_unsupported
 
-    if bench_eval.fp8_unavailable():
-        pytest.skip(bench_eval.fp8_unavailable())
+    if fp8_unsupported(GPU.current()):
+        pytest.skip(fp8_unsupported(GPU.current()))
     write_synthetic_csv(tmp_path / "test.csv", per_class=25)
     args = ["eval", "--name", "fp8_eval", "--profile", "tiny", "--data_dir", str(tmp_path), "--holdout_train_size",
             "60", "--vocab_size", "512", "--hidden_size", "256", "--intermediate_size", "512", "--num_heads", "2",

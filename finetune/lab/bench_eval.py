@@ -13,7 +13,6 @@ the process for good), before the suite's modes and a second timing of both anch
 run, label scoring and its anchor once more with the decoder layers' linear layers in FP8 (`quantize_for_fp8`).
 """
 
-import importlib.util
 import statistics
 import time
 
@@ -28,7 +27,7 @@ from finetune.generation import generate_labels, parsed
 from finetune.lab.profiling import gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range, matmul_rates, profile_table
 from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
-from finetune.plan import FP8_MIN_CAPABILITY
+from finetune.plan import GPU, fp8_unsupported
 from finetune.predict import AnswerTree, length_sorted_batches, score_labels, warmup_texts
 from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
 from finetune.throughput import peak_memory_gib, reset_peak_memory
@@ -186,18 +185,6 @@ def agreement(predictions: Predictions, reference: Predictions) -> dict:
     return result
 
 
-def fp8_unavailable() -> str | None:
-    """Why FP8 inference cannot run here, or None."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    capability = torch.cuda.get_device_capability()
-    if capability < FP8_MIN_CAPABILITY:
-        return f"compute capability {capability[0]}.{capability[1]} has no FP8 tensor cores (8.9+)"
-    if importlib.util.find_spec("torchao") is None:
-        return "torchao is not installed (pip install torchao)"
-    return None
-
-
 def quantize_for_fp8(model) -> None:
     """torchao's FP8 inference in the decoder layers: each linear layer's weight in float8 with a scale per row, each
     activation row quantized as it comes (`Float8DynamicActivationFloat8WeightConfig`, PerRow), so that the matmuls
@@ -248,7 +235,7 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
             sped_up = True
         if mode in FP8_MODES:
             if not fp8_checked:  # the first FP8 mode quantizes the model, or says why it cannot
-                fp8_checked, why = True, fp8_unavailable()
+                fp8_checked, why = True, fp8_unsupported(GPU.current())
                 if why:
                     skipped = dict.fromkeys(FP8_MODES, why)
                 else:
