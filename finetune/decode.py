@@ -41,7 +41,7 @@ class GreedyDecoder:
         self.opening_cache, self.opening_length = opening_cache, opening_length
         self.length = opening_length + max_tail + max_new_tokens  # every key a batch can have
         self.cache = StaticCache(config=model.config, max_cache_len=self.length)
-        self.eos = torch.tensor(eos, device=device)
+        self.eos, self.ends = torch.tensor(eos, device=device), set(eos)
         # A step's inputs and output at fixed addresses: each row's newest token, its position, the keys it sees.
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros_like(self.tokens)
@@ -69,8 +69,8 @@ class GreedyDecoder:
             new[:, steps] = self.next_tokens
             finished |= torch.isin(self.next_tokens, self.eos)
             steps += 1
-        ends = set(self.eos.tolist())
-        return [row[: next((i + 1 for i, t in enumerate(row) if t in ends), steps)] for row in new[:n, :steps].tolist()]
+        return [row[: next((i + 1 for i, t in enumerate(row) if t in self.ends), steps)]
+                for row in new[:n, :steps].tolist()]
 
     def _prefill(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Writes the opening (copied into every row) and the tails into the cache; returns each row's first token.
