@@ -1,5 +1,6 @@
 """The benchmark and optimizer-measurement entry points run on the tiny profile, so the GPU scripts cannot rot."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -460,3 +461,23 @@ def test_the_optimizer_benchmark_updates_every_matrix_of_the_model_shape():
     assert lora["overrides"]["method"] == "lora" and recorded["config"]["lora_rank"] == 16
     assert len(weight_shapes(QWEN_7B, lora_rank=16)) == 2 * 7 * 28
     assert sum(a * b for a, b in weight_shapes(QWEN_7B, lora_rank=16)) == lora["adapter_parameters"]
+
+
+def test_the_gemm_benchmark_times_each_projection_as_the_model_holds_it(tiny_config):
+    """bench_gemm's projections are a Qwen2 decoder layer's linear layers: the same names, sizes and biases as the
+    model built from the same shape (a projection described wrong would time a matmul the model never runs)."""
+    from finetune.lab.bench_gemm import matmuls, projections
+    from finetune.model import load_model, load_tokenizer
+    from finetune.plan import ModelShape
+
+    config = dataclasses.replace(tiny_config, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=96)
+    model = load_model(config, load_tokenizer(config, train_texts=["a b c"] * 50))
+    layer = model.model.layers[0]
+    linears = {name.split(".")[-1]: module for name, module in layer.named_modules()
+               if isinstance(module, torch.nn.Linear)}
+    described = projections(ModelShape.of(config))
+    assert described == {name: (m.in_features, m.out_features, m.bias is not None) for name, m in linears.items()}
+    for name, (in_features, out_features, bias) in described.items():
+        shapes = {k: tuple(run().shape) for k, run in matmuls(5, in_features, out_features, bias, "cpu").items()}
+        assert shapes == {"forward": (1, 5, out_features), "input gradient": (5, in_features),
+                          "weight gradient": (out_features, in_features)}
