@@ -104,8 +104,12 @@ class GreedyDecoder:
         if self.graph is not None:
             return self.graph.replay()
         # A capture that fails leaves its stream allocating into the graph's memory: this stream is dropped after it.
+        # It also leaves the default CUDA generator's state marked as capturing, and every later CUDA random draw in
+        # the process (a model's initialization, dropout) raises: the generator gets this copy of its state back.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        generator = torch.cuda.default_generators[torch.cuda.current_device()]  # the one capture_begin registers
+        rng_before = generator.clone_state()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
             self._forward()
@@ -120,6 +124,7 @@ class GreedyDecoder:
                 log.warning("decoding steps run one launch at a time: capturing a step as a CUDA graph failed (%s)",
                             str(cause).splitlines()[0])
                 self.cuda_graph = False
+                generator.graphsafe_set_state(rng_before)
             else:
                 self.graph = graph
         torch.cuda.current_stream().wait_stream(stream)

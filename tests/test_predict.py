@@ -373,7 +373,8 @@ def test_decoding_on_cuda_replays_one_captured_step_and_answers_as_greedy_decodi
 @pytest.mark.gpu
 def test_decoding_on_cuda_goes_on_step_by_step_when_capture_fails(tokenizer, tmp_path, monkeypatch, caplog):
     """A step that cannot be captured (here one that reads a value back mid-step, as a host sync would) is said once
-    in the log, and decoding goes on a launch at a time with the same greedy answers."""
+    in the log, decoding goes on a launch at a time with the same greedy answers, and CUDA's random generator is left
+    as it was, usable."""
     from finetune.config import get_config
     from finetune.decode import GreedyDecoder
 
@@ -381,8 +382,11 @@ def test_decoding_on_cuda_goes_on_step_by_step_when_capture_fails(tokenizer, tmp
     model = load_model(config, tokenizer).cuda().eval()
     forward = GreedyDecoder._forward
     monkeypatch.setattr(GreedyDecoder, "_forward", lambda self: forward(self) or self.next_tokens.sum().item())
+    rng = torch.cuda.get_rng_state()
     generated = generate_labels(model, tokenizer, TEXTS, batch_size=4, max_new_tokens=8, progress=False,
                                 tree_check=False)
+    assert torch.equal(torch.cuda.get_rng_state(), rng)
+    torch.randn(4, device="cuda")  # a failed capture left the generator mid-capture: this draw raised
     prompts, _ = encode_prompts(tokenizer, TEXTS, prompt_budget(tokenizer, 512))
     assert generated.answers == [greedy_answer(model, tokenizer, p, 8) for p in prompts]
     assert sum("capturing a step as a CUDA graph failed" in r.message for r in caplog.records) == 1
