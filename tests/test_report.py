@@ -139,17 +139,23 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
     """Two runs on weights taught the answer format: in one the anchor ran at batch 64 beside generation at 512 (the
     older files), in the other both at 512. Only the second makes the generation ratio; the per-run table still shows
     the first's ratio, marked with its anchor's batch; a goal no run measured stays in the table, open. Generation's
-    ceiling, label scoring's speed over plain `generate`, is reported where the two ran at one batch."""
+    ceiling, label scoring's speed over plain `generate`, is reported where the two ran at one batch on taught weights
+    (a third run, on random weights, where plain `generate` never stops early, makes no ceiling)."""
     from finetune.lab.report import eval_benchmark_table
 
     (tmp_path / "benchmarks").mkdir()
-    for name, anchor_batch, ratio in (("old", 64, 3.4), ("new", 512, 2.1)):
+    for name, anchor_batch, ratio, model in (("old", 64, 3.4, "checkpoints/taught"),
+                                             ("new", 512, 2.1, "checkpoints/taught"), ("random", 512, 1.0, "scratch")):
         modes = {"plain_generate": {"batch_size": anchor_batch, "articles_per_second": 100.0},
                  "generation": {"batch_size": 512, "articles_per_second": 100.0 * ratio, "vs_anchor": ratio},
-                 "label_scoring": {"batch_size": anchor_batch, "articles_per_second": 250.0}}
+                 "label_scoring": {"batch_size": anchor_batch, "articles_per_second": 900.0 if model == "scratch"
+                                   else 250.0}}
+        if name == "new":  # FP8 label scoring against its own FP8 anchor
+            modes.update(plain_label_scoring_fp8={"batch_size": 512, "articles_per_second": 150.0},
+                         label_scoring_fp8={"batch_size": 512, "articles_per_second": 300.0, "vs_anchor": 2.0})
         for m in modes.values():
             m.update(articles=7600, latency_ms={"p50": 1.0, "p95": 2.0}, peak_allocated_gib=20.0)
-        record = {"benchmark": "eval", "world_size": 1, "config": {"model": "checkpoints/taught"}, "modes": modes,
+        record = {"benchmark": "eval", "world_size": 1, "config": {"model": model}, "modes": modes,
                   "environment": {"hardware": {"gpu": {"name": "NVIDIA H200"}}, "git_commit": "abc1234"}}
         (tmp_path / "benchmarks" / f"{name}.json").write_text(json.dumps(record))
     table = targets_table(tmp_path)
@@ -160,4 +166,5 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
     assert "| the most generation can reach against plain `generate`: label scoring's speed (its answer-tree check " \
            "is label scoring's pass), same run and batch | (reported) | 2.50x | `new.json`: label scoring over plain " \
            "`generate`, batch 512, NVIDIA H200 | | 1 run |" in table
+    assert "| label_scoring_fp8 | 7600 | 300.0 | one cold pass | 2.00x |" in eval_benchmark_table(tmp_path)
     assert "| 3.40x (anchor at batch 64) |" in eval_benchmark_table(tmp_path) and "| 2.10x |" in eval_benchmark_table(tmp_path)

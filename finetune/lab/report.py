@@ -85,8 +85,9 @@ def eval_benchmark_table(results_dir: Path) -> str:
         model = "random weights" if model == "scratch" else f"`{model}`"
         for mode, m in record["modes"].items():
             lat = m["latency_ms"]
-            spread = (f"{m['articles_per_second_min']:.0f} - {m['articles_per_second_max']:.0f} ({m['repeats']} passes)"
-                      if "repeats" in m else "one cold pass")
+            spread = "one cold pass" if "repeats" not in m else (
+                "one timed pass" if m["repeats"] == 1 else
+                f"{m['articles_per_second_min']:.0f} - {m['articles_per_second_max']:.0f} ({m['repeats']} passes)")
             ratio = f"{m['vs_anchor']:.2f}x" if "vs_anchor" in m else ""
             mismatch = ratio and eval_anchor_mismatch(record, mode)
             ratio += f" ({mismatch})" if mismatch else ""
