@@ -254,11 +254,10 @@ def test_fp8_label_scoring_runs_fp8_matmuls_and_stays_near_bf16(tiny_config, tmp
             "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
     bench.main(args)
     record = json.loads((tmp_path / "benchmarks" / "fp8_eval.json").read_text())
-    fp8 = record["modes"]["label_scoring_fp8"]
-    assert record["skipped_modes"] == {} and fp8["vs_anchor"] == pytest.approx(
-        fp8["articles_per_second"] / record["modes"]["plain_label_scoring_fp8"]["articles_per_second"])
-    moved = fp8["agreement_with_tree"]["max_abs_logprob_difference"]
-    assert 0 < moved < 1.0  # FP8 rounding moves the log-probabilities a little: nonzero, so the matmuls were FP8
+    assert record["skipped_modes"] == {} and "vs_anchor" in record["modes"]["label_scoring_fp8"]
+    # FP8 rounding moves the log-probabilities a little: nonzero, so the matmuls were FP8, in the anchor as well
+    for mode in ("plain_label_scoring_fp8", "label_scoring_fp8"):
+        assert 0 < record["modes"][mode]["agreement_with_tree"]["max_abs_logprob_difference"] < 1.0
 
 
 def test_optimizer_measurement_shows_bf16_adamw_losing_updates_that_stochastic_rounding_keeps(tiny_config, tmp_path):
