@@ -18,7 +18,7 @@ from finetune.attention import without_cudnn_attention
 from finetune.decode import GreedyDecoder
 from finetune.metrics import Predictions
 from finetune.predict import AnswerTree, AnswerTreeTerms, length_sorted_batches, shared_opening, tree_passes
-from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
+from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, end_token_ids, prompt_budget
 
 
 @torch.inference_mode()
@@ -102,14 +102,13 @@ def _decode(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new
             progress: bool) -> tuple[list[str], np.ndarray, bool]:
     """Greedy decoding of each prompt (`GreedyDecoder`), the wall time of each one's batch, and whether the steps
     replayed a captured CUDA graph. As in label scoring, the opening runs once."""
-    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     answers, seconds = [""] * len(prompts), np.zeros(len(prompts))
     batches = list(length_sorted_batches(prompts, batch_size))
     with without_cudnn_attention():  # switched once for the pass, not in each masked call (`masked_sdpa`)
         opening_length, opening_cache = shared_opening(model, prompts)
         decoder = GreedyDecoder(model, opening_cache, opening_length, rows=max(map(len, batches)),
                                 max_tail=max(map(len, prompts)) - opening_length, max_new_tokens=max_new_tokens,
-                                eos=eos, pad_id=tokenizer.pad_token_id)
+                                eos=end_token_ids(tokenizer), pad_id=tokenizer.pad_token_id)
         for batch in tqdm(batches, desc="generation", disable=not progress):
             start = time.perf_counter()
             new_tokens = decoder.decode([prompts[i][opening_length:] for i in batch])

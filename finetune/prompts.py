@@ -83,6 +83,12 @@ def answer_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     return [completion[: completion.index(end) + 1] for completion in completion_token_ids(tokenizer)]
 
 
+def end_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a generated answer: the end of the turn, or of the text. The suite's decoding and the plain
+    `generate` anchor stop at the same ones, so that both decode the same answers."""
+    return [tokenizer.convert_tokens_to_ids(token) for token in ("<|im_end|>", "<|endoftext|>")]
+
+
 def default_max_new_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
     """The longest trained answer in this tokenizer's tokens, end-of-turn included, plus `ANSWER_HEADROOM_TOKENS`."""
     return max(map(len, answer_token_ids(tokenizer))) + ANSWER_HEADROOM_TOKENS

@@ -29,7 +29,7 @@ from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
 from finetune.plan import GPU, fp8_unsupported
 from finetune.predict import AnswerTree, length_sorted_batches, score_labels, warmup_texts
-from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
+from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, end_token_ids, prompt_budget
 from finetune.throughput import peak_memory_gib, reset_peak_memory
 
 # The extra batch-64 row is slow: timed on every 4th article, an even sample of the same
@@ -45,6 +45,7 @@ KERNEL_ANCHORS = {mode: f"{anchor}_kernels" for mode, anchor in ANCHORS.items()}
 # against bf16's labels (`agreement_with_tree`). Not part of the recipe; skipped where FP8 cannot run.
 FP8_ANCHORS = {"label_scoring_fp8": "plain_label_scoring_fp8"}
 FP8_MODES = (*FP8_ANCHORS.values(), *FP8_ANCHORS)
+ALL_ANCHORS = {**ANCHORS, **FP8_ANCHORS}  # every suite mode's plain-HF anchor, at the mode's own precision
 # The anchors attend as transformers does by default, whatever the suite loaded the model with.
 ANCHOR_ATTENTION = "sdpa"
 PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64")
@@ -94,8 +95,7 @@ def plain_generate(model, tokenizer, texts: list[str], batch_size: int, max_leng
     """The generation anchor: whole prompts, left-padded, length-sorted, `generate` greedy with the suite's budget of
     new tokens (it stops once every row has ended its turn, as the suite's does)."""
     prompts, truncated = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))
-    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    decoding = greedy_decoding(default_max_new_tokens(tokenizer), eos, tokenizer.pad_token_id)
+    decoding = greedy_decoding(default_max_new_tokens(tokenizer), end_token_ids(tokenizer), tokenizer.pad_token_id)
     answers, seconds = [""] * len(texts), np.zeros(len(texts))
     with attention_implementation(model, ANCHOR_ATTENTION):
         for batch in length_sorted_batches(prompts, batch_size):
@@ -246,7 +246,7 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
         run, batch = mode_runner(mode, model, tokenizer, batch_size, generation_batch_size, max_length)
         timed = texts[::SMALL_BATCH_EVERY] if mode == "plain_generate_batch64" else texts
         results[mode], predictions[mode] = time_mode(run, timed, warmup_texts(texts, lengths, batch), repeats, batch)
-        anchor = results.get({**ANCHORS, **FP8_ANCHORS}.get(mode))
+        anchor = results.get(ALL_ANCHORS.get(mode))
         if anchor:
             results[mode]["vs_anchor"] = results[mode]["articles_per_second"] / anchor["articles_per_second"]
         kernel_anchor = results.get(KERNEL_ANCHORS.get(mode))

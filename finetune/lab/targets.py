@@ -15,7 +15,7 @@ from typing import NamedTuple
 from transformers import Qwen2Config
 
 from finetune.config import REFERENCE_SPEED
-from finetune.lab.bench_eval import ANCHORS, FP8_ANCHORS
+from finetune.lab.bench_eval import ALL_ANCHORS
 from finetune.lab.stock_trl import STOCK_TRL, STOCK_TRL_TUNED
 from finetune.results import hardware_label, load_records
 from finetune.throughput import ArticleTokens, bf16_peak_tflops, training_flops_per_token
@@ -211,7 +211,7 @@ def generation_ceilings(results_dir: Path) -> list[Row]:
 def eval_anchor_mismatch(record: dict, mode: str) -> str | None:
     """Why an evaluation mode may not be divided by its plain-HF anchor (the anchor ran at another batch size), or
     None."""
-    anchor_batch = record["modes"][{**ANCHORS, **FP8_ANCHORS}[mode]]["batch_size"]
+    anchor_batch = record["modes"][ALL_ANCHORS[mode]]["batch_size"]
     return None if anchor_batch == record["modes"][mode]["batch_size"] else f"anchor at batch {anchor_batch}"
 
 
