@@ -255,9 +255,10 @@ def test_fp8_label_scoring_runs_fp8_matmuls_and_stays_near_bf16(tiny_config, tmp
     bench.main(args)
     record = json.loads((tmp_path / "benchmarks" / "fp8_eval.json").read_text())
     assert record["skipped_modes"] == {} and "vs_anchor" in record["modes"]["label_scoring_fp8"]
-    # FP8 rounding moves the log-probabilities a little: nonzero, so the matmuls were FP8, in the anchor as well
-    for mode in ("plain_label_scoring_fp8", "label_scoring_fp8"):
-        assert 0 < record["modes"][mode]["agreement_with_tree"]["max_abs_logprob_difference"] < 1.0
+    # FP8 rounding moves the log-probabilities a little: nonzero, so the matmuls were FP8. The anchor reads only each
+    # label's first token (no log-probabilities to compare); it runs on the same model, quantized in place before both.
+    moved = record["modes"]["label_scoring_fp8"]["agreement_with_tree"]["max_abs_logprob_difference"]
+    assert 0 < moved < 1.0
 
 
 def test_optimizer_measurement_shows_bf16_adamw_losing_updates_that_stochastic_rounding_keeps(tiny_config, tmp_path):
