@@ -12,18 +12,9 @@ import logging
 import torch
 from transformers import StaticCache
 
+from finetune.packed import PREFILL, opening_keys, pack_prefill, packed_attention
+
 log = logging.getLogger(__name__)
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) of `rows` right-aligned in one batch, the mask 1 on real tokens."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
 
 
 class GreedyDecoder:
@@ -31,16 +22,23 @@ class GreedyDecoder:
     was run once; each prompt's tail, at most `max_tail` tokens, goes on greedily until an `eos` token or
     `max_new_tokens` new ones. The tokens are the argmax of the logits, whatever the model's generation config says.
 
-    A batch with fewer rows is filled up with copies of its last tail, so that every batch has the shape the graph was
-    captured for. `cuda_graph` defaults to whether the model is on CUDA; without it each step runs as it is."""
+    The prefill packs a batch's tails in one row, without padding (`finetune.packed.PackedPrefill`), and writes their
+    keys and values into the cache, right-aligned. A batch with fewer rows keeps the shape the graph was captured for:
+    its spare rows see only the opening, and their tokens are dropped. `cuda_graph` defaults to whether the model is on
+    CUDA; without it each step runs as it is."""
 
     def __init__(self, model, opening_cache, opening_length: int, rows: int, max_tail: int, max_new_tokens: int,
                  eos: list[int], pad_id: int, cuda_graph: bool | None = None):
         device = model.device
         self.model, self.rows, self.max_new_tokens, self.pad_id = model, rows, max_new_tokens, pad_id
         self.opening_cache, self.opening_length = opening_cache, opening_length
+        self.opening_kv = opening_keys(opening_cache)
         self.length = opening_length + max_tail + max_new_tokens  # every key a batch can have
-        self.cache = StaticCache(config=model.config, max_cache_len=self.length)
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cache = StaticCache(config=config, max_cache_len=self.length)
+        # allocated now: the prefill writes into it directly
+        self.cache.early_initialization(rows, config.num_key_value_heads, head_dim, model.dtype, device)
         self.eos, self.ends = torch.tensor(eos, device=device), set(eos)
         # A step's inputs and output at fixed addresses: each row's newest token, its position, the keys it sees.
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -53,10 +51,8 @@ class GreedyDecoder:
     def decode(self, tails: list[list[int]]) -> list[list[int]]:
         """Each tail's new tokens, through the end token where it reached one."""
         n = len(tails)
-        ids, valid = left_pad(tails + [tails[-1]] * (self.rows - n), self.pad_id, self.model.device)
-        first_key = self.opening_length + ids.shape[1]  # the cache slot of the first new token
-        new = torch.empty(self.rows, self.max_new_tokens, dtype=torch.long, device=ids.device)
-        new[:, 0] = self._prefill(ids, valid)
+        new = torch.full((self.rows, self.max_new_tokens), self.pad_id, dtype=torch.long, device=self.model.device)
+        first_key = self._prefill(tails, new)  # the cache slot of the first new token
         finished = torch.isin(new[:, 0], self.eos)
         steps = 1
         # One read of the stop flag a step: with the step one graph launch, the GPU idles only while the host queues
@@ -72,28 +68,29 @@ class GreedyDecoder:
         return [row[: next((i + 1 for i, t in enumerate(row) if t in self.ends), steps)]
                 for row in new[:n, :steps].tolist()]
 
-    def _prefill(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Writes the opening (copied into every row) and the tails into the cache; returns each row's first token.
-        Left padding sits between the opening and each tail: no query sees it, positions skip it."""
-        opening, width = self.opening_length, ids.shape[1]
+    def _prefill(self, tails: list[list[int]], new: torch.Tensor) -> int:
+        """Writes the opening (into every row) and the tails (right-aligned) into the cache, each row's first token
+        into `new[:, 0]`; returns the slot after the tails. No query sees the slots before a shorter tail."""
+        opening, n = self.opening_length, len(tails)
         self.cache.reset()
-        if opening:
-            for layer_index, layer in enumerate(self.opening_cache.layers):
-                self.cache.update(layer.keys.expand(self.rows, -1, -1, -1), layer.values.expand(self.rows, -1, -1, -1),
-                                  layer_index)
+        prefill = pack_prefill(tails, opening, self.cache, self.model.device)
+        for layer, opening_layer in zip(self.cache.layers, self.opening_cache.layers if opening else ()):
+            layer.keys[:, :, :opening], layer.values[:, :, :opening] = opening_layer.keys, opening_layer.values
+        with packed_attention(self.model, PREFILL):
+            logits = self.model(input_ids=prefill.ids, position_ids=prefill.positions, use_cache=False,
+                                attention_mask=dict.fromkeys(self.model.config.layer_types),
+                                logits_to_keep=prefill.last_index, prefill=prefill, opening_kv=self.opening_kv).logits
+        new[:n, 0] = logits[0].argmax(-1)
+        for layer in self.cache.layers:  # the next step's key goes after the tails (`StaticLayer.update`)
+            layer.cumulative_length.fill_(prefill.end)
+        lengths = prefill.cu_q.diff()
         self.seen.zero_()
         self.seen[:, 0, 0, :opening] = True
-        self.seen[:, 0, 0, opening:opening + width] = valid.bool()
-        keys = torch.arange(self.length, device=ids.device)
-        queries = opening + torch.arange(width, device=ids.device)[:, None]
-        # Causal over the keys seen; each query also sees itself, so that a padding query's softmax is never empty
-        # (an empty one would put NaN into the keys and values it writes).
-        mask = (self.seen & (keys <= queries)) | (keys == queries)
-        positions = opening + (valid.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-                            use_cache=True, logits_to_keep=1).logits
-        self.positions.copy_(positions[:, -1:] + 1)
-        return logits[:, -1].argmax(-1)
+        self.seen[:n, 0, 0, opening:prefill.end] = torch.arange(opening, prefill.end, device=lengths.device) >= (
+            prefill.end - lengths[:, None])
+        self.positions.fill_(opening)  # the spare rows': any position will do
+        self.positions[:n, 0] = opening + lengths
+        return prefill.end
 
     def _step(self) -> None:
         """One token for every row: `tokens` in, `next_tokens` out, the cache one key longer. On CUDA the first step

@@ -9,6 +9,10 @@ index. The branches, a few tokens an article, attend in one dense call over [ope
 tree's mask: as varlen sequences of their own (one a label, 1-3 queries each) they had cost the kernel a 128-query
 tile per head each, four of every five tiles of a batch (the attention profile of results/benchmarks/
 h200_7b_eval_rehearsal.json).
+
+Decoding's prefill (`finetune.decode.GreedyDecoder`) packs its batch's prompts the same way, without the tree, and
+writes each token's key and value into the decoder's static cache as it goes (`PackedPrefill`): left-padded, a batch
+of 512 ran the longest prompt's length in every row (results/benchmarks/h200_7b_eval_taught.json).
 """
 
 from contextlib import contextmanager
@@ -23,6 +27,7 @@ from finetune.attention import (CUDA_VARLEN, _cuda_varlen_attention, _padded_cau
                                 attention_implementation, masked_sdpa)
 
 PACKED = "packed_answers"
+PREFILL = "packed_prefill"
 
 
 @dataclass
@@ -57,10 +62,7 @@ def pack_batch(articles: list[list[int]], tree, opening_length: int, device) -> 
     positions = opening_length + np.concatenate([np.arange(trunk.sum()) - np.repeat(trunk_start, trunk),
                                                  (trunk[:, None] + depth).ravel()])
 
-    # The trunks as varlen sequences: keys = opening + trunk, queries = the trunk (aligned bottom-right).
-    starts = np.column_stack([np.zeros_like(trunk), opening_length + trunk_start]).ravel()
-    lengths = np.column_stack([np.full_like(trunk, opening_length), trunk]).ravel()
-    key_index = np.arange(lengths.sum()) + np.repeat(starts - _exclusive_cumsum(lengths), lengths)
+    cu_q, cu_k, key_index = _sequences(trunk, opening_length)
 
     # The branches' keys, one row an article: the opening, the trunk (padded to the longest: padding points at key
     # 0 and is masked), the article's branch tokens. A branch token sees the opening, its trunk and the earlier
@@ -79,18 +81,65 @@ def pack_batch(articles: list[list[int]], tree, opening_length: int, device) -> 
     tail_index = np.column_stack([trunk_start[:, None] + length[:, None] - 1 + np.arange(n_stem + 1),
                                   branch_start[:, None] + np.arange(n_branch)]).ravel()
 
-    def tensor(x, dtype=torch.long) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype)
-
     stem, branches = tree.tokens[:n_stem], tree.tokens[n_stem:]
     ids = [token for article in articles for token in article + stem] + branches * len(articles)
-    return PackedBatch(ids=torch.tensor([ids], device=device), positions=tensor(positions[None]),
-                       trunk_tokens=int(trunk.sum()),
-                       cu_q=tensor(np.concatenate([[0], np.cumsum(trunk)]), torch.int32),
-                       cu_k=tensor(np.concatenate([[0], np.cumsum(opening_length + trunk)]), torch.int32),
-                       max_q=int(width), max_k=int(opening_length + width), key_index=tensor(key_index),
-                       branch_key_index=tensor(branch_key_index), branch_mask=tensor(branch_mask, torch.bool),
-                       tail_index=tensor(tail_index), tail=len(tree.tokens) + 1)
+    return PackedBatch(ids=torch.tensor([ids], device=device), positions=_on(device, positions[None]),
+                       trunk_tokens=int(trunk.sum()), cu_q=_on(device, cu_q, torch.int32),
+                       cu_k=_on(device, cu_k, torch.int32), max_q=int(width), max_k=int(opening_length + width),
+                       key_index=_on(device, key_index), branch_key_index=_on(device, branch_key_index),
+                       branch_mask=_on(device, branch_mask, torch.bool), tail_index=_on(device, tail_index),
+                       tail=len(tree.tokens) + 1)
+
+
+@dataclass
+class PackedPrefill:
+    """A decoding batch's prompts (after the opening) in one packed row, and where each token's key and value go in
+    the decoder's static cache: its article's row, at a slot that right-aligns every prompt to end at `end`, so that
+    each row's new tokens then take the same slots. Key indices count rows of [opening keys; the row's keys]."""
+
+    ids: torch.Tensor  # (1, tokens)
+    positions: torch.Tensor  # (1, tokens): as if each article followed the opening alone
+    cu_q: torch.Tensor  # (articles + 1,) int32
+    cu_k: torch.Tensor  # (articles + 1,) int32
+    max_q: int
+    max_k: int
+    key_index: torch.Tensor  # (keys,): each article's keys: the opening, then its own
+    last_index: torch.Tensor  # (articles,): each prompt's last token, whose logits give the first new token
+    cache: object  # the decoder's StaticCache
+    cache_rows: torch.Tensor  # (tokens,)
+    cache_slots: torch.Tensor  # (tokens,)
+    end: int  # the cache slot after every prompt
+
+
+def pack_prefill(articles: list[list[int]], opening_length: int, cache, device) -> PackedPrefill:
+    """The packed prefill of `articles` (prompt tokens after the opening, at least one each) into `cache`."""
+    length = np.array([len(a) for a in articles])
+    cu_q, cu_k, key_index = _sequences(length, opening_length)
+    end = opening_length + int(length.max())
+    rows = np.repeat(np.arange(len(articles)), length)
+    within = np.arange(length.sum()) - np.repeat(cu_q[:-1], length)  # each token's place in its article
+
+    slots = end - np.repeat(length, length) + within
+    return PackedPrefill(ids=torch.tensor([[t for a in articles for t in a]], device=device),
+                         positions=_on(device, opening_length + within[None]), cu_q=_on(device, cu_q, torch.int32),
+                         cu_k=_on(device, cu_k, torch.int32), max_q=int(length.max()), max_k=end,
+                         key_index=_on(device, key_index), last_index=_on(device, cu_q[1:] - 1), cache=cache,
+                         cache_rows=_on(device, rows), cache_slots=_on(device, slots), end=end)
+
+
+def _on(device, x: np.ndarray, dtype=torch.long) -> torch.Tensor:
+    """Index arithmetic made in numpy, on `device` in one copy."""
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype)
+
+
+def _sequences(length: np.ndarray, opening_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """cu_q, cu_k and key_index of sequences of `length` tokens packed in one row, each one's keys the opening's,
+    then its own (its queries are its last keys: the kernel aligns them bottom-right)."""
+    starts = np.column_stack([np.zeros_like(length), opening_length + _exclusive_cumsum(length)]).ravel()
+    spans = np.column_stack([np.full_like(length, opening_length), length]).ravel()
+    key_index = np.arange(spans.sum()) + np.repeat(starts - _exclusive_cumsum(spans), spans)
+    return (np.concatenate([[0], np.cumsum(length)]), np.concatenate([[0], np.cumsum(opening_length + length)]),
+            key_index)
 
 
 def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
@@ -113,15 +162,45 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if packed is None:
         raise ValueError(f"attn_implementation {PACKED!r} scores packed rows only: call finetune.predict.score_labels")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, dim)
-    if opening_kv is not None:
-        opening_k, opening_v = opening_kv[module.layer_idx]
-        k, v = torch.cat([opening_k, k]), torch.cat([opening_v, v])
-    attend = _cuda_varlen_attention if q.is_cuda and CUDA_VARLEN is not None else _padded_causal_attention
-    trunks = attend(q[:packed.trunk_tokens], k[packed.key_index], v[packed.key_index], packed.cu_q, packed.cu_k,
-                    packed.max_q, packed.max_k, scaling)
+    k, v = _after_opening(k, v, opening_kv, module.layer_idx)
+    trunks = _attend_sequences(q[:packed.trunk_tokens], k, v, packed, scaling)
     branches = _branch_attention(q[packed.trunk_tokens:], k[packed.branch_key_index], v[packed.branch_key_index],
                                  packed.branch_mask, scaling)
     return torch.cat([trunks, branches]).unsqueeze(0), None
+
+
+def prefill_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, scaling: float | None = None,
+                              prefill: PackedPrefill | None = None, opening_kv: list | None = None,
+                              **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention of a packed prefill (see `PackedPrefill`): each token's key and value into the decoder's cache, then
+    each article causally over the opening and itself, as the trunks of label scoring."""
+    if prefill is None:
+        raise ValueError(f"attn_implementation {PREFILL!r} runs packed prefills only: call GreedyDecoder.decode")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, dim)
+    layer = prefill.cache.layers[module.layer_idx]
+    layer.keys[prefill.cache_rows, :, prefill.cache_slots] = k
+    layer.values[prefill.cache_rows, :, prefill.cache_slots] = v
+    k, v = _after_opening(k, v, opening_kv, module.layer_idx)
+    return _attend_sequences(q, k, v, prefill, scaling).unsqueeze(0), None
+
+
+def _after_opening(k: torch.Tensor, v: torch.Tensor, opening_kv: list | None, layer_idx: int):
+    """[opening; row] keys and values, the rows key indices count."""
+    if opening_kv is None:
+        return k, v
+    opening_k, opening_v = opening_kv[layer_idx]
+    return torch.cat([opening_k, k]), torch.cat([opening_v, v])
+
+
+def _attend_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, scaling: float | None):
+    """The packed sequences of `layout` (its cu_q, cu_k, max_q, max_k, key_index) through the varlen kernel on CUDA
+    in 16 bits; elsewhere, and for a float32 model (loaded so for exact comparisons: the kernel would round it to
+    bf16), through its exact padded equivalent."""
+    kernel = q.is_cuda and CUDA_VARLEN is not None and q.dtype in (torch.float16, torch.bfloat16)
+    attend = _cuda_varlen_attention if kernel else _padded_causal_attention
+    return attend(q, k[layout.key_index], v[layout.key_index], layout.cu_q, layout.cu_k, layout.max_q, layout.max_k,
+                  scaling)
 
 
 def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -139,11 +218,12 @@ def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 
 @contextmanager
-def packed_attention(model):
-    """The model with `packed_attention_forward` as its attention for the duration (its own one afterwards)."""
-    AttentionInterface.register(PACKED, packed_attention_forward)
-    AttentionMaskInterface.register(PACKED, sdpa_mask)  # never called: packed calls pass their (empty) masks
-    with attention_implementation(model, PACKED):
+def packed_attention(model, name: str = PACKED):
+    """The model with packed attention (`packed_attention_forward`, or `prefill_attention_forward` by its name) for
+    the duration (its own one afterwards)."""
+    AttentionInterface.register(name, {PACKED: packed_attention_forward, PREFILL: prefill_attention_forward}[name])
+    AttentionMaskInterface.register(name, sdpa_mask)  # never called: packed calls pass their (empty) masks
+    with attention_implementation(model, name):
         yield
 
 

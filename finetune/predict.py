@@ -14,16 +14,26 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.attention import without_cudnn_attention
-from finetune.decode import left_pad
 from finetune.metrics import Predictions
 from finetune.packed import opening_keys, pack_batch, packed_attention, packed_logits
 from finetune.prompts import answer_token_ids, encode_prompts, prompt_budget
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of `rows` right-aligned in one batch, the mask 1 on real tokens."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def length_sorted_batches(prompts: list[list[int]], batch_size: int):
     """Index batches of similar length, longest first, so padding stays small and memory peaks early: as few as
-    `batch_size` allows, their sizes one article apart at most, never a short remainder (decoding fills each batch up to
-    the largest, `GreedyDecoder`)."""
+    `batch_size` allows, their sizes one article apart at most, never a short remainder (decoding steps run every batch
+    at the largest one's rows, `GreedyDecoder`)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     count = -(-len(order) // batch_size)
     start = 0

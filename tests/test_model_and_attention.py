@@ -89,7 +89,7 @@ def test_padded_batches_attend_as_transformers_does_without_copying_keys_per_que
     every key per query head it avoids). The model has fewer key heads than query heads."""
     import transformers.integrations.sdpa_attention as sdpa_attention
 
-    from finetune.decode import left_pad
+    from finetune.predict import left_pad
     from finetune.lab.bench_eval import greedy_decoding
 
     choose_attn_implementation("auto", packing=False)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, RepetitionPenaltyL
 from data_prep.task import LABELS, build_messages, build_prompt_messages
 from finetune import generation, predict
 from finetune.model import load_model, train_bpe_tokenizer
-from finetune.packed import pack_batch
+from finetune.packed import pack_batch, pack_prefill
 from finetune.generation import generate_labels
 from finetune.predict import AnswerTree, score_labels
 from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
@@ -55,6 +55,18 @@ def test_label_scoring_equals_explicit_per_answer_logprob(model, tokenizer, meth
     np.testing.assert_allclose(predictions.label_logprobs, expected, atol=1e-4)
     assert list(predictions.labels) == list(expected.argmax(1))
     assert predictions.truncated == 0 and (predictions.batch_seconds > 0).all()
+
+
+def test_packed_prefill_writes_each_prompt_right_aligned_in_its_own_cache_row():
+    """Decoding's prefill packs its prompts with no padding; each token's key goes to its article's cache row, the
+    prompts right-aligned to end at one slot, positions counted from the opening as if each article were alone."""
+    articles = [[5, 6, 7], [8], [9, 10]]
+    prefill = pack_prefill(articles, opening_length=4, cache=None, device="cpu")
+    assert prefill.ids.tolist() == [[5, 6, 7, 8, 9, 10]] and prefill.end == 7
+    assert prefill.positions.tolist() == [[4, 5, 6, 4, 4, 5]]
+    assert prefill.cache_rows.tolist() == [0, 0, 0, 1, 2, 2] and prefill.cache_slots.tolist() == [4, 5, 6, 6, 5, 6]
+    assert prefill.last_index.tolist() == [2, 3, 5] and prefill.cu_k.tolist() == [0, 7, 12, 18]
+    assert prefill.key_index[7:12].tolist() == [0, 1, 2, 3, 7]  # the second article: the opening, then its one token
 
 
 def test_packed_rows_hold_every_article_and_answer_tree_without_padding(tokenizer):

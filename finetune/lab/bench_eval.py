@@ -22,13 +22,12 @@ from transformers import GenerationConfig
 
 from finetune.answers import parse_strict
 from finetune.attention import attention_implementation
-from finetune.decode import left_pad
 from finetune.generation import generate_labels, parsed
 from finetune.lab.profiling import gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range, matmul_rates, profile_table
 from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
 from finetune.plan import GPU, fp8_unsupported
-from finetune.predict import AnswerTree, length_sorted_batches, score_labels, warmup_texts
+from finetune.predict import AnswerTree, left_pad, length_sorted_batches, score_labels, warmup_texts
 from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, end_token_ids, prompt_budget
 from finetune.throughput import peak_memory_gib, reset_peak_memory
 
