@@ -71,6 +71,10 @@ def sft_config(config: RunConfig) -> SFTConfig:
         seed=config.seed,
         data_seed=config.seed,
         logging_steps=config.logging_steps,
+        # On, the Trainer reads every micro-batch's loss back to leave NaN and inf out of the logged average: a host
+        # sync after each backward, just before the optimizer's host work, which the GPU then waits for. Off, a NaN
+        # shows in the logged loss, where a diverging run should show it.
+        logging_nan_inf_filter=False,
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
         dataloader_num_workers=config.dataloader_num_workers,
