@@ -21,7 +21,7 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
 
     A fake clock gives exact times: each read is 1 s after the one before, and the step clock reads three times a
     step (before and after the optimizer's update, and at the step's end), so a step takes 3 s and its update 1 s.
-    The token count is checked against the data: the tiny profile's micro-batch is 16 rows, and at max_length 128
+    The token count (TRL's logged `num_tokens`) is checked against the data: the tiny profile's micro-batch is 16 rows, and at max_length 128
     every article (80-128 tokens here) fills a row of its own, packed or not, so a step holds 16 articles' real
     tokens. The 16-32 measured articles' mean is within a few percent of the training set's (articles vary by ~9
     tokens around ~94: 2% per standard deviation of a 16-article mean), hence 10%; padding counted (the unpacked
@@ -30,6 +30,7 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
 
     ticks = iter(range(10**6))
     monkeypatch.setattr(profiling, "synchronized_now", lambda: float(next(ticks)))
+    monkeypatch.setattr(profiling, "_stream_mark", lambda: float(next(ticks)))  # the update's marks, on one clock
     args = ["train", "--name", "smoke", "--variants", "1", "--warmup_steps", "1", "--measured_steps", "2", "--profile_step",
             "--trace_dir", str(tmp_path / "traces"), "--stock_trl_steps", "1,2", "--profile", "tiny", "--data_dir", tiny_config.data_dir,
             "--holdout_train_size", "300", "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4",
@@ -118,14 +119,20 @@ def test_files_before_rows_recorded_their_steps_drop_ratios_to_an_anchor_that_ti
 
 
 def test_step_clock_times_the_steps_after_the_warm_up_ones_and_from_the_start_without_any():
+    """Tokens from each step's log (TRL's running `num_tokens`; a later log in the same step, an evaluation's, changes
+    nothing), the update's time from its two marks."""
     clock, state = StepClock(), TrainerState()
     clock.on_train_begin(None, state, None)
-    for tokens in (100, 300, 600):  # the Trainer's running count after each optimizer step
-        state.num_input_tokens_seen = tokens
+    for tokens in (100, 300, 600):  # TRL's running count after each optimizer step
+        clock.on_pre_optimizer_step(None, state, None)
+        clock.on_optimizer_step(None, state, None)
         clock.on_step_end(None, state, None)
+        clock.on_log(None, state, None, logs={"loss": 1.0, "num_tokens": float(tokens)})
+        clock.on_log(None, state, None, logs={"num_tokens": 0.0})
     assert clock.window(warmup_steps=1, measured_steps=2)[1] == 500
     seconds, tokens = clock.window(warmup_steps=0, measured_steps=3)
     assert tokens == 600 and seconds > 0
+    assert len(clock.optimizer_seconds) == 3 and all(s >= 0 for s in clock.optimizer_seconds)
 
 
 def test_matmul_rates_count_the_flops_torch_counts_per_shape():

@@ -60,7 +60,6 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
     torch._dynamo.reset()  # a compiled variant compiles afresh, not from (or counted against) an earlier one's cache
     try:
         trainer = build(config, callbacks=[clock, syncs, profiler] if profile else [clock, syncs])
-        trainer.args.include_num_input_tokens_seen = "non_padding"
         trainer.args.save_strategy = SaveStrategy.NO  # else the Trainer saves a checkpoint after the last step
         # Training's peak, weights included: QLoRA quantizes a scratch model from a bf16 copy, freed before this.
         reset_peak_memory()

@@ -22,31 +22,57 @@ def synchronized_now() -> float:
 
 
 class StepClock(TrainerCallback):
-    """Wall time and the Trainer's cumulative real-token count (all ranks) as training starts and at the end of every
-    optimizer step, and how long each optimizer update itself took (the part of a step that does not shrink with
-    faster kernels or less recompute)."""
+    """Wall time and TRL's cumulative real-token count (every rank's, its logged `num_tokens`) as training starts and
+    at the end of every optimizer step, and how long each optimizer update took on the GPU (the part of a step that
+    does not shrink with faster kernels or less recompute). Only a step's end waits for the GPU: the update is timed
+    by CUDA events and the tokens come from what TRL reads back anyway, so within a step the host runs ahead as it
+    does without this clock (queueing the update while the GPU finishes the backward). Needs a log every step."""
 
     def __init__(self):
-        self.marks = []  # (seconds, tokens): marks[0] as training starts, marks[k] after optimizer step k
-        self.optimizer_seconds = []
-        self._update_start = None
+        self.marks = []  # [seconds, tokens]: marks[0] as training starts, marks[k] after optimizer step k
+        self._updates = []  # per optimizer step: its start and end on the GPU's stream
 
     def window(self, warmup_steps: int, measured_steps: int) -> tuple[float, int]:
         """Seconds and tokens of the `measured_steps` optimizer steps that follow the first `warmup_steps`."""
         (t0, n0), (t1, n1) = self.marks[warmup_steps], self.marks[warmup_steps + measured_steps]
         return t1 - t0, n1 - n0
 
+    @property
+    def optimizer_seconds(self) -> list[float]:
+        """Each update's seconds (read after training: an event's time is known once the GPU has passed it)."""
+        return [_seconds_between(start, end) for start, end in self._updates]
+
     def on_train_begin(self, args, state, control, **kwargs):
-        self.marks.append((synchronized_now(), state.num_input_tokens_seen or 0))
+        self.marks.append([synchronized_now(), 0])
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._update_start = synchronized_now()
+        self._updates.append([_stream_mark()])
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.optimizer_seconds.append(synchronized_now() - self._update_start)
+        self._updates[-1].append(_stream_mark())
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.marks.append((synchronized_now(), state.num_input_tokens_seen or 0))
+        self.marks.append([synchronized_now(), None])
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "num_tokens" in logs and self.marks[-1][1] is None:  # the step's log, right after its end
+            self.marks[-1][1] = int(logs["num_tokens"])
+
+
+def _stream_mark():
+    """A point on the GPU's stream (a CUDA event recorded there), or the wall time without a GPU."""
+    if not torch.cuda.is_available():
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds_between(start, end) -> float:
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1000  # milliseconds
 
 
 class StepProfiler(TrainerCallback):
