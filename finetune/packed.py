@@ -153,6 +153,9 @@ def opening_keys(opening_cache) -> list[tuple[torch.Tensor, torch.Tensor]] | Non
     return [(layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)) for layer in opening_cache.layers]
 
 
+# Both packed attentions run uncompiled inside a compiled layer: they read the layer's index (the opening's keys, the
+# cache's layer), so each layer would compile one of its own, past torch's limit of 8 a function.
+@torch.compiler.disable
 def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None = None,
                              packed: PackedBatch | None = None, opening_kv: list | None = None,
@@ -169,6 +172,7 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     return torch.cat([trunks, branches]).unsqueeze(0), None
 
 
+@torch.compiler.disable
 def prefill_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, scaling: float | None = None,
                               prefill: PackedPrefill | None = None, opening_kv: list | None = None,

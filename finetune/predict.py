@@ -51,12 +51,16 @@ def warmup_texts(texts: list[str], lengths: list[int], batch_size: int) -> list[
 
 def shared_opening(model, prompts: list[list[int]]) -> tuple[int, object | None]:
     """Length and key/value cache of the opening: the tokens all prompts share (system turn and instruction), run
-    once. It stops one token short of the shortest prompt so that every article keeps a token to run."""
+    once. It stops one token short of the shortest prompt so that every article keeps a token to run.
+
+    It runs uncompiled: a compiled layer filling a cache reads its layer index, so each layer would compile a graph
+    of its own, past torch's limit of 8 a function, after which the layers run uncompiled in every later pass too."""
     opening_length = min(_common_prefix_length(prompts), min(map(len, prompts)) - 1)
     if not opening_length:
         return 0, None
     opening_ids = torch.tensor([prompts[0][:opening_length]], device=model.device)
-    return opening_length, model(input_ids=opening_ids, use_cache=True).past_key_values
+    with torch.compiler.set_stance("force_eager"):
+        return opening_length, model(input_ids=opening_ids, use_cache=True).past_key_values
 
 
 def _batch_cache(opening_cache, rows: int):

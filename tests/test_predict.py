@@ -329,6 +329,28 @@ def test_default_max_new_tokens_follows_the_tokenizer(tokenizer, tmp_path):
     assert longest > 8 and default_max_new_tokens(coarse) == longest + 8
 
 
+def test_compiled_layers_compile_the_same_graphs_whatever_the_number_of_layers(tokenizer, tmp_path):
+    """Packed label scoring through compiled decoder layers (`--compile_layers`) compiles as many graphs for 4 layers as
+    for 2: nothing in a pass makes each layer compile its own. The 7B's 28 would pass torch's limit of 8 a function,
+    and the layers would then run uncompiled, in that pass and every later one."""
+    from torch._dynamo.utils import counters
+
+    from finetune.config import get_config
+    from finetune.speedups import compile_decoder_layers
+
+    compiled = []
+    for layers in (2, 4):
+        config = get_config("tiny", hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
+                            num_layers=layers, checkpoints_dir=str(tmp_path))
+        model = load_model(config, tokenizer).eval()
+        compile_decoder_layers(model, backend="eager")
+        torch._dynamo.reset()
+        counters.clear()
+        score_labels(model, tokenizer, TEXTS, batch_size=4, progress=False, method="packed")
+        compiled.append(counters["frames"]["ok"])
+    assert compiled[0] == compiled[1] > 0
+
+
 @pytest.mark.gpu
 def test_packed_scoring_on_cuda_matches_the_tree(tokenizer, tmp_path):
     """The varlen kernel's path against the 4D-mask one, on a bf16 model as the 7B runs."""
