@@ -127,6 +127,10 @@ class GreedyDecoder:
         torch.cuda.current_stream().wait_stream(stream)
 
     def _forward(self) -> None:
-        logits = self.model(input_ids=self.tokens, attention_mask=self.seen, position_ids=self.positions,
-                            past_key_values=self.cache, use_cache=True).logits
+        """One step, its layers uncompiled where they were compiled (`--compile_layers`): a layer writing into the
+        cache reads its layer index, so each would compile its own graph, past torch's limit of 8 a function. The
+        CUDA graph already takes the launches off the host, the step's work is reading the weights."""
+        with torch.compiler.set_stance("force_eager"):
+            logits = self.model(input_ids=self.tokens, attention_mask=self.seen, position_ids=self.positions,
+                                past_key_values=self.cache, use_cache=True).logits
         self.next_tokens.copy_(logits[:, -1].argmax(-1))

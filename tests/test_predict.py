@@ -330,9 +330,9 @@ def test_default_max_new_tokens_follows_the_tokenizer(tokenizer, tmp_path):
 
 
 def test_compiled_layers_compile_the_same_graphs_whatever_the_number_of_layers(tokenizer, tmp_path):
-    """Packed label scoring through compiled decoder layers (`--compile_layers`) compiles as many graphs for 4 layers as
-    for 2: nothing in a pass makes each layer compile its own. The 7B's 28 would pass torch's limit of 8 a function,
-    and the layers would then run uncompiled, in that pass and every later one."""
+    """Packed label scoring and decoding through compiled decoder layers (`--compile_layers`) compile as many graphs
+    for 4 layers as for 2: nothing in a pass makes each layer compile its own. The 7B's 28 would pass torch's limit of
+    8 a function, and the layers would then run uncompiled, in that pass and every later one."""
     from torch._dynamo.utils import counters
 
     from finetune.config import get_config
@@ -347,6 +347,7 @@ def test_compiled_layers_compile_the_same_graphs_whatever_the_number_of_layers(t
         torch._dynamo.reset()
         counters.clear()
         score_labels(model, tokenizer, TEXTS, batch_size=4, progress=False, method="packed")
+        generate_labels(model, tokenizer, TEXTS, batch_size=4, max_new_tokens=4, progress=False, tree_check=False)
         compiled.append(counters["frames"]["ok"])
     assert compiled[0] == compiled[1] > 0
 
