@@ -118,7 +118,6 @@ def pack_prefill(articles: list[list[int]], opening_length: int, cache, device) 
     end = opening_length + int(length.max())
     rows = np.repeat(np.arange(len(articles)), length)
     within = np.arange(length.sum()) - np.repeat(cu_q[:-1], length)  # each token's place in its article
-
     slots = end - np.repeat(length, length) + within
     return PackedPrefill(ids=torch.tensor([[t for a in articles for t in a]], device=device),
                          positions=_on(device, opening_length + within[None]), cu_q=_on(device, cu_q, torch.int32),
