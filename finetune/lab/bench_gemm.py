@@ -43,11 +43,6 @@ def matmuls(tokens: int, in_features: int, out_features: int, bias: bool, device
             "weight gradient": lambda: grad_out.t() @ x[0]}
 
 
-def time_matmul(run, warmup: int, measured: int) -> float:
-    """Median milliseconds of `run()` by CUDA events."""
-    return statistics.median(time_steps(lambda t: run(), warmup, measured))
-
-
 def bench_gemm(shape, tokens: list[int], warmup: int, measured: int) -> list[dict]:
     rows = []
     default = torch.backends.cuda.preferred_blas_library()
@@ -58,7 +53,7 @@ def bench_gemm(shape, tokens: list[int], warmup: int, measured: int) -> list[dic
                     flops = 2 * n * in_features * out_features
                     for backend in BACKENDS:
                         torch.backends.cuda.preferred_blas_library(backend)
-                        ms = time_matmul(run, warmup, measured)
+                        ms = statistics.median(time_steps(lambda t: run(), warmup, measured))  # CUDA events
                         rows.append({"tokens": n, "projection": name, "pass": pass_name, "bias": bias and
                                      pass_name == "forward", "backend": backend, "ms": ms,
                                      "tflops": flops / ms / 1e9})
