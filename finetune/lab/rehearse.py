@@ -139,7 +139,7 @@ def readme(results_dir: Path) -> str:
         "snapshot's files (config, generation config, tokenizer, sharded safetensors) and random weights, so the "
         "accuracies show only that the answer format is learned: they are **not** Qwen2.5's.",
         "",
-        f"Hardware: {gpu['name'] if gpu else 'CPU'}; commit `{env['git_commit']}`; data: "
+        f"Hardware: {gpu['name'] if gpu else 'CPU'}; commit `{(env['git_commit'] or 'unknown')[:7]}`; data: "
         f"{base['data']['protocol']} protocol, {base['data']['train_size']} training and "
         f"{base['data']['eval_size']} evaluation articles.",
         "",
