@@ -17,19 +17,22 @@ PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "tokenizer
 
 # Commits that changed what an evaluation mode measures (its accuracy or its speed), oldest first, with their commit
 # times. The tables mark a row whose record was made before one of them: a rerun at today's code may differ.
+# DECODING: the benchmark's mode that decodes every article (finetune/lab/bench_eval.py), changed by what changes decoding.
+DECODING = "generation_decoding"
 EVALUATION_CHANGES = (
     ("b3ef6a2", "2026-11-25T12:52:33+00:00", ("generation", "generation_lenient"), "cached decoding"),
     ("33dda75", "2026-11-25T13:34:38+00:00", ("label_scoring",), "answer-tree label scoring"),
     ("ad4c322", "2026-11-28T18:37:04+00:00", ("generation", "generation_lenient"), "greedy GenerationConfig"),
     ("d6676b1", "2026-11-28T18:37:17+00:00", ("generation", "generation_lenient"), "strict/lenient generation"),
-    ("84f9ac6", "2026-12-05T01:21:32+00:00", ("label_scoring", "generation", "generation_lenient"),
+    ("84f9ac6", "2026-12-05T01:21:32+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
      "training's prompt budget"),
-    ("3af8add", "2026-12-05T04:09:41+00:00", ("label_scoring", "generation", "generation_lenient"),
+    ("3af8add", "2026-12-05T04:09:41+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
      "the suite's attention in evaluation"),
-    ("a0526c6", "2026-12-05T07:10:51+00:00", ("label_scoring", "generation", "generation_lenient"),
+    ("a0526c6", "2026-12-05T07:10:51+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
      "CUDA-graph decoding, even batches"),
     ("1d41fa0", "2026-12-05T07:59:55+00:00", ("generation", "generation_lenient"),
      "answer-tree check read behind the next batch"),
+    ("25d6540", "2026-12-05T12:26:57+00:00", ("generation", "generation_lenient", DECODING), "packed decoding prefill"),
 )
 
 

@@ -31,6 +31,27 @@ def test_targets_are_met_on_the_median_of_runs_never_on_the_best_run(tmp_path):
     assert "| 1 | 0 | none | no |" in table
 
 
+def _decoding_file(path, vs_anchor: float, created_at: str) -> None:
+    """An evaluation benchmark run with no commit recorded (a copied tree): its time says which code it ran."""
+    mode = {"articles_per_second": 500.0 * vs_anchor, "batch_size": 512, "vs_anchor": vs_anchor}
+    anchor = {"articles_per_second": 500.0, "batch_size": 512}
+    record = {"benchmark": "eval", "world_size": 1, "created_at": created_at, "config": {"model": "taught"},
+              "modes": {"generation_decoding": mode, "plain_generate": anchor},
+              "environment": {"hardware": {"gpu": {"name": "NVIDIA H200"}, "torch_threads": 16}, "git_commit": None}}
+    path.write_text(json.dumps(record))
+
+
+def test_an_evaluation_goal_is_judged_on_runs_of_todays_code_not_with_runs_of_the_code_before(tmp_path):
+    """Decoding timed before its last change (a faster run, here) is another configuration: today's run is judged
+    alone, and the earlier one neither meets the goal for it nor moves its median."""
+    (tmp_path / "benchmarks").mkdir()
+    _decoding_file(tmp_path / "benchmarks" / "old.json", 2.6, "2026-12-05T10:00:00+00:00")
+    _decoding_file(tmp_path / "benchmarks" / "new.json", 1.9, "2099-01-01T00:00:00+00:00")
+    row = next(line for line in targets_table(tmp_path).splitlines() if line.startswith("| decoding every article"))
+    assert "| 2.00x | 1.90x | `new.json`: generation_decoding, batch 512, NVIDIA H200, trained weights | no | 1 run |" \
+        in row
+
+
 def test_each_generated_section_goes_into_the_page_that_holds_its_markers(tmp_path):
     results = tmp_path / "results"
     write_record(make_record("finetuned_model", 1.0), results / "finetuned_model_results.json")

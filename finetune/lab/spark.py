@@ -42,7 +42,7 @@ def scoring_runs(results_dir: Path, batch_size: int) -> list[tuple[str, float]]:
     of known peak, as (file, articles/s scaled by GB10's bf16 peak over that card's). Label scoring is matmul-bound:
     a batch of 512 articles reads the weights once (about 0.06 s at GB10's 273 GB/s) for seconds of matmuls there."""
     runs = []
-    for (mode, device, _, batch), _, file, figures in eval_rows(results_dir):
+    for (mode, device, _, batch, _), _, file, figures in eval_rows(results_dir):
         peak = bf16_peak_tflops(device)
         if mode == "label_scoring" and batch == batch_size and device.endswith(", Liger") and peak:
             runs.append((file, figures["articles_per_second"] * PEAK_BF16_TFLOPS["GB10"] / peak))
