@@ -17,7 +17,7 @@ PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "tokenizer
 
 # Commits that changed what an evaluation mode measures (its accuracy or its speed), oldest first, with their commit
 # times. The tables mark a row whose record was made before one of them: a rerun at today's code may differ.
-# DECODING: the benchmark's mode that decodes every article (finetune/lab/bench_eval.py), changed by what changes decoding.
+# DECODING: the benchmark's mode that decodes every article (finetune/lab/bench_eval.py); decoding changes change it.
 DECODING = "generation_decoding"
 EVALUATION_CHANGES = (
     ("b3ef6a2", "2026-11-25T12:52:33+00:00", ("generation", "generation_lenient"), "cached decoding"),
