@@ -154,9 +154,9 @@ gpu-optimizer:  ## the 8-bit update's GPU tests and its time over the 7B shape's
 	$(PY) -m pytest -q -s tests/test_optimizers.py 2>&1 | tee $(GPU_OUT)/gpu_adamw8bit_test.log
 	test -f $(ONE_LAUNCH_A_WEIGHT) || git show ad67def:finetune/adamw8bit_kernel.py > $(ONE_LAUNCH_A_WEIGHT)
 	$(PY) -m finetune.lab.bench_adamw8bit --shape 7b --compare $(ONE_LAUNCH_A_WEIGHT) --blocks_per_program 8 \
-	  --rounds_per_program 4 8 --name h200_adamw8bit_kernel_7b
+	  --name h200_adamw8bit_kernel_7b
 	$(PY) -m finetune.lab.bench_adamw8bit --shape 7b --lora_rank 16 --compare $(ONE_LAUNCH_A_WEIGHT) \
-	  --rounds_per_program 4 --name h200_adamw8bit_kernel_lora
+	  --name h200_adamw8bit_kernel_lora
 
 # Does the FP8 recipe learn what bf16 learns at the 7B shape (~5 min on one H200)? 200 steps of the recipe at 8 rows a
 # step, bf16 and a second bf16 rounding draw (the noise floor) beside FP8, each model scored on the held-out articles;

@@ -22,12 +22,6 @@ from torchao.optim.quant_utils import quantize_8bit_with_qmap
 from torchao.optim.subclass_8bit import OptimState8bit, get_qmap_signed, get_qmap_unsigned
 
 BLOCKS_PER_PROGRAM = 4  # quantization blocks of 256 a program updates at once: 1,024 values
-# Rounds of BLOCKS_PER_PROGRAM blocks a program makes along its weight. Before its first value a program reads its
-# weight's row of the table, a chain of dependent loads, and the one launch for all weights took 49.2 ms over the 7B's
-# weights where one launch a weight, its addresses passed as arguments, took 44.1 (h100_adamw8bit_kernel_7b.json). More
-# rounds pay that chain once for more values but keep more registers live, so fewer programs share an SM
-# (results/benchmarks/adamw8bit_sass_rounds.json): one round stays until `make gpu-optimizer` has timed 4 and 8.
-ROUNDS_PER_PROGRAM = 1
 
 
 def _ordered(x: torch.Tensor) -> torch.Tensor:
@@ -178,9 +172,9 @@ PARAM, GRAD, M_CODES, M_SCALE, V_CODES, V_SCALE, SEED, N_BLOCKS, FIRST_PROGRAM, 
 def _adamw8bit_kernel(table_ptr, corrections_ptr, weight_of_program_ptr, grad_scale_ptr, m_qmap_ptr, m_table_ptr,
                       m_thresholds_ptr, v_qmap_ptr, v_table_ptr, v_thresholds_ptr, lr, lr_times_weight_decay,
                       one_minus_beta1, one_minus_beta2, eps, DECAY: tl.constexpr, ALIGNED: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr, ROUNDS: tl.constexpr):
-    """`single_param_adam` for ROUNDS x BLOCKS blocks of one of the weights in the table, BLOCKS at a time, its
-    operations in torchao's order (scalars arrive as float32 torch made)."""
+                      BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+    """`single_param_adam` for BLOCKS blocks of one of the weights in the table, its operations in torchao's order
+    (scalars arrive as float32 torch made)."""
     program = tl.program_id(0)
     index = tl.load(weight_of_program_ptr + program).to(tl.int64)  # the weight's row in the tables
     row = table_ptr + index * COLUMNS
@@ -194,33 +188,30 @@ def _adamw8bit_kernel(table_ptr, corrections_ptr, weight_of_program_ptr, grad_sc
     bias_correction1, reciprocal_bias_correction1 = tl.load(corrections), tl.load(corrections + 1)
     sqrt_bias_correction2, reciprocal_sqrt_bias_correction2 = tl.load(corrections + 2), tl.load(corrections + 3)
 
-    first_block = (program - tl.load(row + FIRST_PROGRAM)) * BLOCKS * ROUNDS
-    n_blocks, seed = tl.load(row + N_BLOCKS), tl.load(row + SEED)
+    blocks = (program - tl.load(row + FIRST_PROGRAM)) * BLOCKS + tl.arange(0, BLOCKS)
+    offsets = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
+    in_bounds = blocks < tl.load(row + N_BLOCKS)  # per block; [:, None] broadcasts it along the block's values
+    weight = tl.load(param_ptr + offsets, mask=in_bounds[:, None], other=0.0).to(tl.float32)
+    grad = tl.load(grad_ptr + offsets, mask=in_bounds[:, None], other=0.0).to(tl.float32)
     grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
-    for r in range(ROUNDS):
-        blocks = first_block + r * BLOCKS + tl.arange(0, BLOCKS)
-        offsets = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
-        in_bounds = blocks < n_blocks  # per block; [:, None] broadcasts it along the block's values
-        weight = tl.load(param_ptr + offsets, mask=in_bounds[:, None], other=0.0).to(tl.float32)
-        grad = tl.load(grad_ptr + offsets, mask=in_bounds[:, None], other=0.0).to(tl.float32)
-        if grad_scale != 1.0:  # clipping scaled the step (a scale of 1 would leave every gradient as it is)
-            grad = (grad * grad_scale).to(tl.bfloat16).to(tl.float32)  # as mul_ rounds
-        exp_avg = _dequantize(m_codes_ptr, m_scale_ptr, m_qmap_ptr, offsets, blocks, in_bounds)
-        exp_avg_sq = _dequantize(v_codes_ptr, v_scale_ptr, v_qmap_ptr, offsets, blocks, in_bounds)
+    if grad_scale != 1.0:  # clipping scaled the step (a scale of 1 would leave every gradient as it is)
+        grad = (grad * grad_scale).to(tl.bfloat16).to(tl.float32)  # as mul_ rounds
+    exp_avg = _dequantize(m_codes_ptr, m_scale_ptr, m_qmap_ptr, offsets, blocks, in_bounds)
+    exp_avg_sq = _dequantize(v_codes_ptr, v_scale_ptr, v_qmap_ptr, offsets, blocks, in_bounds)
 
-        if DECAY:  # no weight decay (the recipe's) leaves the weight exactly as it is
-            weight = weight - lr_times_weight_decay * weight
-        # torch.lerp with a weight under 0.5 is start + weight * (end - start), rounded once (an FMA) on CPU and GPU
-        exp_avg = tl.fma(one_minus_beta1, grad - exp_avg, exp_avg)
-        exp_avg_sq = tl.fma(one_minus_beta2, grad * grad - exp_avg_sq, exp_avg_sq)
-        _requantize(exp_avg, m_codes_ptr, m_scale_ptr, m_table_ptr, m_thresholds_ptr, offsets, blocks, in_bounds)
-        _requantize(exp_avg_sq, v_codes_ptr, v_scale_ptr, v_table_ptr, v_thresholds_ptr, offsets, blocks, in_bounds)
+    if DECAY:  # no weight decay (the recipe's) leaves the weight exactly as it is
+        weight = weight - lr_times_weight_decay * weight
+    # torch.lerp with a weight under 0.5 is start + weight * (end - start), rounded once (an FMA) on CPU and GPU
+    exp_avg = tl.fma(one_minus_beta1, grad - exp_avg, exp_avg)
+    exp_avg_sq = tl.fma(one_minus_beta2, grad * grad - exp_avg_sq, exp_avg_sq)
+    _requantize(exp_avg, m_codes_ptr, m_scale_ptr, m_table_ptr, m_thresholds_ptr, offsets, blocks, in_bounds)
+    _requantize(exp_avg_sq, v_codes_ptr, v_scale_ptr, v_table_ptr, v_thresholds_ptr, offsets, blocks, in_bounds)
 
-        # division and square root rounded as torch rounds them (Triton's `/` and tl.sqrt are approximations on GPUs)
-        denom = _divide(tl.math.sqrt_rn(exp_avg_sq), sqrt_bias_correction2, reciprocal_sqrt_bias_correction2) + eps
-        step = lr * _divide(exp_avg, bias_correction1, reciprocal_bias_correction1)
-        weight = _to_bf16_stochastically(weight - tl.math.div_rn(step, denom), seed, offsets)
-        tl.store(param_ptr + offsets, weight, mask=in_bounds[:, None])
+    # division and square root rounded as torch rounds them (Triton's `/` and tl.sqrt are approximations on GPUs)
+    denom = _divide(tl.math.sqrt_rn(exp_avg_sq), sqrt_bias_correction2, reciprocal_sqrt_bias_correction2) + eps
+    step = lr * _divide(exp_avg, bias_correction1, reciprocal_bias_correction1)
+    weight = _to_bf16_stochastically(weight - tl.math.div_rn(step, denom), tl.load(row + SEED), offsets)
+    tl.store(param_ptr + offsets, weight, mask=in_bounds[:, None])
 
 
 @functools.cache
@@ -241,8 +232,8 @@ def _bias_corrections(beta1: float, beta2: float, step: float) -> tuple[float, .
 @functools.lru_cache(maxsize=8)
 def _programs(n_blocks: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, list[int]]:
     """For one launch over weights of `n_blocks` blocks each: every program's weight, and each weight's first program
-    (a program takes BLOCKS_PER_PROGRAM x ROUNDS_PER_PROGRAM blocks of one weight)."""
-    programs = torch.tensor([triton.cdiv(n, BLOCKS_PER_PROGRAM * ROUNDS_PER_PROGRAM) for n in n_blocks])
+    (a program takes BLOCKS_PER_PROGRAM blocks of one weight)."""
+    programs = torch.tensor([triton.cdiv(n, BLOCKS_PER_PROGRAM) for n in n_blocks])
     first_program = (torch.cumsum(programs, 0) - programs).tolist()
     return torch.repeat_interleave(torch.arange(len(n_blocks), dtype=torch.int32), programs).to(device), first_program
 
@@ -283,8 +274,7 @@ def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_av
         _ones(device) if grad_scale is None else grad_scale, _qmap(True, device), code_table(True, device),
         rounding_thresholds(True, device), _qmap(False, device), code_table(False, device),
         rounding_thresholds(False, device), lr, lr_times_weight_decay, 1 - beta1, 1 - beta2, eps,
-        DECAY=weight_decay != 0, ALIGNED=aligned, BLOCK_SIZE=exp_avgs[0].block_size, BLOCKS=BLOCKS_PER_PROGRAM,
-        ROUNDS=ROUNDS_PER_PROGRAM)
+        DECAY=weight_decay != 0, ALIGNED=aligned, BLOCK_SIZE=exp_avgs[0].block_size, BLOCKS=BLOCKS_PER_PROGRAM)
 
 
 @triton.jit

@@ -388,17 +388,14 @@ def test_fused_8bit_step_rounds_to_bf16_without_bias_and_from_its_seed_alone():
 
 
 @on_the_interpreter
-@pytest.mark.parametrize("constant, value, programs", [("BLOCKS_PER_PROGRAM", 8, 1 + 2 + 3),
-                                                       ("ROUNDS_PER_PROGRAM", 4, 1 + 1 + 2)])
-def test_programs_of_other_sizes_update_as_the_kernels_do(constant, value, programs):
-    """bench_adamw8bit --blocks_per_program and --rounds_per_program time the kernel with other programs: they must
-    compute the same step. Weights of 5, 16 and 21 blocks: in programs of 4 x 4 blocks the last one of the 21 has one
-    block in its second round and none in its last two."""
+def test_programs_of_other_sizes_update_as_the_kernels_do():
+    """bench_adamw8bit --blocks_per_program times the kernel with other programs: they must compute the same step.
+    Weights of 5, 16 and 21 blocks: in programs of 8 blocks the last one of each is partly out of bounds."""
     from finetune.lab.bench_adamw8bit import kernel_step, load_kernel_module, zero_states
 
     kernel = pytest.importorskip("finetune.adamw8bit_kernel")
     other = load_kernel_module(kernel.__file__)
-    setattr(other, constant, value)
+    other.BLOCKS_PER_PROGRAM = 8
     shapes = [(5, 256), (64, 64), (48, 112)]
     results = []
     for module in (kernel, other):
@@ -411,7 +408,7 @@ def test_programs_of_other_sizes_update_as_the_kernels_do(constant, value, progr
         results.append(params + [_plain(x) for pair in states for x in pair])
     assert all(torch.equal(a, b) for a, b in zip(*results))
     launched = [len(module._programs((5, 16, 21), torch.device("cpu"))[0]) for module in (kernel, other)]
-    assert launched == [2 + 4 + 6, programs]  # the copy did launch its own number of programs
+    assert launched == [2 + 4 + 6, 1 + 2 + 3]  # the copy did launch its own number of programs
 
 
 @on_the_interpreter

@@ -7,7 +7,6 @@
     python -m finetune.lab.bench_adamw8bit --shape 7b --compare /tmp/kernel_6005047.py   # beside an older kernel
     python -m finetune.lab.bench_adamw8bit --shape 7b --lora_rank 16 --compare /tmp/kernel_ad67def.py
     python -m finetune.lab.bench_adamw8bit --shape 7b --blocks_per_program 8    # 2,048 values a round too
-    python -m finetune.lab.bench_adamw8bit --shape 7b --rounds_per_program 4 8  # programs of 4 and 8 rounds too
 
 The LoRA shape (392 small adapter weights) times the host's share: kernels up to ad67def took one launch a weight,
 the current one launches once for all. CUDA events time the GPU's timeline, so a GPU waiting on launches counts.
@@ -114,9 +113,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks_per_program", type=int, nargs="*", default=[],
                         help="also the kernel with a program taking this many blocks of 256 a round (it takes "
                              "BLOCKS_PER_PROGRAM): more values a thread, fewer instructions a value, more registers")
-    parser.add_argument("--rounds_per_program", type=int, nargs="*", default=[],
-                        help="also the kernel with a program making this many rounds (it makes ROUNDS_PER_PROGRAM): "
-                             "fewer programs, each reading its weight's addresses once for more values")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the clock (compilation, first touch)")
     parser.add_argument("--measured", type=int, default=6, help="timed steps; the median is reported")
     parser.add_argument("--name", default="h200_adamw8bit_kernel", help="results/benchmarks/<name>.json")
@@ -132,12 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     from finetune import adamw8bit_kernel
     rows = {"fused kernel (finetune/adamw8bit_kernel.py)": lambda: kernel_row(adamw8bit_kernel, params, grads,
                                                                               args.warmup, args.measured)}
-    variants = ([("BLOCKS_PER_PROGRAM", n, f"{n} blocks a round") for n in args.blocks_per_program]
-                + [("ROUNDS_PER_PROGRAM", n, f"{n} rounds a program") for n in args.rounds_per_program])
-    for constant, value, label in variants:  # a fresh copy of the module: its launch tables are cached per copy
+    for blocks in args.blocks_per_program:  # a fresh copy of the module: its launch tables are cached per copy
         module = load_kernel_module(adamw8bit_kernel.__file__)
-        setattr(module, constant, value)
-        rows[f"fused kernel, {label}"] = lambda module=module: kernel_row(module, params, grads, args.warmup,
+        module.BLOCKS_PER_PROGRAM = blocks
+        rows[f"fused kernel, {blocks} blocks a program"] = lambda module=module: kernel_row(module, params, grads, args.warmup,
                                                                           args.measured)
     for path in args.compare:
         module = load_kernel_module(path)
