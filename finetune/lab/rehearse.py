@@ -76,7 +76,8 @@ def rehearsal_table(results_dir: Path) -> str:
     lines = [
         "| step | measured |",
         "|---|---|",
-        _row("stand-in written (s)", _num(facts.get("standin_write_seconds"))),
+        _row("stand-in written (s)", _num(facts["standin_write_seconds"]) if "standin_write_seconds" in facts
+             else "already there: written before this run"),
         _row("stand-in size on disk (GB)", _num(facts["standin_gb"], "{:.2f}")),
         _row("base model load, sharded `from_pretrained` (s)", _num(base.get("model_load_seconds"))),
         _row("base evaluation peak GPU memory (GiB)", _num(base.get("peak_memory_gib"))),
