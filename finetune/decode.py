@@ -31,7 +31,7 @@ class GreedyDecoder:
                  eos: list[int], pad_id: int, cuda_graph: bool | None = None):
         device = model.device
         self.model, self.rows, self.max_new_tokens, self.pad_id = model, rows, max_new_tokens, pad_id
-        self.opening_cache, self.opening_length = opening_cache, opening_length
+        self.opening_length = opening_length
         self.opening_kv = opening_keys(opening_cache)
         self.length = opening_length + max_tail + max_new_tokens  # every key a batch can have
         config = model.config
@@ -39,6 +39,11 @@ class GreedyDecoder:
         self.cache = StaticCache(config=config, max_cache_len=self.length)
         # allocated now: the prefill writes into it directly
         self.cache.early_initialization(rows, config.num_key_value_heads, head_dim, model.dtype, device)
+        # The opening, in every row, once for all batches: a batch writes only the slots after it, and the slots it
+        # does not write hold an earlier batch's keys, which no query of its sees (`seen`).
+        for layer, opening_layer in zip(self.cache.layers, opening_cache.layers if opening_length else ()):
+            layer.keys[:, :, :opening_length] = opening_layer.keys
+            layer.values[:, :, :opening_length] = opening_layer.values
         self.eos, self.ends = torch.tensor(eos, device=device), set(eos)
         # A step's inputs and output at fixed addresses: each row's newest token, its position, the keys it sees.
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -69,13 +74,10 @@ class GreedyDecoder:
                 for row in new[:n, :steps].tolist()]
 
     def _prefill(self, tails: list[list[int]], new: torch.Tensor) -> int:
-        """Writes the opening (into every row) and the tails (right-aligned) into the cache, each row's first token
-        into `new[:, 0]`; returns the slot after the tails. No query sees the slots before a shorter tail."""
+        """Writes the tails (right-aligned, after the opening) into the cache, each row's first token into
+        `new[:, 0]`; returns the slot after the tails. No query sees the slots before a shorter tail."""
         opening, n = self.opening_length, len(tails)
-        self.cache.reset()
         prefill = pack_prefill(tails, opening, self.cache, self.model.device)
-        for layer, opening_layer in zip(self.cache.layers, self.opening_cache.layers if opening else ()):
-            layer.keys[:, :, :opening], layer.values[:, :, :opening] = opening_layer.keys, opening_layer.values
         with packed_attention(self.model, PREFILL):
             logits = self.model(input_ids=prefill.ids, position_ids=prefill.positions, use_cache=False,
                                 attention_mask=dict.fromkeys(self.model.config.layer_types),
