@@ -21,9 +21,9 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
 
     A fake clock gives exact times: each read is 1 s after the one before, and the step clock reads three times a
     step (before and after the optimizer's update, and at the step's end), so a step takes 3 s and its update 1 s.
-    The token count (TRL's logged `num_tokens`) is checked against the data: the tiny profile's micro-batch is 16 rows, and at max_length 128
-    every article (80-128 tokens here) fills a row of its own, packed or not, so a step holds 16 articles' real
-    tokens. The 16-32 measured articles' mean is within a few percent of the training set's (articles vary by ~9
+    The token count (TRL's logged `num_tokens`) is checked against the data: the tiny profile's micro-batch is 16
+    rows, and at max_length 128 every article (80-128 tokens here) fills a row of its own, packed or not, so a step
+    holds 16 articles' real tokens. The 16-32 measured articles' mean is within a few percent of the training set's (articles vary by ~9
     tokens around ~94: 2% per standard deviation of a 16-article mean), hence 10%; padding counted (the unpacked
     rows are padded to their longest, ~20% more), one row's tokens, or a step's tokens counted twice all miss it."""
     from finetune.lab import profiling
