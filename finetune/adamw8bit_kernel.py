@@ -22,6 +22,7 @@ from torchao.optim.quant_utils import quantize_8bit_with_qmap
 from torchao.optim.subclass_8bit import OptimState8bit, get_qmap_signed, get_qmap_unsigned
 
 BLOCKS_PER_PROGRAM = 4  # quantization blocks of 256 a program updates at once: 1,024 values
+NUM_WARPS = 4  # Triton's default: 8 values a thread at 4 blocks a program
 
 
 def _ordered(x: torch.Tensor) -> torch.Tensor:
@@ -274,7 +275,8 @@ def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_av
         _ones(device) if grad_scale is None else grad_scale, _qmap(True, device), code_table(True, device),
         rounding_thresholds(True, device), _qmap(False, device), code_table(False, device),
         rounding_thresholds(False, device), lr, lr_times_weight_decay, 1 - beta1, 1 - beta2, eps,
-        DECAY=weight_decay != 0, ALIGNED=aligned, BLOCK_SIZE=exp_avgs[0].block_size, BLOCKS=BLOCKS_PER_PROGRAM)
+        DECAY=weight_decay != 0, ALIGNED=aligned, BLOCK_SIZE=exp_avgs[0].block_size, BLOCKS=BLOCKS_PER_PROGRAM,
+        num_warps=NUM_WARPS)
 
 
 @triton.jit
