@@ -194,6 +194,23 @@ def test_gpu_idle_time_is_charged_to_the_innermost_host_range_spanning_it():
     assert gpu_idle_by_host_range(SimpleNamespace(events=lambda: [])) is None
 
 
+def test_gpu_idle_no_host_range_spans_is_charged_to_where_the_host_was_when_it_began():
+    """A sync returns just after the GPU ran dry (idle 20-30 begins inside it: the innermost three ranges open then,
+    outer first); idle 50-60 begins after every range has ended (the last to end names it)."""
+    def event(name: str, start: int, end: int, device: str = "CUDA") -> SimpleNamespace:
+        return SimpleNamespace(name=name, device_type=getattr(torch.profiler.DeviceType, device),
+                               is_user_annotation=False, time_range=SimpleNamespace(start=start, end=end))
+
+    step = [event("gemm", 0, 20), event("mul", 30, 50), event("gemm", 60, 70),
+            event("compute_loss", 0, 22, "CPU"), event("aten::item", 15, 22, "CPU"),
+            event("aten::_local_scalar_dense", 16, 21, "CPU"), event("cudaStreamSynchronize", 17, 21, "CPU"),
+            event("aten::mul", 28, 29, "CPU"), event("aten::add", 40, 45, "CPU"), event("aten::sum", 30, 35, "CPU")]
+    idle = gpu_idle_by_host_range(SimpleNamespace(events=lambda: step))
+    assert idle == {
+        "(began in) aten::item > aten::_local_scalar_dense > cudaStreamSynchronize": pytest.approx(0.010),
+        "(began after) aten::add": pytest.approx(0.010)}
+
+
 def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tmp_path, monkeypatch):
     from finetune.lab import bench_eval
 

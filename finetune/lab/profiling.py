@@ -185,9 +185,12 @@ def gpu_busy_seconds(profiler) -> float | None:
 def gpu_idle_by_host_range(profiler, top: int = 6) -> dict[str, float] | None:
     """Where the profiled step's GPU waited: each idle stretch of its timeline (between the first kernel's start and
     the last one's end, nothing running) charged to the innermost host range that spans all of it (an annotation such
-    as "Optimizer.step#...", "enumerate(DataLoader)#..." or an aten op), else to "(between host ranges)"; milliseconds
-    per range, the `top` largest. None without GPU events. `gpu_busy_share` says how much the GPU waited; this says
-    what the host was doing meanwhile."""
+    as "Optimizer.step#...", "enumerate(DataLoader)#..." or an aten op), else to where the host was when it began:
+    "(began in) " and the ranges open at its start, outermost of the innermost three first (a sync such as
+    "aten::item > aten::_local_scalar_dense > cudaStreamSynchronize" returns just after the GPU ran dry, so the idle
+    after it is the host's time to queue the next kernel), or "(began after) " the last range to end before it;
+    milliseconds per range, the `top` largest. None without GPU events. `gpu_busy_share` says how much the GPU waited;
+    this says what the host was doing meanwhile."""
     device = sorted((e.time_range for e in _device_events(profiler)), key=lambda span: span.start)
     if not device:
         return None
@@ -201,7 +204,7 @@ def gpu_idle_by_host_range(profiler, top: int = 6) -> dict[str, float] | None:
     for start, stop in gaps:
         spanning = [r for thread in threads for r in [_innermost_spanning(*thread, start, stop)] if r is not None]
         name = min(spanning, key=lambda e: e.time_range.end - e.time_range.start).name if spanning else \
-            "(between host ranges)"
+            _where_idle_began(threads, start)
         idle[name] = idle.get(name, 0.0) + (stop - start) / 1000  # the profiler's times are microseconds
     return dict(sorted(idle.items(), key=lambda item: -item[1])[:top])
 
@@ -224,6 +227,24 @@ def _host_ranges_by_thread(profiler) -> list[tuple[list, list[int], list[int | N
             open_ranges.append(i)
         threads.append((events, [e.time_range.start for e in events], parents))
     return threads
+
+
+def _where_idle_began(threads: list, start: int) -> str:
+    """The host ranges open at `start` on the thread where they nest deepest, the innermost three; else the range
+    that ended last before it."""
+    chains = []
+    for events, starts, parents in threads:
+        chain, i = [], bisect.bisect_right(starts, start) - 1
+        while i is not None and i >= 0:
+            if events[i].time_range.end > start:
+                chain.append(events[i].name)
+            i = parents[i]
+        chains.append(chain)
+    deepest = max(chains, key=len, default=[])
+    if deepest:
+        return "(began in) " + " > ".join(reversed(deepest[:3]))
+    ended = [e for events, _, _ in threads for e in events if e.time_range.end <= start]
+    return "(began after) " + max(ended, key=lambda e: e.time_range.end).name if ended else "(before any host range)"
 
 
 def _innermost_spanning(events: list, starts: list[int], parents: list[int | None], start: int, stop: int):
