@@ -22,7 +22,10 @@ from torchao.optim.quant_utils import quantize_8bit_with_qmap
 from torchao.optim.subclass_8bit import OptimState8bit, get_qmap_signed, get_qmap_unsigned
 
 BLOCKS_PER_PROGRAM = 4  # quantization blocks of 256 a program updates at once: 1,024 values
-NUM_WARPS = 4  # Triton's default: 8 values a thread at 4 blocks a program
+# 2 warps a program: 16 values a thread. Fewer instructions a value (103 against 116 for sm_90, static count) at 151
+# registers: 46.6 ms over the 7B shape's weights against 49.1 at Triton's default of 4 warps, same run on an H100
+# (results/benchmarks/h100_adamw8bit_kernel_7b_warps*.json: more warps, or fewer, were slower).
+NUM_WARPS = 2
 
 
 def _ordered(x: torch.Tensor) -> torch.Tensor:
