@@ -83,6 +83,22 @@ class AdamWBf16SR(_AdamW):
         if state_bits == 8:
             self.block_size = 256  # torchao's base class quantizes a buffer only when its size divides by this
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, with the learning rates and step counts put back on the host, where torchao keeps them and reading
+        them waits for nothing. accelerate's prepare() loads the optimizer's own state dict moved to the GPU, and a
+        resumed run loads its steps there. The Trainer builds its scheduler after prepare(), from these rates: with
+        them on the GPU its every step read one back (torch's LRScheduler `_to_scalar`), once a parameter group, a
+        host sync right after the update was queued, so the GPU sat idle through the Trainer's work between steps
+        (2 syncs a step at "torch/optim/lr_scheduler.py:90", host_syncs_by_site in results/benchmarks)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key in ("lr", "initial_lr"):
+                if isinstance(group.get(key), torch.Tensor):
+                    group[key] = group[key].cpu()
+        for state in self.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].cpu()
+
     @staticmethod
     def _subclass_zeros(p: torch.Tensor, signed: bool, block_size: int) -> OptimState8bit:
         return OptimState8bit.zeros(p.shape, signed, block_size, p.device, dtype=p.dtype)
@@ -113,11 +129,6 @@ class AdamWBf16SR(_AdamW):
                 if not isinstance(group["lr"], torch.Tensor):
                     raise RuntimeError("lr was changed to a non-Tensor object. If you want to update lr, please use "
                                        "optim.param_groups[0]['lr'].fill_(new_lr)")
-                # torchao keeps lr and the step counts on the host, where reading them waits for nothing; accelerate's
-                # prepare() moves an optimizer's tensors to the GPU, and a resumed run loads its steps there. Moved
-                # back once, at the first step: the only time this update waits for the GPU.
-                if group["lr"].device.type != "cpu":
-                    group["lr"] = group["lr"].cpu()
                 fused, compiled = [], []  # (weight, state, step, rounding seed) for each update
                 for p in group["params"]:
                     index += 1
@@ -129,8 +140,6 @@ class AdamWBf16SR(_AdamW):
                     if not state:
                         state.update(step=torch.tensor(0.0), exp_avg=self._new_buffer(p, True),
                                      exp_avg_sq=self._new_buffer(p, False))
-                    if state["step"].device.type != "cpu":
-                        state["step"] = state["step"].cpu()
                     state["step"] += 1
                     step = state["step"].item()  # a host tensor: no wait
                     shard = dist.get_rank() if isinstance(p, DTensor) else 0

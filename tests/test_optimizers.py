@@ -202,6 +202,59 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t.codes.flatten().float(), t.scale.flatten()]) if type(t).__name__ == "OptimState8bit" else t
 
 
+@pytest.mark.gpu
+def test_the_trainers_scheduler_steps_without_waiting_for_the_gpu():
+    """accelerate's prepare() loads the optimizer's state dict moved to the GPU, and the Trainer builds its scheduler
+    after it, from the optimizer's learning rates: a scheduler reading them back from the GPU at each of its steps
+    stops the host there, right after the update was queued (torch's sync debug mode makes that an error)."""
+    from accelerate.utils import move_to_device
+
+    from finetune.optim import AdamWBf16SR
+
+    weights = [torch.nn.Parameter(torch.zeros(16, 256, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
+    optimizer = AdamWBf16SR([{"params": weights[:1]}, {"params": weights[1:], "weight_decay": 0.0}], lr=1e-3,
+                            state_bits=8)
+    optimizer.load_state_dict(move_to_device(optimizer.state_dict(), "cuda"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 10)  # the Trainer's "linear"
+    for w in weights:
+        w.grad = torch.ones_like(w)
+    optimizer.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        scheduler.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [group["lr"].item() for group in optimizer.param_groups] == pytest.approx([0.9e-3, 0.9e-3])
+
+
+def test_a_resumed_optimizer_keeps_its_scheduled_learning_rates_as_host_tensors():
+    """A resumed run loads the optimizer's file after the Trainer built a fresh scheduler: the learning rates come
+    back as the schedule left them, still tensors (the compiled update takes nothing else), and the schedule goes on
+    from there."""
+    from finetune.optim import AdamWBf16SR
+
+    def build():
+        weight = torch.nn.Parameter(torch.zeros(16, 256, dtype=torch.bfloat16))
+        optimizer = AdamWBf16SR([weight], lr=1e-3, state_bits=8)
+        return weight, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 10)
+
+    weight, optimizer, scheduler = build()
+    for _ in range(3):
+        weight.grad = torch.ones_like(weight)
+        optimizer.step()
+        scheduler.step()
+    _, resumed, resumed_scheduler = build()
+    resumed.load_state_dict(optimizer.state_dict())
+    resumed_scheduler.load_state_dict(scheduler.state_dict())
+    group = resumed.param_groups[0]
+    assert isinstance(group["lr"], torch.Tensor) and group["lr"].item() == pytest.approx(0.7e-3)
+    assert isinstance(group["initial_lr"], torch.Tensor) and group["initial_lr"].item() == pytest.approx(1e-3)
+    assert next(iter(resumed.state.values()))["step"].item() == 3
+    resumed_scheduler.step()
+    assert group["lr"].item() == pytest.approx(0.6e-3)
+
+
 def test_8bit_moments_take_a_byte_a_value_and_reload_as_the_trainer_resumes():
     """The point of 8-bit moments is memory: one byte per value (plus a scale per 256). A resumed run reads the
     optimizer's file with `torch.load(weights_only=True)`, as the Trainer does; the states must come back intact."""
@@ -501,6 +554,7 @@ def test_fused_8bit_step_on_cuda_matches_the_compiled_update(monkeypatch):
     same weights and states, torchao's compiled update with fp32 weights gives the same codes but for rare neighbours
     (Inductor rounds its division by the absmax its own way, and may fuse other multiply-adds than the kernel does),
     scales within 1e-6, and weights one bf16 ulp at most from the kernel's stochastically rounded ones."""
+    from accelerate.utils import move_to_device
     from torchao.optim.subclass_8bit import OptimState8bit
 
     from finetune import optim
@@ -514,7 +568,7 @@ def test_fused_8bit_step_on_cuda_matches_the_compiled_update(monkeypatch):
     params = [torch.nn.Parameter((torch.randn(shape, device="cuda") * 0.05).to(torch.bfloat16))
               for shape in [(16, 256), (64, 96), (48, 112)]]  # 16, 24 and 21 blocks of 256
     optimizer = optim.AdamWBf16SR(params, lr=1e-3, weight_decay=0.1, state_bits=8)
-    optimizer.param_groups[0]["lr"] = optimizer.param_groups[0]["lr"].cuda()  # where accelerate's prepare() puts it
+    optimizer.load_state_dict(move_to_device(optimizer.state_dict(), "cuda"))  # as accelerate's prepare() does
     for _ in range(3):
         references = []
         for p in params:
