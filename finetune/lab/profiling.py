@@ -200,11 +200,13 @@ def gpu_idle_by_host_range(profiler, top: int = 6) -> dict[str, float] | None:
             gaps.append((end, span.start))
         end = max(end, span.end)
     threads = _host_ranges_by_thread(profiler)
+    by_end = sorted((e for events, _, _ in threads for e in events), key=lambda e: e.time_range.end)
+    ends = [e.time_range.end for e in by_end]
     idle: dict[str, float] = {}
     for start, stop in gaps:
         spanning = [r for thread in threads for r in [_innermost_spanning(*thread, start, stop)] if r is not None]
         name = min(spanning, key=lambda e: e.time_range.end - e.time_range.start).name if spanning else \
-            _where_idle_began(threads, start)
+            _where_idle_began(threads, by_end, ends, start)
         idle[name] = idle.get(name, 0.0) + (stop - start) / 1000  # the profiler's times are microseconds
     return dict(sorted(idle.items(), key=lambda item: -item[1])[:top])
 
@@ -229,9 +231,10 @@ def _host_ranges_by_thread(profiler) -> list[tuple[list, list[int], list[int | N
     return threads
 
 
-def _where_idle_began(threads: list, start: int) -> str:
+def _where_idle_began(threads: list, by_end: list, ends: list[int], start: int) -> str:
     """The host ranges open at `start` on the thread where they nest deepest, the innermost three; else the range
-    that ended last before it."""
+    that ended last before it (`by_end`: every thread's ranges sorted by their `ends`; a step has thousands of idle
+    stretches and its ranges number in the hundred thousands, so it is bisected, not scanned)."""
     chains = []
     for events, starts, parents in threads:
         chain, i = [], bisect.bisect_right(starts, start) - 1
@@ -243,8 +246,8 @@ def _where_idle_began(threads: list, start: int) -> str:
     deepest = max(chains, key=len, default=[])
     if deepest:
         return "(began in) " + " > ".join(reversed(deepest[:3]))
-    ended = [e for events, _, _ in threads for e in events if e.time_range.end <= start]
-    return "(began after) " + max(ended, key=lambda e: e.time_range.end).name if ended else "(before any host range)"
+    last = bisect.bisect_right(ends, start) - 1
+    return f"(began after) {by_end[last].name}" if last >= 0 else "(before any host range)"
 
 
 def _innermost_spanning(events: list, starts: list[int], parents: list[int | None], start: int, stop: int):
