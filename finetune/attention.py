@@ -61,6 +61,20 @@ def register_varlen_attention() -> None:
     AttentionMaskInterface.register(VARLEN, sdpa_mask)
 
 
+def unmasked_packed_rows(model) -> None:
+    """Packed rows that carry their boundaries (`cu_seq_lens_q`, from TRL's padding-free collator) go through the
+    model with no mask, which is all the varlen and FlashAttention-2 kernels need. Left to itself, transformers
+    checks the position ids for packed sequences before it builds a mask, and reads the answer back from the GPU:
+    a host sync at the start of every micro-batch's forward (`masking_utils.py` in the training benchmark's
+    host_syncs_by_site). A mask per layer type given as None is taken as it is, as decoding's prefill does."""
+    def no_mask(decoder, args, kwargs):
+        if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = dict.fromkeys(decoder.config.layer_types)
+        return args, kwargs
+
+    model.get_decoder().register_forward_pre_hook(no_mask, with_kwargs=True)
+
+
 @contextmanager
 def attention_implementation(model, name: str):
     """The model with attention `name` for the duration, its own afterwards."""

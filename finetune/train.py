@@ -23,7 +23,7 @@ from trl import SFTConfig
 
 from data_prep.splits import Splits
 from finetune.adapters import adapter_alone_in_saves, adapters_in_weights_dtype, check_method, lora_config
-from finetune.attention import choose_attn_implementation
+from finetune.attention import choose_attn_implementation, unmasked_packed_rows
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
@@ -164,6 +164,8 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     attn_implementation = choose_attn_implementation(config.attn_implementation, config.packing)
     model = load_model(config, tokenizer, attn_implementation)
     check_tokenizer_fits(tokenizer, model)
+    if config.packing:
+        unmasked_packed_rows(model)
     if config.fp8:
         convert_to_fp8(model, config.fp8)
     if config.compile_layers:

@@ -82,6 +82,32 @@ def test_packed_rows_do_not_attend_across_articles(tiny_config, tokenizer):
     assert not torch.allclose(leaky[len(rows[0]):], alone[len(rows[0]):], atol=1e-3)
 
 
+def test_packed_rows_with_boundaries_skip_transformers_packed_sequence_check(tiny_config, tokenizer, monkeypatch):
+    """The check reads a value back from the GPU in every forward; rows that carry their boundaries need no mask and
+    take the same logits without it. Rows without boundaries still get the check (it finds them from positions)."""
+    from transformers import masking_utils
+
+    from finetune.attention import unmasked_packed_rows
+
+    choose_attn_implementation("auto", packing=True)
+    model = load_model(tiny_config, tokenizer, VARLEN).eval()
+    rows, ids, positions, cu = _packed_row(tokenizer)
+    boundaries = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(cu.diff().max()),
+                      max_length_k=int(cu.diff().max()))
+    with torch.no_grad():
+        checked = model(input_ids=ids, position_ids=positions, **boundaries).logits
+    unmasked_packed_rows(model)
+    calls = []
+    check = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda *a: calls.append(1) or check(*a))
+    with torch.no_grad():
+        unchecked = model(input_ids=ids, position_ids=positions, **boundaries).logits
+        assert calls == []
+        model(input_ids=ids, position_ids=positions)
+        assert calls == [1]
+    torch.testing.assert_close(unchecked, checked, atol=0, rtol=0)
+
+
 def test_padded_batches_attend_as_transformers_does_without_copying_keys_per_query_head(tiny_config, tokenizer,
                                                                                          monkeypatch):
     """Left-padded prompts, then greedy decoding from them (each step's one query under the padding mask): the varlen

@@ -177,6 +177,17 @@ def test_a_checkpoint_the_trainer_wrote_is_complete_and_each_missing_part_is_nam
         last_checkpoint(config.output_dir, world_size=2)  # two processes resume from their own RNG states
 
 
+def test_the_trainers_packed_rows_skip_transformers_packed_sequence_check(tiny_config, monkeypatch):
+    """The rows carry their boundaries, so the check (a host sync a micro-batch on the GPU) is not made."""
+    from transformers import masking_utils
+
+    trainer = build_trainer(tiny_config)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices",
+                        lambda *args: pytest.fail("transformers checked packed rows for their sequences"))
+    assert torch.isfinite(trainer.compute_loss(trainer.model, dict(batch)))
+
+
 def test_answer_only_lm_head_gives_trls_loss_and_gradients(tiny_config, monkeypatch):
     """On the CPU our trainer puts only the answer positions through TRL's fused LM head, where TRL's own path puts
     every position: the same loss and gradients from fewer rows, and TRL's choice is back once the loss is computed."""
