@@ -153,7 +153,7 @@ gpu-optimizer:  ## the 8-bit update's GPU tests and its time over the 7B shape's
 	mkdir -p $(GPU_OUT)
 	$(PY) -m pytest -q -s tests/test_optimizers.py 2>&1 | tee $(GPU_OUT)/gpu_adamw8bit_test.log
 	test -f $(ONE_LAUNCH_A_WEIGHT) || git show ad67def:finetune/adamw8bit_kernel.py > $(ONE_LAUNCH_A_WEIGHT)
-	$(PY) -m finetune.lab.bench_adamw8bit --shape 7b --compare $(ONE_LAUNCH_A_WEIGHT) --blocks_per_program 8 \
+	$(PY) -m finetune.lab.bench_adamw8bit --shape 7b --compare $(ONE_LAUNCH_A_WEIGHT) --programs 8x2 \
 	  --name h200_adamw8bit_kernel_7b
 	$(PY) -m finetune.lab.bench_adamw8bit --shape 7b --lora_rank 16 --compare $(ONE_LAUNCH_A_WEIGHT) \
 	  --name h200_adamw8bit_kernel_lora

@@ -442,7 +442,7 @@ def test_fused_8bit_step_rounds_to_bf16_without_bias_and_from_its_seed_alone():
 
 @on_the_interpreter
 def test_programs_of_other_sizes_update_as_the_kernels_do():
-    """bench_adamw8bit --blocks_per_program times the kernel with other programs: they must compute the same step.
+    """bench_adamw8bit --programs times the kernel with other programs: they must compute the same step.
     Weights of 5, 16 and 21 blocks: in programs of 8 blocks, the 5's and the 21's last are partly out of bounds."""
     from finetune.lab.bench_adamw8bit import kernel_step, load_kernel_module, zero_states
 

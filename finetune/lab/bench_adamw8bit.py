@@ -6,8 +6,7 @@
     git show 6005047:finetune/adamw8bit_kernel.py > /tmp/kernel_6005047.py
     python -m finetune.lab.bench_adamw8bit --shape 7b --compare /tmp/kernel_6005047.py   # beside an older kernel
     python -m finetune.lab.bench_adamw8bit --shape 7b --lora_rank 16 --compare /tmp/kernel_ad67def.py
-    python -m finetune.lab.bench_adamw8bit --shape 7b --blocks_per_program 8    # 2,048 values a program too
-    python -m finetune.lab.bench_adamw8bit --shape 7b --programs 4x8 8x8 8x16   # blocks x warps a program
+    python -m finetune.lab.bench_adamw8bit --shape 7b --programs 8x2 4x4   # blocks x warps a program, beside 4 x 2
 
 The LoRA shape (392 small adapter weights) times the host's share: kernels up to ad67def took one launch a weight,
 the current one launches once for all. CUDA events time the GPU's timeline, so a GPU waiting on launches counts.
@@ -111,12 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", choices=SHAPES, default="7b", help="the model shape whose weights are updated")
     parser.add_argument("--lora_rank", type=int, default=None, help="update LoRA adapters of this rank instead")
     parser.add_argument("--compare", nargs="*", default=[], help="files of other versions of adamw8bit_kernel.py")
-    parser.add_argument("--blocks_per_program", type=int, nargs="*", default=[],
-                        help="also the kernel with a program taking this many blocks of 256 (it takes "
-                             "BLOCKS_PER_PROGRAM): more values a thread, fewer instructions a value, more registers")
     parser.add_argument("--programs", nargs="*", default=[], metavar="BLOCKSxWARPS",
-                        help="also the kernel with programs of this many blocks and warps (it has BLOCKS_PER_PROGRAM x "
-                             "NUM_WARPS): fewer values a thread, fewer registers, more programs an SM")
+                        help="also the kernel with programs of this many blocks of 256 and warps (it has "
+                             "BLOCKS_PER_PROGRAM x NUM_WARPS): more values a thread, fewer instructions a value, more "
+                             "registers, fewer programs an SM")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the clock (compilation, first touch)")
     parser.add_argument("--measured", type=int, default=6, help="timed steps; the median is reported")
     parser.add_argument("--name", default="h200_adamw8bit_kernel", help="results/benchmarks/<name>.json")
@@ -132,12 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     from finetune import adamw8bit_kernel
     rows = {"fused kernel (finetune/adamw8bit_kernel.py)": lambda: kernel_row(adamw8bit_kernel, params, grads,
                                                                               args.warmup, args.measured)}
-    for blocks in args.blocks_per_program:  # a fresh copy of the module: its launch tables are cached per copy
-        module = load_kernel_module(adamw8bit_kernel.__file__)
-        module.BLOCKS_PER_PROGRAM = blocks
-        rows[f"fused kernel, {blocks} blocks a program"] = lambda module=module: kernel_row(module, params, grads,
-                                                                                          args.warmup, args.measured)
-    for program in args.programs:
+    for program in args.programs:  # a fresh copy of the module: its launch tables are cached per copy
         module = load_kernel_module(adamw8bit_kernel.__file__)
         module.BLOCKS_PER_PROGRAM, module.NUM_WARPS = map(int, program.split("x"))
         rows[f"fused kernel, {module.BLOCKS_PER_PROGRAM} blocks and {module.NUM_WARPS} warps a program"] = \
