@@ -204,9 +204,12 @@ def gpu_idle_by_host_range(profiler, top: int = 6) -> dict[str, float] | None:
     ends = [e.time_range.end for e in by_end]
     idle: dict[str, float] = {}
     for start, stop in gaps:
-        spanning = [r for thread in threads for r in [_innermost_spanning(*thread, start, stop)] if r is not None]
+        open_at_start = [_open_at(*thread, start) for thread in threads]
+        # per thread, the innermost range open at the start that lasts past the stop (enclosing ones end no earlier)
+        spanning = [next(e for e in chain if e.time_range.end >= stop) for chain in open_at_start
+                    if chain and chain[-1].time_range.end >= stop]
         name = min(spanning, key=lambda e: e.time_range.end - e.time_range.start).name if spanning else \
-            _where_idle_began(threads, by_end, ends, start)
+            _where_idle_began(open_at_start, by_end, ends, start)
         idle[name] = idle.get(name, 0.0) + (stop - start) / 1000  # the profiler's times are microseconds
     return dict(sorted(idle.items(), key=lambda item: -item[1])[:top])
 
@@ -231,32 +234,26 @@ def _host_ranges_by_thread(profiler) -> list[tuple[list, list[int], list[int | N
     return threads
 
 
-def _where_idle_began(threads: list, by_end: list, ends: list[int], start: int) -> str:
-    """The host ranges open at `start` on the thread where they nest deepest, the innermost three; else the range
-    that ended last before it (`by_end`: every thread's ranges sorted by their `ends`; a step has thousands of idle
+def _open_at(events: list, starts: list[int], parents: list[int | None], time: int) -> list:
+    """One thread's ranges open at `time`, innermost first: from the last one to begin by then, out through its
+    enclosing ranges (ranges on one thread nest)."""
+    chain, i = [], bisect.bisect_right(starts, time) - 1
+    while i is not None and i >= 0:
+        if events[i].time_range.end > time:
+            chain.append(events[i])
+        i = parents[i]
+    return chain
+
+
+def _where_idle_began(open_at_start: list[list], by_end: list, ends: list[int], start: int) -> str:
+    """The ranges open at `start` on the thread where they nest deepest, the innermost three; else the range that
+    ended last before it (`by_end`: every thread's ranges sorted by their `ends`; a step has thousands of idle
     stretches and its ranges number in the hundred thousands, so it is bisected, not scanned)."""
-    chains = []
-    for events, starts, parents in threads:
-        chain, i = [], bisect.bisect_right(starts, start) - 1
-        while i is not None and i >= 0:
-            if events[i].time_range.end > start:
-                chain.append(events[i].name)
-            i = parents[i]
-        chains.append(chain)
-    deepest = max(chains, key=len, default=[])
+    deepest = max(open_at_start, key=len, default=[])
     if deepest:
-        return "(began in) " + " > ".join(reversed(deepest[:3]))
+        return "(began in) " + " > ".join(e.name for e in reversed(deepest[:3]))
     last = bisect.bisect_right(ends, start) - 1
     return f"(began after) {by_end[last].name}" if last >= 0 else "(before any host range)"
-
-
-def _innermost_spanning(events: list, starts: list[int], parents: list[int | None], start: int, stop: int):
-    """The innermost of one thread's ranges that spans [start, stop]: from the last one to begin by `start`, out
-    through its enclosing ranges until one lasts past `stop`. None if none does."""
-    i = bisect.bisect_right(starts, start) - 1
-    while i is not None and i >= 0 and events[i].time_range.end < stop:
-        i = parents[i]
-    return events[i] if i is not None and i >= 0 else None
 
 
 def _device_events(profiler) -> list:
