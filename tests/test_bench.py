@@ -178,17 +178,19 @@ def test_nccl_and_busy_shares_of_the_gpu_timeline():
     assert gpu_busy_seconds(SimpleNamespace(events=lambda: [])) is None
 
 
+def _timed(name: str, start: int, end: int, device: str = "CUDA") -> SimpleNamespace:
+    """A profiler event: a kernel on the GPU's timeline, or a host range ("CPU"), from `start` to `end` us."""
+    return SimpleNamespace(name=name, device_type=getattr(torch.profiler.DeviceType, device), is_user_annotation=False,
+                           time_range=SimpleNamespace(start=start, end=end))
+
+
 def test_gpu_idle_time_is_charged_to_the_innermost_host_range_spanning_it():
     """Three idle stretches (20-30, 40-45 and 50-80 us): only the second lies wholly inside the optimizer's step and
     goes to it, not to the training step around it; the first starts before the step, and the last is longer than the
     data loader's range inside it, so both go to the training step."""
-    def event(name: str, start: int, end: int, device: str = "CUDA") -> SimpleNamespace:
-        return SimpleNamespace(name=name, device_type=getattr(torch.profiler.DeviceType, device),
-                               is_user_annotation=False, time_range=SimpleNamespace(start=start, end=end))
-
-    step = [event("gemm", 0, 20), event("adam_a", 30, 40), event("adam_b", 45, 50), event("gemm", 80, 100),
-            event("training_step", 0, 100, "CPU"), event("Optimizer.step#AdamW.step", 25, 50, "CPU"),
-            event("Optimizer.step#AdamW.step", 19, 20, "CPU"), event("enumerate(DataLoader)", 60, 79, "CPU")]
+    step = [_timed("gemm", 0, 20), _timed("adam_a", 30, 40), _timed("adam_b", 45, 50), _timed("gemm", 80, 100),
+            _timed("training_step", 0, 100, "CPU"), _timed("Optimizer.step#AdamW.step", 25, 50, "CPU"),
+            _timed("Optimizer.step#AdamW.step", 19, 20, "CPU"), _timed("enumerate(DataLoader)", 60, 79, "CPU")]
     idle = gpu_idle_by_host_range(SimpleNamespace(events=lambda: step))
     assert idle == {"training_step": pytest.approx(0.040), "Optimizer.step#AdamW.step": pytest.approx(0.005)}
     assert gpu_idle_by_host_range(SimpleNamespace(events=lambda: [])) is None
@@ -197,14 +199,10 @@ def test_gpu_idle_time_is_charged_to_the_innermost_host_range_spanning_it():
 def test_gpu_idle_no_host_range_spans_is_charged_to_where_the_host_was_when_it_began():
     """A sync returns just after the GPU ran dry (idle 20-30 begins inside it: the innermost three ranges open then,
     outer first); idle 50-60 begins after every range has ended (the last to end names it)."""
-    def event(name: str, start: int, end: int, device: str = "CUDA") -> SimpleNamespace:
-        return SimpleNamespace(name=name, device_type=getattr(torch.profiler.DeviceType, device),
-                               is_user_annotation=False, time_range=SimpleNamespace(start=start, end=end))
-
-    step = [event("gemm", 0, 20), event("mul", 30, 50), event("gemm", 60, 70),
-            event("compute_loss", 0, 22, "CPU"), event("aten::item", 15, 22, "CPU"),
-            event("aten::_local_scalar_dense", 16, 21, "CPU"), event("cudaStreamSynchronize", 17, 21, "CPU"),
-            event("aten::mul", 28, 29, "CPU"), event("aten::add", 40, 45, "CPU"), event("aten::sum", 30, 35, "CPU")]
+    step = [_timed("gemm", 0, 20), _timed("mul", 30, 50), _timed("gemm", 60, 70),
+            _timed("compute_loss", 0, 22, "CPU"), _timed("aten::item", 15, 22, "CPU"),
+            _timed("aten::_local_scalar_dense", 16, 21, "CPU"), _timed("cudaStreamSynchronize", 17, 21, "CPU"),
+            _timed("aten::mul", 28, 29, "CPU"), _timed("aten::add", 40, 45, "CPU"), _timed("aten::sum", 30, 35, "CPU")]
     idle = gpu_idle_by_host_range(SimpleNamespace(events=lambda: step))
     assert idle == {
         "(began in) aten::item > aten::_local_scalar_dense > cudaStreamSynchronize": pytest.approx(0.010),
