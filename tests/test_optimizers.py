@@ -207,7 +207,7 @@ def test_the_trainers_scheduler_steps_without_waiting_for_the_gpu():
     """accelerate's prepare() loads the optimizer's state dict moved to the GPU, and the Trainer builds its scheduler
     after it, from the optimizer's learning rates: a scheduler reading them back from the GPU at each of its steps
     stops the host there, right after the update was queued (torch's sync debug mode makes that an error)."""
-    from accelerate.utils import move_to_device
+    from accelerate.optimizer import move_to_device
 
     from finetune.optim import AdamWBf16SR
 
@@ -554,7 +554,7 @@ def test_fused_8bit_step_on_cuda_matches_the_compiled_update(monkeypatch):
     same weights and states, torchao's compiled update with fp32 weights gives the same codes but for rare neighbours
     (Inductor rounds its division by the absmax its own way, and may fuse other multiply-adds than the kernel does),
     scales within 1e-6, and weights one bf16 ulp at most from the kernel's stochastically rounded ones."""
-    from accelerate.utils import move_to_device
+    from accelerate.optimizer import move_to_device
     from torchao.optim.subclass_8bit import OptimState8bit
 
     from finetune import optim
