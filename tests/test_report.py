@@ -161,7 +161,8 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
     older files), in the other both at 512. Only the second makes the generation ratio; the per-run table still shows
     the first's ratio, marked with its anchor's batch; a goal no run measured stays in the table, open. Generation's
     ceiling, label scoring's speed over plain `generate`, is reported where the two ran at one batch on taught weights
-    (a third run, on random weights, where plain `generate` never stops early, makes no ceiling)."""
+    (a third run, on random weights, where plain `generate` never stops early, makes no ceiling). FP8 label scoring
+    over plain HF in bf16 is reported likewise: only where both ran at one batch."""
     from finetune.lab.report import eval_benchmark_table
 
     (tmp_path / "benchmarks").mkdir()
@@ -171,9 +172,11 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
                  "generation": {"batch_size": 512, "articles_per_second": 100.0 * ratio, "vs_anchor": ratio},
                  "label_scoring": {"batch_size": anchor_batch, "articles_per_second": 900.0 if model == "scratch"
                                    else 250.0}}
-        if name == "new":  # FP8 label scoring against its own FP8 anchor
+        if name != "random":  # FP8 label scoring against its own FP8 anchor, and plain HF in bf16
             modes.update(plain_label_scoring_fp8={"batch_size": 512, "articles_per_second": 150.0},
-                         label_scoring_fp8={"batch_size": 512, "articles_per_second": 300.0, "vs_anchor": 2.0})
+                         label_scoring_fp8={"batch_size": 512, "articles_per_second": 300.0, "vs_anchor": 2.0},
+                         plain_label_scoring={"batch_size": anchor_batch,  # slower at 64: 5x if it were let in
+                                              "articles_per_second": 120.0 if anchor_batch == 512 else 60.0})
         for m in modes.values():
             m.update(articles=7600, latency_ms={"p50": 1.0, "p95": 2.0}, peak_allocated_gib=20.0)
         record = {"benchmark": "eval", "world_size": 1, "config": {"model": model}, "modes": modes,
@@ -187,5 +190,7 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
     assert "| the most generation can reach against plain `generate`: label scoring's speed (its answer-tree check " \
            "is label scoring's pass), same run and batch | (reported) | 2.50x | `new.json`: label scoring over plain " \
            "`generate`, batch 512, NVIDIA H200 | | 1 run |" in table
+    assert "| label scoring in FP8 vs plain HF label scoring in bf16, same run and batch | (reported) | 2.50x | " \
+           "`new.json`: label_scoring_fp8 over plain_label_scoring (bf16), batch 512, NVIDIA H200 | | 1 run |" in table
     assert "| label_scoring_fp8 | 7600 | 300.0 | one cold pass | 2.00x |" in eval_benchmark_table(tmp_path)
     assert "| 3.40x (anchor at batch 64) |" in eval_benchmark_table(tmp_path) and "| 2.10x |" in eval_benchmark_table(tmp_path)

@@ -209,6 +209,21 @@ def generation_ceilings(results_dir: Path) -> list[Row]:
     return rows
 
 
+def fp8_scoring_over_bf16(results_dir: Path) -> list[Row]:
+    """Per run, FP8 label scoring's articles/s over plain HF label scoring's in bf16, where both ran at one batch
+    size in one run: the speed a user would see from the suite's FP8 pass against the anchor as anyone writes it
+    (its `vs_anchor` divides by plain HF in the same FP8)."""
+    rows = []
+    for file, record in on_one_gpu(results_dir, "eval"):
+        fp8, plain = record["modes"].get("label_scoring_fp8"), record["modes"].get("plain_label_scoring")
+        if fp8 and plain and fp8["batch_size"] == plain["batch_size"]:
+            device = hardware_label(record["environment"])
+            rows.append(((device, plain["batch_size"]), f"label_scoring_fp8 over plain_label_scoring (bf16), batch "
+                         f"{plain['batch_size']}, {device}", file,
+                         {"over_bf16": fp8["articles_per_second"] / plain["articles_per_second"]}))
+    return rows
+
+
 def eval_anchor_mismatch(record: dict, mode: str) -> str | None:
     """Why an evaluation mode may not be divided by its plain-HF anchor (the anchor ran at another batch size), or
     None."""
@@ -305,7 +320,13 @@ def targets(results_dir: Path) -> list[Target]:
             ("decoding every article vs plain `generate`, same run and batch, on weights taught the answer format", 2.0,
              of_mode("generation_decoding", taught), "vs_anchor"),
             ("the most generation can reach against plain `generate`: label scoring's speed (its answer-tree check is "
-             "label scoring's pass), same run and batch", None, generation_ceilings(results_dir), "ceiling")):
+             "label scoring's pass), same run and batch", None, generation_ceilings(results_dir), "ceiling"),
+            ("label scoring with the decoder layers in FP8 (an eval benchmark mode, not the recipe's), articles/s over "
+             "7,600", None, of_mode("label_scoring_fp8"), "articles_per_second"),
+            ("label scoring in FP8 vs plain HF label scoring in the same FP8, same run and batch", None,
+             of_mode("label_scoring_fp8"), "vs_anchor"),
+            ("label scoring in FP8 vs plain HF label scoring in bf16, same run and batch", None,
+             fp8_scoring_over_bf16(results_dir), "over_bf16")):
         measured = [row for row in measured if metric in row[3]]
         # A goal is met by the code as it is, where that was timed: an evaluation row's key ends with what it lacked.
         today = [row for row in measured if not row[0][-1]]
