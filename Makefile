@@ -61,6 +61,9 @@ tensorboard: $(INSTALLED)  ## TensorBoard on the training logs under checkpoints
 # --- GPU runs (the device machine has its own python with torch; run as `make PY=python3 gpu-...`) ---
 PY ?= $(BIN)/python
 GPU_OUT ?= results/gpu
+# Benchmark files are named after the card that wrote them ("NVIDIA H100 80GB HBM3" -> h100, "NVIDIA GB10" -> gb10).
+GPU_TAG ?= $(or $(shell nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | \
+	sed -E 's/^NVIDIA //; s/[ -].*//' | tr 'A-Z' 'a-z'),gpu)
 # The tiny recipe on the GPU: bf16 autocast over fp32 master weights, the CUDA varlen attention kernel.
 GPU_TINY := --profile tiny --bf16 true --optimizer adamw_fp32_master --results_dir $(GPU_OUT)
 # $(call gpu_tiny_run,RUN,FLAGS): that recipe trained as RUN with FLAGS, its summary kept beside its evaluation on the
@@ -85,12 +88,12 @@ gpu-training-core:  ## packed-vs-alone equivalence on CUDA, holdout runs with an
 # are not slowed by allocator retries.
 gpu-bench: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench:  ## the 7B shape: training ablations (with a profiled step each) and evaluation throughput, plain and Liger
-	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --name h100_7b_train --profile_step
+	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --name $(GPU_TAG)_7b_train --profile_step
 	$(MAKE) PY=$(PY) gpu-bench-eval
 
 # Plain-HF anchors first (no Liger), then Liger applied and the suite's modes (tree and packed label scoring,
 # generation), each warmed up and timed twice over the 7,600 articles: about 5 minutes on one H200.
-EVAL_NAME ?= h200_7b_eval_anchored
+EVAL_NAME ?= $(GPU_TAG)_7b_eval_anchored
 EVAL_FLAGS ?=
 gpu-bench-eval: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench-eval:  ## the 7B shape: every evaluation mode beside plain-HF label scoring and generate, same process
@@ -103,7 +106,7 @@ gpu-bench-eval:  ## the 7B shape: every evaluation mode beside plain-HF label sc
 # H200; the folder is 15 GB (a link from checkpoints/fsdp-7b to /dev/shm helps where the disk is small).
 # Every mode and both anchors at batch 512, so each ratio compares equal batches (h200_7b_eval_trained.json, an older
 # run, timed plain `generate` at 64).
-TRAINED_EVAL_NAME ?= h200_7b_eval_trained_512
+TRAINED_EVAL_NAME ?= $(GPU_TAG)_7b_eval_trained_512
 gpu-bench-eval-trained: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under FSDP2, evaluated and benchmarked
 	rm -rf checkpoints/fsdp-7b/*  # the folder may be a link: keep it, empty it
@@ -121,7 +124,7 @@ gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under F
 # finetune/lab/train_variants.py's TRAIN_VARIANTS (the reference always runs); the JSON is rewritten after every row, so a run
 # cut short keeps what it measured. Default: checkpointing auto within 70 GiB, compiled, compiled + FP8 rowwise, and
 # compiled on all of the card's memory.
-BENCH_NAME ?= h200_7b_train_speed
+BENCH_NAME ?= $(GPU_TAG)_7b_train_speed
 BENCH_VARIANTS ?= auto70,compiled-auto70,compiled-fp8-rowwise-auto70,compiled-auto
 BENCH_LIGER_VARIANTS ?= liger-gc16,compiled-fp8-tensorwise-auto70,liger-compiled-auto70,liger-compiled-fp8-rowwise-auto70
 BENCH_STEPS ?= --warmup_steps 1 --measured_steps 3
@@ -154,9 +157,9 @@ gpu-optimizer:  ## the 8-bit update's GPU tests and its time over the 7B shape's
 	$(PY) -m pytest -q -s tests/test_optimizers.py 2>&1 | tee $(GPU_OUT)/gpu_adamw8bit_test.log
 	test -f $(ONE_LAUNCH_A_WEIGHT) || git show ad67def:finetune/adamw8bit_kernel.py > $(ONE_LAUNCH_A_WEIGHT)
 	$(PY) -m finetune.lab.bench_adamw8bit --shape 7b --compare $(ONE_LAUNCH_A_WEIGHT) --programs 8x2 \
-	  --name h200_adamw8bit_kernel_7b
+	  --name $(GPU_TAG)_adamw8bit_kernel_7b
 	$(PY) -m finetune.lab.bench_adamw8bit --shape 7b --lora_rank 16 --compare $(ONE_LAUNCH_A_WEIGHT) \
-	  --name h200_adamw8bit_kernel_lora
+	  --name $(GPU_TAG)_adamw8bit_kernel_lora
 
 # Does the FP8 recipe learn what bf16 learns at the 7B shape (~5 min on one H200)? 200 steps of the recipe at 8 rows a
 # step, bf16 and a second bf16 rounding draw (the noise floor) beside FP8, each model scored on the held-out articles;
@@ -188,7 +191,7 @@ gpu-fp8:  ## ~8 min: does FP8 (and compilation) change what is learned?
 gpu-methods: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-methods:  ## ~6 min: the 7B shape trained in full, with LoRA and with QLoRA (tokens/s, MFU, peak memory)
 	mkdir -p $(GPU_OUT)
-	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --name h200_7b_methods \
+	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --name $(GPU_TAG)_7b_methods \
 	  --variants lora-reference,qlora-reference --warmup_steps 1 --measured_steps 3 --stock_trl_steps none
 	$(PY) -m pytest -q -m gpu -s tests/test_adapters.py 2>&1 | tee $(GPU_OUT)/gpu_qlora_test.log
 
@@ -213,14 +216,14 @@ rehearse: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 rehearse:  ## GPU: the four notebooks, qwen2.5-7b recipe, 20 steps, on a stand-in of the hub snapshot (results/rehearsal/)
 	$(PY) -m finetune.lab.rehearse --shape 7b
 	$(MAKE) PY=$(PY) gpu-bench-train-recipe
-	$(MAKE) PY=$(PY) gpu-bench-eval EVAL_NAME=h200_7b_eval_recipe EVAL_FLAGS="--model checkpoints/rehearsal-7b/final"
+	$(MAKE) PY=$(PY) gpu-bench-eval EVAL_NAME=$(GPU_TAG)_7b_eval_recipe EVAL_FLAGS="--model checkpoints/rehearsal-7b/final"
 	$(PY) -m finetune.lab.rehearse --shape 7b --same_run results/benchmarks/$(BENCH_NAME)_recipe.json \
-	  results/benchmarks/h200_7b_eval_recipe.json
+	  results/benchmarks/$(GPU_TAG)_7b_eval_recipe.json
 
 # --- FSDP2 on several GPUs (configs/accelerate/fsdp2.yaml). NCCL's NVLink multicast stays off: the lent machines
 # require it, and the script sets it too. ---
 NPROC ?= 2
-FSDP_NAME ?= h200_7b_fsdp
+FSDP_NAME ?= $(GPU_TAG)_7b_fsdp
 ACCELERATE := $(PY) -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml
 
 gpu-fsdp:  ## every GPU of the machine, ~8 min on 2: the 7B recipe per GPU on 1, 2, 4.. GPUs, a resume, saves + evaluations
