@@ -218,8 +218,9 @@ def fp8_scoring_over_bf16(results_dir: Path) -> list[Row]:
         fp8, plain = record["modes"].get("label_scoring_fp8"), record["modes"].get("plain_label_scoring")
         if fp8 and plain and fp8["batch_size"] == plain["batch_size"]:
             device = hardware_label(record["environment"])
-            rows.append(((device, plain["batch_size"]), f"label_scoring_fp8 over plain_label_scoring (bf16), batch "
-                         f"{plain['batch_size']}, {device}", file,
+            missed = tuple(made_before(record, ("label_scoring_fp8",)))
+            label = f"label_scoring_fp8 over plain_label_scoring (bf16), batch {plain['batch_size']}, {device}"
+            rows.append(((device, plain["batch_size"], missed), label, file,
                          {"over_bf16": fp8["articles_per_second"] / plain["articles_per_second"]}))
     return rows
 
