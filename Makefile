@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo demo-results test test-all lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train gpu-bench-eval-trained \
+.PHONY: demo demo-results test test-all lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train gpu-bench-eval-trained gpu-eval-fp8 \
 	gpu-bench-train-liger gpu-bench-train-recipe gpu-optimizer gpu-fp8-7b gpu-fp8 gpu-methods tiny-methods tiny-lora-carve rehearse gpu-fsdp gpu-bench-fsdp
 
 $(INSTALLED): requirements.txt pyproject.toml
@@ -118,6 +118,15 @@ gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under F
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --model checkpoints/fsdp-7b/final \
 	  --name $(TRAINED_EVAL_NAME) --eval_batch_size 512 --generation_batch_size 512 --use_liger_kernel true \
 	  --repeats 2 --modes plain_label_scoring,plain_generate,plain_label_scoring_kernels,plain_generate_kernels,label_scoring,generation,generation_decoding
+
+# Would FP8 evaluation give the labels bf16 gives? On the rehearsal's stand-in taught the answer format (`make
+# rehearse` first), label scoring in bf16 (the tree's labels are the reference) and in FP8, each beside its plain-HF
+# anchor: FP8's `agreement_with_tree` decides whether it can join evaluation's defaults.
+gpu-eval-fp8: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
+gpu-eval-fp8:  ## FP8 label scoring's speed and its agreement with bf16's labels, on checkpoints/rehearsal-7b/final
+	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --model checkpoints/rehearsal-7b/final \
+	  --name $(GPU_TAG)_7b_eval_fp8_taught --use_liger_kernel false --compile_layers true --eval_batch_size 512 \
+	  --repeats 2 --modes plain_label_scoring,label_scoring_tree,label_scoring,plain_label_scoring_fp8,label_scoring_fp8
 
 # Speed II (one GPU, 7B shape, ~7 min each): stock TRL, the reference and the new variants, each file with its own
 # stock TRL row so that every ratio is the same run's. BENCH_VARIANTS are names (VARIANT_SLUGS) or indices into
