@@ -162,7 +162,8 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
     the first's ratio, marked with its anchor's batch; a goal no run measured stays in the table, open. Generation's
     ceiling, label scoring's speed over plain `generate`, is reported where the two ran at one batch on taught weights
     (a third run, on random weights, where plain `generate` never stops early, makes no ceiling). FP8 label scoring
-    over plain HF in bf16 is reported likewise: only where both ran at one batch."""
+    over plain HF in bf16 is reported likewise: only where both ran at one batch; the per-run table gives its share of
+    the tree's labels."""
     from finetune.lab.report import eval_benchmark_table
 
     (tmp_path / "benchmarks").mkdir()
@@ -174,7 +175,8 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
                                    else 250.0}}
         if name != "random":  # FP8 label scoring against its own FP8 anchor, and plain HF in bf16
             modes.update(plain_label_scoring_fp8={"batch_size": 512, "articles_per_second": 150.0},
-                         label_scoring_fp8={"batch_size": 512, "articles_per_second": 300.0, "vs_anchor": 2.0},
+                         label_scoring_fp8={"batch_size": 512, "articles_per_second": 300.0, "vs_anchor": 2.0,
+                                            "agreement_with_tree": {"same_labels": 0.895}},
                          plain_label_scoring={"batch_size": anchor_batch,  # slower at 64: 5x if it were let in
                                               "articles_per_second": 120.0 if anchor_batch == 512 else 60.0})
         for m in modes.values():
@@ -192,5 +194,5 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
            "`generate`, batch 512, NVIDIA H200 | | 1 run |" in table
     assert "| label scoring in FP8 vs plain HF label scoring in bf16, same run and batch | (reported) | 2.50x | " \
            "`new.json`: label_scoring_fp8 over plain_label_scoring (bf16), batch 512, NVIDIA H200 | | 1 run |" in table
-    assert "| label_scoring_fp8 | 7600 | 300.0 | one cold pass | 2.00x |" in eval_benchmark_table(tmp_path)
+    assert "| label_scoring_fp8 | 7600 | 300.0 | one cold pass | 2.00x | 89.5% |" in eval_benchmark_table(tmp_path)
     assert "| 3.40x (anchor at batch 64) |" in eval_benchmark_table(tmp_path) and "| 2.10x |" in eval_benchmark_table(tmp_path)

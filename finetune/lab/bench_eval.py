@@ -242,6 +242,9 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
             if mode in skipped:
                 report(mode, {"skipped": skipped[mode]})
                 continue
+        # Each mode compiles afresh: the tree's cache views recompile every compiled layer, and once a function has
+        # used torch's 8 recompilations it runs uncompiled for every mode after (h100_7b_eval_fp8_taught.json's FP8).
+        torch._dynamo.reset()
         run, batch = mode_runner(mode, model, tokenizer, batch_size, generation_batch_size, max_length)
         timed = texts[::SMALL_BATCH_EVERY] if mode == "plain_generate_batch64" else texts
         results[mode], predictions[mode] = time_mode(run, timed, warmup_texts(texts, lengths, batch), repeats, batch)
