@@ -23,9 +23,10 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
     step (before and after the optimizer's update, and at the step's end), so a step takes 3 s and its update 1 s.
     The token count (TRL's logged `num_tokens`) is checked against the data: the tiny profile's micro-batch is 16
     rows, and at max_length 128 every article (80-128 tokens here) fills a row of its own, packed or not, so a step
-    holds 16 articles' real tokens. The 16-32 measured articles' mean is within a few percent of the training set's (articles vary by ~9
-    tokens around ~94: 2% per standard deviation of a 16-article mean), hence 10%; padding counted (the unpacked
-    rows are padded to their longest, ~20% more), one row's tokens, or a step's tokens counted twice all miss it."""
+    holds 16 articles' real tokens. The 16-32 measured articles' mean is within a few percent of the training set's
+    (articles vary by ~9 tokens around ~94: 2% per standard deviation of a 16-article mean), hence 10%; padding
+    counted (the unpacked rows are padded to their longest, ~20% more), one row's tokens, or a step's tokens counted
+    twice all miss it."""
     from finetune.lab import profiling
 
     ticks = iter(range(10**6))
@@ -158,17 +159,21 @@ def test_matmul_rates_count_the_flops_torch_counts_per_shape():
     assert sum(r["tflops_per_second"] * r["ms"] * 1e9 for r in rows) == pytest.approx(counter.get_total_flops())
 
 
+def _timed(name: str, start: int, end: int, device: str = "CUDA", annotation: bool = False) -> SimpleNamespace:
+    """A profiler event: a kernel on the GPU's timeline, or a host range ("CPU"), from `start` to `end` us; an
+    `annotation` is a `record_function` range."""
+    return SimpleNamespace(name=name, device_type=getattr(torch.profiler.DeviceType, device),
+                           is_user_annotation=annotation, time_range=SimpleNamespace(start=start, end=end))
+
+
 def test_nccl_and_busy_shares_of_the_gpu_timeline():
     """Overlapping kernels count once, annotations (a `record_function` range, "nccl:...") not at all; busy is any
     kernel running, NCCL's share only its collectives."""
-    def event(name: str, start: int, end: int, annotation: bool = False) -> SimpleNamespace:
-        return SimpleNamespace(name=name, device_type=torch.profiler.DeviceType.CUDA, is_user_annotation=annotation,
-                               time_range=SimpleNamespace(start=start, end=end))
-
-    step = [event("nvjet_gemm", 0, 50), event("ncclDevKernel_AllGather_RING_LL", 10, 30),
-            event("nccl:_all_gather_base", 10, 30, annotation=True), event("ncclDevKernel_ReduceScatter_Sum_bf16", 20, 40),
-            event("Optimizer.step#AdamW.step", 0, 100, annotation=True), event("ncclDevKernel_AllGather_RING_LL", 60, 70),
-            event("void at::native::elementwise_kernel<4>", 90, 100)]
+    step = [_timed("nvjet_gemm", 0, 50), _timed("ncclDevKernel_AllGather_RING_LL", 10, 30),
+            _timed("nccl:_all_gather_base", 10, 30, annotation=True),
+            _timed("ncclDevKernel_ReduceScatter_Sum_bf16", 20, 40),
+            _timed("Optimizer.step#AdamW.step", 0, 100, annotation=True),
+            _timed("ncclDevKernel_AllGather_RING_LL", 60, 70), _timed("void at::native::elementwise_kernel<4>", 90, 100)]
     profiler = SimpleNamespace(events=lambda: step)
     assert nccl_kernel_share(profiler) == pytest.approx(0.4)
     assert gpu_busy_share(profiler) == pytest.approx(0.7)
@@ -176,12 +181,6 @@ def test_nccl_and_busy_shares_of_the_gpu_timeline():
     assert nccl_kernel_share(SimpleNamespace(events=lambda: [])) is None  # CPU: no GPU timeline
     assert gpu_busy_share(SimpleNamespace(events=lambda: [])) is None
     assert gpu_busy_seconds(SimpleNamespace(events=lambda: [])) is None
-
-
-def _timed(name: str, start: int, end: int, device: str = "CUDA") -> SimpleNamespace:
-    """A profiler event: a kernel on the GPU's timeline, or a host range ("CPU"), from `start` to `end` us."""
-    return SimpleNamespace(name=name, device_type=getattr(torch.profiler.DeviceType, device), is_user_annotation=False,
-                           time_range=SimpleNamespace(start=start, end=end))
 
 
 def test_gpu_idle_time_is_charged_to_the_innermost_host_range_spanning_it():
