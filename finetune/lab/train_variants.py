@@ -108,6 +108,9 @@ TRAIN_VARIANTS = {
     # under a reseeded generator.
     "LoRA r16, the qwen2.5-7b recipe, 8-bit AdamW moments": {**RECIPE_SPEED, "method": "lora",
                                                              "optimizer": "adamw8bit_bf16_sr"},
+    # The recipe planned for at most 70 GiB, the memory the benchmark-honesty targets allow: on an 80 GB card it
+    # recomputes a layer or two more than as planned for the card (70.7 GiB on an H100).
+    "the qwen2.5-7b recipe, within 70 GiB": {**RECIPE_SPEED, "max_memory_gib": 70},
 }
 
 
@@ -129,6 +132,7 @@ VARIANT_SLUGS = {
     "lora": "LoRA r16, the qwen2.5-7b recipe",
     "qlora": "QLoRA r16, the qwen2.5-7b recipe",
     "lora-8bit": "LoRA r16, the qwen2.5-7b recipe, 8-bit AdamW moments",
+    "recipe-70": "the qwen2.5-7b recipe, within 70 GiB",
 }
 
 
