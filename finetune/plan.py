@@ -59,6 +59,33 @@ class GPU:
                    (free + torch.cuda.memory_reserved()) / GIB, bool(getattr(props, "is_integrated", False)))
 
 
+class ModelNotFound(ValueError):
+    """A model or model_path that names no model folder here and cannot be a hub id."""
+
+
+def check_model_source(source: str | Path, what: str) -> None:
+    """Fail at once where `source` cannot be a model: a folder with neither config.json (a model) nor
+    adapter_config.json (a LoRA adapter), or a path to no folder. transformers would take such a path for a hub id
+    and fail later, on the repo id's form or on the network, without saying that the folder is missing. A name of
+    the hub's form (owner/name) whose owner is no folder here is left to the hub."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not any((path / name).exists() for name in ("config.json", "adapter_config.json")):
+            raise ModelNotFound(f"{what} {source}: the folder holds no config.json (a model as save_pretrained or "
+                                "`hf download` writes it) and no adapter_config.json (a LoRA adapter)")
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(source))
+        hub_form = not (path.parent != Path(".") and path.parent.is_dir())
+    except HFValidationError:
+        hub_form = False
+    if not hub_form:
+        raise ModelNotFound(f"{what} {source}: no such folder. Give a model folder (config.json and weights) or a "
+                            "hub id such as Qwen/Qwen2.5-7B-Instruct")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     hidden: int
@@ -72,7 +99,12 @@ class ModelShape:
     @classmethod
     def of(cls, config: RunConfig, path: str | Path | None = None) -> "ModelShape":
         """The shape of the model at `path` (a trained folder with its config.json) or of the run's model: the
-        scratch fields, or the checkpoint's config.json (a hub id or folder). An adapter folder has the base's shape."""
+        scratch fields, or the checkpoint's config.json (a hub id or folder). An adapter folder has the base's shape.
+        The first reader of both in training and evaluation, so it checks them (`check_model_source`)."""
+        if path is not None:
+            check_model_source(path, "model_path")
+        if config.model != "scratch":
+            check_model_source(config.model, "model")
         if path is not None and (Path(path) / "config.json").exists():
             source = str(path)
         elif config.model == "scratch":

@@ -307,6 +307,26 @@ class OutOfMemoryAt(TrainerCallback):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
+def test_a_model_folder_that_is_not_there_stops_both_commands_with_its_name(tmp_path):
+    """A missing folder, given to training or to evaluation, is named at once, before any data loads; without the
+    check transformers takes it for a hub id and fails on the repo id's form or the network. A folder without a
+    model in it is named too; a model folder, an adapter folder and a name of the hub's form pass."""
+    import finetune.evaluate
+    import finetune.train
+    from finetune.plan import ModelNotFound, check_model_source
+
+    missing = tmp_path / "models" / "Qwen2.5-7B-Instruct"
+    with pytest.raises(SystemExit, match=f"error: model {missing}: no such folder"):
+        finetune.train.main(["--model", str(missing)])
+    with pytest.raises(SystemExit, match=f"error: model_path {missing}: no such folder"):
+        finetune.evaluate.main(["--profile", "tiny", "--model_path", str(missing)])
+    with pytest.raises(ModelNotFound, match="no config.json.*no adapter_config.json"):
+        check_model_source(tmp_path, "model")
+    (tmp_path / "adapter_config.json").write_text("{}")
+    check_model_source(tmp_path, "model_path")
+    check_model_source("Qwen/Qwen2.5-7B-Instruct", "model")  # no folder Qwen/ here: the hub's to answer
+
+
 def test_running_out_of_memory_names_what_is_kept_and_what_needs_less(tiny_config):
     """An out-of-memory error mid-run says which checkpoint the same command resumes from and which settings need less
     memory; the rerun then resumes there. Before the first checkpoint, it says a rerun starts afresh."""
