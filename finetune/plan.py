@@ -67,7 +67,10 @@ def check_model_source(source: str | Path, what: str) -> None:
     """Fail at once where `source` cannot be a model: a folder with neither config.json (a model) nor
     adapter_config.json (a LoRA adapter), or a path to no folder. transformers would take such a path for a hub id
     and fail later, on the repo id's form or on the network, without saying that the folder is missing. A name of
-    the hub's form (owner/name) whose owner is no folder here is left to the hub."""
+    the hub's form (owner/name) whose owner is no folder here is left to the hub; "scratch", the model built here,
+    needs no check."""
+    if source == "scratch":
+        return
     path = Path(source).expanduser()
     if path.is_dir():
         if not any((path / name).exists() for name in ("config.json", "adapter_config.json")):
@@ -103,8 +106,7 @@ class ModelShape:
         The first reader of both in training and evaluation, so it checks them (`check_model_source`)."""
         if path is not None:
             check_model_source(path, "model_path")
-        if config.model != "scratch":
-            check_model_source(config.model, "model")
+        check_model_source(config.model, "model")
         if path is not None and (Path(path) / "config.json").exists():
             source = str(path)
         elif config.model == "scratch":
