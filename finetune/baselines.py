@@ -12,6 +12,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
+from data_prep.read import DataError
 from data_prep.splits import Splits
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
@@ -53,7 +54,10 @@ def run_baseline(name: str, config: RunConfig, splits: Splits | None = None) -> 
 
 def main(argv: list[str] | None = None) -> None:
     config = config_from_args(argv, description=__doc__)
-    splits = load_splits(config)
+    try:
+        splits = load_splits(config)
+    except DataError as error:  # as train and evaluate end on bad data: the message, no traceback
+        raise SystemExit(f"error: {error}") from None
     for name in BASELINES:
         accuracy = run_baseline(name, config, splits)["evaluations"]["classifier"]["metrics"]["accuracy"]
         print(f"{name}: accuracy {accuracy:.2%}")

@@ -317,14 +317,23 @@ def test_a_model_folder_that_is_not_there_stops_both_commands_with_its_name(tmp_
 
     missing = tmp_path / "models" / "Qwen2.5-7B-Instruct"
     with pytest.raises(SystemExit, match=f"error: model {missing}: no such folder"):
-        finetune.train.main(["--model", str(missing)])
+        finetune.train.main(["--model", str(missing), "--checkpoints_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match=f"error: model_path {missing}: no such folder"):
-        finetune.evaluate.main(["--profile", "tiny", "--model_path", str(missing)])
+        finetune.evaluate.main(["--profile", "tiny", "--model_path", str(missing), "--results_dir", str(tmp_path)])
     with pytest.raises(ModelNotFound, match="no config.json.*no adapter_config.json"):
         check_model_source(tmp_path, "model")
     (tmp_path / "adapter_config.json").write_text("{}")
     check_model_source(tmp_path, "model_path")
     check_model_source("Qwen/Qwen2.5-7B-Instruct", "model")  # no folder Qwen/ here: the hub's to answer
+
+
+@pytest.mark.parametrize("command", ["finetune.train", "finetune.evaluate", "finetune.baselines"])
+def test_each_command_ends_on_missing_data_with_the_message_alone(command, tmp_path):
+    import importlib
+
+    with pytest.raises(SystemExit, match=f"error: data folder {tmp_path / 'none'} does not exist"):
+        importlib.import_module(command).main(["--profile", "tiny", "--data_dir", str(tmp_path / "none"),
+                                               "--checkpoints_dir", str(tmp_path), "--results_dir", str(tmp_path)])
 
 
 def test_running_out_of_memory_names_what_is_kept_and_what_needs_less(tiny_config):
