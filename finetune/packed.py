@@ -83,7 +83,7 @@ def pack_batch(articles: list[list[int]], tree, opening_length: int, device) -> 
 
     stem, branches = tree.tokens[:n_stem], tree.tokens[n_stem:]
     ids = [token for article in articles for token in article + stem] + branches * len(articles)
-    return PackedBatch(ids=torch.tensor([ids], device=device), positions=_on(device, positions[None]),
+    return PackedBatch(ids=_on(device, np.array([ids])), positions=_on(device, positions[None]),
                        trunk_tokens=int(trunk.sum()), cu_q=_on(device, cu_q, torch.int32),
                        cu_k=_on(device, cu_k, torch.int32), max_q=int(width), max_k=int(opening_length + width),
                        key_index=_on(device, key_index), branch_key_index=_on(device, branch_key_index),
@@ -119,7 +119,7 @@ def pack_prefill(articles: list[list[int]], opening_length: int, cache, device) 
     rows = np.repeat(np.arange(len(articles)), length)
     within = np.arange(length.sum()) - np.repeat(cu_q[:-1], length)  # each token's place in its article
     slots = end - np.repeat(length, length) + within
-    return PackedPrefill(ids=torch.tensor([[t for a in articles for t in a]], device=device),
+    return PackedPrefill(ids=_on(device, np.array([[t for a in articles for t in a]])),
                          positions=_on(device, opening_length + within[None]), cu_q=_on(device, cu_q, torch.int32),
                          cu_k=_on(device, cu_k, torch.int32), max_q=int(length.max()), max_k=end,
                          key_index=_on(device, key_index), last_index=_on(device, cu_q[1:] - 1), cache=cache,
@@ -127,8 +127,12 @@ def pack_prefill(articles: list[list[int]], opening_length: int, cache, device) 
 
 
 def _on(device, x: np.ndarray, dtype=torch.long) -> torch.Tensor:
-    """Index arithmetic made in numpy, on `device` in one copy."""
-    return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype)
+    """Index arithmetic made in numpy, on `device` in one copy, queued behind the GPU's work rather than waiting for
+    it: torch copies pageable memory to the GPU synchronously (it waits for everything queued before it), so the next
+    batch's packing would wait for this batch's forward and the GPU would idle while the host packs and launches. A
+    copy from pinned memory is queued; torch's pinned-memory cache keeps the buffer until the copy has run."""
+    x = torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
+    return x.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else x
 
 
 def _sequences(length: np.ndarray, opening_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

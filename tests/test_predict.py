@@ -367,6 +367,25 @@ def test_packed_scoring_on_cuda_matches_the_tree(tokenizer, tmp_path):
 
 
 @pytest.mark.gpu
+def test_packing_the_next_batch_on_cuda_does_not_wait_for_the_gpu(tokenizer):
+    """Each batch is packed while the previous one's forward runs: no copy may synchronize (a pageable one waits for
+    everything queued), or the GPU idles through every batch's packing and launch. The copies still arrive intact."""
+    tree = AnswerTree.from_answers(answer_token_ids(tokenizer))
+    articles = [[5, 6, 7], [8], [9, 10]]
+    expected, prefill_expected = pack_batch(articles, tree, 4, "cpu"), pack_prefill(articles, 4, None, "cpu")
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):  # work the copies would otherwise wait for
+        busy = busy @ busy / 64
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch, prefill = pack_batch(articles, tree, 4, "cuda"), pack_prefill(articles, 4, None, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(batch.ids.cpu(), expected.ids) and torch.equal(batch.key_index.cpu(), expected.key_index)
+    assert torch.equal(prefill.cache_slots.cpu(), prefill_expected.cache_slots)
+
+
+@pytest.mark.gpu
 def test_tree_check_on_cuda_answers_as_greedy_decoding(tokenizer, tmp_path):
     """On CUDA the tree check reads the packed rows' logits (the varlen kernel): the same answers as decoding."""
     from finetune.config import get_config
