@@ -26,7 +26,7 @@ from finetune.data import load_splits
 from finetune.generation import generate_labels, parsed
 from finetune.metrics import summarize
 from finetune.model import check_tokenizer_fits, load_for_inference, load_tokenizer
-from finetune.plan import GPU, ModelNotFound, ModelShape, OutOfMemory, gpu_memory_note, log_plan, plan_evaluation
+from finetune.plan import GPU, SourceNotFound, ModelShape, OutOfMemory, gpu_memory_note, log_plan, plan_evaluation
 from finetune.plots import plot_confusion_matrix
 from finetune.predict import score_labels, warmup_texts
 from finetune.prompts import default_max_new_tokens, encode_prompts
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     name = known.name or ("finetuned_model" if known.model_path else "base_model")
     try:
         record = evaluate(config, name, known.model_path)
-    except (OutOfMemory, ModelNotFound, DataError) as error:  # bad input or memory: the message says it all
+    except (OutOfMemory, SourceNotFound, DataError) as error:  # bad input or memory: the message says it all
         raise SystemExit(f"error: {error}") from None
     for mode, ev in record["evaluations"].items():
         print(f"{name} {mode}: accuracy {ev['metrics']['accuracy']:.2%}, macro-F1 {ev['metrics']['macro_f1']:.2%}")

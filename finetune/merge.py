@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from finetune.adapters import is_adapter, with_adapter
 from finetune.config import RunConfig, config_from_args
 from finetune.model import load_model
-from finetune.plan import check_model_source
+from finetune.plan import check_source
 
 
 def merge_adapter(config: RunConfig, adapter_dir: str | Path, out_dir: str | Path) -> Path:
@@ -23,7 +23,7 @@ def merge_adapter(config: RunConfig, adapter_dir: str | Path, out_dir: str | Pat
     if not is_adapter(adapter_dir):
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: merge takes the final/ folder of a run "
                                 "trained with --method lora or qlora (a full fine-tuning run is standalone already)")
-    check_model_source(config.model, "model")  # the base, named before any weights load
+    check_source(config.model, "model")  # the base, named before any weights load
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     base = load_model(dataclasses.replace(config, method="full"), tokenizer)
     merged = with_adapter(base, adapter_dir, merge=True)

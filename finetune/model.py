@@ -12,7 +12,7 @@ from data_prep.task import LABELS, SYSTEM_PROMPT, USER_TEMPLATE, format_answer
 from finetune.adapters import is_adapter, quantization_config, with_adapter
 from finetune.attention import choose_inference_attn_implementation
 from finetune.config import RunConfig
-from finetune.plan import GPU, ModelShape, plan_evaluation
+from finetune.plan import GPU, TOKENIZER_FILES, ModelShape, check_source, plan_evaluation
 from finetune.qwen_tokenizer import CHAT_TEMPLATE, build_qwen25_tokenizer
 from finetune.speedups import compile_decoder_layers, weights_dtype
 
@@ -33,6 +33,8 @@ def load_tokenizer(config: RunConfig, train_texts: list[str] | None = None) -> P
     if not config.tokenizer and config.model == "scratch":
         raise ValueError("a scratch model has no tokenizer of its own: choose --tokenizer bpe (trained on the "
                          "articles) or qwen2.5 (Qwen's, built offline), or a folder or hub id")
+    if config.tokenizer:
+        check_source(config.tokenizer, "tokenizer", TOKENIZER_FILES)
     return AutoTokenizer.from_pretrained(config.tokenizer or config.model)
 
 

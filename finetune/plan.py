@@ -59,23 +59,25 @@ class GPU:
                    (free + torch.cuda.memory_reserved()) / GIB, bool(getattr(props, "is_integrated", False)))
 
 
-class ModelNotFound(ValueError):
-    """A model or model_path that names no model folder here and cannot be a hub id."""
+class SourceNotFound(ValueError):
+    """A model, adapter or tokenizer argument that names no such folder here and cannot be a hub id."""
 
 
-def check_model_source(source: str | Path, what: str) -> None:
-    """Fail at once where `source` cannot be a model: a folder with neither config.json (a model) nor
-    adapter_config.json (a LoRA adapter), or a path to no folder. transformers would take such a path for a hub id
-    and fail later, on the repo id's form or on the network, without saying that the folder is missing. A name of
-    the hub's form (owner/name) whose owner is no folder here is left to the hub; "scratch", the model built here,
-    needs no check."""
+MODEL_FILES = ("config.json", "adapter_config.json")  # a model's folder (save_pretrained, `hf download`); an adapter's
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_source(source: str | Path, what: str, files: tuple[str, ...] = MODEL_FILES) -> None:
+    """Fail at once where `source` cannot be what `what` names: a folder with none of `files`, or a path to no
+    folder. transformers would take such a path for a hub id and fail later, on the repo id's form or on the network,
+    without saying that the folder is missing. A name of the hub's form (owner/name) whose owner is no folder here is
+    left to the hub; "scratch", the model built here, needs no check."""
     if source == "scratch":
         return
     path = Path(source).expanduser()
     if path.is_dir():
-        if not any((path / name).exists() for name in ("config.json", "adapter_config.json")):
-            raise ModelNotFound(f"{what} {source}: the folder holds no config.json (a model as save_pretrained or "
-                                "`hf download` writes it) and no adapter_config.json (a LoRA adapter)")
+        if not any((path / name).exists() for name in files):
+            raise SourceNotFound(f"{what} {source}: the folder holds no {' or '.join(files)}")
         return
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -85,8 +87,7 @@ def check_model_source(source: str | Path, what: str) -> None:
     except HFValidationError:
         hub_form = False
     if not hub_form:
-        raise ModelNotFound(f"{what} {source}: no such folder. Give a model folder (config.json and weights) or a "
-                            "hub id such as Qwen/Qwen2.5-7B-Instruct")
+        raise SourceNotFound(f"{what} {source}: no such folder, and not a hub id such as Qwen/Qwen2.5-7B-Instruct")
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,10 @@ class ModelShape:
     def of(cls, config: RunConfig, path: str | Path | None = None) -> "ModelShape":
         """The shape of the model at `path` (a trained folder with its config.json) or of the run's model: the
         scratch fields, or the checkpoint's config.json (a hub id or folder). An adapter folder has the base's shape.
-        The first reader of both in training and evaluation, so it checks them (`check_model_source`)."""
+        The first reader of both in training and evaluation, so it checks them (`check_source`)."""
         if path is not None:
-            check_model_source(path, "model_path")
-        check_model_source(config.model, "model")
+            check_source(path, "model_path")
+        check_source(config.model, "model")
         if path is not None and (Path(path) / "config.json").exists():
             source = str(path)
         elif config.model == "scratch":

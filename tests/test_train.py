@@ -307,24 +307,30 @@ class OutOfMemoryAt(TrainerCallback):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-def test_a_model_folder_that_is_not_there_stops_both_commands_with_its_name(tmp_path):
-    """A missing folder, given to training or to evaluation, is named at once, before any data loads; without the
-    check transformers takes it for a hub id and fails on the repo id's form or the network. A folder without a
-    model in it is named too; a model folder, an adapter folder and a name of the hub's form pass."""
+def test_a_model_or_tokenizer_folder_that_is_not_there_is_named(tiny_config, tmp_path):
+    """A missing model folder, given to training or to evaluation, stops the command at once, before any data loads;
+    without the check transformers takes it for a hub id and fails on the repo id's form or the network. A folder
+    without a model (or tokenizer) in it is named too; a model folder, an adapter folder and a name of the hub's form
+    pass."""
     import finetune.evaluate
     import finetune.train
-    from finetune.plan import ModelNotFound, check_model_source
+    from finetune.model import load_tokenizer
+    from finetune.plan import SourceNotFound, check_source
 
     missing = tmp_path / "models" / "Qwen2.5-7B-Instruct"
     with pytest.raises(SystemExit, match=f"error: model {missing}: no such folder"):
         finetune.train.main(["--model", str(missing), "--checkpoints_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match=f"error: model_path {missing}: no such folder"):
         finetune.evaluate.main(["--profile", "tiny", "--model_path", str(missing), "--results_dir", str(tmp_path)])
-    with pytest.raises(ModelNotFound, match="no config.json.*no adapter_config.json"):
-        check_model_source(tmp_path, "model")
+    with pytest.raises(SourceNotFound, match="holds no config.json or adapter_config.json"):
+        check_source(tmp_path, "model")
+    with pytest.raises(SourceNotFound, match=f"tokenizer {missing}: no such folder"):
+        load_tokenizer(dataclasses.replace(tiny_config, tokenizer=str(missing)))
+    with pytest.raises(SourceNotFound, match="holds no tokenizer.json or tokenizer_config.json"):
+        load_tokenizer(dataclasses.replace(tiny_config, tokenizer=str(tmp_path)))
     (tmp_path / "adapter_config.json").write_text("{}")
-    check_model_source(tmp_path, "model_path")
-    check_model_source("Qwen/Qwen2.5-7B-Instruct", "model")  # no folder Qwen/ here: the hub's to answer
+    check_source(tmp_path, "model_path")
+    check_source("Qwen/Qwen2.5-7B-Instruct", "model")  # no folder Qwen/ here: the hub's to answer
 
 
 @pytest.mark.parametrize("command", ["finetune.train", "finetune.evaluate", "finetune.baselines"])
