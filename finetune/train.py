@@ -28,7 +28,7 @@ from finetune.attention import choose_attn_implementation, unmasked_packed_rows
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
-from finetune.plan import GPU, SourceNotFound, ModelShape, OutOfMemory, gpu_memory_note, log_plan, plan_training
+from finetune.plan import GPU, ModelShape, OutOfMemory, SourceNotFound, gpu_memory_note, log_plan, plan_training
 from finetune.resume import (SaveRunConfig, check_resume, checkpoint_step, last_checkpoint, run_finished,
                              whole_run_train_loss)
 from finetune.speedups import (OPTIMIZERS, check_speedups, compile_decoder_layers, convert_to_fp8, decoder_layers,
