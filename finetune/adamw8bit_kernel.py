@@ -21,6 +21,8 @@ import triton.language as tl
 from torchao.optim.quant_utils import quantize_8bit_with_qmap
 from torchao.optim.subclass_8bit import OptimState8bit, get_qmap_signed, get_qmap_unsigned
 
+from finetune.speedups import queued_copy
+
 BLOCKS_PER_PROGRAM = 4  # quantization blocks of 256 a program updates at once: 1,024 values
 # 2 warps a program: 16 values a thread. Fewer instructions a value (103 against 116 for sm_90, static count) at 151
 # registers: 46.6 ms over the 7B shape's weights against 49.1 at Triton's default of 4 warps, same run on an H100
@@ -242,13 +244,6 @@ def _programs(n_blocks: tuple[int, ...], device: torch.device) -> tuple[torch.Te
     return torch.repeat_interleave(torch.arange(len(n_blocks), dtype=torch.int32), programs).to(device), first_program
 
 
-def _upload(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host table on `device` without waiting for the GPU: a copy from pageable memory would synchronize,
-    one from pinned memory is queued (torch's pinned-memory cache keeps the buffer until the copy has run)."""
-    table = torch.tensor(rows, dtype=dtype)
-    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
-
-
 def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[OptimState8bit],
                    exp_avg_sqs: list[OptimState8bit], *, steps: list[float], seeds: list[int], lr: float,
                    beta1: float, beta2: float, weight_decay: float, eps: float,
@@ -274,7 +269,8 @@ def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_av
     aligned = all(row[column.value] % 16 == 0 for row in table for column in (PARAM, GRAD, M_CODES, V_CODES))
     lr_times_weight_decay = (torch.tensor(lr) * weight_decay).item()  # in float32, as torchao computes it
     _adamw8bit_kernel[(weight_of_program.numel(),)](
-        _upload(table, torch.int64, device), _upload(corrections, torch.float32, device), weight_of_program,
+        queued_copy(torch.tensor(table, dtype=torch.int64), device),
+        queued_copy(torch.tensor(corrections, dtype=torch.float32), device), weight_of_program,
         _ones(device) if grad_scale is None else grad_scale, _qmap(True, device), code_table(True, device),
         rounding_thresholds(True, device), _qmap(False, device), code_table(False, device),
         rounding_thresholds(False, device), lr, lr_times_weight_decay, 1 - beta1, 1 - beta2, eps,

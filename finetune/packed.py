@@ -25,6 +25,7 @@ from transformers.masking_utils import sdpa_mask
 
 from finetune.attention import (CUDA_VARLEN, _cuda_varlen_attention, _padded_causal_attention,
                                 attention_implementation, masked_sdpa)
+from finetune.speedups import queued_copy
 
 PACKED = "packed_answers"
 PREFILL = "packed_prefill"
@@ -127,12 +128,9 @@ def pack_prefill(articles: list[list[int]], opening_length: int, cache, device) 
 
 
 def _on(device, x: np.ndarray, dtype=torch.long) -> torch.Tensor:
-    """Index arithmetic made in numpy, on `device` in one copy, queued behind the GPU's work rather than waiting for
-    it: torch copies pageable memory to the GPU synchronously (it waits for everything queued before it), so the next
-    batch's packing would wait for this batch's forward and the GPU would idle while the host packs and launches. A
-    copy from pinned memory is queued; torch's pinned-memory cache keeps the buffer until the copy has run."""
-    x = torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
-    return x.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else x
+    """Index arithmetic made in numpy, on `device` in one queued copy (`queued_copy`): a synchronous one made the next
+    batch's packing wait for this batch's forward, the GPU idle while the host packed and launched."""
+    return queued_copy(torch.from_numpy(np.ascontiguousarray(x)).to(dtype), device)
 
 
 def _sequences(length: np.ndarray, opening_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

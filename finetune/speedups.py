@@ -1,6 +1,6 @@
 """Training speed-ups applied to the model before training: compiled decoder layers, FP8 matmuls, and the memory
 estimates (the optimizers' states, the layers' activations) that decide how many layers recompute their activations
-(`finetune/plan.py` chooses)."""
+(`finetune/plan.py` chooses); and host tables copied to the GPU without waiting for it (`queued_copy`)."""
 
 import dataclasses
 from dataclasses import dataclass
@@ -102,6 +102,14 @@ class Optimizer:
 OPTIMIZERS = {"adamw": Optimizer(8), "adamw_bf16_sr": Optimizer(8, state_bits=16),
               "adamw8bit_bf16_sr": Optimizer(2 + 2 + 2 * (1 + 4 / 256), state_bits=8),
               "adamw_fp32_master": Optimizer(16)}
+
+
+def queued_copy(host: torch.Tensor, device) -> torch.Tensor:
+    """`host` on `device`, the copy queued behind the GPU's work rather than waiting for it: torch copies pageable
+    memory to the GPU synchronously (it waits for everything queued before it), so a host that prepares the next
+    launch while the GPU runs would stop there. A copy from pinned memory is queued; torch's pinned-memory cache keeps
+    the buffer until the copy has run. Elsewhere than on CUDA, `host` as it is."""
+    return host.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else host
 
 
 def weights_dtype(config: RunConfig) -> torch.dtype:
