@@ -163,13 +163,13 @@ gpu-bench-train-fastest:  ## stock TRL (documented and tuned), reference, the qw
 	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --warmup_steps 2 --measured_steps 4 \
 	  --stock_trl_steps 2,4 --name $(GPU_TAG)_7b_train_fastest_70 --variants recipe-70
 
-# The fused 8-bit AdamW update (~3 min on one H200): its tests on the GPU (every float32's code against torchao's, whole
+# The fused AdamW update (~3 min on one H200): its tests on the GPU (every float32's code against torchao's, whole
 # steps against the compiled update, one launch over many weights against one each), then one step over the 7B
-# shape's weights and one over its LoRA adapters, each beside the kernel of ad67def, which took one launch a weight
-# and compiles to the code timed at c781a75 (ONE_LAUNCH_A_WEIGHT: a copy of that file, made from git history unless
-# given, e.g. where a tree was copied without it), and beside torchao's compiled update.
+# shape's weights and one over its LoRA adapters, with 8-bit and with bf16 moments, each beside the kernel of ad67def,
+# which took one launch a weight and compiles to the code timed at c781a75 (ONE_LAUNCH_A_WEIGHT: a copy of that file,
+# made from git history unless given, e.g. where a tree was copied without it), and beside torchao's compiled update.
 ONE_LAUNCH_A_WEIGHT ?= /tmp/kernel_ad67def.py
-gpu-optimizer:  ## the 8-bit update's GPU tests and its time over the 7B shape's weights, then over its LoRA adapters
+gpu-optimizer:  ## the fused update's GPU tests and its time over the 7B shape's weights, then over its LoRA adapters
 	mkdir -p $(GPU_OUT)
 	$(PY) -m pytest -q -s tests/test_optimizers.py 2>&1 | tee $(GPU_OUT)/gpu_adamw8bit_test.log
 	test -f $(ONE_LAUNCH_A_WEIGHT) || git show ad67def:finetune/adamw8bit_kernel.py > $(ONE_LAUNCH_A_WEIGHT)

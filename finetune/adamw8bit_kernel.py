@@ -11,6 +11,10 @@ not the ~10 bytes a value, is what bounds it: a code is one lookup by the value'
 correction is a multiply and two FMAs from its reciprocal, and the rounding's random bits come from a short integer
 hash. Each choice keeps torchao's arithmetic: the same codes and scales, bit for bit (tests/test_optimizers.py). The
 kernel's time before and after is in results/benchmarks/h200_adamw8bit_kernel.log.
+
+The same kernel takes bf16 moments (torchao's `_AdamW`, the `adamw_bf16_sr_fused` option), read and written as they
+are: no tables, no block scales, 14 bytes a value against 10, and far fewer instructions. Where the memory holds the
+larger moments without recomputing a layer more, that is the faster trade (finetune/plan.py chooses it).
 """
 
 import functools
@@ -28,6 +32,7 @@ BLOCKS_PER_PROGRAM = 4  # quantization blocks of 256 a program updates at once: 
 # registers: 46.6 ms over the 7B shape's weights against 49.1 at Triton's default of 4 warps, same run on an H100
 # (results/benchmarks/h100_adamw8bit_kernel_7b_warps*.json: more warps, or fewer, were slower).
 NUM_WARPS = 2
+BF16_BLOCK = 256  # bf16 moments' unit of work: the 8-bit states' block, so programs are shaped alike
 
 
 def _ordered(x: torch.Tensor) -> torch.Tensor:
@@ -178,18 +183,15 @@ PARAM, GRAD, M_CODES, M_SCALE, V_CODES, V_SCALE, SEED, N_BLOCKS, FIRST_PROGRAM, 
 def _adamw8bit_kernel(table_ptr, corrections_ptr, weight_of_program_ptr, grad_scale_ptr, m_qmap_ptr, m_table_ptr,
                       m_thresholds_ptr, v_qmap_ptr, v_table_ptr, v_thresholds_ptr, lr, lr_times_weight_decay,
                       one_minus_beta1, one_minus_beta2, eps, DECAY: tl.constexpr, ALIGNED: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+                      MOMENTS_8BIT: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
     """`single_param_adam` for BLOCKS blocks of one of the weights in the table, its operations in torchao's order
-    (scalars arrive as float32 torch made)."""
+    (scalars arrive as float32 torch made). MOMENTS_8BIT: the moments are codes and block scales (`OptimState8bit`),
+    else bf16 tensors; a block is then only the program's unit of work."""
     program = tl.program_id(0)
     index = tl.load(weight_of_program_ptr + program).to(tl.int64)  # the weight's row in the tables
     row = table_ptr + index * COLUMNS
     param_ptr = _pointer(row + PARAM, tl.bfloat16, ALIGNED)
     grad_ptr = _pointer(row + GRAD, tl.bfloat16, ALIGNED)
-    m_codes_ptr = _pointer(row + M_CODES, tl.uint8, ALIGNED)
-    m_scale_ptr = _pointer(row + M_SCALE, tl.float32, False)  # read one value a block: no vector to gain
-    v_codes_ptr = _pointer(row + V_CODES, tl.uint8, ALIGNED)
-    v_scale_ptr = _pointer(row + V_SCALE, tl.float32, False)
     corrections = corrections_ptr + index * 4  # the weight's step's bias corrections and their reciprocals
     bias_correction1, reciprocal_bias_correction1 = tl.load(corrections), tl.load(corrections + 1)
     sqrt_bias_correction2, reciprocal_sqrt_bias_correction2 = tl.load(corrections + 2), tl.load(corrections + 3)
@@ -202,16 +204,30 @@ def _adamw8bit_kernel(table_ptr, corrections_ptr, weight_of_program_ptr, grad_sc
     grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
     if grad_scale != 1.0:  # clipping scaled the step (a scale of 1 would leave every gradient as it is)
         grad = (grad * grad_scale).to(tl.bfloat16).to(tl.float32)  # as mul_ rounds
-    exp_avg = _dequantize(m_codes_ptr, m_scale_ptr, m_qmap_ptr, offsets, blocks, in_bounds)
-    exp_avg_sq = _dequantize(v_codes_ptr, v_scale_ptr, v_qmap_ptr, offsets, blocks, in_bounds)
+    if MOMENTS_8BIT:
+        m_codes_ptr = _pointer(row + M_CODES, tl.uint8, ALIGNED)
+        m_scale_ptr = _pointer(row + M_SCALE, tl.float32, False)  # read one value a block: no vector to gain
+        v_codes_ptr = _pointer(row + V_CODES, tl.uint8, ALIGNED)
+        v_scale_ptr = _pointer(row + V_SCALE, tl.float32, False)
+        exp_avg = _dequantize(m_codes_ptr, m_scale_ptr, m_qmap_ptr, offsets, blocks, in_bounds)
+        exp_avg_sq = _dequantize(v_codes_ptr, v_scale_ptr, v_qmap_ptr, offsets, blocks, in_bounds)
+    else:
+        m_ptr = _pointer(row + M_CODES, tl.bfloat16, ALIGNED)
+        v_ptr = _pointer(row + V_CODES, tl.bfloat16, ALIGNED)
+        exp_avg = tl.load(m_ptr + offsets, mask=in_bounds[:, None], other=0.0).to(tl.float32)
+        exp_avg_sq = tl.load(v_ptr + offsets, mask=in_bounds[:, None], other=0.0).to(tl.float32)
 
     if DECAY:  # no weight decay (the recipe's) leaves the weight exactly as it is
         weight = weight - lr_times_weight_decay * weight
     # torch.lerp with a weight under 0.5 is start + weight * (end - start), rounded once (an FMA) on CPU and GPU
     exp_avg = tl.fma(one_minus_beta1, grad - exp_avg, exp_avg)
     exp_avg_sq = tl.fma(one_minus_beta2, grad * grad - exp_avg_sq, exp_avg_sq)
-    _requantize(exp_avg, m_codes_ptr, m_scale_ptr, m_table_ptr, m_thresholds_ptr, offsets, blocks, in_bounds)
-    _requantize(exp_avg_sq, v_codes_ptr, v_scale_ptr, v_table_ptr, v_thresholds_ptr, offsets, blocks, in_bounds)
+    if MOMENTS_8BIT:
+        _requantize(exp_avg, m_codes_ptr, m_scale_ptr, m_table_ptr, m_thresholds_ptr, offsets, blocks, in_bounds)
+        _requantize(exp_avg_sq, v_codes_ptr, v_scale_ptr, v_table_ptr, v_thresholds_ptr, offsets, blocks, in_bounds)
+    else:  # `exp_avg.copy_(exp_avg_f32)`: rounded to nearest, as the conversion rounds
+        tl.store(m_ptr + offsets, exp_avg.to(tl.bfloat16), mask=in_bounds[:, None])
+        tl.store(v_ptr + offsets, exp_avg_sq.to(tl.bfloat16), mask=in_bounds[:, None])
 
     # division and square root rounded as torch rounds them (Triton's `/` and tl.sqrt are approximations on GPUs)
     denom = _divide(tl.math.sqrt_rn(exp_avg_sq), sqrt_bias_correction2, reciprocal_sqrt_bias_correction2) + eps
@@ -244,14 +260,16 @@ def _programs(n_blocks: tuple[int, ...], device: torch.device) -> tuple[torch.Te
     return torch.repeat_interleave(torch.arange(len(n_blocks), dtype=torch.int32), programs).to(device), first_program
 
 
-def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[OptimState8bit],
-                   exp_avg_sqs: list[OptimState8bit], *, steps: list[float], seeds: list[int], lr: float,
-                   beta1: float, beta2: float, weight_decay: float, eps: float,
+def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor],
+                   exp_avgs: list[OptimState8bit] | list[torch.Tensor],
+                   exp_avg_sqs: list[OptimState8bit] | list[torch.Tensor], *, steps: list[float], seeds: list[int],
+                   lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
                    grad_scale: torch.Tensor | None = None) -> None:
     """`single_param_adam(param, grad, step, exp_avg, exp_avg_sq, None, lr, beta1, beta2, weight_decay, eps,
     IS_ADAMW=True, BF16_STOCHASTIC_ROUND=True)` in place for each contiguous bf16 weight of `params`, all in one
     kernel launch: a table on the device says where each weight's tensors are. One launch a weight cost LoRA's 392
     adapter weights more host time than their GPU work (results/benchmarks/h200_7b_train_recipe_kernel.json).
+    The moments are all 8-bit states, or all bf16 tensors of a multiple of BF16_BLOCK values.
 
     steps and lr are host numbers (torchao keeps both as CPU tensors), so nothing waits on the GPU; each weight's
     rounding draws its random bits from its seed (31 bits; finetune.optim.rounding_seed), not from torch's generator.
@@ -260,10 +278,13 @@ def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_av
     device = params[0].device
     if any(p.device != device for p in params):
         raise ValueError("adamw8bit_step updates the weights of one device in a launch: call it once per device")
+    eight_bit = isinstance(exp_avgs[0], OptimState8bit)
+    block_size = exp_avgs[0].block_size if eight_bit else BF16_BLOCK
+    if not eight_bit and any(p.numel() % BF16_BLOCK for p in params):
+        raise ValueError(f"bf16 moments take the fused update in blocks of {BF16_BLOCK} values: a weight is not one")
     grads = [g.contiguous() for g in grads]  # held until the launch is queued; the allocator orders any reuse after it
-    weight_of_program, first_program = _programs(tuple(m.scale.numel() for m in exp_avgs), device)
-    table = [[p.data_ptr(), g.data_ptr(), m.codes.data_ptr(), m.scale.data_ptr(), v.codes.data_ptr(),
-              v.scale.data_ptr(), seed, m.scale.numel(), first]
+    weight_of_program, first_program = _programs(tuple(p.numel() // block_size for p in params), device)
+    table = [[p.data_ptr(), g.data_ptr(), *_where(m), *_where(v), seed, p.numel() // block_size, first]
              for p, g, m, v, seed, first in zip(params, grads, exp_avgs, exp_avg_sqs, seeds, first_program)]
     corrections = [_bias_corrections(beta1, beta2, step) for step in steps]
     aligned = all(row[column.value] % 16 == 0 for row in table for column in (PARAM, GRAD, M_CODES, V_CODES))
@@ -274,8 +295,15 @@ def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_av
         _ones(device) if grad_scale is None else grad_scale, _qmap(True, device), code_table(True, device),
         rounding_thresholds(True, device), _qmap(False, device), code_table(False, device),
         rounding_thresholds(False, device), lr, lr_times_weight_decay, 1 - beta1, 1 - beta2, eps,
-        DECAY=weight_decay != 0, ALIGNED=aligned, BLOCK_SIZE=exp_avgs[0].block_size, BLOCKS=BLOCKS_PER_PROGRAM,
-        num_warps=NUM_WARPS)
+        DECAY=weight_decay != 0, ALIGNED=aligned, MOMENTS_8BIT=eight_bit, BLOCK_SIZE=block_size,
+        BLOCKS=BLOCKS_PER_PROGRAM, num_warps=NUM_WARPS)
+
+
+def _where(moment: OptimState8bit | torch.Tensor) -> tuple[int, int]:
+    """The addresses of a moment's values and of its block scales (none for bf16 moments)."""
+    if isinstance(moment, OptimState8bit):
+        return moment.codes.data_ptr(), moment.scale.data_ptr()
+    return moment.data_ptr(), 0
 
 
 @triton.jit

@@ -89,7 +89,8 @@ class RunConfig:
     packing: bool = option(True, "training", "whole articles share a row (best fit), kept apart by the attention")
     optimizer: str = option("auto", "training", "'adamw' (in the weights' dtype: with bf16 weights most updates at lr "
                             "2e-5 round away), 'adamw_bf16_sr' (bf16 weights, stochastic rounding), "
-                            "'adamw8bit_bf16_sr' (the same with 8-bit moments: 6 bytes a parameter instead of 8), "
+                            "'adamw_bf16_sr_fused' (the same, one fused Triton update for all weights on CUDA), "
+                            "'adamw8bit_bf16_sr' (fused, with 8-bit moments: 6 bytes a parameter instead of 8), "
                             "'adamw_fp32_master' (fp32 weights and states, bf16 autocast), or 'auto'")
     seed: int = option(42, "training", "initialisation and data order")
     logging_steps: int = option(10, "training", "log loss, tokens/s and MFU every this many optimizer steps")

@@ -13,8 +13,9 @@ bitsandbytes and Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantiza
 instead of 4, so the 7B shape's states shrink by 14 GiB. On CUDA their update is one Triton kernel, launched once
 for a parameter group's weights (finetune/adamw8bit_kernel.py: the compiled one spends its time binary-searching the
 quantization map; both are measured in results/benchmarks/h200_7b_train_fused.json), same math, same states, so
-checkpoints are torchao's either way; the tensors torchao leaves unquantized, CPU weights and DTensor shards keep the
-compiled update.
+checkpoints are torchao's either way. The same kernel updates bf16 moments (a second launch: the tensors torchao
+leaves unquantized, or every weight of `adamw_bf16_sr_fused`); CPU weights, DTensor shards and tensors that are not
+whole blocks of the kernel's keep the compiled update, and so does every weight with `fused=False`.
 
 The rounding's random bits are a function of (rounding_seed, step, the weight's index), not of torch's running RNG:
 under plain DDP every rank applies the same averaged gradient to its own replica, and each rank's RNG has moved on by
@@ -35,11 +36,19 @@ from torchao.optim.subclass_8bit import OptimState8bit
 _update = torch.compile(single_param_adam, fullgraph=True, dynamic=False)  # compiled lazily, once per shape
 
 
-def _fused_8bit(p: torch.Tensor, state: dict) -> bool:
-    """Whether the fused kernel takes this weight: bf16 on CUDA, its gradient too, with both moments in 8 bits (a
-    DTensor shard's states are DTensors)."""
-    return (p.is_cuda and p.dtype is torch.bfloat16 and p.is_contiguous() and p.grad.dtype is torch.bfloat16
-            and isinstance(state["exp_avg"], OptimState8bit) and isinstance(state["exp_avg_sq"], OptimState8bit))
+def _fused(p: torch.Tensor, state: dict, device_type: str = "cuda") -> bool:
+    """Whether the fused kernel takes this weight: bf16 on CUDA (tests run the kernel on CPU tensors, on Triton's
+    interpreter), its gradient too, with both moments in 8 bits, or both bf16 tensors over whole blocks of the
+    kernel's (a DTensor shard's states are DTensors; torchao keeps the tensors it does not quantize in bf16)."""
+    if not (p.device.type == device_type and p.dtype is torch.bfloat16 and p.is_contiguous()
+            and p.grad.dtype is torch.bfloat16):
+        return False
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    if isinstance(m, OptimState8bit) and isinstance(v, OptimState8bit):
+        return True
+    from finetune.adamw8bit_kernel import BF16_BLOCK  # triton: imported where it runs
+
+    return type(m) is type(v) is torch.Tensor and m.dtype is v.dtype is torch.bfloat16 and p.numel() % BF16_BLOCK == 0
 
 
 def rounding_seed(seed: int, step: int, index: int, shard: int = 0) -> int:
@@ -71,14 +80,17 @@ class AdamWBf16SR(_AdamW):
     """`torchao.optim._AdamW(bf16_stochastic_round=True)` with one compiled update reused across calls; with
     `state_bits=8`, torchao's `AdamW8bit(bf16_stochastic_round=True)` (bitsandbytes' block of 256 values, and its
     rule of keeping tensors under 4,096 values unquantized). The rounding is seeded per step and weight from
-    `rounding_seed` (the module docstring says why)."""
+    `rounding_seed` (the module docstring says why). `fused`: the weights the fused kernel takes (`_fused`) are
+    updated by it, one launch for each kind of moments, the rest by the compiled update; off, all by the compiled
+    update (the bf16 reference's)."""
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, state_bits: int = 16,
-                 rounding_seed: int = 0):
+                 rounding_seed: int = 0, fused: bool = True):
         if state_bits not in (8, 16):
             raise ValueError(f"state_bits={state_bits}: the moments are kept in 16 (bf16) or 8 bits")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bf16_stochastic_round=True)
         self.rounding_seed = rounding_seed
+        self.fused = fused
         self._grad_scale = None  # set by clip_grad_norm_, applied by the next step
         if state_bits == 8:
             self.block_size = 256  # torchao's base class quantizes a buffer only when its size divides by this
@@ -129,7 +141,7 @@ class AdamWBf16SR(_AdamW):
                 if not isinstance(group["lr"], torch.Tensor):
                     raise RuntimeError("lr was changed to a non-Tensor object. If you want to update lr, please use "
                                        "optim.param_groups[0]['lr'].fill_(new_lr)")
-                fused, compiled = [], []  # (weight, state, step, rounding seed) for each update
+                fused, compiled = {}, []  # (weight, state, step, rounding seed) for each update; fused by moments
                 for p in group["params"]:
                     index += 1
                     if p.grad is None:
@@ -144,10 +156,13 @@ class AdamWBf16SR(_AdamW):
                     step = state["step"].item()  # a host tensor: no wait
                     shard = dist.get_rank() if isinstance(p, DTensor) else 0
                     seed = rounding_seed(self.rounding_seed, int(step), index, shard)
-                    (fused if _fused_8bit(p, state) else compiled).append((p, state, step, seed))
-                if fused:  # first, so that the GPU runs it while the host makes the compiled calls below
+                    if self.fused and _fused(p, state):
+                        fused.setdefault(isinstance(state["exp_avg"], OptimState8bit), []).append((p, state, step, seed))
+                    else:
+                        compiled.append((p, state, step, seed))
+                for updates in fused.values():  # first, so that the GPU runs them while the host makes the calls below
                     from finetune.adamw8bit_kernel import adamw8bit_step  # triton: imported where it runs
-                    params, states, steps, seeds = zip(*fused)
+                    params, states, steps, seeds = zip(*updates)
                     adamw8bit_step([p.detach() for p in params], [p.grad for p in params],
                                    [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states],
                                    steps=steps, seeds=seeds, lr=group["lr"].item(), beta1=group["betas"][0],

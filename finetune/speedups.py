@@ -90,6 +90,9 @@ class Optimizer:
     # Bits of each moment of the stochastic-rounding update (finetune/optim.py); None: torch's AdamW, which keeps its
     # moments in the weights' dtype and rounds to nearest.
     state_bits: int | None = None
+    # The one-launch Triton update on CUDA (finetune/adamw8bit_kernel.py) for the weights it takes; off, torchao's
+    # compiled update for every weight, as the bf16 reference runs it.
+    fused: bool = False
 
     @property
     def rounds_stochastically(self) -> bool:
@@ -100,7 +103,8 @@ class Optimizer:
 # plan.training_state_bytes counts them); 8-bit moments take 1 byte each plus an fp32 scale per block of 256; fp32
 # master weights keep all four in fp32.
 OPTIMIZERS = {"adamw": Optimizer(8), "adamw_bf16_sr": Optimizer(8, state_bits=16),
-              "adamw8bit_bf16_sr": Optimizer(2 + 2 + 2 * (1 + 4 / 256), state_bits=8),
+              "adamw_bf16_sr_fused": Optimizer(8, state_bits=16, fused=True),
+              "adamw8bit_bf16_sr": Optimizer(2 + 2 + 2 * (1 + 4 / 256), state_bits=8, fused=True),
               "adamw_fp32_master": Optimizer(16)}
 
 

@@ -99,7 +99,7 @@ def optimizer_cls_and_kwargs(config: RunConfig, args: SFTConfig) -> tuple[type, 
 
     return AdamWBf16SR, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
                          "eps": args.adam_epsilon, "weight_decay": args.weight_decay,
-                         "state_bits": optimizer.state_bits, "rounding_seed": config.seed}
+                         "state_bits": optimizer.state_bits, "rounding_seed": config.seed, "fused": optimizer.fused}
 
 
 class FusedHeadSFTTrainer(trl.SFTTrainer):

@@ -1,6 +1,7 @@
-"""How long the 8-bit AdamW step takes over every weight of a model shape, on one GPU: the fused kernel
-(finetune/adamw8bit_kernel.py), any earlier version of it given as a file, and torchao's compiled update
-(AdamWBf16SR with the kernel turned off), each timed in the same process on the same weights and gradients.
+"""How long the AdamW step takes over every weight of a model shape, on one GPU: the fused kernel
+(finetune/adamw8bit_kernel.py) with 8-bit and with bf16 moments, any earlier version of it given as a file, and
+torchao's compiled update of either (AdamWBf16SR with the kernel turned off), each timed in the same process on the
+same weights and gradients.
 
     python -m finetune.lab.bench_adamw8bit --shape 7b
     git show 6005047:finetune/adamw8bit_kernel.py > /tmp/kernel_6005047.py
@@ -11,8 +12,9 @@
 The LoRA shape (392 small adapter weights) times the host's share: kernels up to ad67def took one launch a weight,
 the current one launches once for all. CUDA events time the GPU's timeline, so a GPU waiting on launches counts.
 
-The step reads a bf16 weight, its bf16 gradient and two 8-bit codes, and writes weight and codes back: 10 bytes a
-value (the blocks' scales add 1/32 of that), so bytes / time says how close each row comes to the memory's bandwidth.
+The 8-bit step reads a bf16 weight, its bf16 gradient and two 8-bit codes, and writes weight and codes back: 10 bytes
+a value (the blocks' scales add 1/32 of that); with bf16 moments, 14. Bytes / time says how close each row comes to
+the memory's bandwidth.
 """
 
 import argparse
@@ -27,7 +29,8 @@ import torch
 from finetune.lab.spark import QWEN_7B
 from finetune.results import environment
 
-BYTES_PER_VALUE = 2 + 2 + 2 + 2 * (1 + 1)  # weight read and written, gradient read, both codes read and written
+# weight read and written, gradient read, both moments read and written, by the bits of a moment
+BYTES_PER_VALUE = {8: 2 + 2 + 2 + 2 * (1 + 1), 16: 2 + 2 + 2 + 2 * (2 + 2)}
 SHAPES = {"7b": QWEN_7B}
 
 
@@ -66,10 +69,13 @@ def load_kernel_module(path: str):
     return module
 
 
-def zero_states(params: list[torch.Tensor]) -> list[tuple]:
-    """Fresh signed first and unsigned second moments for each weight, on its device."""
+def zero_states(params: list[torch.Tensor], state_bits: int = 8) -> list[tuple]:
+    """Fresh first and second moments for each weight, on its device: torchao's signed and unsigned 8-bit states, or
+    bf16 tensors."""
     from torchao.optim.subclass_8bit import OptimState8bit
 
+    if state_bits == 16:
+        return [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     return [tuple(OptimState8bit.zeros(p.shape, signed, device=p.device) for signed in (True, False)) for p in params]
 
 
@@ -85,24 +91,19 @@ def kernel_step(module, params, grads, states, t: int) -> None:
                               **options)
 
 
-def kernel_row(module, params, grads, warmup: int, measured: int) -> list[float]:
-    states = zero_states(params)
+def kernel_row(module, params, grads, warmup: int, measured: int, state_bits: int = 8) -> list[float]:
+    states = zero_states(params, state_bits)
     return time_steps(lambda t: kernel_step(module, params, grads, states, t), warmup, measured)
 
 
-def compiled_row(params, grads, warmup: int, measured: int) -> list[float]:
-    from finetune import optim
+def compiled_row(params, grads, warmup: int, measured: int, state_bits: int) -> list[float]:
+    from finetune.optim import AdamWBf16SR
 
-    fused = optim._fused_8bit
-    optim._fused_8bit = lambda p, state: False
-    try:
-        weights = [torch.nn.Parameter(p) for p in params]
-        for w, g in zip(weights, grads):
-            w.grad = g
-        optimizer = optim.AdamWBf16SR(weights, lr=1e-5, weight_decay=0.0, state_bits=8)
-        return time_steps(lambda t: optimizer.step(), warmup, measured)
-    finally:
-        optim._fused_8bit = fused
+    weights = [torch.nn.Parameter(p) for p in params]
+    for w, g in zip(weights, grads):
+        w.grad = g
+    optimizer = AdamWBf16SR(weights, lr=1e-5, weight_decay=0.0, state_bits=state_bits, fused=False)
+    return time_steps(lambda t: optimizer.step(), warmup, measured)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also the kernel with programs of this many blocks of 256 and warps (it has "
                              "BLOCKS_PER_PROGRAM x NUM_WARPS): more values a thread, fewer instructions a value, more "
                              "registers, fewer programs an SM")
+    parser.add_argument("--moments", nargs="*", type=int, choices=(8, 16), default=[8, 16],
+                        help="the moments' bits: the fused kernel and the compiled update with each")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the clock (compilation, first touch)")
     parser.add_argument("--measured", type=int, default=6, help="timed steps; the median is reported")
     parser.add_argument("--name", default="h200_adamw8bit_kernel", help="results/benchmarks/<name>.json")
@@ -127,26 +130,30 @@ def main(argv: list[str] | None = None) -> None:
     grads = [(torch.randn(s, device="cuda", generator=generator) * 1e-3).to(torch.bfloat16) for s in shapes]
 
     from finetune import adamw8bit_kernel
-    rows = {"fused kernel (finetune/adamw8bit_kernel.py)": lambda: kernel_row(adamw8bit_kernel, params, grads,
-                                                                              args.warmup, args.measured)}
+    rows = {"fused kernel (finetune/adamw8bit_kernel.py)": (8, lambda: kernel_row(adamw8bit_kernel, params, grads,
+                                                                                  args.warmup, args.measured))}
+    if 16 in args.moments:
+        rows["fused kernel, bf16 moments"] = (16, lambda: kernel_row(adamw8bit_kernel, params, grads, args.warmup,
+                                                                      args.measured, state_bits=16))
     for program in args.programs:  # a fresh copy of the module: its launch tables are cached per copy
         module = load_kernel_module(adamw8bit_kernel.__file__)
         module.BLOCKS_PER_PROGRAM, module.NUM_WARPS = map(int, program.split("x"))
         rows[f"fused kernel, {module.BLOCKS_PER_PROGRAM} blocks and {module.NUM_WARPS} warps a program"] = \
-            lambda module=module: kernel_row(module, params, grads, args.warmup, args.measured)
+            (8, lambda module=module: kernel_row(module, params, grads, args.warmup, args.measured))
     for path in args.compare:
         module = load_kernel_module(path)
-        rows[f"fused kernel ({Path(path).name})"] = lambda module=module: kernel_row(module, params, grads,
-                                                                                   args.warmup, args.measured)
-    rows["torchao's compiled update (finetune.optim, no fused kernel)"] = lambda: compiled_row(params, grads,
-                                                                                              args.warmup,
-                                                                                              args.measured)
+        rows[f"fused kernel ({Path(path).name})"] = (8, lambda module=module: kernel_row(module, params, grads,
+                                                                                       args.warmup, args.measured))
+    for bits in args.moments:
+        moments = "" if bits == 8 else ", bf16 moments (the bf16 reference's)"
+        rows[f"torchao's compiled update (finetune.optim, no fused kernel){moments}"] = (
+            bits, lambda bits=bits: compiled_row(params, grads, args.warmup, args.measured, bits))
     results = {}
-    for name, run in rows.items():
+    for name, (bits, run) in rows.items():
         times = sorted(run())
         median = statistics.median(times)
-        results[name] = {"median_ms": median, "min_ms": times[0], "max_ms": times[-1], "ms": times,
-                         "gb_per_second": values * BYTES_PER_VALUE / median / 1e6}
+        results[name] = {"state_bits": bits, "median_ms": median, "min_ms": times[0], "max_ms": times[-1],
+                         "ms": times, "gb_per_second": values * BYTES_PER_VALUE[bits] / median / 1e6}
         print(f"{name:<70} {median:8.2f} ms ({times[0]:.2f}-{times[-1]:.2f}) "
               f"{results[name]['gb_per_second']:7.0f} GB/s", flush=True)
         torch.cuda.empty_cache()

@@ -3,7 +3,7 @@ finetune/adamw8bit_kernel.py is compiled offline for a GPU architecture with the
 passes (captured from a call on CPU tensors, so Triton specializes it as a real launch would), and its SASS, from the
 `cuobjdump` that Triton ships, is counted along the main path.
 
-    python -m finetune.lab.sass_adamw8bit                          # the working tree's kernel
+    python -m finetune.lab.sass_adamw8bit                          # the working tree's kernel, 8-bit and bf16 moments
     python -m finetune.lab.sass_adamw8bit --compare ad67def 66a08cf  # beside the kernel at other commits
 
 The kernel is bound by issuing instructions, not by memory (results/benchmarks/h200_adamw8bit_kernel.json: ~1,740 GB/s
@@ -30,9 +30,9 @@ from finetune.results import environment
 ARCHITECTURES = {"sm_90": 90, "sm_121": 121}  # H100/H200, and GB10 (DGX Spark)
 
 
-def captured_launch(module) -> tuple[int, tuple, dict]:
+def captured_launch(module, state_bits: int = 8) -> tuple[int, tuple, dict]:
     """The values a program updates and the arguments of the first `_adamw8bit_kernel[grid](...)` call of a step over
-    two weights of 8 blocks, on CPU tensors: nothing runs."""
+    two weights of 8 blocks, with moments of `state_bits`, on CPU tensors: nothing runs."""
     launches = []
 
     class Capture:
@@ -42,7 +42,7 @@ def captured_launch(module) -> tuple[int, tuple, dict]:
     real, module._adamw8bit_kernel = module._adamw8bit_kernel, Capture()
     try:
         params = [torch.zeros(8, 256, dtype=torch.bfloat16) for _ in range(2)]
-        kernel_step(module, params, params, zero_states(params), 1)
+        kernel_step(module, params, params, zero_states(params, state_bits), 1)
     finally:
         module._adamw8bit_kernel = real
     args, kwargs = launches[0]
@@ -101,8 +101,8 @@ def opcode(instruction: str) -> str:
     return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
 
 
-def count(module, arch: int) -> dict:
-    values_per_program, args, kwargs = captured_launch(module)
+def count(module, arch: int, state_bits: int = 8) -> dict:
+    values_per_program, args, kwargs = captured_launch(module, state_bits)
     compiled = compile_offline(module._adamw8bit_kernel, args, kwargs, arch)
     disassembled = disassembly(compiled.asm["cubin"])
     path = main_path(sass_lines(disassembled))
@@ -110,12 +110,12 @@ def count(module, arch: int) -> dict:
     opcodes = collections.Counter(map(opcode, path))
     return {"instructions_per_value": len(path) / per_thread, "values_per_thread": per_thread,
             "registers": int(disassembled.split("REG:")[1].split()[0]),
-            "by_opcode_per_value": {op: n / per_thread for op, n in opcodes.most_common(12)}}
+            "by_opcode_per_value": {op: n / per_thread for op, n in opcodes.most_common()}}
 
 
-def _counts(path, architectures: list[str]) -> dict:
+def _counts(path, architectures: list[str], state_bits: int = 8) -> dict:
     module = load_kernel_module(str(path))
-    return {arch: count(module, ARCHITECTURES[arch]) for arch in architectures}
+    return {arch: count(module, ARCHITECTURES[arch], state_bits) for arch in architectures}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("TRITON_INTERPRET=1 runs kernels on the CPU instead of compiling them: unset it")
 
-    rows = {"working tree": _counts(Path(__file__).parents[1] / "adamw8bit_kernel.py", args.arch)}
+    kernel = Path(__file__).parents[1] / "adamw8bit_kernel.py"
+    rows = {"working tree": _counts(kernel, args.arch), "working tree, bf16 moments": _counts(kernel, args.arch, 16)}
     for revision in args.compare:
         source = subprocess.run(["git", "show", f"{revision}:finetune/adamw8bit_kernel.py"], capture_output=True,
                                 text=True, check=True).stdout
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             rows[revision] = _counts(file.name, args.arch)
     for name, by_arch in rows.items():
         for arch, row in by_arch.items():
-            print(f"{name:<14} {arch:<7} {row['instructions_per_value']:6.1f} instructions a value, "
+            print(f"{name:<27} {arch:<7} {row['instructions_per_value']:6.1f} instructions a value, "
                   f"{row['registers']} registers", flush=True)
     out = Path(args.results_dir) / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
