@@ -1,7 +1,8 @@
 """The recipe's "auto" settings chosen from the hardware at start, each with the reason it was chosen.
 
 `qwen2.5-7b` asks for the fastest settings whose learning was checked, where the machine runs them: compiled decoder
-layers, 8-bit AdamW moments with the fused Triton update, FP8 matmuls once their learning is checked at the 7B shape,
+layers, the fused Triton AdamW update (bf16 moments where the memory holds them, else 8-bit ones), FP8 matmuls once
+their learning is checked at the 7B shape,
 as few recomputed layers as the memory allows and then as few micro-batches a step, and for evaluation Liger's
 kernels and a batch sized from the memory.
 Every choice is a plain value in the returned config (what runs) and a reason (what is logged once and written into the
@@ -171,15 +172,7 @@ def plan_training(config: RunConfig, gpu: GPU | None, shape: ModelShape, has=ins
     if config.fp8 == "auto":
         choose("fp8", *_fp8(config, gpu, has))
     if config.optimizer == "auto":
-        if not config.bf16:
-            choose("optimizer", "adamw", "adamw: fp32 weights update exactly (bf16=False)")
-        elif gpu is not None and has("triton") and has("torchao"):
-            # LoRA too: its ~400 small adapter weights take one fused launch rather than one compiled call each under
-            # a reseeded generator, which made the 16-bit update wait on the host (h200_7b_train_recipe_methods.json).
-            choose("optimizer", "adamw8bit_bf16_sr", "adamw8bit_bf16_sr: 8-bit moments (6 bytes a parameter instead of "
-                   "8) with the fused Triton update, one launch for all weights, stochastic rounding into bf16")
-        else:
-            choose("optimizer", "adamw_bf16_sr", "adamw_bf16_sr: the fused 8-bit update needs a CUDA GPU and Triton")
+        choose("optimizer", *_optimizer(config, gpu, shape, has))
     if config.use_liger_kernel == "auto":
         if compiled:
             choose("use_liger_kernel", False, "off: the compiled layers fuse the same norms, RoPE and SwiGLU, and the "
@@ -233,6 +226,41 @@ def _fp8(config: RunConfig, gpu: GPU | None, has) -> tuple[str | None, str]:
         return None, (f"off: {FP8_RECIPE} held bf16's loss on a 1024-wide model but not within 2% at the 7B shape "
                       f"(results/gpu/fp8/fp8_7b.json); --fp8 {FP8_RECIPE} turns it on")
     return FP8_RECIPE, f"on: {FP8_RECIPE} held bf16's loss at the 7B shape (results/gpu/fp8/fp8_7b.json)"
+
+
+def _optimizer(config: RunConfig, gpu: GPU | None, shape: ModelShape, has) -> tuple[str, str]:
+    """The fused update (LoRA's ~400 small adapter weights too: one launch rather than one compiled call each under a
+    reseeded generator, which made the unfused update wait on the host, h200_7b_train_recipe_methods.json), with
+    bf16 moments where the memory holds them at the same layout as 8-bit ones, else 8-bit moments. bf16 moments move
+    4 bytes a value more, but the update quantizes nothing: no map lookups, block maxima or divisions by a scale
+    (instructions a value counted in results/benchmarks/adamw8bit_sass_bf16_moments.json); 8-bit ones pay where the
+    memory they free keeps layers or merges micro-batches."""
+    if not config.bf16:
+        return "adamw", "adamw: fp32 weights update exactly (bf16=False)"
+    if gpu is None or not (has("triton") and has("torchao")):
+        return "adamw_bf16_sr", "adamw_bf16_sr: the fused update needs a CUDA GPU and Triton"
+    fused = "the fused Triton update, one launch for all weights, stochastic rounding into bf16"
+    eight_bit = _layout(dataclasses.replace(config, optimizer="adamw8bit_bf16_sr"), gpu, shape)
+    sixteen_bit = _layout(dataclasses.replace(config, optimizer="adamw_bf16_sr_fused"), gpu, shape)
+    if sixteen_bit == eight_bit:
+        return "adamw_bf16_sr_fused", (f"adamw_bf16_sr_fused: bf16 moments with {fused}; they fit as 8-bit ones "
+                                       f"would ({_describe(eight_bit, shape)}), and need no quantization")
+    return "adamw8bit_bf16_sr", (f"adamw8bit_bf16_sr: 8-bit moments (6 bytes a parameter instead of 8) with {fused}; "
+                                 f"{_describe(eight_bit, shape)}, where bf16 moments would need "
+                                 f"{_describe(sixteen_bit, shape)}")
+
+
+def _layout(config: RunConfig, gpu: GPU, shape: ModelShape) -> tuple[int, int, int]:
+    """What the memory plan makes of `config`: the fewest layers to recompute, then the rows and micro-batches."""
+    layers, _ = _checkpointed_layers(config, gpu, shape)
+    rows, micro_batches, _ = _micro_batches(dataclasses.replace(config, gradient_checkpointing=True,
+                                                                checkpointed_layers=layers), gpu, shape)
+    return layers, rows, micro_batches
+
+
+def _describe(layout: tuple[int, int, int], shape: ModelShape) -> str:
+    layers, rows, micro_batches = layout
+    return f"{layers} of {shape.layers} layers recomputed at {rows} x {micro_batches} rows"
 
 
 def _liger_off_reason(gpu: GPU | None) -> str:

@@ -64,6 +64,26 @@ def test_the_h100_recomputes_some_layers_and_the_gb10_budgets_for_its_host():
         < plan_training(get_config("qwen2.5-7b"), busy, QWEN_7B, has=EVERYTHING)[0].checkpointed_layers
 
 
+def test_bf16_moments_where_they_keep_the_8_bit_layout_else_8_bit_ones():
+    """The fused update either way: bf16 moments where the memory holds them at the layout 8-bit ones get (the H200:
+    every layer kept, 32 x 1 rows), 8-bit ones where the 14 GiB they free keep layers (the H100, the GB10, the H200
+    within 70 GiB); the reason names both layouts."""
+    h200, plan = plan_training(get_config("qwen2.5-7b"), H200, QWEN_7B, has=EVERYTHING)
+    assert h200.optimizer == "adamw_bf16_sr_fused"
+    assert "0 of 28 layers recomputed at 32 x 1 rows" in plan["optimizer"]["reason"]
+    assert (h200.checkpointed_layers, h200.per_device_train_batch_size) == (0, 32)
+    for gpu, max_memory_gib in [(H100, None), (GB10, None), (H200, 70)]:
+        config, plan = plan_training(get_config("qwen2.5-7b", max_memory_gib=max_memory_gib), gpu, QWEN_7B,
+                                     has=EVERYTHING)
+        reason = plan["optimizer"]["reason"]
+        assert config.optimizer == "adamw8bit_bf16_sr", reason
+        assert f"; {config.checkpointed_layers} of 28 layers recomputed at 16 x 2 rows, where bf16" in reason
+        bf16 = plan_training(get_config("qwen2.5-7b", max_memory_gib=max_memory_gib, optimizer="adamw_bf16_sr_fused"),
+                             gpu, QWEN_7B, has=EVERYTHING)[0]
+        assert bf16.checkpointed_layers > config.checkpointed_layers
+        assert f"bf16 moments would need {bf16.checkpointed_layers} of 28 layers recomputed" in reason
+
+
 def test_fp32_weights_are_planned_at_four_bytes_a_value():
     """bf16=False loads fp32 weights, and plain AdamW (the plan's choice then) keeps fp32 gradients and moments:
     16 bytes a parameter, not bf16's 8, and activations twice the size: more layers recompute than at bf16."""
@@ -116,7 +136,7 @@ def test_lora_takes_the_same_speed_ups_but_not_fp8():
     config, plan = plan_training(get_config("qwen2.5-7b", method="lora"), H100, QWEN_7B, has=EVERYTHING)
     assert config.compile_layers is True and config.fp8 is None and "full fine-tuning" in plan["fp8"]["reason"]
     assert config.checkpointed_layers == 0  # 15 GB of frozen weights leave room for every layer's activations
-    assert config.optimizer == "adamw8bit_bf16_sr"  # the fused update: one kernel per adapter weight
+    assert config.optimizer == "adamw_bf16_sr_fused"  # the fused update, one launch; the adapters' moments are small
     h200 = plan_training(get_config("qwen2.5-7b", method="lora"), H200, QWEN_7B, has=EVERYTHING)[0]
     assert (h200.per_device_train_batch_size, h200.gradient_accumulation_steps) == (32, 1)
 
