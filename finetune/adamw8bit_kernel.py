@@ -175,8 +175,9 @@ def _pointer(address_ptr, dtype: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 # The columns of a row of the weights' table (`adamw8bit_step` writes them in this order): where the weight's
-# tensors are, its rounding seed, its number of blocks and its first program.
-PARAM, GRAD, M_CODES, M_SCALE, V_CODES, V_SCALE, SEED, N_BLOCKS, FIRST_PROGRAM, COLUMNS = map(tl.constexpr, range(10))
+# tensors are (a moment's values: its 8-bit codes or its bf16 values; its block scales, 8-bit moments only), its
+# rounding seed, its number of blocks and its first program.
+PARAM, GRAD, M_VALUES, M_SCALE, V_VALUES, V_SCALE, SEED, N_BLOCKS, FIRST_PROGRAM, COLUMNS = map(tl.constexpr, range(10))
 
 
 @triton.jit
@@ -205,15 +206,15 @@ def _adamw8bit_kernel(table_ptr, corrections_ptr, weight_of_program_ptr, grad_sc
     if grad_scale != 1.0:  # clipping scaled the step (a scale of 1 would leave every gradient as it is)
         grad = (grad * grad_scale).to(tl.bfloat16).to(tl.float32)  # as mul_ rounds
     if MOMENTS_8BIT:
-        m_codes_ptr = _pointer(row + M_CODES, tl.uint8, ALIGNED)
+        m_codes_ptr = _pointer(row + M_VALUES, tl.uint8, ALIGNED)
         m_scale_ptr = _pointer(row + M_SCALE, tl.float32, False)  # read one value a block: no vector to gain
-        v_codes_ptr = _pointer(row + V_CODES, tl.uint8, ALIGNED)
+        v_codes_ptr = _pointer(row + V_VALUES, tl.uint8, ALIGNED)
         v_scale_ptr = _pointer(row + V_SCALE, tl.float32, False)
         exp_avg = _dequantize(m_codes_ptr, m_scale_ptr, m_qmap_ptr, offsets, blocks, in_bounds)
         exp_avg_sq = _dequantize(v_codes_ptr, v_scale_ptr, v_qmap_ptr, offsets, blocks, in_bounds)
     else:
-        m_ptr = _pointer(row + M_CODES, tl.bfloat16, ALIGNED)
-        v_ptr = _pointer(row + V_CODES, tl.bfloat16, ALIGNED)
+        m_ptr = _pointer(row + M_VALUES, tl.bfloat16, ALIGNED)
+        v_ptr = _pointer(row + V_VALUES, tl.bfloat16, ALIGNED)
         exp_avg = tl.load(m_ptr + offsets, mask=in_bounds[:, None], other=0.0).to(tl.float32)
         exp_avg_sq = tl.load(v_ptr + offsets, mask=in_bounds[:, None], other=0.0).to(tl.float32)
 
@@ -287,7 +288,7 @@ def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor],
     table = [[p.data_ptr(), g.data_ptr(), *_where(m), *_where(v), seed, p.numel() // block_size, first]
              for p, g, m, v, seed, first in zip(params, grads, exp_avgs, exp_avg_sqs, seeds, first_program)]
     corrections = [_bias_corrections(beta1, beta2, step) for step in steps]
-    aligned = all(row[column.value] % 16 == 0 for row in table for column in (PARAM, GRAD, M_CODES, V_CODES))
+    aligned = all(row[column.value] % 16 == 0 for row in table for column in (PARAM, GRAD, M_VALUES, V_VALUES))
     lr_times_weight_decay = (torch.tensor(lr) * weight_decay).item()  # in float32, as torchao computes it
     _adamw8bit_kernel[(weight_of_program.numel(),)](
         queued_copy(torch.tensor(table, dtype=torch.int64), device),

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
                              "BLOCKS_PER_PROGRAM x NUM_WARPS): more values a thread, fewer instructions a value, more "
                              "registers, fewer programs an SM")
     parser.add_argument("--moments", nargs="*", type=int, choices=(8, 16), default=[8, 16],
-                        help="the moments' bits: the fused kernel and the compiled update with each")
+                        help="the moments' bits: the fused kernel and the compiled update with each (--programs "
+                             "and --compare rows are 8-bit)")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the clock (compilation, first touch)")
     parser.add_argument("--measured", type=int, default=6, help="timed steps; the median is reported")
     parser.add_argument("--name", default="h200_adamw8bit_kernel", help="results/benchmarks/<name>.json")
@@ -130,11 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     grads = [(torch.randn(s, device="cuda", generator=generator) * 1e-3).to(torch.bfloat16) for s in shapes]
 
     from finetune import adamw8bit_kernel
-    rows = {"fused kernel (finetune/adamw8bit_kernel.py)": (8, lambda: kernel_row(adamw8bit_kernel, params, grads,
-                                                                                  args.warmup, args.measured))}
-    if 16 in args.moments:
-        rows["fused kernel, bf16 moments"] = (16, lambda: kernel_row(adamw8bit_kernel, params, grads, args.warmup,
-                                                                      args.measured, state_bits=16))
+    rows = {}
+    for bits in args.moments:
+        name = "fused kernel (finetune/adamw8bit_kernel.py)" if bits == 8 else "fused kernel, bf16 moments"
+        rows[name] = (bits, lambda bits=bits: kernel_row(adamw8bit_kernel, params, grads, args.warmup, args.measured,
+                                                         state_bits=bits))
     for program in args.programs:  # a fresh copy of the module: its launch tables are cached per copy
         module = load_kernel_module(adamw8bit_kernel.__file__)
         module.BLOCKS_PER_PROGRAM, module.NUM_WARPS = map(int, program.split("x"))
