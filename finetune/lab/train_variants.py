@@ -112,8 +112,9 @@ TRAIN_VARIANTS = {
     # recomputes a layer or two more than as planned for the card (70.7 GiB on an H100).
     "the qwen2.5-7b recipe, within 70 GiB": {**RECIPE_SPEED, "max_memory_gib": 70},
     # Where the memory holds bf16 moments at the 8-bit layout, the plan chooses them (finetune/plan.py): the row it
-    # would otherwise run, beside it.
+    # would otherwise run, beside it; and bf16 moments where the plan keeps 8-bit ones (more layers recomputed).
     "the qwen2.5-7b recipe, 8-bit AdamW moments": {**RECIPE_SPEED, "optimizer": "adamw8bit_bf16_sr"},
+    "the qwen2.5-7b recipe, fused bf16 AdamW moments": {**RECIPE_SPEED, "optimizer": "adamw_bf16_sr_fused"},
 }
 
 
@@ -137,6 +138,7 @@ VARIANT_SLUGS = {
     "lora-8bit": "LoRA r16, the qwen2.5-7b recipe, 8-bit AdamW moments",
     "recipe-70": "the qwen2.5-7b recipe, within 70 GiB",
     "recipe-8bit": "the qwen2.5-7b recipe, 8-bit AdamW moments",
+    "recipe-bf16": "the qwen2.5-7b recipe, fused bf16 AdamW moments",
 }
 
 
