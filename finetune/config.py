@@ -107,10 +107,11 @@ class RunConfig:
                                                    "N): a number, none (every layer) or 'auto' (the fewest the "
                                                    "GPU's memory allows)")
     merge_micro_batches: bool | str = option("auto", "speed", "run each optimizer step's rows (per_device_train_"
-                                             "batch_size x gradient_accumulation_steps) in fewer, larger micro-"
-                                             "batches, the same update: 'auto' (or true) halves their number while "
-                                             "the memory holds them with no layer recomputed; false keeps them as "
-                                             "given")
+                                             "batch_size x gradient_accumulation_steps) in the micro-batches that "
+                                             "cost least, the same update: 'auto' (or true) merges them while every "
+                                             "layer's activations fit, and with checkpointed_layers 'auto' splits "
+                                             "them where that saves more recompute than the passes it adds; false "
+                                             "keeps them as given")
     max_memory_gib: float | None = option(None, "speed", "cap for the memory 'auto' plans with, in GiB (e.g. 70 to "
                                           "plan on a 141 GB card what fits an 80 GB one); none = what is free")
     compile_layers: bool | str = option("auto", "speed", "torch.compile each decoder layer (one graph for all): "

@@ -3,8 +3,8 @@
 `qwen2.5-7b` asks for the fastest settings whose learning was checked, where the machine runs them: compiled decoder
 layers, the fused Triton AdamW update (bf16 moments where the memory holds them, else 8-bit ones), FP8 matmuls once
 their learning is checked at the 7B shape,
-as few recomputed layers as the memory allows and then as few micro-batches a step, and for evaluation Liger's
-kernels and a batch sized from the memory.
+the step's rows in the micro-batches that, with the layers the memory then makes recompute, cost least, and for
+evaluation Liger's kernels and a batch sized from the memory.
 Every choice is a plain value in the returned config (what runs) and a reason (what is logged once and written into the
 training summary and results JSON). A setting given explicitly is kept as given; what it needs is checked where it is
 used (a missing package or an unsupported GPU is named there, never silently dropped).
@@ -36,6 +36,10 @@ FP8_CHECKED_AT_7B = False
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper and later have FP8 tensor cores
 # Memory shared by CPU and GPU: the OS, Python, tokenizer, data and loader workers, beside the model's host copy.
 HOST_RESERVE_GIB = 8.0
+# A pass over one micro-batch more costs about what recomputing this many decoder layers does: on the 7B shape on one
+# H100, 32 rows a step, 11 ms a recomputed layer and 28 ms a micro-batch (16 x 2 recomputing 7 and 13 layers against
+# 8 x 4 recomputing none; results/benchmarks/h100_7b_train_recipe_layouts*.json, kept in step by tests/test_plan.py).
+MICRO_BATCH_COST_IN_LAYERS = 2.6
 EVAL_MAX_BATCH = 512  # label scoring gained nothing past it on an H200; generation's padding grows with it
 CPU_EVAL_BATCH = 64
 
@@ -183,15 +187,16 @@ def plan_training(config: RunConfig, gpu: GPU | None, shape: ModelShape, has=ins
             choose("use_liger_kernel", False, _liger_off_reason(gpu))
     resolved = dataclasses.replace(config, **{name: choice["value"] for name, choice in plan.items()})
 
+    if config.merge_micro_batches in ("auto", True):
+        rows, micro_batches, reason = _micro_batches(resolved, gpu, shape)
+        changed = (rows, micro_batches) != (config.per_device_train_batch_size, config.gradient_accumulation_steps)
+        choose("merge_micro_batches", changed, reason)
+        resolved = dataclasses.replace(resolved, merge_micro_batches=changed, per_device_train_batch_size=rows,
+                                       gradient_accumulation_steps=micro_batches)
     if config.checkpointed_layers == "auto" and config.gradient_checkpointing:
         value, reason = _checkpointed_layers(resolved, gpu, shape)
         choose("checkpointed_layers", value, reason)
         resolved = dataclasses.replace(resolved, checkpointed_layers=value)
-    if config.merge_micro_batches in ("auto", True):
-        rows, micro_batches, reason = _micro_batches(resolved, gpu, shape)
-        choose("merge_micro_batches", micro_batches < config.gradient_accumulation_steps, reason)
-        resolved = dataclasses.replace(resolved, merge_micro_batches=plan["merge_micro_batches"]["value"],
-                                       per_device_train_batch_size=rows, gradient_accumulation_steps=micro_batches)
     return resolved, plan
 
 
@@ -251,10 +256,10 @@ def _optimizer(config: RunConfig, gpu: GPU | None, shape: ModelShape, has) -> tu
 
 
 def _layout(config: RunConfig, gpu: GPU, shape: ModelShape) -> tuple[int, int, int]:
-    """What the memory plan makes of `config`: the fewest layers to recompute, then the rows and micro-batches."""
-    layers, _ = _checkpointed_layers(config, gpu, shape)
-    rows, micro_batches, _ = _micro_batches(dataclasses.replace(config, gradient_checkpointing=True,
-                                                                checkpointed_layers=layers), gpu, shape)
+    """What the memory plan makes of `config`: the layers to recompute, the rows and the micro-batches."""
+    config = dataclasses.replace(config, gradient_checkpointing=True, checkpointed_layers="auto")
+    rows, micro_batches, _ = _micro_batches(config, gpu, shape)
+    layers, _ = _checkpointed_layers(dataclasses.replace(config, per_device_train_batch_size=rows), gpu, shape)
     return layers, rows, micro_batches
 
 
@@ -285,32 +290,46 @@ def _checkpointed_layers(config: RunConfig, gpu: GPU | None, shape: ModelShape) 
 
 
 def _micro_batches(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> tuple[int, int, str]:
-    """The step's rows in as few micro-batches as fit with no layer recomputed. The loss is normalized over the whole
-    step, so the update is the same; fewer micro-batches launch fewer kernels and pay the per-pass costs (the
-    embedding's and LM head's gradients, the loss) fewer times a token. Recompute costs more than that gains, so a plan
-    that recomputes keeps the micro-batches as given."""
-    rows, micro_batches = config.per_device_train_batch_size, config.gradient_accumulation_steps
-    given = f"{rows} x {micro_batches} rows kept"
+    """The step's rows in the micro-batches that cost least. The loss is normalized over the whole step, so the update
+    is the same; each pass over a micro-batch has its fixed costs (the embedding's and LM head's gradients, the loss,
+    the launches), about what recomputing MICRO_BATCH_COST_IN_LAYERS layers costs. So: fewer, larger micro-batches
+    while every layer's activations still fit, and under 'auto' checkpointing more, smaller ones where that saves
+    more recompute than the passes it adds. A number of layers given keeps the micro-batches as given."""
+    given_rows, micro_batches = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    given = f"{given_rows} x {micro_batches} rows"
     if gpu is None:
-        return rows, micro_batches, f"{given}: no GPU memory to plan"
-    if config.gradient_checkpointing and config.checkpointed_layers != 0:
-        return rows, micro_batches, f"{given}: layers are recomputed at this micro-batch already"
-    if micro_batches % 2:
-        return rows, micro_batches, f"{given}: {micro_batches} micro-batch(es) a step do not halve"
+        return given_rows, micro_batches, f"{given} kept: no GPU memory to plan"
+    auto = config.gradient_checkpointing and config.checkpointed_layers == "auto"
+    if config.gradient_checkpointing and not auto and config.checkpointed_layers != 0:
+        return given_rows, micro_batches, f"{given} kept: layers are recomputed at this micro-batch already"
+    planned = dataclasses.replace(config, gradient_checkpointing=True, checkpointed_layers="auto")
+    step_rows, recomputed = given_rows * micro_batches, {}
+
+    def weigh(rows: int) -> int:
+        recomputed[rows] = _checkpointed_layers(dataclasses.replace(planned, per_device_train_batch_size=rows),
+                                                gpu, shape)[0]
+        return recomputed[rows]
+
+    rows = given_rows
+    while weigh(rows) == 0 and step_rows % (2 * rows) == 0:  # twice the rows while every layer's activations fit
+        rows *= 2
+    rows = given_rows
+    while auto and recomputed[rows] and rows % 2 == 0:  # half the rows while layers recompute
+        rows //= 2
+        weigh(rows)
     budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=weight_bytes(config) * shape.parameters)
-    fixed = training_state_bytes(config, shape)
-    while micro_batches % 2 == 0:
-        kept, checkpointed = layer_activation_bytes(shape.hidden, shape.intermediate, 2 * rows * config.max_length,
-                                                    activation_bytes(config))
-        if layers_to_checkpoint(budget, fixed, kept, checkpointed, shape.layers):
-            break
-        rows, micro_batches = 2 * rows, micro_batches // 2
-    if micro_batches == config.gradient_accumulation_steps:
-        return rows, micro_batches, (f"{given}: twice the rows would need recompute in {budget / GIB:.1f} GiB "
-                                     f"({assumed})")
-    return rows, micro_batches, (f"{config.per_device_train_batch_size} x {config.gradient_accumulation_steps} rows "
-                                 f"run as {rows} x {micro_batches}: every layer's activations for {rows} rows fit in "
-                                 f"{budget / GIB:.1f} GiB ({assumed})")
+    weighed = ", ".join(f"{r} x {step_rows // r} recomputing {layers}" for r, layers in sorted(recomputed.items()))
+    weighed = f"{weighed} layers in {budget / GIB:.1f} GiB ({assumed})"
+    if auto:
+        rows = min(recomputed, key=lambda r: (recomputed[r] + MICRO_BATCH_COST_IN_LAYERS * step_rows / r, -r))
+        why = (f"the least recompute and passes of {weighed}, a micro-batch costing about what "
+               f"{MICRO_BATCH_COST_IN_LAYERS} recomputed layers do")
+    else:  # the layers are given: fewer micro-batches only, where none would recompute
+        rows = max(r for r, layers in recomputed.items() if r == given_rows or layers == 0)
+        why = f"the fewest micro-batches with no layer recomputed, of {weighed}"
+    if rows == given_rows:
+        return rows, micro_batches, f"{given} kept: {why}"
+    return rows, step_rows // rows, f"{given} run as {rows} x {step_rows // rows}: {why}"
 
 
 def memory_budget(gpu: GPU, max_memory_gib: float | None, weights_bytes: float) -> tuple[float, str]:

@@ -2,18 +2,26 @@
 GPU needed, so every machine's choices are checked on the CPU."""
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
 
 from finetune.config import get_config
 from finetune.lab.spark import GB10, QWEN_7B  # the GB10 and 7B shape the Spark page's projection plans for
-from finetune.plan import FP8_CHECKED_AT_7B, FP8_RECIPE, GPU, HOST_RESERVE_GIB, plan_evaluation, plan_training
+from finetune.plan import (FP8_CHECKED_AT_7B, FP8_RECIPE, GPU, HOST_RESERVE_GIB, MICRO_BATCH_COST_IN_LAYERS,
+                           plan_evaluation, plan_training)
 
 H100 = GPU("NVIDIA H100 80GB HBM3", (9, 0), total_gib=79.2, free_gib=78.7, integrated=False)
 H200 = GPU("NVIDIA H200", (9, 0), total_gib=139.8, free_gib=139.3, integrated=False)
 A100 = GPU("NVIDIA A100-SXM4-80GB", (8, 0), total_gib=79.2, free_gib=78.7, integrated=False)
 EVERYTHING = {"triton", "torchao", "liger_kernel"}.__contains__
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "benchmarks"
+
+
+def layout_cost(config) -> float:
+    """What a planned layout costs a step, in recomputed layers: its recompute and its micro-batches' passes."""
+    return config.checkpointed_layers + MICRO_BATCH_COST_IN_LAYERS * config.gradient_accumulation_steps
 
 
 def test_qwen2_5_7b_shape_counts_its_published_parameters():
@@ -49,25 +57,27 @@ def test_fp8_checked_flag_agrees_with_the_committed_7b_check():
     assert FP8_CHECKED_AT_7B == runs[FP8_RECIPE]["within_tolerance"]
 
 
-def test_the_h100_recomputes_some_layers_and_the_gb10_budgets_for_its_host():
-    """7.6B weights with 8-bit moments take 43 GiB: an 80 GB H100 keeps most layers' activations at 16 x 512 tokens;
-    the GB10's plan first sets aside what the CPU needs of the shared memory, and says so."""
+def test_the_h100_trades_recompute_for_micro_batches_and_the_gb10_budgets_for_its_host():
+    """7.6B weights with 8-bit moments take 43 GiB: an 80 GB H100 would recompute a few layers at 16 x 512 tokens, so
+    it runs the step's 32 rows as 8 x 4 with none recomputed; the GB10's plan first sets aside what the CPU needs of
+    the shared memory, and says so."""
     h100, h100_plan = plan_training(get_config("qwen2.5-7b"), H100, QWEN_7B, has=EVERYTHING)
     gb10, gb10_plan = plan_training(get_config("qwen2.5-7b"), GB10, QWEN_7B, has=EVERYTHING)
-    assert 0 < h100.checkpointed_layers < 28
+    assert (h100.checkpointed_layers, h100.per_device_train_batch_size, h100.gradient_accumulation_steps) == (0, 8, 4)
+    assert "16 x 2 recomputing 6" in h100_plan["merge_micro_batches"]["reason"]
     assert "shares" in gb10_plan["checkpointed_layers"]["reason"]
     assert f"{HOST_RESERVE_GIB:.0f} GiB" in gb10_plan["checkpointed_layers"]["reason"]
-    # With less free (a browser, a second notebook), the host's share is what makes layers recompute.
+    # With less free (a browser, a second notebook), the host's share is what costs recompute or micro-batches.
     busy = GPU(GB10.name, GB10.capability, GB10.total_gib, free_gib=100.0, integrated=True)
     discrete = GPU(GB10.name, GB10.capability, GB10.total_gib, free_gib=100.0, integrated=False)
-    assert plan_training(get_config("qwen2.5-7b"), discrete, QWEN_7B, has=EVERYTHING)[0].checkpointed_layers \
-        < plan_training(get_config("qwen2.5-7b"), busy, QWEN_7B, has=EVERYTHING)[0].checkpointed_layers
+    assert layout_cost(plan_training(get_config("qwen2.5-7b"), discrete, QWEN_7B, has=EVERYTHING)[0]) \
+        < layout_cost(plan_training(get_config("qwen2.5-7b"), busy, QWEN_7B, has=EVERYTHING)[0])
 
 
 def test_bf16_moments_where_they_keep_the_8_bit_layout_else_8_bit_ones():
     """The fused update either way: bf16 moments where the memory holds them at the layout 8-bit ones get (the H200:
     every layer kept, 32 x 1 rows), 8-bit ones where the 14 GiB they free keep layers (the H100, the GB10, the H200
-    within 70 GiB); the reason names both layouts."""
+    within 70 GiB: every layer kept at 8 x 4, or at 16 x 2 on the GB10); the reason names both layouts."""
     h200, plan = plan_training(get_config("qwen2.5-7b"), H200, QWEN_7B, has=EVERYTHING)
     assert h200.optimizer == "adamw_bf16_sr_fused"
     assert "0 of 28 layers recomputed at 32 x 1 rows" in plan["optimizer"]["reason"]
@@ -77,11 +87,13 @@ def test_bf16_moments_where_they_keep_the_8_bit_layout_else_8_bit_ones():
                                      has=EVERYTHING)
         reason = plan["optimizer"]["reason"]
         assert config.optimizer == "adamw8bit_bf16_sr", reason
-        assert f"; {config.checkpointed_layers} of 28 layers recomputed at 16 x 2 rows, where bf16" in reason
+        layout = f"{config.per_device_train_batch_size} x {config.gradient_accumulation_steps} rows"
+        assert config.checkpointed_layers == 0 and f"; 0 of 28 layers recomputed at {layout}, where bf16" in reason
         bf16 = plan_training(get_config("qwen2.5-7b", max_memory_gib=max_memory_gib, optimizer="adamw_bf16_sr_fused"),
                              gpu, QWEN_7B, has=EVERYTHING)[0]
-        assert bf16.checkpointed_layers > config.checkpointed_layers
-        assert f"bf16 moments would need {bf16.checkpointed_layers} of 28 layers recomputed" in reason
+        assert layout_cost(bf16) > layout_cost(config)
+        assert (f"bf16 moments would need {bf16.checkpointed_layers} of 28 layers recomputed at "
+                f"{bf16.per_device_train_batch_size} x {bf16.gradient_accumulation_steps} rows") in reason
 
 
 def test_fp32_weights_are_planned_at_four_bytes_a_value():
@@ -91,28 +103,52 @@ def test_fp32_weights_are_planned_at_four_bytes_a_value():
     bf16, _ = plan_training(get_config("qwen2.5-7b", optimizer="adamw"), H200, QWEN_7B, has=EVERYTHING)
     assert fp32.optimizer == "adamw"
     assert f"optimizer states {QWEN_7B.parameters * 16 / 2**30:.1f} GiB" in plan["checkpointed_layers"]["reason"]
-    assert fp32.checkpointed_layers > bf16.checkpointed_layers
+    assert layout_cost(fp32) > layout_cost(bf16)
 
 
-def test_a_step_runs_in_fewer_micro_batches_only_where_no_layer_would_recompute():
-    """The H200 holds every layer's activations for the step's 32 rows at once: one micro-batch. The H100 recomputes
-    layers already at 16 rows, so it keeps 16 x 2; the product, the rows an update sees, never changes."""
+def test_a_step_runs_in_the_micro_batches_that_cost_least():
+    """The H200 holds every layer's activations for the step's 32 rows at once: one micro-batch. At 16 rows the H100
+    would recompute layers, which cost more than the two passes 8 x 4 adds; the product, the rows an update sees,
+    never changes. A number of layers given keeps the micro-batches as given, and merges only with none recomputed."""
     h200, plan = plan_training(get_config("qwen2.5-7b"), H200, QWEN_7B, has=EVERYTHING)
     assert (h200.per_device_train_batch_size, h200.gradient_accumulation_steps, h200.checkpointed_layers) == (32, 1, 0)
     assert h200.merge_micro_batches is True and "run as 32 x 1" in plan["merge_micro_batches"]["reason"]
     h100, plan = plan_training(get_config("qwen2.5-7b"), H100, QWEN_7B, has=EVERYTHING)
-    assert (h100.per_device_train_batch_size, h100.gradient_accumulation_steps) == (16, 2)
-    assert h100.merge_micro_batches is False and "recomputed" in plan["merge_micro_batches"]["reason"]
+    assert (h100.per_device_train_batch_size, h100.gradient_accumulation_steps) == (8, 4)
+    assert h100.merge_micro_batches is True and "run as 8 x 4" in plan["merge_micro_batches"]["reason"]
     # Memory for 16 rows without recompute but not for 32: kept as given, with the budget in the reason.
     roomy, plan = plan_training(get_config("qwen2.5-7b", max_memory_gib=100), H200, QWEN_7B, has=EVERYTHING)
     assert (roomy.per_device_train_batch_size, roomy.checkpointed_layers) == (16, 0)
-    assert "max_memory_gib=100" in plan["merge_micro_batches"]["reason"]
+    assert roomy.merge_micro_batches is False and "max_memory_gib=100" in plan["merge_micro_batches"]["reason"]
+    for merge in (False, "auto"):
+        kept = plan_training(get_config("qwen2.5-7b", merge_micro_batches=merge, checkpointed_layers=4), H100, QWEN_7B,
+                             has=EVERYTHING)[0]
+        assert (kept.per_device_train_batch_size, kept.checkpointed_layers) == (16, 4)
     kept = plan_training(get_config("qwen2.5-7b", merge_micro_batches=False), H200, QWEN_7B, has=EVERYTHING)
     assert kept[0].per_device_train_batch_size == 16 and "merge_micro_batches" not in kept[1]
-    # One micro-batch a step already: nothing to halve, and the reason says so rather than blaming the memory.
+    merged = plan_training(get_config("qwen2.5-7b", checkpointed_layers=0), H200, QWEN_7B, has=EVERYTHING)[0]
+    assert (merged.per_device_train_batch_size, merged.gradient_accumulation_steps) == (32, 1)
+    # One micro-batch a step already, and room for it: kept.
     one, plan = plan_training(get_config("qwen2.5-7b", per_device_train_batch_size=32, gradient_accumulation_steps=1),
                               H200, QWEN_7B, has=EVERYTHING)
-    assert one.per_device_train_batch_size == 32 and "do not halve" in plan["merge_micro_batches"]["reason"]
+    assert one.per_device_train_batch_size == 32 and "32 x 1 rows kept" in plan["merge_micro_batches"]["reason"]
+
+
+def test_a_micro_batchs_cost_in_recomputed_layers_is_the_committed_measurement():
+    """MICRO_BATCH_COST_IN_LAYERS is read from the H100 runs that timed 16 x 2 recomputing two numbers of layers
+    beside 8 x 4 recomputing none (the same 32 rows a step): a layer's cost is the slope between the first two, a
+    micro-batch's what 8 x 4 takes beyond 16 x 2 with none recomputed, extrapolated along that slope."""
+    ratios = []
+    for path in sorted(RESULTS.glob("h100_7b_train_recipe_layouts*.json")):
+        rows = json.loads(path.read_text())["variants"].values()
+        compute = {(row["checkpointed_layers"], *row["batch"]): row["step_seconds"] - row["optimizer_step_seconds"]
+                   for row in rows if row["overrides"].get("optimizer") == "auto" and row.get("step_seconds")}
+        (few, many), split = sorted(k for k in compute if k[1:] == (16, 2)), compute[(0, 8, 4)]
+        layer = (compute[many] - compute[few]) / (many[0] - few[0])
+        ratios.append((split - (compute[few] - few[0] * layer)) / 2 / layer)
+    if not ratios:
+        pytest.skip("no h100_7b_train_recipe_layouts*.json here")
+    assert MICRO_BATCH_COST_IN_LAYERS == pytest.approx(statistics.median(ratios), abs=0.1)
 
 
 def test_missing_packages_and_no_gpu_are_named_not_silently_dropped():
