@@ -108,15 +108,16 @@ TRAIN_VARIANTS = {
     # under a reseeded generator.
     "LoRA r16, the qwen2.5-7b recipe, 8-bit AdamW moments": {**RECIPE_SPEED, "method": "lora",
                                                              "optimizer": "adamw8bit_bf16_sr"},
-    # The recipe planned for at most 70 GiB, the memory the benchmark-honesty targets allow: on an 80 GB card it
-    # recomputes a layer or two more than as planned for the card (70.7 GiB on an H100).
+    # The recipe planned for at most 70 GiB, the memory the benchmark-honesty targets allow: on a 141 GB card, what an
+    # 80 GB one would run (until 359c358 the plan recomputed 13 layers at 16 x 2 there; since, 8 x 4 with none).
     "the qwen2.5-7b recipe, within 70 GiB": {**RECIPE_SPEED, "max_memory_gib": 70},
     # Where the memory holds bf16 moments at the 8-bit layout, the plan chooses them (finetune/plan.py): the row it
     # would otherwise run, beside it; and bf16 moments where the plan keeps 8-bit ones (more layers recomputed).
     "the qwen2.5-7b recipe, 8-bit AdamW moments": {**RECIPE_SPEED, "optimizer": "adamw8bit_bf16_sr"},
     "the qwen2.5-7b recipe, fused bf16 AdamW moments": {**RECIPE_SPEED, "optimizer": "adamw_bf16_sr_fused"},
-    # The same 32 rows in 4 micro-batches of 8, whose activations fit with no layer recomputed: the plan's recompute
-    # (13 layers at 16 rows) against the per-pass costs of twice the micro-batches.
+    # The same 32 rows in 4 micro-batches of 8, whose activations fit with no layer recomputed, beside the plan's 16 x 2
+    # recomputing 13 layers before 359c358 (h100_7b_train_recipe_layouts*.json); since, the plan chooses this layout
+    # within 70 GiB itself, so the two rows run alike.
     "the qwen2.5-7b recipe, within 70 GiB, batch 8 x 4": {**RECIPE_SPEED, "max_memory_gib": 70,
                                                           "per_device_train_batch_size": 8,
                                                           "gradient_accumulation_steps": 4},
