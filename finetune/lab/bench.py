@@ -95,6 +95,8 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         "host_syncs_per_step": syncs.count,
         "host_syncs_by_site": dict(syncs.sites.most_common()) if syncs.sites is not None else None,
         "checkpointed_layers": recomputed_layers(trainer.model),
+        "micro_batches": [trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps],
+        "plan": {name: choice["value"] for name, choice in trainer.plan.items()} if hasattr(trainer, "plan") else None,
         "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                           else trainer.optimizer).__name__,
     }
@@ -148,7 +150,7 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
         fsdp_settings = {k.upper(): str(v).lower() for k, v in overrides.items() if k.startswith("fsdp_")}
         with mock.patch.dict(os.environ, fsdp_settings):
             results[name] = {"overrides": overrides,
-                             "batch": [run.per_device_train_batch_size, run.gradient_accumulation_steps],
+                             "batch": [run.per_device_train_batch_size, run.gradient_accumulation_steps],  # as asked
                              "warmup_steps": warmup_steps, "measured_steps": measured_steps,
                              **bench_train_variant(run, warmup_steps, measured_steps, profile, trace_path=trace_path)}
         if PartialState().is_main_process:
