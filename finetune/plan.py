@@ -351,15 +351,20 @@ def memory_budget(gpu: GPU, max_memory_gib: float | None, weights_bytes: float) 
 def training_state_bytes(config: RunConfig, shape: ModelShape) -> float:
     """Weights, gradients and optimizer states. Full fine-tuning: all of them for every weight. LoRA and QLoRA: the
     frozen weights as loaded (`weights_dtype`, or QLoRA's 4-bit projections), plus all three for the adapters."""
-    per_parameter = OPTIMIZERS.get(config.optimizer, OPTIMIZERS["adamw_bf16_sr"]).bytes_per_parameter
-    if config.optimizer == "adamw":  # plain AdamW keeps its gradients and moments in the weights' dtype
-        per_parameter = 4 * weight_bytes(config)
+    per_parameter = trained_parameter_bytes(config)
     if config.method == "full":
         return shape.parameters * per_parameter
     frozen = weight_bytes(config) * shape.parameters
     if config.method == "qlora":  # 4-bit projections with a 2-byte scale per 64 weights, the rest as loaded
         frozen -= shape.linear_parameters * (weight_bytes(config) - 0.5 - 2 / 64)
     return frozen + shape.adapter_parameters(config.lora_rank) * per_parameter
+
+
+def trained_parameter_bytes(config: RunConfig) -> float:
+    """A trained weight, its gradient and both AdamW moments."""
+    if config.optimizer == "adamw":  # plain AdamW keeps its gradients and moments in the weights' dtype
+        return 4 * weight_bytes(config)
+    return OPTIMIZERS.get(config.optimizer, OPTIMIZERS["adamw_bf16_sr"]).bytes_per_parameter
 
 
 def weight_bytes(config: RunConfig) -> int:

@@ -27,6 +27,7 @@ from finetune.adapters import adapter_alone_in_saves, adapters_in_weights_dtype,
 from finetune.attention import choose_attn_implementation, unmasked_packed_rows
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
+from finetune.disk import OutOfDisk, check_disk, free_and_written_bytes, planned_steps
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
 from finetune.plan import GPU, ModelShape, OutOfMemory, SourceNotFound, gpu_memory_note, log_plan, plan_training
 from finetune.resume import (SaveRunConfig, check_resume, checkpoint_step, last_checkpoint, run_finished,
@@ -224,6 +225,8 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, spl
     save_clock = SaveClock()
     trainer = build_trainer(config, [*(callbacks or []), save_clock, SaveRunConfig(config)], splits)
     setup_seconds = time.perf_counter() - start
+    log.info("disk: %s", check_disk(trainer.run_config, ModelShape.of(config), planned_steps(trainer),
+                                    *free_and_written_bytes(config.output_dir)))
     if last:
         log.info("resuming from %s", last)
     reset_peak_memory()
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     config = config_from_args(argv, description=__doc__)
     try:
         print(f"final model: {train(config)}")
-    except (OutOfMemory, SourceNotFound, DataError) as error:  # bad input or memory: the message says it all
+    except (OutOfMemory, OutOfDisk, SourceNotFound, DataError) as error:  # the message says it all
         raise SystemExit(f"error: {error}") from None
     finally:
         # FSDP ranks: the process group's threads stopped here, not by its destructor at interpreter exit, where a gloo

@@ -1,0 +1,64 @@
+"""The disk a run's saves need, checked before its first step: a 7B checkpoint is tens of GB, and a disk that fills
+during a save ends the run there (seen on a 64 GiB disk: with a 15 GB model folder beside it, the recipe's 46 GB
+checkpoint with bf16 moments was written, the 15 GB final model after it was not)."""
+
+import math
+import shutil
+from pathlib import Path
+
+from finetune.config import RunConfig
+from finetune.plan import ModelShape, trained_parameter_bytes, weight_bytes
+
+
+class OutOfDisk(RuntimeError):
+    """The run's checkpoints and final model would not fit on the disk it writes them to."""
+
+
+def save_bytes(config: RunConfig, shape: ModelShape) -> tuple[float, float]:
+    """Bytes of one resumable checkpoint (the trained weights and both AdamW moments: the training state less the
+    gradients) and of the final model. Full fine-tuning saves every weight; LoRA and QLoRA the adapters."""
+    trained = shape.parameters if config.method == "full" else shape.adapter_parameters(config.lora_rank)
+    weights = trained * weight_bytes(config)
+    return trained * trained_parameter_bytes(config) - weights, weights
+
+
+def check_disk(config: RunConfig, shape: ModelShape, optimizer_steps: int, free_bytes: float,
+               written_bytes: float = 0.0) -> str:
+    """What the run's saves add to the disk at most, against `free_bytes`; raises OutOfDisk where they do not fit.
+    The Trainer saves every `save_steps` and at the end, and writes each checkpoint before deleting the oldest past
+    `save_total_limit`, so one more than the limit exists for a while; the final model follows the last of them.
+    `written_bytes`: the run's checkpoints already on disk (a resumed run), part of that peak."""
+    checkpoint, final = save_bytes(config, shape)
+    writes = math.ceil(optimizer_steps / config.save_steps)
+
+    def need(kept: int) -> float:
+        return max(min(writes, kept + 1) * checkpoint, min(writes, kept) * checkpoint + final) - written_bytes
+
+    kept = config.save_total_limit or writes  # None or 0: the Trainer keeps every checkpoint
+    summary = (f"{writes} checkpoint(s) of {checkpoint / 1e9:.1f} GB over {optimizer_steps} steps, up to "
+               f"{min(writes, kept + 1)} at once (save_total_limit={config.save_total_limit}), and a "
+               f"{final / 1e9:.1f} GB final model: {max(need(kept), 0) / 1e9:.1f} GB more, "
+               f"{free_bytes / 1e9:.1f} GB free")
+    if need(kept) > free_bytes:
+        fewer = (f"; or keep one checkpoint, --save_total_limit 1 ({max(need(1), 0) / 1e9:.1f} GB)"
+                 if need(1) < need(kept) else "")
+        raise OutOfDisk(f"The run's saves would not fit under {config.output_dir}: {summary}. Free space there, or "
+                        f"write elsewhere: --checkpoints_dir <a folder on a larger disk>{fewer}.")
+    return summary
+
+
+def free_and_written_bytes(output_dir: Path) -> tuple[float, float]:
+    """Free bytes on the disk that holds (or will hold) `output_dir`, and the bytes of its checkpoints there."""
+    existing = next(p for p in [output_dir, *output_dir.parents] if p.exists())
+    written = sum(f.stat().st_size for c in output_dir.glob("checkpoint-*") for f in c.rglob("*") if f.is_file())
+    return shutil.disk_usage(existing).free, written
+
+
+def planned_steps(trainer) -> int:
+    """The optimizer steps the Trainer will run in all, counted as it counts them (its data loader's batches, which
+    split the rows over the ranks, gathered into steps, times the epochs), before it builds the loader itself."""
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = math.ceil(len(trainer.train_dataset) / (args.per_device_train_batch_size * args.world_size))
+    return math.ceil(args.num_train_epochs * max(math.ceil(batches / args.gradient_accumulation_steps), 1))
