@@ -3,6 +3,7 @@ during a save ends the run there (seen on a 64 GiB disk: with a 15 GB model fold
 checkpoint with bf16 moments was written, the 15 GB final model after it was not)."""
 
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -47,11 +48,22 @@ def check_disk(config: RunConfig, shape: ModelShape, optimizer_steps: int, free_
     return summary
 
 
-def free_and_written_bytes(output_dir: Path) -> tuple[float, float]:
-    """Free bytes on the disk that holds (or will hold) `output_dir`, and the bytes of its checkpoints there."""
-    existing = next(p for p in [output_dir, *output_dir.parents] if p.exists())
-    written = sum(f.stat().st_size for c in output_dir.glob("checkpoint-*") for f in c.rglob("*") if f.is_file())
-    return shutil.disk_usage(existing).free, written
+def free_bytes(path: Path) -> float:
+    """Free bytes on the disk that holds `path`, or will once it is made."""
+    return shutil.disk_usage(_made(path)).free
+
+
+def same_disk(a: Path, b: Path) -> bool:
+    return os.stat(_made(a)).st_dev == os.stat(_made(b)).st_dev
+
+
+def written_bytes(output_dir: Path) -> float:
+    """The bytes of a run's checkpoints already on disk."""
+    return sum(f.stat().st_size for c in output_dir.glob("checkpoint-*") for f in c.rglob("*") if f.is_file())
+
+
+def _made(path: Path) -> Path:
+    return next(p for p in [Path(path), *Path(path).parents] if p.exists())
 
 
 def planned_steps(trainer) -> int:

@@ -121,3 +121,26 @@ def test_notebook_runs_take_any_config_field_and_a_local_model_folder(standin, m
     assert passed[1]["results_dir"] == "results"  # recorded as named, not as this machine's absolute path
     with pytest.raises(SystemExit):
         notebooks.main(["--profile", "qwen2.5-7b", "--no_such_field", "1"])
+
+
+def test_a_disk_that_cannot_hold_the_standin_and_the_saves_stops_the_rehearsal_before_either(tmp_path, monkeypatch):
+    """On an H200 the recipe's checkpoint (bf16 moments) and final model after 20 steps take 60.9 GB: beside the
+    15.2 GB stand-in, a 64 GiB disk (68.7 GB free here) does not hold them, as a rehearsal found at its last save.
+    A stand-in already written, or on another disk, leaves the room to the run."""
+    import shutil
+
+    from finetune.disk import OutOfDisk
+    from finetune.plan import GPU
+
+    h200 = GPU("NVIDIA H200", (9, 0), total_gib=139.8, free_gib=139.3, integrated=False)
+    monkeypatch.setattr(GPU, "current", classmethod(lambda cls: h200))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2 * 68.7e9, 68.7e9, 68.7e9))
+    config = get_config("qwen2.5-7b", max_steps=20, run_name="rehearsal-7b", checkpoints_dir=str(tmp_path))
+    standin = tmp_path / "standin-7b"
+    with pytest.raises(OutOfDisk, match=r"60.9 GB more, 53.5 GB free.*15.2 GB stand-in.*--standin"):
+        rehearse.check_room(config, standin, "7b")
+    standin.mkdir()
+    (standin / "config.json").write_text("{}")
+    assert "60.9 GB more, 68.7 GB free" in rehearse.check_room(config, standin, "7b")
+    monkeypatch.setattr(rehearse, "same_disk", lambda a, b: False)
+    assert "60.9 GB more, 68.7 GB free" in rehearse.check_room(config, tmp_path / "on-another-disk", "7b")

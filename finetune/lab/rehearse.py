@@ -17,9 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.config import get_config, overrides_from_args
+from finetune.config import RunConfig, get_config, overrides_from_args
+from finetune.disk import OutOfDisk, check_disk, free_bytes, same_disk, written_bytes
 from finetune.lab.notebooks import NOTEBOOKS, notebook_parameters, run_notebooks
-from finetune.lab.standin import HUB_ID, write_standin
+from finetune.lab.standin import HUB_ID, standin_shape, write_standin
+from finetune.plan import GPU, plan_training
 from finetune.lab.targets import RECIPE_ROW
 from finetune.results import environment
 
@@ -50,6 +52,26 @@ def rehearse(shape: str, standin: Path, overrides: dict) -> dict:
     summary = config.final_dir / "train_summary.json"
     (Path(config.results_dir) / "train_summary.json").write_text(summary.read_text())
     return facts
+
+
+def check_room(config: RunConfig, standin: Path, shape: str) -> str:
+    """The stand-in and the run's saves, counted before either is written: a disk that cannot hold both would stop
+    the rehearsal minutes in, at a save (training checks its own saves again, with the stand-in there by then)."""
+    model = standin_shape(shape)
+    planned, _ = plan_training(config, GPU.current(), model)  # the moments the plan chooses set a checkpoint's size
+    standin_bytes = 0 if (standin / "config.json").exists() else model.parameters * 2  # bf16 weights
+    shared = same_disk(standin, config.output_dir)
+    if not shared and standin_bytes > free_bytes(standin):
+        raise OutOfDisk(f"The stand-in ({standin_bytes / 1e9:.1f} GB) would not fit in {standin}: "
+                        f"{free_bytes(standin) / 1e9:.1f} GB free. --standin <a folder on a larger disk>.")
+    free = free_bytes(config.output_dir) - (standin_bytes if shared else 0)
+    try:
+        return check_disk(planned, model, config.max_steps, free, written_bytes(config.output_dir))
+    except OutOfDisk as error:
+        if not shared or not standin_bytes:
+            raise
+        raise OutOfDisk(f"{error} The {standin_bytes / 1e9:.1f} GB stand-in would take the same disk first: "
+                        "--standin <a folder on another disk> leaves it to the run.") from None
 
 
 def median(values: list[float]) -> float | None:
@@ -178,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         (results_dir / "README.md").write_text(readme(results_dir))
         print(f"done: {results_dir}/README.md")
         return
+    try:
+        print(f"disk: {check_room(config, standin, known.shape)}")
+    except OutOfDisk as error:
+        raise SystemExit(f"error: {error}") from None
     facts = rehearse(known.shape, standin, overrides)
     facts["command"] = "python -m finetune.lab.rehearse " + " ".join(argv if argv is not None else sys.argv[1:])
     facts["environment"] = environment()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from finetune.plan import ModelShape
 from finetune.qwen_tokenizer import ADDED_TOKENS, CHAT_TEMPLATE, NON_SPECIAL_TOKENS, build_qwen25_tokenizer
 
 HUB_ID = "Qwen/Qwen2.5-7B-Instruct"
@@ -66,6 +67,13 @@ def write_tokenizer(out: Path, cache_dir: Path) -> None:
     merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in backend["model"]["merges"]]
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n")
+
+
+def standin_shape(shape: str) -> ModelShape:
+    """The stand-in's shape, before it is written."""
+    c = {**PUBLISHED_CONFIG, **SHAPES[shape]}
+    return ModelShape(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"],
+                      c["num_attention_heads"], c["num_key_value_heads"], c["tie_word_embeddings"])
 
 
 def write_standin(out: str | Path, shape: str = "tiny", seed: int = 0,
