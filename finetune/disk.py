@@ -23,24 +23,23 @@ def save_bytes(config: RunConfig, shape: ModelShape) -> tuple[float, float]:
     return trained * trained_parameter_bytes(config) - weights, weights
 
 
-def check_disk(config: RunConfig, shape: ModelShape, optimizer_steps: int, free_bytes: float,
-               written_bytes: float = 0.0) -> str:
-    """What the run's saves add to the disk at most, against `free_bytes`; raises OutOfDisk where they do not fit.
+def check_disk(config: RunConfig, shape: ModelShape, optimizer_steps: int, free: float, written: float = 0.0) -> str:
+    """What the run's saves add to the disk at most, against `free` bytes; raises OutOfDisk where they do not fit.
     The Trainer saves every `save_steps` and at the end, and writes each checkpoint before deleting the oldest past
     `save_total_limit`, so one more than the limit exists for a while; the final model follows the last of them.
-    `written_bytes`: the run's checkpoints already on disk (a resumed run), part of that peak."""
+    `written`: the bytes of the run's checkpoints already on disk (a resumed run), part of that peak."""
     checkpoint, final = save_bytes(config, shape)
     writes = math.ceil(optimizer_steps / config.save_steps)
 
     def need(kept: int) -> float:
-        return max(min(writes, kept + 1) * checkpoint, min(writes, kept) * checkpoint + final) - written_bytes
+        return max(min(writes, kept + 1) * checkpoint, min(writes, kept) * checkpoint + final) - written
 
     kept = config.save_total_limit or writes  # None or 0: the Trainer keeps every checkpoint
     summary = (f"{writes} checkpoint(s) of {checkpoint / 1e9:.1f} GB over {optimizer_steps} steps, up to "
                f"{min(writes, kept + 1)} at once (save_total_limit={config.save_total_limit}), and a "
                f"{final / 1e9:.1f} GB final model: {max(need(kept), 0) / 1e9:.1f} GB more, "
-               f"{free_bytes / 1e9:.1f} GB free")
-    if need(kept) > free_bytes:
+               f"{free / 1e9:.1f} GB free")
+    if need(kept) > free:
         fewer = (f"; or keep one checkpoint, --save_total_limit 1 ({max(need(1), 0) / 1e9:.1f} GB)"
                  if need(1) < need(kept) else "")
         raise OutOfDisk(f"The run's saves would not fit under {config.output_dir}: {summary}. Free space there, or "

@@ -46,7 +46,7 @@ def test_a_long_run_needs_one_checkpoint_more_than_it_keeps_and_a_resumed_one_co
     assert "19 checkpoint(s)" in check_disk(config, QWEN_7B, 3750, 3 * checkpoint + 1)
     with pytest.raises(OutOfDisk, match=r"up to 3 at once \(save_total_limit=2\).*--save_total_limit 1 \(91.4 GB\)"):
         check_disk(config, QWEN_7B, 3750, 3 * checkpoint - 1)
-    assert check_disk(config, QWEN_7B, 3750, checkpoint + 1, written_bytes=2 * checkpoint)
+    assert check_disk(config, QWEN_7B, 3750, checkpoint + 1, written=2 * checkpoint)
     unlimited = dataclasses.replace(config, save_total_limit=None)
     with pytest.raises(OutOfDisk, match="19 at once"):
         check_disk(unlimited, QWEN_7B, 3750, 18 * checkpoint)

@@ -21,8 +21,8 @@ from finetune.config import RunConfig, get_config, overrides_from_args
 from finetune.disk import OutOfDisk, check_disk, free_bytes, same_disk, written_bytes
 from finetune.lab.notebooks import NOTEBOOKS, notebook_parameters, run_notebooks
 from finetune.lab.standin import HUB_ID, standin_shape, write_standin
-from finetune.plan import GPU, plan_training
 from finetune.lab.targets import RECIPE_ROW
+from finetune.plan import GPU, plan_training
 from finetune.results import environment
 
 PROFILE = "qwen2.5-7b"
@@ -65,6 +65,8 @@ def check_room(config: RunConfig, standin: Path, shape: str) -> str:
         raise OutOfDisk(f"The stand-in ({standin_bytes / 1e9:.1f} GB) would not fit in {standin}: "
                         f"{free_bytes(standin) / 1e9:.1f} GB free. --standin <a folder on a larger disk>.")
     free = free_bytes(config.output_dir) - (standin_bytes if shared else 0)
+    if config.max_steps <= 0:  # by epochs: the steps are known once the data is packed, where training counts them
+        return f"the stand-in fits; the saves are counted by training ({free / 1e9:.1f} GB free beside the stand-in)"
     try:
         return check_disk(planned, model, config.max_steps, free, written_bytes(config.output_dir))
     except OutOfDisk as error:
