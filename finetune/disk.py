@@ -56,9 +56,13 @@ def same_disk(a: Path, b: Path) -> bool:
     return os.stat(_made(a)).st_dev == os.stat(_made(b)).st_dev
 
 
-def written_bytes(output_dir: Path) -> float:
+def written_bytes(output_dir: Path) -> int:
     """The bytes of a run's checkpoints already on disk."""
-    return sum(f.stat().st_size for c in output_dir.glob("checkpoint-*") for f in c.rglob("*") if f.is_file())
+    return sum(folder_bytes(checkpoint) for checkpoint in output_dir.glob("checkpoint-*"))
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def _made(path: Path) -> Path:

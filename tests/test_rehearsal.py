@@ -131,9 +131,9 @@ def test_a_disk_that_cannot_hold_the_standin_and_the_saves_stops_the_rehearsal_b
 
     from finetune.disk import OutOfDisk
     from finetune.plan import GPU
+    from tests.test_plan import H200
 
-    h200 = GPU("NVIDIA H200", (9, 0), total_gib=139.8, free_gib=139.3, integrated=False)
-    monkeypatch.setattr(GPU, "current", classmethod(lambda cls: h200))
+    monkeypatch.setattr(GPU, "current", classmethod(lambda cls: H200))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2 * 68.7e9, 68.7e9, 68.7e9))
     config = get_config("qwen2.5-7b", max_steps=20, run_name="rehearsal-7b", checkpoints_dir=str(tmp_path))
     standin = tmp_path / "standin-7b"

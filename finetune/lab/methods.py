@@ -17,14 +17,11 @@ from pathlib import Path
 from finetune.adapters import METHODS
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits
+from finetune.disk import folder_bytes
 from finetune.evaluate import evaluate
 from finetune.pretrain import pretrained_base
 from finetune.results import commit_label, hardware_label, write_record
 from finetune.train import train
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def training_facts(final: Path) -> dict:

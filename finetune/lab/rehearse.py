@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from finetune.config import RunConfig, get_config, overrides_from_args
-from finetune.disk import OutOfDisk, check_disk, free_bytes, same_disk, written_bytes
+from finetune.disk import OutOfDisk, check_disk, folder_bytes, free_bytes, same_disk, written_bytes
 from finetune.lab.notebooks import NOTEBOOKS, notebook_parameters, run_notebooks
 from finetune.lab.standin import HUB_ID, standin_shape, write_standin
 from finetune.lab.targets import RECIPE_ROW
@@ -26,10 +26,6 @@ from finetune.plan import GPU, plan_training
 from finetune.results import environment
 
 PROFILE = "qwen2.5-7b"
-
-
-def folder_gb(path: Path) -> float:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e9
 
 
 def rehearse(shape: str, standin: Path, overrides: dict) -> dict:
@@ -40,7 +36,7 @@ def rehearse(shape: str, standin: Path, overrides: dict) -> dict:
         start = time.perf_counter()
         write_standin(standin, shape, cache_dir=Path(overrides.get("checkpoints_dir", "checkpoints")) / "tokenizers")
         facts["standin_write_seconds"] = time.perf_counter() - start
-    facts["standin_gb"] = folder_gb(standin)
+    facts["standin_gb"] = folder_bytes(standin) / 1e9
     config = get_config(PROFILE, **overrides, model=str(standin))
     parameters = notebook_parameters(PROFILE, {**overrides, "model": str(standin)})
     facts["notebook_seconds"] = {}
@@ -48,7 +44,7 @@ def rehearse(shape: str, standin: Path, overrides: dict) -> dict:
         start = time.perf_counter()
         run_notebooks(parameters, Path(config.results_dir) / "notebooks", names=(name,))
         facts["notebook_seconds"][name] = time.perf_counter() - start
-    facts["checkpoints_gb"] = folder_gb(config.output_dir)
+    facts["checkpoints_gb"] = folder_bytes(config.output_dir) / 1e9
     summary = config.final_dir / "train_summary.json"
     (Path(config.results_dir) / "train_summary.json").write_text(summary.read_text())
     return facts

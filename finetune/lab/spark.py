@@ -9,8 +9,9 @@ import statistics
 from pathlib import Path
 
 from finetune.config import get_config
+from finetune.lab.standin import standin_shape
 from finetune.lab.targets import RECIPE_ROW, eval_rows, on_one_gpu, recounted_mfu, step_flops_per_token
-from finetune.plan import GPU, ModelShape, plan_evaluation, plan_training
+from finetune.plan import GPU, plan_evaluation, plan_training
 from finetune.results import hardware_label
 from finetune.throughput import PEAK_BF16_TFLOPS, bf16_peak_tflops
 
@@ -21,7 +22,7 @@ GB10 = GPU("NVIDIA GB10", (12, 1), total_gib=119.7, free_gib=110.0, integrated=T
 PUBLISHED_MFU = 0.306
 PUBLISHED_EPOCH_HOURS = 10
 PUBLISHED_ARTICLES_PER_SECOND = 49.6  # its evaluation's inference speed there
-QWEN_7B = ModelShape(hidden=3584, intermediate=18944, layers=28, vocab=152064, heads=28, kv_heads=4, tied=False)
+QWEN_7B = standin_shape("7b")  # the published config.json of Qwen/Qwen2.5-7B-Instruct
 EPOCH_ARTICLES = 120_000
 
 

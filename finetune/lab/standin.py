@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from finetune.disk import folder_bytes
 from finetune.plan import ModelShape
 from finetune.qwen_tokenizer import ADDED_TOKENS, CHAT_TEMPLATE, NON_SPECIAL_TOKENS, build_qwen25_tokenizer
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     out = write_standin(args.out, args.shape, args.seed)
-    size = sum(f.stat().st_size for f in out.iterdir()) / 1e9
+    size = folder_bytes(out) / 1e9
     print(f"wrote a {args.shape} stand-in for {HUB_ID} to {out}/ ({size:.2f} GB, {time.perf_counter() - start:.0f}s)")
 
 
