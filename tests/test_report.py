@@ -196,3 +196,32 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
            "`new.json`: label_scoring_fp8 over plain_label_scoring (bf16), batch 512, NVIDIA H200 | | 1 run |" in table
     assert "| label_scoring_fp8 | 7600 | 300.0 | one cold pass | 2.00x | 89.5% |" in eval_benchmark_table(tmp_path)
     assert "| 3.40x (anchor at batch 64) |" in eval_benchmark_table(tmp_path) and "| 2.10x |" in eval_benchmark_table(tmp_path)
+
+
+def test_recipe_memory_on_an_h200_comes_from_the_rehearsal_which_ran_todays_plan(tmp_path):
+    """The benchmark runs of the recipe span plans (8-bit moments before bf16 ones): its memory rows are the H200
+    rehearsal's, labelled with its commit; without an H200 rehearsal, the median of the benchmark runs."""
+    import shutil
+
+    from finetune.lab.report import gpu_expectations
+    from finetune.lab.targets import RECIPE_ROW
+    from tests.conftest import PROJECT_DIR
+
+    (tmp_path / "benchmarks").mkdir()
+    record = committed_benchmark("h200_7b_train_recipe_moments.json")
+    (tmp_path / "benchmarks" / "moments.json").write_text(json.dumps(record))
+    bench_peak = f"{record['variants'][RECIPE_ROW]['peak_allocated_gib']:.1f}"
+    shutil.copytree(PROJECT_DIR / "results" / "rehearsal", tmp_path / "rehearsal", ignore=shutil.ignore_patterns("h100"))
+    summary = json.loads((tmp_path / "rehearsal" / "train_summary.json").read_text())
+    summary["peak_memory_gib"] = 123.45
+    (tmp_path / "rehearsal" / "train_summary.json").write_text(json.dumps(summary))
+    facts = json.loads((tmp_path / "rehearsal" / "rehearsal.json").read_text())
+    at = f"(rehearsal, `{facts['environment']['git_commit'][:7]}`)"
+
+    def memory_row() -> str:
+        return next(line for line in gpu_expectations(tmp_path).splitlines() if line.startswith("| training peak"))
+
+    assert memory_row().endswith(f"| 123.5 {at} |")
+    facts["environment"]["hardware"]["gpu"]["name"] = "NVIDIA H100 80GB HBM3"
+    (tmp_path / "rehearsal" / "rehearsal.json").write_text(json.dumps(facts))
+    assert memory_row().endswith(f"| {bench_peak} |")
