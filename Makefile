@@ -230,8 +230,11 @@ tiny-lora-carve: check-data $(INSTALLED)  ## CPU, ~40 min: LoRA settings scored 
 rehearse: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 # The benchmark's recipe rows and the eval benchmark on the rehearsal's trained stand-in follow on the same machine, and
 # the rehearsal's README puts the notebook path beside them (~15 min on one H200: more than one 10-minute command).
+# STANDIN puts the stand-in on another disk where one disk cannot hold it beside the checkpoints (64 GiB: the 7B
+# checkpoint with bf16 moments and the final model take 61 GB), e.g. STANDIN=/dev/shm/standin-7b.
+STANDIN ?=
 rehearse:  ## GPU: the four notebooks, qwen2.5-7b recipe, 20 steps, on a stand-in of the hub snapshot (results/rehearsal/)
-	$(PY) -m finetune.lab.rehearse --shape 7b
+	$(PY) -m finetune.lab.rehearse --shape 7b $(if $(STANDIN),--standin $(STANDIN))
 	$(MAKE) PY=$(PY) gpu-bench-train-recipe
 	$(MAKE) PY=$(PY) gpu-bench-eval EVAL_NAME=$(GPU_TAG)_7b_eval_recipe EVAL_FLAGS="--model checkpoints/rehearsal-7b/final"
 	$(PY) -m finetune.lab.rehearse --shape 7b --same_run results/benchmarks/$(BENCH_NAME)_recipe.json \
