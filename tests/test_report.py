@@ -211,7 +211,8 @@ def test_recipe_memory_on_an_h200_comes_from_the_rehearsal_which_ran_todays_plan
     record = committed_benchmark("h200_7b_train_recipe_moments.json")
     (tmp_path / "benchmarks" / "moments.json").write_text(json.dumps(record))
     bench_peak = f"{record['variants'][RECIPE_ROW]['peak_allocated_gib']:.1f}"
-    shutil.copytree(PROJECT_DIR / "results" / "rehearsal", tmp_path / "rehearsal", ignore=shutil.ignore_patterns("h100"))
+    shutil.copytree(PROJECT_DIR / "results" / "rehearsal", tmp_path / "rehearsal",
+                    ignore=shutil.ignore_patterns("h100"))
     summary = json.loads((tmp_path / "rehearsal" / "train_summary.json").read_text())
     summary["peak_memory_gib"] = 123.45
     (tmp_path / "rehearsal" / "train_summary.json").write_text(json.dumps(summary))

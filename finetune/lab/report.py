@@ -175,11 +175,10 @@ def rehearsal_section(results_dir: Path) -> str:
 
 
 def gpu_expectations(results_dir: Path) -> str:
-    """What the real run costs on one H200: the epoch of the bf16 reference and of the `qwen2.5-7b` recipe as planned
-    for the card (medians over the benchmark runs), the reference's training memory, and, from the H200 rehearsal
-    (the recipe through the notebooks), the recipe's training memory, disk and evaluation memory. The recipe's
-    memory comes from the rehearsal, not a median: it follows the plan, which changed between the benchmark runs
-    (8-bit moments before bf16 ones), and the rehearsal ran today's."""
+    """What the real run costs on one H200: the epochs of the bf16 reference and of the `qwen2.5-7b` recipe as planned
+    for the card (medians over the benchmark runs), and their training memory. The recipe's memory, disk and
+    evaluation memory are the H200 rehearsal's, not a median: memory follows the plan, which changed between the
+    benchmark runs (8-bit moments before bf16 ones), and the rehearsal ran today's."""
     rows = [(row, device) for row, device in training_rows(results_dir) if "H200" in device]
     reference = summarize([row for row, _ in rows if not row[3]["overrides"]], "projected_epoch_minutes_full_train")
     fastest = summarize([row for row, _ in rows if row[1] == RECIPE_ROW], "projected_epoch_minutes_full_train")
@@ -196,7 +195,8 @@ def gpu_expectations(results_dir: Path) -> str:
     folder = results_dir / "rehearsal"
     facts = json.loads((folder / "rehearsal.json").read_text()) if (folder / "rehearsal.json").exists() else None
     if facts is None or "H200" not in hardware_label(facts["environment"]):
-        return "\n".join(lines + [f"| training peak GPU memory, allocated (GiB) | {peak(reference)} | {peak(fastest)} |"])
+        lines.append(f"| training peak GPU memory, allocated (GiB) | {peak(reference)} | {peak(fastest)} |")
+        return "\n".join(lines)
     summary = json.loads((folder / "train_summary.json").read_text())
     tuned = json.loads((folder / "finetuned_model_results.json").read_text())
     commit = (facts["environment"]["git_commit"] or "unknown")[:7]
