@@ -114,6 +114,10 @@ class RunConfig:
                                              "keeps them as given")
     max_memory_gib: float | None = option(None, "speed", "cap for the memory 'auto' plans with, in GiB (e.g. 70 to "
                                           "plan on a 141 GB card what fits an 80 GB one); none = what is free")
+    accumulate_in_matmul: bool = option(False, "speed", "add each micro-batch's weight gradients inside the "
+                                        "decoder layers' weight-gradient matmuls (in place), not in a pass of their "
+                                        "own: one process, full fine-tuning, no FP8 (finetune/grad_accumulation.py; "
+                                        "off until timed on a GPU)")
     compile_layers: bool | str = option("auto", "speed", "torch.compile each decoder layer (one graph for all): "
                                         "true, false or 'auto' (on with a CUDA GPU and Triton)")
     fp8: str | None = option("auto", "speed", "FP8 matmuls in the decoder layers (torchao): a recipe name such as "

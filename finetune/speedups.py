@@ -3,6 +3,7 @@ estimates (the optimizers' states, the layers' activations) that decide how many
 (`finetune/plan.py` chooses); and host tables copied to the GPU without waiting for it (`queued_copy`)."""
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +163,11 @@ def check_speedups(config: RunConfig) -> None:
                        "too"}.get(config.method, "FP8 is checked for full fine-tuning only")
         raise ValueError(f"fp8={config.fp8!r} with method={config.method!r}: {why}. Use --fp8 none with "
                          f"--method {config.method}, or --method full to train in FP8.")
+    if config.accumulate_in_matmul and (config.method != "full" or config.fp8 not in (None, "auto")
+                                        or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise ValueError("accumulate_in_matmul sums weight gradients for full fine-tuning in one process, without "
+                         "FP8: LoRA's frozen weights have none, torchao's FP8 linears compute their own, and DDP and "
+                         "FSDP reduce what autograd accumulates. Use --accumulate_in_matmul false.")
     n = config.checkpointed_layers
     if not (n is None or n == "auto" or (isinstance(n, int) and n >= 0)):
         raise ValueError(f"checkpointed_layers={n!r}: give a number of layers, 'auto' or none")

@@ -28,6 +28,7 @@ from finetune.attention import choose_attn_implementation, unmasked_packed_rows
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
 from finetune.disk import OutOfDisk, check_disk, free_bytes, planned_steps, written_bytes
+from finetune.grad_accumulation import GradIntoBuffers, accumulate_in_matmul
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
 from finetune.plan import GPU, ModelShape, OutOfMemory, SourceNotFound, gpu_memory_note, log_plan, plan_training
 from finetune.resume import (SaveRunConfig, check_resume, checkpoint_step, last_checkpoint, run_finished,
@@ -170,6 +171,7 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
         unmasked_packed_rows(model)
     if config.fp8:
         convert_to_fp8(model, config.fp8)
+    summed_in_matmul = accumulate_in_matmul(model) if config.accumulate_in_matmul else []
     if config.compile_layers:
         compile_decoder_layers(model)
     # LoRA and QLoRA: TRL wraps the model with the adapter and trains only that (None: full fine-tuning).
@@ -188,6 +190,8 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     trainer.callback_handler.callbacks.insert(0, throughput)
     if config.gradient_checkpointing and config.checkpointed_layers is not None:
         trainer.add_callback(SelectiveCheckpointing(config.checkpointed_layers))
+    if summed_in_matmul:
+        trainer.add_callback(GradIntoBuffers(summed_in_matmul))
     trainer.splits = splits  # what the run trained on, for its summary
     trainer.plan, trainer.run_config = plan, config  # the "auto" settings as chosen (with their reasons), and all
     _drop_notebook_loss_table(trainer)

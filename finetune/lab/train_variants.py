@@ -121,6 +121,11 @@ TRAIN_VARIANTS = {
     "the qwen2.5-7b recipe, within 70 GiB, batch 8 x 4": {**RECIPE_SPEED, "max_memory_gib": 70,
                                                           "per_device_train_batch_size": 8,
                                                           "gradient_accumulation_steps": 4},
+    # The weight gradients summed inside their matmuls (finetune/grad_accumulation.py): what it saves where a step runs
+    # several micro-batches (the H100's plan, the 70 GiB one), beside the rows above in the same run.
+    "the qwen2.5-7b recipe, weight gradients summed in the matmul": {**RECIPE_SPEED, "accumulate_in_matmul": True},
+    "the qwen2.5-7b recipe, within 70 GiB, weight gradients summed in the matmul": {
+        **RECIPE_SPEED, "max_memory_gib": 70, "accumulate_in_matmul": True},
 }
 
 
@@ -146,6 +151,8 @@ VARIANT_SLUGS = {
     "recipe-70-8x4": "the qwen2.5-7b recipe, within 70 GiB, batch 8 x 4",
     "recipe-8bit": "the qwen2.5-7b recipe, 8-bit AdamW moments",
     "recipe-bf16": "the qwen2.5-7b recipe, fused bf16 AdamW moments",
+    "recipe-summed": "the qwen2.5-7b recipe, weight gradients summed in the matmul",
+    "recipe-70-summed": "the qwen2.5-7b recipe, within 70 GiB, weight gradients summed in the matmul",
 }
 
 
