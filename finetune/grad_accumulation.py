@@ -2,8 +2,8 @@
 micro-batch's weight gradient into a new tensor and then adds it to `.grad` (`AccumulateGrad`), three more passes over
 every weight's bytes (read both, write one). Here the decoder layers' linear layers add their weight gradient to a
 buffer that stays `.grad`, inside the matmul (cuBLAS with beta = 1, in place): one read of the buffer instead of the
-three passes, as Megatron's gradient-accumulation fusion does. In an H100 profile of the recipe at 8 x 4 rows the adds took 46 ms of a 1.16 s step
-(results/benchmarks/h100_7b_train_recipe_profile_e.json).
+three passes, as Megatron's gradient-accumulation fusion does. In an H100 profile of the recipe at 8 x 4 rows the
+adds took 46 ms of a 1.16 s step (results/benchmarks/h100_7b_train_recipe_profile_e.json).
 
 The sum is a custom op that says it mutates the buffer: inductor calls it on the buffer itself. Every micro-batch adds
 (a buffer zeroed at the step's start, one pass, beside the three a micro-batch saves): whether to overwrite instead

@@ -8,10 +8,16 @@ import torch
 
 from finetune.attention import VARLEN, choose_attn_implementation
 from finetune.grad_accumulation import GradIntoBuffers, GradIntoLinear, accumulate_in_matmul
-from finetune.model import load_model
+from finetune.model import load_model, train_bpe_tokenizer
 from finetune.speedups import check_speedups, compile_decoder_layers, decoder_layers
 from finetune.train import build_trainer
-from tests.test_speedups import _losses_and_grads, _packed_batch, tokenizer  # noqa: F401 (a fixture)
+from tests.test_speedups import _losses_and_grads, _packed_batch
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_bpe_tokenizer(["Stocks rallied after the earnings report."] * 40, vocab_size=400,
+                               cache_dir=tmp_path_factory.mktemp("tok"))
 
 
 def test_compiled_layers_sum_the_gradients_autograd_sums_and_start_from_zero_each_step(tiny_config, tokenizer):
@@ -70,8 +76,8 @@ def test_inductor_sums_in_place_on_the_gpu(tiny_config, tokenizer):
 def test_the_trainer_trains_the_same_weights_with_gradients_summed_in_the_matmul(tiny_config, tmp_path):
     """Three micro-batches a step through the Trainer (its zero_grad, clipping and AdamW), with and without. Were the
     buffers not the weights' `.grad` at the optimizer, those weights would not move, and differ from the plain run's."""
-    config = dataclasses.replace(tiny_config, num_train_epochs=1.0, max_train_samples=120, gradient_accumulation_steps=3,
-                                 per_device_train_batch_size=4, logging_steps=1, save_steps=1000)
+    config = dataclasses.replace(tiny_config, num_train_epochs=1.0, max_train_samples=120, logging_steps=1,
+                                 gradient_accumulation_steps=3, per_device_train_batch_size=4, save_steps=1000)
     summed = build_trainer(dataclasses.replace(config, accumulate_in_matmul=True,
                                                checkpoints_dir=str(tmp_path / "summed")))
     assert any(type(m) is GradIntoLinear for m in summed.model.modules())
