@@ -163,7 +163,9 @@ def check_speedups(config: RunConfig) -> None:
                        "too"}.get(config.method, "FP8 is checked for full fine-tuning only")
         raise ValueError(f"fp8={config.fp8!r} with method={config.method!r}: {why}. Use --fp8 none with "
                          f"--method {config.method}, or --method full to train in FP8.")
-    if config.accumulate_in_matmul and (config.method != "full" or config.fp8 not in (None, "auto")
+    if config.accumulate_in_matmul not in (True, False, "auto"):
+        raise ValueError(f"accumulate_in_matmul={config.accumulate_in_matmul!r}: give true, false or 'auto'")
+    if config.accumulate_in_matmul is True and (config.method != "full" or config.fp8 not in (None, "auto")
                                         or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         raise ValueError("accumulate_in_matmul sums weight gradients for full fine-tuning in one process, without "
                          "FP8: LoRA's frozen weights have none, torchao's FP8 linears compute their own, and DDP and "

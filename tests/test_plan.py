@@ -134,6 +134,24 @@ def test_a_step_runs_in_the_micro_batches_that_cost_least():
     assert one.per_device_train_batch_size == 32 and "32 x 1 rows kept" in plan["merge_micro_batches"]["reason"]
 
 
+def test_weight_gradients_are_summed_in_the_matmul_where_a_step_has_several_micro_batches(monkeypatch):
+    """The H100 (8 x 4) and the GB10 (16 x 2) sum in the matmul; the H200's single micro-batch has nothing to sum, nor
+    do LoRA's frozen weights; FP8's linear layers, several processes and FSDP2 keep autograd's sum."""
+    h100, plan = plan_training(get_config("qwen2.5-7b"), H100, QWEN_7B, has=EVERYTHING)
+    assert h100.accumulate_in_matmul is True and "4 micro-batches" in plan["accumulate_in_matmul"]["reason"]
+    assert plan_training(get_config("qwen2.5-7b"), GB10, QWEN_7B, has=EVERYTHING)[0].accumulate_in_matmul is True
+    h200, plan = plan_training(get_config("qwen2.5-7b"), H200, QWEN_7B, has=EVERYTHING)
+    assert h200.accumulate_in_matmul is False and "one micro-batch" in plan["accumulate_in_matmul"]["reason"]
+    for change, why in ((dict(method="lora"), "frozen"), (dict(fp8=FP8_RECIPE), "FP8")):
+        config, plan = plan_training(get_config("qwen2.5-7b", **change), H100, QWEN_7B, has=EVERYTHING)
+        assert config.accumulate_in_matmul is False and why in plan["accumulate_in_matmul"]["reason"]
+    assert plan_training(get_config("qwen2.5-7b"), H100, QWEN_7B, has=EVERYTHING, fsdp=True)[0] \
+        .accumulate_in_matmul is False
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config, plan = plan_training(get_config("qwen2.5-7b"), H100, QWEN_7B, has=EVERYTHING)
+    assert config.accumulate_in_matmul is False and "processes" in plan["accumulate_in_matmul"]["reason"]
+
+
 def test_a_micro_batchs_cost_in_recomputed_layers_is_the_committed_measurement():
     """MICRO_BATCH_COST_IN_LAYERS is read from the H100 runs that timed 16 x 2 recomputing two numbers of layers
     beside 8 x 4 recomputing none (the same 32 rows a step): a layer's cost is the slope between the first two, a
