@@ -226,3 +226,14 @@ def test_recipe_memory_on_an_h200_comes_from_the_rehearsal_which_ran_todays_plan
     facts["environment"]["hardware"]["gpu"]["name"] = "NVIDIA H100 80GB HBM3"
     (tmp_path / "rehearsal" / "rehearsal.json").write_text(json.dumps(facts))
     assert memory_row().endswith(f"| {bench_peak} |")
+
+
+def test_the_bf16_only_row_counts_the_recipes_fp8_auto_which_stays_off(tmp_path):
+    """fp8 "auto" resolves to off until the FP8 recipe holds bf16's loss at 7B (plan.py): such a row is bf16."""
+    (tmp_path / "benchmarks").mkdir()
+    _train_file(tmp_path / "benchmarks" / "a.json", 0.56, 2.5, 12_000)
+    record = json.loads((tmp_path / "benchmarks" / "a.json").read_text())
+    record["variants"]["compiled"]["overrides"]["fp8"] = "auto"
+    (tmp_path / "benchmarks" / "a.json").write_text(json.dumps(record))
+    row = next(line for line in targets_table(tmp_path).splitlines() if line.startswith("| MFU, bf16 only"))
+    assert "| 56.0% | `a.json`: compiled |" in row

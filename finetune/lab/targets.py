@@ -257,7 +257,7 @@ def targets(results_dir: Path) -> list[Target]:
                      summarize(fits, "mfu"), "{:.1%}", True))
         same_run = [row for row in fits if "speed_vs_stock_trl" in row[3]]
         tuned = [row for row in fits if "speed_vs_stock_trl_tuned" in row[3]]
-        bf16 = [row for row in fits if not row[3]["overrides"].get("fp8")]
+        bf16 = [row for row in fits if row[3]["overrides"].get("fp8") in (None, "auto")]  # "auto": off until checked
         # The plan's own choices: a row that forces the optimizer (8-bit moments beside the H200's planned bf16 ones)
         # compares a choice, it is not the recipe.
         auto_h200 = [row for row, device in ours if "H200" in device
