@@ -17,15 +17,14 @@ it aside.
 import dataclasses
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from finetune.config import REFERENCE_SPEED, RunConfig
-from finetune.speedups import (GIB, OPTIMIZERS, WORKSPACE_GIB, layer_activation_bytes,
-                               layers_to_checkpoint, weights_dtype)
+from finetune.speedups import (GIB, OPTIMIZERS, WORKSPACE_GIB, accumulate_in_matmul_unsupported,
+                               layer_activation_bytes, layers_to_checkpoint, weights_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -214,11 +213,8 @@ def _accumulate_in_matmul(config: RunConfig, gpu: GPU | None) -> tuple[bool, str
         return False, "off: one micro-batch a step, nothing to add"
     if gpu is None:
         return False, "off: timed on GPUs only"
-    if config.method != "full" or config.fp8:
-        return False, "off: " + ("FP8's linear layers compute their own weight gradients" if config.fp8 else
-                                 f"{config.method}'s frozen weights have no gradient to add")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return False, "off: several processes reduce the gradients autograd adds"
+    if why := accumulate_in_matmul_unsupported(config):
+        return False, f"off: {why}"
     return True, (f"on: {steps} micro-batches a step, each one's weight gradients added inside the decoder layers' "
                   f"weight-gradient matmuls rather than in a pass of their own")
 

@@ -151,6 +151,18 @@ def layers_to_checkpoint(budget_bytes: float, fixed_bytes: float, kept_layer_byt
     return num_layers
 
 
+def accumulate_in_matmul_unsupported(config: RunConfig) -> str | None:
+    """Why the weight gradients cannot be summed in the matmuls (finetune/grad_accumulation.py), or None where they can:
+    an explicit true is refused with it, "auto" turns off with it (plan.py)."""
+    if config.method != "full":
+        return f"{config.method}'s frozen weights have no gradient to add"
+    if config.fp8 not in (None, "auto"):  # "auto" stays off until the FP8 recipe is checked (plan.py)
+        return "FP8's linear layers (torchao) compute their own weight gradients"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "several processes (DDP, FSDP) reduce the gradients autograd adds"
+    return None
+
+
 def check_speedups(config: RunConfig) -> None:
     """Fail before any model is built on settings that cannot run ("auto" is the plan's to choose)."""
     if config.fp8 not in (None, "auto", *FP8_RECIPES):
@@ -165,11 +177,10 @@ def check_speedups(config: RunConfig) -> None:
                          f"--method {config.method}, or --method full to train in FP8.")
     if config.accumulate_in_matmul not in (True, False, "auto"):
         raise ValueError(f"accumulate_in_matmul={config.accumulate_in_matmul!r}: give true, false or 'auto'")
-    if config.accumulate_in_matmul is True and (config.method != "full" or config.fp8 not in (None, "auto")
-                                        or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        raise ValueError("accumulate_in_matmul sums weight gradients for full fine-tuning in one process, without "
-                         "FP8: LoRA's frozen weights have none, torchao's FP8 linears compute their own, and DDP and "
-                         "FSDP reduce what autograd accumulates. Use --accumulate_in_matmul false.")
+    why = accumulate_in_matmul_unsupported(config)
+    if config.accumulate_in_matmul is True and why:
+        raise ValueError(f"accumulate_in_matmul=true sums weight gradients for full fine-tuning in one process, "
+                         f"without FP8: {why}. Use --accumulate_in_matmul false.")
     n = config.checkpointed_layers
     if not (n is None or n == "auto" or (isinstance(n, int) and n >= 0)):
         raise ValueError(f"checkpointed_layers={n!r}: give a number of layers, 'auto' or none")
