@@ -160,7 +160,8 @@ def test_a_micro_batchs_cost_in_recomputed_layers_is_the_committed_measurement()
     for path in sorted(RESULTS.glob("h100_7b_train_recipe_layouts*.json")):
         rows = json.loads(path.read_text())["variants"].values()
         compute = {(row["checkpointed_layers"], *row["batch"]): row["step_seconds"] - row["optimizer_step_seconds"]
-                   for row in rows if row["overrides"].get("optimizer") == "auto" and row.get("step_seconds")}
+                   for row in rows if row["overrides"].get("optimizer") == "auto" and row.get("step_seconds")
+                   and row["overrides"].get("accumulate_in_matmul", "auto") == "auto"}
         (few, many), split = sorted(k for k in compute if k[1:] == (16, 2)), compute[(0, 8, 4)]
         layer = (compute[many] - compute[few]) / (many[0] - few[0])
         ratios.append((split - (compute[few] - few[0] * layer)) / 2 / layer)

@@ -126,6 +126,14 @@ TRAIN_VARIANTS = {
     "the qwen2.5-7b recipe, weight gradients summed in the matmul": {**RECIPE_SPEED, "accumulate_in_matmul": True},
     "the qwen2.5-7b recipe, within 70 GiB, weight gradients summed in the matmul": {
         **RECIPE_SPEED, "max_memory_gib": 70, "accumulate_in_matmul": True},
+    # Since the plan sums in the matmul wherever a step runs several micro-batches, the rows above are the recipe as
+    # planned there: autograd's sums, beside them. And the layouts the plan weighs against 8 x 4 on an H100, 16 x 2
+    # recomputing 7 and 13 layers, which time a micro-batch in recomputed layers (plan.MICRO_BATCH_COST_IN_LAYERS).
+    "the qwen2.5-7b recipe, weight gradients summed by autograd": {**RECIPE_SPEED, "accumulate_in_matmul": False},
+    "the qwen2.5-7b recipe, within 70 GiB, weight gradients summed by autograd": {
+        **RECIPE_SPEED, "max_memory_gib": 70, "accumulate_in_matmul": False},
+    **{f"the qwen2.5-7b recipe, batch 16 x 2, recomputing {layers} layers": {
+        **RECIPE_SPEED, **BATCH_16X2, "checkpointed_layers": layers} for layers in (7, 13)},
 }
 
 
@@ -153,6 +161,10 @@ VARIANT_SLUGS = {
     "recipe-bf16": "the qwen2.5-7b recipe, fused bf16 AdamW moments",
     "recipe-summed": "the qwen2.5-7b recipe, weight gradients summed in the matmul",
     "recipe-70-summed": "the qwen2.5-7b recipe, within 70 GiB, weight gradients summed in the matmul",
+    "recipe-autograd-sums": "the qwen2.5-7b recipe, weight gradients summed by autograd",
+    "recipe-70-autograd-sums": "the qwen2.5-7b recipe, within 70 GiB, weight gradients summed by autograd",
+    "recipe-16x2-gc7": "the qwen2.5-7b recipe, batch 16 x 2, recomputing 7 layers",
+    "recipe-16x2-gc13": "the qwen2.5-7b recipe, batch 16 x 2, recomputing 13 layers",
 }
 
 
