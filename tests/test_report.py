@@ -31,6 +31,32 @@ def test_targets_are_met_on_the_median_of_runs_never_on_the_best_run(tmp_path):
     assert "| 1 | 0 | none | no |" in table
 
 
+def test_runs_that_ran_alike_under_two_names_are_one_configuration(tmp_path):
+    """The recipe as planned, whose plan sums in the matmul, and the recipe told to sum there ran alike: one
+    configuration, judged on the median of all its runs, so the one fast run under the second name does not meet the
+    goal alone. The recipe whose plan chose autograd's sums (an older commit) is another configuration."""
+    from finetune.lab.targets import RECIPE_ROW
+
+    def row(mfu: float, overrides: dict, plan: dict) -> dict:
+        return {"overrides": {"optimizer": "auto", **overrides}, "plan": plan, "micro_batches": [8, 4],
+                "checkpointed_layers": 0, "tokens_per_second": 1e4, "mfu": mfu, "peak_allocated_gib": 62.3,
+                "projected_epoch_minutes_full_train": 15.0}
+
+    planned = {"optimizer": "adamw8bit_bf16_sr", "accumulate_in_matmul": True}
+    runs = {"a": {RECIPE_ROW: row(0.540, {"accumulate_in_matmul": "auto"}, planned),
+                  "summed": row(0.560, {"accumulate_in_matmul": True}, {"optimizer": "adamw8bit_bf16_sr"})},
+            "b": {RECIPE_ROW: row(0.541, {"accumulate_in_matmul": "auto"}, planned)},
+            "c": {RECIPE_ROW: row(0.530, {"accumulate_in_matmul": "auto"}, {**planned, "accumulate_in_matmul": False})}}
+    (tmp_path / "benchmarks").mkdir()
+    for name, variants in runs.items():
+        record = {"benchmark": "train", "world_size": 1, "variants": variants,
+                  "environment": {"hardware": {"gpu": {"name": "NVIDIA H100 80GB HBM3"}, "torch_threads": 16}}}
+        (tmp_path / "benchmarks" / f"{name}.json").write_text(json.dumps(record))
+    row = next(line for line in targets_table(tmp_path).splitlines() if line.startswith("| MFU (7B shape"))
+    assert f"| 55.0% | 54.1% | `a.json`, `a.json`, `b.json`: {RECIPE_ROW} = summed | no | 54.0% - 56.0% (3 runs) |" \
+        in row
+
+
 def _decoding_file(path, vs_anchor: float, created_at: str) -> None:
     """An evaluation benchmark run with no commit recorded (a copied tree): its time says which code it ran."""
     mode = {"articles_per_second": 500.0 * vs_anchor, "batch_size": 512, "vs_anchor": vs_anchor}

@@ -16,7 +16,7 @@ from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
 from finetune.lab.spark import spark_section
 from finetune.lab.stock_trl import STOCK_TRL
-from finetune.lab.targets import (RECIPE_ROW, anchor_mismatch, benchmark_records, eval_anchor_mismatch,
+from finetune.lab.targets import (RECIPE_ROW, anchor_mismatch, benchmark_records, by_name, eval_anchor_mismatch,
                                   published_comparison, runs, summarize, targets_table, training_rows)
 from finetune.results import (answer_cells, commit_label, hardware_label, load_records, made_before, run_group,
                               run_table, summary_table, write_summary)
@@ -180,8 +180,9 @@ def gpu_expectations(results_dir: Path) -> str:
     evaluation memory are the H200 rehearsal's, not a median: memory follows the plan, which changed between the
     benchmark runs (8-bit moments before bf16 ones), and the rehearsal ran today's."""
     rows = [(row, device) for row, device in training_rows(results_dir) if "H200" in device]
-    reference = summarize([row for row, _ in rows if not row[3]["overrides"]], "projected_epoch_minutes_full_train")
-    fastest = summarize([row for row, _ in rows if row[1] == RECIPE_ROW], "projected_epoch_minutes_full_train")
+    reference, fastest = (summarize(by_name(chosen), "projected_epoch_minutes_full_train", higher_is_better=False)
+                          for chosen in ([row for row, _ in rows if not row[3]["overrides"]],
+                                         [row for row, _ in rows if row[1] == RECIPE_ROW]))
     if reference is None or fastest is None:
         return "(no H200 benchmark yet: `make PY=python3 gpu-bench-train-recipe`)"
 

@@ -52,7 +52,8 @@ def summarize(rows: list[Row], metric: str, higher_is_better: bool = True) -> Me
     for key, runs in groups.items():
         values = [figures[metric] for _, _, figures in runs]
         files = ", ".join(f"`{file}`" for _, file, _ in runs)
-        measured.append(Measured(statistics.median(values), min(values), max(values), f"{files}: {runs[0][0]}",
+        labels = " = ".join(dict.fromkeys(label for label, _, _ in runs))
+        measured.append(Measured(statistics.median(values), min(values), max(values), f"{files}: {labels}",
                                  len(runs), [figures for _, _, figures in runs], key))
     if not measured:
         return None
@@ -147,6 +148,24 @@ def on_one_gpu(results_dir: Path, kind: str) -> list[tuple[str, dict]]:
             if any(gpu in hardware_label(r["environment"]) for gpu in ("H100", "H200")) and r.get("world_size", 1) == 1]
 
 
+def what_ran(row: dict) -> tuple:
+    """A training row's configuration as it ran: its settings with each "auto" its plan resolved replaced by the
+    choice, the micro-batches the plan chose (recorded with the plan) and the layers it recomputed. Rows under
+    different names that ran alike are one configuration (on an H100 the recipe as planned and the recipe told to sum
+    in the matmul, as the plan now does there); one name whose plan changed between commits is several. A memory cap
+    only steers the plan."""
+    plan = row.get("plan", {})
+    settings = {name: plan.get(name, value) if value == "auto" else value for name, value in row["overrides"].items()
+                if name != "max_memory_gib"}
+    if plan and "micro_batches" in row:  # without a plan the overrides say the layout
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "merge_micro_batches"):
+            settings.pop(name, None)
+        settings["micro_batches"] = tuple(row["micro_batches"])
+    if row.get("checkpointed_layers") is not None:
+        settings["checkpointed_layers"] = row["checkpointed_layers"]
+    return tuple(sorted(settings.items()))
+
+
 def training_rows(results_dir: Path) -> list[tuple[Row, str]]:
     """The suite's variants that may count toward a target, each with its device: an optimizer that really updates
     bf16 weights (not stock TRL, not plain bf16 AdamW), an FP8 recipe, if any, that passed the learning check, a known
@@ -162,8 +181,14 @@ def training_rows(results_dir: Path) -> list[tuple[Row, str]]:
                     and v["overrides"].get("method", "full") == "full"
                     and v["overrides"].get("optimizer", "adamw_bf16_sr") != "adamw"):
                 figures = {**anchor_ratios(record, v), "mfu": recounted_mfu(record, v)}
-                rows.append((((device, name), name, file, figures), device))
+                rows.append((((device, what_ran(v)), name, file, figures), device))
     return rows
+
+
+def by_name(rows: list[Row]) -> list[Row]:
+    """The rows grouped under their names, whatever each run's plan chose: the recipe as a user ran it at each commit,
+    for what to expect of it, where `training_rows` groups by what ran, for the goals."""
+    return [((key[0], label), label, file, figures) for key, label, file, figures in rows]
 
 
 def tuned_anchor_ceilings(results_dir: Path) -> list[Row]:
@@ -280,7 +305,7 @@ def targets(results_dir: Path) -> list[Target]:
             rows.append((f"LoRA r16 vs the full `qwen2.5-7b` recipe, same run, both as planned for the card ({device})",
                          1.3, summarize([row for row in lora if row[0][0] == device], "lora_over_recipe"), "{:.2f}x",
                          True))
-        best_auto = summarize(auto_h200, "mfu")
+        best_auto = summarize(by_name(auto_h200), "mfu")  # the recipe as planned, over its commits
         if best_auto:
             peak = max(v["peak_allocated_gib"] for v in best_auto.figures)
             rows.append(("MFU, checkpointing auto on all of a 141 GB H200", None,
@@ -395,11 +420,11 @@ def finetuned_7b_accuracy(results_dir: Path) -> str:
 
 def published_comparison(results_dir: Path) -> str:
     """The published run's figures beside the suite's: medians over the one-GPU benchmark runs of the 7B shape."""
-    by_name = {name: m for name, _, m, _, _ in targets(results_dir)}
+    measured = {name: m for name, _, m, _, _ in targets(results_dir)}
     recipe = [row for row, device in training_rows(results_dir)
               if row[1] == RECIPE_ROW and "H200" in device]
-    epoch = summarize(recipe, "projected_epoch_minutes_full_train", higher_is_better=False)
-    scoring, generation = by_name.get(SCORING_TARGET), by_name.get(GENERATION_TARGET)
+    epoch = summarize(by_name(recipe), "projected_epoch_minutes_full_train", higher_is_better=False)
+    scoring, generation = measured.get(SCORING_TARGET), measured.get(GENERATION_TARGET)
     suite_epoch = ("not measured yet: `make PY=python3 gpu-bench-train`" if epoch is None else
                    f"{epoch.median:.0f} min, projected from the real tokens/s of the `qwen2.5-7b` recipe on one "
                    f"{epoch.key[0]} ({runs(epoch)})")
