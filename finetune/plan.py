@@ -37,9 +37,11 @@ FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper and later have FP8 tensor cores
 # Memory shared by CPU and GPU: the OS, Python, tokenizer, data and loader workers, beside the model's host copy.
 HOST_RESERVE_GIB = 8.0
 # A pass over one micro-batch more costs about what recomputing this many decoder layers does: on the 7B shape on one
-# H100, 32 rows a step, 11 ms a recomputed layer and 28 ms a micro-batch (16 x 2 recomputing 7 and 13 layers against
-# 8 x 4 recomputing none; results/benchmarks/h100_7b_train_recipe_layouts*.json, kept in step by tests/test_plan.py).
-MICRO_BATCH_COST_IN_LAYERS = 2.6
+# H100, 32 rows a step, weight gradients summed in the matmul, about 10 ms a recomputed layer and 11 ms a micro-batch
+# (16 x 2 recomputing 7 and 13 layers against 8 x 4 recomputing none; results/benchmarks/h100_7b_train_layouts_summed*
+# .json, kept in step by tests/test_plan.py). With autograd's sums a micro-batch cost 2.6 layers
+# (h100_7b_train_recipe_layouts*.json): each one's sum into .grad was a pass of its own.
+MICRO_BATCH_COST_IN_LAYERS = 1.1
 EVAL_MAX_BATCH = 512  # label scoring gained nothing past it on an H200; generation's padding grows with it
 CPU_EVAL_BATCH = 64
 

@@ -154,14 +154,16 @@ def test_weight_gradients_are_summed_in_the_matmul_where_a_step_has_several_micr
 
 def test_a_micro_batchs_cost_in_recomputed_layers_is_the_committed_measurement():
     """MICRO_BATCH_COST_IN_LAYERS is read from the H100 runs that timed 16 x 2 recomputing two numbers of layers
-    beside 8 x 4 recomputing none (the same 32 rows a step): a layer's cost is the slope between the first two, a
-    micro-batch's what 8 x 4 takes beyond 16 x 2 with none recomputed, extrapolated along that slope."""
+    beside 8 x 4 recomputing none (the same 32 rows a step), weight gradients summed in the matmul as the plan does
+    there: a layer's cost is the slope between the first two, a micro-batch's what 8 x 4 takes beyond 16 x 2 with
+    none recomputed, extrapolated along that slope."""
     ratios = []
-    for path in sorted(RESULTS.glob("h100_7b_train_recipe_layouts*.json")):
+    for path in sorted(RESULTS.glob("h100_7b_train_layouts_summed*.json")):
         rows = json.loads(path.read_text())["variants"].values()
-        compute = {(row["checkpointed_layers"], *row["batch"]): row["step_seconds"] - row["optimizer_step_seconds"]
+        compute = {(row["checkpointed_layers"], *row["micro_batches"]):
+                   row["step_seconds"] - row["optimizer_step_seconds"]
                    for row in rows if row["overrides"].get("optimizer") == "auto" and row.get("step_seconds")
-                   and row["overrides"].get("accumulate_in_matmul", "auto") == "auto"}
+                   and row["overrides"].get("accumulate_in_matmul") == "auto"}
         (few, many), split = sorted(k for k in compute if k[1:] == (16, 2)), compute[(0, 8, 4)]
         layer = (compute[many] - compute[few]) / (many[0] - few[0])
         ratios.append((split - (compute[few] - few[0] * layer)) / 2 / layer)
