@@ -215,7 +215,7 @@ def test_pretrained_base_reads_only_training_texts_and_is_cached(tiny_config):
 
 @pytest.mark.gpu
 def test_qlora_trains_an_adapter_over_4bit_weights_and_evaluates_it(tiny_config):
-    import bitsandbytes as bnb
+    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs the gpu extra's bitsandbytes")
 
     config = dataclasses.replace(tiny_config, method="qlora", bf16=True, optimizer="adamw_bf16_sr", lora_rank=4,
                                  lora_learning_rate=5e-3, num_train_epochs=1.0, max_train_samples=120, logging_steps=1)
