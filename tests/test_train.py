@@ -81,19 +81,24 @@ def _losses(summary: dict) -> list[float]:
     return [h["loss"] for h in summary["log_history"] if "loss" in h]
 
 
-# The stochastic-rounding case checks the resume and its random bits; plain AdamW's is a subset (make test-all).
-@pytest.mark.parametrize("optimizer, bf16", [pytest.param("adamw", False, marks=pytest.mark.slow), ("adamw_bf16_sr", True)])
-def test_interrupted_run_resumes_to_the_same_weights_and_losses(tiny_config, tmp_path, optimizer, bf16):
+# The stochastic-rounding case checks the resume and its random bits; plain AdamW's is a subset (make test-all). The
+# last case sums two micro-batches' weight gradients in the matmul, as the plan does on an H100 or a GB10.
+@pytest.mark.parametrize("optimizer, bf16, summed", [pytest.param("adamw", False, False, marks=pytest.mark.slow),
+                                                     ("adamw_bf16_sr", True, False), ("adamw_bf16_sr", True, True)])
+def test_interrupted_run_resumes_to_the_same_weights_and_losses(tiny_config, tmp_path, optimizer, bf16, summed):
     """Stochastic rounding draws random bits at every update: the resumed run must draw the same ones."""
     config = dataclasses.replace(tiny_config, num_train_epochs=1.0, save_steps=5, logging_steps=1,
                                  max_train_samples=120, optimizer=optimizer, bf16=bf16)
+    if summed:
+        config = dataclasses.replace(config, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                     accumulate_in_matmul=True)
     straight = train(dataclasses.replace(config, checkpoints_dir=str(tmp_path / "straight")))
     interrupted = dataclasses.replace(config, checkpoints_dir=str(tmp_path / "interrupted"))
     train(interrupted, callbacks=[StopAt(5)])
     assert (interrupted.output_dir / "checkpoint-5" / "run_config.json").is_file()
     resumed = train(interrupted)
     summary = json.loads((resumed / "train_summary.json").read_text())
-    assert summary["resumed_from"].endswith("checkpoint-5")
+    assert summary["resumed_from"].endswith("checkpoint-5") and summary["config"]["accumulate_in_matmul"] is summed
     expected = json.loads((straight / "train_summary.json").read_text())
     assert len(_losses(summary)) > 5 and _losses(summary) == pytest.approx(_losses(expected), rel=1e-4)
     # the whole run's mean loss, not the steps since the resume divided by all of them (logged losses: 4 decimals)
