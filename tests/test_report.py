@@ -78,6 +78,22 @@ def test_an_evaluation_goal_is_judged_on_runs_of_todays_code_not_with_runs_of_th
         in row
 
 
+def test_label_scorings_ceiling_is_the_median_over_the_runs_whose_profile_measured_it(tmp_path):
+    """The articles over the GPU's busy time, beside the 700 goal; a run without a profile has none and is left out."""
+    (tmp_path / "benchmarks").mkdir()
+    for name, busy_rate in (("a", 650.0), ("b", None), ("c", 670.0)):
+        scoring = {"articles_per_second": 600.0, "batch_size": 512, "vs_anchor": 1.8,
+                   "gpu_bound_articles_per_second": busy_rate}
+        record = {"benchmark": "eval", "world_size": 1, "config": {"model": "scratch"},
+                  "modes": {"label_scoring": scoring, "plain_label_scoring": {"batch_size": 512}},
+                  "environment": {"hardware": {"gpu": {"name": "NVIDIA H200"}, "torch_threads": 16},
+                                  "git_commit": None}, "created_at": "2099-01-01T00:00:00+00:00"}
+        (tmp_path / "benchmarks" / f"{name}.json").write_text(json.dumps(record))
+    row = next(line for line in targets_table(tmp_path).splitlines() if line.startswith("| label scoring's ceiling"))
+    assert "| (reported) | 660 | `a.json`, `c.json`: label_scoring, batch 512, NVIDIA H200, random weights | | " \
+           "650 - 670 (2 runs) |" in row
+
+
 def test_each_generated_section_goes_into_the_page_that_holds_its_markers(tmp_path):
     results = tmp_path / "results"
     write_record(make_record("finetuned_model", 1.0), results / "finetuned_model_results.json")

@@ -323,6 +323,10 @@ def targets(results_dir: Path) -> list[Target]:
     taught = "trained weights"
     for name, goal, measured, metric in (
             (SCORING_TARGET, 700, of_mode("label_scoring"), "articles_per_second"),
+            # what the same kernels would make were the GPU never left waiting on the host: a goal above it needs
+            # faster kernels (FP8, below), not less host time
+            ("label scoring's ceiling with its kernels as they are: the profiled articles over the GPU's busy time, "
+             "articles/s", None, of_mode("label_scoring"), "gpu_bound_articles_per_second"),
             ("label scoring vs plain HF label scoring, same run and batch", 2.0, of_mode("label_scoring"), "vs_anchor"),
             ("label scoring vs plain HF label scoring with the same kernels (Liger), same run and batch", None,
              of_mode("label_scoring"), "vs_anchor_with_kernels"),
@@ -346,11 +350,11 @@ def targets(results_dir: Path) -> list[Target]:
             ("label scoring in FP8 vs plain HF label scoring in bf16, same run and batch", None,
              mode_over_mode(results_dir, "label_scoring_fp8", "plain_label_scoring",
                             "label_scoring_fp8 over plain_label_scoring (bf16)"), "ratio")):
-        measured = [row for row in measured if metric in row[3]]
+        measured = [row for row in measured if row[3].get(metric) is not None]
         # A goal is met by the code as it is, where that was timed: an evaluation row's key ends with what it lacked.
         today = [row for row in measured if not row[0][-1]]
         rows.append((name, goal, summarize(today or measured, metric),
-                     "{:.0f}" if metric == "articles_per_second" else "{:.2f}x", True))
+                     "{:.0f}" if metric.endswith("articles_per_second") else "{:.2f}x", True))
     return rows
 
 
