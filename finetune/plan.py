@@ -208,8 +208,8 @@ def plan_training(config: RunConfig, gpu: GPU | None, shape: ModelShape, has=ins
 
 def _accumulate_in_matmul(config: RunConfig, gpu: GPU | None) -> tuple[bool, str]:
     """On where autograd would add micro-batches' weight gradients in a pass of their own
-    (finetune/grad_accumulation.py): in one H100 run the recipe's 8 x 4 step went from 1.13 s to 1.11 s
-    (results/benchmarks/h100_7b_train_summed.json)."""
+    (finetune/grad_accumulation.py): on an H100 the recipe's 8 x 4 step ran 2.0-2.5% faster than with autograd's sums
+    in each of three runs (results/benchmarks/h100_7b_train_layouts_summed_{b,c,d}.json)."""
     steps = config.gradient_accumulation_steps
     if steps == 1:
         return False, "off: one micro-batch a step, nothing to add"

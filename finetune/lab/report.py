@@ -180,10 +180,10 @@ def gpu_expectations(results_dir: Path) -> str:
     evaluation memory are the H200 rehearsal's, not a median: memory follows the plan, which changed between the
     benchmark runs (8-bit moments before bf16 ones), and the rehearsal ran today's."""
     rows = [(row, device) for row, device in training_rows(results_dir) if "H200" in device]
-    reference = [row for row, _ in rows if not row[3]["overrides"]]
-    recipe = [row for row, _ in rows if row[1] == RECIPE_ROW]
-    reference, fastest = (summarize(by_name(r), "projected_epoch_minutes_full_train", higher_is_better=False)
-                          for r in (reference, recipe))
+    reference_rows = [row for row, _ in rows if not row[3]["overrides"]]
+    recipe_rows = [row for row, _ in rows if row[1] == RECIPE_ROW]
+    reference, fastest = (summarize(by_name(chosen), "projected_epoch_minutes_full_train", higher_is_better=False)
+                          for chosen in (reference_rows, recipe_rows))
     if reference is None or fastest is None:
         return "(no H200 benchmark yet: `make PY=python3 gpu-bench-train-recipe`)"
 
