@@ -22,20 +22,22 @@ def synchronized_now() -> float:
 
 
 class StepClock(TrainerCallback):
-    """Wall time and TRL's cumulative real-token count (every rank's, its logged `num_tokens`) as training starts and
-    at the end of every optimizer step, and how long each optimizer update took on the GPU (the part of a step that
-    does not shrink with faster kernels or less recompute). Only a step's end waits for the GPU: the update is timed
-    by CUDA events and the tokens come from what TRL reads back anyway, so within a step the host runs ahead as it
-    does without this clock (queueing the update while the GPU finishes the backward). Needs a log every step."""
+    """Where training starts and every optimizer step ends on the GPU's stream (CUDA events), with TRL's cumulative
+    real-token count (every rank's, its logged `num_tokens`), and how long each optimizer update took there (the part
+    of a step that does not shrink with faster kernels or less recompute). Nothing waits for the GPU, so the host runs
+    ahead as it does without this clock: until 9f88b6e each step's end waited, and the GPU idled while the host queued
+    the next step. An update beside the next forward (finetune/overlap_update.py) ends on its own stream, after the
+    step's end: the next step's forward waits for it, so a window of steps still holds as many updates as steps.
+    Needs a log every step."""
 
     def __init__(self):
-        self.marks = []  # [seconds, tokens]: marks[0] as training starts, marks[k] after optimizer step k
+        self.marks = []  # [event, tokens]: marks[0] as training starts, marks[k] after optimizer step k
         self._updates = []  # per optimizer step: its start and end on the GPU's stream
 
     def window(self, warmup_steps: int, measured_steps: int) -> tuple[float, int]:
         """Seconds and tokens of the `measured_steps` optimizer steps that follow the first `warmup_steps`."""
         (t0, n0), (t1, n1) = self.marks[warmup_steps], self.marks[warmup_steps + measured_steps]
-        return t1 - t0, n1 - n0
+        return _seconds_between(t0, t1), n1 - n0
 
     @property
     def optimizer_seconds(self) -> list[float]:
@@ -43,7 +45,7 @@ class StepClock(TrainerCallback):
         return [_seconds_between(start, end) for start, end in self._updates]
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.marks.append([synchronized_now(), 0])
+        self.marks.append([_stream_mark(), 0])
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self._updates.append([_stream_mark()])
@@ -52,7 +54,7 @@ class StepClock(TrainerCallback):
         self._updates[-1].append(_stream_mark())
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.marks.append([synchronized_now(), None])
+        self.marks.append([_stream_mark(), None])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "num_tokens" in logs and self.marks[-1][1] is None:  # the step's log, right after its end
