@@ -118,10 +118,6 @@ class RunConfig:
                                               "decoder layers' weight-gradient matmuls, not in a pass of their own: "
                                               "true, false or 'auto' (on where a step runs several micro-batches on "
                                               "one GPU, full fine-tuning without FP8; finetune/grad_accumulation.py)")
-    overlap_update: bool | str = option("auto", "speed", "run each step's optimizer update on a second CUDA stream "
-                                        "beside the next step's forward, layer by layer (finetune/overlap_update.py): "
-                                        "true, false or 'auto' (on with one CUDA GPU and a bf16 stochastic-rounding "
-                                        "optimizer, where gradients are not summed in the matmul)")
     compile_layers: bool | str = option("auto", "speed", "torch.compile each decoder layer (one graph for all): "
                                         "true, false or 'auto' (on with a CUDA GPU and Triton)")
     fp8: str | None = option("auto", "speed", "FP8 matmuls in the decoder layers (torchao): a recipe name such as "
@@ -157,7 +153,7 @@ class RunConfig:
 # The speed settings of the bf16 reference: every layer recomputed, plain eager layers, no FP8, 16-bit moments.
 REFERENCE_SPEED = dict(compile_layers=False, fp8=None, optimizer="adamw_bf16_sr", per_device_train_batch_size=8,
                        gradient_accumulation_steps=4, checkpointed_layers=None, use_liger_kernel=False,
-                       merge_micro_batches=False, accumulate_in_matmul=False, overlap_update=False)
+                       merge_micro_batches=False, accumulate_in_matmul=False)
 
 PROFILES: dict[str, dict] = {
     "qwen2.5-7b": {},
@@ -177,7 +173,7 @@ PROFILES: dict[str, dict] = {
         per_device_train_batch_size=16, gradient_accumulation_steps=1, max_length=256, warmup_steps=0.05,
         lr_scheduler_type="cosine", weight_decay=0.1, gradient_checkpointing=False, bf16=False, optimizer="adamw",
         compile_layers=False, fp8=None, use_liger_kernel=False, checkpointed_layers=None, merge_micro_batches=False,
-        accumulate_in_matmul=False, overlap_update=False,
+        accumulate_in_matmul=False,
         logging_steps=20, save_steps=250, dataloader_num_workers=0, eval_batch_size=128,
         # The holdout carve's sizes, so that without $AG_NEWS_DIR the hub's 120,000 training articles do not turn
         # minutes into an hour. Results notes say when a cap bites; `max_train_samples=None` (an override, or

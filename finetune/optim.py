@@ -92,7 +92,6 @@ class AdamWBf16SR(_AdamW):
         self.rounding_seed = rounding_seed
         self.fused = fused
         self._grad_scale = None  # set by clip_grad_norm_, applied by the next step
-        self._pending = self._stream = None  # update_in_order's buckets: their events, their stream
         if state_bits == 8:
             self.block_size = 256  # torchao's base class quantizes a buffer only when its size divides by this
 
@@ -127,30 +126,6 @@ class AdamWBf16SR(_AdamW):
         self._grad_scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         return norm
 
-    def update_in_order(self, bucket_of: dict[int, int], buckets: int, stream: "torch.cuda.Stream | None") -> None:
-        """Update the weights bucket by bucket, in the order the next forward uses them (`bucket_of`: a weight's id to
-        its bucket, 0 first; weights it does not list go last), on `stream`, beside the current stream's work: each
-        bucket's end is an event that `wait(bucket)` makes the current stream wait for, and each gradient is freed once
-        its update has read it. With `stream` None the buckets run in turn on the current stream (the CPU)."""
-        self._bucket_of, self._stream = bucket_of, stream
-        self._pending = [None] * buckets
-
-    def wait(self, bucket: int) -> None:
-        """Make the current stream wait for `bucket`'s update of the last step (the first call of a step only)."""
-        event, self._pending[bucket] = self._pending[bucket], None
-        if event is not None:
-            torch.cuda.current_stream().wait_event(event)
-
-    def wait_all(self) -> None:
-        """Make the current stream wait for the whole last update: before anything else reads the weights or states."""
-        if self._stream is not None:
-            torch.cuda.current_stream().wait_stream(self._stream)
-            self._pending = [None] * len(self._pending)
-
-    def state_dict(self) -> dict:
-        self.wait_all()
-        return super().state_dict()
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -158,69 +133,36 @@ class AdamWBf16SR(_AdamW):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, self._grad_scale = self._grad_scale, None  # clip_grad_norm_'s, left to the step
-        updates = self._updates()
-        if self._pending is None:
-            self._apply(updates, grad_scale)
-            return loss
-        buckets = [[] for _ in self._pending]
-        for update in updates:
-            buckets[self._bucket_of.get(id(update[1]), -1)].append(update)
-        if self._stream is None:
-            for bucket in buckets:
-                self._apply(bucket, grad_scale)
-            return loss
-        self._stream.wait_stream(torch.cuda.current_stream())  # the gradients and their norm
-        if grad_scale is not None:
-            grad_scale.record_stream(self._stream)
-        with torch.cuda.stream(self._stream):
-            for k, bucket in enumerate(buckets):
-                self._apply(bucket, grad_scale)
-                for _, p, *_ in bucket:  # the memory goes back to the allocator once the update has read it
-                    p.grad.record_stream(self._stream)
-                    p.grad = None
-                self._pending[k] = torch.cuda.Event()
-                self._pending[k].record()
-        return loss
-
-    def _updates(self) -> list[tuple]:
-        """(group, weight, state, step, rounding seed) for each weight with a gradient, its step counted."""
-        updates, index = [], -1  # index: the weight's place among all groups' parameters, the same on every rank
-        for group in self.param_groups:
-            # torchao's own check: the update is compiled for a tensor learning rate. A float would be baked in as a
-            # constant, and with the cache limit lifted every new value would recompile, silently.
-            if not isinstance(group["lr"], torch.Tensor):
-                raise RuntimeError("lr was changed to a non-Tensor object. If you want to update lr, please use "
-                                   "optim.param_groups[0]['lr'].fill_(new_lr)")
-            for p in group["params"]:
-                index += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Sparse gradient is not supported")
-                state = self.state[p]
-                if not state:
-                    state.update(step=torch.tensor(0.0), exp_avg=self._new_buffer(p, True),
-                                 exp_avg_sq=self._new_buffer(p, False))
-                state["step"] += 1
-                step = state["step"].item()  # a host tensor: no wait
-                shard = dist.get_rank() if isinstance(p, DTensor) else 0
-                updates.append((group, p, state, step, rounding_seed(self.rounding_seed, int(step), index, shard)))
-        return updates
-
-    def _apply(self, updates: list[tuple], grad_scale: torch.Tensor | None) -> None:
-        """`updates` (from `_updates`), by parameter group: the fused kernel's, one launch for each kind of moments,
-        then the compiled update for the rest."""
+        index = -1  # the weight's place among all groups' parameters: the same on every rank
         with torch._dynamo.utils.disable_cache_limit():  # one compiled variant per parameter shape, as in torchao
             for group in self.param_groups:
+                # torchao's own check: the update is compiled for a tensor learning rate. A float would be baked in
+                # as a constant, and with the cache limit lifted every new value would recompile, silently.
+                if not isinstance(group["lr"], torch.Tensor):
+                    raise RuntimeError("lr was changed to a non-Tensor object. If you want to update lr, please use "
+                                       "optim.param_groups[0]['lr'].fill_(new_lr)")
                 fused, compiled = {}, []  # (weight, state, step, rounding seed) for each update; fused by moments
-                for _, p, state, step, seed in (u for u in updates if u[0] is group):
+                for p in group["params"]:
+                    index += 1
+                    if p.grad is None:
+                        continue
+                    if p.grad.is_sparse:
+                        raise RuntimeError("Sparse gradient is not supported")
+                    state = self.state[p]
+                    if not state:
+                        state.update(step=torch.tensor(0.0), exp_avg=self._new_buffer(p, True),
+                                     exp_avg_sq=self._new_buffer(p, False))
+                    state["step"] += 1
+                    step = state["step"].item()  # a host tensor: no wait
+                    shard = dist.get_rank() if isinstance(p, DTensor) else 0
+                    seed = rounding_seed(self.rounding_seed, int(step), index, shard)
                     if self.fused and _fused(p, state):
                         fused.setdefault(isinstance(state["exp_avg"], OptimState8bit), []).append((p, state, step, seed))
                     else:
                         compiled.append((p, state, step, seed))
-                for batch in fused.values():  # first, so that the GPU runs them while the host makes the calls below
+                for updates in fused.values():  # first, so that the GPU runs them while the host makes the calls below
                     from finetune.adamw8bit_kernel import adamw8bit_step  # triton: imported where it runs
-                    params, states, steps, seeds = zip(*batch)
+                    params, states, steps, seeds = zip(*updates)
                     adamw8bit_step([p.detach() for p in params], [p.grad for p in params],
                                    [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states],
                                    steps=steps, seeds=seeds, lr=group["lr"].item(), beta1=group["betas"][0],
@@ -233,3 +175,4 @@ class AdamWBf16SR(_AdamW):
                         _update(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"], None,
                                 group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"],
                                 group["eps"], True, p.dtype is torch.bfloat16)
+        return loss

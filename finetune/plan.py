@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from finetune.config import REFERENCE_SPEED, RunConfig
-from finetune.speedups import (GIB, OPTIMIZERS, WORKSPACE_GIB, accumulate_in_matmul_unsupported, layer_activation_bytes,
-                               layers_to_checkpoint, overlap_update_unsupported, weights_dtype)
+from finetune.speedups import (GIB, OPTIMIZERS, WORKSPACE_GIB, accumulate_in_matmul_unsupported,
+                               layer_activation_bytes, layers_to_checkpoint, weights_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +203,6 @@ def plan_training(config: RunConfig, gpu: GPU | None, shape: ModelShape, has=ins
         value, reason = _accumulate_in_matmul(resolved, gpu)
         choose("accumulate_in_matmul", value, reason)
         resolved = dataclasses.replace(resolved, accumulate_in_matmul=value)
-    if config.overlap_update == "auto":
-        value, reason = _overlap_update(resolved, gpu)
-        choose("overlap_update", value, reason)
-        resolved = dataclasses.replace(resolved, overlap_update=value)
     return resolved, plan
 
 
@@ -221,26 +217,14 @@ def _accumulate_in_matmul(config: RunConfig, gpu: GPU | None) -> tuple[bool, str
         return False, "off: timed on GPUs only"
     if why := accumulate_in_matmul_unsupported(config):
         return False, f"off: {why}"
-    if config.overlap_update is True:
-        return False, "off: overlap_update=true, whose update would still read the buffers as the next step zeroes them"
     return True, (f"on: {steps} micro-batches a step, each one's weight gradients added inside the decoder layers' "
                   f"weight-gradient matmuls rather than in a pass of their own")
-
-
-def _overlap_update(config: RunConfig, gpu: GPU | None) -> tuple[bool, str]:
-    """On where the update can run beside the next forward (finetune/overlap_update.py)."""
-    if gpu is None:
-        return False, "off: no CUDA GPU, no second stream"
-    if why := overlap_update_unsupported(config):
-        return False, f"off: {why}"
-    return True, ("on: each step's update runs on a second CUDA stream, layer by layer, while the next step's forward "
-                  "starts on the layers already updated")
 
 
 def _fsdp_plan(config: RunConfig, choose) -> RunConfig:
     reference = {name: REFERENCE_SPEED[name] for name in ("compile_layers", "fp8", "optimizer", "use_liger_kernel",
                                                           "checkpointed_layers", "merge_micro_batches",
-                                                          "accumulate_in_matmul", "overlap_update")}
+                                                          "accumulate_in_matmul")}
     for name, value in reference.items():
         if getattr(config, name) == "auto":
             choose(name, value, "the reference's setting: under FSDP2 the single-GPU speed-ups are not checked yet")

@@ -163,17 +163,6 @@ def accumulate_in_matmul_unsupported(config: RunConfig) -> str | None:
     return None
 
 
-def overlap_update_unsupported(config: RunConfig) -> str | None:
-    """Why the update cannot run beside the next forward (finetune/overlap_update.py), or None where it can."""
-    if config.optimizer not in ("auto", "adamw_bf16_sr", "adamw_bf16_sr_fused", "adamw8bit_bf16_sr"):
-        return f"optimizer {config.optimizer!r} is not the bf16 stochastic-rounding AdamW that updates layer by layer"
-    if config.accumulate_in_matmul is True:
-        return "the summed gradients' buffers are zeroed as each step starts, while the update would still read them"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return "several processes (DDP, FSDP): not timed there"
-    return None
-
-
 def check_speedups(config: RunConfig) -> None:
     """Fail before any model is built on settings that cannot run ("auto" is the plan's to choose)."""
     if config.fp8 not in (None, "auto", *FP8_RECIPES):
@@ -192,12 +181,6 @@ def check_speedups(config: RunConfig) -> None:
     if config.accumulate_in_matmul is True and why:
         raise ValueError(f"accumulate_in_matmul=true sums weight gradients for full fine-tuning in one process, "
                          f"without FP8: {why}. Use --accumulate_in_matmul false.")
-    if config.overlap_update not in (True, False, "auto"):
-        raise ValueError(f"overlap_update={config.overlap_update!r}: give true, false or 'auto'")
-    why = overlap_update_unsupported(config)
-    if config.overlap_update is True and (why or not torch.cuda.is_available()):
-        raise ValueError(f"overlap_update=true runs the update on a second CUDA stream: "
-                         f"{why or 'no CUDA GPU here'}. Use --overlap_update false.")
     n = config.checkpointed_layers
     if not (n is None or n == "auto" or (isinstance(n, int) and n >= 0)):
         raise ValueError(f"checkpointed_layers={n!r}: give a number of layers, 'auto' or none")

@@ -30,7 +30,6 @@ from finetune.data import load_splits, to_prompt_completion
 from finetune.disk import OutOfDisk, check_disk, free_bytes, planned_steps, written_bytes
 from finetune.grad_accumulation import GradIntoBuffers, accumulate_in_matmul
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
-from finetune.overlap_update import OverlapUpdate
 from finetune.plan import GPU, ModelShape, OutOfMemory, SourceNotFound, gpu_memory_note, log_plan, plan_training
 from finetune.resume import (SaveRunConfig, check_resume, checkpoint_step, last_checkpoint, run_finished,
                              whole_run_train_loss)
@@ -193,8 +192,6 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
         trainer.add_callback(SelectiveCheckpointing(config.checkpointed_layers))
     if summed_in_matmul:
         trainer.add_callback(GradIntoBuffers(summed_in_matmul))
-    if config.overlap_update:
-        trainer.add_callback(OverlapUpdate())
     trainer.splits = splits  # what the run trained on, for its summary
     trainer.plan, trainer.run_config = plan, config  # the "auto" settings as chosen (with their reasons), and all
     _drop_notebook_loss_table(trainer)

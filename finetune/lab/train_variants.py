@@ -137,11 +137,6 @@ TRAIN_VARIANTS = {
     # The profile's 16 x 2 rows kept as given: on an H200 the plan merges them into 32 x 1 (one micro-batch, so
     # nothing to sum); this row times the layout it chose against.
     "the qwen2.5-7b recipe, batch 16 x 2 as given": {**RECIPE_SPEED, **BATCH_16X2, "merge_micro_batches": False},
-    # The update beside the next forward (finetune/overlap_update.py), on where the plan turns it on (one micro-batch:
-    # the H200), off here; and on where the plan sums in the matmul instead (the H100), with autograd's sums.
-    "the qwen2.5-7b recipe, update in turn": {**RECIPE_SPEED, "overlap_update": False},
-    "the qwen2.5-7b recipe, update beside the forward, weight gradients summed by autograd": {
-        **RECIPE_SPEED, "overlap_update": True, "accumulate_in_matmul": False},
 }
 
 
@@ -172,9 +167,6 @@ VARIANT_SLUGS = {
     "recipe-autograd-sums": "the qwen2.5-7b recipe, weight gradients summed by autograd",
     "recipe-70-autograd-sums": "the qwen2.5-7b recipe, within 70 GiB, weight gradients summed by autograd",
     "recipe-16x2": "the qwen2.5-7b recipe, batch 16 x 2 as given",
-    "recipe-update-in-turn": "the qwen2.5-7b recipe, update in turn",
-    "recipe-overlap-autograd-sums": ("the qwen2.5-7b recipe, update beside the forward, weight gradients summed by "
-                                     "autograd"),
     "recipe-16x2-gc7": "the qwen2.5-7b recipe, batch 16 x 2, recomputing 7 layers",
     "recipe-16x2-gc13": "the qwen2.5-7b recipe, batch 16 x 2, recomputing 13 layers",
 }
