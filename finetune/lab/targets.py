@@ -7,6 +7,7 @@ measured it with min - max beside it, and is met when the best configuration's m
 runs.
 """
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import NamedTuple
 
 from transformers import Qwen2Config
 
-from finetune.config import REFERENCE_SPEED
+from finetune.config import REFERENCE_SPEED, RunConfig
 from finetune.lab.bench_eval import ALL_ANCHORS
 from finetune.lab.stock_trl import STOCK_TRL, STOCK_TRL_TUNED
 from finetune.results import hardware_label, load_records, made_before
@@ -153,10 +154,13 @@ def what_ran(row: dict) -> tuple:
     choice, the micro-batches the plan chose (recorded with the plan) and the layers it recomputed. Rows under
     different names that ran alike are one configuration (on an H100 the recipe as planned and the recipe told to sum
     in the matmul, as the plan now does there); one name whose plan changed between commits is several. A memory cap
-    only steers the plan."""
+    only steers the plan. A setting the code no longer has ran as the code without it where it was off (the update
+    beside the forward, reverted after 275bfa0)."""
     plan = row.get("plan", {})
     settings = {name: plan.get(name, value) if value == "auto" else value for name, value in row["overrides"].items()
                 if name != "max_memory_gib"}
+    known = {field.name for field in dataclasses.fields(RunConfig)}
+    settings = {name: value for name, value in settings.items() if name in known or value not in (False, None)}
     if plan and "micro_batches" in row:  # without a plan the overrides say the layout
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "merge_micro_batches"):
             settings.pop(name, None)
