@@ -25,8 +25,8 @@ class StepClock(TrainerCallback):
     """Where training starts and every optimizer step ends on the GPU's stream (CUDA events), with TRL's cumulative
     real-token count (every rank's, its logged `num_tokens`), and how long each optimizer update took there (the part
     of a step that does not shrink with faster kernels or less recompute). Nothing waits for the GPU, so the host runs
-    ahead as it does in a run without this clock: before 275bfa0 each step's end waited, and the GPU idled while the host
-    queued the next step's first kernels. Needs a log every step."""
+    ahead as it does in a run without this clock: before 275bfa0 each step's end waited, and the GPU idled while the
+    host queued the next step's first kernels. Needs a log every step."""
 
     def __init__(self):
         self.marks = []  # [event, tokens]: marks[0] as training starts, marks[k] after optimizer step k
