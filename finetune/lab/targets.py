@@ -7,7 +7,6 @@ measured it with min - max beside it, and is met when the best configuration's m
 runs.
 """
 
-import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -159,8 +158,8 @@ def what_ran(row: dict) -> tuple:
     plan = row.get("plan", {})
     settings = {name: plan.get(name, value) if value == "auto" else value for name, value in row["overrides"].items()
                 if name != "max_memory_gib"}
-    known = {field.name for field in dataclasses.fields(RunConfig)}
-    settings = {name: value for name, value in settings.items() if name in known or value not in (False, None)}
+    settings = {name: value for name, value in settings.items()
+                if name in RunConfig.__dataclass_fields__ or value not in (False, None)}
     if plan and "micro_batches" in row:  # without a plan the overrides say the layout
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "merge_micro_batches"):
             settings.pop(name, None)
