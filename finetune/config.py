@@ -7,6 +7,7 @@ Each field's help text is its documentation: `python -m finetune.train --help` p
 
 import argparse
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -186,6 +187,11 @@ PROFILES: dict[str, dict] = {
         lora_learning_rate=3e-3, lora_dropout=0.05, lora_modules_to_save="norm", lora_embedding=True,
     ),
 }
+
+
+def launched_processes() -> int:
+    """The processes `accelerate launch` (torchrun) started for this run, each with this code; 1 under plain python."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def get_config(profile: str = "tiny", **overrides) -> RunConfig:

@@ -6,13 +6,12 @@ its config matches, apart from RESUME_FREE_FIELDS; `allow_config_change` resumes
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from finetune.config import RunConfig
+from finetune.config import RunConfig, launched_processes
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ def last_checkpoint(output_dir: Path, world_size: int | None = None) -> str | No
     """The newest checkpoint to resume from; a partial one (interrupted while saving) is an error, not a guess. The
     Trainer itself would resume from a checkpoint without optimizer, scheduler or RNG state, silently. `world_size`:
     the processes that will resume it, by default those `accelerate launch` (or torchrun) started."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    world_size = launched_processes() if world_size is None else world_size
     last = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
     if last:
         missing = [f"{part} ({' or '.join(patterns)})" for part, patterns in CHECKPOINT_PARTS.items()

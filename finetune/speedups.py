@@ -3,14 +3,13 @@ estimates (the optimizers' states, the layers' activations) that decide how many
 (`finetune/plan.py` chooses); and host tables copied to the GPU without waiting for it (`queued_copy`)."""
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from finetune.config import RunConfig
+from finetune.config import RunConfig, launched_processes
 
 GIB = 2**30
 
@@ -158,7 +157,7 @@ def accumulate_in_matmul_unsupported(config: RunConfig) -> str | None:
         return f"{config.method}'s frozen weights have no gradient to add"
     if config.fp8 not in (None, "auto"):  # "auto" stays off until the FP8 recipe is checked (plan.py)
         return "FP8's linear layers (torchao) compute their own weight gradients"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_processes() > 1:
         return "several processes (DDP, FSDP) reduce the gradients autograd adds"
     return None
 

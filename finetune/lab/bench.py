@@ -27,7 +27,7 @@ import torch
 from accelerate import PartialState
 from transformers.trainer_utils import SaveStrategy
 
-from finetune.config import REFERENCE_SPEED, RunConfig, config_from_args
+from finetune.config import REFERENCE_SPEED, RunConfig, config_from_args, launched_processes
 from finetune.data import load_splits
 from finetune.model import load_for_inference, load_tokenizer
 from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
@@ -65,7 +65,7 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         reset_peak_memory()
         trainer.train()
     except Exception as e:  # an ablation that fails (out of memory, a kernel missing) is a result, not a crash...
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ...except on several ranks: the others would hang waiting
+        if launched_processes() > 1:  # ...except on several ranks: the others would hang waiting
             raise
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     seconds, tokens = clock.window(warmup_steps, measured_steps)
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                         "then get no ratio to them); 'none' skips them")
     known, rest = parser.parse_known_args(argv)
     config = config_from_args(rest, description=__doc__)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch (torchrun) for every rank
+    world_size = launched_processes()
     if known.what == "eval" and world_size > 1:
         raise SystemExit("finetune.lab.bench eval runs on one GPU: start it with python -m, not accelerate launch")
     out = Path(config.results_dir) / "benchmarks"
