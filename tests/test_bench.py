@@ -30,8 +30,7 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
     from finetune.lab import profiling
 
     ticks = iter(range(10**6))
-    monkeypatch.setattr(profiling, "synchronized_now", lambda: float(next(ticks)))
-    monkeypatch.setattr(profiling, "_stream_mark", lambda: float(next(ticks)))  # the update's marks, on one clock
+    monkeypatch.setattr(profiling, "_stream_mark", lambda: float(next(ticks)))  # every mark of the step clock
     args = ["train", "--name", "smoke", "--variants", "1", "--warmup_steps", "1", "--measured_steps", "2", "--profile_step",
             "--trace_dir", str(tmp_path / "traces"), "--stock_trl_steps", "1,2", "--profile", "tiny", "--data_dir", tiny_config.data_dir,
             "--holdout_train_size", "300", "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4",

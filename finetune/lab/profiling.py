@@ -1,4 +1,4 @@
-"""What a benchmark reads from a step beyond its tokens/s: a clock that waits for the GPU, the torch profiler's view of
+"""What a benchmark reads from a step beyond its tokens/s: a clock on the GPU's stream, the torch profiler's view of
 one step or pass (where the GPU waited and on what, each matmul shape's rate, NCCL's share), and the host syncs."""
 
 import bisect
