@@ -25,10 +25,17 @@ VARLEN = "varlen"
 LEAKY_WHEN_PACKED = {"sdpa", "eager", "flex_attention"}
 
 
-def choose_attn_implementation(requested: str, packing: bool) -> str:
-    """The attention implementation to load the model with; refuses choices that would mix packed articles."""
+def choose_attn_implementation(requested: str, packing: bool, share_opening: bool = False) -> str:
+    """The attention implementation to load the model with; refuses choices that would mix packed articles. Rows
+    whose articles share one opening (`finetune.opening`) need the varlen one, which gathers each article's keys
+    (on CUDA through PyTorch's FlashAttention-2 varlen kernel)."""
+    if share_opening and requested not in ("auto", VARLEN):
+        raise ValueError(f"attn_implementation={requested!r} cannot share the opening across a micro-batch's "
+                         f"articles: use 'auto' or '{VARLEN}', or set share_opening=False.")
     if requested == "auto":
-        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        if share_opening:
+            chosen = VARLEN
+        elif torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
             chosen = "flash_attention_2"
         else:
             chosen = VARLEN
@@ -111,9 +118,10 @@ def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mas
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                              cu_seq_lens_q: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                             **kwargs) -> tuple[torch.Tensor, None]:
+                             opening_key_index: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """Per-article causal attention for a packed row; sdpa under its mask for padded batches, the keys not copied per
-    query head (`_masked_grouped_attention`)."""
+    query head (`_masked_grouped_attention`). A row whose articles share one opening (`finetune.opening`) gives each
+    article's keys as `opening_key_index` into the row, with their boundaries (`cu_seq_lens_k`, `max_length_k`)."""
     if cu_seq_lens_q is None and attention_mask is None and position_ids is not None and query.shape[0] == 1:
         cu_seq_lens_q = _boundaries_from_positions(position_ids[0])
     if cu_seq_lens_q is None:
@@ -127,12 +135,13 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
     # TRL's collator passes the longest article's length as a Python int: reading it from `cu` instead would stop
     # the host until the GPU catches up, in every layer, and break a compiled layer's graph.
-    max_len = kwargs.get("max_length_q") or int(cu.diff().max())
-    if q.is_cuda and CUDA_VARLEN is not None:
-        out = _cuda_varlen_attention(q, k, v, cu, cu, max_len, max_len, scaling)
-    else:
-        out = _padded_causal_attention(q, k, v, cu, cu, max_len, max_len, scaling)
-    return out.unsqueeze(0), None
+    max_q = kwargs.get("max_length_q") or int(cu.diff().max())
+    cu_k, max_k = cu, max_q
+    if opening_key_index is not None:
+        k, v = k[opening_key_index], v[opening_key_index]
+        cu_k, max_k = kwargs["cu_seq_lens_k"].to(device=q.device, dtype=torch.int32), kwargs["max_length_k"]
+    attend = _cuda_varlen_attention if q.is_cuda and CUDA_VARLEN is not None else _padded_causal_attention
+    return attend(q, k, v, cu, cu_k, max_q, max_k, scaling).unsqueeze(0), None
 
 
 def _masked_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,

@@ -25,6 +25,7 @@ from transformers.masking_utils import sdpa_mask
 
 from finetune.attention import (CUDA_VARLEN, _cuda_varlen_attention, _padded_causal_attention,
                                 attention_implementation, masked_sdpa)
+from finetune.opening import exclusive_cumsum, opening_sequences
 from finetune.speedups import queued_copy
 
 PACKED = "packed_answers"
@@ -58,12 +59,12 @@ def pack_batch(articles: list[list[int]], tree, opening_length: int, device) -> 
     n_stem = len(tree.tokens) - n_branch
     length = np.array([len(a) for a in articles])
     trunk = length + n_stem
-    trunk_start = _exclusive_cumsum(trunk)
+    trunk_start = exclusive_cumsum(trunk)
     branch_start = trunk.sum() + np.arange(len(articles)) * n_branch
     positions = opening_length + np.concatenate([np.arange(trunk.sum()) - np.repeat(trunk_start, trunk),
                                                  (trunk[:, None] + depth).ravel()])
 
-    cu_q, cu_k, key_index = _sequences(trunk, opening_length)
+    cu_q, cu_k, key_index = opening_sequences(trunk, opening_length)
 
     # The branches' keys, one row an article: the opening, the trunk (padded to the longest: padding points at key
     # 0 and is masked), the article's branch tokens. A branch token sees the opening, its trunk and the earlier
@@ -115,7 +116,7 @@ class PackedPrefill:
 def pack_prefill(articles: list[list[int]], opening_length: int, cache, device) -> PackedPrefill:
     """The packed prefill of `articles` (prompt tokens after the opening, at least one each) into `cache`."""
     length = np.array([len(a) for a in articles])
-    cu_q, cu_k, key_index = _sequences(length, opening_length)
+    cu_q, cu_k, key_index = opening_sequences(length, opening_length)
     end = opening_length + int(length.max())
     rows = np.repeat(np.arange(len(articles)), length)
     within = np.arange(length.sum()) - np.repeat(cu_q[:-1], length)  # each token's place in its article
@@ -132,20 +133,6 @@ def _on(device, x: np.ndarray, dtype=torch.long) -> torch.Tensor:
     never waits for this batch's forward (tests/test_predict.py). Against the synchronous copies before it, label
     scoring's speed did not change on an H100 (results/benchmarks/h100_7b_eval_queued_copies_*.json)."""
     return queued_copy(torch.from_numpy(np.ascontiguousarray(x)).to(dtype), device)
-
-
-def _sequences(length: np.ndarray, opening_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """cu_q, cu_k and key_index of sequences of `length` tokens packed in one row, each one's keys the opening's,
-    then its own (its queries are its last keys: the kernel aligns them bottom-right)."""
-    starts = np.column_stack([np.zeros_like(length), opening_length + _exclusive_cumsum(length)]).ravel()
-    spans = np.column_stack([np.full_like(length, opening_length), length]).ravel()
-    key_index = np.arange(spans.sum()) + np.repeat(starts - _exclusive_cumsum(spans), spans)
-    return (np.concatenate([[0], np.cumsum(length)]), np.concatenate([[0], np.cumsum(opening_length + length)]),
-            key_index)
-
-
-def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(x)[:-1]])
 
 
 def opening_keys(opening_cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

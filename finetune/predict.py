@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from finetune.attention import without_cudnn_attention
 from finetune.metrics import Predictions
+from finetune.opening import common_prefix_length
 from finetune.packed import opening_keys, pack_batch, packed_attention, packed_logits
 from finetune.prompts import answer_token_ids, encode_prompts, prompt_budget
 
@@ -55,7 +56,7 @@ def shared_opening(model, prompts: list[list[int]]) -> tuple[int, object | None]
 
     It runs uncompiled: a compiled layer filling a cache reads its layer index, so each layer would compile a graph
     of its own, past torch's limit of 8 a function, after which the layers run uncompiled in every later pass too."""
-    opening_length = min(_common_prefix_length(prompts), min(map(len, prompts)) - 1)
+    opening_length = min(common_prefix_length(prompts), min(map(len, prompts)) - 1)
     if not opening_length:
         return 0, None
     opening_ids = torch.tensor([prompts[0][:opening_length]], device=model.device)
@@ -226,12 +227,3 @@ def _tree_logits(model, rows: list[list[int]], tree: AnswerTree, opening_length:
     return model(input_ids=ids, attention_mask=mask, position_ids=positions,
                  past_key_values=_batch_cache(opening_cache, len(rows)), use_cache=opening_cache is not None,
                  logits_to_keep=len(tree.tokens) + 1).logits
-
-
-def _common_prefix_length(rows: list[list[int]]) -> int:
-    """Length of the longest token prefix all rows share (that of the lexicographic extremes)."""
-    first, last = min(rows), max(rows)
-    n = 0
-    while n < min(len(first), len(last)) and first[n] == last[n]:
-        n += 1
-    return n

@@ -58,12 +58,12 @@ def last_checkpoint(output_dir: Path, world_size: int | None = None) -> str | No
 RUN_CONFIG = "run_config.json"  # the run config, stored in every checkpoint folder
 # Fields that may differ when a run resumes, as none changes the training: where things go, how often to log and save,
 # loader workers, evaluation settings, activation recompute (the same activations, recomputed or kept), and where the
-# weight gradients are summed (the same sums).
+# weight gradients are summed (the same sums), and whether the opening is shared (the same loss and gradients).
 RESUME_FREE_FIELDS = frozenset({"run_name", "checkpoints_dir", "results_dir", "logging_steps", "save_steps",
                                 "save_total_limit", "dataloader_num_workers", "eval_batch_size", "max_eval_samples",
                                 "max_new_tokens", "gradient_checkpointing", "checkpointed_layers",
                                 "max_memory_gib", "compile_layers", "accumulate_in_matmul",
-                                "allow_config_change"})
+                                "share_opening", "allow_config_change"})
 
 
 class SaveRunConfig(TrainerCallback):

@@ -57,16 +57,23 @@ class ArticleTokens:
 
     attention_length: float  # sum of L^2 / sum of L: the article length an average token attends within
     loss_share: float  # the share of tokens that carry loss (labels != -100): the answer tokens
+    opening_share: float = 0.0  # the share of tokens a shared opening does not run (finetune.opening)
+    opening_length: int = 0  # the shared opening's tokens
 
 
-def article_tokens(train_dataset) -> ArticleTokens:
-    """The token-weighted article length and the loss-bearing share of the tokens of TRL's prepared dataset."""
+def article_tokens(train_dataset, opening_length: int = 0, rows_per_micro_batch: int = 1) -> ArticleTokens:
+    """The token-weighted article length and the loss-bearing share of the tokens of TRL's prepared dataset; with an
+    opening of `opening_length` tokens shared per micro-batch of `rows_per_micro_batch` packed rows, the share of
+    the tokens it saves over an epoch: every article's opening but one a micro-batch."""
     lengths = _article_lengths(train_dataset)
     if "labels" in train_dataset.column_names:
         labelled = sum(label != -100 for row in train_dataset["labels"] for label in row)
     else:  # a preparation that leaves the completion mask for the collator to turn into labels
         labelled = sum(map(sum, train_dataset["completion_mask"]))
-    return ArticleTokens(sum(n * n for n in lengths) / sum(lengths), labelled / sum(lengths))
+    micro_batches = -(-len(train_dataset) // rows_per_micro_batch)
+    saved = (len(lengths) - micro_batches) * opening_length if opening_length else 0
+    return ArticleTokens(sum(n * n for n in lengths) / sum(lengths), labelled / sum(lengths), saved / sum(lengths),
+                         opening_length)
 
 
 def training_flops_per_token(config: PretrainedConfig, tokens: ArticleTokens, adapter_params: int | None = None,
@@ -90,6 +97,10 @@ def training_flops_per_token(config: PretrainedConfig, tokens: ArticleTokens, ad
     backward; a causal token at position i of its article sees i + 1 positions, (L + 1) / 2 on average over an article
     of L tokens, which over articles of different lengths, weighted by tokens, is (sum L^2 / sum L + 1) / 2.
 
+    A shared opening (`tokens.opening_share`, finetune.opening): the tokens it does not run cost neither their
+    matmuls nor their attention (the opening's token i sees i + 1 positions, (n + 1) / 2 on average); every token
+    that runs sees what it saw with its own copy of the opening. Counted per token of the articles, as the rates are.
+
     LoRA and QLoRA (`adapter_params`, the adapters' trainable parameters): the frozen matmuls, the LM head among them,
     run forward (2 per parameter) and backward to their inputs (2), but compute no weight gradient; the adapters cost
     the full 6. QLoRA is counted the same (bf16 matmul FLOPs after dequantization), so its MFU shows what the 4-bit
@@ -98,9 +109,12 @@ def training_flops_per_token(config: PretrainedConfig, tokens: ArticleTokens, ad
     hidden, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     kv = config.num_key_value_heads * head_dim
-    decoder_params = layers * (hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * config.intermediate_size)
-    head_params = hidden * config.vocab_size * (1.0 if head_on_every_token else tokens.loss_share)
-    attention = layers * 2 * 2 * config.num_attention_heads * head_dim * (tokens.attention_length + 1) / 2
+    run = 1 - tokens.opening_share
+    layer_params = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * config.intermediate_size
+    decoder_params = run * layers * layer_params
+    head_params = hidden * config.vocab_size * (run if head_on_every_token else tokens.loss_share)
+    keys_seen = (tokens.attention_length + 1) / 2 - tokens.opening_share * (tokens.opening_length + 1) / 2
+    attention = layers * 2 * 2 * config.num_attention_heads * head_dim * keys_seen
     if adapter_params is None:
         return 6 * (decoder_params + head_params) + 3 * attention
     return 4 * (decoder_params + head_params) + 6 * adapter_params + 3 * attention

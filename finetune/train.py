@@ -30,6 +30,7 @@ from finetune.data import load_splits, to_prompt_completion
 from finetune.disk import OutOfDisk, check_disk, free_bytes, planned_steps, written_bytes
 from finetune.grad_accumulation import GradIntoBuffers, accumulate_in_matmul
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
+from finetune.opening import TOKENS_SAVED, SharedOpeningCollator, training_opening
 from finetune.plan import GPU, ModelShape, OutOfMemory, SourceNotFound, gpu_memory_note, log_plan, plan_training
 from finetune.resume import (SaveRunConfig, check_resume, checkpoint_step, last_checkpoint, run_finished,
                              whole_run_train_loss)
@@ -114,13 +115,27 @@ class FusedHeadSFTTrainer(trl.SFTTrainer):
     trainer's loss computation only (the backward does not read it); tests/test_train.py checks loss and gradients.
     """
 
-    def compute_loss(self, *args, **kwargs):
+    opening_tokens_saved: int | None = None  # this process's, where the opening is shared (finetune.opening)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if TOKENS_SAVED in inputs:
+            self.opening_tokens_saved += inputs.pop(TOKENS_SAVED)
         use_triton = trl.trainer.utils._use_triton
         trl.trainer.utils._use_triton = lambda device: True
         try:
-            return super().compute_loss(*args, **kwargs)
+            return super().compute_loss(model, inputs, *args, **kwargs)
         finally:
             trl.trainer.utils._use_triton = use_triton
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's `num_tokens` counts the tokens the model ran; with the opening shared, the articles' tokens are
+        that and the openings not run again (all processes', one reduction a log), so that tokens/s and the
+        benchmarks' ratios count the same articles' tokens for every configuration."""
+        if self.opening_tokens_saved is not None and self._metrics["train"].get("num_tokens"):
+            saved = torch.tensor(self.opening_tokens_saved, device=self.args.device)
+            total = self._total_train_tokens + int(self.accelerator.reduce(saved, "sum"))
+            self._metrics["train"]["num_tokens"] = [total]
+        super().log(logs, start_time)
 
     def training_step(self, model, *args, **kwargs):
         """Under FSDP2 with `reshard_after_forward: false` (configs/accelerate/fsdp2.yaml), the gathered weights also
@@ -164,7 +179,8 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     args = sft_config(config)
     with args.main_process_first(desc="tokenizer"):  # one rank builds and caches a tokenizer, then the others load it
         tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
-    attn_implementation = choose_attn_implementation(config.attn_implementation, config.packing)
+    share_opening = config.share_opening and config.packing
+    attn_implementation = choose_attn_implementation(config.attn_implementation, config.packing, share_opening)
     model = load_model(config, tokenizer, attn_implementation)
     check_tokenizer_fits(tokenizer, model)
     if config.packing:
@@ -184,9 +200,13 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
         adapters_in_weights_dtype(trainer.model, weights_dtype(config))
         if config.lora_embedding:
             adapter_alone_in_saves(trainer.model)
+    opening = training_opening(trainer.train_dataset) if share_opening else []
+    if opening:
+        trainer.data_collator = SharedOpeningCollator(trainer.data_collator, opening)
+        trainer.opening_tokens_saved = 0
+    trainer.article_tokens = article_tokens(trainer.train_dataset, len(opening), args.per_device_train_batch_size)
     # First in line, so the TensorBoard and progress callbacks see the numbers it adds to each log.
-    throughput = ThroughputCallback(model.config, article_tokens(trainer.train_dataset),
-                                    adapter_parameters(trainer.model))
+    throughput = ThroughputCallback(model.config, trainer.article_tokens, adapter_parameters(trainer.model))
     trainer.callback_handler.callbacks.insert(0, throughput)
     if config.gradient_checkpointing and config.checkpointed_layers is not None:
         trainer.add_callback(SelectiveCheckpointing(config.checkpointed_layers))

@@ -318,17 +318,24 @@ def test_scaling_table_divides_per_gpu_speed_by_the_same_sets_one_gpu_reference(
 
 
 def _attention_one_query_at_a_time(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                                   position_ids=None, **kwargs):
+                                   position_ids=None, opening_key_index=None, **kwargs):
     """Exact causal attention within each packed article, each query against only the keys it sees: the matmuls it
-    runs (and autograd's for them) are the FLOPs causal attention needs, one query at a time."""
+    runs (and autograd's for them) are the FLOPs causal attention needs, one query at a time. With a shared opening,
+    an article's keys are those `opening_key_index` gathers, its queries their last ones."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1)[0], value.repeat_interleave(groups, 1)[0]
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    if opening_key_index is None:
+        starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
+        cu_q = cu_k = torch.tensor(starts)
+    else:
+        key, value = key[:, opening_key_index], value[:, opening_key_index]
+        cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]
     outputs = []
-    for start, end in zip(starts, starts[1:] + [query.shape[2]]):
-        for i in range(start, end):
-            scores = query[0, :, i:i + 1] @ key[:, start:i + 1].transpose(-1, -2) * scaling
-            outputs.append(scores.softmax(-1) @ value[:, start:i + 1])
+    for q_start, q_end, k_start, k_end in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
+        for i in range(q_end - q_start):
+            seen = slice(k_start, k_end - (q_end - q_start) + i + 1)
+            scores = query[0, :, q_start + i:q_start + i + 1] @ key[:, seen].transpose(-1, -2) * scaling
+            outputs.append(scores.softmax(-1) @ value[:, seen])
     return torch.cat(outputs, 1).transpose(0, 1).unsqueeze(0), None
 
 
@@ -373,6 +380,48 @@ def test_training_flops_per_token_match_the_matmuls_a_training_step_runs(trained
     # RoPE's angles are an outer product done as a matmul (624 FLOPs here), elementwise work the formula leaves out.
     slack = 6 * 64 * 1000 if head_on_every_token else 0
     assert counted - slack <= counter.get_total_flops() <= counted * 1.0001
+
+
+def test_training_flops_per_token_count_what_a_shared_opening_runs():
+    """The same independent count over a micro-batch of two packed rows (three and two articles) whose articles share
+    a 5-token opening (finetune.opening): the openings not run cost nothing, the formula counts per token of the
+    articles, and each article's attention is what it was with its own opening."""
+    import datasets
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AttentionInterface, AttentionMaskInterface, Qwen2Config, Qwen2ForCausalLM
+    from transformers.masking_utils import sdpa_mask
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from finetune.opening import TOKENS_SAVED, share_opening
+    from finetune.throughput import article_tokens, training_flops_per_token
+
+    AttentionInterface.register("one_query_at_a_time", _attention_one_query_at_a_time)
+    AttentionMaskInterface.register("one_query_at_a_time", sdpa_mask)
+    config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config._attn_implementation = "one_query_at_a_time"
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    opening, rows = [1, 2, 3, 4, 5], [[9, 12, 20], [10, 15]]
+    examples = []
+    for lengths in rows:
+        ids = sum((opening + torch.randint(6, 1000, (n - 5,)).tolist() for n in lengths), [])
+        labels = sum(([-100] * (n - 3) + [1, 1, 1] for n in lengths), [])
+        examples.append({"input_ids": ids, "labels": labels, "seq_lengths": lengths})
+    batch = share_opening(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples), opening)
+    assert batch[TOKENS_SAVED] == 4 * 5
+    labels = batch["labels"][0]
+    with FlopCounterMode(display=False) as counter:
+        hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                             **{k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "opening_key_index")},
+                             ).last_hidden_state[0]
+        scored = labels[1:] != -100
+        torch.nn.functional.cross_entropy(model.lm_head(hidden[:-1][scored]), labels[1:][scored]).backward()
+    tokens = article_tokens(datasets.Dataset.from_list(examples), len(opening), rows_per_micro_batch=2)
+    articles_tokens = sum(map(sum, rows))
+    assert tokens.opening_share == 4 * 5 / articles_tokens
+    counted = training_flops_per_token(config, tokens) * articles_tokens
+    assert counted <= counter.get_total_flops() <= counted * 1.0001
 
 
 def _train_record(device: str, variants: dict) -> dict:

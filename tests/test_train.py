@@ -15,27 +15,35 @@ from finetune.resume import RESUME_FREE_FIELDS, config_changes, last_checkpoint
 from finetune.train import build_trainer, train
 
 
-def test_label_mask_covers_exactly_each_packed_answer(tiny_config):
-    trainer = build_trainer(tiny_config)
+@pytest.mark.parametrize("share_opening", [False, True])
+def test_label_mask_covers_exactly_each_packed_answer(tiny_config, share_opening):
+    """Each article of a packed micro-batch, as the attention sees it (with a shared opening: the opening's keys and
+    its own, `opening_key_index`), is its whole chat example with the loss on its answer alone."""
+    trainer = build_trainer(dataclasses.replace(tiny_config, share_opening=share_opening))
     tokenizer = trainer.processing_class
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # padding-free packed row
-    ids, labels, cu = batch["input_ids"][0], batch["labels"][0], batch["cu_seq_lens_q"].tolist()
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    keys = batch.get("opening_key_index", torch.arange(len(ids)))
+    cu_q, cu_k = batch["cu_seq_lens_q"].tolist(), batch["cu_seq_lens_k"].tolist()
+    assert ("opening_key_index" in batch) == share_opening
     answers = {format_answer(label) + "<|im_end|>\n" for label in LABELS}
     articles = 0
-    for start, end in zip(cu[:-1], cu[1:]):
-        text = tokenizer.decode(ids[start:end])
-        if not text.startswith("<|im_start|>system"):
-            continue  # padding at the end of the row
+    for q_start, q_end, k_start, k_end in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
+        article = ids[keys[k_start:k_end]]
+        article_labels = torch.cat([torch.full((k_end - k_start - (q_end - q_start),), -100), labels[q_start:q_end]])
+        text = tokenizer.decode(article)
+        if not text.startswith("<|im_start|>system") or (share_opening and q_start == 0):
+            continue  # padding at the end of the row; the shared opening, which is no article
         articles += 1
-        trained = labels[start:end] != -100
-        answer = tokenizer.decode(ids[start:end][trained])
+        trained = article_labels != -100
+        answer = tokenizer.decode(article[trained])
         assert answer in answers, answer
         # The trained tokens are one contiguous run at the end of the article: nothing from the prompt.
         first = int(trained.nonzero()[0])
         assert trained[first:].all() and not trained[:first].any()
         assert text.endswith("<|im_start|>assistant\n" + answer)
-        assert (labels[start:end][trained] == ids[start:end][trained]).all()
+        assert (article_labels[trained] == article[trained]).all()
     assert articles >= 3
 
 

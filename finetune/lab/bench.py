@@ -74,8 +74,9 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
     optimizer_seconds = clock.optimizer_seconds[warmup_steps:warmup_steps + measured_steps]
     mean_len = mean_article_tokens(trainer.train_dataset)
     adapter_params = adapter_parameters(trainer.model)
-    flops = training_flops_per_token(trainer.model.config, article_tokens(trainer.train_dataset), adapter_params,
-                                     lm_head_on_every_token(trainer))
+    # The suite's trainer records its articles' tokens, a shared opening's share among them; stock TRL's runs them all.
+    counts = getattr(trainer, "article_tokens", None) or article_tokens(trainer.train_dataset)
+    flops = training_flops_per_token(trainer.model.config, counts, adapter_params, lm_head_on_every_token(trainer))
     peak = peak_flops()
     result = {
         "tokens_per_second": tokens_per_second,
@@ -87,7 +88,7 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
         "peak_allocated_gib": max_over_ranks(trainer.accelerator, peak_memory_gib()),
         "peak_reserved_gib": max_over_ranks(trainer.accelerator, peak_memory_gib(reserved=True)),
         "mean_article_tokens": mean_len,
-        **dataclasses.asdict(article_tokens(trainer.train_dataset)),  # what the FLOPs count above read
+        **dataclasses.asdict(counts),  # what the FLOPs count above read
         "adapter_parameters": adapter_params,  # None: every weight trains
         "projected_epoch_minutes_full_train": FULL_TRAIN_ARTICLES * mean_len / (tokens_per_second * world_size) / 60,
         "final_loss": next(h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h),

@@ -81,7 +81,8 @@ def step_flops_per_token(record: dict, row: dict) -> float | None:
     model = Qwen2Config(hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
                         num_hidden_layers=config["num_layers"], num_attention_heads=config["num_heads"],
                         num_key_value_heads=config["num_kv_heads"], vocab_size=config["vocab_size"])
-    return training_flops_per_token(model, ArticleTokens(attention_length, loss_share))
+    return training_flops_per_token(model, ArticleTokens(attention_length, loss_share, row.get("opening_share", 0.0),
+                                                         row.get("opening_length", 0)))
 
 
 def row_steps(record: dict, row: dict) -> tuple[int, int, int, int]:

@@ -137,6 +137,14 @@ TRAIN_VARIANTS = {
     # The profile's 16 x 2 rows kept as given: on an H200 the plan merges them into 32 x 1 (one micro-batch, so
     # nothing to sum); this row times the layout it chose against.
     "the qwen2.5-7b recipe, batch 16 x 2 as given": {**RECIPE_SPEED, **BATCH_16X2, "merge_micro_batches": False},
+    # The opening (system turn and instruction, 41 of ~103 tokens an article) run once per micro-batch
+    # (finetune/opening.py), beside every article running its own, as the rows above ran before 2026-12-06; and the
+    # 70 GiB recipe at 16 x 2 with every layer kept, which the smaller activations of a shared opening may fit.
+    "the qwen2.5-7b recipe, every article with its own opening": {**RECIPE_SPEED, "share_opening": False},
+    "the qwen2.5-7b recipe, within 70 GiB, every article with its own opening": {
+        **RECIPE_SPEED, "max_memory_gib": 70, "share_opening": False},
+    "the qwen2.5-7b recipe, within 70 GiB, batch 16 x 2, no layer recomputed": {
+        **RECIPE_SPEED, **BATCH_16X2, "max_memory_gib": 70, "checkpointed_layers": 0, "merge_micro_batches": False},
 }
 
 
@@ -169,6 +177,9 @@ VARIANT_SLUGS = {
     "recipe-16x2": "the qwen2.5-7b recipe, batch 16 x 2 as given",
     "recipe-16x2-gc7": "the qwen2.5-7b recipe, batch 16 x 2, recomputing 7 layers",
     "recipe-16x2-gc13": "the qwen2.5-7b recipe, batch 16 x 2, recomputing 13 layers",
+    "recipe-own-openings": "the qwen2.5-7b recipe, every article with its own opening",
+    "recipe-70-own-openings": "the qwen2.5-7b recipe, within 70 GiB, every article with its own opening",
+    "recipe-70-16x2": "the qwen2.5-7b recipe, within 70 GiB, batch 16 x 2, no layer recomputed",
 }
 
 
