@@ -14,6 +14,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from data_prep.task import LABELS, build_messages
+
 # The batch key that tells the trainer how many tokens the shared opening did not run (finetune.train counts them
 # among the articles' tokens, so that tokens/s means the same articles' tokens for every configuration).
 TOKENS_SAVED = "opening_tokens_saved"
@@ -41,6 +43,16 @@ def opening_sequences(length: np.ndarray, opening_length: int) -> tuple[np.ndarr
 
 def exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(x)[:-1]])
+
+
+def row_tokens_run(tokenizer, texts: list[str], max_length: int, sample: int = 256) -> float:
+    """The tokens a packed row of `max_length` runs once its articles share their opening, for the memory plan
+    (`finetune.plan.plan_training`, before TRL prepares the data): `max_length` less the openings' share of the chat
+    examples of the first `sample` texts (each given the first label's answer: their lengths differ by a token)."""
+    examples = [tokenizer.apply_chat_template(build_messages(text, LABELS[0]), tokenize=True, return_dict=False)
+                for text in texts[:sample]]
+    opening = min(common_prefix_length(examples), min(map(len, examples)) - 1)
+    return max_length * (1 - opening * len(examples) / sum(map(len, examples)))
 
 
 def training_opening(train_dataset) -> list[int]:

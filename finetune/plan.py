@@ -156,10 +156,13 @@ def installed(package: str) -> bool:
 
 
 def plan_training(config: RunConfig, gpu: GPU | None, shape: ModelShape, has=installed,
-                  fsdp: bool = False) -> tuple[RunConfig, Plan]:
+                  fsdp: bool = False, row_tokens: float | None = None) -> tuple[RunConfig, Plan]:
     """`config` with every "auto" speed setting of training replaced by its choice, and the choices with reasons.
-    Under FSDP2 (`fsdp`) "auto" keeps the reference's settings: the single-GPU speed-ups are not checked on shards."""
+    Under FSDP2 (`fsdp`) "auto" keeps the reference's settings: the single-GPU speed-ups are not checked on shards.
+    `row_tokens`: the tokens a packed row runs, whose activations the memory plan counts (fewer than `max_length`
+    where the articles share their opening, `finetune.opening.row_tokens_run`); none = `max_length`."""
     plan: Plan = {}
+    row_tokens = row_tokens or config.max_length
 
     def choose(name: str, value, reason: str) -> None:
         plan[name] = {"value": value, "reason": reason}
@@ -178,7 +181,7 @@ def plan_training(config: RunConfig, gpu: GPU | None, shape: ModelShape, has=ins
     if config.fp8 == "auto":
         choose("fp8", *_fp8(config, gpu, has))
     if config.optimizer == "auto":
-        choose("optimizer", *_optimizer(config, gpu, shape, has))
+        choose("optimizer", *_optimizer(config, gpu, shape, has, row_tokens))
     if config.use_liger_kernel == "auto":
         if compiled:
             choose("use_liger_kernel", False, "off: the compiled layers fuse the same norms, RoPE and SwiGLU, and the "
@@ -190,13 +193,13 @@ def plan_training(config: RunConfig, gpu: GPU | None, shape: ModelShape, has=ins
     resolved = dataclasses.replace(config, **{name: choice["value"] for name, choice in plan.items()})
 
     if config.merge_micro_batches in ("auto", True):
-        rows, micro_batches, reason = _micro_batches(resolved, gpu, shape)
+        rows, micro_batches, reason = _micro_batches(resolved, gpu, shape, row_tokens)
         changed = (rows, micro_batches) != (config.per_device_train_batch_size, config.gradient_accumulation_steps)
         choose("merge_micro_batches", changed, reason)
         resolved = dataclasses.replace(resolved, merge_micro_batches=changed, per_device_train_batch_size=rows,
                                        gradient_accumulation_steps=micro_batches)
     if config.checkpointed_layers == "auto" and config.gradient_checkpointing:
-        value, reason = _checkpointed_layers(resolved, gpu, shape)
+        value, reason = _checkpointed_layers(resolved, gpu, shape, row_tokens)
         choose("checkpointed_layers", value, reason)
         resolved = dataclasses.replace(resolved, checkpointed_layers=value)
     if config.accumulate_in_matmul == "auto":
@@ -255,7 +258,7 @@ def _fp8(config: RunConfig, gpu: GPU | None, has) -> tuple[str | None, str]:
     return FP8_RECIPE, f"on: {FP8_RECIPE} held bf16's loss at the 7B shape (results/gpu/fp8/fp8_7b.json)"
 
 
-def _optimizer(config: RunConfig, gpu: GPU | None, shape: ModelShape, has) -> tuple[str, str]:
+def _optimizer(config: RunConfig, gpu: GPU | None, shape: ModelShape, has, row_tokens: float) -> tuple[str, str]:
     """The fused update (LoRA's ~400 small adapter weights too: one launch rather than one compiled call each under a
     reseeded generator, which made the unfused update wait on the host, h200_7b_train_recipe_methods.json), with
     bf16 moments where the memory holds them at the same layout as 8-bit ones, else 8-bit moments. bf16 moments move
@@ -267,8 +270,8 @@ def _optimizer(config: RunConfig, gpu: GPU | None, shape: ModelShape, has) -> tu
     if gpu is None or not (has("triton") and has("torchao")):
         return "adamw_bf16_sr", "adamw_bf16_sr: the fused update needs a CUDA GPU and Triton"
     fused = "the fused Triton update, one launch for all weights, stochastic rounding into bf16"
-    eight_bit = _layout(dataclasses.replace(config, optimizer="adamw8bit_bf16_sr"), gpu, shape)
-    sixteen_bit = _layout(dataclasses.replace(config, optimizer="adamw_bf16_sr_fused"), gpu, shape)
+    eight_bit = _layout(dataclasses.replace(config, optimizer="adamw8bit_bf16_sr"), gpu, shape, row_tokens)
+    sixteen_bit = _layout(dataclasses.replace(config, optimizer="adamw_bf16_sr_fused"), gpu, shape, row_tokens)
     if sixteen_bit == eight_bit:
         return "adamw_bf16_sr_fused", (f"adamw_bf16_sr_fused: bf16 moments with {fused}; they fit as 8-bit ones "
                                        f"would ({_describe(eight_bit, shape)}), and need no quantization")
@@ -277,11 +280,12 @@ def _optimizer(config: RunConfig, gpu: GPU | None, shape: ModelShape, has) -> tu
                                  f"{_describe(sixteen_bit, shape)}")
 
 
-def _layout(config: RunConfig, gpu: GPU, shape: ModelShape) -> tuple[int, int, int]:
+def _layout(config: RunConfig, gpu: GPU, shape: ModelShape, row_tokens: float) -> tuple[int, int, int]:
     """What the memory plan makes of `config`: the layers to recompute, the rows and the micro-batches."""
     config = dataclasses.replace(config, gradient_checkpointing=True, checkpointed_layers="auto")
-    rows, micro_batches, _ = _micro_batches(config, gpu, shape)
-    layers, _ = _checkpointed_layers(dataclasses.replace(config, per_device_train_batch_size=rows), gpu, shape)
+    rows, micro_batches, _ = _micro_batches(config, gpu, shape, row_tokens)
+    layers, _ = _checkpointed_layers(dataclasses.replace(config, per_device_train_batch_size=rows), gpu, shape,
+                                     row_tokens)
     return layers, rows, micro_batches
 
 
@@ -296,22 +300,23 @@ def _liger_off_reason(gpu: GPU | None) -> str:
     return "off: liger-kernel is not installed (pip install -e '.[gpu]')"
 
 
-def _checkpointed_layers(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> tuple[int | None, str]:
+def _checkpointed_layers(config: RunConfig, gpu: GPU | None, shape: ModelShape,
+                         row_tokens: float) -> tuple[int | None, str]:
     """The fewest layers to recompute such that weights, gradients, optimizer states and activations fit."""
     if gpu is None:
         return None, "every layer: no GPU memory to plan"
     kept, checkpointed = layer_activation_bytes(shape.hidden, shape.intermediate,
-                                                config.per_device_train_batch_size * config.max_length,
+                                                round(config.per_device_train_batch_size * row_tokens),
                                                 activation_bytes(config))
     budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=weight_bytes(config) * shape.parameters)
     fixed = training_state_bytes(config, shape)
     n = layers_to_checkpoint(budget, fixed, kept, checkpointed, shape.layers)
     return n, (f"{n} of {shape.layers} layers recompute: budget {budget / GIB:.1f} GiB ({assumed}), weights, "
                f"gradients and optimizer states {fixed / GIB:.1f} GiB, {kept / GIB:.2f} GiB a kept layer at "
-               f"{config.per_device_train_batch_size} x {config.max_length} tokens")
+               f"{config.per_device_train_batch_size} x {row_tokens:.0f} tokens")
 
 
-def _micro_batches(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> tuple[int, int, str]:
+def _micro_batches(config: RunConfig, gpu: GPU | None, shape: ModelShape, row_tokens: float) -> tuple[int, int, str]:
     """The step's rows in the micro-batches that cost least. The loss is normalized over the whole step, so the update
     is the same; each pass over a micro-batch has its fixed costs (the embedding's and LM head's gradients, the loss,
     the launches), about what recomputing MICRO_BATCH_COST_IN_LAYERS layers costs. So: fewer, larger micro-batches
@@ -329,7 +334,7 @@ def _micro_batches(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> tup
 
     def weigh(rows: int) -> int:
         recomputed[rows] = _checkpointed_layers(dataclasses.replace(planned, per_device_train_batch_size=rows),
-                                                gpu, shape)[0]
+                                                gpu, shape, row_tokens)[0]
         return recomputed[rows]
 
     rows = given_rows

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import trl
 import trl.trainer.utils
+from accelerate import PartialState
 from torch.distributed.fsdp import FSDPModule
 from transformers import TrainerCallback
 from trl import SFTConfig
@@ -30,7 +31,7 @@ from finetune.data import load_splits, to_prompt_completion
 from finetune.disk import OutOfDisk, check_disk, free_bytes, planned_steps, written_bytes
 from finetune.grad_accumulation import GradIntoBuffers, accumulate_in_matmul
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
-from finetune.opening import TOKENS_SAVED, SharedOpeningCollator, training_opening
+from finetune.opening import TOKENS_SAVED, SharedOpeningCollator, row_tokens_run, training_opening
 from finetune.plan import GPU, ModelShape, OutOfMemory, SourceNotFound, gpu_memory_note, log_plan, plan_training
 from finetune.resume import (SaveRunConfig, check_resume, checkpoint_step, last_checkpoint, run_finished,
                              whole_run_train_loss)
@@ -169,17 +170,20 @@ class SelectiveCheckpointing(TrainerCallback):
 
 def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = None,
                   splits: Splits | None = None) -> FusedHeadSFTTrainer:
-    """Data, training arguments, tokenizer, model and trainer, in that order, from one config. `splits` replaces the
-    config's data (e.g. a carve of the training articles for choosing settings)."""
+    """Data, tokenizer, the plan of the "auto" settings, training arguments, model and trainer, in that order, from
+    one config. `splits` replaces the config's data (e.g. a carve of the training articles for choosing settings)."""
     check_method(config)  # QLoRA without a GPU or bitsandbytes fails here, before the data loads
     check_speedups(config)
-    config, plan = plan_training(config, GPU.current(), ModelShape.of(config), fsdp=launched_with_fsdp())
-    log_plan(plan, "training")
+    shape = ModelShape.of(config)  # checks the model source before the data loads
     splits = splits or load_splits(config)
-    args = sft_config(config)
-    with args.main_process_first(desc="tokenizer"):  # one rank builds and caches a tokenizer, then the others load it
-        tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
+    texts = list(splits.train["text"])
+    with PartialState().main_process_first():  # one rank builds and caches a tokenizer, then the others load it
+        tokenizer = load_tokenizer(config, train_texts=texts)
     share_opening = config.share_opening and config.packing
+    row_tokens = row_tokens_run(tokenizer, texts, config.max_length) if share_opening else None
+    config, plan = plan_training(config, GPU.current(), shape, fsdp=launched_with_fsdp(), row_tokens=row_tokens)
+    log_plan(plan, "training")
+    args = sft_config(config)
     attn_implementation = choose_attn_implementation(config.attn_implementation, config.packing, share_opening)
     model = load_model(config, tokenizer, attn_implementation)
     check_tokenizer_fits(tokenizer, model)

@@ -98,11 +98,16 @@ def test_shared_opening_gives_the_unshared_loss_and_gradients(tiny_config, token
     torch.testing.assert_close(shared_loss, unshared_loss, atol=1e-6, rtol=1e-6)
     for name, grad in unshared_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
-    # Not a comparison that holds anyway: the same batch with one article's keys cut short of the opening differs.
-    cut = SharedOpeningCollator(collate, training_opening(_dataset(examples)))(examples)
-    cut["opening_key_index"] = cut["opening_key_index"].clone()
-    cut["opening_key_index"][cut["cu_seq_lens_k"][2]] = cut["opening_key_index"][cut["cu_seq_lens_k"][2] + 1]
-    assert not torch.allclose(_loss_and_gradients(model, cut)[0], unshared_loss, atol=1e-4)
+    # Not a comparison that holds anyway: the same batch with one article's opening keys one token off differs.
+    assert not torch.allclose(_loss_and_gradients(model, _opening_one_token_off(
+        SharedOpeningCollator(collate, training_opening(_dataset(examples)))(examples)))[0], unshared_loss, atol=1e-4)
+
+
+def _opening_one_token_off(batch: dict) -> dict:
+    """The batch with the second article's opening keys each the next token (the last, its first own token)."""
+    start, n = int(batch["cu_seq_lens_k"][2]), int(batch["cu_seq_lens_q"][1])
+    batch["opening_key_index"][start:start + n] += 1
+    return batch
 
 
 def test_other_attention_implementations_cannot_share_the_opening():
@@ -137,8 +142,8 @@ def test_training_shares_the_opening_and_counts_every_article_token(tiny_config)
 def test_shared_opening_gives_the_unshared_loss_and_gradients_through_the_cuda_kernel(tiny_config, tokenizer):
     """The CUDA path: PyTorch's FlashAttention-2 varlen kernel, forward and backward, with each article's queries its
     last keys (more keys than queries). The kernel runs in bf16 (fp32 weights around it), so the two layouts round
-    differently: bounded at 1e-3 of the loss and 2% of each weight's gradient norm; keys cut short of the opening
-    differ by more, which the last assertion shows."""
+    differently: bounded at 1e-3 of the loss and 2% of each weight's gradient norm; an article's opening keys one token
+    off differ by more, which the last assertion shows."""
     config = dataclasses.replace(tiny_config, hidden_size=256, num_heads=4, intermediate_size=512, bf16=False)
     choose_attn_implementation("auto", packing=True, share_opening=True)
     torch.manual_seed(0)
@@ -155,6 +160,5 @@ def test_shared_opening_gives_the_unshared_loss_and_gradients_through_the_cuda_k
     worst = max(float((shared_grads[n] - g).norm() / g.norm()) for n, g in unshared_grads.items() if g.norm() > 0)
     print(f"loss {unshared_loss:.6f} vs {shared_loss:.6f}, worst relative gradient difference {worst:.4f}")
     assert abs(shared_loss - unshared_loss) < 1e-3 * unshared_loss and worst < 0.02
-    cut = shared_collate(examples)
-    cut["opening_key_index"][cut["cu_seq_lens_k"][2]] = cut["opening_key_index"][cut["cu_seq_lens_k"][2] + 1]
-    assert abs(_loss_and_gradients(model, on_gpu(cut))[0] - unshared_loss) > 10 * abs(shared_loss - unshared_loss)
+    off = _loss_and_gradients(model, on_gpu(_opening_one_token_off(shared_collate(examples))))[0]
+    assert abs(off - unshared_loss) > 10 * abs(shared_loss - unshared_loss)

@@ -155,12 +155,14 @@ def what_ran(row: dict) -> tuple:
     different names that ran alike are one configuration (on an H100 the recipe as planned and the recipe told to sum
     in the matmul, as the plan now does there); one name whose plan changed between commits is several. A memory cap
     only steers the plan. A setting the code no longer has ran as the code without it where it was off (the update
-    beside the forward, reverted after 275bfa0)."""
+    beside the forward, reverted after 275bfa0); one it did not have yet, as the code with it off."""
     plan = row.get("plan", {})
     settings = {name: plan.get(name, value) if value == "auto" else value for name, value in row["overrides"].items()
                 if name != "max_memory_gib"}
     settings = {name: value for name, value in settings.items()
                 if name in RunConfig.__dataclass_fields__ or value not in (False, None)}
+    if not settings.get("share_opening"):  # rows before the opening was shared (cf33cf6) ran each article's own
+        settings.pop("share_opening", None)
     if plan and "micro_batches" in row:  # without a plan the overrides say the layout
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "merge_micro_batches"):
             settings.pop(name, None)
