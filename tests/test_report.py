@@ -178,6 +178,28 @@ def test_spark_projection_is_the_median_of_the_recipes_h200_runs_with_their_rang
            f"| {hours(1.0)} ({hours(1.2)} - {hours(0.9)}) |" in section
 
 
+def test_spark_projection_takes_the_runs_that_shared_the_opening_and_plans_with_their_rows(tmp_path):
+    """Once runs of the recipe that shared the opening exist (on any Hopper card), the projection is theirs, not the
+    H200's earlier runs': the epoch's FLOPs leave out the openings not run, and the GB10's plan counts the tokens
+    such a row runs (fewer activations: bf16 moments fit at 16 x 2 where full rows needed 8-bit ones)."""
+    from finetune.lab.spark import spark_section
+    from finetune.lab.targets import RECIPE_ROW
+
+    source = committed_benchmark("h200_7b_train_recipe_kernel.json")
+    shared = committed_benchmark("h100_7b_train_shared_layouts_b.json")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "earlier.json").write_text(json.dumps(source))
+    (tmp_path / "benchmarks" / "shared.json").write_text(json.dumps(shared))
+    section = spark_section(tmp_path)
+    assert "on one NVIDIA H100 80GB HBM3 (`shared.json`)" in section and "earlier.json" not in section
+    assert "the opening run once per micro-batch" in section
+    row = shared["variants"][RECIPE_ROW]
+    assert f"median of 1 runs ({row['mfu']:.1%}; " in section
+    assert "| training | `optimizer` | adamw_bf16_sr_fused |" in section
+    (tmp_path / "benchmarks" / "shared.json").unlink()
+    assert "| training | `optimizer` | adamw8bit_bf16_sr |" in spark_section(tmp_path)
+
+
 def test_spark_scoring_projection_scales_each_hopper_run_by_the_peaks(tmp_path):
     """Label scoring on a GB10 at the share of its card's peak each run reached: runs as the recipe evaluates there
     (Liger's kernels, the planned batch 512) count, one without Liger and one at batch 256 do not; median and range."""

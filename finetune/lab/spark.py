@@ -1,12 +1,14 @@
 """The DGX Spark (GB10) section of docs/dgx-spark.md: what the `qwen2.5-7b` recipe chooses there, and the epoch time
 and label-scoring speed projected from what was measured elsewhere. No GB10 has been lent to this project, so every
 figure here is a projection, labelled as one: the FLOPs one epoch needs (the same count as the benchmarks' MFU) over
-GB10's datasheet peak, at the median MFU of the recipe's runs on an H200 (with their range) and at the MFU the
-published run reported on the Spark itself; label scoring at the share of its card's peak it reached on Hopper.
+GB10's datasheet peak, at the median MFU of the recipe's runs as it trains today on an H100 or H200 (with their
+range), and at the MFU the published run reported on the Spark itself; label scoring at the share of its card's peak
+it reached on Hopper.
 """
 
 import statistics
 from pathlib import Path
+from typing import NamedTuple
 
 from finetune.config import get_config
 from finetune.lab.standin import standin_shape
@@ -26,16 +28,30 @@ QWEN_7B = standin_shape("7b")  # the published config.json of Qwen/Qwen2.5-7B-In
 EPOCH_ARTICLES = 120_000
 
 
-def recipe_runs(results_dir: Path) -> list[tuple[str, float, float]]:
-    """Every one-H200 benchmark run of the recipe as (file, FLOPs one epoch computes, MFU by today's count)."""
-    runs = []
+class RecipeRun(NamedTuple):
+    file: str
+    device: str
+    epoch_flops: float  # what one epoch computes, by today's count
+    mfu: float
+    row_tokens: float | None  # the tokens a packed row runs, where the articles shared their opening
+
+
+def recipe_runs(results_dir: Path) -> list[RecipeRun]:
+    """The one-GPU benchmark runs of the recipe as it trains today: those that shared the opening (since cf33cf6,
+    on an H100 or H200: the epoch's FLOPs are the card's, its share of the peak the nearest to GB10's there is); where
+    there are none, the H200 runs before it."""
+    runs: dict[bool, list[RecipeRun]] = {True: [], False: []}
     for file, record in on_one_gpu(results_dir, "train"):
         row = record["variants"].get(RECIPE_ROW)
         flops_per_token = row and "error" not in row and step_flops_per_token(record, row)
-        if flops_per_token and "H200" in hardware_label(record["environment"]):
-            runs.append((file, EPOCH_ARTICLES * row["mean_article_tokens"] * flops_per_token,
-                         recounted_mfu(record, row)))
-    return runs
+        device = hardware_label(record["environment"])
+        shared = bool(row and row.get("opening_length"))
+        if flops_per_token and (shared or "H200" in device):
+            row_tokens = (record["config"]["max_length"] * (1 - row["opening_length"] / row["mean_article_tokens"])
+                          if shared else None)
+            runs[shared].append(RecipeRun(file, device, EPOCH_ARTICLES * row["mean_article_tokens"] * flops_per_token,
+                                          recounted_mfu(record, row), row_tokens))
+    return runs[True] or runs[False]
 
 
 def scoring_runs(results_dir: Path, batch_size: int) -> list[tuple[str, float]]:
@@ -73,23 +89,27 @@ def spark_section(results_dir: Path = Path("results")) -> str:
     runs = recipe_runs(results_dir)
     if not runs:
         return "(no H200 run of the recipe yet: `make PY=python3 gpu-bench-train-recipe` writes one)"
-    epoch_flops = statistics.median(flops for _, flops, _ in runs)
-    mfus = [mfu for _, _, mfu in runs]
+    epoch_flops = statistics.median(run.epoch_flops for run in runs)
+    mfus = [run.mfu for run in runs]
+    cards = " and ".join(sorted({run.device for run in runs}))
 
     def hours(mfu: float) -> float:
         return epoch_flops / (PEAK_BF16_TFLOPS["GB10"] * 1e12 * mfu) / 3600
 
     container = {"triton", "torchao", "liger_kernel"}.__contains__  # the NGC image with the `gpu` extra
-    _, training_plan = plan_training(get_config("qwen2.5-7b"), GB10, QWEN_7B, has=container)
+    _, training_plan = plan_training(get_config("qwen2.5-7b"), GB10, QWEN_7B, has=container,
+                                     row_tokens=runs[0].row_tokens)
     _, evaluation_plan = plan_evaluation(get_config("qwen2.5-7b"), GB10, QWEN_7B, has=container)
     lines = [
-        f"Projected from the recipe's benchmark runs on one H200 ({', '.join(f'`{name}`' for name, _, _ in runs)}), "
+        f"Projected from the recipe's benchmark runs on one {cards} ({', '.join(f'`{run.file}`' for run in runs)}), "
         f"their MFU counted by the FLOPs a step computes: {epoch_flops / 1e15:,.0f} PFLOP for one epoch of "
-        f"{EPOCH_ARTICLES:,} articles.",
+        f"{EPOCH_ARTICLES:,} articles"
+        + (", the opening run once per micro-batch." if runs[0].row_tokens else "."),
         "",
         "| one epoch of 120,000 articles on a DGX Spark | hours |",
         "|---|---|",
-        f"| projection: GB10's {PEAK_BF16_TFLOPS['GB10']:.0f} TFLOP/s at the recipe's H200 MFU, median of {len(runs)} "
+        f"| projection: GB10's {PEAK_BF16_TFLOPS['GB10']:.0f} TFLOP/s at the MFU of those runs, "
+        f"median of {len(runs)} "
         f"runs ({statistics.median(mfus):.1%}; {min(mfus):.1%} - {max(mfus):.1%}) "
         f"| {hours(statistics.median(mfus)):.1f} ({hours(max(mfus)):.1f} - {hours(min(mfus)):.1f}) |",
         f"| projection: at the published run's MFU on the Spark ({PUBLISHED_MFU:.1%}) | {hours(PUBLISHED_MFU):.1f} |",

@@ -433,8 +433,7 @@ def finetuned_7b_accuracy(results_dir: Path) -> str:
 def published_comparison(results_dir: Path) -> str:
     """The published run's figures beside the suite's: medians over the one-GPU benchmark runs of the 7B shape."""
     measured = {name: m for name, _, m, _, _ in targets(results_dir)}
-    recipe = [row for row, device in training_rows(results_dir)
-              if row[1] == RECIPE_ROW and "H200" in device]
+    recipe = [row for row, _ in training_rows(results_dir) if row[1] == RECIPE_ROW]
     epoch = summarize(by_name(recipe), "projected_epoch_minutes_full_train", higher_is_better=False)
     scoring, generation = measured.get(SCORING_TARGET), measured.get(GENERATION_TARGET)
     suite_epoch = ("not measured yet: `make PY=python3 gpu-bench-train`" if epoch is None else
