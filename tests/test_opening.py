@@ -164,3 +164,21 @@ def test_shared_opening_gives_the_unshared_loss_and_gradients_through_the_cuda_k
     off = max(float((off_grads[n] - g).norm() / g.norm()) for n, g in unshared_grads.items() if g.norm() > 0)
     print(f"an article's opening keys one token off: worst relative gradient difference {off:.4f}")
     assert off > 5 * worst
+
+
+def test_the_plans_row_estimate_matches_the_tokens_a_shared_batch_runs(tiny_config):
+    """`row_tokens_run`, which the memory plan reads before TRL prepares the data, against what the trainer's batches
+    run: the share of their articles' tokens left after the openings (the one opening each batch keeps aside), within
+    3%."""
+    from finetune.opening import row_tokens_run
+    from finetune.train import build_trainer
+
+    trainer = build_trainer(tiny_config)
+    texts = list(trainer.splits.train["text"])
+    estimate = row_tokens_run(trainer.processing_class, texts, tiny_config.max_length) / tiny_config.max_length
+    ran = articles = 0
+    for batch, _ in zip(trainer.get_train_dataloader(), range(8)):
+        opening = int(batch["cu_seq_lens_q"][1])
+        ran += batch["input_ids"].shape[1] - opening
+        articles += batch["input_ids"].shape[1] + batch[TOKENS_SAVED]
+    assert 0.4 < estimate < 0.9 and estimate == pytest.approx(ran / articles, rel=0.03)
