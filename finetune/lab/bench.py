@@ -6,7 +6,8 @@
     accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes N -m finetune.lab.bench train \
         --profile qwen2.5-7b-shape --name h200_7b_fsdp_N                                     # FSDP_VARIANTS on N GPUs
 
-Training figures are real (non-pad) tokens/s per GPU after warm-up steps, MFU (against the bf16 dense peak, FP8 rows
+Training figures are real (non-pad) tokens/s per GPU after warm-up steps (the articles' tokens: a shared opening
+counts once for each article, as stock TRL runs it), MFU (of what the step runs, against the bf16 dense peak, FP8 rows
 too), step time, peak memory (the most loaded GPU's) and the projected time for one epoch of the full 120,000-article
 training set on all the run's GPUs. On one GPU the first row is stock TRL (finetune/lab/stock_trl.py); every variant
 is given as a ratio to it and to the suite's reference, both measured in the same run. Launched on several
