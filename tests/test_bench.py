@@ -339,6 +339,20 @@ def _attention_one_query_at_a_time(module, query, key, value, attention_mask, sc
     return torch.cat(outputs, 1).transpose(0, 1).unsqueeze(0), None
 
 
+def _small_qwen2_counting_attention():
+    """A small Qwen2 model (config, model) whose attention runs one query at a time, seeded."""
+    from transformers import AttentionInterface, AttentionMaskInterface, Qwen2Config, Qwen2ForCausalLM
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register("one_query_at_a_time", _attention_one_query_at_a_time)
+    AttentionMaskInterface.register("one_query_at_a_time", sdpa_mask)
+    config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config._attn_implementation = "one_query_at_a_time"
+    torch.manual_seed(0)
+    return config, Qwen2ForCausalLM(config)
+
+
 @pytest.mark.parametrize("trained, head_on_every_token", [(True, False), (False, False), (True, True)])
 def test_training_flops_per_token_match_the_matmuls_a_training_step_runs(trained, head_on_every_token):
     """An independent count: torch's FlopCounterMode over a real forward and backward of a small Qwen2 model on a
@@ -348,18 +362,10 @@ def test_training_flops_per_token_match_the_matmuls_a_training_step_runs(trained
     counts too (norms, activations and softmax are not counted by either)."""
     import datasets
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import AttentionInterface, AttentionMaskInterface, Qwen2Config, Qwen2ForCausalLM
-    from transformers.masking_utils import sdpa_mask
 
     from finetune.throughput import article_tokens, training_flops_per_token
 
-    AttentionInterface.register("one_query_at_a_time", _attention_one_query_at_a_time)
-    AttentionMaskInterface.register("one_query_at_a_time", sdpa_mask)
-    config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    config._attn_implementation = "one_query_at_a_time"
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
+    config, model = _small_qwen2_counting_attention()
     for linear in [m for m in model.modules() if isinstance(m, torch.nn.Linear)]:
         linear.requires_grad_(trained)  # the embedding trains either way, so every layer computes input gradients
     lengths = [7, 12, 20]
@@ -388,20 +394,12 @@ def test_training_flops_per_token_count_what_a_shared_opening_runs():
     articles, and each article's attention is what it was with its own opening."""
     import datasets
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import AttentionInterface, AttentionMaskInterface, Qwen2Config, Qwen2ForCausalLM
-    from transformers.masking_utils import sdpa_mask
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from finetune.opening import TOKENS_SAVED, share_opening
     from finetune.throughput import article_tokens, training_flops_per_token
 
-    AttentionInterface.register("one_query_at_a_time", _attention_one_query_at_a_time)
-    AttentionMaskInterface.register("one_query_at_a_time", sdpa_mask)
-    config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    config._attn_implementation = "one_query_at_a_time"
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
+    config, model = _small_qwen2_counting_attention()
     opening, rows = [1, 2, 3, 4, 5], [[9, 12, 20], [10, 15]]
     examples = []
     for lengths in rows:
