@@ -61,8 +61,7 @@ def training_opening(train_dataset) -> list[int]:
     article keeps a token to run)."""
     starts = []
     for ids, lengths in zip(train_dataset["input_ids"], _article_lengths(train_dataset)):
-        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        starts += [ids[o:o + n] for o, n in zip(offsets, lengths)]
+        starts += [ids[o:o + n] for o, n in zip(exclusive_cumsum(lengths), lengths)]
     return starts[0][:min(common_prefix_length(starts), min(map(len, starts)) - 1)]
 
 
