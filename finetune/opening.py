@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from data_prep.task import LABELS, build_messages
+from finetune.throughput import article_lengths_by_row
 
 # The batch key that tells the trainer how many tokens the shared opening did not run (finetune.train counts them
 # among the articles' tokens, so that tokens/s means the same articles' tokens for every configuration).
@@ -53,22 +54,21 @@ def row_tokens_run(tokenizer, texts: list[str], max_length: int, sample: int = 2
     examples = [tokenizer.apply_chat_template(build_messages(text, LABELS[0]), tokenize=True, return_dict=False)
                 for text in texts[:sample]]
     opening = min(common_prefix_length(examples), min(map(len, examples)) - 1)
-    return max_length * (1 - opening * len(examples) / sum(map(len, examples)))
+    return tokens_run_per_row(max_length, opening, sum(map(len, examples)) / len(examples))
+
+
+def tokens_run_per_row(max_length: int, opening_length: int, mean_article_tokens: float) -> float:
+    """The tokens a packed row of `max_length` runs once its articles' openings are dropped."""
+    return max_length * (1 - opening_length / mean_article_tokens)
 
 
 def training_opening(train_dataset) -> list[int]:
     """The tokens every article of TRL's prepared dataset starts with, one short of the shortest article (every
     article keeps a token to run)."""
     starts = []
-    for ids, lengths in zip(train_dataset["input_ids"], _article_lengths(train_dataset)):
+    for ids, lengths in zip(train_dataset["input_ids"], article_lengths_by_row(train_dataset)):
         starts += [ids[o:o + n] for o, n in zip(exclusive_cumsum(lengths), lengths)]
     return starts[0][:min(common_prefix_length(starts), min(map(len, starts)) - 1)]
-
-
-def _article_lengths(train_dataset) -> list[list[int]]:
-    if "seq_lengths" in train_dataset.column_names:  # packed rows list their articles' lengths
-        return train_dataset["seq_lengths"]
-    return [[len(ids)] for ids in train_dataset["input_ids"]]
 
 
 @dataclass

@@ -45,10 +45,15 @@ def mean_article_tokens(train_dataset) -> float:
     return sum(lengths) / len(lengths)
 
 
-def _article_lengths(train_dataset) -> list[int]:
+def article_lengths_by_row(train_dataset) -> list[list[int]]:
+    """Each row's articles' lengths in TRL's prepared dataset: packed rows list theirs, an unpacked row is one."""
     if "seq_lengths" in train_dataset.column_names:
-        return [n for row in train_dataset["seq_lengths"] for n in row]
-    return [len(ids) for ids in train_dataset["input_ids"]]
+        return train_dataset["seq_lengths"]
+    return [[len(ids)] for ids in train_dataset["input_ids"]]
+
+
+def _article_lengths(train_dataset) -> list[int]:
+    return [n for row in article_lengths_by_row(train_dataset) for n in row]
 
 
 @dataclass(frozen=True)

@@ -39,15 +39,11 @@ def _examples(tokenizer) -> list[dict]:
     return rows
 
 
-def _dataset(examples) -> datasets.Dataset:
-    return datasets.Dataset.from_list(examples)
-
-
 def test_each_article_sees_the_opening_and_its_own_tokens_at_its_own_positions(tokenizer):
     examples = _examples(tokenizer)
     collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
     unshared = collate(examples)
-    opening = training_opening(_dataset(examples))
+    opening = training_opening(datasets.Dataset.from_list(examples))
     assert 10 < len(opening) < min(n for e in examples for n in e["seq_lengths"])
     shared = SharedOpeningCollator(collate, opening)(examples)
     n, ids, positions = len(opening), shared["input_ids"][0], shared["position_ids"][0]
@@ -71,7 +67,7 @@ def test_each_article_sees_the_opening_and_its_own_tokens_at_its_own_positions(t
 def test_an_article_without_the_opening_is_refused(tokenizer):
     examples = _examples(tokenizer)
     collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
-    opening = training_opening(_dataset(examples))
+    opening = training_opening(datasets.Dataset.from_list(examples))
     with pytest.raises(ValueError, match="share_opening false"):
         share_opening(collate(examples), [opening[0] + 1] + opening[1:])
 
@@ -92,15 +88,15 @@ def test_shared_opening_gives_the_unshared_loss_and_gradients(tiny_config, token
     model = load_model(tiny_config, tokenizer, VARLEN)
     examples = _examples(tokenizer)
     collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    shared_collate = SharedOpeningCollator(collate, training_opening(datasets.Dataset.from_list(examples)))
     unshared_loss, unshared_grads = _loss_and_gradients(model, collate(examples))
-    shared_loss, shared_grads = _loss_and_gradients(
-        model, SharedOpeningCollator(collate, training_opening(_dataset(examples)))(examples))
+    shared_loss, shared_grads = _loss_and_gradients(model, shared_collate(examples))
     torch.testing.assert_close(shared_loss, unshared_loss, atol=1e-6, rtol=1e-6)
     for name, grad in unshared_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
     # Not a comparison that holds anyway: the same batch with one article's opening keys one token off differs.
-    assert not torch.allclose(_loss_and_gradients(model, _opening_one_token_off(
-        SharedOpeningCollator(collate, training_opening(_dataset(examples)))(examples)))[0], unshared_loss, atol=1e-4)
+    off_loss, _ = _loss_and_gradients(model, _opening_one_token_off(shared_collate(examples)))
+    assert not torch.allclose(off_loss, unshared_loss, atol=1e-4)
 
 
 def _opening_one_token_off(batch: dict) -> dict:
@@ -150,7 +146,7 @@ def test_shared_opening_gives_the_unshared_loss_and_gradients_through_the_cuda_k
     model = load_model(config, tokenizer, VARLEN).cuda()
     examples = _examples(tokenizer)
     collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
-    shared_collate = SharedOpeningCollator(collate, training_opening(_dataset(examples)))
+    shared_collate = SharedOpeningCollator(collate, training_opening(datasets.Dataset.from_list(examples)))
 
     def on_gpu(batch):
         return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}

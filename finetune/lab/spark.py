@@ -13,6 +13,7 @@ from typing import NamedTuple
 from finetune.config import get_config
 from finetune.lab.standin import standin_shape
 from finetune.lab.targets import RECIPE_ROW, eval_rows, on_one_gpu, recounted_mfu, step_flops_per_token
+from finetune.opening import tokens_run_per_row
 from finetune.plan import GPU, plan_evaluation, plan_training
 from finetune.results import hardware_label
 from finetune.throughput import PEAK_BF16_TFLOPS, bf16_peak_tflops
@@ -47,8 +48,8 @@ def recipe_runs(results_dir: Path) -> list[RecipeRun]:
         device = hardware_label(record["environment"])
         shared = bool(row and row.get("opening_length"))
         if flops_per_token and (shared or "H200" in device):
-            row_tokens = (record["config"]["max_length"] * (1 - row["opening_length"] / row["mean_article_tokens"])
-                          if shared else None)
+            row_tokens = (tokens_run_per_row(record["config"]["max_length"], row["opening_length"],
+                                             row["mean_article_tokens"]) if shared else None)
             runs[shared].append(RecipeRun(file, device, EPOCH_ARTICLES * row["mean_article_tokens"] * flops_per_token,
                                           recounted_mfu(record, row), row_tokens))
     return runs[True] or runs[False]

@@ -155,7 +155,7 @@ def what_ran(row: dict) -> tuple:
     different names that ran alike are one configuration (on an H100 the recipe as planned and the recipe told to sum
     in the matmul, as the plan now does there); one name whose plan changed between commits is several. A memory cap
     only steers the plan. A setting the code no longer has ran as the code without it where it was off (the update
-    beside the forward, reverted after 275bfa0); one it did not have yet, as the code with it off."""
+    beside the forward, reverted after 275bfa0); rows written before the opening was shared (cf33cf6) ran it off."""
     plan = row.get("plan", {})
     settings = {name: plan.get(name, value) if value == "auto" else value for name, value in row["overrides"].items()
                 if name != "max_memory_gib"}
