@@ -138,10 +138,19 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     max_q = kwargs.get("max_length_q") or int(cu.diff().max())
     cu_k, max_k = cu, max_q
     if opening_key_index is not None:
-        k, v = k[opening_key_index], v[opening_key_index]
+        k, v = _gather_rows(k, opening_key_index), _gather_rows(v, opening_key_index)
         cu_k, max_k = kwargs["cu_seq_lens_k"].to(device=q.device, dtype=torch.int32), kwargs["max_length_k"]
     attend = _cuda_varlen_attention if q.is_cuda and CUDA_VARLEN is not None else _padded_causal_attention
     return attend(q, k, v, cu, cu_k, max_q, max_k, scaling).unsqueeze(0), None
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of `x`, the shared opening's many times over, their gradients summed in a fixed order on either
+    device. On the CPU indexing's backward adds the repeated rows in whatever order the threads reach them (two
+    identical runs of the tiny recipe on 2 threads parted in the 7th digit of the loss, the demo's accuracy by a few
+    answers); index_select's backward (index_add) does not. On CUDA indexing's backward sorts the indices, where
+    index_add would add with atomics."""
+    return x.index_select(0, index) if x.device.type == "cpu" else x[index]
 
 
 def _masked_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
