@@ -46,6 +46,12 @@ def exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(x)[:-1]])
 
 
+def planned_row_tokens(config, tokenizer, texts: list[str]) -> float | None:
+    """The tokens a packed row runs, for the memory plan of `config` (a RunConfig): `row_tokens_run` where training
+    shares the opening, else None (the plan then counts `max_length`)."""
+    return row_tokens_run(tokenizer, texts, config.max_length) if config.share_opening and config.packing else None
+
+
 def row_tokens_run(tokenizer, texts: list[str], max_length: int, sample: int = 256) -> float:
     """The tokens a packed row of `max_length` runs once its articles share their opening, for the memory plan
     (`finetune.plan.plan_training`, before TRL prepares the data): `max_length` less the openings' share of the chat

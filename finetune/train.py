@@ -31,7 +31,7 @@ from finetune.data import load_splits, to_prompt_completion
 from finetune.disk import OutOfDisk, check_disk, free_bytes, planned_steps, written_bytes
 from finetune.grad_accumulation import GradIntoBuffers, accumulate_in_matmul
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
-from finetune.opening import TOKENS_SAVED, SharedOpeningCollator, row_tokens_run, training_opening
+from finetune.opening import TOKENS_SAVED, SharedOpeningCollator, planned_row_tokens, training_opening
 from finetune.plan import GPU, ModelShape, OutOfMemory, SourceNotFound, gpu_memory_note, log_plan, plan_training
 from finetune.resume import (SaveRunConfig, check_resume, checkpoint_step, last_checkpoint, run_finished,
                              whole_run_train_loss)
@@ -179,11 +179,11 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     texts = list(splits.train["text"])
     with PartialState().main_process_first():  # one rank builds and caches a tokenizer, then the others load it
         tokenizer = load_tokenizer(config, train_texts=texts)
-    share_opening = config.share_opening and config.packing
-    row_tokens = row_tokens_run(tokenizer, texts, config.max_length) if share_opening else None
-    config, plan = plan_training(config, GPU.current(), shape, fsdp=launched_with_fsdp(), row_tokens=row_tokens)
+    config, plan = plan_training(config, GPU.current(), shape, fsdp=launched_with_fsdp(),
+                                 row_tokens=planned_row_tokens(config, tokenizer, texts))
     log_plan(plan, "training")
     args = sft_config(config)
+    share_opening = config.share_opening and config.packing
     attn_implementation = choose_attn_implementation(config.attn_implementation, config.packing, share_opening)
     model = load_model(config, tokenizer, attn_implementation)
     check_tokenizer_fits(tokenizer, model)

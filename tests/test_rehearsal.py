@@ -123,7 +123,8 @@ def test_notebook_runs_take_any_config_field_and_a_local_model_folder(standin, m
         notebooks.main(["--profile", "qwen2.5-7b", "--no_such_field", "1"])
 
 
-def test_a_disk_that_cannot_hold_the_standin_and_the_saves_stops_the_rehearsal_before_either(tmp_path, monkeypatch):
+def test_a_disk_that_cannot_hold_the_standin_and_the_saves_stops_the_rehearsal_before_either(tmp_path, monkeypatch,
+                                                                                            synthetic_dir):
     """On an H200 the recipe's checkpoint (bf16 moments) and final model after 20 steps take 60.9 GB: beside the
     15.2 GB stand-in, a 64 GiB disk (68.7 GB free here) does not hold them, as a rehearsal found at its last save.
     A stand-in already written, or on another disk, leaves the room to the run."""
@@ -135,7 +136,8 @@ def test_a_disk_that_cannot_hold_the_standin_and_the_saves_stops_the_rehearsal_b
 
     monkeypatch.setattr(GPU, "current", classmethod(lambda cls: H200))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2 * 68.7e9, 68.7e9, 68.7e9))
-    config = get_config("qwen2.5-7b", max_steps=20, run_name="rehearsal-7b", checkpoints_dir=str(tmp_path))
+    config = get_config("qwen2.5-7b", max_steps=20, run_name="rehearsal-7b", checkpoints_dir=str(tmp_path),
+                        data_dir=str(synthetic_dir), holdout_train_size=300)
     standin = tmp_path / "standin-7b"
     with pytest.raises(OutOfDisk, match=r"60.9 GB more, 53.5 GB free.*15.2 GB stand-in.*--standin"):
         rehearse.check_room(config, standin, "7b")
@@ -144,3 +146,28 @@ def test_a_disk_that_cannot_hold_the_standin_and_the_saves_stops_the_rehearsal_b
     assert "60.9 GB more, 68.7 GB free" in rehearse.check_room(config, standin, "7b")
     monkeypatch.setattr(rehearse, "same_disk", lambda a, b: False)
     assert "60.9 GB more, 68.7 GB free" in rehearse.check_room(config, tmp_path / "on-another-disk", "7b")
+
+
+def test_the_disk_check_plans_the_moments_with_the_rows_training_will_run(tmp_path, monkeypatch):
+    """On a GB10, rows of AG News-long articles that share their opening run ~305 of 512 tokens, which leaves room for
+    bf16 moments: 45.7 GB checkpoints where 8-bit moments make 30.7. The check counts the rows as training does (it
+    once planned full rows, and so 8-bit moments, whatever training would choose)."""
+    import csv
+    import random
+    import shutil
+
+    from finetune.lab.spark import GB10
+    from finetune.plan import GPU
+
+    rng, words = random.Random(0), "markets rally as investors weigh central bank signals while officials talk".split()
+    with open(tmp_path / "test.csv", "w", newline="") as f:  # ~100 Qwen tokens an example, as AG News
+        csv.writer(f).writerows([str(i % 4 + 1), f"Headline {i}", " ".join(rng.choices(words, k=40))]
+                                for i in range(400))
+    monkeypatch.setattr(GPU, "current", classmethod(lambda cls: GB10))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1e12, 5e11, 5e11))
+    checkpoint = {}
+    for share in (True, False):
+        config = get_config("qwen2.5-7b", max_steps=20, checkpoints_dir=str(tmp_path), data_dir=str(tmp_path),
+                            holdout_train_size=300, share_opening=share)
+        checkpoint[share] = rehearse.check_room(config, tmp_path / "standin-7b", "7b").split(" GB")[0]
+    assert checkpoint == {True: "1 checkpoint(s) of 45.7", False: "1 checkpoint(s) of 30.7"}

@@ -18,11 +18,14 @@ import time
 from pathlib import Path
 
 from finetune.config import RunConfig, get_config, overrides_from_args
+from finetune.data import load_splits
 from finetune.disk import OutOfDisk, check_disk, folder_bytes, free_bytes, same_disk, written_bytes
 from finetune.lab.notebooks import NOTEBOOKS, notebook_parameters, run_notebooks
 from finetune.lab.standin import HUB_ID, standin_shape, write_standin
 from finetune.lab.targets import RECIPE_ROW
+from finetune.opening import planned_row_tokens
 from finetune.plan import GPU, plan_training
+from finetune.qwen_tokenizer import build_qwen25_tokenizer
 from finetune.results import environment
 
 PROFILE = "qwen2.5-7b"
@@ -52,9 +55,13 @@ def rehearse(shape: str, standin: Path, overrides: dict) -> dict:
 
 def check_room(config: RunConfig, standin: Path, shape: str) -> str:
     """The stand-in and the run's saves, counted before either is written: a disk that cannot hold both would stop
-    the rehearsal minutes in, at a save (training checks its own saves again, with the stand-in there by then)."""
+    the rehearsal minutes in, at a save (training checks its own saves again, with the stand-in there by then).
+    The plan chooses the moments, which set a checkpoint's size, by the tokens a row runs: counted here with the
+    stand-in's tokenizer (Qwen2.5's, offline) on the run's own training articles, as training will count them."""
     model = standin_shape(shape)
-    planned, _ = plan_training(config, GPU.current(), model)  # the moments the plan chooses set a checkpoint's size
+    tokenizer = build_qwen25_tokenizer(Path(config.checkpoints_dir) / "tokenizers")
+    row_tokens = planned_row_tokens(config, tokenizer, list(load_splits(config).train["text"]))
+    planned, _ = plan_training(config, GPU.current(), model, row_tokens=row_tokens)
     standin_bytes = 0 if (standin / "config.json").exists() else model.parameters * 2  # bf16 weights
     shared = same_disk(standin, config.output_dir)
     if not shared and standin_bytes > free_bytes(standin):
