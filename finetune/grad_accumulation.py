@@ -56,14 +56,14 @@ class GradIntoLinear(nn.Linear):
 
 
 def accumulate_in_matmul(model: nn.Module) -> list[nn.Parameter]:
-    """Turn the decoder layers' trained linear layers into `GradIntoLinear`, each weight's buffer allocated now (the
-    gradient autograd would allocate at the first backward); returns those weights for `GradIntoBuffers`. Before
-    compiling the layers: the compiled graph is traced from these modules."""
+    """Turn the decoder layers' trained linear layers into `GradIntoLinear`; returns their weights for
+    `GradIntoBuffers`, which allocates each one's buffer at the first step. Before compiling the layers: the compiled
+    graph is traced from these modules."""
     weights = []
     for layer in decoder_layers(model):
         for module in layer.modules():
             if type(module) is nn.Linear and module.weight.requires_grad:
-                module.weight.grad_buffer = torch.zeros_like(module.weight)
+                module.weight.grad_buffer = None  # a forward without gradients needs none
                 module.__class__ = GradIntoLinear
                 weights.append(module.weight)
     return weights
@@ -71,12 +71,21 @@ def accumulate_in_matmul(model: nn.Module) -> list[nn.Parameter]:
 
 class GradIntoBuffers(TrainerCallback):
     """At each optimizer step's first micro-batch: the buffers zeroed, and the weights' `.grad` again (the Trainer's
-    `zero_grad` after the last step set it to None), so that clipping and the optimizer read them."""
+    `zero_grad` after the last step set it to None), so that clipping and the optimizer read them.
+
+    The first step allocates the buffers (the gradients autograd would allocate at the first backward), on the device
+    the weights are on by then: the Trainer moves a model loaded on the CPU (`from_pretrained`) after it is built, and
+    an attribute does not move with its weight (buffers allocated at build stayed on the CPU, and the first step
+    failed, as the H100 rehearsal of the real-weights path found)."""
 
     def __init__(self, weights: list[nn.Parameter]):
         self.weights = weights
 
     def on_step_begin(self, args, state, control, **kwargs):
-        torch._foreach_zero_([weight.grad_buffer for weight in self.weights])
+        if self.weights and self.weights[0].grad_buffer is None:
+            for weight in self.weights:
+                weight.grad_buffer = torch.zeros_like(weight)
+        else:
+            torch._foreach_zero_([weight.grad_buffer for weight in self.weights])
         for weight in self.weights:
             weight.grad = weight.grad_buffer

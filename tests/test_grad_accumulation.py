@@ -55,15 +55,33 @@ def test_compiled_layers_sum_the_gradients_autograd_sums_and_start_from_zero_eac
         torch.testing.assert_close(w.grad, e.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_the_buffers_are_made_where_the_weights_are_at_the_first_step(tiny_config, tokenizer):
+    """The Trainer moves a model loaded on the CPU after it is built, and the buffers must follow: a move to float64
+    stands in for the one to the GPU (a buffer left behind cannot be a weight's `.grad`: another dtype, as another
+    device, is refused). Autograd's gradients, in the moved weights' dtype."""
+    choose_attn_implementation("auto", packing=True)
+    torch.manual_seed(0)
+    eager = load_model(tiny_config, tokenizer, VARLEN).double()
+    model = load_model(tiny_config, tokenizer, VARLEN)
+    weights = accumulate_in_matmul(model)
+    model.double().load_state_dict(eager.state_dict())
+    GradIntoBuffers(weights).on_step_begin(None, None, None)
+    expected, got = _losses_and_grads(eager), _losses_and_grads(model)
+    assert all(w.grad.dtype == torch.float64 and w.grad.data_ptr() == w.grad_buffer.data_ptr() for w in weights)
+    for a, b in zip(got[1], expected[1]):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.gpu
 def test_inductor_sums_in_place_on_the_gpu(tiny_config, tokenizer):
-    """Inductor's compiled layers on CUDA: autograd's gradients, summed into the buffers themselves."""
+    """Inductor's compiled layers on CUDA: autograd's gradients, summed into the buffers themselves. The model is
+    turned on the CPU and moved after, as a `from_pretrained` model is."""
     choose_attn_implementation("auto", packing=True)
     torch.manual_seed(0)
     eager = load_model(tiny_config, tokenizer, VARLEN).cuda()
-    model = load_model(tiny_config, tokenizer, VARLEN).cuda()
-    model.load_state_dict(eager.state_dict())
+    model = load_model(tiny_config, tokenizer, VARLEN).cpu()
     weights = accumulate_in_matmul(model)
+    model.cuda().load_state_dict(eager.state_dict())
     torch._dynamo.reset()
     compile_decoder_layers(model)
     GradIntoBuffers(weights).on_step_begin(None, None, None)
