@@ -287,7 +287,8 @@ def test_recipe_memory_on_an_h200_comes_from_the_rehearsal_which_ran_todays_plan
     at = f"(rehearsal, `{facts['environment']['git_commit'][:7]}`)"
 
     def memory_row() -> str:
-        return next(line for line in gpu_expectations(tmp_path).splitlines() if line.startswith("| training peak"))
+        return next(line for line in gpu_expectations(tmp_path, "H200", tmp_path / "rehearsal").splitlines()
+                    if line.startswith("| training peak"))
 
     assert memory_row().endswith(f"| 123.5 {at} |")
     facts["environment"]["hardware"]["gpu"]["name"] = "NVIDIA H100 80GB HBM3"

@@ -174,33 +174,33 @@ def rehearsal_section(results_dir: Path) -> str:
             f"command):\n\n{rehearsal_table(folder)}")
 
 
-def gpu_expectations(results_dir: Path) -> str:
-    """What the real run costs on one H200: the epochs of the bf16 reference and of the `qwen2.5-7b` recipe as planned
-    for the card (medians over the benchmark runs), and their training memory. The recipe's memory, disk and
-    evaluation memory are the H200 rehearsal's, not a median: memory follows the plan, which changed between the
-    benchmark runs (8-bit moments before bf16 ones), and the rehearsal ran today's."""
-    rows = [(row, device) for row, device in training_rows(results_dir) if "H200" in device]
+def gpu_expectations(results_dir: Path, card: str, rehearsal: Path) -> str:
+    """What the real run costs on one `card` (H100, H200): the epochs of the bf16 reference and of the `qwen2.5-7b`
+    recipe as planned for the card (medians over the benchmark runs), and their training memory. The recipe's memory,
+    disk and evaluation memory are the card's rehearsal's (the `rehearsal` folder), not a median: memory follows the
+    plan, which changed between the benchmark runs (8-bit moments before bf16 ones, full rows before shared
+    openings), and the rehearsal ran one plan through the notebooks."""
+    rows = [(row, device) for row, device in training_rows(results_dir) if card in device]
     reference_rows = [row for row, _ in rows if not row[3]["overrides"]]
     recipe_rows = [row for row, _ in rows if row[1] == RECIPE_ROW]
     reference, fastest = (summarize(by_name(chosen), "projected_epoch_minutes_full_train", higher_is_better=False)
                           for chosen in (reference_rows, recipe_rows))
     if reference is None or fastest is None:
-        return "(no H200 benchmark yet: `make PY=python3 gpu-bench-train-recipe`)"
+        return f"(no {card} benchmark yet: `make PY=python3 gpu-bench-train-recipe`)"
 
     def peak(m) -> str:
         return f"{statistics.median(v['peak_allocated_gib'] for v in m.figures):.1f}"
 
-    lines = ["| on one H200 | bf16 reference (`qwen2.5-7b-reference`) | the `qwen2.5-7b` recipe as planned |",
+    lines = [f"| on one {card} | bf16 reference (`qwen2.5-7b-reference`) | the `qwen2.5-7b` recipe as planned |",
              "|---|---|---|",
              f"| one epoch of 120,000 articles, projected (min) | {reference.median:.0f} ({runs(reference)}) "
              f"| {fastest.median:.0f} ({runs(fastest)}) |"]
-    folder = results_dir / "rehearsal"
-    facts = json.loads((folder / "rehearsal.json").read_text()) if (folder / "rehearsal.json").exists() else None
-    if facts is None or "H200" not in hardware_label(facts["environment"]):
+    facts = json.loads((rehearsal / "rehearsal.json").read_text()) if (rehearsal / "rehearsal.json").exists() else None
+    if facts is None or card not in hardware_label(facts["environment"]):
         lines.append(f"| training peak GPU memory, allocated (GiB) | {peak(reference)} | {peak(fastest)} |")
         return "\n".join(lines)
-    summary = json.loads((folder / "train_summary.json").read_text())
-    tuned = json.loads((folder / "finetuned_model_results.json").read_text())
+    summary = json.loads((rehearsal / "train_summary.json").read_text())
+    tuned = json.loads((rehearsal / "finetuned_model_results.json").read_text())
     commit = (facts["environment"]["git_commit"] or "unknown")[:7]
     lines += [f"| training peak GPU memory, allocated (GiB) | {peak(reference)} | {summary['peak_memory_gib']:.1f} "
               f"(rehearsal, `{commit}`) |",
@@ -239,7 +239,8 @@ def sections(results_dir: Path) -> dict[str, str]:
     """Every generated section by its marker name."""
     return {"published-comparison": published_comparison(results_dir),
             "demo-results": group_table(results_dir, "demo"),
-            "gpu-expectations": gpu_expectations(results_dir),
+            "gpu-expectations": gpu_expectations(results_dir, "H100", results_dir / "rehearsal" / "h100"),
+            "gpu-expectations-h200": gpu_expectations(results_dir, "H200", results_dir / "rehearsal"),
             "dgx-spark-projection": spark_section(results_dir),
             "fsdp-runs": group_table(results_dir, "fsdp"),
             "bench-train": training_benchmark_table(results_dir),
