@@ -153,6 +153,11 @@ class RunConfig:
     def final_dir(self) -> Path:
         return self.output_dir / "final"
 
+    @property
+    def shares_opening(self) -> bool:
+        """Whether training runs the opening once per micro-batch: only packed rows have one to share."""
+        return self.share_opening and self.packing
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

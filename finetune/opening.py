@@ -49,7 +49,7 @@ def exclusive_cumsum(x: np.ndarray) -> np.ndarray:
 def planned_row_tokens(config, tokenizer, texts: list[str]) -> float | None:
     """The tokens a packed row runs, for the memory plan of `config` (a RunConfig): `row_tokens_run` where training
     shares the opening, else None (the plan then counts `max_length`)."""
-    return row_tokens_run(tokenizer, texts, config.max_length) if config.share_opening and config.packing else None
+    return row_tokens_run(tokenizer, texts, config.max_length) if config.shares_opening else None
 
 
 def row_tokens_run(tokenizer, texts: list[str], max_length: int, sample: int = 256) -> float:

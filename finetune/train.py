@@ -183,8 +183,7 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
                                  row_tokens=planned_row_tokens(config, tokenizer, texts))
     log_plan(plan, "training")
     args = sft_config(config)
-    share_opening = config.share_opening and config.packing
-    attn_implementation = choose_attn_implementation(config.attn_implementation, config.packing, share_opening)
+    attn_implementation = choose_attn_implementation(config.attn_implementation, config.packing, config.shares_opening)
     model = load_model(config, tokenizer, attn_implementation)
     check_tokenizer_fits(tokenizer, model)
     if config.packing:
@@ -204,7 +203,7 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
         adapters_in_weights_dtype(trainer.model, weights_dtype(config))
         if config.lora_embedding:
             adapter_alone_in_saves(trainer.model)
-    opening = training_opening(trainer.train_dataset) if share_opening else []
+    opening = training_opening(trainer.train_dataset) if config.shares_opening else []
     if opening:
         trainer.data_collator = SharedOpeningCollator(trainer.data_collator, opening)
         trainer.opening_tokens_saved = 0
