@@ -22,13 +22,14 @@ from finetune.throughput import article_lengths_by_row
 TOKENS_SAVED = "opening_tokens_saved"
 
 
-def common_prefix_length(rows: list[list[int]]) -> int:
-    """Length of the longest token prefix all rows share (that of the lexicographic extremes)."""
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """The tokens all rows start with, one short of the shortest row, so that every row keeps a token to run: the
+    longest common prefix, that of the lexicographic extremes."""
     first, last = min(rows), max(rows)
     n = 0
     while n < min(len(first), len(last)) and first[n] == last[n]:
         n += 1
-    return n
+    return min(n, min(map(len, rows)) - 1)
 
 
 def opening_sequences(length: np.ndarray, opening_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,8 +60,7 @@ def row_tokens_run(tokenizer, texts: list[str], max_length: int, sample: int = 2
     one copy a micro-batch keeps is left out: 41 tokens beside the 7B recipe's thousands."""
     examples = [tokenizer.apply_chat_template(build_messages(text, LABELS[0]), tokenize=True, return_dict=False)
                 for text in texts[:sample]]
-    opening = min(common_prefix_length(examples), min(map(len, examples)) - 1)
-    return tokens_run_per_row(max_length, opening, sum(map(len, examples)) / len(examples))
+    return tokens_run_per_row(max_length, shared_prefix_length(examples), sum(map(len, examples)) / len(examples))
 
 
 def tokens_run_per_row(max_length: int, opening_length: int, mean_article_tokens: float) -> float:
@@ -69,12 +69,11 @@ def tokens_run_per_row(max_length: int, opening_length: int, mean_article_tokens
 
 
 def training_opening(train_dataset) -> list[int]:
-    """The tokens every article of TRL's prepared dataset starts with, one short of the shortest article (every
-    article keeps a token to run)."""
+    """The tokens every article of TRL's prepared dataset starts with (`shared_prefix_length`)."""
     starts = []
     for ids, lengths in zip(train_dataset["input_ids"], article_lengths_by_row(train_dataset)):
         starts += [ids[o:o + n] for o, n in zip(exclusive_cumsum(lengths), lengths)]
-    return starts[0][:min(common_prefix_length(starts), min(map(len, starts)) - 1)]
+    return starts[0][:shared_prefix_length(starts)]
 
 
 @dataclass

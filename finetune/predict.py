@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from finetune.attention import without_cudnn_attention
 from finetune.metrics import Predictions
-from finetune.opening import common_prefix_length
+from finetune.opening import shared_prefix_length
 from finetune.packed import opening_keys, pack_batch, packed_attention, packed_logits
 from finetune.prompts import answer_token_ids, encode_prompts, prompt_budget
 
@@ -56,7 +56,7 @@ def shared_opening(model, prompts: list[list[int]]) -> tuple[int, object | None]
 
     It runs uncompiled: a compiled layer filling a cache reads its layer index, so each layer would compile a graph
     of its own, past torch's limit of 8 a function, after which the layers run uncompiled in every later pass too."""
-    opening_length = min(common_prefix_length(prompts), min(map(len, prompts)) - 1)
+    opening_length = shared_prefix_length(prompts)
     if not opening_length:
         return 0, None
     opening_ids = torch.tensor([prompts[0][:opening_length]], device=model.device)
