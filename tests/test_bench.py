@@ -261,6 +261,33 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     assert "no GPU benchmark" in targets_table(tmp_path)  # CPU runs are never counted against targets
 
 
+def test_eval_benchmark_can_teach_the_model_first_and_reports_held_out_accuracy(tiny_config, tmp_path):
+    """`--teach_steps` trains the scratch model through the recipe's trainer before anything is timed, so that the
+    modes run on weights that separate the labels; each mode's accuracy is read on the held-out articles only."""
+    args = ["--profile", "tiny", "--data_dir", tiny_config.data_dir, "--holdout_train_size", "300",
+            "--vocab_size", "512", "--hidden_size", "64", "--num_heads", "4", "--intermediate_size", "128",
+            "--max_length", "128", "--eval_batch_size", "32", "--per_device_train_batch_size", "16",
+            "--learning_rate", "3e-3", "--repeats", "1",
+            "--modes", "plain_label_scoring,label_scoring_tree,label_scoring",
+            "--checkpoints_dir", tiny_config.checkpoints_dir, "--results_dir", str(tmp_path)]
+    bench.main(["eval", "--name", "random", *args])
+    bench.main(["eval", "--name", "taught", "--teach_steps", "100", *args])
+    random, taught = (json.loads((tmp_path / "benchmarks" / f"{n}.json").read_text()) for n in ("random", "taught"))
+    assert "teaching" not in random and "state" not in taught["teaching"]  # the weights went into the model
+    losses = taught["teaching"]["losses"]
+    assert taught["teaching"]["steps"] == len(losses) == 100 and losses[-1] < losses[0] / 2
+    # 100 held-out articles of four classes: random weights near a quarter, taught ones far above it
+    accuracy = [record["modes"]["label_scoring"]["held_out_accuracy"] for record in (random, taught)]
+    assert accuracy[0] < 0.4 and accuracy[1] > 0.8, accuracy
+    for record in (random, taught):
+        modes = record["modes"]
+        assert modes["label_scoring"]["held_out_accuracy"] == modes["label_scoring_tree"]["held_out_accuracy"]
+        assert modes["label_scoring"]["agreement_with_tree"]["same_labels"] == 1.0
+        assert "agreement_with_tree" in modes["plain_label_scoring"]  # timed before the tree, compared once it ran
+    table = eval_benchmark_table(tmp_path)
+    assert "| random weights | label_scoring |" in table and "| taught 100 steps | label_scoring |" in table
+
+
 @pytest.mark.gpu
 def test_fp8_label_scoring_runs_fp8_matmuls_and_stays_near_bf16(tiny_config, tmp_path):
     """On an FP8 GPU the lab's FP8 modes time label scoring with the decoder's linear layers in float8 (the LM head

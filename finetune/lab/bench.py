@@ -32,6 +32,7 @@ from finetune.config import REFERENCE_SPEED, RunConfig, config_from_args, launch
 from finetune.data import load_splits
 from finetune.model import load_for_inference, load_tokenizer
 from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
+from finetune.lab.bench_optimizers import train_for_losses
 from finetune.plan import GPU, ModelShape, plan_evaluation
 from finetune.prompts import encode_prompts
 from finetune.results import environment
@@ -180,25 +181,43 @@ def add_ratios(results: dict, reference: str) -> dict:
     return results
 
 
+def teach(config: RunConfig, steps: int) -> dict:
+    """The config's model trained `steps` optimizer steps through `build_trainer` (its recipe and batch, nothing saved):
+    its weights (`state`, on the CPU), losses, seconds and peak memory. Weights that separate the labels, where random
+    ones barely do, so that rounding (FP8's, bf16's) moves as many labels as it would for a user; without the disk and
+    minutes a saved 7B folder takes."""
+    def weights(trainer) -> dict:
+        return {"state": {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}}
+
+    taught = train_for_losses(dataclasses.replace(config, max_steps=steps, logging_steps=1, save_steps=10**9,
+                                                  run_name=f"{config.run_name}-taught"), after=weights)
+    return {"steps": steps, **taught}
+
+
 def bench_eval(config: RunConfig, modes: list[str], repeats: int, generation_batch_size: int | None,
-               save=lambda compared: None) -> dict:
+               teach_steps: int = 0, save=lambda compared: None) -> dict:
     """Every mode of `finetune.lab.bench_eval` over every test-split article (both sides of a holdout carve: speed does
-    not depend on what the model learned), the plain anchors first, on one model."""
+    not depend on what the model learned; the held-out ones first, whose accuracy each mode reports), the plain
+    anchors first, on one model: the config's, or with `teach_steps` that model trained first (`teach`)."""
+    teaching = teach(config, teach_steps) if teach_steps else None
     config, _ = plan_evaluation(config, GPU.current(), ModelShape.of(config))  # any "auto" left: this GPU's choice
     splits = load_splits(config)
     texts = list(splits.eval["text"]) + (list(splits.train["text"]) if splits.protocol == "holdout" else [])
     tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
     # Liger and compiled layers come later, after the plain anchors
     model = load_for_inference(dataclasses.replace(config, use_liger_kernel=False, compile_layers=False), tokenizer)
+    if teaching:
+        model.load_state_dict(teaching.pop("state"))
     start = time.perf_counter()
     encode_prompts(tokenizer, texts, config.max_length)
     tokenization_seconds = time.perf_counter() - start  # host-side share of each mode's time below
     compared = compare_modes(model, tokenizer, texts, modes, batch_size=config.eval_batch_size,
                              generation_batch_size=generation_batch_size or config.eval_batch_size,
                              max_length=config.max_length, repeats=repeats, liger=config.use_liger_kernel,
-                             compile_layers=config.compile_layers,
+                             compile_layers=config.compile_layers, held_out_labels=splits.eval["label"].to_numpy(),
                              report=lambda name, value: print(name, json.dumps(value), flush=True), save=save)
-    return {"data": splits.describe(), "tokenization_seconds": tokenization_seconds, "repeats": repeats, **compared}
+    return {"data": splits.describe(), **({"teaching": teaching} if teaching else {}),
+            "tokenization_seconds": tokenization_seconds, "repeats": repeats, **compared}
 
 
 def plot_train(results: dict, path: Path) -> None:
@@ -231,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="eval: timed passes per mode, after a warm-up pass")
     parser.add_argument("--generation_batch_size", type=int, default=None,
                         help="eval: the suite's generation batch (default: --eval_batch_size)")
+    parser.add_argument("--teach_steps", type=int, default=0, help="eval: first train the model this many optimizer "
+                        "steps (the config's recipe and batch, nothing saved) and time the modes on what it learned")
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--measured_steps", type=int, default=5)
     parser.add_argument("--profile_step", action="store_true",
@@ -274,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
             path.write_text(json.dumps({**record, **compared}, indent=2) + "\n")
 
         record.update(bench_eval(config, known.modes.split(","), known.repeats, known.generation_batch_size,
-                                 save_modes))
+                                 known.teach_steps, save_modes))
         path.write_text(json.dumps(record, indent=2) + "\n")
     if PartialState().is_main_process:
         print(f"wrote {path}")

@@ -54,6 +54,8 @@ PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64"
 # method alone.
 MODES = PLAIN_MODES + ("plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree", "label_scoring",
                        "generation", "generation_decoding", *FP8_MODES)
+# The modes whose labels are set against the tree method's, the reference implementation (`agreement`).
+AGREEMENT_MODES = ("plain_label_scoring", "label_scoring", *FP8_MODES)
 
 
 @torch.inference_mode()
@@ -175,6 +177,12 @@ def liger_in_use(model) -> dict:
             "in_use": bool(modules) or liger(rope)}
 
 
+def held_out_accuracy(predictions: Predictions, labels: np.ndarray) -> float:
+    """Accuracy on the held-out articles, which come first in the benchmark's texts (`finetune.lab.bench.bench_eval`):
+    how modes that answer differently differ in what a user would report. A failed answer (-1) counts as wrong."""
+    return float((predictions.labels[: len(labels)] == labels).mean())
+
+
 def agreement(predictions: Predictions, reference: Predictions) -> dict:
     """How far a mode's answers are from the reference implementation's (label scoring, method "tree")."""
     result = {"same_labels": float((predictions.labels == reference.labels).mean())}
@@ -212,14 +220,15 @@ def profile_mode(run, texts: list[str]) -> tuple[list[str], dict]:
 
 def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch_size: int,
                   generation_batch_size: int, max_length: int, repeats: int, liger: bool,
-                  compile_layers: bool = False,
+                  compile_layers: bool = False, held_out_labels: np.ndarray | None = None,
                   profile_modes: tuple[str, ...] = ("plain_label_scoring", "label_scoring_tree", "label_scoring",
                                                     "plain_generate", "generation_decoding", "label_scoring_fp8"),
                   report=print, save=lambda compared: None) -> dict:
     """Every mode in `MODES` order (plain ones first; Liger's kernels and compiled layers, when asked for, applied
     after them; the FP8 ones last, on the model quantized for them, or listed in `skipped_modes` with the reason),
-    timed, with ratios to its anchor, agreement with the tree method, and a profiler table of two batches for each of
-    `profile_modes`; `save` gets the results so far after each mode."""
+    timed, with ratios to its anchor, agreement with the tree method, accuracy on the first texts where
+    `held_out_labels` are given, and a profiler table of two batches for each of `profile_modes`; `save` gets the
+    results so far after each mode."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown eval mode(s) {sorted(unknown)}: choose from {', '.join(MODES)}")
@@ -255,13 +264,14 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
         if kernel_anchor:
             results[mode]["vs_anchor_with_kernels"] = (results[mode]["articles_per_second"]
                                                        / kernel_anchor["articles_per_second"])
+        if held_out_labels is not None and timed is texts:
+            results[mode]["held_out_accuracy"] = held_out_accuracy(predictions[mode], held_out_labels)
+        for other in AGREEMENT_MODES if "label_scoring_tree" in predictions else ():  # so far: a run cut short keeps it
+            if other in predictions:
+                results[other]["agreement_with_tree"] = agreement(predictions[other], predictions["label_scoring_tree"])
         if mode in profile_modes:
             profiles[mode], timeline = profile_mode(run, texts[: 2 * batch])  # two of its own batches
             results[mode].update(timeline)
         report(mode, {k: v for k, v in results[mode].items() if not k.endswith("_per_run")})
         save({"modes": results, "liger_kernels": liger_report, "profiles": profiles, "skipped_modes": skipped})
-    if "label_scoring_tree" in predictions:
-        for mode in ("label_scoring", "plain_label_scoring", *FP8_MODES):
-            if mode in predictions:
-                results[mode]["agreement_with_tree"] = agreement(predictions[mode], predictions["label_scoring_tree"])
     return {"modes": results, "liger_kernels": liger_report, "profiles": profiles, "skipped_modes": skipped}

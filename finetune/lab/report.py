@@ -17,7 +17,7 @@ from finetune.lab.rehearse import rehearsal_table
 from finetune.lab.spark import spark_section
 from finetune.lab.stock_trl import STOCK_TRL
 from finetune.lab.targets import (RECIPE_ROW, anchor_mismatch, benchmark_records, by_name, eval_anchor_mismatch,
-                                  published_comparison, runs, summarize, targets_table, training_rows)
+                                  eval_weights, published_comparison, runs, summarize, targets_table, training_rows)
 from finetune.results import (answer_cells, commit_label, hardware_label, load_records, made_before, run_group,
                               run_table, summary_table, write_summary)
 
@@ -83,8 +83,7 @@ def eval_benchmark_table(results_dir: Path) -> str:
         if record["config"].get("compile_layers") is True:  # "auto" beside Liger plans them off
             device += ", compiled layers (suite's modes)"
         # Speed does not depend on what a model learned, except generation's: decoding stops when answers end.
-        model = record["config"]["model"]
-        model = "random weights" if model == "scratch" else f"`{model}`"
+        model = eval_weights(record)
         for mode, m in record["modes"].items():
             lat = m["latency_ms"]
             spread = "one cold pass" if "repeats" not in m else (

@@ -224,6 +224,15 @@ def lora_over_recipe(results_dir: Path) -> list[Row]:
     return rows
 
 
+def eval_weights(record: dict) -> str:
+    """What an eval run's model had learned: "random weights", "taught N steps" (`bench eval --teach_steps`, from
+    scratch in the same process) or a folder's weights."""
+    if "teaching" in record:
+        return f"taught {record['teaching']['steps']} steps"
+    model = record.get("config", {}).get("model", "scratch")
+    return "random weights" if model == "scratch" else f"`{model}`"
+
+
 def mode_over_mode(results_dir: Path, mode: str, over: str, what: str, taught_only: bool = False) -> list[Row]:
     """Per run, `mode`'s articles/s over `over`'s, where the two ran at one batch size in one run (`what` names the
     ratio, e.g. "label scoring over plain `generate`"), grouped like `eval_rows` by device, batch and the evaluation
@@ -232,7 +241,7 @@ def mode_over_mode(results_dir: Path, mode: str, over: str, what: str, taught_on
     rows = []
     for file, record in on_one_gpu(results_dir, "eval"):
         top, bottom = record["modes"].get(mode), record["modes"].get(over)
-        taught = record.get("config", {}).get("model", "scratch") != "scratch"
+        taught = eval_weights(record) != "random weights"
         if (taught or not taught_only) and top and bottom and top["batch_size"] == bottom["batch_size"]:
             device = hardware_label(record["environment"])
             missed = tuple(made_before(record, (mode,)))
@@ -262,7 +271,7 @@ def eval_rows(results_dir: Path) -> list[Row]:
         config = record.get("config", {})
         if config.get("compile_layers") is True:  # "auto" beside Liger plans them off
             device += ", compiled layers"
-        model = "random weights" if config.get("model", "scratch") == "scratch" else "trained weights"
+        model = "random weights" if eval_weights(record) == "random weights" else "trained weights"
         for mode, m in record["modes"].items():
             if "vs_anchor" in m:
                 if eval_anchor_mismatch(record, mode):
