@@ -122,15 +122,14 @@ gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under F
 # Would FP8 evaluation give the labels bf16 gives? On the 7B shape taught 200 steps in the same process (as in
 # gpu-fp8-7b, where such a model read two thirds of the held-out articles right: its labels are not coin flips that any
 # rounding turns), label scoring by the tree in bf16 (the reference labels), packed in bf16 (bf16's own rounding: the
-# yardstick) and packed in FP8, with each mode's held-out accuracy, plain HF label scoring timed beside them. About 9
-# minutes on one H100. (h100_7b_eval_fp8_taught.json ran on the rehearsal's 20-step stand-in, which barely separated
-# the labels.)
+# yardstick) and packed in FP8, each with its held-out accuracy. About 8 minutes on one H100.
+# (h100_7b_eval_fp8_taught.json ran on the rehearsal's 20-step stand-in, which barely separated the labels.)
 gpu-eval-fp8: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-eval-fp8:  ## FP8 label scoring's agreement with bf16's labels and accuracy, on the 7B shape taught 200 steps
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --teach_steps 200 --per_device_train_batch_size 8 \
 	  --gradient_accumulation_steps 1 --name $(GPU_TAG)_7b_eval_fp8_taught_200 --use_liger_kernel false \
 	  --compile_layers true --eval_batch_size 512 --repeats 2 \
-	  --modes plain_label_scoring,label_scoring_tree,label_scoring,label_scoring_fp8
+	  --modes label_scoring_tree,label_scoring,label_scoring_fp8
 
 # Speed II (one GPU, 7B shape, ~7 min each): stock TRL, the reference and the new variants, each file with its own
 # stock TRL row so that every ratio is the same run's. BENCH_VARIANTS are names (VARIANT_SLUGS) or indices into
