@@ -123,11 +123,14 @@ gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under F
 # gpu-fp8-7b, where such a model read two thirds of the held-out articles right: its labels are not coin flips that any
 # rounding turns), label scoring by the tree in bf16 (the reference labels), packed in bf16 (bf16's own rounding: the
 # yardstick) and packed in FP8, each with its held-out accuracy. About 8 minutes on one H100.
-# (h100_7b_eval_fp8_taught.json ran on the rehearsal's 20-step stand-in, which barely separated the labels.)
+# FP8_TEACH_STEPS=400 teaches longer: surer answers. (h100_7b_eval_fp8_taught.json ran on the rehearsal's 20-step
+# stand-in, which barely separated the labels.)
+FP8_TEACH_STEPS ?= 200
 gpu-eval-fp8: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-eval-fp8:  ## FP8 label scoring's agreement with bf16's labels and accuracy, on the 7B shape taught 200 steps
-	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --teach_steps 200 --per_device_train_batch_size 8 \
-	  --gradient_accumulation_steps 1 --name $(GPU_TAG)_7b_eval_fp8_taught_200 --use_liger_kernel false \
+	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --teach_steps $(FP8_TEACH_STEPS) \
+	  --per_device_train_batch_size 8 --gradient_accumulation_steps 1 --use_liger_kernel false \
+	  --name $(GPU_TAG)_7b_eval_fp8_taught_$(FP8_TEACH_STEPS) \
 	  --compile_layers true --eval_batch_size 512 --repeats 2 \
 	  --modes label_scoring_tree,label_scoring,label_scoring_fp8
 
