@@ -122,7 +122,7 @@ gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under F
 # Would FP8 evaluation give the labels bf16 gives? On the 7B shape taught 200 steps in the same process (as in
 # gpu-fp8-7b, where such a model read two thirds of the held-out articles right: its labels are not coin flips that any
 # rounding turns), label scoring by the tree in bf16 (the reference labels), packed in bf16 (bf16's own rounding: the
-# yardstick) and packed in FP8, each with its held-out accuracy. About 8 minutes on one H100.
+# yardstick) and packed in FP8, each with its held-out accuracy. About 5 minutes on one H100.
 # FP8_TEACH_STEPS=400 teaches longer: surer answers. (h100_7b_eval_fp8_taught.json ran on the rehearsal's 20-step
 # stand-in, which barely separated the labels.)
 FP8_TEACH_STEPS ?= 200

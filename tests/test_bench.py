@@ -286,6 +286,7 @@ def test_eval_benchmark_can_teach_the_model_first_and_reports_held_out_accuracy(
         assert "agreement_with_tree" in modes["plain_label_scoring"]  # timed before the tree, compared once it ran
     table = eval_benchmark_table(tmp_path)
     assert "| random weights | label_scoring |" in table and "| taught 100 steps | label_scoring |" in table
+    assert f"| 100.0% | {accuracy[1]:.2%} |" in table  # same labels as the tree, then held-out accuracy
 
 
 @pytest.mark.gpu

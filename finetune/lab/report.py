@@ -71,11 +71,12 @@ def training_benchmark_table(results_dir: Path) -> str:
 def eval_benchmark_table(results_dir: Path) -> str:
     """Every eval benchmark's modes; runs that timed the plain-HF anchors give each mode's speed as a ratio to its
     anchor in the same process (median of the timed passes; min to max beside it), and where the tree method ran, the
-    share of articles each mode gives the tree's label: bf16 rounding moves some labels of a weak model, FP8 more."""
+    share of articles each mode gives the tree's label (bf16 rounding moves some labels of a weak model, FP8 more) and,
+    in runs that record it, each mode's accuracy on the held-out articles."""
     lines = ["| run | device | model | mode | articles | articles/s (median) | min - max over passes "
-             "| vs plain HF (same run) | same labels as the tree | latency p50 / p95 (ms) | batch | peak alloc (GiB) "
-             "| commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs plain HF (same run) | same labels as the tree | held-out accuracy | latency p50 / p95 (ms) | batch "
+             "| peak alloc (GiB) | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path, record in benchmark_records(results_dir, "eval"):
         device, commit = hardware_label(record["environment"]), commit_label(record["environment"])
         if (record.get("liger_kernels") or {}).get("in_use"):
@@ -93,9 +94,11 @@ def eval_benchmark_table(results_dir: Path) -> str:
             mismatch = ratio and eval_anchor_mismatch(record, mode)
             ratio += f" ({mismatch})" if mismatch else ""
             same = f"{m['agreement_with_tree']['same_labels']:.1%}" if "agreement_with_tree" in m else ""
-            lines.append(f"| `{path.name}` | {device} | {model} | {mode} | {m['articles']} | {m['articles_per_second']:.1f} "
-                         f"| {spread} | {ratio} | {same} | {lat['p50']:.0f} / {lat['p95']:.0f} | {m['batch_size']} "
-                         f"| {_gib(m['peak_allocated_gib'])} | {commit} |")
+            accuracy = f"{m['held_out_accuracy']:.2%}" if "held_out_accuracy" in m else ""
+            lines.append(f"| `{path.name}` | {device} | {model} | {mode} | {m['articles']} "
+                         f"| {m['articles_per_second']:.1f} | {spread} | {ratio} | {same} | {accuracy} "
+                         f"| {lat['p50']:.0f} / {lat['p95']:.0f} | {m['batch_size']} | {_gib(m['peak_allocated_gib'])} "
+                         f"| {commit} |")
     return "\n".join(lines)
 
 
