@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo demo-results test test-all lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train gpu-bench-eval-trained gpu-eval-fp8 \
+.PHONY: demo demo-results test test-all lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train gpu-bench-eval-trained gpu-bench-eval-taught gpu-eval-fp8 \
 	gpu-bench-train-liger gpu-bench-train-recipe gpu-bench-train-fastest gpu-optimizer gpu-fp8-7b gpu-fp8 gpu-methods tiny-methods tiny-lora-carve rehearse gpu-fsdp gpu-bench-fsdp
 
 $(INSTALLED): requirements.txt pyproject.toml
@@ -118,6 +118,14 @@ gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under F
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --model checkpoints/fsdp-7b/final \
 	  --name $(TRAINED_EVAL_NAME) --eval_batch_size 512 --generation_batch_size 512 --use_liger_kernel true \
 	  --repeats 2 --modes plain_label_scoring,plain_generate,plain_label_scoring_kernels,plain_generate_kernels,label_scoring,generation,generation_decoding
+
+# The same generation comparison on weights taught in the same process (`--teach_steps`: no FSDP2 save, no 15 GB
+# folder): 200 steps of 8 rows teach the answer format and most of the labels. About 6 minutes on one H100.
+gpu-bench-eval-taught: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
+gpu-bench-eval-taught:  ## the 7B shape taught 200 steps in the same process: generation beside plain `generate`
+	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --teach_steps 200 --per_device_train_batch_size 8 \
+	  --gradient_accumulation_steps 1 --name $(GPU_TAG)_7b_eval_taught_200 --eval_batch_size 512 \
+	  --generation_batch_size 512 --use_liger_kernel true --repeats 2 --modes plain_generate,generation,generation_decoding
 
 # Would FP8 evaluation give the labels bf16 gives? On the 7B shape taught 200 steps in the same process (as in
 # gpu-fp8-7b, where such a model read two thirds of the held-out articles right: its labels are not coin flips that any
