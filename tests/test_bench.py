@@ -289,6 +289,15 @@ def test_eval_benchmark_can_teach_the_model_first_and_reports_held_out_accuracy(
     assert f"| 100.0% | {accuracy[1]:.2%} |" in table  # same labels as the tree, then held-out accuracy
 
 
+def test_teaching_leaves_liger_off_so_the_plain_anchors_stay_plain(tiny_config, monkeypatch):
+    """Liger patches Qwen2 for the whole process: a model taught with it would hand its kernels to the plain anchors
+    built after it."""
+    taught = []
+    monkeypatch.setattr(bench, "train_for_losses", lambda config, after: taught.append(config) or {"losses": []})
+    record = bench.teach(dataclasses.replace(tiny_config, use_liger_kernel=True), 7)
+    assert record["steps"] == 7 and taught[0].max_steps == 7 and taught[0].use_liger_kernel is False
+
+
 @pytest.mark.gpu
 def test_fp8_label_scoring_runs_fp8_matmuls_and_stays_near_bf16(tiny_config, tmp_path):
     """On an FP8 GPU the lab's FP8 modes time label scoring with the decoder's linear layers in float8 (the LM head

@@ -185,12 +185,14 @@ def teach(config: RunConfig, steps: int) -> dict:
     """The config's model trained `steps` optimizer steps through `build_trainer` (its recipe and batch, nothing saved):
     its weights (`state`, on the CPU), losses, seconds and peak memory. Weights that separate the labels, where random
     ones barely do, so that rounding (FP8's, bf16's) moves as many labels as it would for a user; without the disk and
-    minutes a saved 7B folder takes."""
+    minutes a saved 7B folder takes. Without Liger: its kernels patch every Qwen2 model the process builds after, and
+    the plain anchors, timed next, must run as transformers builds them."""
     def weights(trainer) -> dict:
         return {"state": {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}}
 
     taught = train_for_losses(dataclasses.replace(config, max_steps=steps, logging_steps=1, save_steps=10**9,
-                                                  run_name=f"{config.run_name}-taught"), after=weights)
+                                                  use_liger_kernel=False, run_name=f"{config.run_name}-taught"),
+                              after=weights)
     return {"steps": steps, **taught}
 
 
