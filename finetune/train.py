@@ -28,7 +28,7 @@ from finetune.adapters import adapter_alone_in_saves, adapters_in_weights_dtype,
 from finetune.attention import choose_attn_implementation, unmasked_packed_rows
 from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
-from finetune.disk import OutOfDisk, check_disk, free_bytes, planned_steps, written_bytes
+from finetune.disk import OutOfDisk, check_disk, free_bytes, planned_steps, saved_tokenizer_bytes, written_bytes
 from finetune.grad_accumulation import GradIntoBuffers, accumulate_in_matmul
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
 from finetune.opening import TOKENS_SAVED, SharedOpeningCollator, planned_row_tokens, training_opening
@@ -253,7 +253,8 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, spl
     trainer = build_trainer(config, [*(callbacks or []), save_clock, SaveRunConfig(config)], splits)
     setup_seconds = time.perf_counter() - start
     log.info("disk: %s", check_disk(trainer.run_config, ModelShape.of(config), planned_steps(trainer),
-                                    free_bytes(config.output_dir), written_bytes(config.output_dir)))
+                                    free_bytes(config.output_dir), written_bytes(config.output_dir),
+                                    saved_tokenizer_bytes(trainer.processing_class)))
     if last:
         log.info("resuming from %s", last)
     reset_peak_memory()

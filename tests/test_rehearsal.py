@@ -125,9 +125,10 @@ def test_notebook_runs_take_any_config_field_and_a_local_model_folder(standin, m
 
 def test_a_disk_that_cannot_hold_the_standin_and_the_saves_stops_the_rehearsal_before_either(tmp_path, monkeypatch,
                                                                                             synthetic_dir):
-    """On an H200 the recipe's checkpoint (bf16 moments) and final model after 20 steps take 60.9 GB: beside the
-    15.2 GB stand-in, a 64 GiB disk (68.7 GB free here) does not hold them, as a rehearsal found at its last save.
-    A stand-in already written, or on another disk, leaves the room to the run."""
+    """On an H200 the recipe's checkpoint (bf16 moments) and final model after 20 steps take 61.0 GB, the tokenizer's
+    files included (the rehearsal measured 60.96): beside the 15.2 GB stand-in, a 64 GiB disk (68.7 GB free here) does
+    not hold them, as a rehearsal found at its last save. A stand-in already written, or on another disk, leaves the
+    room to the run."""
     import shutil
 
     from finetune.disk import OutOfDisk
@@ -139,13 +140,13 @@ def test_a_disk_that_cannot_hold_the_standin_and_the_saves_stops_the_rehearsal_b
     config = get_config("qwen2.5-7b", max_steps=20, run_name="rehearsal-7b", checkpoints_dir=str(tmp_path),
                         data_dir=str(synthetic_dir), holdout_train_size=300)
     standin = tmp_path / "standin-7b"
-    with pytest.raises(OutOfDisk, match=r"60.9 GB more, 53.5 GB free.*15.2 GB stand-in.*--standin"):
+    with pytest.raises(OutOfDisk, match=r"61.0 GB more, 53.5 GB free.*15.2 GB stand-in.*--standin"):
         rehearse.check_room(config, standin, "7b")
     standin.mkdir()
     (standin / "config.json").write_text("{}")
-    assert "60.9 GB more, 68.7 GB free" in rehearse.check_room(config, standin, "7b")
+    assert "61.0 GB more, 68.7 GB free" in rehearse.check_room(config, standin, "7b")
     monkeypatch.setattr(rehearse, "same_disk", lambda a, b: False)
-    assert "60.9 GB more, 68.7 GB free" in rehearse.check_room(config, tmp_path / "on-another-disk", "7b")
+    assert "61.0 GB more, 68.7 GB free" in rehearse.check_room(config, tmp_path / "on-another-disk", "7b")
 
 
 def test_the_disk_check_plans_the_moments_with_the_rows_training_will_run(tmp_path, monkeypatch):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from finetune.config import RunConfig, get_config, overrides_from_args
 from finetune.data import load_splits
-from finetune.disk import OutOfDisk, check_disk, folder_bytes, free_bytes, same_disk, written_bytes
+from finetune.disk import (OutOfDisk, check_disk, folder_bytes, free_bytes, same_disk, saved_tokenizer_bytes,
+                           written_bytes)
 from finetune.lab.notebooks import NOTEBOOKS, notebook_parameters, run_notebooks
 from finetune.lab.standin import HUB_ID, standin_shape, write_standin
 from finetune.lab.targets import RECIPE_ROW
@@ -71,7 +72,8 @@ def check_room(config: RunConfig, standin: Path, shape: str) -> str:
     if config.max_steps <= 0:  # by epochs: the steps are known once the data is packed, where training counts them
         return f"the stand-in fits; the saves are counted by training ({free / 1e9:.1f} GB free beside the stand-in)"
     try:
-        return check_disk(planned, model, config.max_steps, free, written_bytes(config.output_dir))
+        return check_disk(planned, model, config.max_steps, free, written_bytes(config.output_dir),
+                          saved_tokenizer_bytes(tokenizer))
     except OutOfDisk as error:
         if not shared or not standin_bytes:
             raise
