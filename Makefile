@@ -122,11 +122,11 @@ gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under F
 # The same generation comparison on weights taught in the same process (`--teach_steps`: no FSDP2 save, no 15 GB
 # folder): 200 steps of 8 rows teach the answer format and most of the labels. Not yet run (the device time ran out).
 gpu-bench-eval-taught: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
-gpu-bench-eval-taught:  ## the 7B shape taught 200 steps in the same process: generation and label scoring beside plain `generate`
+gpu-bench-eval-taught:  ## the 7B shape taught 200 steps in the same process: generation and label scoring beside plain HF
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --teach_steps 200 --per_device_train_batch_size 8 \
 	  --gradient_accumulation_steps 1 --name $(GPU_TAG)_7b_eval_taught_200 --eval_batch_size 512 \
 	  --generation_batch_size 512 --use_liger_kernel true --repeats 2 \
-	  --modes plain_generate,generation,generation_decoding,label_scoring
+	  --modes plain_label_scoring,plain_generate,label_scoring,generation,generation_decoding
 
 # Would FP8 evaluation give the labels bf16 gives? On the 7B shape taught 200 steps in the same process (as in
 # gpu-fp8-7b, where such a model read two thirds of the held-out articles right: its labels are not coin flips that any
