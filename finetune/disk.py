@@ -16,13 +16,13 @@ class OutOfDisk(RuntimeError):
     """The run's checkpoints and final model would not fit on the disk it writes them to."""
 
 
-def save_bytes(config: RunConfig, shape: ModelShape, tokenizer: int = 0) -> tuple[float, float]:
+def save_bytes(config: RunConfig, shape: ModelShape, tokenizer_bytes: int = 0) -> tuple[float, float]:
     """Bytes of one resumable checkpoint (the trained weights and both AdamW moments: the training state less the
-    gradients) and of the final model, each with the `tokenizer` bytes the Trainer saves beside them. Full
+    gradients) and of the final model, each with the `tokenizer_bytes` the Trainer saves beside them. Full
     fine-tuning saves every weight; LoRA and QLoRA the adapters."""
     trained = shape.parameters if config.method == "full" else shape.adapter_parameters(config.lora_rank)
     weights = trained * weight_bytes(config)
-    return trained * trained_parameter_bytes(config) - weights + tokenizer, weights + tokenizer
+    return trained * trained_parameter_bytes(config) - weights + tokenizer_bytes, weights + tokenizer_bytes
 
 
 def saved_tokenizer_bytes(tokenizer) -> int:
@@ -34,13 +34,13 @@ def saved_tokenizer_bytes(tokenizer) -> int:
 
 
 def check_disk(config: RunConfig, shape: ModelShape, optimizer_steps: int, free: float, written: float = 0.0,
-               tokenizer: int = 0) -> str:
+               tokenizer_bytes: int = 0) -> str:
     """What the run's saves add to the disk at most, against `free` bytes; raises OutOfDisk where they do not fit.
     The Trainer saves every `save_steps` and at the end, and writes each checkpoint before deleting the oldest past
     `save_total_limit`, so one more than the limit exists for a while; the final model follows the last of them.
-    `written`: the bytes of the run's checkpoints already on disk (a resumed run), part of that peak; `tokenizer`:
-    what saving the tokenizer writes (`saved_tokenizer_bytes`)."""
-    checkpoint, final = save_bytes(config, shape, tokenizer)
+    `written`: the bytes of the run's checkpoints already on disk (a resumed run), part of that peak;
+    `tokenizer_bytes`: what saving the tokenizer writes (`saved_tokenizer_bytes`)."""
+    checkpoint, final = save_bytes(config, shape, tokenizer_bytes)
     writes = math.ceil(optimizer_steps / config.save_steps)
 
     def need(kept: int) -> float:
