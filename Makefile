@@ -119,8 +119,9 @@ gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under F
 	  --name $(TRAINED_EVAL_NAME) --eval_batch_size 512 --generation_batch_size 512 --use_liger_kernel true \
 	  --repeats 2 --modes plain_label_scoring,plain_generate,plain_label_scoring_kernels,plain_generate_kernels,label_scoring,generation,generation_decoding
 
-# The same generation comparison on weights taught in the same process (`--teach_steps`: no FSDP2 save, no 15 GB
-# folder): 200 steps of 8 rows teach the answer format and most of the labels. Not yet run (the device time ran out).
+# The same comparison on weights taught in the same process (`--teach_steps`: no FSDP2 save, no 15 GB folder): 200
+# steps of 8 rows teach the answer format and most of the labels. About 6 minutes on one H100
+# (h100_7b_eval_taught_200*.json).
 gpu-bench-eval-taught: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench-eval-taught:  ## the 7B shape taught 200 steps in the same process: generation and label scoring beside plain HF
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --teach_steps 200 --per_device_train_batch_size 8 \
