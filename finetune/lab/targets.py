@@ -44,17 +44,19 @@ Row = tuple[tuple, str, str, dict]
 
 
 def summarize(rows: list[Row], metric: str, higher_is_better: bool = True) -> Measured | None:
-    """The configuration whose median `metric` over its runs is best, with its spread; None without rows."""
-    groups: dict[tuple, list[tuple[str, str, dict]]] = {}
+    """The configuration whose median `metric` over its runs is best, with its spread; None without rows. A run is a
+    file: where one file measured a configuration under two names (the recipe as planned, and the same settings
+    asked for by hand), its figure is their mean, one run, not two."""
+    groups: dict[tuple, dict[str, list[tuple[str, dict]]]] = {}
     for key, label, file, figures in rows:
-        groups.setdefault(key, []).append((label, file, figures))
+        groups.setdefault(key, {}).setdefault(file, []).append((label, figures))
     measured = []
-    for key, runs in groups.items():
-        values = [figures[metric] for _, _, figures in runs]
-        files = ", ".join(f"`{file}`" for _, file, _ in runs)
-        labels = " = ".join(dict.fromkeys(label for label, _, _ in runs))
-        measured.append(Measured(statistics.median(values), min(values), max(values), f"{files}: {labels}",
-                                 len(runs), [figures for _, _, figures in runs], key))
+    for key, files in groups.items():
+        values = [statistics.mean(figures[metric] for _, figures in named) for named in files.values()]
+        labels = " = ".join(dict.fromkeys(label for named in files.values() for label, _ in named))
+        where = ", ".join(f"`{file}`" for file in files)
+        measured.append(Measured(statistics.median(values), min(values), max(values), f"{where}: {labels}",
+                                 len(files), [named[0][1] for named in files.values()], key))
     if not measured:
         return None
     return (max if higher_is_better else min)(measured, key=lambda m: m.median)
