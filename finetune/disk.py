@@ -9,7 +9,8 @@ import tempfile
 from pathlib import Path
 
 from finetune.config import RunConfig
-from finetune.plan import ModelShape, trained_parameter_bytes, weight_bytes
+from finetune.plan import trained_parameter_bytes, weight_bytes
+from finetune.sources import ModelShape
 
 
 class OutOfDisk(RuntimeError):

@@ -26,7 +26,8 @@ from finetune.data import load_splits
 from finetune.generation import generate_labels, parsed
 from finetune.metrics import summarize
 from finetune.model import check_tokenizer_fits, load_for_inference, load_tokenizer
-from finetune.plan import GPU, ModelShape, OutOfMemory, SourceNotFound, gpu_memory_note, log_plan, plan_evaluation
+from finetune.plan import GPU, OutOfMemory, gpu_memory_note, log_plan, plan_evaluation
+from finetune.sources import ModelShape, SourceNotFound
 from finetune.plots import plot_confusion_matrix
 from finetune.predict import score_labels, warmup_texts
 from finetune.prompts import default_max_new_tokens, encode_prompts

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from finetune.adapters import is_adapter, with_adapter
 from finetune.config import RunConfig, config_from_args
 from finetune.model import load_model
-from finetune.plan import check_source
+from finetune.sources import check_source
 
 
 def merge_adapter(config: RunConfig, adapter_dir: str | Path, out_dir: str | Path) -> Path:

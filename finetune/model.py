@@ -12,7 +12,8 @@ from data_prep.task import LABELS, SYSTEM_PROMPT, USER_TEMPLATE, format_answer
 from finetune.adapters import is_adapter, quantization_config, with_adapter
 from finetune.attention import choose_inference_attn_implementation
 from finetune.config import RunConfig
-from finetune.plan import GPU, TOKENIZER_FILES, ModelShape, check_source, plan_evaluation
+from finetune.plan import GPU, plan_evaluation
+from finetune.sources import TOKENIZER_FILES, ModelShape, check_source
 from finetune.qwen_tokenizer import CHAT_TEMPLATE, build_qwen25_tokenizer
 from finetune.speedups import compile_decoder_layers, weights_dtype
 

@@ -577,7 +577,7 @@ def test_the_gemm_benchmark_times_each_projection_as_the_model_holds_it(tiny_con
     model built from the same shape (a projection described wrong would time a matmul the model never runs)."""
     from finetune.lab.bench_gemm import matmuls, projections
     from finetune.model import load_model, load_tokenizer
-    from finetune.plan import ModelShape
+    from finetune.sources import ModelShape
 
     config = dataclasses.replace(tiny_config, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=96)
     model = load_model(config, load_tokenizer(config, train_texts=["a b c"] * 50))

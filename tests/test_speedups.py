@@ -215,7 +215,8 @@ def test_adapter_runs_plan_for_frozen_weights_and_small_adapter_states(tiny_conf
     from peft import get_peft_model
 
     from finetune.adapters import lora_config
-    from finetune.plan import ModelShape, training_state_bytes
+    from finetune.plan import training_state_bytes
+    from finetune.sources import ModelShape
 
     config = dataclasses.replace(tiny_config, bf16=True, optimizer="adamw_bf16_sr", tie_word_embeddings=False)
     model = load_model(config, tokenizer)

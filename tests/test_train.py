@@ -328,7 +328,7 @@ def test_a_model_or_tokenizer_folder_that_is_not_there_is_named(tiny_config, tmp
     import finetune.evaluate
     import finetune.train
     from finetune.model import load_tokenizer
-    from finetune.plan import SourceNotFound, check_source
+    from finetune.sources import SourceNotFound, check_source
 
     missing = tmp_path / "models" / "Qwen2.5-7B-Instruct"
     with pytest.raises(SystemExit, match=f"error: model {missing}: no such folder"):

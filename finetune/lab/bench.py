@@ -33,7 +33,8 @@ from finetune.data import load_splits
 from finetune.model import load_for_inference, load_tokenizer
 from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
 from finetune.lab.bench_optimizers import train_for_losses
-from finetune.plan import GPU, ModelShape, plan_evaluation
+from finetune.plan import GPU, plan_evaluation
+from finetune.sources import ModelShape
 from finetune.prompts import encode_prompts
 from finetune.results import environment
 from finetune.throughput import (adapter_parameters, article_tokens, lm_head_on_every_token, mean_article_tokens,

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from finetune.disk import folder_bytes
-from finetune.plan import ModelShape
+from finetune.sources import ModelShape
 from finetune.qwen_tokenizer import ADDED_TOKENS, CHAT_TEMPLATE, NON_SPECIAL_TOKENS, build_qwen25_tokenizer
 
 HUB_ID = "Qwen/Qwen2.5-7B-Instruct"
