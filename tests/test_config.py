@@ -71,6 +71,18 @@ def test_recipe_never_imports_the_lab_and_data_prep_never_imports_finetune():
         assert not any(name.startswith("finetune") for name in imported(path)), path.name
 
 
+def test_every_module_is_named_in_the_layout_page():
+    """docs/layout.md is where a newcomer looks for a module: a module it does not name is one nobody finds."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "layout.md").read_text()
+    modules = [p for folder in ("data_prep", "finetune", "finetune/lab") for p in (root / folder).glob("*.py")
+               if p.name != "__init__.py"]
+    missing = [str(p.relative_to(root)) for p in modules if f"`{p.name}`" not in page and f"/{p.name}`" not in page]
+    assert len(modules) > 50 and not missing, missing
+
+
 def test_without_a_profile_the_command_line_trains_the_7b_recipe():
     config = config_from_args(["--model", "/models/Qwen2.5-7B-Instruct"])
     assert config.profile == "qwen2.5-7b" and config.tokenizer is None and config.bf16
