@@ -22,7 +22,7 @@ from finetune.lab import lora_carve
 from finetune.lab.answer_loss import answer_token_losses
 from finetune.lab.lora_carve import parse_candidate
 from finetune.lab.methods import benchmark_method_rows, methods_section
-from finetune.lab.targets import RECIPE_ROW
+from finetune.lab.measurements import RECIPE_ROW
 from finetune.merge import merge_adapter
 from finetune.results import PROJECT_DIR
 from finetune.model import load_for_inference, load_model

@@ -10,7 +10,7 @@ from transformers import TrainerState
 
 from finetune.lab import bench, bench_optimizers, train_variants
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
-from finetune.lab.targets import LORA_ROW, RECIPE_ROW
+from finetune.lab.measurements import LORA_ROW, RECIPE_ROW
 from finetune.lab.profiling import (StepClock, gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range,
                                     matmul_rates, nccl_kernel_share)
 from tests.conftest import committed_benchmark, write_synthetic_csv
@@ -106,7 +106,7 @@ def test_files_before_rows_recorded_their_steps_drop_ratios_to_an_anchor_that_ti
     """Two committed files the bench wrote before it checked: h200_7b_train_speed.json timed stock TRL over steps 2-3
     beside rows over 2-4; h200_7b_train_fused.json timed it at 8 x 4 beside a 16 x 2 row, over 8 steps beside 4. Their
     ratios to it are not made; h200_7b_train_recipe.json's stock rows ran at its rows' batch and steps, so its stand."""
-    from finetune.lab.targets import anchor_mismatch, anchor_ratios
+    from finetune.lab.measurements import anchor_mismatch, anchor_ratios
 
     speed, fused, recipe = (committed_benchmark(f"h200_7b_train_{name}.json") for name in ("speed", "fused", "recipe"))
     stock = speed["variants"][bench.STOCK_TRL]

@@ -37,7 +37,7 @@ def test_runs_that_ran_alike_under_two_names_are_one_configuration(tmp_path):
     goal alone; its file measured both names, so it is one run, at their mean. The recipe whose plan chose autograd's
     sums (an older commit) is another configuration. So is a run with a setting the code no longer has turned on; with
     it off (an "auto" the plan turned off), the run ran as without."""
-    from finetune.lab.targets import RECIPE_ROW
+    from finetune.lab.measurements import RECIPE_ROW
 
     def row(mfu: float, overrides: dict, plan: dict) -> dict:
         return {"overrides": {"optimizer": "auto", **overrides}, "plan": plan, "micro_batches": [8, 4],
@@ -140,7 +140,7 @@ def test_mfu_compared_across_files_is_recounted_by_todays_count():
     """A file the bench wrote with today's FLOP count recounts to its own MFU (the bench counted from the model's
     config during the run, the recount from the statistics the file recorded); one written when the LM head was
     counted for every token recounts lower."""
-    from finetune.lab.targets import RECIPE_ROW, recounted_mfu
+    from finetune.lab.measurements import RECIPE_ROW, recounted_mfu
 
     def recipe(name: str) -> tuple[dict, dict]:
         record = committed_benchmark(name)
@@ -157,7 +157,7 @@ def test_spark_projection_is_the_median_of_the_recipes_h200_runs_with_their_rang
     the projected hours are the epoch's tokens at the median run's tokens/s scaled from the H200's bf16 peak to GB10's
     (an MFU is tokens/s times a fixed count over the peak), the range from the fastest and slowest runs."""
     from finetune.lab.spark import spark_section
-    from finetune.lab.targets import RECIPE_ROW
+    from finetune.lab.measurements import RECIPE_ROW
 
     source = committed_benchmark("h200_7b_train_recipe_kernel.json")
     row = source["variants"][RECIPE_ROW]
@@ -184,7 +184,7 @@ def test_spark_projection_takes_the_runs_that_shared_the_opening_and_plans_with_
     H200's earlier runs': the epoch's FLOPs leave out the openings not run, and the GB10's plan counts the tokens
     such a row runs (fewer activations: bf16 moments fit at 16 x 2 where full rows needed 8-bit ones)."""
     from finetune.lab.spark import spark_section
-    from finetune.lab.targets import RECIPE_ROW
+    from finetune.lab.measurements import RECIPE_ROW
 
     source = committed_benchmark("h200_7b_train_recipe_kernel.json")
     shared = committed_benchmark("h100_7b_train_shared_layouts_b.json")
@@ -272,7 +272,7 @@ def test_recipe_memory_on_an_h200_comes_from_the_rehearsal_which_ran_todays_plan
     import shutil
 
     from finetune.lab.report import gpu_expectations
-    from finetune.lab.targets import RECIPE_ROW
+    from finetune.lab.measurements import RECIPE_ROW
     from tests.conftest import PROJECT_DIR
 
     (tmp_path / "benchmarks").mkdir()

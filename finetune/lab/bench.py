@@ -41,7 +41,7 @@ from finetune.throughput import (adapter_parameters, article_tokens, lm_head_on_
                                  peak_flops, peak_memory_gib, reset_peak_memory, training_flops_per_token)
 from finetune.lab.profiling import HostSyncCounter, StepClock, StepProfiler, max_over_ranks
 from finetune.lab.stock_trl import STOCK_TRL, STOCK_TRL_TUNED, stock_trl_trainer
-from finetune.lab.targets import anchor_mismatch
+from finetune.lab.measurements import anchor_mismatch
 from finetune.lab.train_variants import FSDP_VARIANTS, RECIPE_SPEED, TRAIN_VARIANTS, chosen_indices, run_order
 from finetune.speedups import recomputed_layers
 from finetune.train import build_trainer, launched_with_fsdp

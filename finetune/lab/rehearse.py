@@ -23,7 +23,7 @@ from finetune.disk import (OutOfDisk, check_disk, folder_bytes, free_bytes, same
                            written_bytes)
 from finetune.lab.notebooks import NOTEBOOKS, notebook_parameters, run_notebooks
 from finetune.lab.standin import HUB_ID, standin_shape, write_standin
-from finetune.lab.targets import RECIPE_ROW
+from finetune.lab.measurements import RECIPE_ROW
 from finetune.opening import planned_row_tokens
 from finetune.plan import GPU, plan_training
 from finetune.qwen_tokenizer import build_qwen25_tokenizer

@@ -16,8 +16,9 @@ from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
 from finetune.lab.spark import spark_section
 from finetune.lab.stock_trl import STOCK_TRL
-from finetune.lab.targets import (RECIPE_ROW, anchor_mismatch, benchmark_records, by_name, eval_anchor_mismatch,
-                                  eval_weights, published_comparison, runs, summarize, targets_table, training_rows)
+from finetune.lab.measurements import (RECIPE_ROW, anchor_mismatch, benchmark_records, by_name, eval_anchor_mismatch,
+                                       eval_weights, summarize, training_rows)
+from finetune.lab.targets import published_comparison, runs, targets_table
 from finetune.results import (answer_cells, commit_label, hardware_label, load_records, made_before, run_group,
                               run_table, summary_table, write_summary)
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from finetune.config import get_config
 from finetune.lab.standin import standin_shape
-from finetune.lab.targets import RECIPE_ROW, eval_rows, on_one_gpu, recounted_mfu, step_flops_per_token
+from finetune.lab.measurements import RECIPE_ROW, eval_rows, on_one_gpu, recounted_mfu, step_flops_per_token
 from finetune.opening import tokens_run_per_row
 from finetune.plan import GPU, plan_evaluation, plan_training
 from finetune.results import hardware_label

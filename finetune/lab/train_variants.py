@@ -3,7 +3,7 @@ suite's reference configuration and why it is there, the short names the Makefil
 
 from finetune.config import REFERENCE_SPEED, RunConfig
 from finetune.lab import fp8_recipes  # noqa: F401  the rows' FP8 recipes beside the recipe's own
-from finetune.lab.targets import RECIPE_ROW
+from finetune.lab.measurements import RECIPE_ROW
 
 # Each variant changes the reference configuration in one respect, or adds one to a row above it. New rows are
 # appended, so that an index keeps naming the same variant in the commands recorded in results/benchmarks/README.md.
@@ -149,7 +149,8 @@ TRAIN_VARIANTS = {
 
 
 # Short names for the rows the Makefile runs (`--variants recipe,lora`). An index names the same row as ever (the
-# commands recorded in results/benchmarks/README.md); the labels stay as the committed results and targets.py have them.
+# commands recorded in results/benchmarks/README.md); the labels stay as the committed results and measurements.py
+# have them.
 VARIANT_SLUGS = {
     "auto70": "checkpointing auto within 70 GiB",
     "compiled-auto70": "compiled layers, checkpointing auto within 70 GiB",
