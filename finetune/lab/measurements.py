@@ -28,7 +28,7 @@ class Measured(NamedTuple):
     high: float
     where: str  # the files and the configuration, for a table cell
     runs: int
-    figures: list[dict]  # each run's variant or mode, for what else a row wants to say about them
+    figures: list[dict]  # each run's variant or mode (its first, where it has two), for what else a row wants to say
     key: tuple = ()  # the group: (device, variant) for training, (mode, device, model, batch) for evaluation
 
 
