@@ -1,6 +1,6 @@
 """Turn AG News into the chat JSONL the suite trains and evaluates on: read, clean, split, write.
 
-    python -m data_prep.convert_dataset --source ../shared/data/ag_news --out data/ag_news_chat
+    python -m data_prep.convert_dataset --source /path/to/ag_news --out data/ag_news_chat
 """
 
 import argparse

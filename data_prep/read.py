@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 # One row per article: label is 0-3 in LABELS order, group its near_duplicate_key.
 COLUMNS = ["id", "text", "label", "group"]
+SKIP_HINT = "to skip such rows: --skip_bad_rows true, or --skip-bad-rows for data_prep.convert_dataset"
 
 
 class DataError(ValueError):
@@ -76,6 +77,7 @@ def read_csv_split(path: Path, skip_bad_rows: bool = False) -> tuple[pd.DataFram
         # strict: a quote left open at the end of the file is an error, not a silently swallowed last row.
         reader = csv.reader(f, strict=True)
         while True:
+            start = reader.line_num + 1  # a quoted field may run across lines: the record's first line
             try:
                 fields, problem = next(reader), None
             except StopIteration:
@@ -84,11 +86,16 @@ def read_csv_split(path: Path, skip_bad_rows: bool = False) -> tuple[pd.DataFram
                 raise DataError(f"{path}:{_undecodable_line(path)}: undecodable bytes (expected UTF-8): {e}") from e
             except csv.Error as e:
                 fields, problem = [], f"malformed quoting ({e})"
+            if fields == [] and problem is None:  # a blank line
+                continue
             line = reader.line_num
             problem = problem or _check_csv_row(fields)
+            if problem and line > start:  # a quote left open joins the rows after it: skipping would lose them all
+                raise DataError(f"{path}:{start}-{line}: {problem}, read as one record across {line - start + 1} "
+                                "lines: a quote left open on its first line? Fix the file; skipping would drop them all")
             if problem:
                 if not skip_bad_rows:
-                    raise DataError(f"{path}:{line}: {problem} (pass skip_bad_rows / --skip-bad-rows to skip)")
+                    raise DataError(f"{path}:{line}: {problem} ({SKIP_HINT})")
                 skipped += 1
                 continue
             rows.append({"id": f"{path.name}:{line}", "text": _article_text(fields[1], fields[2]),
@@ -142,11 +149,12 @@ def read_table_split(path: Path, skip_bad_rows: bool = False) -> tuple[pd.DataFr
     for i, (text, label) in enumerate(zip(table["text"], table["label"]), start=1):
         label = LABELS.index(label) if label in LABELS else label
         text = normalize_text(text) if isinstance(text, str) else ""
-        problem = None if label in range(len(LABELS)) else f"label must be 0-3 or one of {LABELS}, found {label!r}"
+        valid = label in range(len(LABELS)) and not pd.api.types.is_bool(label)  # True == 1: not a label
+        problem = None if valid else f"label must be 0-3 or one of {LABELS}, found {label!r}"
         problem = problem or (None if text else "empty article text")
         if problem:
             if not skip_bad_rows:
-                raise DataError(f"{path}: row {i}: {problem} (pass skip_bad_rows / --skip-bad-rows to skip)")
+                raise DataError(f"{path}: row {i}: {problem} ({SKIP_HINT})")
             skipped += 1
             continue
         rows.append({"id": f"{path.name}:{i}", "text": text, "label": int(label), "group": near_duplicate_key(text)})

@@ -124,6 +124,29 @@ def test_unterminated_quote_in_the_last_row_names_file_and_line(tmp_path):
     assert list(split["text"]) == ["Fine Row"] and split.attrs["skipped_rows"] == 1
 
 
+def test_a_quote_left_open_mid_file_names_its_lines_and_is_never_skipped(tmp_path):
+    """Rows 3-5 are fine but sit inside the open quote of row 2: skipping "one bad row" would lose them silently."""
+    _write(tmp_path / "test.csv", ['1,A,a\n', '2,B,"b\n', '3,C,c\n', '4,D,d\n', '1,E,e\n'])
+    for skip in (False, True):
+        with pytest.raises(DataError, match=r"test.csv:2-5: malformed quoting .* across 4 lines"):
+            load_ag_news(tmp_path, skip_bad_rows=skip)
+
+
+def test_blank_lines_are_not_rows(tmp_path):
+    _write(tmp_path / "test.csv", ['"1","Fine","Row"\n', '\n', '"2","Also","Fine"\n', '\n'])
+    assert list(load_ag_news(tmp_path)[0]["test"]["label"]) == [0, 1]
+
+
+def test_the_skip_hint_names_a_flag_the_commands_take(tmp_path):
+    from finetune.config import config_from_args
+
+    _write(tmp_path / "test.csv", ['"9","Bad","Label"\n'])
+    with pytest.raises(DataError) as error:
+        load_ag_news(tmp_path)
+    flag, value = str(error.value).split("to skip such rows: ")[1].split(",")[0].split()
+    assert config_from_args(["--profile", "tiny", flag, value]).skip_bad_rows is True
+
+
 def test_bad_rows_skipped_when_asked_are_noted_in_the_results(tmp_path):
     write_synthetic_csv(tmp_path / "test.csv", per_class=5)
     with open(tmp_path / "test.csv", "a", encoding="utf-8") as f:
@@ -146,6 +169,14 @@ def test_undecodable_bytes_name_the_file_and_their_line(tmp_path, name):
 def test_table_with_bad_label_names_row(tmp_path):
     pd.DataFrame({"text": ["ok", "bad"], "label": [0, 7]}).to_json(tmp_path / "test.jsonl", orient="records", lines=True)
     with pytest.raises(DataError, match=r"test.jsonl: row 2: label must be 0-3"):
+        load_ag_news(tmp_path)
+
+
+def test_a_true_or_false_label_is_refused(tmp_path):
+    """True == 1: a column of booleans would otherwise be read as World and Sports."""
+    pd.DataFrame({"text": ["a", "b"], "label": [False, True]}).to_json(tmp_path / "test.jsonl", orient="records",
+                                                                      lines=True)
+    with pytest.raises(DataError, match=r"test.jsonl: row 1: label must be 0-3 .* found False"):
         load_ag_news(tmp_path)
 
 
