@@ -217,26 +217,40 @@ def get_config(profile: str = "tiny", **overrides) -> RunConfig:
     return RunConfig(**{**PROFILES[profile], "profile": profile, **overrides})
 
 
-def overrides_from_args(argv: list[str] | None = None, description: str = "") -> tuple[str, dict]:
+def command_parser() -> argparse.ArgumentParser:
+    """A command's own flags (`--model_path`, `--name`, ...), for `config_from_args(command=...)`. No abbreviations:
+    with them `--model` would be taken for `--model_path`; no help of its own: the config's `--help` lists its flags."""
+    return argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+
+
+def overrides_from_args(argv: list[str] | None = None, description: str = "",
+                        command: argparse.ArgumentParser | None = None) -> tuple[str, dict]:
     """`--profile tiny --learning_rate 1e-3 ...`: the profile and the fields given, each typed as the field is. Without
-    --profile, the real experiment's recipe (`make demo` and the tests name `tiny`)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    --profile, the real experiment's recipe (`make demo` and the tests name `tiny`). `command`'s flags are parsed
+    beside them, so that --help lists them and a flag neither knows is an error; the caller reads their values."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[command] if command else [], allow_abbrev=False)
     parser.add_argument("--profile", default="qwen2.5-7b", choices=sorted(PROFILES),
                         help="named set of defaults; every flag below overrides one of its fields "
                              "(default: %(default)s)")
     groups = {name: parser.add_argument_group(f"{name} options") for name in GROUPS}
     for f in fields(RunConfig):
-        if f.name != "profile":
+        if f.name == "profile":
+            continue
+        try:
             groups[f.metadata["group"]].add_argument(
                 f"--{f.name}", type=_caster(f.type), default=argparse.SUPPRESS, metavar=_metavar(f.type),
                 help=f"{f.metadata['help']} (recipe default: {f.default})")
+        except argparse.ArgumentError:  # the command's own flag of that name (the benchmark's --warmup_steps)
+            continue
     args = vars(parser.parse_args(argv))
-    return args.pop("profile"), args
+    return args.pop("profile"), {name: value for name, value in args.items() if name in RunConfig.__dataclass_fields__}
 
 
-def config_from_args(argv: list[str] | None = None, description: str = "") -> RunConfig:
+def config_from_args(argv: list[str] | None = None, description: str = "",
+                     command: argparse.ArgumentParser | None = None) -> RunConfig:
     """The profile's config with every field given on the command line applied."""
-    profile, overrides = overrides_from_args(argv, description)
+    profile, overrides = overrides_from_args(argv, description, command)
     return get_config(profile, **overrides)
 
 

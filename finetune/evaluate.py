@@ -10,7 +10,6 @@ beside `articles_per_second`. Batch size, Liger's kernels and compiled layers de
     python -m finetune.evaluate --profile tiny --model_path checkpoints/tiny-ag-news/final
 """
 
-import argparse
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from transformers import AutoTokenizer
 from data_prep.read import DataError
 from data_prep.splits import Splits
 from finetune.answers import parse_lenient
-from finetune.config import RunConfig, config_from_args
+from finetune.config import RunConfig, command_parser, config_from_args
 from finetune.data import load_splits
 from finetune.generation import generate_labels, parsed
 from finetune.metrics import summarize
@@ -109,11 +108,11 @@ def warm_up(run, texts: list[str], on_gpu: bool) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = command_parser()
     parser.add_argument("--model_path", help="a trained model folder (default: the profile's model, untrained)")
     parser.add_argument("--name", help="results file stem (default: base_model or finetuned_model)")
-    known, rest = parser.parse_known_args(argv)
-    config = config_from_args(rest, description=__doc__)
+    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
+    known = parser.parse_known_args(argv)[0]
     name = known.name or ("finetuned_model" if known.model_path else "base_model")
     try:
         record = evaluate(config, name, known.model_path)

@@ -6,14 +6,13 @@ The base is the run config's `model`, loaded in its own dtype (a QLoRA adapter i
 as peft recommends: merging into 4-bit weights would round the update away).
 """
 
-import argparse
 import dataclasses
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
 from finetune.adapters import is_adapter, with_adapter
-from finetune.config import RunConfig, config_from_args
+from finetune.config import RunConfig, command_parser, config_from_args
 from finetune.model import load_model
 from finetune.sources import check_source
 
@@ -33,11 +32,11 @@ def merge_adapter(config: RunConfig, adapter_dir: str | Path, out_dir: str | Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = command_parser()
     parser.add_argument("--adapter_path", help="the adapter folder (default: the run's final/)")
     parser.add_argument("--out", help="where the merged model goes (default: the run's merged/)")
-    known, rest = parser.parse_known_args(argv)
-    config = config_from_args(rest, description=__doc__)
+    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
+    known = parser.parse_known_args(argv)[0]
     out = merge_adapter(config, known.adapter_path or config.final_dir, known.out or config.output_dir / "merged")
     print(f"merged model: {out}")
 

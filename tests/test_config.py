@@ -2,7 +2,7 @@
 
 import pytest
 
-from finetune.config import PROFILES, config_from_args, get_config
+from finetune.config import PROFILES, command_parser, config_from_args, get_config
 
 
 def test_cli_flags_are_typed_like_the_fields():
@@ -87,6 +87,20 @@ def test_without_a_profile_the_command_line_trains_the_7b_recipe():
     config = config_from_args(["--model", "/models/Qwen2.5-7B-Instruct"])
     assert config.profile == "qwen2.5-7b" and config.tokenizer is None and config.bf16
     assert config.learning_rate == 2e-5 and config.num_train_epochs == 1.0
+
+
+def test_a_commands_own_flags_take_no_abbreviation_and_join_the_help(capsys):
+    """`evaluate --model <base>` once went to `--model_path` as its abbreviation, losing the base model."""
+    command = command_parser()
+    command.add_argument("--model_path")
+    argv = ["--profile", "tiny", "--model", "/models/Qwen2.5-7B-Instruct"]
+    assert config_from_args(argv, command=command).model == "/models/Qwen2.5-7B-Instruct"
+    assert command.parse_known_args(argv)[0].model_path is None
+    with pytest.raises(SystemExit):
+        config_from_args(["--model_pth", "x"], command=command)
+    with pytest.raises(SystemExit):
+        config_from_args(["--help"], command=command)
+    assert "--model_path" in capsys.readouterr().out
 
 
 def test_help_documents_every_field_in_its_group(capsys):

@@ -6,7 +6,6 @@ loss, not accuracy.
     python -m finetune.lab.answer_loss --profile tiny --runs full lora embedding   # -> results/methods/carve/
 """
 
-import argparse
 import dataclasses
 import json
 from collections import defaultdict
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from finetune.config import RunConfig, config_from_args
+from finetune.config import RunConfig, command_parser, config_from_args
 from finetune.data import to_prompt_completion
 from finetune.lab.lora_carve import carve_run_name, carve_splits
 from finetune.model import load_for_inference
@@ -57,10 +56,10 @@ def answer_token_losses(config: RunConfig, name: str, articles: int = ARTICLES) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = command_parser()
     parser.add_argument("--runs", nargs="+", required=True, help="carve candidate names (make tiny-lora-carve)")
-    known, rest = parser.parse_known_args(argv)
-    config = config_from_args(rest, description=__doc__)
+    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
+    known = parser.parse_known_args(argv)[0]
     record = {"articles": ARTICLES, "carve_side": "train", "config": config.to_dict(),
               "runs": {name: answer_token_losses(config, name) for name in known.runs}, "environment": environment()}
     path = Path(config.results_dir) / "methods" / "carve" / "answer_loss.json"

@@ -14,7 +14,6 @@ is given as a ratio to it and to the suite's reference, both measured in the sam
 processes, only rank 0 writes.
 """
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -28,7 +27,7 @@ import torch
 from accelerate import PartialState
 from transformers.trainer_utils import SaveStrategy
 
-from finetune.config import REFERENCE_SPEED, RunConfig, config_from_args, launched_processes
+from finetune.config import REFERENCE_SPEED, RunConfig, command_parser, config_from_args, launched_processes
 from finetune.data import load_splits
 from finetune.model import load_for_inference, load_tokenizer
 from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
@@ -243,7 +242,7 @@ def plot_train(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # "--profile" is the config's
+    parser = command_parser()  # "--profile" is the config's
     parser.add_argument("what", choices=["train", "eval"])
     parser.add_argument("--name", required=True, help="writes results/benchmarks/<name>.json and .png")
     parser.add_argument("--variants", default="all", help="'all', or comma-separated names (VARIANT_SLUGS) or "
@@ -255,8 +254,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="eval: the suite's generation batch (default: --eval_batch_size)")
     parser.add_argument("--teach_steps", type=int, default=0, help="eval: first train the model this many optimizer "
                         "steps (the config's recipe and batch, nothing saved) and time the modes on what it learned")
-    parser.add_argument("--warmup_steps", type=int, default=2)
-    parser.add_argument("--measured_steps", type=int, default=5)
+    parser.add_argument("--warmup_steps", type=int, default=2,
+                        help="train: untimed optimizer steps a row (here not the learning rate's warm-up)")
+    parser.add_argument("--measured_steps", type=int, default=5, help="train: timed optimizer steps a row")
     parser.add_argument("--profile_step", action="store_true",
                         help="train: a torch profiler table of one extra step per variant")
     parser.add_argument("--trace_dir", type=Path, default=None, help="train, with --profile_step: write each "
@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stock_trl_steps", default=None, help="train: 'W,M' warm-up and measured steps of the "
                         "stock TRL rows (default: the variants' own; other steps time other articles, and the rows "
                         "then get no ratio to them); 'none' skips them")
-    known, rest = parser.parse_known_args(argv)
-    config = config_from_args(rest, description=__doc__)
+    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
+    known = parser.parse_known_args(argv)[0]
     world_size = launched_processes()
     if known.what == "eval" and world_size > 1:
         raise SystemExit("finetune.lab.bench eval runs on one GPU: start it with python -m, not accelerate launch")

@@ -12,7 +12,6 @@ With `--evaluate`, each trained model's weights are also scored (label scoring, 
 a model that learned the answer format and the labels reads them, one that learned less reads fewer.
 """
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from matplotlib.ticker import PercentFormatter
 from transformers import TrainerCallback
 
-from finetune.config import RunConfig, config_from_args
+from finetune.config import RunConfig, command_parser, config_from_args
 from finetune.lab.bench_optimizers import train_for_losses
 from finetune.lab.fp8_recipes import COMPARISON
 from finetune.model import load_model
@@ -113,12 +112,12 @@ def plot_losses(record: dict) -> plt.Figure:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = command_parser()
     parser.add_argument("--recipes", default=",".join(COMPARISON), help="which FP8 recipes, comma-separated")
     parser.add_argument("--name", default="fp8_vs_bf16", help="the results' file name, without extension")
     parser.add_argument("--evaluate", action="store_true", help="score each trained model on the held-out articles")
-    known, rest = parser.parse_known_args(argv)
-    config = config_from_args(rest, description=__doc__)
+    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
+    known = parser.parse_known_args(argv)[0]
     runs = compare(config, tuple(r for r in known.recipes.split(",") if r), known.evaluate)
     out = Path(config.results_dir) / "fp8"
     out.mkdir(parents=True, exist_ok=True)

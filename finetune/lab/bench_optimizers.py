@@ -5,7 +5,6 @@ initial weights on the same batches at the reference learning rate, measured aga
     python -m finetune.lab.bench_optimizers --profile tiny --bf16 true --hidden_size 1024 ...  # GPU measurement
 """
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -16,7 +15,7 @@ import matplotlib.pyplot as plt
 from transformers import TrainerCallback
 from transformers.trainer_utils import SaveStrategy
 
-from finetune.config import RunConfig, config_from_args
+from finetune.config import RunConfig, command_parser, config_from_args
 from finetune.results import environment
 from finetune.throughput import peak_memory_gib, reset_peak_memory
 from finetune.speedups import OPTIMIZERS
@@ -89,10 +88,10 @@ def measure(config: RunConfig, optimizers: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # "--optim..." must not match a config field
+    parser = command_parser()  # "--optim..." must not match a config field
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated, of " + ",".join(OPTIMIZERS))
-    known, rest = parser.parse_known_args(argv)
-    config = config_from_args(rest, description=__doc__)
+    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
+    known = parser.parse_known_args(argv)[0]
     results = measure(config, known.optimizers.split(","))
     out = Path(config.results_dir) / "optimizers"
     out.mkdir(parents=True, exist_ok=True)

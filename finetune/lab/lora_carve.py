@@ -8,13 +8,12 @@ pretrained base as `finetune.lab.methods`, on 5,000 of the run's training articl
 A candidate is a name and the RunConfig fields it changes (typed as the command line types them).
 """
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
 
 from data_prep.splits import Splits, make_splits
-from finetune.config import RunConfig, config_from_args, overrides_from_args
+from finetune.config import RunConfig, command_parser, config_from_args, overrides_from_args
 from finetune.data import load_splits
 from finetune.evaluate import evaluate
 from finetune.pretrain import pretrained_base
@@ -64,10 +63,10 @@ def score_candidates(config: RunConfig, candidates: dict[str, dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = command_parser()
     parser.add_argument("--candidates", nargs="+", required=True, help="name:field=value,... (see above)")
-    known, rest = parser.parse_known_args(argv)
-    config = config_from_args(rest, description=__doc__)
+    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
+    known = parser.parse_known_args(argv)[0]
     record = score_candidates(config, dict(map(parse_candidate, known.candidates)))
     path = Path(config.results_dir) / "methods" / "carve" / "lora_carve.json"
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -9,13 +9,12 @@ Each record is an evaluation record (finetune/results.py) with a `training` entr
 the bytes of the saved final/ folder (a whole model, or an adapter).
 """
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
 
 from finetune.adapters import METHODS
-from finetune.config import RunConfig, config_from_args
+from finetune.config import RunConfig, command_parser, config_from_args
 from finetune.data import load_splits
 from finetune.disk import folder_bytes
 from finetune.evaluate import evaluate
@@ -133,11 +132,11 @@ def methods_section(results_dir: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = command_parser()
     parser.add_argument("--methods", default="full,lora", help="comma-separated, from " + ", ".join(METHODS))
     parser.add_argument("--modes", default="label_scoring,generation")
-    known, rest = parser.parse_known_args(argv)
-    config = config_from_args(rest, description=__doc__)
+    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
+    known = parser.parse_known_args(argv)[0]
     for path in compare_methods(config, known.methods.split(","), tuple(known.modes.split(","))):
         print(f"wrote {path}")
 

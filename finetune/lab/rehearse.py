@@ -10,14 +10,13 @@ Random weights learn the answer format within a few dozen steps, so the accuraci
 Any RunConfig field is a flag (`--max_steps 20` and `--logging_steps 5` by default; the rest is the profile's recipe).
 """
 
-import argparse
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from finetune.config import RunConfig, get_config, overrides_from_args
+from finetune.config import RunConfig, command_parser, get_config, overrides_from_args
 from finetune.data import load_splits
 from finetune.disk import (OutOfDisk, check_disk, folder_bytes, free_bytes, same_disk, saved_tokenizer_bytes,
                            written_bytes)
@@ -186,16 +185,17 @@ def readme(results_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser = command_parser()
     parser.add_argument("--shape", choices=["tiny", "7b"], default="7b")
     parser.add_argument("--standin", help="stand-in folder (default checkpoints/standin-<shape>; written if missing)")
     parser.add_argument("--same_run", nargs="*", default=None, metavar="BENCH_JSON", help="only rewrite the README, "
                         "adding the train and eval benchmark files measured right after the rehearsal on its machine")
-    known, rest = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    known = parser.parse_known_args(argv)[0]
     defaults = {"run_name": f"rehearsal-{known.shape}", "max_steps": 20, "logging_steps": 5,
                 "results_dir": "results/rehearsal"}
-    _, overrides = overrides_from_args(["--profile", PROFILE, *[f"--{k}={v}" for k, v in defaults.items()], *rest],
-                                       description=__doc__)
+    _, overrides = overrides_from_args(["--profile", PROFILE, *[f"--{k}={v}" for k, v in defaults.items()], *argv],
+                                       description=__doc__, command=parser)
     overrides.pop("model", None)  # the stand-in is the model
     config = get_config(PROFILE, **overrides)
     standin = Path(known.standin or Path(config.checkpoints_dir) / f"standin-{known.shape}")
