@@ -158,19 +158,27 @@ class ThroughputCallback(TrainerCallback):
         self.saved = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "num_tokens" not in logs:
+        if logs is None:
             return
-        if "train_runtime" in logs:  # the Trainer's closing summary, not an interval
-            if self.rates:
-                logs["train_tokens_per_second_median"] = statistics.median(self.rates)
-                if self.peak:
-                    logs["train_mfu_median"] = logs["train_tokens_per_second_median"] * self.flops_per_token / self.peak
-            return
+        added = self._speeds(args, logs)
+        logs.update(added)  # what the loggers after this one (TensorBoard) see
+        if added and state.log_history:  # the Trainer copied `logs` there before calling the callbacks
+            state.log_history[-1].update(added)
+
+    def _speeds(self, args, logs: dict) -> dict:
+        if "train_runtime" in logs:  # the Trainer's closing summary, not an interval (TRL may have no num_tokens in it)
+            if not self.rates:
+                return {}
+            median = statistics.median(self.rates)
+            return {"train_tokens_per_second_median": median,
+                    **({"train_mfu_median": median * self.flops_per_token / self.peak} if self.peak else {})}
+        if "num_tokens" not in logs:
+            return {}
         now, tokens = time.perf_counter(), float(logs["num_tokens"])
+        speeds = {}
         if self.last is not None and tokens > self.last[1] and not self.saved:
             rate = (tokens - self.last[1]) / (now - self.last[0]) / max(args.world_size, 1)
             self.rates.append(rate)
-            logs["tokens_per_second"] = rate
-            if self.peak:
-                logs["mfu"] = rate * self.flops_per_token / self.peak
+            speeds = {"tokens_per_second": rate, **({"mfu": rate * self.flops_per_token / self.peak} if self.peak else {})}
         self.last, self.saved = (now, tokens), False
+        return speeds
