@@ -133,3 +133,15 @@ def whole_run_train_loss(train_loss: float, log_history: list[dict], resumed_fro
             before += entry["loss"] * (entry["step"] - previous)
             covered, previous = covered + entry["step"] - previous, entry["step"]
     return (before + train_loss * global_step) / (covered + global_step - resumed_step)
+
+
+def run_metrics(metrics: dict, log_history: list[dict], resumed_from: str | None, global_step: int) -> dict:
+    """The Trainer's closing metrics, true of a resumed run too: `train_loss` over the whole run
+    (whole_run_train_loss), and the per-second rates over the steps this session ran. The Trainer divides the whole
+    run's samples and steps by this session's runtime, which after a resume at step 5 of 15 reads 1.5x too fast."""
+    if resumed_from is None:
+        return metrics
+    share = (global_step - checkpoint_step(resumed_from)) / max(global_step, 1)
+    rates = {k: metrics[k] * share for k in ("train_samples_per_second", "train_steps_per_second") if k in metrics}
+    return {**metrics, **rates,
+            "train_loss": whole_run_train_loss(metrics["train_loss"], log_history, resumed_from, global_step)}

@@ -33,9 +33,9 @@ from finetune.grad_accumulation import GradIntoBuffers, accumulate_in_matmul
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
 from finetune.opening import TOKENS_SAVED, SharedOpeningCollator, planned_row_tokens, training_opening
 from finetune.plan import GPU, OutOfMemory, gpu_memory_note, log_plan, plan_training
-from finetune.sources import ModelShape, SourceNotFound
 from finetune.resume import (SaveRunConfig, check_resume, checkpoint_step, last_checkpoint, run_finished,
-                             whole_run_train_loss)
+                             run_metrics)
+from finetune.sources import ModelShape, SourceNotFound
 from finetune.speedups import (OPTIMIZERS, check_speedups, compile_decoder_layers, convert_to_fp8, decoder_layers,
                                recomputed_layers, weights_dtype)
 from finetune.throughput import (ThroughputCallback, adapter_parameters, article_tokens, peak_memory_gib,
@@ -283,9 +283,10 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, spl
                    "checkpoint_save_seconds": save_clock.seconds, "peak_memory_gib": peak_gib,
                    # What one update sees: packing fits several articles in a row, so it changes this, not only speed.
                    "optimizer_steps": state.global_step,
+                   # After a resume train_seconds, checkpoint_save_seconds and peak_memory_gib are this session's.
+                   "optimizer_steps_this_session": state.global_step - (checkpoint_step(last) if last else 0),
                    "articles_per_optimizer_step": len(trainer.splits.train) * state.epoch / max(state.global_step, 1),
-                   "metrics": {**result.metrics, "train_loss": whole_run_train_loss(
-                       result.metrics["train_loss"], state.log_history, last, state.global_step)},
+                   "metrics": run_metrics(result.metrics, state.log_history, last, state.global_step),
                    "log_history": state.log_history,
                    "tensorboard": tensorboard_scalars(config.output_dir)}
         (config.final_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

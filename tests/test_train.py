@@ -111,6 +111,10 @@ def test_interrupted_run_resumes_to_the_same_weights_and_losses(tiny_config, tmp
     assert len(_losses(summary)) > 5 and _losses(summary) == pytest.approx(_losses(expected), rel=1e-4)
     # the whole run's mean loss, not the steps since the resume divided by all of them (logged losses: 4 decimals)
     assert summary["metrics"]["train_loss"] == pytest.approx(expected["metrics"]["train_loss"], rel=1e-3)
+    # rates over the steps this session ran in its runtime, not the whole run's steps in it
+    assert summary["optimizer_steps_this_session"] == summary["optimizer_steps"] - 5
+    assert summary["metrics"]["train_steps_per_second"] == pytest.approx(
+        summary["optimizer_steps_this_session"] / summary["metrics"]["train_runtime"], rel=0.02)
     straight_weights, resumed_weights = _weights(straight), _weights(resumed)
     assert next(iter(resumed_weights.values())).dtype == (torch.bfloat16 if bf16 else torch.float32)
     for name, value in straight_weights.items():
@@ -279,20 +283,23 @@ def test_the_run_ends_with_median_interval_speed_not_the_whole_run_average():
     callback = ThroughputCallback(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
                                   ArticleTokens(attention_length=100.0, loss_share=0.07))
-    args = mock.Mock(world_size=1)
+    args, state = mock.Mock(world_size=1), mock.Mock(log_history=[])
     logs = []
     clock = iter([0.0, 1.0, 2.0, 4.0, 14.0, 15.0, 99.0])  # seconds at each log
     with mock.patch("finetune.throughput.time.perf_counter", lambda: next(clock)):
         for step, tokens in enumerate([0, 1000, 2000, 3000, 4000, 5000]):
             if step == 4:
-                callback.on_save(args, None, None)  # written during the interval that ends at the 5th log
+                callback.on_save(args, state, None)  # written during the interval that ends at the 5th log
             logs.append({"num_tokens": tokens})
-            callback.on_log(args, None, None, logs=logs[-1])
-        final = {"num_tokens": 5000, "train_runtime": 99.0}
-        callback.on_log(args, None, None, logs=final)
+            state.log_history.append(dict(logs[-1]))  # as Trainer.log does, before the callbacks
+            callback.on_log(args, state, None, logs=logs[-1])
+        final = {"train_runtime": 99.0}  # TRL cleared its num_tokens at the last step's log line
+        state.log_history.append(dict(final))
+        callback.on_log(args, state, None, logs=final)
     rates = [log.get("tokens_per_second") for log in logs]
     assert rates == [None, 1000.0, 1000.0, 500.0, None, 1000.0]
     assert final["train_tokens_per_second_median"] == 1000.0 and "tokens_per_second" not in final
+    assert state.log_history == [*logs, final]  # the summary's log_history has them too
 
 
 def test_evaluation_defaults_are_planned_and_recorded_with_the_warm_up_apart(tiny_config):
