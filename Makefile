@@ -43,7 +43,7 @@ test: $(INSTALLED)  ## the fast tests (CI runs this)
 test-all: $(INSTALLED)  ## every test, the slow end-to-end ones too
 	$(BIN)/python -m pytest -q
 
-# Both serve on localhost only (their defaults); the README says how to reach them from another machine. Extra flags
+# Both serve on localhost only (their defaults); docs/notebooks.md says how to reach them from another machine. Extra flags
 # ride along, e.g. make lab LAB_PORT=8890 LAB_FLAGS="--no-browser". Root is the usual user in containers and on GPU
 # boxes, and Jupyter refuses to run as root without --allow-root.
 LAB_PORT ?= 8888
