@@ -4,6 +4,7 @@ Each checkpoint carries the run config (run_config.json). A run started again re
 its config matches, apart from RESUME_FREE_FIELDS; `allow_config_change` resumes anyway. A finished run is left alone.
 """
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -56,6 +57,7 @@ def last_checkpoint(output_dir: Path, world_size: int | None = None) -> str | No
 
 
 RUN_CONFIG = "run_config.json"  # the run config, stored in every checkpoint folder
+PLANNED_OPTIMIZER = "planned_optimizer"  # beside its fields there: the optimizer an "auto" one resolved to
 # Fields that may differ when a run resumes, as none changes the training: where things go, how often to log and save,
 # loader workers, evaluation settings, activation recompute (the same activations, recomputed or kept), and where the
 # weight gradients are summed (the same sums), and whether the opening is shared (the same loss and gradients).
@@ -67,15 +69,27 @@ RESUME_FREE_FIELDS = frozenset({"run_name", "checkpoints_dir", "results_dir", "l
 
 
 class SaveRunConfig(TrainerCallback):
-    """Writes the run config into each checkpoint as it is saved, for the resume check."""
+    """Writes the run config as given into each checkpoint as it is saved, for the resume check, and beside it the
+    optimizer the run planned, whose format the saved moments are in (kept_optimizer)."""
 
-    def __init__(self, config: RunConfig):
-        self.config = config
+    def __init__(self, config: RunConfig, planned_optimizer: str):
+        self.config, self.planned_optimizer = config, planned_optimizer
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            (folder / RUN_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            stored = {**self.config.to_dict(), PLANNED_OPTIMIZER: self.planned_optimizer}
+            (folder / RUN_CONFIG).write_text(json.dumps(stored, indent=2) + "\n")
+
+
+def kept_optimizer(config: RunConfig, checkpoint: str | None) -> RunConfig:
+    """`config` resuming `checkpoint` with the optimizer that saved its moments. Under "auto" the plan picks bf16 or
+    8-bit moments from the memory, and `max_memory_gib` may change on a resume (the out-of-memory advice suggests it):
+    the other optimizer would be handed moments in a format it does not keep."""
+    if config.optimizer != "auto" or checkpoint is None or not (Path(checkpoint) / RUN_CONFIG).exists():
+        return config
+    planned = json.loads((Path(checkpoint) / RUN_CONFIG).read_text()).get(PLANNED_OPTIMIZER)
+    return config if planned is None else dataclasses.replace(config, optimizer=planned)  # None: an older version
 
 
 def config_changes(stored: dict, config: RunConfig) -> dict[str, tuple]:

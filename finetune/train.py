@@ -33,8 +33,8 @@ from finetune.grad_accumulation import GradIntoBuffers, accumulate_in_matmul
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
 from finetune.opening import TOKENS_SAVED, SharedOpeningCollator, planned_row_tokens, training_opening
 from finetune.plan import GPU, OutOfMemory, gpu_memory_note, log_plan, plan_training
-from finetune.resume import (SaveRunConfig, check_resume, checkpoint_step, last_checkpoint, run_finished,
-                             run_metrics)
+from finetune.resume import (SaveRunConfig, check_resume, checkpoint_step, kept_optimizer, last_checkpoint,
+                             run_finished, run_metrics)
 from finetune.sources import ModelShape, SourceNotFound
 from finetune.speedups import (OPTIMIZERS, check_speedups, compile_decoder_layers, convert_to_fp8, decoder_layers,
                                recomputed_layers, weights_dtype)
@@ -251,7 +251,13 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, spl
         return config.final_dir
     start = time.perf_counter()
     save_clock = SaveClock()
-    trainer = build_trainer(config, [*(callbacks or []), save_clock, SaveRunConfig(config)], splits)
+    resumed = kept_optimizer(config, last)
+    trainer = build_trainer(resumed, [*(callbacks or []), save_clock], splits)
+    if resumed.optimizer != config.optimizer:  # the summary's plan says what ran, and why
+        trainer.plan["optimizer"] = {"value": resumed.optimizer, "reason": f"{resumed.optimizer}: kept, as the moments "
+                                     f"in {Path(last).name} are in its format"}
+        log.info("optimizer: %s", trainer.plan["optimizer"]["reason"])
+    trainer.add_callback(SaveRunConfig(config, trainer.run_config.optimizer))
     setup_seconds = time.perf_counter() - start
     log.info("disk: %s", check_disk(trainer.run_config, ModelShape.of(config), planned_steps(trainer),
                                     free_bytes(config.output_dir), written_bytes(config.output_dir),

@@ -362,6 +362,22 @@ def test_each_command_ends_on_missing_data_with_the_message_alone(command, tmp_p
                                                "--checkpoints_dir", str(tmp_path), "--results_dir", str(tmp_path)])
 
 
+def test_a_resumed_run_keeps_the_optimizer_its_checkpoint_was_saved_by(tiny_config, monkeypatch):
+    """Under "auto" the plan picks the moments' format from the memory, which a resume may change (`--max_memory_gib`,
+    as the out-of-memory advice suggests): the other optimizer would be handed moments in a format it does not keep."""
+    import finetune.plan
+
+    config = dataclasses.replace(tiny_config, num_train_epochs=1.0, save_steps=5, max_train_samples=120,
+                                 optimizer="auto", bf16=True)
+    train(config, callbacks=[StopAt(5)])
+    stored = json.loads((config.output_dir / "checkpoint-5" / "run_config.json").read_text())
+    assert stored["optimizer"] == "auto" and stored["planned_optimizer"] == "adamw_bf16_sr"
+    monkeypatch.setattr(finetune.plan, "_optimizer", lambda *args: ("adamw", "adamw: what the plan would now choose"))
+    summary = json.loads((train(config) / "train_summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-5")
+    assert summary["plan"]["optimizer"]["value"] == "adamw_bf16_sr" and "kept" in summary["plan"]["optimizer"]["reason"]
+
+
 def test_running_out_of_memory_names_what_is_kept_and_what_needs_less(tiny_config):
     """An out-of-memory error mid-run says which checkpoint the same command resumes from and which settings need less
     memory; the rerun then resumes there. Before the first checkpoint, it says a rerun starts afresh."""
