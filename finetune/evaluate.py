@@ -21,7 +21,7 @@ from data_prep.read import DataError
 from data_prep.splits import Splits
 from finetune.answers import parse_lenient
 from finetune.config import RunConfig, command_parser, config_from_args
-from finetune.data import load_splits
+from finetune.data import check_held_out, load_splits
 from finetune.generation import generate_labels, parsed
 from finetune.metrics import summarize
 from finetune.model import check_tokenizer_fits, load_for_inference, load_tokenizer
@@ -42,7 +42,10 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
     start = time.perf_counter()
     config, plan = plan_evaluation(config, GPU.current(), ModelShape.of(config, model_path))
     log_plan(plan, "evaluation")
-    splits = splits or load_splits(config)
+    if splits is None:
+        splits = load_splits(config)
+        if model_path is not None:
+            check_held_out(config, splits, model_path)
     if model_path is None:
         tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
     else:

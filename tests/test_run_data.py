@@ -120,6 +120,26 @@ def test_split_seed_alone_chooses_the_eval_articles(tiny_config):
     assert other_carve.describe()["seed"] == 43
 
 
+def test_a_trained_model_is_evaluated_only_on_its_carves_other_side(tiny_config, tmp_path):
+    """Another split seed, carve size or the standard protocol's whole split would hold articles it trained on."""
+    from data_prep.read import DataError
+    from finetune.data import check_held_out
+
+    final = tmp_path / "final"
+    final.mkdir()
+    trained = load_splits(tiny_config)
+    (final / "train_summary.json").write_text(json.dumps({"data": trained.describe(),
+                                                          "config": tiny_config.to_dict()}))
+    check_held_out(tiny_config, load_splits(tiny_config), final)  # the same carve: its other side
+    for change in ({"split_seed": tiny_config.split_seed + 1}, {"holdout_train_size": 200}):
+        other = dataclasses.replace(tiny_config, **change)
+        with pytest.raises(DataError, match="would include articles it trained on"):
+            check_held_out(other, load_splits(other), final)
+    whole = dataclasses.replace(trained, protocol="standard")  # e.g. the full test split, under the standard protocol
+    with pytest.raises(DataError, match="protocol standard"):
+        check_held_out(tiny_config, whole, final)
+
+
 def test_notebook_runs_record_the_data_folder_as_named(tmp_path, monkeypatch):
     passed = four_notebook_runs(monkeypatch)
     monkeypatch.delenv("AG_NEWS_DIR", raising=False)
