@@ -350,18 +350,18 @@ def save_final_model(trainer: FusedHeadSFTTrainer, folder: Path) -> None:
 
 
 def tensorboard_scalars(output_dir: Path) -> dict[str, dict]:
-    """Every scalar TensorBoard holds for the run, as {tag: {"steps": [...], "values": [...]}}, for results files."""
+    """Every scalar TensorBoard holds for the run, as {tag: {"steps": [...], "values": [...]}}, for results files. A
+    resumed run writes a new event file and logs again the steps after its checkpoint that the interrupted one had
+    logged: the later file's value stands (the files' names begin with their start time)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    scalars = {}
-    for events in sorted((output_dir / "runs").rglob("events.out.tfevents.*")):
+    by_step = {}
+    for events in sorted((output_dir / "runs").rglob("events.out.tfevents.*"), key=lambda path: path.name):
         accumulator = EventAccumulator(str(events)).Reload()
         for tag in accumulator.Tags()["scalars"]:
-            points = accumulator.Scalars(tag)
-            entry = scalars.setdefault(tag, {"steps": [], "values": []})
-            entry["steps"] += [p.step for p in points]
-            entry["values"] += [p.value for p in points]
-    return scalars
+            by_step.setdefault(tag, {}).update((p.step, p.value) for p in accumulator.Scalars(tag))
+    return {tag: {"steps": sorted(points), "values": [points[step] for step in sorted(points)]}
+            for tag, points in by_step.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -230,6 +230,23 @@ def test_answer_only_lm_head_gives_trls_loss_and_gradients(tiny_config, monkeypa
         torch.testing.assert_close(ours, trls, atol=1e-6, rtol=1e-5)
 
 
+def test_tensorboard_scalars_logged_again_after_a_resume_count_once(tmp_path):
+    """The interrupted session logged steps 6-7 after its checkpoint at 5; the resumed one logs them again."""
+    import time
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from finetune.train import tensorboard_scalars
+
+    for session, (steps, loss) in enumerate([(range(1, 8), 2.0), (range(6, 10), 1.0)]):
+        with SummaryWriter(tmp_path / "runs" / f"Dec0{9 - session}_session") as writer:  # names sort against time
+            for step in steps:
+                writer.add_scalar("train/loss", loss, step)
+        time.sleep(1.1)  # event files are named by their start second
+    scalars = tensorboard_scalars(tmp_path)["train/loss"]
+    assert scalars["steps"] == list(range(1, 10)) and scalars["values"] == [2.0] * 5 + [1.0] * 4
+
+
 def test_tensorboard_gets_throughput_scalars(tiny_config):
     final = train(dataclasses.replace(tiny_config, max_train_samples=80, num_train_epochs=1.0, logging_steps=2))
     scalars = json.loads((final / "train_summary.json").read_text())["tensorboard"]
