@@ -14,13 +14,13 @@ from transformers import AutoTokenizer
 from finetune.adapters import is_adapter, with_adapter
 from finetune.config import RunConfig, command_parser, config_from_args
 from finetune.model import load_model
-from finetune.sources import check_source
+from finetune.sources import SourceNotFound, check_source
 
 
 def merge_adapter(config: RunConfig, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Base model + the adapter at `adapter_dir`, merged, saved with its tokenizer to `out_dir`."""
     if not is_adapter(adapter_dir):
-        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: merge takes the final/ folder of a run "
+        raise SourceNotFound(f"{adapter_dir} holds no adapter_config.json: merge takes the final/ folder of a run "
                                 "trained with --method lora or qlora (a full fine-tuning run is standalone already)")
     check_source(config.model, "model")  # the base, named before any weights load
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="where the merged model goes (default: the run's merged/)")
     config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
     known = parser.parse_known_args(argv)[0]
-    out = merge_adapter(config, known.adapter_path or config.final_dir, known.out or config.output_dir / "merged")
+    try:
+        out = merge_adapter(config, known.adapter_path or config.final_dir, known.out or config.output_dir / "merged")
+    except SourceNotFound as error:  # no adapter there, or no base model: the message says which
+        raise SystemExit(f"error: {error}") from None
     print(f"merged model: {out}")
 
 

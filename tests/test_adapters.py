@@ -310,3 +310,10 @@ def test_training_takes_the_articles_it_is_given(lora_config):
     assert sum(map(len, trainer.train_dataset["seq_lengths"])) == len(carve.train)
     assert all(any(text in row for row in rows) for text in carve.train["text"])
 
+
+
+def test_merge_without_an_adapter_says_so_without_a_traceback(tmp_path):
+    import finetune.merge
+
+    with pytest.raises(SystemExit, match=f"error: {tmp_path} holds no adapter_config.json"):
+        finetune.merge.main(["--profile", "tiny", "--adapter_path", str(tmp_path), "--out", str(tmp_path / "merged")])
