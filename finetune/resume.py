@@ -29,6 +29,9 @@ CHECKPOINT_PARTS = {
     # Trainer._load_optimizer_and_scheduler loads the optimizer only where scheduler.pt exists too: without it the
     # run would go on with fresh Adam moments and a schedule started over, silently.
     "scheduler state": ("scheduler.pt",),
+    # SaveRunConfig writes it last, after the Trainer has deleted the checkpoints beyond save_total_limit: a run cut off
+    # in between leaves a checkpoint whose config cannot be checked, nor its optimizer kept (kept_optimizer).
+    "run config": ("run_config.json",),
 }
 
 
@@ -86,7 +89,7 @@ def kept_optimizer(config: RunConfig, checkpoint: str | None) -> RunConfig:
     """`config` resuming `checkpoint` with the optimizer that saved its moments. Under "auto" the plan picks bf16 or
     8-bit moments from the memory, and `max_memory_gib` may change on a resume (the out-of-memory advice suggests it):
     the other optimizer would be handed moments in a format it does not keep."""
-    if config.optimizer != "auto" or checkpoint is None or not (Path(checkpoint) / RUN_CONFIG).exists():
+    if config.optimizer != "auto" or checkpoint is None:
         return config
     planned = json.loads((Path(checkpoint) / RUN_CONFIG).read_text()).get(PLANNED_OPTIMIZER)
     return config if planned is None else dataclasses.replace(config, optimizer=planned)  # None: an older version
@@ -102,12 +105,7 @@ def config_changes(stored: dict, config: RunConfig) -> dict[str, tuple]:
 
 def check_resume(config: RunConfig, checkpoint: str) -> dict[str, tuple]:
     """The training-relevant changes since `checkpoint`; an error naming them unless `config.allow_config_change`."""
-    path = Path(checkpoint) / RUN_CONFIG
-    if not path.exists():
-        log.warning("%s holds no %s (written by an older version): its run config cannot be checked", checkpoint,
-                    RUN_CONFIG)
-        return {}
-    changes = config_changes(json.loads(path.read_text()), config)
+    changes = config_changes(json.loads((Path(checkpoint) / RUN_CONFIG).read_text()), config)
     if changes:
         listed = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items())
         if not config.allow_config_change:

@@ -174,7 +174,8 @@ def test_partial_checkpoint_is_a_clear_error(tiny_config):
 # scheduler.pt the Trainer would load neither optimizer nor schedule (fresh Adam moments, the warm-up again); without
 # rng_state.pth, dropout and stochastic rounding would draw other numbers than the uninterrupted run.
 CHECKPOINT_FILES = {"trainer_state.json": "trainer_state.json", "model.safetensors": "model weights",
-                    "optimizer.pt": "optimizer state", "scheduler.pt": "scheduler state", "rng_state.pth": "RNG state"}
+                    "optimizer.pt": "optimizer state", "scheduler.pt": "scheduler state", "rng_state.pth": "RNG state",
+                    "run_config.json": "run config"}
 
 
 def test_a_checkpoint_the_trainer_wrote_is_complete_and_each_missing_part_is_named(tiny_config, tmp_path):
