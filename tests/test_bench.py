@@ -56,7 +56,9 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
     assert any(r["op"] == "aten::mm" and r["calls"] > 0 for r in reference["matmul_rates"])
     assert reference["gpu_busy_share"] is None  # no GPU timeline on the CPU
     assert (tmp_path / "traces" / "row0.json.gz").stat().st_size > 0  # the reference's timeline (stock TRL is unprofiled)
-    assert reference["projected_epoch_minutes_full_train"] > 0 and record["environment"]["packages"]["torch"]
+    # 120,000 articles at 16 a 3-second step: 375 minutes (the 16 measured articles' mean length against the set's)
+    assert reference["projected_epoch_minutes_full_train"] == pytest.approx(120_000 / 16 * 3 / 60, rel=0.1)
+    assert record["environment"]["packages"]["torch"]
     assert (tmp_path / "benchmarks" / "smoke.png").exists()
     threads = record["environment"]["hardware"]["torch_threads"]
     assert f"| `smoke.json` | CPU ({threads} threads) | reference" in training_benchmark_table(tmp_path)
@@ -121,9 +123,14 @@ def test_files_before_rows_recorded_their_steps_drop_ratios_to_an_anchor_that_ti
     assert anchor_mismatch(recipe, reference, recipe["variants"][bench.STOCK_TRL]) == "anchor at batch 16 x 2"
 
 
-def test_step_clock_times_the_steps_after_the_warm_up_ones_and_from_the_start_without_any():
+def test_step_clock_times_the_steps_after_the_warm_up_ones_and_from_the_start_without_any(monkeypatch):
     """Tokens from each step's log (TRL's running `num_tokens`; a later log in the same step, an evaluation's, changes
-    nothing), the update's time from its two marks."""
+    nothing), the update's time from its two marks. Each mark reads a clock 1 s after the one before: the start, then
+    three a step (before and after the update, the step's end)."""
+    from finetune.lab import profiling
+
+    ticks = iter(range(100))
+    monkeypatch.setattr(profiling, "_stream_mark", lambda: float(next(ticks)))
     clock, state = StepClock(), TrainerState()
     clock.on_train_begin(None, state, None)
     for tokens in (100, 300, 600):  # TRL's running count after each optimizer step
@@ -132,10 +139,9 @@ def test_step_clock_times_the_steps_after_the_warm_up_ones_and_from_the_start_wi
         clock.on_step_end(None, state, None)
         clock.on_log(None, state, None, logs={"loss": 1.0, "num_tokens": float(tokens)})
         clock.on_log(None, state, None, logs={"num_tokens": 0.0})
-    assert clock.window(warmup_steps=1, measured_steps=2)[1] == 500
-    seconds, tokens = clock.window(warmup_steps=0, measured_steps=3)
-    assert tokens == 600 and seconds > 0
-    assert len(clock.optimizer_seconds) == 3 and all(s >= 0 for s in clock.optimizer_seconds)
+    assert clock.window(warmup_steps=1, measured_steps=2) == (6.0, 500)  # from the first step's end (3 s) to 9 s
+    assert clock.window(warmup_steps=0, measured_steps=3) == (9.0, 600)
+    assert clock.optimizer_seconds == [1.0, 1.0, 1.0]
 
 
 def test_matmul_rates_count_the_flops_torch_counts_per_shape():

@@ -327,8 +327,10 @@ def test_convert_cli_writes_deterministic_chat_jsonl(synthetic_dir, tmp_path):
         main(["--source", str(synthetic_dir), "--out", str(tmp_path / out), "--holdout-train-size", "300"])
     first = (tmp_path / "a" / "train.jsonl").read_bytes()
     assert first == (tmp_path / "b" / "train.jsonl").read_bytes()
-    record = json.loads(first.splitlines()[0])
-    assert record["messages"] == build_messages(record["messages"][1]["content"].split("\n\n", 1)[1], record["label"])
+    source = load_ag_news(synthetic_dir)[0]["test"].set_index("id")
+    for record in map(json.loads, first.splitlines()):  # each article and its label as the source file has them
+        article = source.loc[record["id"]]
+        assert record["messages"] == build_messages(article["text"], LABELS[article["label"]])
     described = json.loads((tmp_path / "a" / "splits.json").read_text())
     assert (described["protocol"], described["seed"]) == ("holdout", 42)  # the carve every run makes by default
     assert len((tmp_path / "a" / "eval.jsonl").read_text().splitlines()) == 100

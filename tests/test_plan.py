@@ -211,6 +211,8 @@ def test_evaluation_uses_liger_and_the_largest_batch_that_fits():
         assert config.eval_batch_size == 512, plan["eval_batch_size"]["reason"]
     small = GPU("NVIDIA L4", (8, 9), total_gib=22.0, free_gib=21.5, integrated=False)
     config, plan = plan_evaluation(get_config("qwen2.5-7b"), small, QWEN_7B, has=EVERYTHING)
-    assert 1 <= config.eval_batch_size < 512 and config.eval_batch_size & (config.eval_batch_size - 1) == 0
+    fits = int(plan["eval_batch_size"]["reason"].split(": ")[1].split(" articles")[0])  # "16: 17 articles of ..."
+    batch = config.eval_batch_size
+    assert batch & (batch - 1) == 0 and batch <= fits < 2 * batch < 512, plan["eval_batch_size"]["reason"]
     config, plan = plan_evaluation(get_config("qwen2.5-7b"), None, QWEN_7B, has=EVERYTHING)
     assert config.use_liger_kernel is False and config.eval_batch_size == 64
