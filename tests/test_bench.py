@@ -66,18 +66,20 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
 
 def test_each_row_is_given_as_its_speed_over_the_reference_and_over_stock_trl():
     """A row twice the reference's tokens/s is 2x it; rows without a rate, and ratios to an unmeasured base, are left
-    out; a row at another batch than stock TRL's, or timed over other steps, gets no ratio to it (the reference's own
-    batch is part of what it is, so its ratio stays)."""
+    out; a row at another batch than stock TRL's (rows a step: 8 x 4 is 16 x 2 in other micro-batches), or timed over
+    other steps, gets no ratio to it (the reference's own batch is part of what it is, so its ratio stays)."""
     steps = {"batch": [16, 2], "warmup_steps": 2, "measured_steps": 4}
     results = {bench.STOCK_TRL: {"tokens_per_second": 50.0, **steps}, "reference": {"tokens_per_second": 100.0, **steps},
                "fast": {"tokens_per_second": 200.0, **steps}, "failed": {"error": "OutOfMemoryError", **steps},
                "8x4": {"tokens_per_second": 120.0, **steps, "batch": [8, 4]},
+               "8x2": {"tokens_per_second": 120.0, **steps, "batch": [8, 2]},
                "longer": {"tokens_per_second": 180.0, **steps, "measured_steps": 8}}
     bench.add_ratios(results, reference="reference")
     assert results["fast"] == {"tokens_per_second": 200.0, **steps, "speed_vs_reference": 2.0, "speed_vs_stock_trl": 4.0}
     assert results["reference"]["speed_vs_stock_trl"] == 2.0 and results[bench.STOCK_TRL]["speed_vs_reference"] == 0.5
     assert results["failed"] == {"error": "OutOfMemoryError", **steps}
-    for name in ("8x4", "longer"):
+    assert results["8x4"]["speed_vs_stock_trl"] == 2.4
+    for name in ("8x2", "longer"):
         assert "speed_vs_stock_trl" not in results[name] and results[name]["speed_vs_reference"] > 1
     without_stock = bench.add_ratios({"reference": {"tokens_per_second": 100.0}, "fast": {"tokens_per_second": 150.0}},
                                      reference="reference")
@@ -101,13 +103,40 @@ def test_rows_on_the_recipes_profile_start_from_the_reference_and_record_what_th
     results = bench.bench_train(get_config("qwen2.5-7b"), variants, 2, 4, stock_trl_steps=(2, 4))
     assert ran == {0: (16, 2, "auto"), 1: (8, 4, REFERENCE_SPEED["compile_layers"]), 2: (16, 2, "auto")}
     assert [results[name]["batch"] for name in (bench.STOCK_TRL, "reference", "recipe")] == [[16, 2], [8, 4], [16, 2]]
-    assert "speed_vs_stock_trl" in results["recipe"] and "speed_vs_stock_trl" not in results["reference"]
+    assert "speed_vs_stock_trl" in results["recipe"] and "speed_vs_stock_trl" in results["reference"]  # 32 rows a step
+
+
+def test_stock_trl_out_of_memory_runs_again_in_smaller_micro_batches_of_the_same_rows_a_step(monkeypatch):
+    """As TRL's docs advise: half the rows a micro-batch, twice the micro-batches, until it fits; the row records the
+    layouts that did not. Another error ends the row at once."""
+    from finetune.config import get_config
+
+    ran = []
+
+    def variant(config, warmup, measured, *args, build=None, **kwargs):
+        ran.append((config.per_device_train_batch_size, config.gradient_accumulation_steps))
+        if build is not None and config.per_device_train_batch_size > 4:  # stock TRL's rows at more than 4 rows
+            return {"error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 116.00 MiB."}
+        return {"tokens_per_second": 100.0}
+
+    monkeypatch.setattr(bench, "bench_train_variant", variant)
+    variants = {"reference": {}, "recipe": {**train_variants.RECIPE_SPEED, "per_device_train_batch_size": 16,
+                                           "gradient_accumulation_steps": 2}}
+    results = bench.bench_train(get_config("qwen2.5-7b"), variants, 2, 4, stock_trl_steps=(2, 4))
+    assert ran[:3] == [(16, 2), (8, 4), (4, 8)]
+    stock = results[bench.STOCK_TRL]
+    assert stock["batch"] == [4, 8] and stock["out_of_memory_at"] == [[16, 2], [8, 4]]
+    assert results["recipe"]["speed_vs_stock_trl"] == 1.0
+    monkeypatch.setattr(bench, "bench_train_variant", lambda *args, **kwargs: {"error": "RuntimeError: no kernel"})
+    results = bench.bench_train(get_config("qwen2.5-7b"), variants, 2, 4, stock_trl_steps=(2, 4))
+    assert results[bench.STOCK_TRL]["batch"] == [16, 2] and "out_of_memory_at" not in results[bench.STOCK_TRL]
 
 
 def test_files_before_rows_recorded_their_steps_drop_ratios_to_an_anchor_that_timed_others():
     """Two committed files the bench wrote before it checked: h200_7b_train_speed.json timed stock TRL over steps 2-3
-    beside rows over 2-4; h200_7b_train_fused.json timed it at 8 x 4 beside a 16 x 2 row, over 8 steps beside 4. Their
-    ratios to it are not made; h200_7b_train_recipe.json's stock rows ran at its rows' batch and steps, so its stand."""
+    beside rows over 2-4; h200_7b_train_fused.json timed it over 8 steps beside 4. Their ratios to it are not made;
+    h200_7b_train_recipe.json's stock rows ran at its rows' batch and steps, so its stand, the reference's at 8 x 4
+    among them (32 rows a step, as stock TRL's 16 x 2)."""
     from finetune.lab.measurements import anchor_mismatch, anchor_ratios
 
     speed, fused, recipe = (committed_benchmark(f"h200_7b_train_{name}.json") for name in ("speed", "fused", "recipe"))
@@ -116,11 +145,13 @@ def test_files_before_rows_recorded_their_steps_drop_ratios_to_an_anchor_that_ti
         assert anchor_mismatch(speed, row, stock) == "anchor timed over steps 2-3"
         assert "speed_vs_stock_trl" in row and "speed_vs_stock_trl" not in anchor_ratios(speed, row)
     batch_16x2 = next(v for v in fused["variants"].values() if v["overrides"].get("per_device_train_batch_size") == 16)
-    assert anchor_mismatch(fused, batch_16x2, fused["variants"][bench.STOCK_TRL]) == "anchor at batch 8 x 4"
+    assert anchor_mismatch(fused, batch_16x2, fused["variants"][bench.STOCK_TRL]) == "anchor timed over steps 3-10"
     recipe_row = recipe["variants"][RECIPE_ROW]
     assert anchor_ratios(recipe, recipe_row) == recipe_row
     reference = next(iter(v for v in recipe["variants"].values() if not v.get("stock_trl")))
-    assert anchor_mismatch(recipe, reference, recipe["variants"][bench.STOCK_TRL]) == "anchor at batch 16 x 2"
+    assert anchor_mismatch(recipe, reference, recipe["variants"][bench.STOCK_TRL]) is None
+    assert anchor_mismatch(recipe, reference, {"batch": [8, 2], "warmup_steps": 2, "measured_steps": 4}) == \
+        "anchor at 16 rows a step"
 
 
 def test_step_clock_times_the_steps_after_the_warm_up_ones_and_from_the_start_without_any(monkeypatch):

@@ -125,21 +125,31 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
                 trace_dir: Path | None = None) -> dict:
     """Stock TRL as documented first (with `stock_trl_steps`: its warm-up and measured steps), then every variant in
     turn, the first of them the reference, then stock TRL tuned (Liger patches the process, so it comes last); `save`
-    gets the results so far after each one, so a run cut short keeps what it had. Every row trains at the batch of
-    the last variant (the one being compared; the reference's shape when it runs alone). With `profile` and
+    gets the results so far after each one, so a run cut short keeps what it had. Every row trains the rows a step of
+    the last variant (the one being compared; the reference's shape when it runs alone), stock TRL's rows starting at
+    its micro-batches. With `profile` and
     `trace_dir`, each profiled step's timeline goes there, named by the row's order."""
     results = {}
     start = reference_start(config)
     batch = {k: {**dataclasses.asdict(config), **start, **list(variants.values())[-1]}[k]
              for k in ("per_device_train_batch_size", "gradient_accumulation_steps")}
-    stock_config = dataclasses.replace(config, **batch)
 
     def stock(name: str, **switches) -> None:
+        """Out of memory, the row runs again with half the rows a micro-batch and twice the micro-batches, the same
+        rows a step, as TRL's docs advise (a smaller per_device_train_batch_size, more gradient_accumulation_steps)."""
         print(f"== {name}", flush=True)
-        results[name] = {"overrides": batch, "stock_trl": switches or True, "batch": list(batch.values()),
+        layout, out_of_memory_at = batch, []
+        while True:
+            row = bench_train_variant(dataclasses.replace(config, **layout), *stock_trl_steps,
+                                      build=lambda c, callbacks: stock_trl_trainer(c, callbacks, **switches))
+            rows, micro_batches = layout.values()
+            if not row.get("error", "").startswith("OutOfMemoryError") or rows % 2:
+                break
+            out_of_memory_at.append([rows, micro_batches])
+            layout = {"per_device_train_batch_size": rows // 2, "gradient_accumulation_steps": micro_batches * 2}
+        results[name] = {"overrides": layout, "stock_trl": switches or True, "batch": list(layout.values()),
                          "warmup_steps": stock_trl_steps[0], "measured_steps": stock_trl_steps[1],
-                         **bench_train_variant(stock_config, *stock_trl_steps,
-                                               build=lambda c, callbacks: stock_trl_trainer(c, callbacks, **switches))}
+                         **({"out_of_memory_at": out_of_memory_at} if out_of_memory_at else {}), **row}
         save(add_ratios(results, reference=next(iter(variants))))
 
     if stock_trl_steps:

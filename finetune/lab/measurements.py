@@ -98,11 +98,13 @@ def row_steps(record: dict, row: dict) -> tuple[int, int, int, int]:
 
 
 def anchor_mismatch(record: dict, row: dict, anchor: dict) -> str | None:
-    """Why `row` may not be divided by `anchor`, or None where both timed the same steps of the same batches: the same
-    articles at the same batch size, as a ratio to an anchor must be."""
+    """Why `row` may not be divided by `anchor`, or None where both timed the same steps at the same batch: the same
+    rows an optimizer step, so the same articles, as a ratio to an anchor must be. How each side splits a step's rows
+    into micro-batches is its own setting, as the suite's plan chooses it and a user tuning TRL would (a smaller
+    micro-batch where the memory runs out)."""
     (rows, micro_batches, warmup, measured), theirs = row_steps(record, row), row_steps(record, anchor)
-    if (rows, micro_batches) != theirs[:2]:
-        return f"anchor at batch {theirs[0]} x {theirs[1]}"
+    if rows * micro_batches != theirs[0] * theirs[1]:
+        return f"anchor at {theirs[0] * theirs[1]} rows a step"
     if (warmup, measured) != theirs[2:]:
         return f"anchor timed over steps {theirs[2] + 1}-{theirs[2] + theirs[3]}"
     return None

@@ -24,7 +24,8 @@ STOCK_TRL = "stock TRL SFTTrainer (packing, sdpa, bf16, full GC, AdamW)"
 FLASH_ATTENTION = importlib.util.find_spec("flash_attn") is not None
 _ATTENTION = "FlashAttention-2" if FLASH_ATTENTION else "sdpa (FlashAttention-2 not installed)"
 # Row name -> the documented options it turns on. "Where the memory holds it": the row without checkpointing runs
-# first, and a run where it does not fit records the out-of-memory error and keeps the other.
+# first, in smaller micro-batches of the same rows a step where the compared ones do not fit (bench.bench_train); where
+# none fits it records the out-of-memory error, and the other row is the anchor.
 STOCK_TRL_TUNED = {
     f"stock TRL tuned: Liger, {_ATTENTION}, no gradient checkpointing": dict(liger=True, gradient_checkpointing=False),
     f"stock TRL tuned: Liger, {_ATTENTION}, full GC": dict(liger=True, gradient_checkpointing=True),
