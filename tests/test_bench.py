@@ -154,6 +154,25 @@ def test_files_before_rows_recorded_their_steps_drop_ratios_to_an_anchor_that_ti
         "anchor at 16 rows a step"
 
 
+def test_a_tuned_anchor_not_tried_in_smaller_micro_batches_gives_no_tuned_ratio():
+    """_b's tuned row without checkpointing ran out of memory at 16 x 2 and was not run again, so its anchor was the
+    weaker row; _e's ran again at 8 x 4 and 4 x 8, where it fit and was the faster."""
+    from finetune.lab.measurements import anchor_ratios
+
+    within_70 = "the qwen2.5-7b recipe, within 70 GiB"
+
+    untried, tried = (committed_benchmark(f"h100_7b_train_fastest_70_shared_{run}.json") for run in "be")
+    for record in (untried, tried):
+        row = record["variants"][within_70]
+        assert "speed_vs_stock_trl_tuned" in row and "speed_vs_stock_trl" in anchor_ratios(record, row)
+    assert "speed_vs_stock_trl_tuned" not in anchor_ratios(untried, untried["variants"][within_70])
+    no_checkpointing = next(v for name, v in tried["variants"].items() if "no gradient checkpointing" in name)
+    assert no_checkpointing["batch"] == [4, 8] and no_checkpointing["out_of_memory_at"] == [[16, 2], [8, 4]]
+    row = tried["variants"][within_70]
+    assert anchor_ratios(tried, row)["speed_vs_stock_trl_tuned"] == pytest.approx(
+        row["tokens_per_second"] / no_checkpointing["tokens_per_second"])
+
+
 def test_step_clock_times_the_steps_after_the_warm_up_ones_and_from_the_start_without_any(monkeypatch):
     """Tokens from each step's log (TRL's running `num_tokens`; a later log in the same step, an evaluation's, changes
     nothing), the update's time from its two marks. Each mark reads a clock 1 s after the one before: the start, then
