@@ -85,6 +85,11 @@ def targets(results_dir: Path) -> list[Target]:
              of_mode("generation", taught), "vs_anchor"),
             ("decoding every article vs plain `generate`, same run and batch, on weights taught the answer format", 2.0,
              of_mode("generation_decoding", taught), "vs_anchor"),
+            # the stronger anchor, where a run timed it: plain `generate` with the suite's evaluation kernels (Liger)
+            ("generation vs plain `generate` with the same kernels (Liger), same run and batch", None,
+             of_mode("generation"), "vs_anchor_with_kernels"),
+            ("decoding every article vs plain `generate` with the same kernels (Liger), same run and batch", None,
+             of_mode("generation_decoding"), "vs_anchor_with_kernels"),
             # Generation's check of the answer tree is label scoring's packed pass, so generation is never faster
             # than label scoring at the same batch; on taught weights only, as the generation goal is set (on random
             # weights plain `generate` never meets an end token, so the ratio would overstate).
