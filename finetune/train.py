@@ -251,11 +251,11 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None, spl
         return config.final_dir
     start = time.perf_counter()
     save_clock = SaveClock()
-    resumed = kept_optimizer(config, last)
-    trainer = build_trainer(resumed, [*(callbacks or []), save_clock], splits)
-    if resumed.optimizer != config.optimizer:  # the summary's plan says what ran, and why
-        trainer.plan["optimizer"] = {"value": resumed.optimizer, "reason": f"{resumed.optimizer}: kept, as the moments "
-                                     f"in {Path(last).name} are in its format"}
+    kept = kept_optimizer(config, last)
+    trainer = build_trainer(kept, [*(callbacks or []), save_clock], splits)
+    if kept.optimizer != config.optimizer:  # the summary's plan says what ran, and why
+        trainer.plan["optimizer"] = {"value": kept.optimizer, "reason": f"{kept.optimizer}: kept, as the moments in "
+                                     f"{Path(last).name} are in its format"}
         log.info("optimizer: %s", trainer.plan["optimizer"]["reason"])
     trainer.add_callback(SaveRunConfig(config, trainer.run_config.optimizer))
     setup_seconds = time.perf_counter() - start
