@@ -520,7 +520,7 @@ def _train_record(device: str, variants: dict) -> dict:
     return {"benchmark": "train", "world_size": 1, "environment": environment, "variants": variants}
 
 
-def test_targets_compare_with_stock_trl_of_the_same_run_and_report_the_h200_auto_figure(tmp_path):
+def test_targets_compare_with_stock_trl_of_the_same_run_and_report_the_h200_auto_figure(tmp_path, mfu_as_given):
     def row(tokens: float, mfu: float, gib: float, stock: float, **overrides) -> dict:
         return {"overrides": overrides, "tokens_per_second": tokens, "mfu": mfu, "peak_allocated_gib": gib,
                 "speed_vs_stock_trl": stock, "speed_vs_reference": 1.0, "step_seconds": 1.0,

@@ -19,7 +19,7 @@ def _train_file(path, mfu: float, vs_stock: float, tokens: float) -> None:
     path.write_text(json.dumps(record))
 
 
-def test_targets_are_met_on_the_median_of_runs_never_on_the_best_run(tmp_path):
+def test_targets_are_met_on_the_median_of_runs_never_on_the_best_run(tmp_path, mfu_as_given):
     """Three runs of one configuration: the best alone would meet both goals, the median meets neither."""
     (tmp_path / "benchmarks").mkdir()
     for name, mfu, vs_stock in (("a", 0.50, 2.5), ("b", 0.52, 2.6), ("c", 0.70, 3.3)):
@@ -31,7 +31,7 @@ def test_targets_are_met_on_the_median_of_runs_never_on_the_best_run(tmp_path):
     assert "| 1 | 0 | none | no |" in table
 
 
-def test_runs_that_ran_alike_under_two_names_are_one_configuration(tmp_path):
+def test_runs_that_ran_alike_under_two_names_are_one_configuration(tmp_path, mfu_as_given):
     """The recipe as planned, whose plan sums in the matmul, and the recipe told to sum there ran alike: one
     configuration, judged on the median of all its runs, so the one fast run under the second name does not meet the
     goal alone; its file measured both names, so it is one run, at their mean. The recipe whose plan chose autograd's
@@ -150,6 +150,20 @@ def test_mfu_compared_across_files_is_recounted_by_todays_count():
     assert abs(recounted_mfu(record, row) - row["mfu"]) < 1e-6
     record, row = recipe("h200_7b_train_recipe.json")
     assert recounted_mfu(record, row) < row["mfu"] - 0.03
+
+
+def test_an_mfu_too_early_to_recount_counts_toward_no_mfu_figure():
+    """h200_7b_train_8bit.json recorded no token statistics: its own 53.4% counted the LM head for every token. Its
+    rows keep their speeds, but no MFU of theirs enters a median."""
+    from finetune.lab.measurements import recounted_mfu, summarize, training_rows
+    from finetune.results import PROJECT_DIR
+
+    record = committed_benchmark("h200_7b_train_8bit.json")
+    early = [row for row in record["variants"].values() if row.get("mfu") and not row.get("stock_trl")]
+    assert early and all(recounted_mfu(record, row) is None for row in early)
+    rows = [row for row, _ in training_rows(PROJECT_DIR / "results") if row[2] == "h200_7b_train_8bit.json"]
+    assert rows and all(row[3]["mfu"] is None for row in rows)
+    assert summarize(rows, "mfu") is None and summarize(rows, "tokens_per_second").runs == 1
 
 
 def test_spark_projection_is_the_median_of_the_recipes_h200_runs_with_their_range(tmp_path):
@@ -297,7 +311,7 @@ def test_recipe_memory_on_an_h200_comes_from_the_rehearsal_which_ran_todays_plan
     assert memory_row().endswith(f"| {bench_peak} |")
 
 
-def test_the_bf16_only_row_counts_the_recipes_fp8_auto_which_stays_off(tmp_path):
+def test_the_bf16_only_row_counts_the_recipes_fp8_auto_which_stays_off(tmp_path, mfu_as_given):
     """fp8 "auto" resolves to off until the FP8 recipe holds bf16's loss at 7B (plan.py): such a row is bf16."""
     (tmp_path / "benchmarks").mkdir()
     _train_file(tmp_path / "benchmarks" / "a.json", 0.56, 2.5, 12_000)

@@ -40,9 +40,10 @@ Row = tuple[tuple, str, str, dict]
 def summarize(rows: list[Row], metric: str, higher_is_better: bool = True) -> Measured | None:
     """The configuration whose median `metric` over its runs is best, with its spread; None without rows. A run is a
     file: where one file measured a configuration under two names (the recipe as planned, and the same settings
-    asked for by hand), its figure is their mean, one run, not two."""
+    asked for by hand), its figure is their mean, one run, not two. A row whose figure is None (an MFU too early to
+    recount) is left out."""
     groups: dict[tuple, dict[str, list[tuple[str, dict]]]] = {}
-    for key, label, file, figures in rows:
+    for key, label, file, figures in (row for row in rows if row[3][metric] is not None):
         groups.setdefault(key, {}).setdefault(file, []).append((label, figures))
     measured = []
     for key, files in groups.items():
@@ -125,12 +126,13 @@ def anchor_ratios(record: dict, row: dict) -> dict:
 
 
 def recounted_mfu(record: dict, row: dict) -> float | None:
-    """A full fine-tuning row's MFU by today's count (`step_flops_per_token`), of its GPU's bf16 peak; the file's own
-    where the count or the GPU's peak is unknown."""
+    """A full fine-tuning row's MFU by today's count (`step_flops_per_token`), of its GPU's bf16 peak; None where the
+    file recorded too little to count (its own figure counted the LM head for every token, ~8% more FLOPs) or the
+    GPU's peak is unknown."""
     flops = step_flops_per_token(record, row)
     peak = bf16_peak_tflops(hardware_label(record["environment"]))
     if flops is None or peak is None:
-        return row["mfu"]
+        return None
     return row["tokens_per_second"] * flops / (peak * 1e12)
 
 
@@ -177,7 +179,7 @@ def what_ran(row: dict) -> tuple:
 def training_rows(results_dir: Path) -> list[tuple[Row, str]]:
     """The suite's variants that may count toward a target, each with its device: an optimizer that really updates
     bf16 weights (not stock TRL, not plain bf16 AdamW), an FP8 recipe, if any, that passed the learning check, a known
-    GPU."""
+    GPU. Their "mfu" is today's count, None where the file cannot be recounted."""
     checked = {None, *fp8_recipes_within_tolerance(results_dir)}
     rows = []
     for file, record in on_one_gpu(results_dir, "train"):
@@ -208,8 +210,9 @@ def tuned_anchor_ceilings(results_dir: Path) -> list[Row]:
     for file, record in on_one_gpu(results_dir, "train"):
         device = hardware_label(record["environment"])
         for name, v in record["variants"].items():
-            if name.startswith("stock TRL tuned") and v.get("speed_vs_stock_trl_tuned") == 1.0 and v.get("mfu"):
-                rows.append(((device, name), name, file, {**v, "ceiling": 1 / recounted_mfu(record, v)}))
+            mfu = v.get("speed_vs_stock_trl_tuned") == 1.0 and recounted_mfu(record, v)
+            if name.startswith("stock TRL tuned") and mfu:
+                rows.append(((device, name), name, file, {**v, "ceiling": 1 / mfu}))
     return rows
 
 

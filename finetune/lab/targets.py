@@ -121,7 +121,7 @@ def _both(rows: list[Row]) -> Measured:
     both = []
     for group in groups.values():
         mfu, ratio = summarize(group, "mfu"), summarize(group, "speed_vs_stock_trl")
-        if mfu.median >= 0.55 and ratio.median >= 2.8:
+        if mfu and ratio and mfu.median >= 0.55 and ratio.median >= 2.8:
             both.append(mfu.where)
     return Measured(len(both), len(both), len(both), "; ".join(both) or "none", 1, [])
 
