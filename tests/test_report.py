@@ -320,3 +320,20 @@ def test_the_bf16_only_row_counts_the_recipes_fp8_auto_which_stays_off(tmp_path,
     (tmp_path / "benchmarks" / "a.json").write_text(json.dumps(record))
     row = next(line for line in targets_table(tmp_path).splitlines() if line.startswith("| MFU, bf16 only"))
     assert "| 56.0% | `a.json`: compiled |" in row
+
+
+def test_a_run_timed_against_the_anchors_with_kernels_only_counts_for_those_ratios():
+    """h100_7b_eval_taught_200_kernels.json timed plain HF with Liger's kernels, not without: its modes give speeds and
+    ratios to that anchor, and no ratio to the plain one."""
+    from finetune.lab.measurements import eval_rows
+    from finetune.results import PROJECT_DIR
+
+    rows = {row[0][0]: row[3] for row in eval_rows(PROJECT_DIR / "results")
+            if row[2] == "h100_7b_eval_taught_200_kernels.json"}
+    assert set(rows) == {"label_scoring", "generation", "generation_decoding"}
+    record = committed_benchmark("h100_7b_eval_taught_200_kernels.json")["modes"]
+    for mode, anchor in (("label_scoring", "plain_label_scoring_kernels"), ("generation", "plain_generate_kernels")):
+        assert "vs_anchor" not in rows[mode]
+        assert rows[mode]["vs_anchor_with_kernels"] == record[mode]["articles_per_second"] / record[anchor][
+            "articles_per_second"]
+

@@ -11,7 +11,7 @@ from typing import NamedTuple
 from transformers import Qwen2Config
 
 from finetune.config import REFERENCE_SPEED, RunConfig
-from finetune.lab.bench_eval import ALL_ANCHORS
+from finetune.lab.bench_eval import ALL_ANCHORS, KERNEL_ANCHORS
 from finetune.lab.stock_trl import STOCK_TRL, STOCK_TRL_TUNED
 from finetune.results import hardware_label, made_before
 from finetune.throughput import ArticleTokens, bf16_peak_tflops, training_flops_per_token
@@ -255,19 +255,19 @@ def mode_over_mode(results_dir: Path, mode: str, over: str, what: str, taught_on
     return rows
 
 
-def eval_anchor_mismatch(record: dict, mode: str) -> str | None:
-    """Why an evaluation mode may not be divided by its plain-HF anchor (the anchor ran at another batch size), or
-    None."""
-    anchor_batch = record["modes"][ALL_ANCHORS[mode]]["batch_size"]
+def eval_anchor_mismatch(record: dict, mode: str, anchors: dict = ALL_ANCHORS) -> str | None:
+    """Why an evaluation mode may not be divided by its plain-HF anchor (`KERNEL_ANCHORS`: the one with the same
+    kernels) because the anchor ran at another batch size, or None."""
+    anchor_batch = record["modes"][anchors[mode]]["batch_size"]
     return None if anchor_batch == record["modes"][mode]["batch_size"] else f"anchor at batch {anchor_batch}"
 
 
 def eval_rows(results_dir: Path) -> list[Row]:
-    """Every mode timed beside its plain-HF anchor, grouped by mode, device, kernels, model, batch and the evaluation
-    changes its code lacked (`finetune.results.EVALUATION_CHANGES`: runs of other code are another configuration, not
-    noise around this one). A row's `vs_anchor` is dropped where its anchor ran at another batch size (files before
-    the anchors ran at the suite's batch timed plain `generate` at 64): a ratio compares equal batches or is not
-    made."""
+    """Every mode timed beside its plain-HF anchor (as transformers builds the model, or with the same kernels),
+    grouped by mode, device, kernels, model, batch and the evaluation changes its code lacked
+    (`finetune.results.EVALUATION_CHANGES`: runs of other code are another configuration, not noise around this
+    one). A row's `vs_anchor` is dropped where its anchor ran at another batch size (files before the anchors ran at
+    the suite's batch timed plain `generate` at 64): a ratio compares equal batches or is not made."""
     rows = []
     for file, record in on_one_gpu(results_dir, "eval"):
         device = hardware_label(record["environment"])
@@ -278,9 +278,9 @@ def eval_rows(results_dir: Path) -> list[Row]:
             device += ", compiled layers"
         model = "random weights" if eval_weights(record) == "random weights" else "trained weights"
         for mode, m in record["modes"].items():
-            if "vs_anchor" in m:
-                if eval_anchor_mismatch(record, mode):
-                    m = {k: v for k, v in m.items() if k != "vs_anchor"}
+            if "vs_anchor" in m or "vs_anchor_with_kernels" in m:
+                m = {k: v for k, v in m.items() if not (k == "vs_anchor" and eval_anchor_mismatch(record, mode) or
+                     k == "vs_anchor_with_kernels" and eval_anchor_mismatch(record, mode, KERNEL_ANCHORS))}
                 missed = tuple(made_before(record, (mode,)))
                 label = f"{mode}, batch {m.get('batch_size')}, {device}, {model}"
                 if missed:
