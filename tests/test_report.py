@@ -337,3 +337,15 @@ def test_a_run_timed_against_the_anchors_with_kernels_only_counts_for_those_rati
         assert rows[mode]["vs_anchor_with_kernels"] == record[mode]["articles_per_second"] / record[anchor][
             "articles_per_second"]
 
+
+
+def test_the_published_comparison_gives_each_median_with_its_range():
+    """A claim across runs is a median with its spread, never the median alone (or the best run)."""
+    from finetune.lab.targets import SCORING_TARGET, published_comparison, targets
+    from finetune.results import PROJECT_DIR
+
+    results = PROJECT_DIR / "results"
+    scoring = next(m for name, _, m, _, _ in targets(results) if name == SCORING_TARGET)
+    assert scoring.runs > 1 and scoring.low < scoring.high
+    assert (f"{scoring.median:.0f} articles/s, label scoring, on one H100 (median of {scoring.runs} runs, "
+            f"{scoring.low:.0f} - {scoring.high:.0f})") in published_comparison(results)

@@ -126,9 +126,16 @@ def _both(rows: list[Row]) -> Measured:
     return Measured(len(both), len(both), len(both), "; ".join(both) or "none", 1, [])
 
 
-def runs(measured: Measured) -> str:
-    """How many runs a figure stands for, in words: `1 run`, `median of 3 runs`."""
-    return "1 run" if measured.runs == 1 else f"median of {measured.runs} runs"
+def runs(measured: Measured, fmt: str = "{:.0f}") -> str:
+    """How many runs a figure stands for and their spread: `1 run`, `median of 3 runs, 632 - 650`."""
+    if measured.runs == 1:
+        return "1 run"
+    return f"median of {measured.runs} runs, {fmt.format(measured.low)} - {fmt.format(measured.high)}"
+
+
+def card(label: str) -> str:
+    """The card's short name for a sentence: "NVIDIA H100 80GB HBM3, Liger" -> "H100"."""
+    return label.removeprefix("NVIDIA ").split(",")[0].split()[0]
 
 
 def _spread(measured: Measured, fmt: str) -> str:
@@ -185,8 +192,8 @@ def published_comparison(results_dir: Path) -> str:
     scoring, generation = measured.get(SCORING_TARGET), measured.get(GENERATION_TARGET)
     suite_epoch = ("not measured yet: `make PY=python3 gpu-bench-train`" if epoch is None else
                    f"{epoch.median:.0f} min, projected from the real tokens/s of the `qwen2.5-7b` recipe on one "
-                   f"{epoch.key[0]} ({runs(epoch)})")
-    speeds = [f"{m.median:.0f} articles/s, {what}, on one {m.key[1].split(',')[0]} ({runs(m)})"
+                   f"{card(epoch.key[0])} ({runs(epoch)})")
+    speeds = [f"{m.median:.0f} articles/s, {what}, on one {card(m.key[1])} ({runs(m)})"
               for m, what in ((scoring, "label scoring"), (generation, "generation")) if m]
     return "\n".join([
         "| | published run | this suite |", "|---|---|---|",
