@@ -349,3 +349,15 @@ def test_the_published_comparison_gives_each_median_with_its_range():
     assert scoring.runs > 1 and scoring.low < scoring.high
     assert (f"{scoring.median:.0f} articles/s, label scoring, on one H100 (median of {scoring.runs} runs, "
             f"{scoring.low:.0f} - {scoring.high:.0f})") in published_comparison(results)
+
+
+def test_lora_over_the_recipe_groups_only_pairs_that_ran_alike():
+    """The H100 plan changed between runs (7 layers recomputed at 70.7 GiB, then the weight gradients summed in the
+    matmul): the pairs at each plan are separate configurations, not one median."""
+    from finetune.lab.measurements import lora_over_recipe
+    from finetune.results import PROJECT_DIR
+
+    keys = {row[2]: row[0] for row in lora_over_recipe(PROJECT_DIR / "results") if "H100" in row[0][0]}
+    same_run = [key for file, key in keys.items() if file.startswith("h100_7b_train_recipe_same_run")]
+    assert len(same_run) == 3 and len(set(same_run)) == 1
+    assert keys["h100_7b_train_recipe_lora_summed.json"] != same_run[0]

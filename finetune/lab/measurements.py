@@ -218,13 +218,14 @@ def tuned_anchor_ceilings(results_dir: Path) -> list[Row]:
 
 def lora_over_recipe(results_dir: Path) -> list[Row]:
     """Per run, LoRA's tokens/s over the full recipe's, each as planned for the card: the same steps and batch, and
-    LoRA computing no weight gradients for its frozen base."""
+    LoRA computing no weight gradients for its frozen base. A pair is one configuration where both ran alike
+    (`what_ran`): the plan for the card changed between commits (layers recomputed, 8-bit or bf16 moments)."""
     rows = []
     for file, record in on_one_gpu(results_dir, "train"):
         lora, full = (record["variants"].get(name, {}) for name in (LORA_ROW, RECIPE_ROW))
         if "tokens_per_second" in lora and "tokens_per_second" in full:
             device = hardware_label(record["environment"])
-            rows.append(((device, LORA_ROW), LORA_ROW, file,
+            rows.append(((device, what_ran(lora), what_ran(full)), LORA_ROW, file,
                          {"lora_over_recipe": lora["tokens_per_second"] / full["tokens_per_second"]}))
     return rows
 
