@@ -42,6 +42,7 @@ def test_training_benchmark_times_the_real_trainer_and_reports(tiny_config, tmp_
     assert stock["measured_steps"] == 2 and stock["optimizer"] == "AdamW"
     assert stock["checkpointed_layers"] == 2 and reference["checkpointed_layers"] == 0  # the tiny profile: no GC
     assert record["world_size"] == 1 and unpacked["overrides"] == {"packing": False}
+    assert (record["data"]["protocol"], record["data"]["seed"], record["data"]["train_size"]) == ("holdout", 42, 300)
     # The rows as the trainer ran them (a GPU's plan may merge micro-batches); a CPU plans nothing, stock TRL has no plan.
     assert [row["micro_batches"] for row in (stock, reference, unpacked)] == [[16, 1]] * 3
     assert stock["plan"] is None and reference["plan"] == {}
