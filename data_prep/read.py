@@ -92,7 +92,7 @@ def read_csv_split(path: Path, skip_bad_rows: bool = False) -> tuple[pd.DataFram
             problem = problem or _check_csv_row(fields)
             if problem and line > start:  # a quote left open joins the rows after it: skipping would lose them all
                 raise DataError(f"{path}:{start}-{line}: {problem}, read as one record across {line - start + 1} "
-                                "lines: a quote left open on its first line? Fix the file; skipping would drop them all")
+                                "lines: a quote left open on its first line? Fix the file; skipping would drop them")
             if problem:
                 if not skip_bad_rows:
                     raise DataError(f"{path}:{line}: {problem} ({SKIP_HINT})")

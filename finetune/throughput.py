@@ -179,6 +179,8 @@ class ThroughputCallback(TrainerCallback):
         if self.last is not None and tokens > self.last[1] and not self.saved:
             rate = (tokens - self.last[1]) / (now - self.last[0]) / max(args.world_size, 1)
             self.rates.append(rate)
-            speeds = {"tokens_per_second": rate, **({"mfu": rate * self.flops_per_token / self.peak} if self.peak else {})}
+            speeds = {"tokens_per_second": rate}
+            if self.peak:
+                speeds["mfu"] = rate * self.flops_per_token / self.peak
         self.last, self.saved = (now, tokens), False
         return speeds

@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
             plot_train(variants, out / f"{known.name}.png")
 
     if known.what == "train":
-        record["data"] = load_splits(config).describe()  # the articles every row trains on, as results files record them
+        record["data"] = load_splits(config).describe()  # the articles every row trains on
         catalogue = FSDP_VARIANTS if launched_with_fsdp() else TRAIN_VARIANTS
         names = run_order(catalogue, chosen_indices(catalogue, known.variants))
         stock_trl_steps = (known.warmup_steps, known.measured_steps)
