@@ -146,6 +146,8 @@ def _fsdp_plan(config: RunConfig, choose) -> RunConfig:
     reference = {name: REFERENCE_SPEED[name] for name in ("compile_layers", "fp8", "optimizer", "use_liger_kernel",
                                                           "checkpointed_layers", "merge_micro_batches",
                                                           "accumulate_in_matmul")}
+    if not config.bf16:  # the reference's optimizer rounds into bf16 weights
+        reference["optimizer"] = "adamw"
     for name, value in reference.items():
         if getattr(config, name) == "auto":
             choose(name, value, "the reference's setting: under FSDP2 the single-GPU speed-ups are not checked yet")

@@ -159,6 +159,8 @@ def accumulate_in_matmul_unsupported(config: RunConfig) -> str | None:
         return "FP8's linear layers (torchao) compute their own weight gradients"
     if launched_processes() > 1:
         return "several processes (DDP, FSDP) reduce the gradients autograd adds"
+    if config.bf16 and config.optimizer == "adamw_fp32_master":
+        return "fp32 master weights take bf16 gradients from autocast's matmuls, which the fused sum would mix"
     return None
 
 

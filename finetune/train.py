@@ -315,11 +315,12 @@ def out_of_memory_advice(config: RunConfig, trainer: FusedHeadSFTTrainer) -> str
         options.append(f"recompute more of the {len(layers)} decoder layers' activations (now {recomputed}): "
                        f"{switch}--checkpointed_layers {min(len(layers), recomputed + max(1, len(layers) // 4))}")
     options.append("plan the 'auto' settings within a smaller budget: --max_memory_gib <GiB>")
-    if rows > 1:
-        unmerged = " --merge_micro_batches false" if planned.merge_micro_batches is True else ""
-        options.append(f"the same update over more, smaller micro-batches: --per_device_train_batch_size {rows // 2} "
-                       f"--gradient_accumulation_steps {accumulation * 2}{unmerged} (resuming with them needs "
-                       "--allow_config_change true)")
+    split = next((d for d in range(2, rows + 1) if rows % d == 0), None)  # rows a step stay rows x accumulation
+    if split:
+        unmerged = " --merge_micro_batches false" if config.merge_micro_batches is not False else ""  # else re-merged
+        options.append(f"the same update over more, smaller micro-batches: --per_device_train_batch_size "
+                       f"{rows // split} --gradient_accumulation_steps {accumulation * split}{unmerged} (resuming "
+                       "with them needs --allow_config_change true)")
     return (f"CUDA ran out of memory at optimizer step {trainer.state.global_step + 1}{gpu_memory_note()}. {kept}. "
             f"To need less: {'; or '.join(options)}.")
 

@@ -216,3 +216,16 @@ def test_evaluation_uses_liger_and_the_largest_batch_that_fits():
     assert batch & (batch - 1) == 0 and batch <= fits < 2 * batch < 512, plan["eval_batch_size"]["reason"]
     config, plan = plan_evaluation(get_config("qwen2.5-7b"), None, QWEN_7B, has=EVERYTHING)
     assert config.use_liger_kernel is False and config.eval_batch_size == 64
+
+
+def test_fp32_master_weights_are_not_summed_in_the_matmul_and_fsdp_without_bf16_updates_in_fp32():
+    """Summing bf16 gradients into fp32 masters' buffers failed at the first backward (Float and BFloat16); FSDP's
+    reference optimizer rounds into bf16 weights, which a run with bf16=False does not have."""
+    from finetune.speedups import accumulate_in_matmul_unsupported
+
+    master = get_config("qwen2.5-7b", optimizer="adamw_fp32_master")
+    assert "fp32 master weights" in accumulate_in_matmul_unsupported(master)
+    config, plan = plan_training(master, H200, QWEN_7B, has=EVERYTHING)
+    assert config.accumulate_in_matmul is False and "fp32 master" in plan["accumulate_in_matmul"]["reason"]
+    config, _ = plan_training(get_config("qwen2.5-7b", bf16=False), H100, QWEN_7B, has=EVERYTHING, fsdp=True)
+    assert config.optimizer == "adamw"

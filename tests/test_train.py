@@ -427,3 +427,17 @@ def test_evaluation_out_of_memory_asks_for_a_smaller_batch(tiny_config, monkeypa
     monkeypatch.setattr(finetune.evaluate, "score_labels", out_of_memory)
     with pytest.raises(OutOfMemory, match="label_scoring at 16 articles a batch.*--eval_batch_size 8"):
         finetune.evaluate.evaluate(dataclasses.replace(tiny_config, eval_batch_size=16), "oom", modes=("label_scoring",))
+
+
+def test_out_of_memory_advice_splits_a_micro_batch_without_changing_the_rows_a_step(tiny_config):
+    """3 rows x 4 micro-batches is advised as 1 x 12 (not 1 x 8: four rows a step lost), and with merging on (the
+    plan's "auto") the advice turns it off, else the plan would merge the smaller micro-batches straight back."""
+    from finetune.train import out_of_memory_advice
+
+    trainer = build_trainer(dataclasses.replace(tiny_config, max_steps=1))
+    trainer.run_config = dataclasses.replace(trainer.run_config, per_device_train_batch_size=3,
+                                             gradient_accumulation_steps=4)
+    advice = out_of_memory_advice(dataclasses.replace(tiny_config, merge_micro_batches="auto"), trainer)
+    assert "--per_device_train_batch_size 1 --gradient_accumulation_steps 12 --merge_micro_batches false" in advice
+    unmerged = dataclasses.replace(tiny_config, merge_micro_batches=False)
+    assert "--gradient_accumulation_steps 12 (resuming" in out_of_memory_advice(unmerged, trainer)
