@@ -117,7 +117,7 @@ def plan_training(config: RunConfig, gpu: GPU | None, shape: ModelShape, has=ins
         resolved = dataclasses.replace(resolved, merge_micro_batches=changed, per_device_train_batch_size=rows,
                                        gradient_accumulation_steps=micro_batches)
     if config.checkpointed_layers == "auto" and config.gradient_checkpointing:
-        value, reason = _checkpointed_layers(resolved, gpu, shape, row_tokens)
+        value, reason, _ = _checkpointed_layers(resolved, gpu, shape, row_tokens)
         choose("checkpointed_layers", value, reason)
         resolved = dataclasses.replace(resolved, checkpointed_layers=value)
     if config.accumulate_in_matmul == "auto":
@@ -192,7 +192,7 @@ def _optimizer(config: RunConfig, gpu: GPU | None, shape: ModelShape, has, row_t
     fused = "the fused Triton update, one launch for all weights, stochastic rounding into bf16"
     eight_bit = _layout(dataclasses.replace(config, optimizer="adamw8bit_bf16_sr"), gpu, shape, row_tokens)
     sixteen_bit = _layout(dataclasses.replace(config, optimizer="adamw_bf16_sr_fused"), gpu, shape, row_tokens)
-    if sixteen_bit == eight_bit:
+    if sixteen_bit == eight_bit and sixteen_bit[3]:  # the same layout, and it fits (8-bit moments need less)
         return "adamw_bf16_sr_fused", (f"adamw_bf16_sr_fused: bf16 moments with {fused}; they fit as 8-bit ones "
                                        f"would ({_describe(eight_bit, shape)}), and need no quantization")
     return "adamw8bit_bf16_sr", (f"adamw8bit_bf16_sr: 8-bit moments (6 bytes a parameter instead of 8) with {fused}; "
@@ -200,18 +200,19 @@ def _optimizer(config: RunConfig, gpu: GPU | None, shape: ModelShape, has, row_t
                                  f"{_describe(sixteen_bit, shape)}")
 
 
-def _layout(config: RunConfig, gpu: GPU, shape: ModelShape, row_tokens: float) -> tuple[int, int, int]:
-    """What the memory plan makes of `config`: the layers to recompute, the rows and the micro-batches."""
+def _layout(config: RunConfig, gpu: GPU, shape: ModelShape, row_tokens: float) -> tuple[int, int, int, bool]:
+    """What the memory plan makes of `config`: the layers to recompute, the rows, the micro-batches, and whether
+    that fits."""
     config = dataclasses.replace(config, gradient_checkpointing=True, checkpointed_layers="auto")
     rows, micro_batches, _ = _micro_batches(config, gpu, shape, row_tokens)
-    layers, _ = _checkpointed_layers(dataclasses.replace(config, per_device_train_batch_size=rows), gpu, shape,
-                                     row_tokens)
-    return layers, rows, micro_batches
+    layers, _, fits = _checkpointed_layers(dataclasses.replace(config, per_device_train_batch_size=rows), gpu, shape,
+                                           row_tokens)
+    return layers, rows, micro_batches, fits
 
 
-def _describe(layout: tuple[int, int, int], shape: ModelShape) -> str:
-    layers, rows, micro_batches = layout
-    return f"{layers} of {shape.layers} layers recomputed at {rows} x {micro_batches} rows"
+def _describe(layout: tuple[int, int, int, bool], shape: ModelShape) -> str:
+    layers, rows, micro_batches, fits = layout
+    return f"{layers} of {shape.layers} layers recomputed at {rows} x {micro_batches} rows{'' if fits else ', short'}"
 
 
 def _liger_off_reason(gpu: GPU | None) -> str:
@@ -221,19 +222,22 @@ def _liger_off_reason(gpu: GPU | None) -> str:
 
 
 def _checkpointed_layers(config: RunConfig, gpu: GPU | None, shape: ModelShape,
-                         row_tokens: float) -> tuple[int | None, str]:
-    """The fewest layers to recompute such that weights, gradients, optimizer states and activations fit."""
+                         row_tokens: float) -> tuple[int | None, str, bool]:
+    """The fewest layers to recompute such that weights, gradients, optimizer states and activations fit, and whether
+    they fit at all (every layer recomputed where they do not)."""
     if gpu is None:
-        return None, "every layer: no GPU memory to plan"
+        return None, "every layer: no GPU memory to plan", True
     kept, checkpointed = layer_activation_bytes(shape.hidden, shape.intermediate,
                                                 round(config.per_device_train_batch_size * row_tokens),
                                                 activation_bytes(config))
     budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=weight_bytes(config) * shape.parameters)
     fixed = training_state_bytes(config, shape)
     n = layers_to_checkpoint(budget, fixed, kept, checkpointed, shape.layers)
+    fits = fixed + shape.layers * checkpointed + kept <= budget if n == shape.layers else True
+    short = "" if fits else "; even so it does not fit: fewer rows a micro-batch need less"
     return n, (f"{n} of {shape.layers} layers recompute: budget {budget / GIB:.1f} GiB ({assumed}), weights, "
                f"gradients and optimizer states {fixed / GIB:.1f} GiB, {kept / GIB:.2f} GiB a kept layer at "
-               f"{config.per_device_train_batch_size} x {row_tokens:.0f} tokens")
+               f"{config.per_device_train_batch_size} x {row_tokens:.0f} tokens{short}"), fits
 
 
 def _micro_batches(config: RunConfig, gpu: GPU | None, shape: ModelShape, row_tokens: float) -> tuple[int, int, str]:
@@ -250,11 +254,13 @@ def _micro_batches(config: RunConfig, gpu: GPU | None, shape: ModelShape, row_to
     if config.gradient_checkpointing and not auto and config.checkpointed_layers != 0:
         return given_rows, micro_batches, f"{given} kept: layers are recomputed at this micro-batch already"
     planned = dataclasses.replace(config, gradient_checkpointing=True, checkpointed_layers="auto")
-    step_rows, recomputed = given_rows * micro_batches, {}
+    step_rows, recomputed, short = given_rows * micro_batches, {}, set()
 
     def weigh(rows: int) -> int:
-        recomputed[rows] = _checkpointed_layers(dataclasses.replace(planned, per_device_train_batch_size=rows),
-                                                gpu, shape, row_tokens)[0]
+        recomputed[rows], _, fits = _checkpointed_layers(dataclasses.replace(planned, per_device_train_batch_size=rows),
+                                                         gpu, shape, row_tokens)
+        if not fits:
+            short.add(rows)
         return recomputed[rows]
 
     rows = given_rows
@@ -268,9 +274,11 @@ def _micro_batches(config: RunConfig, gpu: GPU | None, shape: ModelShape, row_to
     weighed = ", ".join(f"{r} x {step_rows // r} recomputing {layers}" for r, layers in sorted(recomputed.items()))
     weighed = f"{weighed} layers in {budget / GIB:.1f} GiB ({assumed})"
     if auto:
-        rows = min(recomputed, key=lambda r: (recomputed[r] + MICRO_BATCH_COST_IN_LAYERS * step_rows / r, -r))
+        rows = min(recomputed,  # a micro-batch that fits first, then the least work
+                   key=lambda r: (r in short, recomputed[r] + MICRO_BATCH_COST_IN_LAYERS * step_rows / r, -r))
         why = (f"the least recompute and passes of {weighed}, a micro-batch costing about what "
-               f"{MICRO_BATCH_COST_IN_LAYERS} recomputed layers do")
+               f"{MICRO_BATCH_COST_IN_LAYERS} recomputed layers do"
+               + (f" ({', '.join(map(str, sorted(short)))} rows do not fit)" if short else ""))
     else:  # the layers are given: fewer micro-batches only, where none would recompute
         rows = max(r for r, layers in recomputed.items() if r == given_rows or layers == 0)
         why = f"the fewest micro-batches with no layer recomputed, of {weighed}"

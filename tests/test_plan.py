@@ -229,3 +229,13 @@ def test_fp32_master_weights_are_not_summed_in_the_matmul_and_fsdp_without_bf16_
     assert config.accumulate_in_matmul is False and "fp32 master" in plan["accumulate_in_matmul"]["reason"]
     config, _ = plan_training(get_config("qwen2.5-7b", bf16=False), H100, QWEN_7B, has=EVERYTHING, fsdp=True)
     assert config.optimizer == "adamw"
+
+
+def test_a_budget_too_small_for_every_layout_is_planned_in_one_that_fits():
+    """Within 50 GiB on an H100 16 x 2 rows do not fit even with every layer recomputed; 8 x 4 with 8-bit moments do.
+    bf16 moments once won there, their layout 'the same' as 8-bit ones' (both every layer, both short of memory)."""
+    config, plan = plan_training(get_config("qwen2.5-7b", max_memory_gib=50), H100, QWEN_7B, has=EVERYTHING)
+    assert config.optimizer == "adamw8bit_bf16_sr"
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (8, 4)
+    assert "16 rows do not fit" in plan["merge_micro_batches"]["reason"]
+    assert "does not fit" not in plan["checkpointed_layers"]["reason"]
