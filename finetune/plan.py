@@ -202,12 +202,19 @@ def _optimizer(config: RunConfig, gpu: GPU | None, shape: ModelShape, has, row_t
 
 def _layout(config: RunConfig, gpu: GPU, shape: ModelShape, row_tokens: float) -> tuple[int, int, int, bool]:
     """What the memory plan makes of `config`: the layers to recompute, the rows, the micro-batches, and whether
-    that fits."""
-    config = dataclasses.replace(config, gradient_checkpointing=True, checkpointed_layers="auto")
-    rows, micro_batches, _ = _micro_batches(config, gpu, shape, row_tokens)
-    layers, _, fits = _checkpointed_layers(dataclasses.replace(config, per_device_train_batch_size=rows), gpu, shape,
-                                           row_tokens)
-    return layers, rows, micro_batches, fits
+    that fits. Settings the user gave (layers to recompute, no checkpointing, no merging) stay as given."""
+    rows, micro_batches = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    if config.merge_micro_batches in ("auto", True):
+        rows, micro_batches, _ = _micro_batches(config, gpu, shape, row_tokens)
+    config = dataclasses.replace(config, per_device_train_batch_size=rows)
+    if config.gradient_checkpointing and config.checkpointed_layers == "auto":
+        layers, _, fits = _checkpointed_layers(config, gpu, shape, row_tokens)
+        return layers, rows, micro_batches, fits
+    layers = 0 if not config.gradient_checkpointing else config.checkpointed_layers
+    layers = shape.layers if layers is None else layers
+    budget, _, fixed, kept, checkpointed = _memory(config, gpu, shape, row_tokens)
+    activations = (shape.layers - layers) * kept + layers * checkpointed + (kept if layers else 0)
+    return layers, rows, micro_batches, fixed + activations <= budget
 
 
 def _describe(layout: tuple[int, int, int, bool], shape: ModelShape) -> str:
@@ -227,17 +234,23 @@ def _checkpointed_layers(config: RunConfig, gpu: GPU | None, shape: ModelShape,
     they fit at all (every layer recomputed where they do not)."""
     if gpu is None:
         return None, "every layer: no GPU memory to plan", True
-    kept, checkpointed = layer_activation_bytes(shape.hidden, shape.intermediate,
-                                                round(config.per_device_train_batch_size * row_tokens),
-                                                activation_bytes(config))
-    budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=weight_bytes(config) * shape.parameters)
-    fixed = training_state_bytes(config, shape)
+    budget, assumed, fixed, kept, checkpointed = _memory(config, gpu, shape, row_tokens)
     n = layers_to_checkpoint(budget, fixed, kept, checkpointed, shape.layers)
     fits = fixed + shape.layers * checkpointed + kept <= budget if n == shape.layers else True
     short = "" if fits else "; even so it does not fit: fewer rows a micro-batch need less"
     return n, (f"{n} of {shape.layers} layers recompute: budget {budget / GIB:.1f} GiB ({assumed}), weights, "
                f"gradients and optimizer states {fixed / GIB:.1f} GiB, {kept / GIB:.2f} GiB a kept layer at "
                f"{config.per_device_train_batch_size} x {row_tokens:.0f} tokens{short}"), fits
+
+
+def _memory(config: RunConfig, gpu: GPU, shape: ModelShape, row_tokens: float) -> tuple[float, str, float, int, int]:
+    """The budget (and what it assumed), the weights, gradients and optimizer states, and a kept and a recomputed
+    layer's activations at `config`'s rows a micro-batch, in bytes."""
+    kept, checkpointed = layer_activation_bytes(shape.hidden, shape.intermediate,
+                                                round(config.per_device_train_batch_size * row_tokens),
+                                                activation_bytes(config))
+    budget, assumed = memory_budget(gpu, config.max_memory_gib, weights_bytes=weight_bytes(config) * shape.parameters)
+    return budget, assumed, training_state_bytes(config, shape), kept, checkpointed
 
 
 def _micro_batches(config: RunConfig, gpu: GPU | None, shape: ModelShape, row_tokens: float) -> tuple[int, int, str]:

@@ -239,3 +239,15 @@ def test_a_budget_too_small_for_every_layout_is_planned_in_one_that_fits():
     assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (8, 4)
     assert "16 rows do not fit" in plan["merge_micro_batches"]["reason"]
     assert "does not fit" not in plan["checkpointed_layers"]["reason"]
+
+
+def test_the_optimizer_is_chosen_at_the_layout_the_user_gave():
+    """82 GiB free: bf16 moments fit where the plan lays the step out itself (8 x 4, no layer recomputed), but not at
+    16 x 2 rows with the 4 layers recomputed that the user asked for; 8-bit moments do."""
+    card = GPU("NVIDIA H100 NVL", (9, 0), total_gib=88.0, free_gib=82.0, integrated=False)
+    planned = plan_training(get_config("qwen2.5-7b"), card, QWEN_7B, has=EVERYTHING)[0]
+    assert planned.optimizer == "adamw_bf16_sr_fused"
+    given, plan = plan_training(get_config("qwen2.5-7b", checkpointed_layers=4), card, QWEN_7B, has=EVERYTHING)
+    assert given.optimizer == "adamw8bit_bf16_sr" and given.checkpointed_layers == 4
+    assert (given.per_device_train_batch_size, given.gradient_accumulation_steps) == (16, 2)
+    assert "bf16 moments would need 4 of 28 layers recomputed at 16 x 2 rows, short" in plan["optimizer"]["reason"]
