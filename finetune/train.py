@@ -312,8 +312,13 @@ def out_of_memory_advice(config: RunConfig, trainer: FusedHeadSFTTrainer) -> str
     options = []
     if recomputed < len(layers) and not trainer.is_fsdp_enabled:  # FSDP's own activation checkpointing is not seen
         switch = "" if planned.gradient_checkpointing else "--gradient_checkpointing true "
+        # Layers given keep the micro-batches given (plan.py): where the plan had merged them, name the ones that ran.
+        merged = (rows, accumulation) != (config.per_device_train_batch_size, config.gradient_accumulation_steps)
+        layout = (f" --per_device_train_batch_size {rows} --gradient_accumulation_steps {accumulation} (resuming "
+                  "with them needs --allow_config_change true)" if merged else "")
         options.append(f"recompute more of the {len(layers)} decoder layers' activations (now {recomputed}): "
-                       f"{switch}--checkpointed_layers {min(len(layers), recomputed + max(1, len(layers) // 4))}")
+                       f"{switch}--checkpointed_layers {min(len(layers), recomputed + max(1, len(layers) // 4))}"
+                       f"{layout}")
     options.append("plan the 'auto' settings within a smaller budget: --max_memory_gib <GiB>")
     split = next((d for d in range(2, rows + 1) if rows % d == 0), None)  # rows a step stay rows x accumulation
     if split:

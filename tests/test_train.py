@@ -431,7 +431,9 @@ def test_evaluation_out_of_memory_asks_for_a_smaller_batch(tiny_config, monkeypa
 
 def test_out_of_memory_advice_splits_a_micro_batch_without_changing_the_rows_a_step(tiny_config):
     """3 rows x 4 micro-batches is advised as 1 x 12 (not 1 x 8: four rows a step lost), and with merging on (the
-    plan's "auto") the advice turns it off, else the plan would merge the smaller micro-batches straight back."""
+    plan's "auto") the advice turns it off, else the plan would merge the smaller micro-batches straight back. Layers
+    given keep the micro-batches given: where the plan had merged them, the advice to recompute more names the merged
+    ones, not the given ones (which need more memory at the same layers)."""
     from finetune.train import out_of_memory_advice
 
     trainer = build_trainer(dataclasses.replace(tiny_config, max_steps=1))
@@ -441,3 +443,9 @@ def test_out_of_memory_advice_splits_a_micro_batch_without_changing_the_rows_a_s
     assert "--per_device_train_batch_size 1 --gradient_accumulation_steps 12 --merge_micro_batches false" in advice
     unmerged = dataclasses.replace(tiny_config, merge_micro_batches=False)
     assert "--gradient_accumulation_steps 12 (resuming" in out_of_memory_advice(unmerged, trainer)
+    # The plan had merged 3 x 4 into 6 x 2: more layers recomputed at the given 3 x 4 would be another layout.
+    trainer.run_config = dataclasses.replace(trainer.run_config, per_device_train_batch_size=6,
+                                             gradient_accumulation_steps=2)
+    given = dataclasses.replace(tiny_config, per_device_train_batch_size=3, gradient_accumulation_steps=4)
+    assert "--checkpointed_layers 1 --per_device_train_batch_size 6 --gradient_accumulation_steps 2 (resuming" in \
+        out_of_memory_advice(given, trainer)
