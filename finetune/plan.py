@@ -151,6 +151,9 @@ def _fsdp_plan(config: RunConfig, choose) -> RunConfig:
     for name, value in reference.items():
         if getattr(config, name) == "auto":
             choose(name, value, "the reference's setting: under FSDP2 the single-GPU speed-ups are not checked yet")
+    if config.merge_micro_batches is True:  # the merge is the single-GPU memory plan's, which FSDP2 does not run
+        choose("merge_micro_batches", False, "off: under FSDP2 the micro-batches run as given")
+        config = dataclasses.replace(config, merge_micro_batches=False)
     return dataclasses.replace(config, **{name: value for name, value in reference.items()
                                           if getattr(config, name) == "auto"})
 

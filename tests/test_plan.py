@@ -229,6 +229,9 @@ def test_fp32_master_weights_are_not_summed_in_the_matmul_and_fsdp_without_bf16_
     assert config.accumulate_in_matmul is False and "fp32 master" in plan["accumulate_in_matmul"]["reason"]
     config, _ = plan_training(get_config("qwen2.5-7b", bf16=False), H100, QWEN_7B, has=EVERYTHING, fsdp=True)
     assert config.optimizer == "adamw"
+    config, plan = plan_training(get_config("qwen2.5-7b", merge_micro_batches=True), H100, QWEN_7B, has=EVERYTHING,
+                                 fsdp=True)  # recorded as what ran: FSDP2 runs the micro-batches as given
+    assert config.merge_micro_batches is False and "FSDP2" in plan["merge_micro_batches"]["reason"]
 
 
 def test_a_budget_too_small_for_every_layout_is_planned_in_one_that_fits():
