@@ -23,7 +23,7 @@ import torch
 
 from finetune.config import REFERENCE_SPEED, RunConfig
 from finetune.sources import ModelShape
-from finetune.speedups import (GIB, OPTIMIZERS, WORKSPACE_GIB, accumulate_in_matmul_unsupported,
+from finetune.speedups import (GIB, OPTIMIZERS, WORKSPACE_GIB, accumulate_in_matmul_unsupported, activations_fit,
                                layer_activation_bytes, layers_to_checkpoint, weights_dtype)
 
 log = logging.getLogger(__name__)
@@ -216,8 +216,7 @@ def _layout(config: RunConfig, gpu: GPU, shape: ModelShape, row_tokens: float) -
     layers = 0 if not config.gradient_checkpointing else config.checkpointed_layers
     layers = shape.layers if layers is None else layers
     budget, _, fixed, kept, checkpointed = _memory(config, gpu, shape, row_tokens)
-    activations = (shape.layers - layers) * kept + layers * checkpointed + (kept if layers else 0)
-    return layers, rows, micro_batches, fixed + activations <= budget
+    return layers, rows, micro_batches, activations_fit(budget, fixed, kept, checkpointed, shape.layers, layers)
 
 
 def _describe(layout: tuple[int, int, int, bool], shape: ModelShape) -> str:
@@ -239,7 +238,7 @@ def _checkpointed_layers(config: RunConfig, gpu: GPU | None, shape: ModelShape,
         return None, "every layer: no GPU memory to plan", True
     budget, assumed, fixed, kept, checkpointed = _memory(config, gpu, shape, row_tokens)
     n = layers_to_checkpoint(budget, fixed, kept, checkpointed, shape.layers)
-    fits = fixed + shape.layers * checkpointed + kept <= budget if n == shape.layers else True
+    fits = activations_fit(budget, fixed, kept, checkpointed, shape.layers, n)
     short = "" if fits else "; even so it does not fit: fewer rows a micro-batch need less"
     return n, (f"{n} of {shape.layers} layers recompute: budget {budget / GIB:.1f} GiB ({assumed}), weights, "
                f"gradients and optimizer states {fixed / GIB:.1f} GiB, {kept / GIB:.2f} GiB a kept layer at "

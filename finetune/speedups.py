@@ -138,16 +138,21 @@ def layer_activation_bytes(hidden: int, intermediate: int, tokens: int, value_by
     return value_bytes * tokens * (8 * hidden + 3 * intermediate), value_bytes * tokens * hidden
 
 
+def activations_fit(budget_bytes: float, fixed_bytes: float, kept_layer_bytes: float,
+                    checkpointed_layer_bytes: float, num_layers: int, checkpointed: int) -> bool:
+    """Whether the fixed memory, every layer's activations with `checkpointed` of the layers recomputed, and one
+    layer's recompute working set fit in `budget_bytes`."""
+    activations = (num_layers - checkpointed) * kept_layer_bytes + checkpointed * checkpointed_layer_bytes
+    recompute = kept_layer_bytes if checkpointed else 0
+    return fixed_bytes + activations + recompute <= budget_bytes
+
+
 def layers_to_checkpoint(budget_bytes: float, fixed_bytes: float, kept_layer_bytes: float,
                          checkpointed_layer_bytes: float, num_layers: int) -> int:
-    """The fewest layers to checkpoint (the fastest setting) such that the fixed memory, every layer's activations
-    and one layer's recompute working set fit in `budget_bytes`; every layer when even that does not fit."""
-    for checkpointed in range(num_layers + 1):
-        activations = (num_layers - checkpointed) * kept_layer_bytes + checkpointed * checkpointed_layer_bytes
-        recompute = kept_layer_bytes if checkpointed else 0
-        if fixed_bytes + activations + recompute <= budget_bytes:
-            return checkpointed
-    return num_layers
+    """The fewest layers to checkpoint (the fastest setting) whose activations fit (`activations_fit`); every layer
+    when even that does not fit."""
+    sizes = (budget_bytes, fixed_bytes, kept_layer_bytes, checkpointed_layer_bytes, num_layers)
+    return next((n for n in range(num_layers + 1) if activations_fit(*sizes, n)), num_layers)
 
 
 def accumulate_in_matmul_unsupported(config: RunConfig) -> str | None:
