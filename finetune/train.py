@@ -182,6 +182,7 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
         tokenizer = load_tokenizer(config, train_texts=texts)
     config, plan = plan_training(config, GPU.current(), shape, fsdp=launched_with_fsdp(),
                                  row_tokens=planned_row_tokens(config, tokenizer, texts))
+    check_speedups(config)  # again, on what "auto" became (FP8 chosen beside a sum in the matmul asked for)
     log_plan(plan, "training")
     args = sft_config(config)
     attn_implementation = choose_attn_implementation(config.attn_implementation, config.packing, config.shares_opening)

@@ -449,3 +449,16 @@ def test_out_of_memory_advice_splits_a_micro_batch_without_changing_the_rows_a_s
     given = dataclasses.replace(tiny_config, per_device_train_batch_size=3, gradient_accumulation_steps=4)
     assert "--checkpointed_layers 1 --per_device_train_batch_size 6 --gradient_accumulation_steps 2 (resuming" in \
         out_of_memory_advice(given, trainer)
+
+
+def test_settings_the_plan_resolved_are_checked_like_settings_given(tiny_config, monkeypatch):
+    """fp8 "auto" passed the check before the plan; had the plan turned FP8 on beside an explicit sum in the matmul,
+    the sum would silently skip the FP8 layers. The resolved config is checked too."""
+    import finetune.train
+
+    def fp8_on(config, *args, **kwargs):
+        return dataclasses.replace(config, fp8="tensorwise_pow2_scales"), {}
+
+    monkeypatch.setattr(finetune.train, "plan_training", fp8_on)
+    with pytest.raises(ValueError, match="accumulate_in_matmul=true .* FP8"):
+        build_trainer(dataclasses.replace(tiny_config, fp8="auto", accumulate_in_matmul=True))
