@@ -182,6 +182,10 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
         tokenizer = load_tokenizer(config, train_texts=texts)
     config, plan = plan_training(config, GPU.current(), shape, fsdp=launched_with_fsdp(),
                                  row_tokens=planned_row_tokens(config, tokenizer, texts))
+    if PartialState().num_processes > 1:  # every rank runs rank 0's plan: each planned from its own free memory, and
+        shared = [config, plan]  # ranks at other micro-batches or optimizers would not reduce the same gradients
+        torch.distributed.broadcast_object_list(shared, src=0)
+        config, plan = shared
     check_speedups(config)  # again, on what "auto" became (FP8 chosen beside a sum in the matmul asked for)
     log_plan(plan, "training")
     args = sft_config(config)
