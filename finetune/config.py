@@ -227,7 +227,8 @@ def overrides_from_args(argv: list[str] | None = None, description: str = "",
                         command: argparse.ArgumentParser | None = None) -> tuple[str, dict]:
     """`--profile tiny --learning_rate 1e-3 ...`: the profile and the fields given, each typed as the field is. Without
     --profile, the real experiment's recipe (`make demo` and the tests name `tiny`). `command`'s flags are parsed
-    beside them, so that --help lists them and a flag neither knows is an error; the caller reads their values."""
+    beside them, so that --help lists them and a flag neither knows is an error; they are the command's, not fields,
+    whatever their names (the benchmark's --warmup_steps counts its untimed steps, not the learning rate's)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      parents=[command] if command else [], allow_abbrev=False)
     parser.add_argument("--profile", default="qwen2.5-7b", choices=sorted(PROFILES),
@@ -244,7 +245,9 @@ def overrides_from_args(argv: list[str] | None = None, description: str = "",
         except argparse.ArgumentError:  # the command's own flag of that name (the benchmark's --warmup_steps)
             continue
     args = vars(parser.parse_args(argv))
-    return args.pop("profile"), {name: value for name, value in args.items() if name in RunConfig.__dataclass_fields__}
+    own = vars(command.parse_known_args(argv)[0]) if command else {}
+    return args.pop("profile"), {name: value for name, value in args.items()
+                                 if name in RunConfig.__dataclass_fields__ and name not in own}
 
 
 def config_from_args(argv: list[str] | None = None, description: str = "",
@@ -252,6 +255,12 @@ def config_from_args(argv: list[str] | None = None, description: str = "",
     """The profile's config with every field given on the command line applied."""
     profile, overrides = overrides_from_args(argv, description, command)
     return get_config(profile, **overrides)
+
+
+def command_from_args(command: argparse.ArgumentParser, argv: list[str] | None = None,
+                      description: str = "") -> tuple[RunConfig, argparse.Namespace]:
+    """A command's run config and its own flags (`command_parser`), from one command line."""
+    return config_from_args(argv, description, command), command.parse_known_args(argv)[0]
 
 
 def _metavar(field_type) -> str:

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from data_prep.read import DataError
 from data_prep.splits import Splits
 from finetune.answers import parse_lenient
-from finetune.config import RunConfig, command_parser, config_from_args
+from finetune.config import RunConfig, command_from_args, command_parser
 from finetune.data import check_held_out, load_splits
 from finetune.generation import generate_labels, parsed
 from finetune.metrics import summarize
@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = command_parser()
     parser.add_argument("--model_path", help="a trained model folder (default: the profile's model, untrained)")
     parser.add_argument("--name", help="results file stem (default: base_model or finetuned_model)")
-    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
-    known = parser.parse_known_args(argv)[0]
+    config, known = command_from_args(parser, argv, description=__doc__)
     name = known.name or ("finetuned_model" if known.model_path else "base_model")
     try:
         record = evaluate(config, name, known.model_path)

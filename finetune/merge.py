@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from finetune.adapters import is_adapter, with_adapter
-from finetune.config import RunConfig, command_parser, config_from_args
+from finetune.config import RunConfig, command_from_args, command_parser
 from finetune.model import load_model
 from finetune.sources import SourceNotFound, check_source
 
@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = command_parser()
     parser.add_argument("--adapter_path", help="the adapter folder (default: the run's final/)")
     parser.add_argument("--out", help="where the merged model goes (default: the run's merged/)")
-    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
-    known = parser.parse_known_args(argv)[0]
+    config, known = command_from_args(parser, argv, description=__doc__)
     try:
         out = merge_adapter(config, known.adapter_path or config.final_dir, known.out or config.output_dir / "merged")
     except SourceNotFound as error:  # no adapter there, or no base model: the message says which

@@ -2,7 +2,7 @@
 
 import pytest
 
-from finetune.config import PROFILES, command_parser, config_from_args, get_config
+from finetune.config import PROFILES, command_from_args, command_parser, config_from_args, get_config
 
 
 def test_cli_flags_are_typed_like_the_fields():
@@ -101,6 +101,14 @@ def test_a_commands_own_flags_take_no_abbreviation_and_join_the_help(capsys):
     with pytest.raises(SystemExit):
         config_from_args(["--help"], command=command)
     assert "--model_path" in capsys.readouterr().out
+
+
+def test_a_commands_flag_named_like_a_field_is_the_commands_not_the_fields():
+    """The benchmark's --warmup_steps counts its untimed steps; it once also set the learning rate's warm-up."""
+    command = command_parser()
+    command.add_argument("--warmup_steps", type=int, default=2)
+    config, known = command_from_args(command, ["--profile", "tiny", "--warmup_steps", "3"])
+    assert known.warmup_steps == 3 and config.warmup_steps == get_config("tiny").warmup_steps
 
 
 def test_help_documents_every_field_in_its_group(capsys):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from finetune.config import RunConfig, command_parser, config_from_args
+from finetune.config import RunConfig, command_from_args, command_parser
 from finetune.data import to_prompt_completion
 from finetune.lab.lora_carve import carve_run_name, carve_splits
 from finetune.model import load_for_inference
@@ -58,8 +58,7 @@ def answer_token_losses(config: RunConfig, name: str, articles: int = ARTICLES) 
 def main(argv: list[str] | None = None) -> None:
     parser = command_parser()
     parser.add_argument("--runs", nargs="+", required=True, help="carve candidate names (make tiny-lora-carve)")
-    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
-    known = parser.parse_known_args(argv)[0]
+    config, known = command_from_args(parser, argv, description=__doc__)
     record = {"articles": ARTICLES, "carve_side": "train", "config": config.to_dict(),
               "runs": {name: answer_token_losses(config, name) for name in known.runs}, "environment": environment()}
     path = Path(config.results_dir) / "methods" / "carve" / "answer_loss.json"

@@ -27,7 +27,7 @@ import torch
 from accelerate import PartialState
 from transformers.trainer_utils import SaveStrategy
 
-from finetune.config import REFERENCE_SPEED, RunConfig, command_parser, config_from_args, launched_processes
+from finetune.config import REFERENCE_SPEED, RunConfig, command_from_args, command_parser, launched_processes
 from finetune.data import load_splits
 from finetune.model import load_for_inference, load_tokenizer
 from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
@@ -274,8 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stock_trl_steps", default=None, help="train: 'W,M' warm-up and measured steps of the "
                         "stock TRL rows (default: the variants' own; other steps time other articles, and the rows "
                         "then get no ratio to them); 'none' skips them")
-    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
-    known = parser.parse_known_args(argv)[0]
+    config, known = command_from_args(parser, argv, description=__doc__)
     world_size = launched_processes()
     if known.what == "eval" and world_size > 1:
         raise SystemExit("finetune.lab.bench eval runs on one GPU: start it with python -m, not accelerate launch")

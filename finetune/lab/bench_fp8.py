@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.ticker import PercentFormatter
 from transformers import TrainerCallback
 
-from finetune.config import RunConfig, command_parser, config_from_args
+from finetune.config import RunConfig, command_from_args, command_parser
 from finetune.lab.bench_optimizers import train_for_losses
 from finetune.lab.fp8_recipes import COMPARISON
 from finetune.model import load_model
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipes", default=",".join(COMPARISON), help="which FP8 recipes, comma-separated")
     parser.add_argument("--name", default="fp8_vs_bf16", help="the results' file name, without extension")
     parser.add_argument("--evaluate", action="store_true", help="score each trained model on the held-out articles")
-    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
-    known = parser.parse_known_args(argv)[0]
+    config, known = command_from_args(parser, argv, description=__doc__)
     runs = compare(config, tuple(r for r in known.recipes.split(",") if r), known.evaluate)
     out = Path(config.results_dir) / "fp8"
     out.mkdir(parents=True, exist_ok=True)

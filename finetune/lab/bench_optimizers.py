@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 from transformers import TrainerCallback
 from transformers.trainer_utils import SaveStrategy
 
-from finetune.config import RunConfig, command_parser, config_from_args
+from finetune.config import RunConfig, command_from_args, command_parser
 from finetune.results import environment
 from finetune.throughput import peak_memory_gib, reset_peak_memory
 from finetune.speedups import OPTIMIZERS
@@ -90,8 +90,7 @@ def measure(config: RunConfig, optimizers: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = command_parser()  # "--optim..." must not match a config field
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated, of " + ",".join(OPTIMIZERS))
-    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
-    known = parser.parse_known_args(argv)[0]
+    config, known = command_from_args(parser, argv, description=__doc__)
     results = measure(config, known.optimizers.split(","))
     out = Path(config.results_dir) / "optimizers"
     out.mkdir(parents=True, exist_ok=True)

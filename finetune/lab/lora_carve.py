@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from data_prep.splits import Splits, make_splits
-from finetune.config import RunConfig, command_parser, config_from_args, overrides_from_args
+from finetune.config import RunConfig, command_from_args, command_parser, overrides_from_args
 from finetune.data import load_splits
 from finetune.evaluate import evaluate
 from finetune.pretrain import pretrained_base
@@ -65,8 +65,7 @@ def score_candidates(config: RunConfig, candidates: dict[str, dict]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = command_parser()
     parser.add_argument("--candidates", nargs="+", required=True, help="name:field=value,... (see above)")
-    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
-    known = parser.parse_known_args(argv)[0]
+    config, known = command_from_args(parser, argv, description=__doc__)
     record = score_candidates(config, dict(map(parse_candidate, known.candidates)))
     path = Path(config.results_dir) / "methods" / "carve" / "lora_carve.json"
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from finetune.adapters import METHODS
-from finetune.config import RunConfig, command_parser, config_from_args
+from finetune.config import RunConfig, command_from_args, command_parser
 from finetune.data import load_splits
 from finetune.disk import folder_bytes
 from finetune.evaluate import evaluate
@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = command_parser()
     parser.add_argument("--methods", default="full,lora", help="comma-separated, from " + ", ".join(METHODS))
     parser.add_argument("--modes", default="label_scoring,generation")
-    config = config_from_args(argv, description=__doc__, command=parser)  # reads the flags above too: help, errors
-    known = parser.parse_known_args(argv)[0]
+    config, known = command_from_args(parser, argv, description=__doc__)
     for path in compare_methods(config, known.methods.split(","), tuple(known.modes.split(","))):
         print(f"wrote {path}")
 
