@@ -390,6 +390,13 @@ def _eval_batch_size(config: RunConfig, gpu: GPU | None, shape: ModelShape) -> t
                    f"weights in {budget / GIB:.1f} GiB ({assumed}); at most {EVAL_MAX_BATCH}")
 
 
+def smaller_micro_batches(rows: int, micro_batches: int) -> tuple[int, int] | None:
+    """The same rows a step in micro-batches of fewer rows, what a step that ran out of memory tries next: `rows`
+    divided by its smallest factor (16 x 2 -> 8 x 4, 3 x 4 -> 1 x 12); None at one row a micro-batch."""
+    factor = next((d for d in range(2, rows + 1) if rows % d == 0), None)
+    return (rows // factor, micro_batches * factor) if factor else None
+
+
 class OutOfMemory(RuntimeError):
     """The GPU ran out of memory: the message says what was kept and which settings need less."""
 

@@ -32,7 +32,7 @@ from finetune.disk import OutOfDisk, check_disk, free_bytes, planned_steps, save
 from finetune.grad_accumulation import GradIntoBuffers, accumulate_in_matmul
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
 from finetune.opening import TOKENS_SAVED, SharedOpeningCollator, planned_row_tokens, training_opening
-from finetune.plan import GPU, OutOfMemory, gpu_memory_note, log_plan, plan_training
+from finetune.plan import GPU, OutOfMemory, gpu_memory_note, log_plan, plan_training, smaller_micro_batches
 from finetune.resume import (SaveRunConfig, check_resume, checkpoint_step, kept_optimizer, last_checkpoint,
                              run_finished, run_metrics)
 from finetune.sources import ModelShape, SourceNotFound
@@ -325,12 +325,12 @@ def out_of_memory_advice(config: RunConfig, trainer: FusedHeadSFTTrainer) -> str
                        f"{switch}--checkpointed_layers {min(len(layers), recomputed + max(1, len(layers) // 4))}"
                        f"{layout}")
     options.append("plan the 'auto' settings within a smaller budget: --max_memory_gib <GiB>")
-    split = next((d for d in range(2, rows + 1) if rows % d == 0), None)  # rows a step stay rows x accumulation
-    if split:
+    smaller = smaller_micro_batches(rows, accumulation)
+    if smaller:
         unmerged = " --merge_micro_batches false" if config.merge_micro_batches is not False else ""  # else re-merged
         options.append(f"the same update over more, smaller micro-batches: --per_device_train_batch_size "
-                       f"{rows // split} --gradient_accumulation_steps {accumulation * split}{unmerged} (resuming "
-                       "with them needs --allow_config_change true)")
+                       f"{smaller[0]} --gradient_accumulation_steps {smaller[1]}{unmerged} (resuming with them needs "
+                       "--allow_config_change true)")
     return (f"CUDA ran out of memory at optimizer step {trainer.state.global_step + 1}{gpu_memory_note()}. {kept}. "
             f"To need less: {'; or '.join(options)}.")
 

@@ -32,7 +32,7 @@ from finetune.data import load_splits
 from finetune.model import load_for_inference, load_tokenizer
 from finetune.lab.bench_eval import MODES as EVAL_MODES, compare_modes
 from finetune.lab.bench_optimizers import train_for_losses
-from finetune.plan import GPU, plan_evaluation
+from finetune.plan import GPU, plan_evaluation, smaller_micro_batches
 from finetune.sources import ModelShape
 from finetune.prompts import encode_prompts
 from finetune.results import environment
@@ -135,18 +135,18 @@ def bench_train(config: RunConfig, variants: dict[str, dict], warmup_steps: int,
              for k in ("per_device_train_batch_size", "gradient_accumulation_steps")}
 
     def stock(name: str, **switches) -> None:
-        """Out of memory, the row runs again with half the rows a micro-batch and twice the micro-batches, the same
-        rows a step, as TRL's docs advise (a smaller per_device_train_batch_size, more gradient_accumulation_steps)."""
+        """Out of memory, the row runs again in smaller micro-batches of the same rows a step (`smaller_micro_batches`),
+        as TRL's docs advise (a smaller per_device_train_batch_size, more gradient_accumulation_steps)."""
         print(f"== {name}", flush=True)
         layout, out_of_memory_at = batch, []
         while True:
             row = bench_train_variant(dataclasses.replace(config, **layout), *stock_trl_steps,
                                       build=lambda c, callbacks: stock_trl_trainer(c, callbacks, **switches))
-            rows, micro_batches = layout.values()
-            if not row.get("error", "").startswith("OutOfMemoryError") or rows % 2:
+            smaller = smaller_micro_batches(*layout.values())
+            if not row.get("error", "").startswith("OutOfMemoryError") or not smaller:
                 break
-            out_of_memory_at.append([rows, micro_batches])
-            layout = {"per_device_train_batch_size": rows // 2, "gradient_accumulation_steps": micro_batches * 2}
+            out_of_memory_at.append(list(layout.values()))
+            layout = dict(zip(layout, smaller))
         results[name] = {"overrides": layout, "stock_trl": switches or True, "batch": list(layout.values()),
                          "warmup_steps": stock_trl_steps[0], "measured_steps": stock_trl_steps[1],
                          **({"out_of_memory_at": out_of_memory_at} if out_of_memory_at else {}), **row}
