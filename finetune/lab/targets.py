@@ -44,8 +44,8 @@ def targets(results_dir: Path) -> list[Target]:
                   summarize(tuned, "speed_vs_stock_trl_tuned"), "{:.2f}x", True),
                  ("speed vs stock TRL, same run, steps and batch (peak memory <= 70 GiB)", 2.8,
                   summarize(same_run, "speed_vs_stock_trl"), "{:.2f}x", True),
-                 ("configurations whose medians reach both >= 55% MFU and >= 2.8x stock TRL (<= 70 GiB)", 1,
-                  _both(same_run), "{:.0f}", True),
+                 ("configurations whose medians reach both >= 55% MFU and >= 3.0x stock TRL tuned (<= 70 GiB)", 1,
+                  _both(tuned), "{:.0f}", True),
                  ("MFU, bf16 only (no FP8), peak memory <= 70 GiB", None, summarize(bf16, "mfu"), "{:.1%}", True)]
         recipe_tuned = [row for row, _ in ours if row[1] == RECIPE_ROW and "speed_vs_stock_trl_tuned" in row[3]]
         rows.append(("the `qwen2.5-7b` recipe vs stock TRL tuned, same run, steps and batch (all of the card's memory, "
@@ -114,14 +114,15 @@ def targets(results_dir: Path) -> list[Target]:
 
 
 def _both(rows: list[Row]) -> Measured:
-    """How many configurations reach both training goals by their medians, and which."""
+    """How many configurations reach both training goals by their medians, and which: MFU and the ratio to stock TRL at
+    its strongest (the tuned anchor), not to stock TRL as documented, the weaker anchor of an older goal."""
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
         groups.setdefault(row[0], []).append(row)
     both = []
     for group in groups.values():
-        mfu, ratio = summarize(group, "mfu"), summarize(group, "speed_vs_stock_trl")
-        if mfu and ratio and mfu.median >= 0.55 and ratio.median >= 2.8:
+        mfu, ratio = summarize(group, "mfu"), summarize(group, "speed_vs_stock_trl_tuned")
+        if mfu and ratio and mfu.median >= 0.55 and ratio.median >= 3.0:
             both.append(mfu.where)
     return Measured(len(both), len(both), len(both), "; ".join(both) or "none", 1, [])
 
