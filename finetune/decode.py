@@ -81,7 +81,8 @@ class GreedyDecoder:
         with packed_attention(self.model, PREFILL):
             logits = self.model(input_ids=prefill.ids, position_ids=prefill.positions, use_cache=False,
                                 attention_mask=dict.fromkeys(self.model.config.layer_types),
-                                logits_to_keep=prefill.last_index, prefill=prefill, opening_kv=self.opening_kv).logits
+                                logits_to_keep=prefill.last_index, read_positions=prefill.last_index,
+                                prefill=prefill, opening_kv=self.opening_kv).logits
         new[:n, 0] = logits[0].argmax(-1)
         for layer in self.cache.layers:  # the next step's key goes after the tails (`StaticLayer.update`)
             layer.cumulative_length.fill_(prefill.end)

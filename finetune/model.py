@@ -12,6 +12,7 @@ from data_prep.task import LABELS, SYSTEM_PROMPT, USER_TEMPLATE, format_answer
 from finetune.adapters import is_adapter, quantization_config, with_adapter
 from finetune.attention import choose_inference_attn_implementation
 from finetune.config import RunConfig
+from finetune.last_layer import mlp_only_where_read
 from finetune.plan import GPU, plan_evaluation
 from finetune.sources import TOKENIZER_FILES, ModelShape, check_source
 from finetune.qwen_tokenizer import CHAT_TEMPLATE, build_qwen25_tokenizer
@@ -127,8 +128,9 @@ def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
                        path: str | Path | None = None) -> torch.nn.Module:
     """The model for evaluation: the suite's attention for padded batches (`choose_inference_attn_implementation`), on
     the GPU where there is one, in eval mode, and with Liger's kernels or compiled decoder layers (inductor fuses the
-    same norms, RoPE and SwiGLU) when the config asks for them. A LoRA adapter at `path` is loaded onto the config's
-    model and merged into it; a QLoRA adapter stays beside its 4-bit base."""
+    same norms, RoPE and SwiGLU) when the config asks for them; the last layer's MLP runs only where scoring reads
+    (`finetune.last_layer`). A LoRA adapter at `path` is loaded onto the config's model and merged into it; a QLoRA
+    adapter stays beside its 4-bit base."""
     if "auto" in (config.use_liger_kernel, config.compile_layers, config.eval_batch_size):  # evaluate() planned already
         config, _ = plan_evaluation(config, GPU.current(), ModelShape.of(config, path))
     adapter = is_adapter(path)
@@ -139,6 +141,7 @@ def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
     if not quantization_config(config):  # a 4-bit model is loaded onto the GPU already, and cannot be moved
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
+    mlp_only_where_read(model)  # exact, so always: before any compilation
     speed_up_for_inference(model, config.use_liger_kernel, config.compile_layers)
     return model
 

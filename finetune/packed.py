@@ -224,5 +224,6 @@ def packed_logits(model, batch: PackedBatch, opening_kv: list | None) -> torch.T
     """(articles, tail, vocab) logits at the positions scoring reads, from one forward over the packed row."""
     no_masks = dict.fromkeys(model.config.layer_types)  # the attention keeps the sequences apart; skip mask building
     logits = model(input_ids=batch.ids, position_ids=batch.positions, attention_mask=no_masks, use_cache=False,
-                   logits_to_keep=batch.tail_index, packed=batch, opening_kv=opening_kv).logits
+                   logits_to_keep=batch.tail_index, read_positions=batch.tail_index, packed=batch,
+                   opening_kv=opening_kv).logits
     return logits[0].unflatten(0, (-1, batch.tail))

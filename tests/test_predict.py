@@ -13,9 +13,11 @@ from finetune import generation, predict
 from finetune.model import load_model, train_bpe_tokenizer
 from finetune.packed import pack_batch, pack_prefill
 from finetune.generation import generate_labels
+from finetune.last_layer import mlp_only_where_read, whole_last_layer
 from finetune.predict import AnswerTree, score_labels
 from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
 from finetune.qwen_tokenizer import build_qwen25_tokenizer
+from finetune.speedups import decoder_layers
 from finetune.lab.standin import PUBLISHED_GENERATION_CONFIG, write_standin
 
 TEXTS = ["Stocks rally as profits beat forecasts.", "The striker scored twice in the final.",
@@ -55,6 +57,38 @@ def test_label_scoring_equals_explicit_per_answer_logprob(model, tokenizer, meth
     np.testing.assert_allclose(predictions.label_logprobs, expected, atol=1e-4)
     assert list(predictions.labels) == list(expected.argmax(1))
     assert predictions.truncated == 0 and (predictions.batch_seconds > 0).all()
+
+
+def test_packed_passes_run_the_last_layers_mlp_only_on_the_rows_they_read(model, tokenizer):
+    """With the last layer's MLP on the read rows only (`mlp_only_where_read`, as evaluation loads a model): label
+    scoring still gives each answer's explicit log-probability and decoding the same answers, while that MLP saw each
+    scored article's tail (its last prompt token and the answer tree), each prefilled prompt's last token, and every
+    row only in the passes that read them all (the opening's, each decoding step's) or inside `whole_last_layer`."""
+    trimmed = copy.deepcopy(model)
+    mlp_only_where_read(trimmed)
+    rows = []
+    decoder_layers(trimmed)[-1].mlp.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:2]))
+    texts = TEXTS[:6]
+    scored = score_labels(trimmed, tokenizer, texts, batch_size=3, progress=False, method="packed")
+    expected = np.array([[explicit_logprob(trimmed, tokenizer, t, label) for label in LABELS] for t in texts])
+    np.testing.assert_allclose(scored.label_logprobs, expected, atol=1e-4)
+    tail = len(AnswerTree.from_answers(answer_token_ids(tokenizer)).tokens) + 1
+    opening = rows[0]
+    assert rows[1:len(texts) // 3 + 1] == [(1, 3 * tail)] * 2
+    rows.clear()
+    decoded = generate_labels(trimmed, tokenizer, texts, batch_size=3, max_new_tokens=4, progress=False,
+                              tree_check=False)
+    assert decoded.answers == generate_labels(model, tokenizer, texts, batch_size=3, max_new_tokens=4, progress=False,
+                                              tree_check=False).answers
+    assert rows[0] == opening and (1, 3) in rows and set(rows) == {opening, (1, 3), (3, 1)}
+    rows.clear()
+    with whole_last_layer(trimmed):  # the eval benchmark's comparison: every row, the same log-probabilities
+        whole = score_labels(trimmed, tokenizer, texts, batch_size=3, progress=False, method="packed")
+    np.testing.assert_allclose(whole.label_logprobs, scored.label_logprobs, atol=1e-5)
+    assert all(n > 3 * tail for _, n in rows[1:])
+    rows.clear()
+    score_labels(trimmed, tokenizer, texts[:3], batch_size=3, progress=False, method="packed")
+    assert rows[1:] == [(1, 3 * tail)]  # and back to the read rows after it
 
 
 def test_packed_prefill_writes_each_prompt_right_aligned_in_its_own_cache_row():

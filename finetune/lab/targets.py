@@ -80,6 +80,9 @@ def targets(results_dir: Path) -> list[Target]:
             ("label scoring vs plain HF label scoring, same run and batch", 2.0, of_mode("label_scoring"), "vs_anchor"),
             ("label scoring vs plain HF label scoring with the same kernels (Liger), same run and batch", None,
              of_mode("label_scoring"), "vs_anchor_with_kernels"),
+            ("label scoring with the last layer's MLP only where the logits are read, over the whole last layer, same "
+             "run and batch", None, mode_over_mode(results_dir, "label_scoring", "label_scoring_whole_last_layer",
+                                                   "label scoring over the whole last layer"), "ratio"),
             (GENERATION_TARGET, 250, of_mode("generation"), "articles_per_second"),
             ("generation vs plain `generate`, same run and batch, on weights taught the answer format", 3.0,
              of_mode("generation", taught), "vs_anchor"),
