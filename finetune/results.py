@@ -33,6 +33,8 @@ EVALUATION_CHANGES = (
     ("1d41fa0", "2026-12-05T07:59:55+00:00", ("generation", "generation_lenient"),
      "answer-tree check read behind the next batch"),
     ("25d6540", "2026-12-05T12:26:57+00:00", ("generation", "generation_lenient", DECODING), "packed decoding prefill"),
+    ("a28d1f5", "2026-12-06T21:40:17+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
+     "last layer's MLP where read"),
 )
 
 
