@@ -131,6 +131,10 @@ class RunConfig:
                                  "attending to it: the same loss and gradients, run on 41 fewer tokens of an AG "
                                  "News article's ~103 (finetune/opening.py); needs packing and the 'varlen' "
                                  "attention")
+    last_layer_where_read: bool = option(True, "speed", "the last decoder layer's MLP only on the rows whose logits "
+                                         "are read: the answer tokens in packed training, each article's tail in "
+                                         "label scoring; the same loss, gradients and scores for fewer FLOPs "
+                                         "(finetune/last_layer.py)")
     attn_implementation: str = option("auto", "speed", "'auto' (training: the exact varlen kernel, or FlashAttention-2 "
                                       "where installed and the opening is not shared; evaluation: the varlen one; "
                                       "finetune/attention.py)")
@@ -163,10 +167,11 @@ class RunConfig:
 
 
 # The speed settings of the bf16 reference: every layer recomputed, plain eager layers, no FP8, 16-bit moments, every
-# article with its own opening.
+# article with its own opening, the whole last layer.
 REFERENCE_SPEED = dict(compile_layers=False, fp8=None, optimizer="adamw_bf16_sr", per_device_train_batch_size=8,
                        gradient_accumulation_steps=4, checkpointed_layers=None, use_liger_kernel=False,
-                       merge_micro_batches=False, accumulate_in_matmul=False, share_opening=False)
+                       merge_micro_batches=False, accumulate_in_matmul=False, share_opening=False,
+                       last_layer_where_read=False)
 
 PROFILES: dict[str, dict] = {
     "qwen2.5-7b": {},

@@ -1,15 +1,19 @@
-"""The last decoder layer's MLP only at the positions whose logits are read.
+"""The last decoder layer's MLP only at the positions whose logits are read (`RunConfig.last_layer_where_read`).
 
 A position's output of the last decoder layer feeds nothing but the LM head at that position: no later layer attends
-to it. Label scoring reads the logits at each article's tail (its last prompt token and the answer tree, ~10 of ~80
-tokens an article once the opening is shared), a decoder's prefill at each prompt's last token. The last layer still
-runs its attention over every position (the read ones attend to the others' keys and values), then its MLP, 87% of a
-Qwen2.5-7B layer's FLOPs, on the read rows alone: ~3% of a scoring pass's FLOPs, with the read rows as before (the
-same operations on fewer rows) and the others holding the attention's output, which nothing reads.
+to it. Training reads the head only where the next token carries loss (TRL's fused head: the answer, ~7.5 of the ~62
+tokens an article runs once the opening is shared), label scoring at each article's tail (its last prompt token and
+the answer tree), a decoder's prefill at each prompt's last token. The last layer still runs its attention over every
+position (the read ones attend to the others' keys and values), then its MLP, 87% of a Qwen2.5-7B layer's FLOPs, on
+the read rows alone: ~3% of a step's or a scoring pass's FLOPs. The read rows get the same operations as before, on
+fewer rows; the others hold the attention's output, which nothing reads, and get no gradient through the MLP (they
+got none before: their logits carry no loss).
 """
 
 import types
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -34,6 +38,24 @@ def _forward_read_rows(layer: torch.nn.Module, hidden_states: torch.Tensor, read
     attended = hidden_states + layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)[0]
     read = attended[:, read_positions]
     return attended.index_copy(1, read_positions, read + layer.mlp(layer.post_attention_layernorm(read)))
+
+
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions of a packed row (`labels` of shape (1, tokens)) whose logits the loss reads: TRL's fused head
+    scores position t against label t + 1, so those whose next label is not -100."""
+    return torch.nonzero(labels[0, 1:] != -100)[:, 0]
+
+
+@dataclass
+class ReadPositionsCollator:
+    """A padding-free collator's batches with their `loss_positions` added, the last layer's read rows. It runs in the
+    data-loader workers, on the host: the training loop never waits for the positions."""
+
+    collate: Callable[[list[dict]], dict]
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate(examples)
+        return {**batch, READ_POSITIONS: loss_positions(batch["labels"])}
 
 
 @contextmanager

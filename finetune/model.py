@@ -128,7 +128,7 @@ def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
                        path: str | Path | None = None) -> torch.nn.Module:
     """The model for evaluation: the suite's attention for padded batches (`choose_inference_attn_implementation`), on
     the GPU where there is one, in eval mode, and with Liger's kernels or compiled decoder layers (inductor fuses the
-    same norms, RoPE and SwiGLU) when the config asks for them; the last layer's MLP runs only where scoring reads
+    same norms, RoPE and SwiGLU) when the config asks for them, as for the last layer's MLP only where scoring reads
     (`finetune.last_layer`). A LoRA adapter at `path` is loaded onto the config's model and merged into it; a QLoRA
     adapter stays beside its 4-bit base."""
     if "auto" in (config.use_liger_kernel, config.compile_layers, config.eval_batch_size):  # evaluate() planned already
@@ -141,7 +141,8 @@ def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
     if not quantization_config(config):  # a 4-bit model is loaded onto the GPU already, and cannot be moved
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
-    mlp_only_where_read(model)  # exact, so always: before any compilation
+    if config.last_layer_where_read:  # before any compilation
+        mlp_only_where_read(model)
     speed_up_for_inference(model, config.use_liger_kernel, config.compile_layers)
     return model
 

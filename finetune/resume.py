@@ -63,12 +63,13 @@ RUN_CONFIG = "run_config.json"  # the run config, stored in every checkpoint fol
 PLANNED_OPTIMIZER = "planned_optimizer"  # beside its fields there: the optimizer an "auto" one resolved to
 # Fields that may differ when a run resumes, as none changes the training: where things go, how often to log and save,
 # loader workers, evaluation settings, activation recompute (the same activations, recomputed or kept), and where the
-# weight gradients are summed (the same sums), and whether the opening is shared (the same loss and gradients).
+# weight gradients are summed (the same sums), whether the opening is shared and where the last layer's MLP runs (the
+# same loss and gradients).
 RESUME_FREE_FIELDS = frozenset({"run_name", "checkpoints_dir", "results_dir", "logging_steps", "save_steps",
                                 "save_total_limit", "dataloader_num_workers", "eval_batch_size", "max_eval_samples",
                                 "max_new_tokens", "gradient_checkpointing", "checkpointed_layers",
                                 "max_memory_gib", "compile_layers", "accumulate_in_matmul",
-                                "share_opening", "allow_config_change"})
+                                "share_opening", "last_layer_where_read", "allow_config_change"})
 
 
 class SaveRunConfig(TrainerCallback):

@@ -64,12 +64,15 @@ class ArticleTokens:
     loss_share: float  # the share of tokens that carry loss (labels != -100): the answer tokens
     opening_share: float = 0.0  # the share of tokens a shared opening does not run (finetune.opening)
     opening_length: int = 0  # the shared opening's tokens
+    last_layer_where_read: bool = False  # the last layer's MLP only where the loss reads (finetune.last_layer)
 
 
-def article_tokens(train_dataset, opening_length: int = 0, rows_per_micro_batch: int = 1) -> ArticleTokens:
+def article_tokens(train_dataset, opening_length: int = 0, rows_per_micro_batch: int = 1,
+                   last_layer_where_read: bool = False) -> ArticleTokens:
     """The token-weighted article length and the loss-bearing share of the tokens of TRL's prepared dataset; with an
     opening of `opening_length` tokens shared per micro-batch of `rows_per_micro_batch` packed rows, the share of
-    the tokens it saves over an epoch: every article's opening but one a micro-batch."""
+    the tokens it saves over an epoch: every article's opening but one a micro-batch; and whether the last layer's MLP
+    runs only where the loss reads."""
     lengths = _article_lengths(train_dataset)
     if "labels" in train_dataset.column_names:
         labelled = sum(label != -100 for row in train_dataset["labels"] for label in row)
@@ -78,7 +81,7 @@ def article_tokens(train_dataset, opening_length: int = 0, rows_per_micro_batch:
     micro_batches = -(-len(train_dataset) // rows_per_micro_batch)
     saved = (len(lengths) - micro_batches) * opening_length if opening_length else 0
     return ArticleTokens(sum(n * n for n in lengths) / sum(lengths), labelled / sum(lengths), saved / sum(lengths),
-                         opening_length)
+                         opening_length, last_layer_where_read)
 
 
 def training_flops_per_token(config: PretrainedConfig, tokens: ArticleTokens, adapter_params: int | None = None,
@@ -105,6 +108,7 @@ def training_flops_per_token(config: PretrainedConfig, tokens: ArticleTokens, ad
     A shared opening (`tokens.opening_share`, finetune.opening): the tokens it does not run cost neither their
     matmuls nor their attention (the opening's token i sees i + 1 positions, (n + 1) / 2 on average); every token
     that runs sees what it saw with its own copy of the opening. Counted per token of the articles, as the rates are.
+    With `tokens.last_layer_where_read` (finetune.last_layer) the last layer's MLP runs for the answer tokens only.
 
     LoRA and QLoRA (`adapter_params`, the adapters' trainable parameters): the frozen matmuls, the LM head among them,
     run forward (2 per parameter) and backward to their inputs (2), but compute no weight gradient; the adapters cost
@@ -115,8 +119,11 @@ def training_flops_per_token(config: PretrainedConfig, tokens: ArticleTokens, ad
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     kv = config.num_key_value_heads * head_dim
     run = 1 - tokens.opening_share
-    layer_params = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * config.intermediate_size
+    mlp_params = 3 * hidden * config.intermediate_size
+    layer_params = hidden * (hidden + 2 * kv) + hidden * hidden + mlp_params
     decoder_params = run * layers * layer_params
+    if tokens.last_layer_where_read:  # the last layer's MLP for the answer tokens alone
+        decoder_params -= (run - tokens.loss_share) * mlp_params
     head_params = hidden * config.vocab_size * (run if head_on_every_token else tokens.loss_share)
     keys_seen = (tokens.attention_length + 1) / 2 - tokens.opening_share * (tokens.opening_length + 1) / 2
     attention = layers * 2 * 2 * config.num_attention_heads * head_dim * keys_seen

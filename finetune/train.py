@@ -30,6 +30,7 @@ from finetune.config import RunConfig, config_from_args
 from finetune.data import load_splits, to_prompt_completion
 from finetune.disk import OutOfDisk, check_disk, free_bytes, planned_steps, saved_tokenizer_bytes, written_bytes
 from finetune.grad_accumulation import GradIntoBuffers, accumulate_in_matmul
+from finetune.last_layer import ReadPositionsCollator, mlp_only_where_read
 from finetune.model import check_tokenizer_fits, load_model, load_tokenizer
 from finetune.opening import TOKENS_SAVED, SharedOpeningCollator, planned_row_tokens, training_opening
 from finetune.plan import GPU, OutOfMemory, gpu_memory_note, log_plan, plan_training, smaller_micro_batches
@@ -197,6 +198,9 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     if config.fp8:
         convert_to_fp8(model, config.fp8)
     summed_in_matmul = accumulate_in_matmul(model) if config.accumulate_in_matmul else []
+    reads_rows = config.packing and config.last_layer_where_read  # a packed row's positions: padding-free only
+    if reads_rows:
+        mlp_only_where_read(model)
     if config.compile_layers:
         compile_decoder_layers(model)
     # LoRA and QLoRA: TRL wraps the model with the adapter and trains only that (None: full fine-tuning).
@@ -213,7 +217,10 @@ def build_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = N
     if opening:
         trainer.data_collator = SharedOpeningCollator(trainer.data_collator, opening)
         trainer.opening_tokens_saved = 0
-    trainer.article_tokens = article_tokens(trainer.train_dataset, len(opening), args.per_device_train_batch_size)
+    if reads_rows:
+        trainer.data_collator = ReadPositionsCollator(trainer.data_collator)
+    trainer.article_tokens = article_tokens(trainer.train_dataset, len(opening), args.per_device_train_batch_size,
+                                            reads_rows)
     # First in line, so the TensorBoard and progress callbacks see the numbers it adds to each log.
     throughput = ThroughputCallback(model.config, trainer.article_tokens, adapter_parameters(trainer.model))
     trainer.callback_handler.callbacks.insert(0, throughput)

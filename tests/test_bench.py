@@ -482,18 +482,23 @@ def test_training_flops_per_token_match_the_matmuls_a_training_step_runs(trained
     assert counted - slack <= counter.get_total_flops() <= counted * 1.0001
 
 
-def test_training_flops_per_token_count_what_a_shared_opening_runs():
+@pytest.mark.parametrize("last_layer_where_read", [False, True])
+def test_training_flops_per_token_count_what_a_shared_opening_runs(last_layer_where_read):
     """The same independent count over a micro-batch of two packed rows (three and two articles) whose articles share
     a 5-token opening (finetune.opening): the openings not run cost nothing, the formula counts per token of the
-    articles, and each article's attention is what it was with its own opening."""
+    articles, and each article's attention is what it was with its own opening; with the last layer's MLP only where
+    the loss reads (finetune.last_layer), that MLP counts for the answer tokens alone."""
     import datasets
     from torch.utils.flop_counter import FlopCounterMode
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+    from finetune.last_layer import READ_POSITIONS, loss_positions, mlp_only_where_read
     from finetune.opening import TOKENS_SAVED, share_opening
     from finetune.throughput import article_tokens, training_flops_per_token
 
     config, model = _small_qwen2_counting_attention()
+    if last_layer_where_read:
+        mlp_only_where_read(model)
     opening, rows = [1, 2, 3, 4, 5], [[9, 12, 20], [10, 15]]
     examples = []
     for lengths in rows:
@@ -503,13 +508,15 @@ def test_training_flops_per_token_count_what_a_shared_opening_runs():
     batch = share_opening(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples), opening)
     assert batch[TOKENS_SAVED] == 4 * 5
     labels = batch["labels"][0]
+    read = {READ_POSITIONS: loss_positions(batch["labels"])} if last_layer_where_read else {}
     with FlopCounterMode(display=False) as counter:
         hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                              **{k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "opening_key_index")},
-                             ).last_hidden_state[0]
+                             **read).last_hidden_state[0]
         scored = labels[1:] != -100
         torch.nn.functional.cross_entropy(model.lm_head(hidden[:-1][scored]), labels[1:][scored]).backward()
-    tokens = article_tokens(datasets.Dataset.from_list(examples), len(opening), rows_per_micro_batch=2)
+    tokens = article_tokens(datasets.Dataset.from_list(examples), len(opening), rows_per_micro_batch=2,
+                            last_layer_where_read=last_layer_where_read)
     articles_tokens = sum(map(sum, rows))
     assert tokens.opening_share == 4 * 5 / articles_tokens
     counted = training_flops_per_token(config, tokens) * articles_tokens

@@ -120,7 +120,7 @@ def test_training_shares_the_opening_and_counts_every_article_token(tiny_config)
     counts = {}
     for share in (True, False):
         config = dataclasses.replace(tiny_config, share_opening=share, max_steps=3, logging_steps=1,
-                                     run_name=f"share-{share}")
+                                     run_name=f"share-{share}", last_layer_where_read=False)  # its own collator
         trainer = build_trainer(config)
         assert isinstance(trainer.data_collator, SharedOpeningCollator) == share
         assert (trainer.article_tokens.opening_share > 0.2) == share

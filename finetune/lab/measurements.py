@@ -79,7 +79,8 @@ def step_flops_per_token(record: dict, row: dict) -> float | None:
                         num_hidden_layers=config["num_layers"], num_attention_heads=config["num_heads"],
                         num_key_value_heads=config["num_kv_heads"], vocab_size=config["vocab_size"])
     return training_flops_per_token(model, ArticleTokens(attention_length, loss_share, row.get("opening_share", 0.0),
-                                                         row.get("opening_length", 0)))
+                                                         row.get("opening_length", 0),
+                                                         row.get("last_layer_where_read", False)))
 
 
 def row_steps(record: dict, row: dict) -> tuple[int, int, int, int]:
@@ -159,14 +160,16 @@ def what_ran(row: dict) -> tuple:
     different names that ran alike are one configuration (on an H100 the recipe as planned and the recipe told to sum
     in the matmul, as the plan now does there); one name whose plan changed between commits is several. A memory cap
     only steers the plan. A setting the code no longer has ran as the code without it where it was off (the update
-    beside the forward, reverted after 275bfa0); rows written before the opening was shared (cf33cf6) ran it off."""
+    beside the forward, reverted after 275bfa0); rows written before the opening was shared (cf33cf6) or the last
+    layer's MLP ran only where read ran them off."""
     plan = row.get("plan", {})
     settings = {name: plan.get(name, value) if value == "auto" else value for name, value in row["overrides"].items()
                 if name != "max_memory_gib"}
     settings = {name: value for name, value in settings.items()
                 if name in RunConfig.__dataclass_fields__ or value not in (False, None)}
-    if not settings.get("share_opening"):  # rows before the opening was shared (cf33cf6) ran each article's own
-        settings.pop("share_opening", None)
+    for added in ("share_opening", "last_layer_where_read"):  # rows written before these settings ran them off
+        if not settings.get(added):
+            settings.pop(added, None)
     if plan and "micro_batches" in row:  # without a plan the overrides say the layout
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "merge_micro_batches"):
             settings.pop(name, None)

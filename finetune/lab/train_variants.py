@@ -145,6 +145,10 @@ TRAIN_VARIANTS = {
         **RECIPE_SPEED, "max_memory_gib": 70, "share_opening": False},
     "the qwen2.5-7b recipe, within 70 GiB, batch 16 x 2, no layer recomputed": {
         **RECIPE_SPEED, **BATCH_16X2, "max_memory_gib": 70, "checkpointed_layers": 0, "merge_micro_batches": False},
+    # The last layer's MLP on every row, as before finetune/last_layer.py: what running it only where the loss reads
+    # saves, in the same run.
+    "the qwen2.5-7b recipe, within 70 GiB, the whole last layer": {
+        **RECIPE_SPEED, "max_memory_gib": 70, "last_layer_where_read": False},
 }
 
 
@@ -181,6 +185,7 @@ VARIANT_SLUGS = {
     "recipe-own-openings": "the qwen2.5-7b recipe, every article with its own opening",
     "recipe-70-own-openings": "the qwen2.5-7b recipe, within 70 GiB, every article with its own opening",
     "recipe-70-16x2": "the qwen2.5-7b recipe, within 70 GiB, batch 16 x 2, no layer recomputed",
+    "recipe-70-whole-last-layer": "the qwen2.5-7b recipe, within 70 GiB, the whole last layer",
 }
 
 
