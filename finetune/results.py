@@ -105,7 +105,8 @@ def _commit_contains(commit: str, change: str) -> bool | None:
 
 def made_before(record: dict, modes: tuple[str, ...]) -> list[str]:
     """The evaluation changes to any of `modes` that `record` predates: by its commit's history where git knows it,
-    else by its creation time (a record written before a change was committed cannot have it)."""
+    else by its creation time (a record written before a change was committed cannot have it). A commit this history
+    lacks (since rewritten), with no creation time, may predate any change: it is taken to predate them all."""
     commit, created = record["environment"].get("git_commit"), record.get("created_at")
     missed = []
     for change, committed, changed_modes, what in EVALUATION_CHANGES:
@@ -113,8 +114,8 @@ def made_before(record: dict, modes: tuple[str, ...]) -> list[str]:
             continue
         contains = _commit_contains(commit, change) if commit else None
         if contains is None:
-            contains = created is None or (datetime.datetime.fromisoformat(created)
-                                           >= datetime.datetime.fromisoformat(committed))
+            contains = not commit if created is None else (datetime.datetime.fromisoformat(created)
+                                                           >= datetime.datetime.fromisoformat(committed))
         if not contains:
             missed.append(f"{what} ({change})")
     return missed

@@ -178,6 +178,16 @@ def test_a_commit_in_this_history_is_judged_by_its_ancestry_not_its_date(tmp_pat
     assert made_before({**record, "environment": {"git_commit": "HEAD"}}, ("generation", "label_scoring")) == []
 
 
+def test_a_commit_this_history_lacks_with_no_creation_time_predates_every_change():
+    """A record of a since-rewritten commit that says nothing of when it was made cannot be counted as today's code."""
+    from finetune.results import EVALUATION_CHANGES, made_before
+
+    record = {"environment": {"git_commit": "0" * 40}}
+    assert made_before(record, ("label_scoring",)) == [f"{what} ({change})" for change, _, modes, what
+                                                       in EVALUATION_CHANGES if "label_scoring" in modes]
+    assert made_before({"environment": {}}, ("label_scoring",)) == []  # no commit at all: as written (tests' records)
+
+
 def test_evaluation_changes_carry_their_commit_times():
     """The creation-time fallback is only as good as these times: they must be the commits' own."""
     from finetune.results import EVALUATION_CHANGES

@@ -277,7 +277,8 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
         for m in modes.values():
             m.update(articles=7600, latency_ms={"p50": 1.0, "p95": 2.0}, peak_allocated_gib=20.0)
         record = {"benchmark": "eval", "world_size": 1, "config": {"model": model}, "modes": modes,
-                  "environment": {"hardware": {"gpu": {"name": "NVIDIA H200"}}, "git_commit": "abc1234"}}
+                  "environment": {"hardware": {"gpu": {"name": "NVIDIA H200"}}, "git_commit": "abc1234"},
+                  "created_at": "2099-01-01T00:00:00+00:00"}  # after every evaluation change
         (tmp_path / "benchmarks" / f"{name}.json").write_text(json.dumps(record))
     table = targets_table(tmp_path)
     assert "| generation vs plain `generate`, same run and batch, on weights taught the answer format | 3.00x | " \
