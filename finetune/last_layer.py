@@ -7,7 +7,8 @@ the answer tree), a decoder's prefill at each prompt's last token. The last laye
 position (the read ones attend to the others' keys and values), then its MLP, 87% of a Qwen2.5-7B layer's FLOPs, on
 the read rows alone: ~3% of a step's or a scoring pass's FLOPs. The read rows get the same operations as before, on
 fewer rows; the others hold the attention's output, which nothing reads, and get no gradient through the MLP (they
-got none before: their logits carry no loss).
+got none before: their logits carry no loss). On an H100 it saved less time than FLOPs (docs/performance.md, "The last
+layer where the loss reads").
 """
 
 import types
