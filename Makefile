@@ -127,7 +127,7 @@ gpu-bench-eval-taught:  ## the 7B shape taught 200 steps in the same process: ge
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --teach_steps 200 --per_device_train_batch_size 8 \
 	  --gradient_accumulation_steps 1 --name $(GPU_TAG)_7b_eval_taught_200 --eval_batch_size 512 \
 	  --generation_batch_size 512 --use_liger_kernel true --repeats 2 \
-	  --modes plain_label_scoring,plain_generate,label_scoring,generation,generation_decoding
+	  --modes plain_label_scoring,plain_generate,label_scoring,label_scoring_whole_last_layer,generation,generation_decoding
 
 # Would FP8 evaluation give the labels bf16 gives? On the 7B shape taught 200 steps in the same process (as in
 # gpu-fp8-7b, where such a model read two thirds of the held-out articles right: its labels are not coin flips that any
@@ -176,9 +176,10 @@ gpu-bench-train-recipe:  ## stock TRL (documented and tuned), reference, the qwe
 # FP8 rows count toward no target until their recipe holds bf16's loss at the 7B shape (results/gpu/fp8/fp8_7b.json),
 # so the row is bf16.
 gpu-bench-train-fastest: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
-gpu-bench-train-fastest:  ## stock TRL (documented and tuned), reference, the recipe within 70 GiB, with and without the shared opening
+gpu-bench-train-fastest:  ## stock TRL (documented and tuned), reference, the recipe within 70 GiB, without the shared opening, with the whole last layer
 	$(PY) -m finetune.lab.bench train --profile qwen2.5-7b-shape --warmup_steps 2 --measured_steps 4 \
-	  --stock_trl_steps 2,4 --name $(GPU_TAG)_7b_train_fastest_70 --variants recipe-70,recipe-70-own-openings
+	  --stock_trl_steps 2,4 --name $(GPU_TAG)_7b_train_fastest_70 \
+	  --variants recipe-70,recipe-70-own-openings,recipe-70-whole-last-layer
 
 # The fused AdamW update (~3 min on one H200): its tests on the GPU (every float32's code against torchao's, whole
 # steps against the compiled update, one launch over many weights against one each), then one step over the 7B
