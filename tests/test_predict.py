@@ -386,6 +386,30 @@ def test_compiled_layers_compile_the_same_graphs_whatever_the_number_of_layers(t
     assert compiled[0] == compiled[1] > 0
 
 
+def test_one_pass_logsumexp_matches_torch_over_qwens_vocabulary():
+    """The kernel label scoring reads each row's normalizer from (on Triton's interpreter without a GPU): rows of
+    Qwen2.5's 152,064 logits, whose last block is partial, spread wide enough that a running maximum must rescale."""
+    from finetune.logsumexp_kernel import row_logsumexp
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 2, 152_064, generator=generator) * 4
+    logits[0, 0, -1] = 60.0  # the maximum in the last, partial block
+    logits[1, 1, :4096] -= 80.0  # the first block far below the rest
+    logits = logits.bfloat16().to(device)
+    np.testing.assert_allclose(row_logsumexp(logits).cpu(), torch.logsumexp(logits.float(), -1).cpu(), rtol=1e-6)
+
+
+@pytest.mark.gpu
+def test_answer_logprobs_on_cuda_are_log_softmax_read_at_the_terms(tokenizer):
+    tree = AnswerTree.from_answers(answer_token_ids(tokenizer))
+    terms = predict.AnswerTreeTerms.of(tree, torch.device("cuda"))
+    tail = len(tree.tokens) + 1
+    logits = (torch.randn(64, tail, len(tokenizer), device="cuda") * 4).bfloat16()
+    want = torch.log_softmax(logits, -1, dtype=torch.float32)[:, terms.positions, terms.tokens] @ terms.owner
+    torch.testing.assert_close(predict.answer_logprobs(logits, terms), want, rtol=0, atol=1e-5)
+
+
 @pytest.mark.gpu
 def test_packed_scoring_on_cuda_matches_the_tree(tokenizer, tmp_path):
     """The varlen kernel's path against the 4D-mask one, on a bf16 model as the 7B runs."""
