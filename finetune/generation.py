@@ -83,7 +83,8 @@ def _tree_check(model, tokenizer, prompts: list[list[int]], answer_ids: list[lis
     with closing(tree_passes(model, tokenizer, prompts, tree, batch_size, "auto", "answer tree", progress,
                               leave=False)) as passes:
         for batch, logits in passes:
-            missed = (logits[:, terms.positions].argmax(-1) != terms.tokens).float()  # (articles, terms)
+            # argmax before the terms' gather, which copied a vocabulary-wide row for each of the 17 terms
+            missed = (logits.argmax(-1)[:, terms.positions] != terms.tokens).float()  # (articles, terms)
             del logits  # before the next batch's forward allocates
             check = batch, missed @ terms.owner == 0
             if first:
