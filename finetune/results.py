@@ -35,6 +35,8 @@ EVALUATION_CHANGES = (
     ("25d6540", "2026-12-05T12:26:57+00:00", ("generation", "generation_lenient", DECODING), "packed decoding prefill"),
     ("a28d1f5", "2026-12-06T21:40:17+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
      "last layer's MLP where read"),
+    ("73fa760", "2026-12-06T23:31:31+00:00", ("label_scoring",), "one-pass normalizers"),
+    ("53ca317", "2026-12-06T23:32:10+00:00", ("generation", "generation_lenient"), "tree check's argmax before its terms"),
 )
 
 

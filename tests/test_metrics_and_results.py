@@ -174,7 +174,8 @@ def test_a_commit_in_this_history_is_judged_by_its_ancestry_not_its_date(tmp_pat
                                                       "training's prompt budget (84f9ac6)",
                                                       "the suite's attention in evaluation (3af8add)",
                                                       "CUDA-graph decoding, even batches (a0526c6)",
-                                                      "last layer's MLP where read (a28d1f5)"]
+                                                      "last layer's MLP where read (a28d1f5)",
+                                                      "one-pass normalizers (73fa760)"]
     assert made_before({**record, "environment": {"git_commit": "HEAD"}}, ("generation", "label_scoring")) == []
 
 
