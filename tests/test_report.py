@@ -365,7 +365,25 @@ def test_the_published_comparison_gives_each_median_with_its_range(tmp_path):
         record = {"benchmark": "eval", "world_size": 1, "config": {"model": "checkpoints/taught"}, "modes": modes,
                   "liger_kernels": {"in_use": True}, "environment": {"hardware": {"gpu": {"name": "NVIDIA H100"}}}}
         (tmp_path / "benchmarks" / f"{name}.json").write_text(json.dumps(record))
-    assert "640 articles/s, label scoring, on one H100 (median of 3 runs, 600 - 700)" in published_comparison(tmp_path)
+    assert "640 articles/s, label scoring, on one H100 (median of 3 runs, 600 - 700) |" in published_comparison(tmp_path)
+
+
+def test_the_published_comparison_says_when_its_figure_is_older_codes(tmp_path):
+    """Where no run of today's evaluation code was timed, the targets fall back to older code's runs; the front page
+    then says so rather than pass their figure off as today's."""
+    from finetune.lab.targets import published_comparison
+    from finetune.results import EVALUATION_CHANGES
+
+    (tmp_path / "benchmarks").mkdir()
+    modes = {"plain_label_scoring": {"batch_size": 512, "articles_per_second": 300.0},
+             "label_scoring": {"batch_size": 512, "articles_per_second": 600.0, "vs_anchor": 2.0}}
+    record = {"benchmark": "eval", "world_size": 1, "config": {"model": "checkpoints/taught"}, "modes": modes,
+              "liger_kernels": {"in_use": True}, "environment": {"hardware": {"gpu": {"name": "NVIDIA H100"}},
+                                                                   "git_commit": "0" * 40}}  # predates every change
+    (tmp_path / "benchmarks" / "a.json").write_text(json.dumps(record))
+    changes = sum("label_scoring" in modes for _, _, modes, _ in EVALUATION_CHANGES)
+    assert (f"600 articles/s, label scoring, on one H100 (1 run; before {changes} evaluation changes) |"
+            in published_comparison(tmp_path))
 
 
 def test_lora_over_the_recipe_groups_only_pairs_that_ran_alike():

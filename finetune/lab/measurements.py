@@ -29,7 +29,8 @@ class Measured(NamedTuple):
     where: str  # the files and the configuration, for a table cell
     runs: int
     figures: list[dict]  # each run's variant or mode (its first, where it has two), for what else a row wants to say
-    key: tuple = ()  # the group: (device, variant) for training, (mode, device, model, batch) for evaluation
+    key: tuple = ()  # the group: (device, variant) for training, (mode, device, model, batch, changes it lacked) for
+    # evaluation
 
 
 # (group key, configuration label, file name, the variant's or mode's figures): one configuration on one device is

@@ -188,6 +188,13 @@ def finetuned_7b_accuracy(results_dir: Path) -> str:
     return "not measured yet: it needs the weights on a GPU (see below); the lab machines have none"
 
 
+def timed_before(measured: Measured) -> str:
+    """"; before 2 evaluation changes" where no run of today's code was timed (an evaluation key ends with the
+    changes its code lacked): the front page then says its figure is older code's."""
+    missed = measured.key[-1]
+    return f"; before {len(missed)} evaluation change{'s' * (len(missed) > 1)}" if missed else ""
+
+
 def published_comparison(results_dir: Path) -> str:
     """The published run's figures beside the suite's: medians over the one-GPU benchmark runs of the 7B shape."""
     measured = {name: m for name, _, m, _, _ in targets(results_dir)}
@@ -197,7 +204,7 @@ def published_comparison(results_dir: Path) -> str:
     suite_epoch = ("not measured yet: `make PY=python3 gpu-bench-train`" if epoch is None else
                    f"{epoch.median:.0f} min, projected from the real tokens/s of the `qwen2.5-7b` recipe on one "
                    f"{card(epoch.key[0])} ({runs(epoch)})")
-    speeds = [f"{m.median:.0f} articles/s, {what}, on one {card(m.key[1])} ({runs(m)})"
+    speeds = [f"{m.median:.0f} articles/s, {what}, on one {card(m.key[1])} ({runs(m)}{timed_before(m)})"
               for m, what in ((scoring, "label scoring"), (generation, "generation")) if m]
     return "\n".join([
         "| | published run | this suite |", "|---|---|---|",
