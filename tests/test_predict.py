@@ -2,6 +2,11 @@
 checkpoint's generation config says, with room for an instruct model's own answer style."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -398,6 +403,24 @@ def test_one_pass_logsumexp_matches_torch_over_qwens_vocabulary():
     logits[1, 1, :4096] -= 80.0  # the first block far below the rest
     logits = logits.bfloat16().to(device)
     np.testing.assert_allclose(row_logsumexp(logits).cpu(), torch.logsumexp(logits.float(), -1).cpu(), rtol=1e-6)
+
+
+def test_the_logsumexp_kernel_compiles_offline_for_hopper_and_the_dgx_spark():
+    """A kernel the interpreter runs can still fail to compile: compiled on this CPU from the arguments label scoring
+    passes, for sm_90 (H100, H200) and sm_121 (GB10, the DGX Spark), its loads of the bf16 logits are vectors."""
+    script = ("import json, torch; import finetune.logsumexp_kernel as k; "
+              "from finetune.lab.sass_adamw8bit import compile_offline\n"
+              "launches, kernel = [], k._row_logsumexp\n"
+              "class Capture:\n"
+              "    def __getitem__(self, grid): return lambda *args, **kwargs: launches.append((args, kwargs))\n"
+              "k._row_logsumexp = Capture(); k.row_logsumexp(torch.zeros(2, 152_064, dtype=torch.bfloat16))\n"
+              "print(json.dumps([compile_offline(kernel, *launches[0], arch).asm['ptx'].count('ld.global.v4')"
+              " for arch in (90, 121)]))")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # compile, do not interpret
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(json.loads(done.stdout.splitlines()[-1]))
 
 
 @pytest.mark.gpu
