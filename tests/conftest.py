@@ -4,6 +4,8 @@ import csv
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 # Compiled-layer tests load Inductor's C++ kernels, whose OpenMP threads then spin beside torch's own after every
@@ -35,6 +37,16 @@ FILLER = "the a of on in and to with after said new report officials week"
 def committed_benchmark(name: str) -> dict:
     """A benchmark file committed under results/benchmarks: what a GPU run wrote, read by CPU tests as it is."""
     return json.loads((PROJECT_DIR / "results" / "benchmarks" / name).read_text())
+
+
+def compiled_offline_output(script: str):
+    """What `script` prints last, as JSON, run in a fresh interpreter where Triton compiles its kernels (for a GPU
+    architecture the script names, no GPU needed) instead of interpreting them."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=PROJECT_DIR)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def write_synthetic_csv(path: Path, per_class: int, seed: int = 0) -> None:

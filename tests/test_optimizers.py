@@ -2,11 +2,7 @@
 
 import dataclasses
 import functools
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,6 +12,7 @@ import torch
 from finetune.config import get_config
 from finetune.speedups import weights_dtype
 from finetune.train import optimizer_cls_and_kwargs, sft_config
+from tests.conftest import compiled_offline_output
 
 
 def _realized_update(optimizer_cls, **kwargs) -> float:
@@ -667,11 +664,7 @@ def test_the_fused_kernel_compiles_offline_to_vector_loads_for_hopper():
     script = ("import json; from finetune.lab.sass_adamw8bit import count, load_kernel_module; "
               "module = load_kernel_module('finetune/adamw8bit_kernel.py'); "
               "print(json.dumps([count(module, 90, bits) for bits in (8, 16)]))")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # compile, do not interpret
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).parents[1])
-    assert done.returncode == 0, done.stderr[-2000:]
-    eight_bit, sixteen_bit = json.loads(done.stdout.splitlines()[-1])
+    eight_bit, sixteen_bit = compiled_offline_output(script)
     assert eight_bit["instructions_per_value"] < 150 and eight_bit["values_per_thread"] == 16
     assert sixteen_bit["instructions_per_value"] < 0.8 * eight_bit["instructions_per_value"]
     # A thread's loads: 2 vectors each of weight, gradient and both moments, and the table's entries (weight, scalars)

@@ -2,11 +2,6 @@
 checkpoint's generation config says, with room for an instruct model's own answer style."""
 
 import copy
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +19,7 @@ from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_pr
 from finetune.qwen_tokenizer import build_qwen25_tokenizer
 from finetune.speedups import decoder_layers
 from finetune.lab.standin import PUBLISHED_GENERATION_CONFIG, write_standin
+from tests.conftest import compiled_offline_output
 
 TEXTS = ["Stocks rally as profits beat forecasts.", "The striker scored twice in the final.",
          "Rebels and troops agree to a ceasefire after talks in the capital city.", "NASA tests a new chip.",
@@ -409,18 +405,12 @@ def test_the_logsumexp_kernel_compiles_offline_for_hopper_and_the_dgx_spark():
     """A kernel the interpreter runs can still fail to compile: compiled on this CPU from the arguments label scoring
     passes, for sm_90 (H100, H200) and sm_121 (GB10, the DGX Spark), its loads of the bf16 logits are vectors."""
     script = ("import json, torch; import finetune.logsumexp_kernel as k; "
-              "from finetune.lab.sass_adamw8bit import compile_offline\n"
-              "launches, kernel = [], k._row_logsumexp\n"
-              "class Capture:\n"
-              "    def __getitem__(self, grid): return lambda *args, **kwargs: launches.append((args, kwargs))\n"
-              "k._row_logsumexp = Capture(); k.row_logsumexp(torch.zeros(2, 152_064, dtype=torch.bfloat16))\n"
-              "print(json.dumps([compile_offline(kernel, *launches[0], arch).asm['ptx'].count('ld.global.v4')"
-              " for arch in (90, 121)]))")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # compile, do not interpret
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).parents[1])
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert all(json.loads(done.stdout.splitlines()[-1]))
+              "from finetune.lab.sass_adamw8bit import compile_offline, first_launch; "
+              "launch = first_launch(k, '_row_logsumexp', lambda: k.row_logsumexp(torch.zeros(2, 152_064, "
+              "dtype=torch.bfloat16))); "
+              "print(json.dumps([compile_offline(k._row_logsumexp, *launch, arch).asm['ptx'].count('ld.global.v4') "
+              "for arch in (90, 121)]))")
+    assert all(compiled_offline_output(script))
 
 
 @pytest.mark.gpu

@@ -30,22 +30,30 @@ from finetune.results import environment
 ARCHITECTURES = {"sm_90": 90, "sm_121": 121}  # H100/H200, and GB10 (DGX Spark)
 
 
-def captured_launch(module, state_bits: int = 8) -> tuple[int, tuple, dict]:
-    """The values a program updates and the arguments of the first `_adamw8bit_kernel[grid](...)` call of a step over
-    two weights of 8 blocks, with moments of `state_bits`, on CPU tensors: nothing runs."""
+def first_launch(module, kernel_name: str, call) -> tuple[tuple, dict]:
+    """The arguments of the first `kernel_name[grid](...)` launch that `call()` makes, the kernel replaced in `module`
+    for the duration by a stand-in that records them: on CPU tensors, nothing runs."""
     launches = []
 
     class Capture:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((args, kwargs))
 
-    real, module._adamw8bit_kernel = module._adamw8bit_kernel, Capture()
+    real = getattr(module, kernel_name)
+    setattr(module, kernel_name, Capture())
     try:
-        params = [torch.zeros(8, 256, dtype=torch.bfloat16) for _ in range(2)]
-        kernel_step(module, params, params, zero_states(params, state_bits), 1)
+        call()
     finally:
-        module._adamw8bit_kernel = real
-    args, kwargs = launches[0]
+        setattr(module, kernel_name, real)
+    return launches[0]
+
+
+def captured_launch(module, state_bits: int = 8) -> tuple[int, tuple, dict]:
+    """The values a program updates and the arguments of the first `_adamw8bit_kernel[grid](...)` call of a step over
+    two weights of 8 blocks, with moments of `state_bits`."""
+    params = [torch.zeros(8, 256, dtype=torch.bfloat16) for _ in range(2)]
+    args, kwargs = first_launch(module, "_adamw8bit_kernel",
+                                lambda: kernel_step(module, params, params, zero_states(params, state_bits), 1))
     return kwargs["BLOCK_SIZE"] * kwargs["BLOCKS"], args, kwargs
 
 
