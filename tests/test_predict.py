@@ -420,7 +420,8 @@ def test_answer_logprobs_on_cuda_are_log_softmax_read_at_the_terms(tokenizer):
     tail = len(tree.tokens) + 1
     logits = (torch.randn(64, tail, len(tokenizer), device="cuda") * 4).bfloat16()
     want = torch.log_softmax(logits, -1, dtype=torch.float32)[:, terms.positions, terms.tokens] @ terms.owner
-    torch.testing.assert_close(predict.answer_logprobs(logits, terms), want, rtol=0, atol=1e-5)
+    # Sums of a few log-probabilities near -80: the kernel and torch add in other orders, an ulp or two apart.
+    torch.testing.assert_close(predict.answer_logprobs(logits, terms), want, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.gpu
