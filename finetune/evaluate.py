@@ -29,7 +29,7 @@ from finetune.plan import GPU, OutOfMemory, gpu_memory_note, log_plan, plan_eval
 from finetune.sources import ModelShape, SourceNotFound
 from finetune.plots import plot_confusion_matrix
 from finetune.predict import score_labels, warmup_texts
-from finetune.prompts import default_max_new_tokens, encode_prompts
+from finetune.prompts import default_max_new_tokens
 from finetune.results import write_record
 from finetune.throughput import peak_memory_gib, reset_peak_memory
 
@@ -63,8 +63,8 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
     if unknown:
         raise ValueError(f"unknown evaluation mode(s) {sorted(unknown)}; choose from {MODES}")
     on_gpu = model.device.type == "cuda"
-    warmup = (warmup_texts(texts, [len(p) for p in encode_prompts(tokenizer, texts, config.max_length)[0]], batch)
-              if on_gpu else [])
+    # by characters, as the passes batch them (`tree_passes`), not tokens: no encoding of every article first
+    warmup = warmup_texts(texts, list(map(len, texts)), batch) if on_gpu else []
     evaluations = {}
     for mode in modes:
         try:

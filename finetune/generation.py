@@ -18,7 +18,7 @@ from finetune.attention import without_cudnn_attention
 from finetune.decode import GreedyDecoder
 from finetune.metrics import Predictions
 from finetune.predict import AnswerTree, AnswerTreeTerms, length_sorted_batches, shared_opening, tree_passes
-from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, end_token_ids, prompt_budget
+from finetune.prompts import Prompts, answer_token_ids, default_max_new_tokens, end_token_ids, prompt_budget
 
 
 @torch.inference_mode()
@@ -39,21 +39,21 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
     past it must not change what the model reads, and may run past `max_length` (positions allow it)."""
     max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
     answer_ids = answer_token_ids(tokenizer)
-    prompts, truncated = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))
+    prompts = Prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))  # encoded as the passes reach them
     answers, seconds = [None] * len(texts), np.zeros(len(texts))
     if tree_check and max_new_tokens >= max(map(len, answer_ids)):
         answers, seconds = _tree_check(model, tokenizer, prompts, answer_ids, batch_size, progress)
     undecided, graphed = [i for i, answer in enumerate(answers) if answer is None], None
     if undecided:
-        decoded, decode_seconds, graphed = _decode(model, tokenizer, [prompts[i] for i in undecided], batch_size,
+        decoded, decode_seconds, graphed = _decode(model, tokenizer, prompts.take(undecided), batch_size,
                                                    max_new_tokens, progress)
         for i, answer, s in zip(undecided, decoded, decode_seconds):
             answers[i], seconds[i] = answer, seconds[i] + s
-    return parsed(Predictions(labels=np.full(len(texts), -1), batch_seconds=seconds, truncated=truncated,
+    return parsed(Predictions(labels=np.full(len(texts), -1), batch_seconds=seconds, truncated=prompts.truncated,
                               answers=answers, decoded=len(undecided), decoding_cuda_graph=graphed), parse_strict)
 
 
-def _tree_check(model, tokenizer, prompts: list[list[int]], answer_ids: list[list[int]], batch_size: int,
+def _tree_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]], batch_size: int,
                 progress: bool) -> tuple[list[str | None], np.ndarray]:
     """Each article's trained answer where its greedy choices follow one (None elsewhere), and its batch's wall time.
 
@@ -63,7 +63,7 @@ def _tree_check(model, tokenizer, prompts: list[list[int]], answer_ids: list[lis
     tree = AnswerTree.from_answers(answer_ids)
     terms = AnswerTreeTerms.of(tree, model.device)
     trained = tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
-    answers, seconds = [None] * len(prompts), np.zeros(len(prompts))
+    answers, seconds = [None] * len(prompts.texts), np.zeros(len(prompts.texts))
     start = time.perf_counter()
 
     def read(batch: list[int], followed: torch.Tensor) -> bool:
@@ -80,8 +80,7 @@ def _tree_check(model, tokenizer, prompts: list[list[int]], answer_ids: list[lis
     waiting, first = None, True
     # closing(): a pass stopped early must restore the model's attention before decoding starts.
     # leave=False: a check stopped early (a model off the trained format) clears its bar, not leaving it short
-    with closing(tree_passes(model, tokenizer, prompts, tree, batch_size, "auto", "answer tree", progress,
-                              leave=False)) as passes:
+    with closing(tree_passes(model, prompts, tree, batch_size, "auto", "answer tree", progress, leave=False)) as passes:
         for batch, logits in passes:
             # argmax before the terms' gather, which copied a vocabulary-wide row for each of the 17 terms
             missed = (logits.argmax(-1)[:, terms.positions] != terms.tokens).float()  # (articles, terms)

@@ -25,11 +25,15 @@ TOKENS_SAVED = "opening_tokens_saved"
 def shared_prefix_length(rows: list[list[int]]) -> int:
     """The tokens all rows start with, one short of the shortest row, so that every row keeps a token to run: the
     longest common prefix, that of the lexicographic extremes."""
-    first, last = min(rows), max(rows)
+    return min(matching_length(min(rows), max(rows)), min(map(len, rows)) - 1)
+
+
+def matching_length(a: list[int], b: list[int]) -> int:
+    """How many tokens `a` and `b` start with alike."""
     n = 0
-    while n < min(len(first), len(last)) and first[n] == last[n]:
+    while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
-    return min(n, min(map(len, rows)) - 1)
+    return n
 
 
 def opening_sequences(length: np.ndarray, opening_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from finetune.attention import without_cudnn_attention
 from finetune.metrics import Predictions
-from finetune.opening import shared_prefix_length
+from finetune.opening import matching_length, shared_prefix_length
 from finetune.packed import opening_keys, pack_batch, packed_attention, packed_logits
-from finetune.prompts import answer_token_ids, encode_prompts, prompt_budget
+from finetune.prompts import Prompts, answer_token_ids, prompt_budget
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,10 +31,11 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device)
 
 
-def length_sorted_batches(prompts: list[list[int]], batch_size: int):
+def length_sorted_batches(prompts: list, batch_size: int):
     """Index batches of similar length, longest first, so padding stays small and memory peaks early: as few as
     `batch_size` allows, their sizes one article apart at most, never a short remainder (decoding steps run every batch
-    at the largest one's rows, `GreedyDecoder`)."""
+    at the largest one's rows, `GreedyDecoder`). `prompts` are token ids, or texts not yet encoded, which their
+    characters order about as their tokens would."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     count = -(-len(order) // batch_size)
     start = 0
@@ -64,15 +65,15 @@ def shared_opening(model, prompts: list[list[int]]) -> tuple[int, object | None]
         return opening_length, model(input_ids=opening_ids, use_cache=True).past_key_values
 
 
-def _batch_cache(opening_cache, rows: int):
-    """The opening's cache for `rows` articles, as broadcast views of its tensors: no copy. The model extends the
-    cache it is given by concatenation, which writes new tensors and leaves the opening's untouched."""
-    if opening_cache is None:
+def _batch_cache(opening_cache, rows: int, length: int):
+    """The opening's first `length` tokens' cache for `rows` articles, as views of its tensors: no copy. The model
+    extends the cache it is given by concatenation, which writes new tensors and leaves the opening's untouched."""
+    if opening_cache is None or not length:
         return None
     cache = copy.copy(opening_cache)
     cache.layers = [copy.copy(layer) for layer in opening_cache.layers]
     for layer in cache.layers:
-        layer.keys, layer.values = (x.expand(rows, -1, -1, -1) for x in (layer.keys, layer.values))
+        layer.keys, layer.values = (x[:, :, :length].expand(rows, -1, -1, -1) for x in (layer.keys, layer.values))
     return cache
 
 
@@ -161,28 +162,43 @@ def answer_logprobs(logits: torch.Tensor, terms: AnswerTreeTerms) -> torch.Tenso
     return (logits[:, terms.positions, terms.tokens].float() - normalizers[:, terms.positions]) @ terms.owner
 
 
-def tree_passes(model, tokenizer, prompts: list[list[int]], tree: AnswerTree, batch_size: int, method: str,
-                 desc: str, progress: bool, leave: bool = True):
+def tree_passes(model, prompts: Prompts, tree: AnswerTree, batch_size: int, method: str, desc: str, progress: bool,
+                leave: bool = True):
     """Per batch: its article indices and the tail logits (articles, tail, vocab) of one forward over each prompt
-    followed by the answer tree. The opening runs once for all batches."""
+    followed by the answer tree. A batch's articles are encoded as it comes, while the GPU runs the batch before
+    (`Prompts`), so batches group the articles by their length in characters.
+
+    The opening runs once, over the first batch's shared tokens. A later batch whose articles share fewer of them
+    (the first batch's all starting with one word, say) runs its prompts from where they part: its articles attend
+    to that part of the opening's cache and to their own tokens, as with the whole prompt each."""
     if method not in SCORING_METHODS:
         raise ValueError(f"method={method!r}: choose one of {SCORING_METHODS}")
     if method == "auto":
         method = "packed" if model.device.type == "cuda" else "tree"
+    batches = list(length_sorted_batches(prompts.texts, batch_size))
+    if not batches:
+        return
     with without_cudnn_attention():  # switched once for the pass, not in each masked call (`masked_sdpa`)
-        opening_length, opening_cache = shared_opening(model, prompts)
+        opening_length, opening_cache = shared_opening(model, prompts.take(batches[0]))
+        opening = prompts.take(batches[0][:1])[0][:opening_length]
         if method == "packed":
             opening_kv, layout = opening_keys(opening_cache), packed_attention(model)
-            tail_logits = lambda rows: packed_logits(model, pack_batch(rows, tree, opening_length, model.device),
-                                                     opening_kv)
+            tail_logits = lambda rows, length: packed_logits(
+                model, pack_batch(rows, tree, length, model.device), _opening_share(opening_kv, length))
         else:
             layout = nullcontext()
-            tail_logits = lambda rows: _tree_logits(model, rows, tree, opening_length, opening_cache,
-                                                    tokenizer.pad_token_id)
+            tail_logits = lambda rows, length: _tree_logits(model, rows, tree, length, opening_cache,
+                                                            prompts.tokenizer.pad_token_id)
         with layout:
-            for batch in tqdm(list(length_sorted_batches(prompts, batch_size)), desc=desc, disable=not progress,
-                              leave=leave):
-                yield batch, tail_logits([prompts[i][opening_length:] for i in batch])
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=leave):
+                rows = prompts.take(batch)
+                length = min(shared_prefix_length(rows), matching_length(opening, rows[0]))
+                yield batch, tail_logits([row[length:] for row in rows], length)
+
+
+def _opening_share(opening_kv: list | None, length: int) -> list | None:
+    """The first `length` tokens of the opening's keys and values per layer (views), None for none."""
+    return [(k[:length], v[:length]) for k, v in opening_kv] if opening_kv and length else None
 
 
 @torch.inference_mode()
@@ -199,7 +215,7 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
     answers = answer_token_ids(tokenizer)
     tree = AnswerTree.from_answers(answers)
     terms = AnswerTreeTerms.of(tree, model.device)
-    prompts, truncated = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))
+    prompts = Prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))
     logprobs = np.zeros((len(texts), len(answers)))
     seconds = np.zeros(len(texts))
     start, pending = time.perf_counter(), None
@@ -210,7 +226,7 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
         seconds[batch] = time.perf_counter() - start
         start = time.perf_counter()
 
-    for batch, logits in tree_passes(model, tokenizer, prompts, tree, batch_size, method, "label scoring", progress):
+    for batch, logits in tree_passes(model, prompts, tree, batch_size, method, "label scoring", progress):
         scores = answer_logprobs(logits, terms)
         del logits  # before the next batch's forward allocates
         # The previous batch is read back only now, with this one's forward queued behind it: the GPU goes on while
@@ -220,12 +236,14 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
         pending = batch, scores
     if pending is not None:
         read_back(*pending)
-    return Predictions(labels=logprobs.argmax(1), batch_seconds=seconds, truncated=truncated, label_logprobs=logprobs)
+    return Predictions(labels=logprobs.argmax(1), batch_seconds=seconds, truncated=prompts.truncated,
+                       label_logprobs=logprobs)
 
 
 def _tree_logits(model, rows: list[list[int]], tree: AnswerTree, opening_length: int, opening_cache,
                  pad_id: int) -> torch.Tensor:
-    """Tail logits of left-padded rows, each an article then the answer tree, under the tree's 4D mask."""
+    """Tail logits of left-padded rows, each an article then the answer tree, under the tree's 4D mask, after the
+    opening's first `opening_length` tokens."""
     device, n_branch = model.device, len(tree.branch)
     depth, branches = torch.tensor(tree.depth, device=device), torch.from_numpy(tree.sees()).to(device)
     # Left padding sits between the opening and each article; the mask hides it, positions skip it.
@@ -233,6 +251,7 @@ def _tree_logits(model, rows: list[list[int]], tree: AnswerTree, opening_length:
     positions = opening_length + (valid.cumsum(-1) - 1).clamp(min=0)
     positions[:, -n_branch:] = positions[:, -n_branch - 1:-n_branch] + 1 + depth  # branches run side by side
     mask = _scoring_mask(valid.bool(), branches, opening_length)
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                 past_key_values=_batch_cache(opening_cache, len(rows)), use_cache=opening_cache is not None,
+    cache = _batch_cache(opening_cache, len(rows), opening_length)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 use_cache=cache is not None,
                  logits_to_keep=len(tree.tokens) + 1).logits

@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, RepetitionPenaltyL
 
 from data_prep.task import LABELS, build_messages, build_prompt_messages
 from finetune import generation, predict
+from finetune import prompts as prompts_module
 from finetune.model import load_model, train_bpe_tokenizer
+from finetune.opening import shared_prefix_length
 from finetune.packed import pack_batch, pack_prefill
 from finetune.generation import generate_labels
 from finetune.last_layer import mlp_only_where_read, whole_last_layer
@@ -58,6 +60,33 @@ def test_label_scoring_equals_explicit_per_answer_logprob(model, tokenizer, meth
     np.testing.assert_allclose(predictions.label_logprobs, expected, atol=1e-4)
     assert list(predictions.labels) == list(expected.argmax(1))
     assert predictions.truncated == 0 and (predictions.batch_seconds > 0).all()
+
+
+@pytest.mark.parametrize("method", ["tree", "packed"])
+def test_a_batch_sharing_less_of_the_opening_runs_from_where_its_prompts_part(model, tokenizer, method):
+    """The opening is the first batch's shared tokens. Here its two articles (the longest) also share their first
+    word, and the later batch's two another: those run from where their prompts part from the opening, over that
+    part of its cache."""
+    texts = ["Stocks rally as profits beat forecasts in every market.", "Stocks fall as the central bank acts.",
+             "NASA tests a new chip.", "NASA launches a probe."]
+    prompts, _ = encode_prompts(tokenizer, texts, prompt_budget(tokenizer, 512))
+    first, later, every = (shared_prefix_length(rows) for rows in (prompts[:2], prompts[2:], prompts))
+    assert first > every and later > every  # the case this test is about
+    predictions = score_labels(model, tokenizer, texts, batch_size=2, progress=False, method=method)
+    expected = np.array([[explicit_logprob(model, tokenizer, t, label) for label in LABELS] for t in texts])
+    np.testing.assert_allclose(predictions.label_logprobs, expected, atol=1e-4)
+
+
+def test_label_scoring_encodes_each_batch_after_the_one_before_is_run(model, tokenizer, monkeypatch):
+    """The GPU starts on the first batch while the other articles are still text (`Prompts`): an encoding of the
+    next batch's articles comes after each forward, never all of them before the first."""
+    events = []
+    fitted, forward = prompts_module._fitted_prompts, model.forward
+    monkeypatch.setattr(prompts_module, "_fitted_prompts", lambda tokenizer_, texts, *a: (
+        events.append(("encode", len(texts))) or fitted(tokenizer_, texts, *a)))
+    monkeypatch.setattr(model, "forward", lambda *a, **k: events.append(("forward", None)) or forward(*a, **k))
+    score_labels(model, tokenizer, TEXTS[:6], batch_size=2, progress=False, method="tree")
+    assert events == [("encode", 2), ("forward", None), ("forward", None)] + [("encode", 2), ("forward", None)] * 2
 
 
 def test_packed_passes_run_the_last_layers_mlp_only_on_the_rows_they_read(model, tokenizer):
@@ -330,8 +359,8 @@ def test_tree_check_reads_a_batch_behind_the_next_and_decodes_from_the_batch_tha
     tree = AnswerTree.from_answers(answer_token_ids(tokenizer))
     follows, pulled, decoded = [True, True, False, True, True], [], []
 
-    def tree_passes(model, tokenizer, prompts, tree_, batch_size, *args, **kwargs):
-        for k, batch in enumerate(predict.length_sorted_batches(prompts, batch_size)):
+    def tree_passes(model, prompts, tree_, batch_size, *args, **kwargs):
+        for k, batch in enumerate(predict.length_sorted_batches(prompts.texts, batch_size)):
             pulled.append(k)
             logits = torch.zeros(len(batch), len(tree.tokens) + 1, len(tokenizer))
             for (position, token), owners in zip(tree.terms, tree.owner):

@@ -222,7 +222,8 @@ def bench_eval(config: RunConfig, modes: list[str], repeats: int, generation_bat
         model.load_state_dict(teaching.pop("state"))
     start = time.perf_counter()
     encode_prompts(tokenizer, texts, config.max_length)
-    tokenization_seconds = time.perf_counter() - start  # host-side share of each mode's time below
+    # the plain modes' host-side share of their time below; the suite's encode a batch while the one before runs
+    tokenization_seconds = time.perf_counter() - start
     compared = compare_modes(model, tokenizer, texts, modes, batch_size=config.eval_batch_size,
                              generation_batch_size=generation_batch_size or config.eval_batch_size,
                              max_length=config.max_length, repeats=repeats, liger=config.use_liger_kernel,
