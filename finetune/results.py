@@ -37,6 +37,8 @@ EVALUATION_CHANGES = (
      "last layer's MLP where read"),
     ("73fa760", "2026-12-06T23:31:31+00:00", ("label_scoring",), "one-pass normalizers"),
     ("53ca317", "2026-12-06T23:32:10+00:00", ("generation", "generation_lenient"), "tree check's argmax before its terms"),
+    ("07751f7", "2026-12-07T02:06:22+00:00", ("label_scoring", "generation", "generation_lenient"),
+     "prompts encoded batch by batch"),
 )
 
 

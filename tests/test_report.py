@@ -1,6 +1,7 @@
 """The report generator: targets judged on the median of runs, sections written into whichever page holds them, one
 row per run grouped by folder."""
 
+import datetime
 import json
 
 from finetune.lab.report import update_docs
@@ -383,6 +384,26 @@ def test_the_published_comparison_says_when_its_figure_is_older_codes(tmp_path):
     (tmp_path / "benchmarks" / "a.json").write_text(json.dumps(record))
     changes = sum("label_scoring" in modes for _, _, modes, _ in EVALUATION_CHANGES)
     assert (f"600 articles/s, label scoring, on one H100 (1 run; before {changes} evaluation changes) |"
+            in published_comparison(tmp_path))
+
+
+def test_without_a_run_of_todays_code_the_targets_show_the_newest_code_timed(tmp_path):
+    """A faster run of older code must not stand in for the newest code's runs: after an evaluation change, the
+    figure is the runs of the code just before it, not the best of all the code ever timed."""
+    from finetune.lab.targets import published_comparison
+    from finetune.results import EVALUATION_CHANGES
+
+    (tmp_path / "benchmarks").mkdir()
+    newest = max(committed for _, committed, modes, _ in EVALUATION_CHANGES if "label_scoring" in modes)
+    just_before = (datetime.datetime.fromisoformat(newest) - datetime.timedelta(seconds=1)).isoformat()
+    for name, rate, made in (("old", 700.0, {}), ("newer", 600.0, {"created_at": just_before})):
+        modes = {"plain_label_scoring": {"batch_size": 512, "articles_per_second": 300.0},
+                 "label_scoring": {"batch_size": 512, "articles_per_second": rate, "vs_anchor": rate / 300}}
+        record = {"benchmark": "eval", "world_size": 1, "config": {"model": "checkpoints/taught"}, "modes": modes,
+                  "liger_kernels": {"in_use": True}, **made,
+                  "environment": {"hardware": {"gpu": {"name": "NVIDIA H100"}}, "git_commit": "0" * 40}}
+        (tmp_path / "benchmarks" / f"{name}.json").write_text(json.dumps(record))
+    assert ("600 articles/s, label scoring, on one H100 (1 run; before 1 evaluation change) |"
             in published_comparison(tmp_path))
 
 
