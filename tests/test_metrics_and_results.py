@@ -165,17 +165,13 @@ def test_tables_name_the_commit_and_mark_records_made_before_an_evaluation_chang
 
 def test_a_commit_in_this_history_is_judged_by_its_ancestry_not_its_date(tmp_path):
     """140d4f3 predates every evaluation change, however late its record was written."""
-    from finetune.results import made_before
+    from finetune.results import EVALUATION_CHANGES, made_before
 
     record = {"environment": {"git_commit": "140d4f3"}, "created_at": "2099-01-01T00:00:00+00:00"}
     if subprocess.run(["git", "cat-file", "-e", "140d4f3^{commit}"], cwd=PROJECT_DIR).returncode:
         pytest.skip("a shallow or copied tree: the commit is not in its history")
-    assert made_before(record, ("label_scoring",)) == ["answer-tree label scoring (33dda75)",
-                                                      "training's prompt budget (84f9ac6)",
-                                                      "the suite's attention in evaluation (3af8add)",
-                                                      "CUDA-graph decoding, even batches (a0526c6)",
-                                                      "last layer's MLP where read (a28d1f5)",
-                                                      "one-pass normalizers (73fa760)"]
+    every = [f"{what} ({change})" for change, _, modes, what in EVALUATION_CHANGES if "label_scoring" in modes]
+    assert len(every) >= 7 and made_before(record, ("label_scoring",)) == every
     assert made_before({**record, "environment": {"git_commit": "HEAD"}}, ("generation", "label_scoring")) == []
 
 
