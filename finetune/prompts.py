@@ -21,11 +21,11 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_pro
 
 
 class Prompts:
-    """`encode_prompts` an article at a time as a pass asks for it (`take`), so that evaluation's GPU starts on its
-    first batch while the other articles are still text. Encoded all at once first, the 7,600 test articles took 0.54
-    s of label scoring's 11.6 s on an H100 machine, the GPU idle throughout (`tokenization_seconds` in
-    results/benchmarks/h100_7b_eval_taught_200_repeats.json); a batch encoded while the one before it runs costs
-    none of the GPU's time."""
+    """The prompts `encode_prompts` makes, each article's encoded when a pass first asks for it (`take`), so that
+    evaluation's GPU starts on its first batch while the other articles are still text. Encoded all at once first,
+    the 7,600 test articles took 0.54 s of label scoring's 11.6 s on an H100 machine, the GPU idle throughout
+    (`tokenization_seconds` in results/benchmarks/h100_7b_eval_taught_200_repeats.json); a batch encoded while the
+    one before it runs costs none of the GPU's time."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_prompt_tokens: int):
         self.tokenizer, self.texts, self.max_prompt_tokens = tokenizer, texts, max_prompt_tokens
