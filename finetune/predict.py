@@ -179,8 +179,9 @@ def tree_passes(model, prompts: Prompts, tree: AnswerTree, batch_size: int, meth
     if not batches:
         return
     with without_cudnn_attention():  # switched once for the pass, not in each masked call (`masked_sdpa`)
-        opening_length, opening_cache = shared_opening(model, prompts.take(batches[0]))
-        opening = prompts.take(batches[0][:1])[0][:opening_length]
+        first = prompts.take(batches[0])
+        opening_length, opening_cache = shared_opening(model, first)
+        opening = first[0][:opening_length]
         if method == "packed":
             opening_kv, layout = opening_keys(opening_cache), packed_attention(model)
             tail_logits = lambda rows, length: packed_logits(
