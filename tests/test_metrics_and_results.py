@@ -163,25 +163,31 @@ def test_tables_name_the_commit_and_mark_records_made_before_an_evaluation_chang
     assert "`(dirty)` with uncommitted changes" in table and "*evaluation changed since*:" in table  # the legend
 
 
+def label_scoring_changes() -> list[str]:
+    """Every evaluation change to label scoring, as `made_before` names them, in order."""
+    from finetune.results import EVALUATION_CHANGES
+
+    return [f"{what} ({change})" for change, _, modes, what in EVALUATION_CHANGES if "label_scoring" in modes]
+
+
 def test_a_commit_in_this_history_is_judged_by_its_ancestry_not_its_date(tmp_path):
     """140d4f3 predates every evaluation change, however late its record was written."""
-    from finetune.results import EVALUATION_CHANGES, made_before
+    from finetune.results import made_before
 
     record = {"environment": {"git_commit": "140d4f3"}, "created_at": "2099-01-01T00:00:00+00:00"}
     if subprocess.run(["git", "cat-file", "-e", "140d4f3^{commit}"], cwd=PROJECT_DIR).returncode:
         pytest.skip("a shallow or copied tree: the commit is not in its history")
-    every = [f"{what} ({change})" for change, _, modes, what in EVALUATION_CHANGES if "label_scoring" in modes]
+    every = label_scoring_changes()
     assert len(every) >= 7 and made_before(record, ("label_scoring",)) == every
     assert made_before({**record, "environment": {"git_commit": "HEAD"}}, ("generation", "label_scoring")) == []
 
 
 def test_a_commit_this_history_lacks_with_no_creation_time_predates_every_change():
     """A record of a since-rewritten commit that says nothing of when it was made cannot be counted as today's code."""
-    from finetune.results import EVALUATION_CHANGES, made_before
+    from finetune.results import made_before
 
     record = {"environment": {"git_commit": "0" * 40}}
-    assert made_before(record, ("label_scoring",)) == [f"{what} ({change})" for change, _, modes, what
-                                                       in EVALUATION_CHANGES if "label_scoring" in modes]
+    assert made_before(record, ("label_scoring",)) == label_scoring_changes()
     assert made_before({"environment": {}}, ("label_scoring",)) == []  # no commit at all: as written (tests' records)
 
 
