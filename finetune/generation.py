@@ -19,6 +19,7 @@ from finetune.decode import GreedyDecoder
 from finetune.metrics import Predictions
 from finetune.predict import AnswerTree, AnswerTreeTerms, length_sorted_batches, shared_opening, tree_passes
 from finetune.prompts import Prompts, answer_token_ids, default_max_new_tokens, end_token_ids, prompt_budget
+from finetune.speedups import HostCopy
 
 
 @torch.inference_mode()
@@ -66,10 +67,10 @@ def _tree_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]],
     answers, seconds = [None] * len(prompts.texts), np.zeros(len(prompts.texts))
     start = time.perf_counter()
 
-    def read(batch: list[int], followed: torch.Tensor) -> bool:
+    def read(batch: list[int], followed: HostCopy) -> bool:
         """The batch's answers from its check; whether the check goes on."""
         nonlocal start
-        followed = followed.cpu().numpy()  # (articles, labels): at most one per article
+        followed = followed.numpy()  # (articles, labels): at most one per article
         for i, row in zip(batch, followed):
             if row.any():
                 answers[i] = trained[row.argmax()]
@@ -85,7 +86,7 @@ def _tree_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]],
             # argmax before the terms' gather, which copied a vocabulary-wide row for each of the 17 terms
             missed = (logits.argmax(-1)[:, terms.positions] != terms.tokens).float()  # (articles, terms)
             del logits  # before the next batch's forward allocates
-            check = batch, missed @ terms.owner == 0
+            check = batch, HostCopy(missed @ terms.owner == 0)
             if first:
                 first, going_on = False, read(*check)
             else:  # the batch before is read now, this one's forward queued behind it

@@ -18,6 +18,7 @@ from finetune.metrics import Predictions
 from finetune.opening import matching_length, shared_prefix_length
 from finetune.packed import opening_keys, pack_batch, packed_attention, packed_logits
 from finetune.prompts import Prompts, answer_token_ids, prompt_budget
+from finetune.speedups import HostCopy
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,17 +222,17 @@ def score_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_l
     seconds = np.zeros(len(texts))
     start, pending = time.perf_counter(), None
 
-    def read_back(batch: list[int], scores: torch.Tensor) -> None:
+    def read_back(batch: list[int], scores: HostCopy) -> None:
         nonlocal start
-        logprobs[batch] = scores.cpu().numpy()  # waits for that batch's forward, not for the one queued after it
+        logprobs[batch] = scores.numpy()  # waits for that batch's forward, not for the one queued after it
         seconds[batch] = time.perf_counter() - start
         start = time.perf_counter()
 
     for batch, logits in tree_passes(model, prompts, tree, batch_size, method, "label scoring", progress):
-        scores = answer_logprobs(logits, terms)
+        scores = HostCopy(answer_logprobs(logits, terms))
         del logits  # before the next batch's forward allocates
         # The previous batch is read back only now, with this one's forward queued behind it: the GPU goes on while
-        # the host waits, reads and packs the next batch, instead of idling through that at every batch.
+        # the host waits, reads, encodes and packs the next batch, instead of idling through that at every batch.
         if pending is not None:
             read_back(*pending)
         pending = batch, scores

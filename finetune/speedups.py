@@ -1,10 +1,12 @@
 """Training speed-ups applied to the model before training: compiled decoder layers, FP8 matmuls, and the memory
 estimates (the optimizers' states, the layers' activations) that decide how many layers recompute their activations
-(`finetune/plan.py` chooses); and host tables copied to the GPU without waiting for it (`queued_copy`)."""
+(`finetune/plan.py` chooses); and host tables copied to the GPU, and results back, without waiting for the GPU's other
+work (`queued_copy`, `HostCopy`)."""
 
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -114,6 +116,27 @@ def queued_copy(host: torch.Tensor, device) -> torch.Tensor:
     launch while the GPU runs would stop there. A copy from pinned memory is queued; torch's pinned-memory cache keeps
     the buffer until the copy has run. Elsewhere than on CUDA, `host` as it is."""
     return host.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else host
+
+
+class HostCopy:
+    """A result's copy on the host, queued when made, right behind the work that computes it. `.cpu()` queues its copy
+    when called, behind everything launched since, and waits for all of that: label scoring read each batch back once
+    the next batch's forward was queued, so it waited for that forward too, and the GPU idled while the host encoded
+    and packed the batch after (results/benchmarks/README.md, 2026-12-07). On CUDA the copy lands in pinned memory
+    and `numpy()` waits for the copy alone (an event recorded behind it); elsewhere the tensor is its own copy."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._host, self._copied = tensor, None
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def numpy(self) -> np.ndarray:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host.numpy()
 
 
 def weights_dtype(config: RunConfig) -> torch.dtype:

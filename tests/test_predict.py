@@ -19,7 +19,7 @@ from finetune.last_layer import mlp_only_where_read, whole_last_layer
 from finetune.predict import AnswerTree, score_labels
 from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
 from finetune.qwen_tokenizer import build_qwen25_tokenizer
-from finetune.speedups import decoder_layers
+from finetune.speedups import HostCopy, decoder_layers
 from finetune.lab.standin import PUBLISHED_GENERATION_CONFIG, write_standin
 from tests.conftest import compiled_offline_output
 
@@ -87,6 +87,34 @@ def test_label_scoring_encodes_each_batch_after_the_one_before_is_run(model, tok
     monkeypatch.setattr(model, "forward", lambda *a, **k: events.append(("forward", None)) or forward(*a, **k))
     score_labels(model, tokenizer, TEXTS[:6], batch_size=2, progress=False, method="tree")
     assert events == [("encode", 2), ("forward", None), ("forward", None)] + [("encode", 2), ("forward", None)] * 2
+
+
+def record_host_copies(monkeypatch, module, events: list[str]) -> None:
+    """`module`'s `HostCopy` noting in `events` when each copy is queued ("copy") and when it is read ("read")."""
+
+    class RecordedCopy(HostCopy):
+        def __init__(self, tensor):
+            events.append("copy")
+            super().__init__(tensor)
+
+        def numpy(self):
+            events.append("read")
+            return super().numpy()
+
+    monkeypatch.setattr(module, "HostCopy", RecordedCopy)
+
+
+def test_label_scoring_copies_each_batch_back_before_the_next_forward_and_reads_it_after(model, tokenizer,
+                                                                                         monkeypatch):
+    """A batch's scores are queued for the host before the next batch's forward and read only after it: a copy queued
+    at reading (`.cpu()`) would wait for that forward too, and the GPU would idle while the host prepares the batch
+    after."""
+    events = []
+    record_host_copies(monkeypatch, predict, events)
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: events.append("forward") or forward(*a, **k))
+    score_labels(model, tokenizer, TEXTS[:6], batch_size=2, progress=False, method="tree")
+    assert events == ["forward"] + ["forward", "copy"] + ["forward", "copy", "read"] * 2 + ["read"]  # opening first
 
 
 def test_packed_passes_run_the_last_layers_mlp_only_on_the_rows_they_read(model, tokenizer):
@@ -357,11 +385,12 @@ def test_tree_check_reads_a_batch_behind_the_next_and_decodes_from_the_batch_tha
     answer and are answered by the check, batch 3 does not and stops it: batch 4, already queued, decodes with it and
     batch 5, never checked."""
     tree = AnswerTree.from_answers(answer_token_ids(tokenizer))
-    follows, pulled, decoded = [True, True, False, True, True], [], []
+    follows, pulled, decoded, events = [True, True, False, True, True], [], [], []
 
     def tree_passes(model, prompts, tree_, batch_size, *args, **kwargs):
         for k, batch in enumerate(predict.length_sorted_batches(prompts.texts, batch_size)):
             pulled.append(k)
+            events.append("pass")
             logits = torch.zeros(len(batch), len(tree.tokens) + 1, len(tokenizer))
             for (position, token), owners in zip(tree.terms, tree.owner):
                 if follows[k] and owners[0]:  # every greedy choice along the first label's answer
@@ -371,8 +400,11 @@ def test_tree_check_reads_a_batch_behind_the_next_and_decodes_from_the_batch_tha
     monkeypatch.setattr(generation, "tree_passes", tree_passes)
     monkeypatch.setattr(generation, "_decode", lambda model, tokenizer, prompts, *args: (
         decoded.extend(prompts) or ["decoded"] * len(prompts), np.zeros(len(prompts)), False))
+    record_host_copies(monkeypatch, generation, events)
     generated = generate_labels(model, tokenizer, [f"article {i}" for i in range(10)], batch_size=2, progress=False)
     assert pulled == [0, 1, 2, 3] and generated.decoded == len(decoded) == 6
+    # each batch's check queued for the host before the next pass, each later one read after it
+    assert events == ["pass", "copy", "read", "pass", "copy", "pass", "copy", "read", "pass", "copy", "read"]
     assert sorted(generated.answers).count("decoded") == 6 and list(generated.labels).count(0) == 4
 
 

@@ -1,5 +1,6 @@
 """The opt-in speed-ups (finetune/speedups.py): compiled layers learn what eager ones do, FP8 refuses hardware without
-FP8, and `checkpointed_layers="auto"` picks the fastest setting that fits the memory it is given."""
+FP8, `checkpointed_layers="auto"` picks the fastest setting that fits the memory it is given, and a result read back
+waits for its own work only."""
 
 import dataclasses
 import subprocess
@@ -12,8 +13,8 @@ from finetune.attention import VARLEN, choose_attn_implementation
 from finetune.config import config_from_args, get_config
 from finetune.model import load_model, train_bpe_tokenizer
 from finetune.plan import FP8_RECIPE
-from finetune.speedups import (GIB, WORKSPACE_GIB, check_speedups, compile_decoder_layers, convert_to_fp8,
-                               decoder_layers, layer_activation_bytes, layers_to_checkpoint)
+from finetune.speedups import (GIB, WORKSPACE_GIB, HostCopy, check_speedups, compile_decoder_layers,
+                               convert_to_fp8, decoder_layers, layer_activation_bytes, layers_to_checkpoint)
 from finetune.train import build_trainer
 
 
@@ -305,3 +306,15 @@ def test_training_with_compiled_layers_through_the_trainer_logs_the_eager_losses
     compiled = logged_losses({"run_name": "compiled", "compile_layers": True})
     assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"] and not counters["recompiles"]
     assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_a_host_copy_waits_for_the_work_before_it_not_for_the_work_queued_after():
+    """Label scoring reads a batch back once the next batch's forward is queued: the read must not wait for that
+    forward. Here about a second of GPU sleep stands for it; `.cpu()` in place of the copy waits it out, and fails."""
+    computed = torch.arange(4.0, device="cuda") * 2
+    copy = HostCopy(computed)
+    torch.cuda._sleep(2_000_000_000)  # clock cycles: about a second of work queued behind the copy
+    assert copy.numpy().tolist() == [0.0, 2.0, 4.0, 6.0]
+    assert not torch.cuda.current_stream().query(), "the read waited for the work queued after the copy"
+    torch.cuda.synchronize()
