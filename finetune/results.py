@@ -39,6 +39,8 @@ EVALUATION_CHANGES = (
     ("53ca317", "2026-12-06T23:32:10+00:00", ("generation", "generation_lenient"), "tree check's argmax before its terms"),
     ("07751f7", "2026-12-07T02:06:22+00:00", ("label_scoring", "generation", "generation_lenient"),
      "prompts encoded batch by batch"),
+    ("0d79fb5", "2026-12-07T03:56:13+00:00", ("label_scoring", "generation", "generation_lenient"),
+     "results copied back behind their own batch"),
 )
 
 
