@@ -123,15 +123,17 @@ class HostCopy:
     when called, behind everything launched since, and waits for all of that: label scoring read each batch back once
     the next batch's forward was queued, so it waited for that forward too, and the GPU idled while the host encoded
     and packed the batch after (results/benchmarks/README.md, 2026-12-07). On CUDA the copy lands in pinned memory
-    and `numpy()` waits for the copy alone (an event recorded behind it); elsewhere the tensor is its own copy."""
+    and `numpy()` waits for the copy alone (an event recorded behind it); elsewhere it is `.cpu()`'s (on the CPU, the
+    tensor itself)."""
 
     def __init__(self, tensor: torch.Tensor):
-        self._host, self._copied = tensor, None
-        if tensor.is_cuda:
-            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self._host.copy_(tensor, non_blocking=True)
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+        if not tensor.is_cuda:
+            self._host, self._copied = tensor.cpu(), None
+            return
+        self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self._host.copy_(tensor, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
 
     def numpy(self) -> np.ndarray:
         if self._copied is not None:
