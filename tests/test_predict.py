@@ -77,18 +77,6 @@ def test_a_batch_sharing_less_of_the_opening_runs_from_where_its_prompts_part(mo
     np.testing.assert_allclose(predictions.label_logprobs, expected, atol=1e-4)
 
 
-def test_label_scoring_encodes_each_batch_after_the_one_before_is_run(model, tokenizer, monkeypatch):
-    """The GPU starts on the first batch while the other articles are still text (`Prompts`): an encoding of the
-    next batch's articles comes after each forward, never all of them before the first."""
-    events = []
-    fitted, forward = prompts_module._fitted_prompts, model.forward
-    monkeypatch.setattr(prompts_module, "_fitted_prompts", lambda tokenizer_, texts, *a: (
-        events.append(("encode", len(texts))) or fitted(tokenizer_, texts, *a)))
-    monkeypatch.setattr(model, "forward", lambda *a, **k: events.append(("forward", None)) or forward(*a, **k))
-    score_labels(model, tokenizer, TEXTS[:6], batch_size=2, progress=False, method="tree")
-    assert events == [("encode", 2), ("forward", None), ("forward", None)] + [("encode", 2), ("forward", None)] * 2
-
-
 def record_host_copies(monkeypatch, module, events: list[str]) -> None:
     """`module`'s `HostCopy` noting in `events` when each copy is queued ("copy") and when it is read ("read")."""
 
@@ -104,17 +92,21 @@ def record_host_copies(monkeypatch, module, events: list[str]) -> None:
     monkeypatch.setattr(module, "HostCopy", RecordedCopy)
 
 
-def test_label_scoring_copies_each_batch_back_before_the_next_forward_and_reads_it_after(model, tokenizer,
-                                                                                         monkeypatch):
-    """A batch's scores are queued for the host before the next batch's forward and read only after it: a copy queued
-    at reading (`.cpu()`) would wait for that forward too, and the GPU would idle while the host prepares the batch
-    after."""
+def test_label_scoring_keeps_the_host_work_of_the_next_batch_behind_the_forward_before_it(model, tokenizer,
+                                                                                          monkeypatch):
+    """The GPU starts on the first batch while the other articles are still text (`Prompts`): an encoding of the
+    next batch's articles comes after each forward, never all of them before the first. A batch's scores are queued
+    for the host before the next batch's forward and read only after it: a copy queued at reading (`.cpu()`) would
+    wait for that forward too, and the GPU would idle while the host prepares the batch after."""
     events = []
-    record_host_copies(monkeypatch, predict, events)
-    forward = model.forward
+    fitted, forward = prompts_module._fitted_prompts, model.forward
+    monkeypatch.setattr(prompts_module, "_fitted_prompts", lambda tokenizer_, texts, *a: (
+        events.append(f"encode {len(texts)}") or fitted(tokenizer_, texts, *a)))
     monkeypatch.setattr(model, "forward", lambda *a, **k: events.append("forward") or forward(*a, **k))
+    record_host_copies(monkeypatch, predict, events)
     score_labels(model, tokenizer, TEXTS[:6], batch_size=2, progress=False, method="tree")
-    assert events == ["forward"] + ["forward", "copy"] + ["forward", "copy", "read"] * 2 + ["read"]  # opening first
+    assert events == (["encode 2", "forward", "forward", "copy"]  # the first batch, its opening, its own forward
+                      + ["encode 2", "forward", "copy", "read"] * 2 + ["read"])
 
 
 def test_packed_passes_run_the_last_layers_mlp_only_on_the_rows_they_read(model, tokenizer):
