@@ -124,7 +124,8 @@ class HostCopy:
     the next batch's forward was queued, so it waited for that forward too, and the GPU idled while the host encoded
     and packed the batch after (results/benchmarks/README.md, 2026-12-07). On CUDA the copy lands in pinned memory
     and `numpy()` waits for the copy alone (an event recorded behind it); elsewhere it is `.cpu()`'s (on the CPU, the
-    tensor itself)."""
+    tensor itself). With it a 7B label-scoring pass on an H100 ran within 0.14 s of its GPU-bound time, against
+    0.53-0.71 s before (h100_7b_eval_taught_200_copied*.json)."""
 
     def __init__(self, tensor: torch.Tensor):
         if not tensor.is_cuda:
