@@ -12,7 +12,6 @@ layer where the loss reads").
 """
 
 import types
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -58,15 +57,3 @@ class ReadPositionsCollator:
         batch = self.collate(examples)
         return {**batch, READ_POSITIONS: loss_positions(batch["labels"])}
 
-
-@contextmanager
-def whole_last_layer(model: torch.nn.Module):
-    """The last layer as transformers runs it, whatever the call reads, for the duration: the eval benchmark's measure
-    of what `mlp_only_where_read` saves, in the same run."""
-    layer = decoder_layers(model)[-1]
-    forward = layer.__dict__.pop("forward", None)
-    try:
-        yield
-    finally:
-        if forward is not None:
-            layer.forward = forward

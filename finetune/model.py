@@ -16,6 +16,7 @@ from finetune.last_layer import mlp_only_where_read
 from finetune.plan import GPU, plan_evaluation
 from finetune.sources import TOKENIZER_FILES, ModelShape, check_source
 from finetune.qwen_tokenizer import CHAT_TEMPLATE, build_qwen25_tokenizer
+from finetune.residual_adds import adds_in_matmuls
 from finetune.speedups import compile_decoder_layers, weights_dtype
 
 log = logging.getLogger(__name__)
@@ -148,12 +149,15 @@ def load_for_inference(config: RunConfig, tokenizer: PreTrainedTokenizerFast,
 
 
 def speed_up_for_inference(model: torch.nn.Module, use_liger_kernel: bool, compile_layers: bool) -> None:
-    """Liger's kernels, then compiled decoder layers, each when asked for: at load, or (the eval benchmark) after the
-    plain anchors have run on the model as built."""
+    """Liger's kernels when asked for, then compiled decoder layers or, where the layers run eagerly, their residual
+    adds inside the matmuls (`finetune.residual_adds`): at load, or (the eval benchmark) after the plain anchors have
+    run on the model as built."""
     if use_liger_kernel:
         apply_liger_kernels(model)
     if compile_layers:
         compile_decoder_layers(model)
+    else:
+        adds_in_matmuls(model)
 
 
 def apply_liger_kernels(model: torch.nn.Module) -> None:

@@ -15,11 +15,11 @@ from finetune.model import load_model, train_bpe_tokenizer
 from finetune.opening import shared_prefix_length
 from finetune.packed import pack_batch, pack_prefill
 from finetune.generation import generate_labels
-from finetune.last_layer import mlp_only_where_read, whole_last_layer
+from finetune.last_layer import mlp_only_where_read
 from finetune.predict import AnswerTree, score_labels
 from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
 from finetune.qwen_tokenizer import build_qwen25_tokenizer
-from finetune.speedups import HostCopy, decoder_layers
+from finetune.speedups import HostCopy, as_transformers_writes, decoder_layers
 from finetune.lab.standin import PUBLISHED_GENERATION_CONFIG, write_standin
 from tests.conftest import compiled_offline_output
 
@@ -113,7 +113,7 @@ def test_packed_passes_run_the_last_layers_mlp_only_on_the_rows_they_read(model,
     """With the last layer's MLP on the read rows only (`mlp_only_where_read`, as evaluation loads a model): label
     scoring still gives each answer's explicit log-probability and decoding the same answers, while that MLP saw each
     scored article's tail (its last prompt token and the answer tree), each prefilled prompt's last token, and every
-    row only in the passes that read them all (the opening's, each decoding step's) or inside `whole_last_layer`."""
+    row only in the passes that read them all (the opening's, each decoding step's) or inside `as_transformers_writes`."""
     trimmed = copy.deepcopy(model)
     mlp_only_where_read(trimmed)
     rows = []
@@ -132,7 +132,8 @@ def test_packed_passes_run_the_last_layers_mlp_only_on_the_rows_they_read(model,
                                               tree_check=False).answers
     assert rows[0] == opening and (1, 3) in rows and set(rows) == {opening, (1, 3), (3, 1)}
     rows.clear()
-    with whole_last_layer(trimmed):  # the eval benchmark's comparison: every row, the same log-probabilities
+    with as_transformers_writes(decoder_layers(trimmed)[-1:]):  # the eval benchmark's comparison: every row, the
+        # same log-probabilities
         whole = score_labels(trimmed, tokenizer, texts, batch_size=3, progress=False, method="packed")
     np.testing.assert_allclose(whole.label_logprobs, scored.label_logprobs, atol=1e-5)
     assert all(n > 3 * tail for _, n in rows[1:])

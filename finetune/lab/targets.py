@@ -83,6 +83,9 @@ def targets(results_dir: Path) -> list[Target]:
             ("label scoring with the last layer's MLP only where the logits are read, over the whole last layer, same "
              "run and batch", None, mode_over_mode(results_dir, "label_scoring", "label_scoring_whole_last_layer",
                                                    "label scoring over the whole last layer"), "ratio"),
+            ("label scoring with the residual adds inside the matmuls, over separate adds, same run and batch", None,
+             mode_over_mode(results_dir, "label_scoring", "label_scoring_separate_adds",
+                            "label scoring over separate adds"), "ratio"),
             (GENERATION_TARGET, 250, of_mode("generation"), "articles_per_second"),
             ("generation vs plain `generate`, same run and batch, on weights taught the answer format", 3.0,
              of_mode("generation", taught), "vs_anchor"),

@@ -1,0 +1,134 @@
+"""The decoder layers' residual adds inside the matmuls that feed them, at inference (`finetune.residual_adds`): the
+same scores and answers, no add kernel of their own, and a forward with gradients as transformers writes it."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from finetune.config import get_config
+from finetune.generation import generate_labels
+from finetune.last_layer import mlp_only_where_read
+from finetune.model import load_model, train_bpe_tokenizer
+from finetune.predict import score_labels
+from finetune.residual_adds import adds_in_matmuls
+from finetune.speedups import as_transformers_writes, decoder_layers
+
+TEXTS = ["Stocks rally as profits beat forecasts.", "The striker scored twice in the final.",
+         "Rebels and troops agree to a ceasefire after talks in the capital city.", "NASA tests a new chip."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_bpe_tokenizer(TEXTS * 20, vocab_size=400, cache_dir=tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer, tmp_path_factory):
+    config = get_config("tiny", hidden_size=64, intermediate_size=128, num_layers=3,
+                        checkpoints_dir=str(tmp_path_factory.mktemp("c")))
+    return load_model(config, tokenizer).eval()
+
+
+def fused(model):
+    """The model as evaluation loads it: the last layer's MLP where read, the other layers' adds in the matmuls."""
+    model = copy.deepcopy(model)
+    mlp_only_where_read(model)
+    adds_in_matmuls(model)
+    return model
+
+
+class ResidualOps(TorchDispatchMode):
+    """The ops a forward runs on whole (tokens, hidden) residual streams: separate adds and in-place addmm."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.hidden, self.ops = hidden, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("add", "add_", "addmm_") and out.shape[-1] == self.hidden and out.numel() > self.hidden:
+            self.ops.append(name)
+        return out
+
+
+def test_each_layer_but_the_last_adds_inside_its_two_matmuls(model, tokenizer):
+    ids = torch.tensor([tokenizer(TEXTS[2])["input_ids"]])
+    hidden, layers = model.config.hidden_size, len(decoder_layers(model))
+    counted = {}
+    for name, candidate in (("stock", model), ("fused", fused(model))):
+        with torch.inference_mode(), ResidualOps(hidden) as recorded:
+            candidate(input_ids=ids)
+        counted[name] = sorted(recorded.ops)
+    assert counted["stock"] == ["add"] * 2 * layers
+    assert counted["fused"] == ["add"] * 2 + ["addmm_"] * 2 * (layers - 1)  # the last layer keeps its own forward
+
+
+def test_label_scoring_and_decoding_give_the_same_answers_with_the_adds_inside_the_matmuls(model, tokenizer):
+    sped_up = fused(model)
+    scored = score_labels(sped_up, tokenizer, TEXTS, batch_size=2, progress=False, method="packed")
+    stock = score_labels(model, tokenizer, TEXTS, batch_size=2, progress=False, method="packed")
+    np.testing.assert_allclose(scored.label_logprobs, stock.label_logprobs, atol=1e-5)
+    with as_transformers_writes(decoder_layers(sped_up)[:-1]):  # the eval benchmark's comparison
+        separate = score_labels(sped_up, tokenizer, TEXTS, batch_size=2, progress=False, method="packed")
+    np.testing.assert_allclose(separate.label_logprobs, stock.label_logprobs, atol=1e-6)
+    decode = dict(batch_size=2, max_new_tokens=4, progress=False, tree_check=False)
+    assert (generate_labels(sped_up, tokenizer, TEXTS, **decode).answers
+            == generate_labels(model, tokenizer, TEXTS, **decode).answers)
+
+
+def test_a_forward_with_gradients_runs_the_layers_as_transformers_writes_them(model, tokenizer):
+    ids = torch.tensor([tokenizer(TEXTS[0])["input_ids"]])
+    grads = []
+    for candidate in (model, fused(model)):
+        candidate.zero_grad()
+        candidate(input_ids=ids, labels=ids).loss.backward()
+        grads.append({name: p.grad.clone() for name, p in candidate.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+class Quantized(torch.Tensor):
+    """A stand-in for a quantized weight (torchao's FP8 tensors): a tensor subclass, which addmm_ is not given."""
+
+
+def test_a_quantized_weight_adds_after_its_own_matmul(model, tokenizer):
+    ids = torch.tensor([tokenizer(TEXTS[1])["input_ids"]])
+    sped_up = fused(model)
+    for layer in decoder_layers(sped_up):
+        for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            linear.weight = torch.nn.Parameter(linear.weight.detach().as_subclass(Quantized), requires_grad=False)
+    with torch.inference_mode(), ResidualOps(model.config.hidden_size) as recorded:
+        logits = sped_up(input_ids=ids).logits
+    assert "addmm_" not in recorded.ops
+    with torch.inference_mode():
+        torch.testing.assert_close(logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_output_projections_with_a_bias_are_refused(model):
+    biased = copy.deepcopy(model)
+    layer = decoder_layers(biased)[0]
+    layer.mlp.down_proj.bias = torch.nn.Parameter(torch.zeros(layer.mlp.down_proj.out_features))
+    with pytest.raises(ValueError, match="bias-free"):
+        adds_in_matmuls(biased)
+
+
+@pytest.mark.gpu
+def test_on_cuda_in_bf16_with_ligers_kernels_the_adds_run_inside_the_matmuls(model, tokenizer):
+    """As the 7B evaluates: bf16 on CUDA, Liger's norm and SwiGLU calling the projections. One rounding where the
+    separate add made two, so the logits agree to bf16's precision, not bit for bit."""
+    from finetune.model import apply_liger_kernels
+
+    sped_up = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    apply_liger_kernels(sped_up)
+    adds_in_matmuls(sped_up)
+    ids = torch.tensor([tokenizer(TEXTS[2])["input_ids"]], device="cuda")
+    with torch.inference_mode(), ResidualOps(model.config.hidden_size) as recorded:
+        logits = sped_up(input_ids=ids).logits.float()
+    with torch.inference_mode(), as_transformers_writes(decoder_layers(sped_up)[:-1]):
+        separate = sped_up(input_ids=ids).logits.float()
+    assert recorded.ops.count("addmm_") == 2 * (len(decoder_layers(model)) - 1)
+    torch.testing.assert_close(logits, separate, rtol=0, atol=0.05 * separate.abs().max().item())
