@@ -41,6 +41,8 @@ EVALUATION_CHANGES = (
      "prompts encoded batch by batch"),
     ("0d79fb5", "2026-12-07T03:56:13+00:00", ("label_scoring", "generation", "generation_lenient"),
      "results copied back behind their own batch"),
+    ("16bcd74", "2026-12-07T06:07:53+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
+     "residual adds inside the matmuls"),
 )
 
 
