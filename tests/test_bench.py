@@ -196,24 +196,27 @@ def test_step_clock_times_the_steps_after_the_warm_up_ones_and_from_the_start_wi
 
 
 def test_matmul_rates_count_the_flops_torch_counts_per_shape():
-    """Per matmul shape (with and without bias, two calls of one), the FLOPs behind each rate add up to what torch's
-    own FlopCounterMode counts for the same calls."""
+    """Per matmul shape (with and without bias, two calls of one, one added in place into a residual as evaluation's
+    layers do), the FLOPs behind each rate add up to what torch's own FlopCounterMode counts for the same calls (it
+    counts no in-place addmm_: the same product added out of place stands in for it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x, w, bias, y = torch.randn(96, 48), torch.randn(24, 48), torch.randn(24), torch.randn(48, 40)
+    residual = torch.zeros(96, 16)
 
-    def run():
+    def run(in_place: bool):
         torch.nn.functional.linear(x, w, bias)
         torch.mm(x, y)
         torch.mm(x, y)
+        residual.addmm_(x, y[:, :16]) if in_place else torch.addmm(residual, x, y[:, :16])
 
     with FlopCounterMode(display=False) as counter:
-        run()
+        run(in_place=False)
     with torch.profiler.profile(record_shapes=True) as profiler:
-        run()
+        run(in_place=True)
     rows = matmul_rates(profiler)
     assert sorted((r["op"], r["m"], r["k"], r["n"], r["calls"]) for r in rows) == [
-        ("aten::addmm", 96, 48, 24, 1), ("aten::mm", 96, 48, 40, 2)]
+        ("aten::addmm", 96, 48, 24, 1), ("aten::addmm_", 96, 48, 16, 1), ("aten::mm", 96, 48, 40, 2)]
     assert all(r["clock"] == "cpu" and r["ms"] > 0 for r in rows)
     assert sum(r["tflops_per_second"] * r["ms"] * 1e9 for r in rows) == pytest.approx(counter.get_total_flops())
 

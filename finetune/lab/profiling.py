@@ -142,7 +142,7 @@ def profile_table(profiler) -> list[str]:
     return profiler.key_averages().table(sort_by=sort_key, row_limit=25, max_name_column_width=60).splitlines()
 
 
-MATMUL_OPS = ("aten::mm", "aten::addmm")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_")  # addmm_: a product added into its input
 
 
 def matmul_rates(profiler, top: int = 12) -> list[dict]:
