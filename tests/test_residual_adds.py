@@ -132,3 +132,17 @@ def test_on_cuda_in_bf16_with_ligers_kernels_the_adds_run_inside_the_matmuls(mod
         separate = sped_up(input_ids=ids).logits.float()
     assert recorded.ops.count("addmm_") == 2 * (len(decoder_layers(model)) - 1)
     torch.testing.assert_close(logits, separate, rtol=0, atol=0.05 * separate.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decoding_gives_the_same_answers_with_the_adds_inside_the_matmuls(model, tokenizer, monkeypatch):
+    """Decoding's steps are captured as one CUDA graph: the in-place adds must capture and replay as they run. In
+    float32 without TF32 (a training test may have turned it on), where one rounding against two cannot turn a greedy
+    choice."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    sped_up = fused(model).cuda()
+    decode = dict(batch_size=2, max_new_tokens=6, progress=False, tree_check=False)
+    with_adds = generate_labels(sped_up, tokenizer, TEXTS, **decode)
+    with as_transformers_writes(decoder_layers(sped_up)[:-1]):
+        separate = generate_labels(sped_up, tokenizer, TEXTS, **decode)
+    assert with_adds.decoding_cuda_graph is True and with_adds.answers == separate.answers
