@@ -91,6 +91,29 @@ def test_a_forward_with_gradients_runs_the_layers_as_transformers_writes_them(mo
         torch.testing.assert_close(grads[1][name], grad, msg=name)
 
 
+def test_hidden_states_asked_for_are_each_layers_own(model, tokenizer):
+    """transformers records each layer's output as it comes, and that output is the next layer's input: adding into
+    it in place would rewrite every recorded state."""
+    ids = torch.tensor([tokenizer(TEXTS[2])["input_ids"]])
+    sped_up = fused(model)
+    with torch.inference_mode():
+        recorded = sped_up(input_ids=ids, output_hidden_states=True).hidden_states
+        stock = copy.deepcopy(model)(input_ids=ids, output_hidden_states=True).hidden_states  # hooks stay on a copy
+    for layer, (state, want) in enumerate(zip(recorded, stock)):
+        torch.testing.assert_close(state, want, msg=f"hidden state {layer}")
+
+
+def test_the_models_own_input_is_left_as_it_was_given(model, tokenizer):
+    ids = torch.tensor([tokenizer(TEXTS[2])["input_ids"]])
+    sped_up = fused(model)
+    with torch.inference_mode():
+        embeds = sped_up.get_input_embeddings()(ids)
+        given = embeds.clone()
+        logits = sped_up(inputs_embeds=embeds).logits
+        torch.testing.assert_close(logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(embeds, given)
+
+
 class Quantized(torch.Tensor):
     """A stand-in for a quantized weight (torchao's FP8 tensors): a tensor subclass, which addmm_ is not given."""
 
@@ -108,12 +131,21 @@ def test_a_quantized_weight_adds_after_its_own_matmul(model, tokenizer):
         torch.testing.assert_close(logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_output_projections_with_a_bias_are_refused(model):
-    biased = copy.deepcopy(model)
-    layer = decoder_layers(biased)[0]
-    layer.mlp.down_proj.bias = torch.nn.Parameter(torch.zeros(layer.mlp.down_proj.out_features))
-    with pytest.raises(ValueError, match="bias-free"):
-        adds_in_matmuls(biased)
+def test_layers_whose_projections_are_not_plain_linear_ones_keep_their_forward(model, tokenizer):
+    """QLoRA's 4-bit projections (and an adapter beside them) are other modules: their layers run as they were."""
+    ids = torch.tensor([tokenizer(TEXTS[2])["input_ids"]])
+    other = copy.deepcopy(model)
+    first = decoder_layers(other)[0]
+    first.mlp.down_proj = torch.nn.Sequential(first.mlp.down_proj)  # a module wrapping the projection, as LoRA's do
+    with torch.inference_mode():
+        want = other(input_ids=ids).logits
+    mlp_only_where_read(other)
+    adds_in_matmuls(other)
+    assert "forward" not in vars(first) and "forward" in vars(decoder_layers(other)[1])
+    with torch.inference_mode(), ResidualOps(model.config.hidden_size) as recorded:
+        logits = other(input_ids=ids).logits
+    assert sorted(recorded.ops) == ["add"] * 4 + ["addmm_"] * 2 * (len(decoder_layers(model)) - 2)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
