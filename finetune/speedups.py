@@ -1,7 +1,8 @@
 """Training speed-ups applied to the model before training: compiled decoder layers, FP8 matmuls, and the memory
 estimates (the optimizers' states, the layers' activations) that decide how many layers recompute their activations
-(`finetune/plan.py` chooses); and host tables copied to the GPU, and results back, without waiting for the GPU's other
-work (`queued_copy`, `HostCopy`)."""
+(`finetune/plan.py` chooses); host tables copied to the GPU, and results back, without waiting for the GPU's other
+work (`queued_copy`, `HostCopy`); and the decoder layers found, or run as transformers writes them
+(`as_transformers_writes`)."""
 
 import dataclasses
 from contextlib import contextmanager

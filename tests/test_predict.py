@@ -132,8 +132,8 @@ def test_packed_passes_run_the_last_layers_mlp_only_on_the_rows_they_read(model,
                                               tree_check=False).answers
     assert rows[0] == opening and (1, 3) in rows and set(rows) == {opening, (1, 3), (3, 1)}
     rows.clear()
-    with as_transformers_writes(decoder_layers(trimmed)[-1:]):  # the eval benchmark's comparison: every row, the
-        # same log-probabilities
+    # the eval benchmark's comparison: every row, the same log-probabilities
+    with as_transformers_writes(decoder_layers(trimmed)[-1:]):
         whole = score_labels(trimmed, tokenizer, texts, batch_size=3, progress=False, method="packed")
     np.testing.assert_allclose(whole.label_logprobs, scored.label_logprobs, atol=1e-5)
     assert all(n > 3 * tail for _, n in rows[1:])
