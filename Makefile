@@ -127,7 +127,7 @@ gpu-bench-eval-taught:  ## the 7B shape taught 200 steps in the same process: ge
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --teach_steps 200 --per_device_train_batch_size 8 \
 	  --gradient_accumulation_steps 1 --name $(GPU_TAG)_7b_eval_taught_200 --eval_batch_size 512 \
 	  --generation_batch_size 512 --use_liger_kernel true --repeats 2 \
-	  --modes plain_label_scoring,plain_generate,label_scoring,label_scoring_whole_last_layer,label_scoring_separate_adds,generation,generation_decoding
+	  --modes plain_label_scoring,plain_generate,label_scoring,label_scoring_whole_last_layer,label_scoring_separate_adds,label_scoring_dense_branches,generation,generation_decoding
 
 # Would FP8 evaluation give the labels bf16 gives? On the 7B shape taught 200 steps in the same process (as in
 # gpu-fp8-7b, where such a model read two thirds of the held-out articles right: its labels are not coin flips that any

@@ -5,9 +5,10 @@ Each article's tokens see the opening's keys (the prompt tokens every article sh
 evaluation) and their own, causally; each answer branch sees that and its own earlier tokens. The row holds every
 article's trunk (the article followed by the answers' stem, `AnswerTree`) first, then every article's branches. The
 trunks attend through the varlen kernel, one causal sequence an article, their keys gathered from [opening; row] by
-index. The branches, a few tokens an article, attend in one dense call over [opening; trunk; own branches] under the
-tree's mask: as varlen sequences of their own (one a label, 1-3 queries each) they had cost the kernel a 128-query
-tile per head each, four of every five tiles of a batch (the attention profile of results/benchmarks/
+index. The branches, a few tokens an article, attend over the same gathered keys and their own branch's tokens: on
+CUDA in a Triton kernel of their own (`finetune.branch_attention_kernel`), elsewhere in one dense call under the tree's
+mask. As varlen sequences of their own (one a label, 1-3 queries each) they had cost the kernel a 128-query tile per
+head each, four of every five tiles of a batch (the attention profile of results/benchmarks/
 h200_7b_eval_rehearsal.json).
 
 Decoding's prefill (`finetune.decode.GreedyDecoder`) packs its batch's prompts the same way, without the tree, and
@@ -30,6 +31,8 @@ from finetune.speedups import queued_copy
 
 PACKED = "packed_answers"
 PREFILL = "packed_prefill"
+# The eval benchmark turns the branches' kernel off (`dense_branches`) to time what it saves, in the same run.
+BRANCH_KERNEL = {"on": True}
 
 
 @dataclass
@@ -48,6 +51,7 @@ class PackedBatch:
     key_index: torch.Tensor  # (keys,): each trunk's keys: the opening, then the trunk
     branch_key_index: torch.Tensor  # (articles, width): an article's branches' keys: opening, trunk, branches
     branch_mask: torch.Tensor  # (articles, branch tokens, width) bool: which of those keys each branch token sees
+    branch_sees: torch.Tensor  # (branch tokens, branch tokens) bool: which of its article's branch tokens each sees
     tail_index: torch.Tensor  # (articles * tail,): the row positions whose logits scoring reads
     tail: int  # per article: the last prompt token and every tree token
 
@@ -89,7 +93,8 @@ def pack_batch(articles: list[list[int]], tree, opening_length: int, device) -> 
                        trunk_tokens=int(trunk.sum()), cu_q=_on(device, cu_q, torch.int32),
                        cu_k=_on(device, cu_k, torch.int32), max_q=int(width), max_k=int(opening_length + width),
                        key_index=_on(device, key_index), branch_key_index=_on(device, branch_key_index),
-                       branch_mask=_on(device, branch_mask, torch.bool), tail_index=_on(device, tail_index),
+                       branch_mask=_on(device, branch_mask, torch.bool),
+                       branch_sees=_on(device, tree.sees(), torch.bool), tail_index=_on(device, tail_index),
                        tail=len(tree.tokens) + 1)
 
 
@@ -149,15 +154,23 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              attention_mask: torch.Tensor | None, scaling: float | None = None,
                              packed: PackedBatch | None = None, opening_kv: list | None = None,
                              **kwargs) -> tuple[torch.Tensor, None]:
-    """Attention of one packed row (see `PackedBatch`): the trunks through the varlen kernel on CUDA (elsewhere its
-    exact padded equivalent; the CPU tests check the layout through it), the branches through `_branch_attention`."""
+    """Attention of one packed row (see `PackedBatch`): on CUDA the trunks through the varlen kernel and the branches
+    through `branch_attention`; elsewhere, and for a float32 model, through their exact equivalents
+    (`_padded_causal_attention`, `_branch_attention`; the CPU tests check the layout through them)."""
     if packed is None:
         raise ValueError(f"attn_implementation {PACKED!r} scores packed rows only: call finetune.predict.score_labels")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, dim)
     k, v = _after_opening(k, v, opening_kv, module.layer_idx)
-    trunks = _attend_sequences(q[:packed.trunk_tokens], k, v, packed, scaling)
-    branches = _branch_attention(q[packed.trunk_tokens:], k[packed.branch_key_index], v[packed.branch_key_index],
-                                 packed.branch_mask, scaling)
+    keys, values = k[packed.key_index], v[packed.key_index]  # each trunk's: the opening's, then its own
+    trunk_q, branch_q = q[:packed.trunk_tokens], q[packed.trunk_tokens:]
+    trunks = _attend_sequences(trunk_q, keys, values, packed, scaling)
+    if _on_kernels(q) and BRANCH_KERNEL["on"]:
+        from finetune.branch_attention_kernel import branch_attention  # triton: imported where it runs
+        branches = branch_attention(branch_q, keys, values, k[-len(branch_q):], v[-len(branch_q):], packed.cu_k,
+                                    packed.branch_sees, scaling or q.shape[-1] ** -0.5)
+    else:
+        branches = _branch_attention(branch_q, k[packed.branch_key_index], v[packed.branch_key_index],
+                                     packed.branch_mask, scaling)
     return torch.cat([trunks, branches]).unsqueeze(0), None
 
 
@@ -175,7 +188,7 @@ def prefill_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     layer.keys[prefill.cache_rows, :, prefill.cache_slots] = k
     layer.values[prefill.cache_rows, :, prefill.cache_slots] = v
     k, v = _after_opening(k, v, opening_kv, module.layer_idx)
-    return _attend_sequences(q, k, v, prefill, scaling).unsqueeze(0), None
+    return _attend_sequences(q, k[prefill.key_index], v[prefill.key_index], prefill, scaling).unsqueeze(0), None
 
 
 def _after_opening(k: torch.Tensor, v: torch.Tensor, opening_kv: list | None, layer_idx: int):
@@ -186,14 +199,17 @@ def _after_opening(k: torch.Tensor, v: torch.Tensor, opening_kv: list | None, la
     return torch.cat([opening_k, k]), torch.cat([opening_v, v])
 
 
-def _attend_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, scaling: float | None):
-    """The packed sequences of `layout` (its cu_q, cu_k, max_q, max_k, key_index) through the varlen kernel on CUDA
-    in 16 bits; elsewhere, and for a float32 model (loaded so for exact comparisons: the kernel would round it to
-    bf16), through its exact padded equivalent."""
-    kernel = q.is_cuda and CUDA_VARLEN is not None and q.dtype in (torch.float16, torch.bfloat16)
-    attend = _cuda_varlen_attention if kernel else _padded_causal_attention
-    return attend(q, k[layout.key_index], v[layout.key_index], layout.cu_q, layout.cu_k, layout.max_q, layout.max_k,
-                  scaling)
+def _on_kernels(q: torch.Tensor) -> bool:
+    """Whether attention runs on the CUDA kernels: in 16 bits on CUDA. A float32 model (loaded so for exact
+    comparisons) takes the exact paths, as everything off CUDA does: the varlen kernel would round it to bf16."""
+    return q.is_cuda and CUDA_VARLEN is not None and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _attend_sequences(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout, scaling: float | None):
+    """The packed sequences of `layout` (its cu_q, cu_k, max_q, max_k), their keys gathered in its key_index order:
+    through the varlen kernel (`_on_kernels`), else through its exact padded equivalent."""
+    attend = _cuda_varlen_attention if _on_kernels(q) else _padded_causal_attention
+    return attend(q, keys, values, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, scaling)
 
 
 def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -208,6 +224,16 @@ def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     q = q.reshape(articles, n_branch, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(articles, kv_heads, -1, dim)
     out = masked_sdpa(q, k.transpose(1, 2), v.transpose(1, 2), mask.repeat(1, group, 1)[:, None], scaling=scaling)
     return out.view(articles, kv_heads, group, n_branch, dim).permute(0, 3, 1, 2, 4).reshape(-1, heads, dim)
+
+
+@contextmanager
+def dense_branches():
+    """The branches through the dense masked call (`_branch_attention`) on CUDA too, for the duration."""
+    BRANCH_KERNEL["on"] = False
+    try:
+        yield
+    finally:
+        BRANCH_KERNEL["on"] = True
 
 
 @contextmanager

@@ -287,7 +287,7 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     assert list(modes) == ["plain_label_scoring", "plain_generate", "plain_generate_batch64",
                            "plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree",
                            "label_scoring", "label_scoring_whole_last_layer", "label_scoring_separate_adds",
-                           "generation", "generation_decoding"]
+                           "label_scoring_dense_branches", "generation", "generation_decoding"]
     assert record["skipped_modes"] == {"plain_label_scoring_fp8": "no CUDA GPU", "label_scoring_fp8": "no CUDA GPU"}
     # The anchors timed again after the suite's kernels (none on the CPU): each mode over its own one of them.
     for mode, anchor in (("label_scoring", "plain_label_scoring_kernels"), ("generation", "plain_generate_kernels")):

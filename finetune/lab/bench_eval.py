@@ -26,6 +26,7 @@ from finetune.generation import generate_labels, parsed
 from finetune.lab.profiling import gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range, matmul_rates, profile_table
 from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
+from finetune.packed import dense_branches
 from finetune.plan import GPU, fp8_unsupported
 from finetune.predict import AnswerTree, left_pad, length_sorted_batches, score_labels, warmup_texts
 from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, end_token_ids, prompt_budget
@@ -38,7 +39,8 @@ SMALL_BATCH = 64
 SMALL_BATCH_EVERY = 4
 ANCHORS = {"label_scoring_tree": "plain_label_scoring", "label_scoring": "plain_label_scoring",
            "label_scoring_whole_last_layer": "plain_label_scoring",
-           "label_scoring_separate_adds": "plain_label_scoring", "generation": "plain_generate",
+           "label_scoring_separate_adds": "plain_label_scoring", "label_scoring_dense_branches": "plain_label_scoring",
+           "generation": "plain_generate",
            "generation_decoding": "plain_generate"}
 # The same anchors timed again after the suite's kernels were applied: the anchor at its strongest.
 KERNEL_ANCHORS = {mode: f"{anchor}_kernels" for mode, anchor in ANCHORS.items()}
@@ -56,11 +58,13 @@ PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64"
 # kernels (or compiled layers) were applied for the suite's modes, so that `vs_anchor_with_kernels` is the suite's
 # method alone.
 # "label_scoring_whole_last_layer" is label scoring with the last layer's MLP on every row, and
-# "label_scoring_separate_adds" with the residual adds in kernels of their own (`as_transformers_writes`): what running
-# the MLP only where the logits are read (finetune/last_layer.py) and the adds inside the matmuls
-# (finetune/residual_adds.py) save, in the same run.
+# "label_scoring_separate_adds" with the residual adds in kernels of their own (`as_transformers_writes`), and
+# "label_scoring_dense_branches" with the answer branches in one masked sdpa call (`dense_branches`): what running the
+# MLP only where the logits are read (finetune/last_layer.py), the adds inside the matmuls (finetune/residual_adds.py)
+# and the branches' kernel (finetune/branch_attention_kernel.py) save, in the same run.
 MODES = PLAIN_MODES + ("plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree", "label_scoring",
-                       "label_scoring_whole_last_layer", "label_scoring_separate_adds", "generation",
+                       "label_scoring_whole_last_layer", "label_scoring_separate_adds", "label_scoring_dense_branches",
+                       "generation",
                        "generation_decoding", *FP8_MODES)
 # The modes whose labels are set against the tree method's, the reference implementation (`agreement`).
 AGREEMENT_MODES = ("plain_label_scoring", "label_scoring", *FP8_MODES)
@@ -132,10 +136,14 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
         "plain_generate_kernels": lambda t: plain_generate(model, tokenizer, t, batch, max_length),
         "label_scoring_tree": lambda t: score_labels(model, tokenizer, t, batch, max_length, False, "tree"),
         "label_scoring": lambda t: score_labels(model, tokenizer, t, batch, max_length, False, "packed"),
-        "label_scoring_whole_last_layer": lambda t: _as_transformers_writes(
-            decoder_layers(model)[-1:], lambda: score_labels(model, tokenizer, t, batch, max_length, False, "packed")),
-        "label_scoring_separate_adds": lambda t: _as_transformers_writes(
-            decoder_layers(model)[:-1], lambda: score_labels(model, tokenizer, t, batch, max_length, False, "packed")),
+        "label_scoring_whole_last_layer": lambda t: _with(
+            as_transformers_writes(decoder_layers(model)[-1:]),
+            lambda: score_labels(model, tokenizer, t, batch, max_length, False, "packed")),
+        "label_scoring_separate_adds": lambda t: _with(
+            as_transformers_writes(decoder_layers(model)[:-1]),
+            lambda: score_labels(model, tokenizer, t, batch, max_length, False, "packed")),
+        "label_scoring_dense_branches": lambda t: _with(
+            dense_branches(), lambda: score_labels(model, tokenizer, t, batch, max_length, False, "packed")),
         "label_scoring_fp8": lambda t: score_labels(model, tokenizer, t, batch, max_length, False, "packed"),
         "generation": lambda t: generate_labels(model, tokenizer, t, batch, max_length, progress=False),
         "generation_decoding": lambda t: generate_labels(model, tokenizer, t, batch, max_length, progress=False,
@@ -144,8 +152,8 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
     return runners[mode], batch
 
 
-def _as_transformers_writes(layers, run):
-    with as_transformers_writes(layers):
+def _with(context, run):
+    with context:
         return run()
 
 

@@ -86,6 +86,9 @@ def targets(results_dir: Path) -> list[Target]:
             ("label scoring with the residual adds inside the matmuls, over separate adds, same run and batch", None,
              mode_over_mode(results_dir, "label_scoring", "label_scoring_separate_adds",
                             "label scoring over separate adds"), "ratio"),
+            ("label scoring with the answer branches in their own kernel, over one masked sdpa call, same run and "
+             "batch", None, mode_over_mode(results_dir, "label_scoring", "label_scoring_dense_branches",
+                                           "label scoring over dense branches"), "ratio"),
             (GENERATION_TARGET, 250, of_mode("generation"), "articles_per_second"),
             ("generation vs plain `generate`, same run and batch, on weights taught the answer format", 3.0,
              of_mode("generation", taught), "vs_anchor"),

@@ -1,0 +1,88 @@
+"""The answer branches' attention in packed label scoring (`finetune.packed`), one Triton program an article and key
+head, reading the keys the trunks' varlen call already gathered.
+
+Each article's branch tokens (ten for Qwen2.5's four answers) attend to the opening, their article's trunk and the
+earlier tokens of their own branch. As one masked sdpa call this first gathered every article's [opening; trunk;
+branches] keys into a padded (articles, width) block, in every layer, then ran the memory-efficient kernel over it:
+about 1.6% of label scoring's GPU time on an H100 (15 ms of sdpa and the gathers in 1.44 s,
+results/benchmarks/h100_7b_eval_taught_200_adds_b.json). Here a program takes the query heads that share one key
+head laid along its queries (7 x 10 rows for the 7B), runs an online softmax over the trunk's keys, then over its
+branch tokens' under the tree's mask, and writes each row where the layer reads it.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64  # keys a step reads
+
+
+@triton.jit
+def _branch_attention(q, keys, values, branch_k, branch_v, out, cu_k, sees, scale,
+                      q_token, q_head, k_token, k_head, v_token, v_head, bk_token, bk_head, bv_token, bv_head,
+                      o_token, o_head,
+                      GROUP: tl.constexpr, N_BRANCH: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    article, kv_head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)  # query head kv_head * GROUP + rows // N_BRANCH, branch token rows % N_BRANCH
+    token, head = article * N_BRANCH + rows % N_BRANCH, kv_head * GROUP + rows // N_BRANCH
+    real = rows < GROUP * N_BRANCH
+    dims = tl.arange(0, DIM)
+    query = tl.load(q + token[:, None] * q_token + head[:, None] * q_head + dims[None, :], mask=real[:, None],
+                    other=0.0)
+    scale = scale * 1.4426950408889634  # exp2 below: log2(e)
+    peak = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, DIM), tl.float32)
+
+    start, end = tl.load(cu_k + article), tl.load(cu_k + article + 1)
+    for first in range(start, end, BLOCK_N):  # the opening and the trunk, gathered by the trunks' call
+        at = first + tl.arange(0, BLOCK_N)
+        inside = at < end
+        k = tl.load(keys + at[:, None].to(tl.int64) * k_token + kv_head * k_head + dims[None, :],
+                    mask=inside[:, None], other=0.0)
+        v = tl.load(values + at[:, None].to(tl.int64) * v_token + kv_head * v_head + dims[None, :],
+                    mask=inside[:, None], other=0.0)
+        s = tl.where(inside[None, :], tl.dot(query, tl.trans(k)) * scale, float("-inf"))
+        new_peak = tl.maximum(peak, tl.max(s, 1))
+        p = tl.exp2(s - new_peak[:, None])
+        rescale = tl.exp2(peak - new_peak)
+        total = total * rescale + tl.sum(p, 1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        peak = new_peak
+
+    # The article's own branch tokens, each row seeing its branch's tokens up to itself (never none: itself).
+    cols = tl.arange(0, BLOCK_B)
+    inside = cols < N_BRANCH
+    at = article * N_BRANCH + cols
+    k = tl.load(branch_k + at[:, None] * bk_token + kv_head * bk_head + dims[None, :], mask=inside[:, None], other=0.0)
+    v = tl.load(branch_v + at[:, None] * bv_token + kv_head * bv_head + dims[None, :], mask=inside[:, None], other=0.0)
+    seen = tl.load(sees + (rows % N_BRANCH)[:, None] * N_BRANCH + cols[None, :], mask=inside[None, :], other=0) != 0
+    s = tl.where(seen, tl.dot(query, tl.trans(k)) * scale, float("-inf"))
+    new_peak = tl.maximum(peak, tl.max(s, 1))
+    p = tl.exp2(s - new_peak[:, None])
+    rescale = tl.exp2(peak - new_peak)
+    total = total * rescale + tl.sum(p, 1)
+    acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+
+    tl.store(out + token[:, None] * o_token + head[:, None] * o_head + dims[None, :],
+             (acc / total[:, None]).to(out.dtype.element_ty), mask=real[:, None])
+
+
+def branch_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, branch_k: torch.Tensor,
+                     branch_v: torch.Tensor, cu_k: torch.Tensor, sees: torch.Tensor, scale: float) -> torch.Tensor:
+    """Every article's branch tokens attending to their keys. q: (articles * branches, heads, dim), an article's
+    branch tokens together; keys, values: (keys, kv heads, dim), article i's (its opening and trunk) at
+    cu_k[i]:cu_k[i + 1]; branch_k, branch_v: (articles * branches, kv heads, dim), the branch tokens' own; sees:
+    (branches, branches) bool, the tree's mask (`AnswerTree.sees`). Every tensor's last dimension is contiguous.
+    Query head h shares key head h // (heads / kv heads), as transformers' repeat_kv pairs them. Returns (articles *
+    branches, heads, dim)."""
+    n_branch, (tokens, heads, dim), kv_heads = len(sees), q.shape, keys.shape[1]
+    group = heads // kv_heads
+    out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
+    strides = [stride for x in (q, keys, values, branch_k, branch_v, out) for stride in x.stride()[:2]]
+    _branch_attention[(tokens // n_branch, kv_heads)](
+        q, keys, values, branch_k, branch_v, out, cu_k, sees, scale, *strides, GROUP=group, N_BRANCH=n_branch,
+        DIM=dim, BLOCK_M=max(16, triton.next_power_of_2(group * n_branch)),
+        BLOCK_B=max(16, triton.next_power_of_2(n_branch)), BLOCK_N=BLOCK_N, num_warps=8)
+    return out

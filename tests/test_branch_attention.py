@@ -1,0 +1,63 @@
+"""The answer branches' Triton kernel (`finetune.branch_attention_kernel`) against the dense masked attention it
+replaces on CUDA (`finetune.packed._branch_attention`), on Triton's interpreter here and on the GPU."""
+
+import pytest
+import torch
+
+from finetune.packed import _branch_attention, pack_batch
+from finetune.predict import AnswerTree
+from tests.conftest import compiled_offline_output
+
+# Qwen2.5's four answers' shape: a shared stem, then branches of two, two, two and four tokens.
+ANSWERS = [[1, 2, 3, 10, 11, 99], [1, 2, 3, 12, 11, 99], [1, 2, 3, 13, 11, 99], [1, 2, 3, 14, 15, 16, 11, 99]]
+
+
+def kernel_and_reference(articles: list[list[int]], heads: int, kv_heads: int, dim: int, dtype, device,
+                         opening: int = 5):
+    """The branches' attention of a packed row of `articles` over random queries, keys and values: the kernel's,
+    and the dense call's in float32 from the same (rounded) inputs."""
+    from finetune.branch_attention_kernel import branch_attention
+
+    tree = AnswerTree.from_answers(ANSWERS)
+    batch = pack_batch(articles, tree, opening, device)
+    tokens, branch_tokens = batch.ids.shape[1], len(articles) * len(tree.branch)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, h, dim, generator=generator).to(dtype).to(device)
+               for n, h in ((tokens, heads), (opening + tokens, kv_heads), (opening + tokens, kv_heads)))
+    got = branch_attention(q[batch.trunk_tokens:], k[batch.key_index], v[batch.key_index], k[-branch_tokens:],
+                           v[-branch_tokens:], batch.cu_k, batch.branch_sees, dim ** -0.5)
+    want = _branch_attention(q[batch.trunk_tokens:].float(), k.float()[batch.branch_key_index],
+                             v.float()[batch.branch_key_index], batch.branch_mask, dim ** -0.5)
+    return got.float(), want
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_the_branch_kernel_attends_as_the_dense_call_on_the_interpreter(dtype, tolerance):
+    """Three articles, one of whose keys run past a block of 64 into a partial one, two key heads of three query
+    heads each (the interpreter has no bf16 matmul: float16 stands for it)."""
+    got, want = kernel_and_reference([[5] * 4, [6] * 70, [7] * 2], heads=6, kv_heads=2, dim=32, dtype=dtype,
+                                     device="cpu")
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+def test_the_branch_kernel_compiles_offline_for_hopper_and_the_dgx_spark():
+    """Compiled on this CPU from the arguments the 7B's label scoring passes (28 query heads, 4 key heads, 128 wide),
+    for sm_90 (H100, H200) and sm_121 (GB10, the DGX Spark); its matmuls run on the tensor cores."""
+    script = ("import json, torch; import finetune.branch_attention_kernel as k; "
+              "from finetune.lab.sass_adamw8bit import compile_offline, first_launch; "
+              "z = lambda *s: torch.zeros(*s, dtype=torch.bfloat16); "
+              "launch = first_launch(k, '_branch_attention', lambda: k.branch_attention(z(20, 28, 128), z(90, 4, 128), "
+              "z(90, 4, 128), z(20, 4, 128), z(20, 4, 128), torch.tensor([0, 40, 90], dtype=torch.int32), "
+              "torch.ones(10, 10, dtype=torch.bool), 128 ** -0.5)); "
+              "print(json.dumps([compile_offline(k._branch_attention, *launch, arch).asm['ptx'].count('mma') "
+              "for arch in (90, 121)]))")
+    assert all(compiled_offline_output(script))
+
+
+@pytest.mark.gpu
+def test_the_branch_kernel_attends_as_the_dense_call_at_the_7b_shape():
+    """bf16, 28 query heads sharing 4 key heads, 128 wide, 64 articles of 1 to 300 tokens."""
+    lengths = torch.randint(1, 300, (64,), generator=torch.Generator().manual_seed(1)).tolist()
+    got, want = kernel_and_reference([[5] * n for n in lengths], heads=28, kv_heads=4, dim=128,
+                                     dtype=torch.bfloat16, device="cuda")
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
