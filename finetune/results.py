@@ -43,6 +43,10 @@ EVALUATION_CHANGES = (
      "results copied back behind their own batch"),
     ("16bcd74", "2026-12-07T06:07:53+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
      "residual adds inside the matmuls"),
+    ("f548db6", "2026-12-07T07:27:10+00:00", ("label_scoring", "generation", "generation_lenient"),
+     "answer branches' own kernel"),
+    ("6d99b6e", "2026-12-07T07:36:10+00:00", ("label_scoring", "generation", "generation_lenient"),
+     "32 keys a step in the branches' kernel"),
 )
 
 
