@@ -21,28 +21,29 @@ BLOCK_N = 32  # keys a step reads: of 32, 64 and 128 (4 or 8 warps), 32 ran fast
 def _branch_attention(q, keys, values, branch_k, branch_v, out, cu_k, sees, scale,
                       q_token, q_head, k_token, k_head, v_token, v_head, bk_token, bk_head, bv_token, bv_head,
                       o_token, o_head,
-                      GROUP: tl.constexpr, N_BRANCH: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+                      GROUP: tl.constexpr, N_BRANCH: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     article, kv_head = tl.program_id(0).to(tl.int64), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)  # query head kv_head * GROUP + rows // N_BRANCH, branch token rows % N_BRANCH
     token, head = article * N_BRANCH + rows % N_BRANCH, kv_head * GROUP + rows // N_BRANCH
     real = rows < GROUP * N_BRANCH
-    dims = tl.arange(0, DIM)
-    query = tl.load(q + token[:, None] * q_token + head[:, None] * q_head + dims[None, :], mask=real[:, None],
-                    other=0.0)
+    dims = tl.arange(0, BLOCK_D)  # a head's width, padded to a power of two
+    wide = dims[None, :] < DIM
+    query = tl.load(q + token[:, None] * q_token + head[:, None] * q_head + dims[None, :],
+                    mask=real[:, None] & wide, other=0.0)
     scale = scale * 1.4426950408889634  # exp2 below: log2(e)
     peak = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, DIM), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
 
     start, end = tl.load(cu_k + article), tl.load(cu_k + article + 1)
     for first in range(start, end, BLOCK_N):  # the opening and the trunk, gathered by the trunks' call
         at = first + tl.arange(0, BLOCK_N)
         inside = at < end
         k = tl.load(keys + at[:, None].to(tl.int64) * k_token + kv_head * k_head + dims[None, :],
-                    mask=inside[:, None], other=0.0)
+                    mask=inside[:, None] & wide, other=0.0)
         v = tl.load(values + at[:, None].to(tl.int64) * v_token + kv_head * v_head + dims[None, :],
-                    mask=inside[:, None], other=0.0)
+                    mask=inside[:, None] & wide, other=0.0)
         s = tl.where(inside[None, :], tl.dot(query, tl.trans(k)) * scale, float("-inf"))
         new_peak = tl.maximum(peak, tl.max(s, 1))
         p = tl.exp2(s - new_peak[:, None])
@@ -55,8 +56,10 @@ def _branch_attention(q, keys, values, branch_k, branch_v, out, cu_k, sees, scal
     cols = tl.arange(0, BLOCK_B)
     inside = cols < N_BRANCH
     at = article * N_BRANCH + cols
-    k = tl.load(branch_k + at[:, None] * bk_token + kv_head * bk_head + dims[None, :], mask=inside[:, None], other=0.0)
-    v = tl.load(branch_v + at[:, None] * bv_token + kv_head * bv_head + dims[None, :], mask=inside[:, None], other=0.0)
+    k = tl.load(branch_k + at[:, None] * bk_token + kv_head * bk_head + dims[None, :],
+                mask=inside[:, None] & wide, other=0.0)
+    v = tl.load(branch_v + at[:, None] * bv_token + kv_head * bv_head + dims[None, :],
+                mask=inside[:, None] & wide, other=0.0)
     seen = tl.load(sees + (rows % N_BRANCH)[:, None] * N_BRANCH + cols[None, :], mask=inside[None, :], other=0) != 0
     s = tl.where(seen, tl.dot(query, tl.trans(k)) * scale, float("-inf"))
     new_peak = tl.maximum(peak, tl.max(s, 1))
@@ -66,7 +69,7 @@ def _branch_attention(q, keys, values, branch_k, branch_v, out, cu_k, sees, scal
     acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
 
     tl.store(out + token[:, None] * o_token + head[:, None] * o_head + dims[None, :],
-             (acc / total[:, None]).to(out.dtype.element_ty), mask=real[:, None])
+             (acc / total[:, None]).to(out.dtype.element_ty), mask=real[:, None] & wide)
 
 
 def branch_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, branch_k: torch.Tensor,
@@ -81,8 +84,9 @@ def branch_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     group = heads // kv_heads
     out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
     strides = [stride for x in (q, keys, values, branch_k, branch_v, out) for stride in x.stride()[:2]]
+    block = lambda n: max(16, triton.next_power_of_2(n))  # tl.arange wants powers of two, tl.dot 16 or more
     _branch_attention[(tokens // n_branch, kv_heads)](
         q, keys, values, branch_k, branch_v, out, cu_k, sees, scale, *strides, GROUP=group, N_BRANCH=n_branch,
-        DIM=dim, BLOCK_M=max(16, triton.next_power_of_2(group * n_branch)),
-        BLOCK_B=max(16, triton.next_power_of_2(n_branch)), BLOCK_N=BLOCK_N, num_warps=8)
+        DIM=dim, BLOCK_D=block(dim), BLOCK_M=block(group * n_branch), BLOCK_B=block(n_branch), BLOCK_N=BLOCK_N,
+        num_warps=8)
     return out
