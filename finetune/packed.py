@@ -32,7 +32,7 @@ from finetune.speedups import queued_copy
 PACKED = "packed_answers"
 PREFILL = "packed_prefill"
 # The eval benchmark turns the branches' kernel off (`dense_branches`) to time what it saves, in the same run.
-BRANCH_KERNEL = {"on": True}
+BRANCH_KERNEL = True
 
 
 @dataclass
@@ -164,7 +164,7 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     keys, values = k[packed.key_index], v[packed.key_index]  # each trunk's: the opening's, then its own
     trunk_q, branch_q = q[:packed.trunk_tokens], q[packed.trunk_tokens:]
     trunks = _attend_sequences(trunk_q, keys, values, packed, scaling)
-    if _on_kernels(q) and BRANCH_KERNEL["on"]:
+    if _on_kernels(q) and BRANCH_KERNEL:
         from finetune.branch_attention_kernel import branch_attention  # triton: imported where it runs
         branches = branch_attention(branch_q, keys, values, k[-len(branch_q):], v[-len(branch_q):], packed.cu_k,
                                     packed.branch_sees, scaling or q.shape[-1] ** -0.5)
@@ -229,11 +229,12 @@ def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 @contextmanager
 def dense_branches():
     """The branches through the dense masked call (`_branch_attention`) on CUDA too, for the duration."""
-    BRANCH_KERNEL["on"] = False
+    global BRANCH_KERNEL
+    BRANCH_KERNEL = False
     try:
         yield
     finally:
-        BRANCH_KERNEL["on"] = True
+        BRANCH_KERNEL = True
 
 
 @contextmanager

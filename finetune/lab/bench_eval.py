@@ -40,8 +40,7 @@ SMALL_BATCH_EVERY = 4
 ANCHORS = {"label_scoring_tree": "plain_label_scoring", "label_scoring": "plain_label_scoring",
            "label_scoring_whole_last_layer": "plain_label_scoring",
            "label_scoring_separate_adds": "plain_label_scoring", "label_scoring_dense_branches": "plain_label_scoring",
-           "generation": "plain_generate",
-           "generation_decoding": "plain_generate"}
+           "generation": "plain_generate", "generation_decoding": "plain_generate"}
 # The same anchors timed again after the suite's kernels were applied: the anchor at its strongest.
 KERNEL_ANCHORS = {mode: f"{anchor}_kernels" for mode, anchor in ANCHORS.items()}
 # Label scoring and its anchor again, last, once the decoder layers' linear layers are FP8 (`quantize_for_fp8`): a
@@ -64,8 +63,7 @@ PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64"
 # and the branches' kernel (finetune/branch_attention_kernel.py) save, in the same run.
 MODES = PLAIN_MODES + ("plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree", "label_scoring",
                        "label_scoring_whole_last_layer", "label_scoring_separate_adds", "label_scoring_dense_branches",
-                       "generation",
-                       "generation_decoding", *FP8_MODES)
+                       "generation", "generation_decoding", *FP8_MODES)
 # The modes whose labels are set against the tree method's, the reference implementation (`agreement`).
 AGREEMENT_MODES = ("plain_label_scoring", "label_scoring", *FP8_MODES)
 
