@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 32  # keys a step reads: of 32, 64 and 128 (4 or 8 warps), 32 ran fastest at the 7B shape on an H100
+KEYS_A_STEP, WARPS = 32, 8  # the settings `python -m finetune.lab.bench_branch_kernel` times against the others
 
 
 @triton.jit
@@ -73,7 +73,8 @@ def _branch_attention(q, keys, values, branch_k, branch_v, out, cu_k, sees, scal
 
 
 def branch_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, branch_k: torch.Tensor,
-                     branch_v: torch.Tensor, cu_k: torch.Tensor, sees: torch.Tensor, scale: float) -> torch.Tensor:
+                     branch_v: torch.Tensor, cu_k: torch.Tensor, sees: torch.Tensor, scale: float,
+                     keys_a_step: int = KEYS_A_STEP, warps: int = WARPS) -> torch.Tensor:
     """Every article's branch tokens attending to their keys. q: (articles * branches, heads, dim), an article's
     branch tokens together; keys, values: (keys, kv heads, dim), article i's (its opening and trunk) at
     cu_k[i]:cu_k[i + 1]; branch_k, branch_v: (articles * branches, kv heads, dim), the branch tokens' own; sees:
@@ -87,6 +88,6 @@ def branch_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     block = lambda n: max(16, triton.next_power_of_2(n))  # tl.arange wants powers of two, tl.dot 16 or more
     _branch_attention[(tokens // n_branch, kv_heads)](
         q, keys, values, branch_k, branch_v, out, cu_k, sees, scale, *strides, GROUP=group, N_BRANCH=n_branch,
-        DIM=dim, BLOCK_D=block(dim), BLOCK_M=block(group * n_branch), BLOCK_B=block(n_branch), BLOCK_N=BLOCK_N,
-        num_warps=8)
+        DIM=dim, BLOCK_D=block(dim), BLOCK_M=block(group * n_branch), BLOCK_B=block(n_branch), BLOCK_N=keys_a_step,
+        num_warps=warps)
     return out

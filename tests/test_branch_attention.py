@@ -69,3 +69,18 @@ def test_the_branch_kernel_attends_as_the_dense_call_at_the_7b_shape():
     got, want = kernel_and_reference([[5] * n for n in lengths], heads=28, kv_heads=4, dim=128,
                                      dtype=torch.bfloat16, device="cuda")
     torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.gpu
+def test_the_branch_kernel_benchmark_times_every_setting_against_the_dense_call(tmp_path):
+    """`finetune.lab.bench_branch_kernel`: a row for the dense call and one for each setting, each kernel row's output
+    the dense call's up to bf16 rounding."""
+    import json
+
+    from finetune.lab import bench_branch_kernel
+
+    bench_branch_kernel.main(["--articles", "16", "--measured", "3", "--name", "smoke", "--results_dir",
+                              str(tmp_path), "--cache_dir", str(tmp_path / "tokenizers")])
+    rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
+    assert len(rows) == 1 + len(bench_branch_kernel.KEYS_A_STEP) * len(bench_branch_kernel.WARPS)
+    assert all(row["ms"] > 0 and row["max_abs_diff_vs_dense"] < 0.02 for row in rows)
