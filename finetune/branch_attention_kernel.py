@@ -18,6 +18,15 @@ KEYS_A_STEP, WARPS = 32, 8  # the settings `python -m finetune.lab.bench_branch_
 
 
 @triton.jit
+def _softmax_step(s, v, peak, total, acc):
+    """One block of keys into the online softmax: scores `s` (log2 scale, -inf where not seen) and their values."""
+    new_peak = tl.maximum(peak, tl.max(s, 1))
+    p = tl.exp2(s - new_peak[:, None])
+    rescale = tl.exp2(peak - new_peak)
+    return new_peak, total * rescale + tl.sum(p, 1), acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
 def _branch_attention(q, keys, values, branch_k, branch_v, out, cu_k, sees, scale,
                       q_token, q_head, k_token, k_head, v_token, v_head, bk_token, bk_head, bv_token, bv_head,
                       o_token, o_head,
@@ -45,12 +54,7 @@ def _branch_attention(q, keys, values, branch_k, branch_v, out, cu_k, sees, scal
         v = tl.load(values + at[:, None].to(tl.int64) * v_token + kv_head * v_head + dims[None, :],
                     mask=inside[:, None] & wide, other=0.0)
         s = tl.where(inside[None, :], tl.dot(query, tl.trans(k)) * scale, float("-inf"))
-        new_peak = tl.maximum(peak, tl.max(s, 1))
-        p = tl.exp2(s - new_peak[:, None])
-        rescale = tl.exp2(peak - new_peak)
-        total = total * rescale + tl.sum(p, 1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
-        peak = new_peak
+        peak, total, acc = _softmax_step(s, v, peak, total, acc)
 
     # The article's own branch tokens, each row seeing its branch's tokens up to itself (never none: itself).
     cols = tl.arange(0, BLOCK_B)
@@ -62,11 +66,7 @@ def _branch_attention(q, keys, values, branch_k, branch_v, out, cu_k, sees, scal
                 mask=inside[:, None] & wide, other=0.0)
     seen = tl.load(sees + (rows % N_BRANCH)[:, None] * N_BRANCH + cols[None, :], mask=inside[None, :], other=0) != 0
     s = tl.where(seen, tl.dot(query, tl.trans(k)) * scale, float("-inf"))
-    new_peak = tl.maximum(peak, tl.max(s, 1))
-    p = tl.exp2(s - new_peak[:, None])
-    rescale = tl.exp2(peak - new_peak)
-    total = total * rescale + tl.sum(p, 1)
-    acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+    peak, total, acc = _softmax_step(s, v, peak, total, acc)
 
     tl.store(out + token[:, None] * o_token + head[:, None] * o_head + dims[None, :],
              (acc / total[:, None]).to(out.dtype.element_ty), mask=real[:, None] & wide)
