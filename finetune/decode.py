@@ -21,6 +21,7 @@ class GreedyDecoder:
     """Decodes batches of up to `rows` prompts that all begin with one opening, whose cache (`opening_cache`, one row)
     was run once; each prompt's tail, at most `max_tail` tokens, goes on greedily until an `eos` token or
     `max_new_tokens` new ones. The tokens are the argmax of the logits, whatever the model's generation config says.
+    `answer_length`: the new tokens, end token included, of the longest answer the model was trained to give.
 
     The prefill packs a batch's tails in one row, without padding (`finetune.packed.PackedPrefill`), and writes their
     keys and values into the cache, right-aligned. A batch with fewer rows keeps the shape the graph was captured for:
@@ -28,9 +29,10 @@ class GreedyDecoder:
     CUDA; without it each step runs as it is."""
 
     def __init__(self, model, opening_cache, opening_length: int, rows: int, max_tail: int, max_new_tokens: int,
-                 eos: list[int], pad_id: int, cuda_graph: bool | None = None):
+                 eos: list[int], pad_id: int, answer_length: int = 1, cuda_graph: bool | None = None):
         device = model.device
         self.model, self.rows, self.max_new_tokens, self.pad_id = model, rows, max_new_tokens, pad_id
+        self.answer_length = answer_length
         self.opening_length = opening_length
         self.opening_kv = opening_keys(opening_cache)
         self.length = opening_length + max_tail + max_new_tokens  # every key a batch can have
@@ -60,9 +62,10 @@ class GreedyDecoder:
         first_key = self._prefill(tails, new)  # the cache slot of the first new token
         finished = torch.isin(new[:, 0], self.eos)
         steps = 1
-        # One read of the stop flag a step: with the step one graph launch, the GPU idles only while the host queues
-        # the next one.
-        while steps < self.max_new_tokens and not bool(finished[:n].all()):
+        # The stop flag is read from `answer_length` new tokens on, one read a step: a read waits for the GPU to run
+        # dry, and the GPU then waits for the host's next launch. Before that no row of a model answering as trained
+        # has ended, so those steps queue back to back.
+        while steps < self.max_new_tokens and (steps < self.answer_length or not bool(finished[:n].all())):
             self.tokens[:, 0] = new[:, steps - 1]
             self.seen[..., first_key + steps - 1] = True  # the key this step writes, its own
             self._step()

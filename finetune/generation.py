@@ -109,7 +109,8 @@ def _decode(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new
         opening_length, opening_cache = shared_opening(model, prompts)
         decoder = GreedyDecoder(model, opening_cache, opening_length, rows=max(map(len, batches)),
                                 max_tail=max(map(len, prompts)) - opening_length, max_new_tokens=max_new_tokens,
-                                eos=end_token_ids(tokenizer), pad_id=tokenizer.pad_token_id)
+                                eos=end_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
+                                answer_length=max(map(len, answer_token_ids(tokenizer))))
         for batch in tqdm(batches, desc="generation", disable=not progress):
             start = time.perf_counter()
             new_tokens = decoder.decode([prompts[i][opening_length:] for i in batch])

@@ -302,6 +302,27 @@ def test_tree_check_answers_exactly_as_greedy_decoding(model, tokenizer):
     assert sum(a == build_messages("x", LABELS[i])[2]["content"] for i, a in enumerate(checked.answers[:4])) >= 2
 
 
+def test_decoding_reads_the_stop_flag_from_the_trained_answers_length_on(model, tokenizer, monkeypatch):
+    """Each read of the stop flag waits for the GPU, so none is made before a row of a model answering as trained
+    could have ended: with every row ending at its first step, a batch still runs steps up to the longest trained
+    answer's length, and each answer is cut at its end token as before (its first token alone)."""
+    from finetune.decode import GreedyDecoder
+
+    forward, steps = GreedyDecoder._forward, []
+
+    def ending(self):  # every row's next token is the end-of-turn
+        forward(self)
+        self.next_tokens.fill_(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        steps.append(1)
+
+    monkeypatch.setattr(GreedyDecoder, "_forward", ending)
+    decoded = generate_labels(model, tokenizer, TEXTS[:4], batch_size=4, max_new_tokens=16, progress=False,
+                              tree_check=False)
+    assert len(steps) == max(map(len, answer_token_ids(tokenizer))) - 1 > 1
+    prompts, _ = encode_prompts(tokenizer, TEXTS[:4], prompt_budget(tokenizer, 512))
+    assert decoded.answers == [greedy_answer(model, tokenizer, p, 1) for p in prompts]
+
+
 @pytest.fixture(scope="module")
 def evaluation_model(tokenizer, tmp_path_factory):
     """The model as evaluation loads it (`load_for_inference`), with fewer key/value heads than query heads."""
