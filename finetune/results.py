@@ -47,6 +47,8 @@ EVALUATION_CHANGES = (
      "answer branches' own kernel"),
     ("6d99b6e", "2026-12-07T07:36:10+00:00", ("label_scoring", "generation", "generation_lenient"),
      "32 keys a step in the branches' kernel"),
+    ("3365365", "2026-12-07T09:05:03+00:00", ("generation", "generation_lenient", DECODING),
+     "stop flag read from the trained answers' length on"),
 )
 
 
