@@ -286,8 +286,8 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
            "2.10x | `new.json`: generation, batch 512, NVIDIA H200, trained weights | no | 1 run |" in table
     assert "| decoding every article vs plain `generate`, same run and batch, on weights taught the answer format " \
            "| 2.00x | not measured yet | | no | |" in table
-    assert "| the most generation can reach against plain `generate`: label scoring's speed (its answer-tree check " \
-           "is label scoring's pass), same run and batch | (reported) | 2.50x | `new.json`: label scoring over plain " \
+    assert "| the most generation through the answer-tree check can reach against plain `generate`: label " \
+           "scoring's speed (the check is label scoring's pass), same run and batch | (reported) | 2.50x | `new.json`: label scoring over plain " \
            "`generate`, batch 512, NVIDIA H200 | | 1 run |" in table
     assert "| label scoring in FP8 vs plain HF label scoring in bf16, same run and batch | (reported) | 2.50x | " \
            "`new.json`: label_scoring_fp8 over plain_label_scoring (bf16), batch 512, NVIDIA H200 | | 1 run |" in table
