@@ -22,7 +22,7 @@ from data_prep.splits import Splits
 from finetune.answers import parse_lenient
 from finetune.config import RunConfig, command_from_args, command_parser
 from finetune.data import check_held_out, load_splits
-from finetune.generation import generate_labels, parsed
+from finetune.generation import generate_labels, parsed, score_then_generate
 from finetune.metrics import summarize
 from finetune.model import check_tokenizer_fits, load_for_inference, load_tokenizer
 from finetune.plan import GPU, OutOfMemory, gpu_memory_note, log_plan, plan_evaluation
@@ -57,33 +57,43 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
     model_load_seconds = time.perf_counter() - load_start
     texts, y_true = list(splits.eval["text"]), splits.eval["label"].to_numpy()
     batch, max_new_tokens = config.eval_batch_size, config.max_new_tokens or default_max_new_tokens(tokenizer)
-    runs = {"label_scoring": lambda t: score_labels(model, tokenizer, t, batch, config.max_length),
-            "generation": lambda t: generate_labels(model, tokenizer, t, batch, config.max_length, max_new_tokens)}
-    unknown = set(modes) - set(runs)
+    unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown evaluation mode(s) {sorted(unknown)}; choose from {MODES}")
+    # Each pass yields (mode, predictions) as each mode is done. Both modes share one (`score_then_generate`): its
+    # forward over the answer tree gives the scores and generation's check, so each mode's seconds run from its start.
+    passes = {"label_scoring": lambda t: [("label_scoring", score_labels(model, tokenizer, t, batch,
+                                                                         config.max_length))],
+              "generation": lambda t: [("generation", generate_labels(model, tokenizer, t, batch, config.max_length,
+                                                                      max_new_tokens))]}
+    if set(modes) == set(MODES):
+        passes = {" and ".join(modes): lambda t: score_then_generate(model, tokenizer, t, batch, config.max_length,
+                                                                      max_new_tokens)}
     on_gpu = model.device.type == "cuda"
     # by characters, as the passes batch them (`tree_passes`), not tokens: no encoding of every article first
     warmup = warmup_texts(texts, list(map(len, texts)), batch) if on_gpu else []
     evaluations = {}
-    for mode in modes:
+    for name, run in passes.items():
         try:
-            warmup_seconds = warm_up(runs[mode], warmup, on_gpu)
-            t0 = time.perf_counter()
-            predictions = runs[mode](texts)
-            seconds = time.perf_counter() - t0
+            warmup_seconds = warm_up(lambda t: list(run(t)), warmup, on_gpu)
+            t0, done = time.perf_counter(), []
+            for mode, predictions in run(texts):
+                done.append((mode, predictions, time.perf_counter() - t0))
         except torch.OutOfMemoryError as error:
-            raise OutOfMemory(f"CUDA ran out of memory in {mode} at {batch} articles a batch{gpu_memory_note()}. "
+            raise OutOfMemory(f"CUDA ran out of memory in {name} at {batch} articles a batch{gpu_memory_note()}. "
                               f"Nothing of this evaluation was written; rerun with --eval_batch_size "
                               f"{max(1, batch // 2)}.") from error
-        read = {mode: predictions}
-        if mode == "generation":
-            read["generation_lenient"] = parsed(predictions, parse_lenient)
-        for key, p in read.items():
-            evaluations[key] = summarize(y_true, p, texts, batch, seconds)
-            evaluations[key]["throughput"]["warmup_seconds"] = warmup_seconds
+        for mode, predictions, seconds in done:
+            read = {mode: predictions}
             if mode == "generation":
-                evaluations[key]["max_new_tokens"] = max_new_tokens
+                read["generation_lenient"] = parsed(predictions, parse_lenient)
+            for key, p in read.items():
+                evaluations[key] = summarize(y_true, p, texts, batch, seconds)
+                evaluations[key]["throughput"]["warmup_seconds"] = warmup_seconds
+                if len(passes) < len(modes):
+                    evaluations[key]["throughput"]["pass_shared_by"] = list(modes)
+                if mode == "generation":
+                    evaluations[key]["max_new_tokens"] = max_new_tokens
     record = {
         "name": name, "kind": "llm", "profile": config.profile, "model": str(model_path or config.model),
         "config": config.to_dict(), "plan": plan, "data": splits.describe(), "primary_mode": modes[0],

@@ -1,7 +1,8 @@
 """Generation: greedy answers read back as JSON (strictly, or leniently: see `finetune.answers`), failures counted.
 
 Articles whose greedy choices follow a trained answer all the way are answered from label scoring's forward over the
-answer tree (`finetune.predict`); the rest decode token by token (`finetune.decode.GreedyDecoder`).
+answer tree (`finetune.predict`); the rest decode token by token (`finetune.decode.GreedyDecoder`). Asked for label
+scoring as well, that one forward gives both (`score_then_generate`).
 """
 
 import dataclasses
@@ -17,7 +18,8 @@ from finetune.answers import parse_strict
 from finetune.attention import without_cudnn_attention
 from finetune.decode import GreedyDecoder
 from finetune.metrics import Predictions
-from finetune.predict import AnswerTree, AnswerTreeTerms, length_sorted_batches, shared_opening, tree_passes
+from finetune.predict import (AnswerTree, AnswerTreeTerms, answer_logprobs, length_sorted_batches, shared_opening,
+                              tree_passes)
 from finetune.prompts import Prompts, answer_token_ids, default_max_new_tokens, end_token_ids, prompt_budget
 from finetune.speedups import HostCopy
 
@@ -44,19 +46,49 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
     answers, seconds = [None] * len(texts), np.zeros(len(texts))
     if tree_check and max_new_tokens >= max(map(len, answer_ids)):
         answers, seconds = _tree_check(model, tokenizer, prompts, answer_ids, batch_size, progress)
+    return _decode_the_rest(model, tokenizer, prompts, answers, seconds, batch_size, max_new_tokens, progress)
+
+
+@torch.inference_mode()
+def score_then_generate(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 512,
+                        max_new_tokens: int | None = None, progress: bool = True):
+    """Label scoring and generation from one pass over the answer tree: yields ("label_scoring", predictions) once the
+    pass is done, then ("generation", predictions) once the articles off the trained answers are decoded, so that a
+    caller's clock times each. The pass's logits give each answer's log-probability and, through their argmaxes, the
+    articles whose greedy answer is a trained one (`generate_labels`' check, here on every batch: the pass runs for
+    the scores anyway). The predictions are `score_labels`' and `generate_labels`' with the same method; the two
+    modes take about one's time."""
+    max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
+    answer_ids = answer_token_ids(tokenizer)
+    prompts = Prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))
+    logprobs = np.zeros((len(texts), len(answer_ids)))
+    answers, seconds = _tree_check(model, tokenizer, prompts, answer_ids, batch_size, progress, scores=logprobs)
+    yield "label_scoring", Predictions(labels=logprobs.argmax(1), batch_seconds=seconds.copy(),
+                                       truncated=prompts.truncated, label_logprobs=logprobs)
+    if max_new_tokens < max(map(len, answer_ids)):  # a budget too short for the trained answers: all decode
+        answers = [None] * len(texts)
+    yield "generation", _decode_the_rest(model, tokenizer, prompts, answers, seconds, batch_size, max_new_tokens,
+                                         progress)
+
+
+def _decode_the_rest(model, tokenizer, prompts: Prompts, answers: list[str | None], seconds: np.ndarray,
+                     batch_size: int, max_new_tokens: int, progress: bool) -> Predictions:
+    """The answers with every article the check left undecided (None) decoded, read strictly; `seconds` per article
+    so far, its decoding batch's added."""
     undecided, graphed = [i for i, answer in enumerate(answers) if answer is None], None
     if undecided:
         decoded, decode_seconds, graphed = _decode(model, tokenizer, prompts.take(undecided), batch_size,
                                                    max_new_tokens, progress)
         for i, answer, s in zip(undecided, decoded, decode_seconds):
             answers[i], seconds[i] = answer, seconds[i] + s
-    return parsed(Predictions(labels=np.full(len(texts), -1), batch_seconds=seconds, truncated=prompts.truncated,
+    return parsed(Predictions(labels=np.full(len(answers), -1), batch_seconds=seconds, truncated=prompts.truncated,
                               answers=answers, decoded=len(undecided), decoding_cuda_graph=graphed), parse_strict)
 
 
-def _tree_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]], batch_size: int,
-                progress: bool) -> tuple[list[str | None], np.ndarray]:
-    """Each article's trained answer where its greedy choices follow one (None elsewhere), and its batch's wall time.
+def _tree_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]], batch_size: int, progress: bool,
+                scores: np.ndarray | None = None) -> tuple[list[str | None], np.ndarray]:
+    """Each article's trained answer where its greedy choices follow one (None elsewhere), and its batch's wall time;
+    with `scores` (articles, answers), each answer's log-probability written there too, and every batch checked.
 
     The first batch is read at once, so that a model which mostly answers otherwise stops the check there. Each later
     one is read only once the next is queued behind it, as in label scoring: the GPU goes on while the host reads and
@@ -67,16 +99,19 @@ def _tree_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]],
     answers, seconds = [None] * len(prompts.texts), np.zeros(len(prompts.texts))
     start = time.perf_counter()
 
-    def read(batch: list[int], followed: HostCopy) -> bool:
-        """The batch's answers from its check; whether the check goes on."""
+    def read(batch: list[int], followed: HostCopy, logprobs: HostCopy | None) -> bool:
+        """The batch's answers from its check (and its scores); whether the check goes on."""
         nonlocal start
         followed = followed.numpy()  # (articles, labels): at most one per article
         for i, row in zip(batch, followed):
             if row.any():
                 answers[i] = trained[row.argmax()]
+        if logprobs is not None:
+            scores[batch] = logprobs.numpy()
         seconds[batch] = time.perf_counter() - start
         start = time.perf_counter()
-        return 2 * followed.any(1).sum() >= len(batch)  # else a model that mostly answers otherwise
+        # a model that mostly answers otherwise stops the check, unless the scores need the pass anyway
+        return scores is not None or 2 * followed.any(1).sum() >= len(batch)
 
     waiting, first = None, True
     # closing(): a pass stopped early must restore the model's attention before decoding starts.
@@ -85,8 +120,9 @@ def _tree_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]],
         for batch, logits in passes:
             # argmax before the terms' gather, which copied a vocabulary-wide row for each of the 17 terms
             missed = (logits.argmax(-1)[:, terms.positions] != terms.tokens).float()  # (articles, terms)
+            logprobs = None if scores is None else HostCopy(answer_logprobs(logits, terms))
             del logits  # before the next batch's forward allocates
-            check = batch, HostCopy(missed @ terms.owner == 0)
+            check = batch, HostCopy(missed @ terms.owner == 0), logprobs
             if first:
                 first, going_on = False, read(*check)
             else:  # the batch before is read now, this one's forward queued behind it

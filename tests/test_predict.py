@@ -14,7 +14,7 @@ from finetune import prompts as prompts_module
 from finetune.model import load_model, train_bpe_tokenizer
 from finetune.opening import shared_prefix_length
 from finetune.packed import pack_batch, pack_prefill
-from finetune.generation import generate_labels
+from finetune.generation import generate_labels, score_then_generate
 from finetune.last_layer import mlp_only_where_read
 from finetune.predict import AnswerTree, score_labels
 from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
@@ -297,7 +297,9 @@ def test_tree_check_answers_exactly_as_greedy_decoding(model, tokenizer):
     greedy = [greedy_answer(trained, tokenizer, p, 16) for p in prompts]
     checked = generate_labels(trained, tokenizer, TEXTS, batch_size=8, progress=False)
     decoded = generate_labels(trained, tokenizer, TEXTS, batch_size=8, progress=False, tree_check=False)
-    assert checked.answers == decoded.answers == greedy
+    both = dict(score_then_generate(trained, tokenizer, TEXTS, batch_size=8, progress=False))
+    assert checked.answers == decoded.answers == both["generation"].answers == greedy
+    assert both["generation"].decoded == checked.decoded
     assert 0 < checked.decoded < len(TEXTS) and decoded.decoded == len(TEXTS)
     assert sum(a == build_messages("x", LABELS[i])[2]["content"] for i, a in enumerate(checked.answers[:4])) >= 2
 
@@ -391,6 +393,23 @@ def test_tree_check_stops_after_a_batch_mostly_off_the_trained_answers(model, to
     monkeypatch.setattr(predict, "_tree_logits", lambda *a: checked_batches.append(1) or tree_logits(*a))
     generated = generate_labels(model, tokenizer, TEXTS, batch_size=2, max_new_tokens=8, progress=False)
     assert len(checked_batches) == 1 and generated.decoded == len(TEXTS)
+
+
+def test_one_pass_scores_and_generates_as_each_mode_alone(model, tokenizer, monkeypatch):
+    """score_then_generate's scores are score_labels', its answers generate_labels', and its one pass checks every
+    batch: the pass runs for the scores anyway, where generate_labels alone stops at the first batch an untrained model
+    mostly answers otherwise."""
+    checked = []
+    tree_logits = predict._tree_logits
+    monkeypatch.setattr(predict, "_tree_logits", lambda *a: checked.append(1) or tree_logits(*a))
+    both = dict(score_then_generate(model, tokenizer, TEXTS, batch_size=2, max_new_tokens=8, progress=False))
+    assert len(checked) == 4  # 7 articles, batches of 2
+    scored = score_labels(model, tokenizer, TEXTS, batch_size=2, progress=False)
+    generated = generate_labels(model, tokenizer, TEXTS, batch_size=2, max_new_tokens=8, progress=False)
+    np.testing.assert_array_equal(both["label_scoring"].label_logprobs, scored.label_logprobs)
+    assert both["label_scoring"].labels.tolist() == scored.labels.tolist()
+    assert both["generation"].answers == generated.answers and both["generation"].decoded == len(TEXTS)
+    assert both["generation"].failures == generated.failures
 
 
 def test_tree_check_reads_a_batch_behind_the_next_and_decodes_from_the_batch_that_stops_it(model, tokenizer,
@@ -534,7 +553,8 @@ def test_packing_the_next_batch_on_cuda_does_not_wait_for_the_gpu(tokenizer):
 
 @pytest.mark.gpu
 def test_tree_check_on_cuda_answers_as_greedy_decoding(tokenizer, tmp_path):
-    """On CUDA the tree check reads the packed rows' logits (the varlen kernel): the same answers as decoding."""
+    """On CUDA the tree check reads the packed rows' logits (the varlen kernel): the same answers as decoding; with
+    the scores from the same pass, the scores of label scoring."""
     from finetune.config import get_config
 
     # head_dim 16 (the kernel needs multiples of 8), GQA. Narrow enough to learn the answer format in 80 steps (a
@@ -547,6 +567,10 @@ def test_tree_check_on_cuda_answers_as_greedy_decoding(tokenizer, tmp_path):
     checked = generate_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False)
     decoded = generate_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False, tree_check=False)
     assert checked.answers == decoded.answers and checked.decoded < len(checked.answers)
+    both = dict(score_then_generate(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False))  # one pass, both
+    scored = score_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False)
+    assert both["generation"].answers == checked.answers and both["generation"].decoded == checked.decoded
+    np.testing.assert_array_equal(both["label_scoring"].label_logprobs, scored.label_logprobs)
 
 
 @pytest.mark.gpu

@@ -320,6 +320,23 @@ def test_the_run_ends_with_median_interval_speed_not_the_whole_run_average():
     assert state.log_history == [*logs, final]  # the summary's log_history has them too
 
 
+def test_evaluation_of_both_modes_runs_one_pass_for_both(tiny_config, monkeypatch):
+    """Label scoring and generation share the answer tree's pass (`score_then_generate`): neither mode's own function
+    runs, each mode's seconds run from the shared start (generation's include its decoding), and the record says so."""
+    import finetune.evaluate
+    from finetune.evaluate import evaluate
+
+    for alone in ("score_labels", "generate_labels"):
+        monkeypatch.setattr(finetune.evaluate, alone, lambda *a, **k: pytest.fail("a mode ran a pass of its own"))
+    record = evaluate(dataclasses.replace(tiny_config, max_new_tokens=4), "both")
+    evaluations = record["evaluations"]
+    assert list(evaluations) == ["label_scoring", "generation", "generation_lenient"]
+    scored, generated = evaluations["label_scoring"]["throughput"], evaluations["generation"]["throughput"]
+    assert scored["pass_shared_by"] == generated["pass_shared_by"] == ["label_scoring", "generation"]
+    assert 0 < scored["seconds"] < generated["seconds"]
+    assert evaluations["generation"]["decoded_answers"] == scored["articles"]  # an untrained model: all decode
+
+
 def test_evaluation_defaults_are_planned_and_recorded_with_the_warm_up_apart(tiny_config):
     """"auto" evaluation settings are chosen for the machine (on the CPU: batch 64, no Liger, eager layers), written
     into the results JSON with their reasons, and the warm-up is reported beside the timed speed, never inside it."""
