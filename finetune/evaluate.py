@@ -73,14 +73,14 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
     # by characters, as the passes batch them (`tree_passes`), not tokens: no encoding of every article first
     warmup = warmup_texts(texts, list(map(len, texts)), batch) if on_gpu else []
     evaluations = {}
-    for name, run in passes.items():
+    for pass_name, run in passes.items():
         try:
             warmup_seconds = warm_up(lambda t: list(run(t)), warmup, on_gpu)
             t0, done = time.perf_counter(), []
             for mode, predictions in run(texts):
                 done.append((mode, predictions, time.perf_counter() - t0))
         except torch.OutOfMemoryError as error:
-            raise OutOfMemory(f"CUDA ran out of memory in {name} at {batch} articles a batch{gpu_memory_note()}. "
+            raise OutOfMemory(f"CUDA ran out of memory in {pass_name} at {batch} articles a batch{gpu_memory_note()}. "
                               f"Nothing of this evaluation was written; rerun with --eval_batch_size "
                               f"{max(1, batch // 2)}.") from error
         for mode, predictions, seconds in done:

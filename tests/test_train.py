@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -329,6 +330,7 @@ def test_evaluation_of_both_modes_runs_one_pass_for_both(tiny_config, monkeypatc
     for alone in ("score_labels", "generate_labels"):
         monkeypatch.setattr(finetune.evaluate, alone, lambda *a, **k: pytest.fail("a mode ran a pass of its own"))
     record = evaluate(dataclasses.replace(tiny_config, max_new_tokens=4), "both")
+    assert record["name"] == "both" and (Path(tiny_config.results_dir) / "both_results.json").exists()
     evaluations = record["evaluations"]
     assert list(evaluations) == ["label_scoring", "generation", "generation_lenient"]
     scored, generated = evaluations["label_scoring"]["throughput"], evaluations["generation"]["throughput"]
