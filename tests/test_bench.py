@@ -287,7 +287,8 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     assert list(modes) == ["plain_label_scoring", "plain_generate", "plain_generate_batch64",
                            "plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree",
                            "label_scoring", "label_scoring_whole_last_layer", "label_scoring_separate_adds",
-                           "label_scoring_dense_branches", "generation", "generation_decoding"]
+                           "label_scoring_dense_branches", "generation", "generation_decoding",
+                           "label_scoring_and_generation"]
     assert record["skipped_modes"] == {"plain_label_scoring_fp8": "no CUDA GPU", "label_scoring_fp8": "no CUDA GPU"}
     # The anchors timed again after the suite's kernels (none on the CPU): each mode over its own one of them.
     for mode, anchor in (("label_scoring", "plain_label_scoring_kernels"), ("generation", "plain_generate_kernels")):
@@ -296,6 +297,7 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
         assert modes[anchor]["batch_size"] == modes[mode]["batch_size"]
     # 4 new tokens cannot hold a trained answer (6 or more): the tree's check is skipped and every article decodes.
     assert modes["generation"]["decoded_answers"] == modes["generation_decoding"]["decoded_answers"] == 100
+    assert modes["label_scoring_and_generation"]["decoded_answers"] == 100  # one pass for both, then the same decoding
     assert modes["generation_decoding"]["decoding_cuda_graph"] is False  # no CUDA here: each step as it is
     # The generation anchor decodes the same articles at the suite's batch; the batch-64 extra row every 4th article.
     assert modes["label_scoring"]["articles"] == modes["plain_generate"]["articles"] == 100

@@ -22,7 +22,7 @@ from transformers import GenerationConfig
 
 from finetune.answers import parse_strict
 from finetune.attention import attention_implementation
-from finetune.generation import generate_labels, parsed
+from finetune.generation import generate_labels, parsed, score_then_generate
 from finetune.lab.profiling import gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range, matmul_rates, profile_table
 from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
@@ -61,9 +61,11 @@ PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64"
 # "label_scoring_dense_branches" with the answer branches in one masked sdpa call (`dense_branches`): what running the
 # MLP only where the logits are read (finetune/last_layer.py), the adds inside the matmuls (finetune/residual_adds.py)
 # and the branches' kernel (finetune/branch_attention_kernel.py) save, in the same run.
+# "label_scoring_and_generation" is both from one pass, as an evaluation of both runs them (`score_then_generate`; its
+# predictions are generation's): against "label_scoring" and "generation" in the same run, what sharing the pass saves.
 MODES = PLAIN_MODES + ("plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree", "label_scoring",
                        "label_scoring_whole_last_layer", "label_scoring_separate_adds", "label_scoring_dense_branches",
-                       "generation", "generation_decoding", *FP8_MODES)
+                       "generation", "generation_decoding", "label_scoring_and_generation", *FP8_MODES)
 # The modes whose labels are set against the tree method's, the reference implementation (`agreement`).
 AGREEMENT_MODES = ("plain_label_scoring", "label_scoring", *FP8_MODES)
 
@@ -124,7 +126,8 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
     """texts -> Predictions for one mode, and the batch size it runs at."""
     batch = {"plain_generate": generation_batch_size, "plain_generate_kernels": generation_batch_size,
              "plain_generate_batch64": SMALL_BATCH, "generation": generation_batch_size,
-             "generation_decoding": generation_batch_size}.get(mode, batch_size)
+             "generation_decoding": generation_batch_size,
+             "label_scoring_and_generation": generation_batch_size}.get(mode, batch_size)
     runners = {
         "plain_label_scoring": lambda t: plain_label_scoring(model, tokenizer, t, batch, max_length),
         "plain_generate": lambda t: plain_generate(model, tokenizer, t, batch, max_length),
@@ -146,6 +149,8 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
         "generation": lambda t: generate_labels(model, tokenizer, t, batch, max_length, progress=False),
         "generation_decoding": lambda t: generate_labels(model, tokenizer, t, batch, max_length, progress=False,
                                                          tree_check=False),
+        "label_scoring_and_generation": lambda t: dict(score_then_generate(model, tokenizer, t, batch, max_length,
+                                                                           progress=False))["generation"],
     }
     return runners[mode], batch
 
