@@ -115,8 +115,11 @@ def _tree_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]],
 
     waiting, first = None, True
     # closing(): a pass stopped early must restore the model's attention before decoding starts.
-    # leave=False: a check stopped early (a model off the trained format) clears its bar, not leaving it short
-    with closing(tree_passes(model, prompts, tree, batch_size, "auto", "answer tree", progress, leave=False)) as passes:
+    # leave=False: a check stopped early (a model off the trained format) clears its bar, not leaving it short. With
+    # the scores it runs to the end: label scoring's pass, as its bar says.
+    desc = "answer tree" if scores is None else "label scoring"
+    with closing(tree_passes(model, prompts, tree, batch_size, "auto", desc, progress,
+                             leave=scores is not None)) as passes:
         for batch, logits in passes:
             # argmax before the terms' gather, which copied a vocabulary-wide row for each of the 17 terms
             missed = (logits.argmax(-1)[:, terms.positions] != terms.tokens).float()  # (articles, terms)
