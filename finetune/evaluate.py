@@ -62,10 +62,11 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
         raise ValueError(f"unknown evaluation mode(s) {sorted(unknown)}; choose from {MODES}")
     # Each pass yields (mode, predictions) as each mode is done. Both modes share one (`score_then_generate`): its
     # forward over the answer tree gives the scores and generation's check, so each mode's seconds run from its start.
-    passes = {"label_scoring": lambda t: [("label_scoring", score_labels(model, tokenizer, t, batch,
-                                                                         config.max_length))],
-              "generation": lambda t: [("generation", generate_labels(model, tokenizer, t, batch, config.max_length,
-                                                                      max_new_tokens))]}
+    alone = {"label_scoring": lambda t: [("label_scoring", score_labels(model, tokenizer, t, batch,
+                                                                        config.max_length))],
+             "generation": lambda t: [("generation", generate_labels(model, tokenizer, t, batch, config.max_length,
+                                                                     max_new_tokens))]}
+    passes = {mode: alone[mode] for mode in modes}
     if set(modes) == set(MODES):
         passes = {" and ".join(modes): lambda t: score_then_generate(model, tokenizer, t, batch, config.max_length,
                                                                       max_new_tokens)}

@@ -346,6 +346,7 @@ def test_evaluation_defaults_are_planned_and_recorded_with_the_warm_up_apart(tin
 
     config = dataclasses.replace(tiny_config, eval_batch_size="auto", use_liger_kernel="auto", compile_layers="auto")
     record = evaluate(config, "planned", modes=("label_scoring",))
+    assert list(record["evaluations"]) == ["label_scoring"]  # the mode asked for, no other
     assert record["plan"]["eval_batch_size"]["value"] == 64 and record["plan"]["use_liger_kernel"]["value"] is False
     assert record["config"]["eval_batch_size"] == 64 and "no GPU" in record["plan"]["eval_batch_size"]["reason"]
     speed = record["evaluations"]["label_scoring"]["throughput"]
