@@ -259,7 +259,7 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
     ceiling, label scoring's speed over plain `generate`, is reported where the two ran at one batch on taught weights
     (a third run, on random weights, where plain `generate` never stops early, makes no ceiling). FP8 label scoring
     over plain HF in bf16 is reported likewise: only where both ran at one batch; the per-run table gives its share of
-    the tree's labels."""
+    the tree's labels. So is the one pass of both modes over the two apart: on taught weights, all three at one batch."""
     from finetune.lab.report import eval_benchmark_table
 
     (tmp_path / "benchmarks").mkdir()
@@ -269,6 +269,10 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
                  "generation": {"batch_size": 512, "articles_per_second": 100.0 * ratio, "vs_anchor": ratio},
                  "label_scoring": {"batch_size": anchor_batch, "articles_per_second": 900.0 if model == "scratch"
                                    else 250.0}}
+        # both modes from one pass, 10 s against 8 s + 10 s apart: "old" ran label scoring at another batch, "random"
+        # on weights never taught the answers (its generation decodes every article either way)
+        modes["label_scoring"]["seconds"], modes["generation"]["seconds"] = 8.0, 10.0
+        modes["label_scoring_and_generation"] = {"batch_size": 512, "articles_per_second": 760.0, "seconds": 10.0}
         if name != "random":  # FP8 label scoring against its own FP8 anchor, and plain HF in bf16
             modes.update(plain_label_scoring_fp8={"batch_size": 512, "articles_per_second": 150.0},
                          label_scoring_fp8={"batch_size": 512, "articles_per_second": 300.0, "vs_anchor": 2.0,
@@ -287,8 +291,11 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
     assert "| decoding every article vs plain `generate`, same run and batch, on weights taught the answer format " \
            "| 2.00x | not measured yet | | no | |" in table
     assert "| the most generation through the answer-tree check can reach against plain `generate`: label " \
-           "scoring's speed (the check is label scoring's pass), same run and batch | (reported) | 2.50x | `new.json`: label scoring over plain " \
-           "`generate`, batch 512, NVIDIA H200 | | 1 run |" in table
+           "scoring's speed (the check is label scoring's pass), same run and batch | (reported) | 2.50x | " \
+           "`new.json`: label scoring over plain `generate`, batch 512, NVIDIA H200 | | 1 run |" in table
+    assert "| label scoring and generation from one pass, against the two apart: their seconds over the pass's, same " \
+           "run and batch, on weights taught the answer format | (reported) | 1.80x | `new.json`: label scoring and " \
+           "generation apart over one pass, batch 512, NVIDIA H200 | | 1 run |" in table
     assert "| label scoring in FP8 vs plain HF label scoring in bf16, same run and batch | (reported) | 2.50x | " \
            "`new.json`: label_scoring_fp8 over plain_label_scoring (bf16), batch 512, NVIDIA H200 | | 1 run |" in table
     assert "| label_scoring_fp8 | 7600 | 300.0 | one cold pass | 2.00x | 89.5% |" in eval_benchmark_table(tmp_path)

@@ -260,6 +260,25 @@ def mode_over_mode(results_dir: Path, mode: str, over: str, what: str, taught_on
     return rows
 
 
+def one_pass_over_apart(results_dir: Path) -> list[Row]:
+    """Per run on weights taught the answer format, label scoring's and generation's seconds apart over those of the
+    one pass that gives both (`label_scoring_and_generation`, as an evaluation of both modes runs), the three at one
+    batch size: what sharing the pass saves a fine-tuned model's evaluation. The ratio is the row's "ratio" figure."""
+    rows = []
+    for file, record in on_one_gpu(results_dir, "eval"):
+        both, scored, generated = (record["modes"].get(m) for m in
+                                   ("label_scoring_and_generation", "label_scoring", "generation"))
+        taught = eval_weights(record) != "random weights"
+        if taught and both and scored and generated and both["batch_size"] == scored["batch_size"] == \
+                generated["batch_size"]:
+            device = hardware_label(record["environment"])
+            missed = tuple(made_before(record, ("label_scoring", "generation")))
+            rows.append(((device, both["batch_size"], missed),
+                         f"label scoring and generation apart over one pass, batch {both['batch_size']}, {device}",
+                         file, {"ratio": (scored["seconds"] + generated["seconds"]) / both["seconds"]}))
+    return rows
+
+
 def eval_anchor_mismatch(record: dict, mode: str, anchors: dict = ALL_ANCHORS) -> str | None:
     """Why an evaluation mode may not be divided by its plain-HF anchor (`KERNEL_ANCHORS`: the one with the same
     kernels) because the anchor ran at another batch size, or None."""
