@@ -259,7 +259,8 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
     ceiling, label scoring's speed over plain `generate`, is reported where the two ran at one batch on taught weights
     (a third run, on random weights, where plain `generate` never stops early, makes no ceiling). FP8 label scoring
     over plain HF in bf16 is reported likewise: only where both ran at one batch; the per-run table gives its share of
-    the tree's labels. So is the one pass of both modes over the two apart: on taught weights, all three at one batch."""
+    the tree's labels. So is the one pass of both modes over the two apart: on taught weights, the three at one
+    batch."""
     from finetune.lab.report import eval_benchmark_table
 
     (tmp_path / "benchmarks").mkdir()
