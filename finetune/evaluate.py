@@ -66,8 +66,9 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
                                                                         config.max_length))],
              "generation": lambda t: [("generation", generate_labels(model, tokenizer, t, batch, config.max_length,
                                                                      max_new_tokens))]}
+    shared = set(modes) == set(MODES)
     passes = {mode: alone[mode] for mode in modes}
-    if set(modes) == set(MODES):
+    if shared:
         passes = {" and ".join(modes): lambda t: score_then_generate(model, tokenizer, t, batch, config.max_length,
                                                                       max_new_tokens)}
     on_gpu = model.device.type == "cuda"
@@ -91,7 +92,7 @@ def evaluate(config: RunConfig, name: str, model_path: str | Path | None = None,
             for key, p in read.items():
                 evaluations[key] = summarize(y_true, p, texts, batch, seconds)
                 evaluations[key]["throughput"]["warmup_seconds"] = warmup_seconds
-                if len(passes) < len(modes):
+                if shared:
                     evaluations[key]["throughput"]["pass_shared_by"] = list(modes)
                 if mode == "generation":
                     evaluations[key]["max_new_tokens"] = max_new_tokens
