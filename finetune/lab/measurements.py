@@ -243,39 +243,23 @@ def eval_weights(record: dict) -> str:
     return "random weights" if model == "scratch" else f"`{model}`"
 
 
-def mode_over_mode(results_dir: Path, mode: str, over: str, what: str, taught_only: bool = False) -> list[Row]:
-    """Per run, `mode`'s articles/s over `over`'s, where the two ran at one batch size in one run (`what` names the
-    ratio, e.g. "label scoring over plain `generate`"), grouped like `eval_rows` by device, batch and the evaluation
-    changes `mode`'s run lacked; `taught_only` keeps runs on weights taught the answer format. The ratio is the
-    row's "ratio" figure."""
+def mode_over_mode(results_dir: Path, mode: str | tuple[str, ...], over: str | tuple[str, ...], what: str,
+                   taught_only: bool = False) -> list[Row]:
+    """Per run, `mode`'s articles/s over `over`'s, where all ran at one batch size in one run (`what` names the ratio,
+    e.g. "label scoring over plain `generate`"), grouped like `eval_rows` by device, batch and the evaluation changes
+    the run lacked; `taught_only` keeps runs on weights taught the answer format. Several modes on a side count as
+    run one after the other (their seconds an article summed): label scoring and generation apart, over the one pass
+    that gives both. The ratio is the row's "ratio" figure."""
+    modes, overs = ((m,) if isinstance(m, str) else m for m in (mode, over))
     rows = []
     for file, record in on_one_gpu(results_dir, "eval"):
-        top, bottom = record["modes"].get(mode), record["modes"].get(over)
+        tops, bottoms = ([record["modes"].get(m) for m in side] for side in (modes, overs))
         taught = eval_weights(record) != "random weights"
-        if (taught or not taught_only) and top and bottom and top["batch_size"] == bottom["batch_size"]:
-            device = hardware_label(record["environment"])
-            missed = tuple(made_before(record, (mode,)))
-            rows.append(((device, bottom["batch_size"], missed), f"{what}, batch {bottom['batch_size']}, {device}",
-                         file, {"ratio": top["articles_per_second"] / bottom["articles_per_second"]}))
-    return rows
-
-
-def one_pass_over_apart(results_dir: Path) -> list[Row]:
-    """Per run on weights taught the answer format, label scoring's and generation's seconds apart over those of the
-    one pass that gives both (`label_scoring_and_generation`, as an evaluation of both modes runs), the three at one
-    batch size: what sharing the pass saves a fine-tuned model's evaluation. The ratio is the row's "ratio" figure."""
-    rows = []
-    for file, record in on_one_gpu(results_dir, "eval"):
-        both, scored, generated = (record["modes"].get(m) for m in
-                                   ("label_scoring_and_generation", "label_scoring", "generation"))
-        taught = eval_weights(record) != "random weights"
-        if taught and both and scored and generated and both["batch_size"] == scored["batch_size"] == \
-                generated["batch_size"]:
-            device = hardware_label(record["environment"])
-            missed = tuple(made_before(record, ("label_scoring", "generation")))
-            rows.append(((device, both["batch_size"], missed),
-                         f"label scoring and generation apart over one pass, batch {both['batch_size']}, {device}",
-                         file, {"ratio": (scored["seconds"] + generated["seconds"]) / both["seconds"]}))
+        if (taught or not taught_only) and all(tops + bottoms) and len({m["batch_size"] for m in tops + bottoms}) == 1:
+            device, batch = hardware_label(record["environment"]), tops[0]["batch_size"]
+            missed = tuple(made_before(record, modes + overs))
+            ratio = sum(1 / m["articles_per_second"] for m in bottoms) / sum(1 / m["articles_per_second"] for m in tops)
+            rows.append(((device, batch, missed), f"{what}, batch {batch}, {device}", file, {"ratio": ratio}))
     return rows
 
 

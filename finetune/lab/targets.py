@@ -10,7 +10,7 @@ runs.
 from pathlib import Path
 
 from finetune.lab.measurements import (RECIPE_ROW, Measured, Row, by_name, eval_rows, lora_over_recipe, mode_over_mode,
-                                       one_pass_over_apart, summarize, training_rows, tuned_anchor_ceilings)
+                                       summarize, training_rows, tuned_anchor_ceilings)
 from finetune.results import load_records
 
 SCORING_TARGET = "label scoring articles/s over 7,600 (one H100 or H200)"
@@ -109,7 +109,9 @@ def targets(results_dir: Path) -> list[Target]:
                             taught_only=True), "ratio"),
             # an evaluation of both modes (the notebooks') runs one pass for both (`score_then_generate`)
             ("label scoring and generation from one pass, against the two apart: their seconds over the pass's, same "
-             "run and batch, on weights taught the answer format", None, one_pass_over_apart(results_dir), "ratio"),
+             "run and batch, on weights taught the answer format", None,
+             mode_over_mode(results_dir, "label_scoring_and_generation", ("label_scoring", "generation"),
+                            "label scoring and generation apart over one pass", taught_only=True), "ratio"),
             ("label scoring with the decoder layers in FP8 (an eval benchmark mode, not the recipe's), articles/s over "
              "7,600", None, of_mode("label_scoring_fp8"), "articles_per_second"),
             ("label scoring in FP8 vs plain HF label scoring in the same FP8, same run and batch", None,
