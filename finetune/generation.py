@@ -42,11 +42,12 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
     past it must not change what the model reads, and may run past `max_length` (positions allow it)."""
     max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
     answer_ids = answer_token_ids(tokenizer)
+    longest = max(map(len, answer_ids))
     prompts = Prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))  # encoded as the passes reach them
     answers, seconds = [None] * len(texts), np.zeros(len(texts))
-    if tree_check and max_new_tokens >= max(map(len, answer_ids)):
+    if tree_check and max_new_tokens >= longest:
         answers, seconds = _tree_check(model, tokenizer, prompts, answer_ids, batch_size, progress)
-    return _decode_the_rest(model, tokenizer, prompts, answers, seconds, batch_size, max_new_tokens, progress)
+    return _decode_the_rest(model, tokenizer, prompts, answers, seconds, batch_size, max_new_tokens, longest, progress)
 
 
 @torch.inference_mode()
@@ -60,25 +61,26 @@ def score_then_generate(model, tokenizer, texts: list[str], batch_size: int = 64
     modes take about one's time."""
     max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
     answer_ids = answer_token_ids(tokenizer)
+    longest = max(map(len, answer_ids))
     prompts = Prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))
     logprobs = np.zeros((len(texts), len(answer_ids)))
     answers, seconds = _tree_check(model, tokenizer, prompts, answer_ids, batch_size, progress, scores=logprobs)
     yield "label_scoring", Predictions(labels=logprobs.argmax(1), batch_seconds=seconds.copy(),
                                        truncated=prompts.truncated, label_logprobs=logprobs)
-    if max_new_tokens < max(map(len, answer_ids)):  # a budget too short for the trained answers: all decode
+    if max_new_tokens < longest:  # a budget too short for the trained answers: all decode
         answers = [None] * len(texts)
     yield "generation", _decode_the_rest(model, tokenizer, prompts, answers, seconds, batch_size, max_new_tokens,
-                                         progress)
+                                         longest, progress)
 
 
 def _decode_the_rest(model, tokenizer, prompts: Prompts, answers: list[str | None], seconds: np.ndarray,
-                     batch_size: int, max_new_tokens: int, progress: bool) -> Predictions:
+                     batch_size: int, max_new_tokens: int, answer_length: int, progress: bool) -> Predictions:
     """The answers with every article the check left undecided (None) decoded, read strictly; `seconds` per article
-    so far, its decoding batch's added."""
+    so far, its decoding batch's added. `answer_length`: the longest trained answer's tokens (`GreedyDecoder`)."""
     undecided, graphed = [i for i, answer in enumerate(answers) if answer is None], None
     if undecided:
         decoded, decode_seconds, graphed = _decode(model, tokenizer, prompts.take(undecided), batch_size,
-                                                   max_new_tokens, progress)
+                                                   max_new_tokens, answer_length, progress)
         for i, answer, s in zip(undecided, decoded, decode_seconds):
             answers[i], seconds[i] = answer, seconds[i] + s
     return parsed(Predictions(labels=np.full(len(answers), -1), batch_seconds=seconds, truncated=prompts.truncated,
@@ -138,7 +140,7 @@ def _tree_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]],
     return answers, seconds
 
 
-def _decode(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
+def _decode(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int, answer_length: int,
             progress: bool) -> tuple[list[str], np.ndarray, bool]:
     """Greedy decoding of each prompt (`GreedyDecoder`), the wall time of each one's batch, and whether the steps
     replayed a captured CUDA graph. As in label scoring, the opening runs once."""
@@ -149,7 +151,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new
         decoder = GreedyDecoder(model, opening_cache, opening_length, rows=max(map(len, batches)),
                                 max_tail=max(map(len, prompts)) - opening_length, max_new_tokens=max_new_tokens,
                                 eos=end_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
-                                answer_length=max(map(len, answer_token_ids(tokenizer))))
+                                answer_length=answer_length)
         for batch in tqdm(batches, desc="generation", disable=not progress):
             start = time.perf_counter()
             new_tokens = decoder.decode([prompts[i][opening_length:] for i in batch])
