@@ -576,8 +576,8 @@ def test_targets_compare_with_stock_trl_of_the_same_run_and_report_the_h200_auto
     assert "| 2.80x | 3.25x | `h200_train.json`: fp8 within 70 | yes |" in table
     assert "bf16 only (no FP8), peak memory <= 70 GiB | (reported) | 52.0% | `h200_train.json`: bf16 within 70 |" in table
     assert "141 GB H200 | (reported) | 60.0% | `h200_train.json`: bf16 auto, all memory (90.0 GiB) |" in table
-    assert "100% MFU (1 / the anchor's MFU), same run | (reported) | 2.50x | `h200_train.json`: stock TRL tuned: Liger, " \
-           "no GC |" in table
+    assert "100% MFU (1 / the anchor's MFU), same run (NVIDIA H200) | (reported) | 2.50x | `h200_train.json`: stock " \
+           "TRL tuned: Liger, no GC |" in table
     # LoRA over the recipe of its own run, a row per card: each card's plan differs
     assert "as planned for the card (NVIDIA H100 80GB HBM3) | 1.30x | 1.20x | `h100_train.json`: " in table
     assert "as planned for the card (NVIDIA H200) | 1.30x | 1.50x | `h200_train.json`: " in table

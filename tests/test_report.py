@@ -11,11 +11,11 @@ from tests.conftest import committed_benchmark
 from tests.test_metrics_and_results import make_record
 
 
-def _train_file(path, mfu: float, vs_stock: float, tokens: float) -> None:
+def _train_file(path, mfu: float, vs_stock: float, tokens: float, device: str = "NVIDIA H200") -> None:
     fast = {"overrides": {"compile_layers": True}, "tokens_per_second": tokens, "mfu": mfu, "peak_allocated_gib": 65.0,
             "speed_vs_stock_trl": vs_stock, "projected_epoch_minutes_full_train": 20.0}
     record = {"benchmark": "train", "world_size": 1, "variants": {"compiled": fast},
-              "environment": {"hardware": {"gpu": {"name": "NVIDIA H200"}, "torch_threads": 16},
+              "environment": {"hardware": {"gpu": {"name": device}, "torch_threads": 16},
                               "git_commit": "abc1234"}}
     path.write_text(json.dumps(record))
 
@@ -43,6 +43,21 @@ def test_both_training_goals_are_judged_against_the_tuned_anchor(tmp_path, mfu_a
         record["variants"]["compiled"]["speed_vs_stock_trl_tuned"] = vs_tuned
         path.write_text(json.dumps(record))
         assert counted in targets_table(tmp_path)
+
+
+def test_the_ratio_to_the_tuned_anchor_is_judged_on_each_card_apart(tmp_path, mfu_as_given):
+    """The tuned anchor turns checkpointing off where the card's memory holds it, so each card's ratio is a goal row of
+    its own: the H100's run meets it, the H200's does not, and neither borrows the other's."""
+    (tmp_path / "benchmarks").mkdir()
+    for name, device, vs_tuned in (("a", "NVIDIA H100 80GB HBM3", 3.1), ("b", "NVIDIA H200", 2.5)):
+        path = tmp_path / "benchmarks" / f"{name}.json"
+        _train_file(path, 0.52, 3.9, 20_000, device)
+        record = json.loads(path.read_text())
+        record["variants"]["compiled"]["speed_vs_stock_trl_tuned"] = vs_tuned
+        path.write_text(json.dumps(record))
+    table = targets_table(tmp_path)
+    assert "(peak memory <= 70 GiB; NVIDIA H100 80GB HBM3) | 3.00x | 3.10x | `a.json`: compiled | yes | 1 run |" in table
+    assert "(peak memory <= 70 GiB; NVIDIA H200) | 3.00x | 2.50x | `b.json`: compiled | no | 1 run |" in table
 
 
 def test_runs_that_ran_alike_under_two_names_are_one_configuration(tmp_path, mfu_as_given):
