@@ -56,7 +56,8 @@ def test_the_ratio_to_the_tuned_anchor_is_judged_on_each_card_apart(tmp_path, mf
         record["variants"]["compiled"]["speed_vs_stock_trl_tuned"] = vs_tuned
         path.write_text(json.dumps(record))
     table = targets_table(tmp_path)
-    assert "(peak memory <= 70 GiB; NVIDIA H100 80GB HBM3) | 3.00x | 3.10x | `a.json`: compiled | yes | 1 run |" in table
+    assert "(peak memory <= 70 GiB; NVIDIA H100 80GB HBM3) | 3.00x | 3.10x | `a.json`: compiled | yes | 1 run |" \
+        in table
     assert "(peak memory <= 70 GiB; NVIDIA H200) | 3.00x | 2.50x | `b.json`: compiled | no | 1 run |" in table
 
 

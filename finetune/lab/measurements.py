@@ -210,7 +210,7 @@ def by_name(rows: list[Row]) -> list[Row]:
 def tuned_anchor_ceilings(results_dir: Path) -> list[Row]:
     """Per run, the ratio a step computing the anchor's FLOPs a token at the bf16 peak would reach against that run's
     tuned stock TRL (its faster tuned row): 1 / the anchor's MFU. A row that runs each article's whole prompt cannot
-    pass it; the shared opening runs two fifths of the tokens once a micro-batch, so the recipe's own bound lies higher."""
+    pass it; the shared opening runs two fifths of the tokens once a micro-batch, so the recipe's bound lies higher."""
     rows = []
     for file, record in on_one_gpu(results_dir, "train"):
         device = hardware_label(record["environment"])

@@ -43,8 +43,8 @@ def targets(results_dir: Path) -> list[Target]:
         # batch on an H200, only in smaller micro-batches on an H100), so each card's anchor is its own.
         rows += [(f"speed vs stock TRL tuned (Liger, FlashAttention where installed, checkpointing off where it fits), "
                   f"same run, steps and batch (peak memory <= 70 GiB; {device})", 3.0,
-                  summarize([row for row in tuned if row[0][0] == device], "speed_vs_stock_trl_tuned"), "{:.2f}x",
-                  True) for device in sorted({row[0][0] for row in tuned})]
+                  summarize(on_card, "speed_vs_stock_trl_tuned"), "{:.2f}x", True)
+                 for device, on_card in _per_card(tuned).items()]
         rows += [("speed vs stock TRL, same run, steps and batch (peak memory <= 70 GiB)", 2.8,
                   summarize(same_run, "speed_vs_stock_trl"), "{:.2f}x", True),
                  ("configurations whose medians reach both >= 55% MFU and >= 3.0x stock TRL tuned (<= 70 GiB)", 1,
@@ -53,21 +53,17 @@ def targets(results_dir: Path) -> list[Target]:
         recipe_tuned = [row for row, _ in ours if row[1] == RECIPE_ROW and "speed_vs_stock_trl_tuned" in row[3]]
         rows.append(("the `qwen2.5-7b` recipe vs stock TRL tuned, same run, steps and batch (all of the card's memory, "
                      "as both use it)", None, summarize(recipe_tuned, "speed_vs_stock_trl_tuned"), "{:.2f}x", True))
-        lora = lora_over_recipe(results_dir)
-        for device in sorted({key[0] for key, *_ in lora}):  # a row per card: its memory changes both plans
-            rows.append((f"LoRA r16 vs the full `qwen2.5-7b` recipe, same run, both as planned for the card ({device})",
-                         1.3, summarize([row for row in lora if row[0][0] == device], "lora_over_recipe"), "{:.2f}x",
-                         True))
+        rows += [(f"LoRA r16 vs the full `qwen2.5-7b` recipe, same run, both as planned for the card ({device})", 1.3,
+                  summarize(on_card, "lora_over_recipe"), "{:.2f}x", True)  # the card's memory changes both plans
+                 for device, on_card in _per_card(lora_over_recipe(results_dir)).items()]
         best_auto = summarize(by_name(auto_h200), "mfu")  # the recipe as planned, over its commits
         if best_auto:
             peak = max(v["peak_allocated_gib"] for v in best_auto.figures)
             rows.append(("MFU, checkpointing auto on all of a 141 GB H200", None,
                          best_auto._replace(where=f"{best_auto.where} ({peak:.1f} GiB)"), "{:.1%}", True))
-        ceilings = tuned_anchor_ceilings(results_dir)
-        for device in sorted({key[0] for key, *_ in ceilings}):
-            rows.append((f"the most a row computing the anchor's FLOPs a token can reach against stock TRL tuned: a "
-                         f"step at 100% MFU (1 / the anchor's MFU), same run ({device})", None,
-                         summarize([row for row in ceilings if row[0][0] == device], "ceiling"), "{:.2f}x", True))
+        rows += [(f"the most a row computing the anchor's FLOPs a token can reach against stock TRL tuned: a step at "
+                  f"100% MFU (1 / the anchor's MFU), same run ({device})", None, summarize(on_card, "ceiling"),
+                  "{:.2f}x", True) for device, on_card in _per_card(tuned_anchor_ceilings(results_dir)).items()]
         rows += [("real tokens/s", 10_800, summarize(fits, "tokens_per_second"), "{:,.0f}", True),
                  ("one epoch of 120K articles (min, lower is better)", 50,
                   summarize(fits, "projected_epoch_minutes_full_train", higher_is_better=False), "{:.0f}", False)]
@@ -131,6 +127,15 @@ def targets(results_dir: Path) -> list[Target]:
         rows.append((name, goal, summarize([row for row in measured if len(row[0][-1]) == newest], metric),
                      "{:.0f}" if metric.endswith("articles_per_second") else "{:.2f}x", True))
     return rows
+
+
+def _per_card(rows: list[Row]) -> dict[str, list[Row]]:
+    """The rows of each card (the first item of their key), cards in order: for the figures whose comparison the
+    card's memory changes."""
+    cards: dict[str, list[Row]] = {}
+    for row in sorted(rows, key=lambda row: row[0][0]):
+        cards.setdefault(row[0][0], []).append(row)
+    return cards
 
 
 def _both(rows: list[Row]) -> Measured:
