@@ -273,7 +273,8 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
     older files), in the other both at 512. Only the second makes the generation ratio; the per-run table still shows
     the first's ratio, marked with its anchor's batch; a goal no run measured stays in the table, open. Generation's
     ceiling, label scoring's speed over plain `generate`, is reported where the two ran at one batch on taught weights
-    (a third run, on random weights, where plain `generate` never stops early, makes no ceiling). FP8 label scoring
+    (a third run, on random weights, where plain `generate` never stops early, makes no ceiling), and so is decoding's,
+    its GPU-bound rate over plain `generate`. FP8 label scoring
     over plain HF in bf16 is reported likewise: only where both ran at one batch; the per-run table gives its share of
     the tree's labels. So is the one pass of both modes over the two apart: on taught weights, the three at one
     batch."""
@@ -290,6 +291,9 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
         # on weights never taught the answers (its generation decodes every article either way)
         apart = sum(1 / modes[m]["articles_per_second"] for m in ("label_scoring", "generation"))  # s an article
         modes["label_scoring_and_generation"] = {"batch_size": 512, "articles_per_second": 1.8 / apart}
+        # decoding every article, whose GPU-bound rate (240) bounds it, not the rate it made waiting on the host (200)
+        modes["generation_decoding"] = {"batch_size": 512, "articles_per_second": 200.0,
+                                        "gpu_bound_articles_per_second": 240.0}
         if name != "random":  # FP8 label scoring against its own FP8 anchor, and plain HF in bf16
             modes.update(plain_label_scoring_fp8={"batch_size": 512, "articles_per_second": 150.0},
                          label_scoring_fp8={"batch_size": 512, "articles_per_second": 300.0, "vs_anchor": 2.0,
@@ -310,6 +314,9 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
     assert "| the most generation through the answer-tree check can reach against plain `generate`: label " \
            "scoring's speed (the check is label scoring's pass), same run and batch | (reported) | 2.50x | " \
            "`new.json`: label scoring over plain `generate`, batch 512, NVIDIA H200 | | 1 run |" in table
+    assert "| the most decoding every article can reach against plain `generate` with its kernels as they are: its " \
+           "profiled articles over the GPU's busy time, same run and batch | (reported) | 2.40x | `new.json`: decoding " \
+           "every article's GPU-bound rate over plain `generate`, batch 512, NVIDIA H200 | | 1 run |" in table
     assert "| label scoring and generation from one pass, against the two apart: their seconds over the pass's, same " \
            "run and batch, on weights taught the answer format | (reported) | 1.80x | `new.json`: label scoring and " \
            "generation apart over one pass, batch 512, NVIDIA H200 | | 1 run |" in table

@@ -245,21 +245,23 @@ def eval_weights(record: dict) -> str:
 
 
 def mode_over_mode(results_dir: Path, mode: str | tuple[str, ...], over: str | tuple[str, ...], what: str,
-                   taught_only: bool = False) -> list[Row]:
+                   taught_only: bool = False, rate: str = "articles_per_second") -> list[Row]:
     """Per run, `mode`'s articles/s over `over`'s, where all ran at one batch size in one run (`what` names the ratio,
     e.g. "label scoring over plain `generate`"), grouped like `eval_rows` by device, batch and the evaluation changes
     the run lacked; `taught_only` keeps runs on weights taught the answer format. Several modes on a side count as
     run one after the other (their seconds an article summed): label scoring and generation apart, over the one pass
-    that gives both. The ratio is the row's "ratio" figure."""
+    that gives both. `rate` is the figure read on `mode`'s side (`gpu_bound_articles_per_second`: what its kernels
+    would make were the GPU never left waiting), where the run measured it. The ratio is the row's "ratio" figure."""
     modes, overs = ((m,) if isinstance(m, str) else m for m in (mode, over))
     rows = []
     for file, record in on_one_gpu(results_dir, "eval"):
         tops, bottoms = ([record["modes"].get(m) for m in side] for side in (modes, overs))
         taught = eval_weights(record) != "random weights"
-        if (taught or not taught_only) and all(tops + bottoms) and len({m["batch_size"] for m in tops + bottoms}) == 1:
+        if ((taught or not taught_only) and all(tops + bottoms) and all(m.get(rate) for m in tops)
+                and len({m["batch_size"] for m in tops + bottoms}) == 1):
             device, batch = hardware_label(record["environment"]), tops[0]["batch_size"]
             missed = tuple(made_before(record, modes + overs))
-            ratio = sum(1 / m["articles_per_second"] for m in bottoms) / sum(1 / m["articles_per_second"] for m in tops)
+            ratio = sum(1 / m["articles_per_second"] for m in bottoms) / sum(1 / m[rate] for m in tops)
             rows.append(((device, batch, missed), f"{what}, batch {batch}, {device}", file, {"ratio": ratio}))
     return rows
 
