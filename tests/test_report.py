@@ -448,3 +448,22 @@ def test_lora_over_the_recipe_groups_only_pairs_that_ran_alike():
     same_run = [key for file, key in keys.items() if file.startswith("h100_7b_train_recipe_same_run")]
     assert len(same_run) == 3 and len(set(same_run)) == 1
     assert keys["h100_7b_train_recipe_lora_summed.json"] != same_run[0]
+
+
+def test_decodings_bound_counts_only_the_runs_whose_profile_measured_its_gpu_bound_rate(tmp_path):
+    """Two taught runs at one batch: the profiled one bounds decoding every article (its GPU-bound rate over plain
+    `generate`), the one without a profile is left out rather than read at the rate it made."""
+    from finetune.lab.measurements import mode_over_mode
+
+    (tmp_path / "benchmarks").mkdir()
+    for name, busy_rate in (("profiled", 270.0), ("unprofiled", None)):
+        modes = {"plain_generate": {"batch_size": 512, "articles_per_second": 100.0},
+                 "generation_decoding": {"batch_size": 512, "articles_per_second": 250.0,
+                                         "gpu_bound_articles_per_second": busy_rate}}
+        record = {"benchmark": "eval", "world_size": 1, "config": {"model": "checkpoints/taught"}, "modes": modes,
+                  "environment": {"hardware": {"gpu": {"name": "NVIDIA H200"}}, "git_commit": "abc1234"},
+                  "created_at": "2099-01-01T00:00:00+00:00"}
+        (tmp_path / "benchmarks" / f"{name}.json").write_text(json.dumps(record))
+    rows = mode_over_mode(tmp_path, "generation_decoding", "plain_generate", "bound", taught_only=True,
+                          rate="gpu_bound_articles_per_second")
+    assert [(row[2], round(row[3]["ratio"], 2)) for row in rows] == [("profiled.json", 2.7)]
