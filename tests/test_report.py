@@ -11,9 +11,12 @@ from tests.conftest import committed_benchmark
 from tests.test_metrics_and_results import make_record
 
 
-def _train_file(path, mfu: float, vs_stock: float, tokens: float, device: str = "NVIDIA H200") -> None:
+def _train_file(path, mfu: float, vs_stock: float, tokens: float, device: str = "NVIDIA H200",
+                vs_tuned: float | None = None) -> None:
     fast = {"overrides": {"compile_layers": True}, "tokens_per_second": tokens, "mfu": mfu, "peak_allocated_gib": 65.0,
             "speed_vs_stock_trl": vs_stock, "projected_epoch_minutes_full_train": 20.0}
+    if vs_tuned is not None:
+        fast["speed_vs_stock_trl_tuned"] = vs_tuned
     record = {"benchmark": "train", "world_size": 1, "variants": {"compiled": fast},
               "environment": {"hardware": {"gpu": {"name": device}, "torch_threads": 16},
                               "git_commit": "abc1234"}}
@@ -38,10 +41,7 @@ def test_both_training_goals_are_judged_against_the_tuned_anchor(tmp_path, mfu_a
     (tmp_path / "benchmarks").mkdir()
     path = tmp_path / "benchmarks" / "a.json"
     for vs_tuned, counted in ((2.9, "| 1 | 0 | none | no |"), (3.1, "| 1 | 1 | `a.json`: compiled | yes |")):
-        _train_file(path, 0.56, 3.5, 20_000)
-        record = json.loads(path.read_text())
-        record["variants"]["compiled"]["speed_vs_stock_trl_tuned"] = vs_tuned
-        path.write_text(json.dumps(record))
+        _train_file(path, 0.56, 3.5, 20_000, vs_tuned=vs_tuned)
         assert counted in targets_table(tmp_path)
 
 
@@ -50,11 +50,7 @@ def test_the_ratio_to_the_tuned_anchor_is_judged_on_each_card_apart(tmp_path, mf
     its own: the H100's run meets it, the H200's does not, and neither borrows the other's."""
     (tmp_path / "benchmarks").mkdir()
     for name, device, vs_tuned in (("a", "NVIDIA H100 80GB HBM3", 3.1), ("b", "NVIDIA H200", 2.5)):
-        path = tmp_path / "benchmarks" / f"{name}.json"
-        _train_file(path, 0.52, 3.9, 20_000, device)
-        record = json.loads(path.read_text())
-        record["variants"]["compiled"]["speed_vs_stock_trl_tuned"] = vs_tuned
-        path.write_text(json.dumps(record))
+        _train_file(tmp_path / "benchmarks" / f"{name}.json", 0.52, 3.9, 20_000, device, vs_tuned)
     table = targets_table(tmp_path)
     assert "(peak memory <= 70 GiB; NVIDIA H100 80GB HBM3) | 3.00x | 3.10x | `a.json`: compiled | yes | 1 run |" \
         in table
@@ -91,9 +87,11 @@ def test_runs_that_ran_alike_under_two_names_are_one_configuration(tmp_path, mfu
             f"(3 runs) |") in row
 
 
-def _decoding_file(path, vs_anchor: float, created_at: str) -> None:
-    """An evaluation benchmark run with no commit recorded (a copied tree): its time says which code it ran."""
-    mode = {"articles_per_second": 500.0 * vs_anchor, "batch_size": 512, "vs_anchor": vs_anchor}
+def _decoding_file(path, vs_anchor: float, created_at: str, busy_rate: float | None = None) -> None:
+    """An evaluation benchmark run with no commit recorded (a copied tree): its time says which code it ran.
+    `busy_rate`: decoding's GPU-bound articles/s, where its profile measured one."""
+    mode = {"articles_per_second": 500.0 * vs_anchor, "batch_size": 512, "vs_anchor": vs_anchor,
+            "gpu_bound_articles_per_second": busy_rate}
     anchor = {"articles_per_second": 500.0, "batch_size": 512}
     record = {"benchmark": "eval", "world_size": 1, "created_at": created_at, "config": {"model": "taught"},
               "modes": {"generation_decoding": mode, "plain_generate": anchor},
@@ -456,14 +454,8 @@ def test_decodings_bound_counts_only_the_runs_whose_profile_measured_its_gpu_bou
     from finetune.lab.measurements import mode_over_mode
 
     (tmp_path / "benchmarks").mkdir()
-    for name, busy_rate in (("profiled", 270.0), ("unprofiled", None)):
-        modes = {"plain_generate": {"batch_size": 512, "articles_per_second": 100.0},
-                 "generation_decoding": {"batch_size": 512, "articles_per_second": 250.0,
-                                         "gpu_bound_articles_per_second": busy_rate}}
-        record = {"benchmark": "eval", "world_size": 1, "config": {"model": "checkpoints/taught"}, "modes": modes,
-                  "environment": {"hardware": {"gpu": {"name": "NVIDIA H200"}}, "git_commit": "abc1234"},
-                  "created_at": "2099-01-01T00:00:00+00:00"}
-        (tmp_path / "benchmarks" / f"{name}.json").write_text(json.dumps(record))
+    for name, busy_rate in (("profiled", 1350.0), ("unprofiled", None)):  # both made 2.5x plain `generate` (500)
+        _decoding_file(tmp_path / "benchmarks" / f"{name}.json", 2.5, "2099-01-01T00:00:00+00:00", busy_rate)
     rows = mode_over_mode(tmp_path, "generation_decoding", "plain_generate", "bound", taught_only=True,
                           rate="gpu_bound_articles_per_second")
     assert [(row[2], round(row[3]["ratio"], 2)) for row in rows] == [("profiled.json", 2.7)]
