@@ -180,8 +180,9 @@ RUN_TABLE_LEGEND = ("*scored*: the most probable of the four answers (label scor
                     "*generated*: the model's own answer, the exact trained JSON; *lenient*: the same answer, its "
                     "first JSON object, label in any case. *commit*: the code that wrote the file, `(dirty)` with "
                     "uncommitted changes, `unknown` where the file records none.")
-EVALUATION_CHANGED_LEGEND = ("*evaluation changed since*: evaluation code committed after the file was written that "
-                             "changes what a column measures; a rerun today may differ.")
+EVALUATION_CHANGED_LEGEND = ("*evaluation changed since*: the first change to the evaluation code committed after the "
+                             "file was written that changes what a column measures, and how many more followed "
+                             "(`finetune/results.py::EVALUATION_CHANGES` lists them all); a rerun today may differ.")
 
 
 def run_group(record: dict) -> str:
@@ -208,10 +209,18 @@ def run_table(header: list[str], rows: list[tuple[list[str], list[str]]]) -> str
         header = [*header[:-1], "evaluation changed since", header[-1]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for cells, since in rows:
-        cells = [*cells[:-1], ", ".join(since), cells[-1]] if changed else cells
+        cells = [*cells[:-1], changes_cell(since), cells[-1]] if changed else cells
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", RUN_TABLE_LEGEND + (" " + EVALUATION_CHANGED_LEGEND if changed else "")]
     return "\n".join(lines)
+
+
+def changes_cell(since: list[str]) -> str:
+    """The first of the changes a record predates and how many came after it: the whole list, repeated in every row
+    of a table, made the rows unreadable."""
+    if len(since) < 2:
+        return "".join(since)
+    return f"{since[0]} and {len(since) - 1} more"
 
 
 def summary_table(records: list[dict]) -> str:
