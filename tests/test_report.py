@@ -12,12 +12,12 @@ from tests.test_metrics_and_results import make_record
 
 
 def _train_file(path, mfu: float, vs_stock: float, tokens: float, device: str = "NVIDIA H200",
-                vs_tuned: float | None = None) -> None:
+                vs_tuned: float | None = None, variant: str = "compiled") -> None:
     fast = {"overrides": {"compile_layers": True}, "tokens_per_second": tokens, "mfu": mfu, "peak_allocated_gib": 65.0,
             "speed_vs_stock_trl": vs_stock, "projected_epoch_minutes_full_train": 20.0}
     if vs_tuned is not None:
         fast["speed_vs_stock_trl_tuned"] = vs_tuned
-    record = {"benchmark": "train", "world_size": 1, "variants": {"compiled": fast},
+    record = {"benchmark": "train", "world_size": 1, "variants": {variant: fast},
               "environment": {"hardware": {"gpu": {"name": device}, "torch_threads": 16},
                               "git_commit": "abc1234"}}
     path.write_text(json.dumps(record))
@@ -55,6 +55,20 @@ def test_the_ratio_to_the_tuned_anchor_is_judged_on_each_card_apart(tmp_path, mf
     assert "(peak memory <= 70 GiB; NVIDIA H100 80GB HBM3) | 3.00x | 3.10x | `a.json`: compiled | yes | 1 run |" \
         in table
     assert "(peak memory <= 70 GiB; NVIDIA H200) | 3.00x | 2.50x | `b.json`: compiled | no | 1 run |" in table
+
+
+def test_the_recipe_over_the_tuned_anchor_is_reported_for_each_card_apart(tmp_path, mfu_as_given):
+    """On all of a card's memory the tuned anchor drops checkpointing only where the card holds it: the H200's
+    weaker ratio is a row of its own, not hidden behind the H100's."""
+    from finetune.lab.measurements import RECIPE_ROW
+
+    (tmp_path / "benchmarks").mkdir()
+    for name, device, vs_tuned in (("a", "NVIDIA H100 80GB HBM3", 3.2), ("b", "NVIDIA H200", 1.7)):
+        _train_file(tmp_path / "benchmarks" / f"{name}.json", 0.52, 3.9, 20_000, device, vs_tuned, RECIPE_ROW)
+    table = targets_table(tmp_path)
+    for device, ratio, file in (("NVIDIA H100 80GB HBM3", "3.20x", "a"), ("NVIDIA H200", "1.70x", "b")):
+        assert (f"(all of the card's memory, as both use it; {device}) | (reported) | {ratio} | `{file}.json`"
+                in table), device
 
 
 def test_runs_that_ran_alike_under_two_names_are_one_configuration(tmp_path, mfu_as_given):

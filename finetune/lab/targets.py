@@ -51,8 +51,9 @@ def targets(results_dir: Path) -> list[Target]:
                   _both(tuned), "{:.0f}", True),
                  ("MFU, bf16 only (no FP8), peak memory <= 70 GiB", None, summarize(bf16, "mfu"), "{:.1%}", True)]
         recipe_tuned = [row for row, _ in ours if row[1] == RECIPE_ROW and "speed_vs_stock_trl_tuned" in row[3]]
-        rows.append(("the `qwen2.5-7b` recipe vs stock TRL tuned, same run, steps and batch (all of the card's memory, "
-                     "as both use it)", None, summarize(recipe_tuned, "speed_vs_stock_trl_tuned"), "{:.2f}x", True))
+        rows += [(f"the `qwen2.5-7b` recipe vs stock TRL tuned, same run, steps and batch (all of the card's memory, "
+                  f"as both use it; {device})", None, summarize(on_card, "speed_vs_stock_trl_tuned"), "{:.2f}x", True)
+                 for device, on_card in _per_card(recipe_tuned).items()]
         rows += [(f"LoRA r16 vs the full `qwen2.5-7b` recipe, same run, both as planned for the card ({device})", 1.3,
                   summarize(on_card, "lora_over_recipe"), "{:.2f}x", True)  # the card's memory changes both plans
                  for device, on_card in _per_card(lora_over_recipe(results_dir)).items()]
