@@ -1,8 +1,9 @@
 """Generation: greedy answers read back as JSON (strictly, or leniently: see `finetune.answers`), failures counted.
 
-Articles whose greedy choices follow a trained answer all the way are answered from label scoring's forward over the
-answer tree (`finetune.predict`); the rest decode token by token (`finetune.decode.GreedyDecoder`). Asked for label
-scoring as well, that one forward gives both (`score_then_generate`).
+Articles whose greedy choices follow a trained answer all the way are answered from a forward over the prompts and
+the answers' tokens, as label scoring's (`finetune.predict`); the rest decode token by token
+(`finetune.decode.GreedyDecoder`). Asked for label scoring as well, its forward over the whole answer tree gives both
+(`score_then_generate`).
 """
 
 import dataclasses
@@ -19,9 +20,9 @@ from finetune.attention import without_cudnn_attention
 from finetune.decode import GreedyDecoder
 from finetune.metrics import Predictions
 from finetune.predict import (AnswerTree, AnswerTreeTerms, answer_logprobs, length_sorted_batches, shared_opening,
-                              tree_passes)
+                              tree_passes, trunk_passes)
 from finetune.prompts import Prompts, answer_token_ids, default_max_new_tokens, end_token_ids, prompt_budget
-from finetune.speedups import HostCopy
+from finetune.speedups import HostCopy, queued_copy
 
 
 @torch.inference_mode()
@@ -30,12 +31,13 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
     """Greedy answers read strictly (`parsed` reads them another way); every raw answer is kept, every failure with
     its kind. `max_new_tokens` defaults to `default_max_new_tokens`.
 
-    With `tree_check`, one forward per batch over each prompt and the answer tree (label scoring's) first: an article
-    whose every greedy choice along one trained answer is that answer's next token would decode to exactly that
-    answer, its end-of-turn included, so it is answered without decoding. The rest (off the trained format: a fence,
-    a space, an unknown label) decode token by token as without it: the answers are greedy decoding's either way, and
-    a model answering as trained costs one scoring pass instead of eight decoding steps. Once a batch has fewer than
-    half its articles on a trained answer, the check stops and the rest decode (`_tree_check`): a model that answers
+    With `tree_check`, the trained answers are checked first, each article's prompt followed by the answers' tokens
+    in one forward as label scoring runs them, and then only the branch its greedy choices took (`_branch_check`): an
+    article whose every greedy choice along one trained answer is that answer's next token would decode to exactly
+    that answer, its end-of-turn included, so it is answered without decoding. The rest (off the trained format: a
+    fence, a space, an unknown label) decode token by token as without it: the answers are greedy decoding's either
+    way, and a model answering as trained costs about one scoring pass instead of eight decoding steps. Once a batch
+    has fewer than half its articles on a trained answer, the check stops and the rest decode: a model that answers
     otherwise pays for one checked batch, not a second pass over everything.
 
     Prompts are cut as in label scoring (and training), to leave room for the longest trained answer: the headroom
@@ -46,7 +48,7 @@ def generate_labels(model, tokenizer, texts: list[str], batch_size: int = 64, ma
     prompts = Prompts(tokenizer, texts, prompt_budget(tokenizer, max_length))  # encoded as the passes reach them
     answers, seconds = [None] * len(texts), np.zeros(len(texts))
     if tree_check and max_new_tokens >= longest:
-        answers, seconds = _tree_check(model, tokenizer, prompts, answer_ids, batch_size, progress)
+        answers, seconds = _branch_check(model, tokenizer, prompts, answer_ids, batch_size, progress)
     return _decode_the_rest(model, tokenizer, prompts, answers, seconds, batch_size, max_new_tokens, longest, progress)
 
 
@@ -88,55 +90,106 @@ def _decode_the_rest(model, tokenizer, prompts: Prompts, answers: list[str | Non
 
 
 def _tree_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]], batch_size: int, progress: bool,
-                scores: np.ndarray | None = None) -> tuple[list[str | None], np.ndarray]:
-    """Each article's trained answer where its greedy choices follow one (None elsewhere), and its batch's wall time;
-    with `scores` (articles, answers), each answer's log-probability written there too, and every batch checked.
-
-    The first batch is read at once, so that a model which mostly answers otherwise stops the check there. Each later
-    one is read only once the next is queued behind it, as in label scoring: the GPU goes on while the host reads and
-    packs. A batch that stops the check then leaves the one queued after it to decoding, which answers the same."""
+                scores: np.ndarray) -> tuple[list[str | None], np.ndarray]:
+    """Each article's trained answer where its greedy choices follow one (None elsewhere) and its batch's wall time,
+    from label scoring's pass over the whole answer tree, each answer's log-probability written into `scores`
+    (articles, answers). Each batch is read once the next is queued behind it: the GPU goes on while the host reads
+    and packs."""
     tree = AnswerTree.from_answers(answer_ids)
     terms = AnswerTreeTerms.of(tree, model.device)
     trained = tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
     answers, seconds = [None] * len(prompts.texts), np.zeros(len(prompts.texts))
-    start = time.perf_counter()
+    start, waiting = time.perf_counter(), None
 
-    def read(batch: list[int], followed: HostCopy, logprobs: HostCopy | None) -> bool:
-        """The batch's answers from its check (and its scores); whether the check goes on."""
+    def read(batch: list[int], followed: HostCopy, logprobs: HostCopy) -> None:
         nonlocal start
-        followed = followed.numpy()  # (articles, labels): at most one per article
-        for i, row in zip(batch, followed):
+        for i, row in zip(batch, followed.numpy()):  # (articles, labels): at most one per article
             if row.any():
                 answers[i] = trained[row.argmax()]
-        if logprobs is not None:
-            scores[batch] = logprobs.numpy()
+        scores[batch] = logprobs.numpy()
         seconds[batch] = time.perf_counter() - start
         start = time.perf_counter()
-        # a model that mostly answers otherwise stops the check, unless the scores need the pass anyway
-        return scores is not None or 2 * followed.any(1).sum() >= len(batch)
 
-    waiting, first = None, True
-    # closing(): a pass stopped early must restore the model's attention before decoding starts.
-    # leave=False: a check stopped early (a model off the trained format) clears its bar, not leaving it short. With
-    # the scores it runs to the end: label scoring's pass, as its bar says.
-    desc = "answer tree" if scores is None else "label scoring"
-    with closing(tree_passes(model, prompts, tree, batch_size, "auto", desc, progress,
-                             leave=scores is not None)) as passes:
-        for batch, logits in passes:
-            # argmax before the terms' gather, which copied a vocabulary-wide row for each of the 17 terms
-            missed = (logits.argmax(-1)[:, terms.positions] != terms.tokens).float()  # (articles, terms)
-            logprobs = None if scores is None else HostCopy(answer_logprobs(logits, terms))
-            del logits  # before the next batch's forward allocates
-            check = batch, HostCopy(missed @ terms.owner == 0), logprobs
-            if first:
-                first, going_on = False, read(*check)
-            else:  # the batch before is read now, this one's forward queued behind it
-                going_on, waiting = waiting is None or read(*waiting), check
-            if not going_on:
-                waiting = None  # a batch queued after the one that stopped the check decodes with the rest
-                break
+    for batch, logits in tree_passes(model, prompts, tree, batch_size, "auto", "label scoring", progress):
+        # argmax before the terms' gather, which copied a vocabulary-wide row for each of the 17 terms
+        missed = (logits.argmax(-1)[:, terms.positions] != terms.tokens).float()  # (articles, terms)
+        check = batch, HostCopy(missed @ terms.owner == 0), HostCopy(answer_logprobs(logits, terms))
+        del logits  # before the next batch's forward allocates
+        if waiting is not None:
+            read(*waiting)
+        waiting = check
     if waiting is not None:
         read(*waiting)
+    return answers, seconds
+
+
+def _branch_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]], batch_size: int,
+                  progress: bool) -> tuple[list[str | None], np.ndarray]:
+    """Each article's trained answer where its greedy choices follow one (None elsewhere) and its batch's wall time,
+    from two forwards a batch (`trunk_passes`): each prompt and the answers' stem, whose last greedy choice picks a
+    branch, then only the branches picked, after their trunks' kept keys. Running every branch instead ran ten tree
+    tokens an article for Qwen2.5's answers; the branch taken runs two (four for Sci/Tech).
+
+    The forwards are staggered so that the GPU never waits for the host: a batch's picks are read once the next
+    batch's trunks are queued, and its branches queued behind them; their check is read once the batch after that is
+    queued. The first batch is read at once, so that a model which mostly answers otherwise stops the check there
+    (fewer than half its articles on a trained answer); the batches queued after the one that stops it decode."""
+    tree = AnswerTree.from_answers(answer_ids)
+    n_stem, device = len(tree.tokens) - len(tree.branch), model.device
+    stem, firsts = (torch.tensor(t, device=device) for t in (tree.tokens[:n_stem], [a[n_stem] for a in answer_ids]))
+    trained = tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
+    answers, seconds = [None] * len(prompts.texts), np.zeros(len(prompts.texts))
+    start = time.perf_counter()
+
+    def picks(logits: torch.Tensor) -> HostCopy:
+        """(articles,) the answer whose branch each article's greedy choices entered after the stem, -1 for none."""
+        choice = logits.argmax(-1)  # (articles, stem + 1)
+        enters = (choice[:, n_stem, None] == firsts) & (choice[:, :n_stem] == stem).all(1, keepdim=True)
+        return HostCopy(torch.where(enters.any(1), enters.float().argmax(1), -1))
+
+    def run_branches(batch: list[int], picked: HostCopy, run) -> tuple:
+        """The batch's picked branches queued; what `read` needs to answer from them."""
+        picked = picked.numpy()
+        which = np.flatnonzero(picked >= 0)
+        if not len(which):
+            return batch, which, picked, None
+        taken = [answer_ids[label][n_stem:] for label in picked[which]]  # each token predicts the next
+        lengths = np.array([len(answer) - 1 for answer in taken])
+        wanted = queued_copy(torch.tensor([t for answer in taken for t in answer[1:]]), device)
+        owner = queued_copy(torch.from_numpy(np.repeat(np.arange(len(which)), lengths)), device)
+        missed = (run(which, [answer[:-1] for answer in taken]).argmax(-1) != wanted).int()
+        return batch, which, picked, HostCopy(torch.zeros(len(which), dtype=torch.int, device=device).index_add_(
+            0, owner, missed) == 0)
+
+    def read(batch: list[int], which: np.ndarray, picked: np.ndarray, followed: HostCopy | None) -> bool:
+        """The batch's answers from its check; whether the check goes on."""
+        nonlocal start
+        followed = followed.numpy() if followed is not None else np.zeros(0, bool)
+        for i in which[followed]:
+            answers[batch[i]] = trained[picked[i]]
+        seconds[batch] = time.perf_counter() - start
+        start = time.perf_counter()
+        return 2 * followed.sum() >= len(batch)
+
+    entering = checking = None  # the batch whose branches are still to pick, the one whose check is to read
+    first, going_on = True, True
+    # closing(): a pass stopped early must restore the model's attention before decoding starts
+    with closing(trunk_passes(model, prompts, tree, batch_size, progress)) as passes:
+        for batch, (logits, run) in passes:
+            trunks = batch, picks(logits), run
+            del logits  # before the next batch's forward allocates
+            if first:
+                first, going_on = False, read(*run_branches(*trunks))
+            else:
+                before, checking = checking, run_branches(*entering) if entering is not None else None
+                going_on, entering = before is None or read(*before), trunks
+            if not going_on:
+                entering = checking = None  # their batches decode with the rest
+                break
+    last = run_branches(*entering) if entering is not None else None
+    for check in (checking, last):
+        if check is not None:
+            read(*check)
     return answers, seconds
 
 

@@ -11,6 +11,10 @@ mask. As varlen sequences of their own (one a label, 1-3 queries each) they had 
 head each, four of every five tiles of a batch (the attention profile of results/benchmarks/
 h200_7b_eval_rehearsal.json).
 
+Generation's check (`finetune.generation`) packs the trunks alone and keeps their keys; the one branch each article's
+greedy choices took then runs in a row of its own (`pack_taken`), each branch a varlen sequence over its opening, its
+trunk and itself: two or four tokens an article where the whole tree runs ten.
+
 Decoding's prefill (`finetune.decode.GreedyDecoder`) packs its batch's prompts the same way, without the tree, and
 writes each token's key and value into the decoder's static cache as it goes (`PackedPrefill`): left-padded, a batch
 of 512 ran the longest prompt's length in every row (results/benchmarks/h200_7b_eval_taught.json).
@@ -25,7 +29,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 from finetune.attention import (CUDA_VARLEN, _cuda_varlen_attention, _padded_causal_attention,
-                                attention_implementation, masked_sdpa)
+                                attention_implementation, masked_sdpa, without_cudnn_attention)
 from finetune.opening import exclusive_cumsum, opening_sequences
 from finetune.speedups import queued_copy
 
@@ -53,14 +57,19 @@ class PackedBatch:
     branch_mask: torch.Tensor  # (articles, branch tokens, width) bool: which of those keys each branch token sees
     branch_sees: torch.Tensor  # (branch tokens, branch tokens) bool: which of its article's branch tokens each sees
     tail_index: torch.Tensor  # (articles * tail,): the row positions whose logits scoring reads
-    tail: int  # per article: the last prompt token and every tree token
+    tail: int  # per article: the last prompt token and every tree token in the row
+    opening_length: int
+    trunk_lengths: np.ndarray  # (articles,), on the host: `pack_taken` lays its branches out from them
+    kept_keys: list | None = None  # packed without branches: per layer, [opening; row] keys and values, as computed
 
 
-def pack_batch(articles: list[list[int]], tree, opening_length: int, device) -> PackedBatch:
+def pack_batch(articles: list[list[int]], tree, opening_length: int, device, with_branches: bool = True) -> PackedBatch:
     """The packed row for `articles` (prompt tokens after the opening, at least one each) and the answer
-    `tree` (`finetune.predict.AnswerTree`): index arithmetic in numpy, one copy to the device."""
-    n_branch, depth = len(tree.branch), np.asarray(tree.depth)
-    n_stem = len(tree.tokens) - n_branch
+    `tree` (`finetune.predict.AnswerTree`): index arithmetic in numpy, one copy to the device. Without branches the
+    row ends with the trunks, and the forward keeps their keys for the branches `pack_taken` runs after it."""
+    n_stem = len(tree.tokens) - len(tree.branch)
+    n_branch = len(tree.branch) if with_branches else 0
+    depth, sees = np.asarray(tree.depth)[:n_branch], tree.sees()[:n_branch, :n_branch]
     length = np.array([len(a) for a in articles])
     trunk = length + n_stem
     trunk_start = exclusive_cumsum(trunk)
@@ -81,21 +90,59 @@ def pack_batch(articles: list[list[int]], tree, opening_length: int, device) -> 
                                        opening_length + branch_start[:, None] + np.arange(n_branch)], axis=1)
     branch_mask = np.concatenate([np.ones((len(articles), n_branch, opening_length), bool),
                                   np.broadcast_to(valid[:, None, :], (len(articles), n_branch, width)),
-                                  np.broadcast_to(tree.sees(), (len(articles), n_branch, n_branch))], axis=2)
+                                  np.broadcast_to(sees, (len(articles), n_branch, n_branch))], axis=2)
 
     # Per article: the last prompt token and the stem (in its trunk), then its branch tokens.
     tail_index = np.column_stack([trunk_start[:, None] + length[:, None] - 1 + np.arange(n_stem + 1),
                                   branch_start[:, None] + np.arange(n_branch)]).ravel()
 
-    stem, branches = tree.tokens[:n_stem], tree.tokens[n_stem:]
+    stem, branches = tree.tokens[:n_stem], tree.tokens[n_stem:n_stem + n_branch]
     ids = [token for article in articles for token in article + stem] + branches * len(articles)
     return PackedBatch(ids=_on(device, np.array([ids])), positions=_on(device, positions[None]),
                        trunk_tokens=int(trunk.sum()), cu_q=_on(device, cu_q, torch.int32),
                        cu_k=_on(device, cu_k, torch.int32), max_q=int(width), max_k=int(opening_length + width),
                        key_index=_on(device, key_index), branch_key_index=_on(device, branch_key_index),
                        branch_mask=_on(device, branch_mask, torch.bool),
-                       branch_sees=_on(device, tree.sees(), torch.bool), tail_index=_on(device, tail_index),
-                       tail=len(tree.tokens) + 1)
+                       branch_sees=_on(device, sees, torch.bool), tail_index=_on(device, tail_index),
+                       tail=n_stem + n_branch + 1, opening_length=opening_length, trunk_lengths=trunk,
+                       kept_keys=None if with_branches else [])
+
+
+@dataclass
+class PackedBranches:
+    """Branch tokens run after a pass packed without branches (`pack_taken`), in one row: each article's tokens one
+    varlen sequence, whose keys are its opening and trunk (from the keys that pass kept) and then its own. Key
+    indices count rows of [the kept opening and row keys; this row's keys]."""
+
+    ids: torch.Tensor  # (1, tokens)
+    positions: torch.Tensor  # (1, tokens): each token's after its article's trunk
+    cu_q: torch.Tensor  # (articles + 1,) int32
+    cu_k: torch.Tensor  # (articles + 1,) int32
+    max_q: int
+    max_k: int
+    key_index: torch.Tensor  # (keys,)
+    kept_keys: list  # the trunks' pass's, per layer
+
+
+def pack_taken(trunks: PackedBatch, which: np.ndarray, branches: list[list[int]], device) -> PackedBranches:
+    """The tokens `branches[i]` (at least one each) after the trunk of article `which[i]` of `trunks`, a batch
+    packed without branches whose forward has run."""
+    opening, lengths = trunks.opening_length, np.array([len(b) for b in branches])
+    trunk = trunks.trunk_lengths[which]
+    cu_q = np.concatenate([[0], np.cumsum(lengths)])
+    # per article three spans of keys: the opening, its trunk in the kept row, its own tokens after the kept ones
+    starts = np.column_stack([np.zeros_like(trunk), opening + exclusive_cumsum(trunks.trunk_lengths)[which],
+                              opening + trunks.trunk_tokens + cu_q[:-1]]).ravel()
+    spans = np.column_stack([np.full_like(trunk, opening), trunk, lengths]).ravel()
+    key_index = np.arange(spans.sum()) + np.repeat(starts - exclusive_cumsum(spans), spans)
+    within = np.arange(lengths.sum()) - np.repeat(cu_q[:-1], lengths)
+    keys = opening + trunk + lengths
+    return PackedBranches(ids=_on(device, np.array([[t for b in branches for t in b]])),
+                          positions=_on(device, (opening + np.repeat(trunk, lengths) + within)[None]),
+                          cu_q=_on(device, cu_q, torch.int32), cu_k=_on(device, np.concatenate([[0], np.cumsum(keys)]),
+                                                                        torch.int32),
+                          max_q=int(lengths.max()), max_k=int(keys.max()), key_index=_on(device, key_index),
+                          kept_keys=trunks.kept_keys)
 
 
 @dataclass
@@ -153,17 +200,26 @@ def opening_keys(opening_cache) -> list[tuple[torch.Tensor, torch.Tensor]] | Non
 def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None = None,
                              packed: PackedBatch | None = None, opening_kv: list | None = None,
-                             **kwargs) -> tuple[torch.Tensor, None]:
+                             taken: PackedBranches | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """Attention of one packed row (see `PackedBatch`): on CUDA the trunks through the varlen kernel and the branches
     through `branch_attention`; elsewhere, and for a float32 model, through their exact equivalents
-    (`_padded_causal_attention`, `_branch_attention`; the CPU tests check the layout through them)."""
+    (`_padded_causal_attention`, `_branch_attention`; the CPU tests check the layout through them). A row of `taken`
+    branches (`PackedBranches`) attends as trunks do, over the keys its trunks' pass kept and its own."""
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, dim)
+    if taken is not None:
+        kept_k, kept_v = taken.kept_keys[module.layer_idx]
+        keys, values = torch.cat([kept_k, k])[taken.key_index], torch.cat([kept_v, v])[taken.key_index]
+        return _attend_sequences(q, keys, values, taken, scaling).unsqueeze(0), None
     if packed is None:
         raise ValueError(f"attn_implementation {PACKED!r} scores packed rows only: call finetune.predict.score_labels")
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, dim)
     k, v = _after_opening(k, v, opening_kv, module.layer_idx)
+    if packed.kept_keys is not None:
+        packed.kept_keys.append((k, v))
     keys, values = k[packed.key_index], v[packed.key_index]  # each trunk's: the opening's, then its own
     trunk_q, branch_q = q[:packed.trunk_tokens], q[packed.trunk_tokens:]
     trunks = _attend_sequences(trunk_q, keys, values, packed, scaling)
+    if not len(branch_q):
+        return trunks.unsqueeze(0), None
     if _on_kernels(q) and BRANCH_KERNEL:
         from finetune.branch_attention_kernel import branch_attention  # triton: imported where it runs
         branches = branch_attention(branch_q, keys, values, k[-len(branch_q):], v[-len(branch_q):], packed.cu_k,
@@ -254,3 +310,11 @@ def packed_logits(model, batch: PackedBatch, opening_kv: list | None) -> torch.T
                    logits_to_keep=batch.tail_index, read_positions=batch.tail_index, packed=batch,
                    opening_kv=opening_kv).logits
     return logits[0].unflatten(0, (-1, batch.tail))
+
+
+def taken_logits(model, taken: PackedBranches) -> torch.Tensor:
+    """(tokens, vocab) logits of every token of a row of taken branches. The row runs under the packed attention
+    whenever it comes, its trunks' pass over or not."""
+    with without_cudnn_attention(), packed_attention(model):
+        return model(input_ids=taken.ids, position_ids=taken.positions, use_cache=False, taken=taken,
+                     attention_mask=dict.fromkeys(model.config.layer_types)).logits[0]

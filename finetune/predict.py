@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from finetune.attention import without_cudnn_attention
 from finetune.metrics import Predictions
 from finetune.opening import matching_length, shared_prefix_length
-from finetune.packed import opening_keys, pack_batch, packed_attention, packed_logits
+from finetune.packed import opening_keys, pack_batch, pack_taken, packed_attention, packed_logits, taken_logits
 from finetune.prompts import Prompts, answer_token_ids, prompt_budget
 from finetune.speedups import HostCopy
 
@@ -166,16 +166,43 @@ def answer_logprobs(logits: torch.Tensor, terms: AnswerTreeTerms) -> torch.Tenso
 def tree_passes(model, prompts: Prompts, tree: AnswerTree, batch_size: int, method: str, desc: str, progress: bool,
                 leave: bool = True):
     """Per batch: its article indices and the tail logits (articles, tail, vocab) of one forward over each prompt
-    followed by the answer tree. A batch's articles are encoded as it comes, while the GPU runs the batch before
-    (`Prompts`), so batches group the articles by their length in characters.
-
-    The opening runs once, over the first batch's shared tokens. A later batch whose articles share fewer of them
-    (the first batch's all starting with one word, say) runs its prompts from where they part: its articles attend
-    to that part of the opening's cache and to their own tokens, as with the whole prompt each."""
+    followed by the answer tree (`_passes` batches them)."""
     if method not in SCORING_METHODS:
         raise ValueError(f"method={method!r}: choose one of {SCORING_METHODS}")
     if method == "auto":
         method = "packed" if model.device.type == "cuda" else "tree"
+    if method == "packed":
+        def tail_logits(rows, length, opening_cache):
+            return packed_logits(model, pack_batch(rows, tree, length, model.device),
+                                 _opening_share(opening_keys(opening_cache), length))
+        layout = packed_attention(model)
+    else:
+        def tail_logits(rows, length, opening_cache):
+            return _tree_logits(model, rows, tree, length, opening_cache, prompts.tokenizer.pad_token_id)
+        layout = nullcontext()
+    yield from _passes(model, prompts, batch_size, layout, tail_logits, desc, progress, leave)
+
+
+def trunk_passes(model, prompts: Prompts, tree: AnswerTree, batch_size: int, progress: bool):
+    """Per batch: its article indices, the logits (articles, stem + 1, vocab) of one packed forward over each prompt
+    and the answers' stem (`tree_passes`' without the branches), and `run_branches(which, branches)`: the logits
+    (tokens, vocab) of one forward over articles `which`'s tokens `branches` after their trunks, from the keys the
+    trunks' forward kept (`finetune.packed.pack_taken`)."""
+    def trunks(rows, length, opening_cache):
+        batch = pack_batch(rows, tree, length, model.device, with_branches=False)
+        logits = packed_logits(model, batch, _opening_share(opening_keys(opening_cache), length))
+        return logits, lambda which, branches: taken_logits(model, pack_taken(batch, which, branches, model.device))
+    yield from _passes(model, prompts, batch_size, packed_attention(model), trunks, "answer tree", progress, False)
+
+
+def _passes(model, prompts: Prompts, batch_size: int, layout, run, desc: str, progress: bool, leave: bool):
+    """Per batch: its article indices and `run(rows, length, opening_cache)` under `layout`, `rows` its prompts after
+    the opening's first `length` tokens. A batch's articles are encoded as it comes, while the GPU runs the batch
+    before (`Prompts`), so batches group the articles by their length in characters.
+
+    The opening runs once, over the first batch's shared tokens. A later batch whose articles share fewer of them
+    (the first batch's all starting with one word, say) runs its prompts from where they part: its articles attend
+    to that part of the opening's cache and to their own tokens, as with the whole prompt each."""
     batches = list(length_sorted_batches(prompts.texts, batch_size))
     if not batches:
         return
@@ -183,19 +210,11 @@ def tree_passes(model, prompts: Prompts, tree: AnswerTree, batch_size: int, meth
         first = prompts.take(batches[0])
         opening_length, opening_cache = shared_opening(model, first)
         opening = first[0][:opening_length]
-        if method == "packed":
-            opening_kv, layout = opening_keys(opening_cache), packed_attention(model)
-            tail_logits = lambda rows, length: packed_logits(
-                model, pack_batch(rows, tree, length, model.device), _opening_share(opening_kv, length))
-        else:
-            layout = nullcontext()
-            tail_logits = lambda rows, length: _tree_logits(model, rows, tree, length, opening_cache,
-                                                            prompts.tokenizer.pad_token_id)
         with layout:
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=leave):
                 rows = prompts.take(batch)
                 length = min(shared_prefix_length(rows), matching_length(opening, rows[0]))
-                yield batch, tail_logits([row[length:] for row in rows], length)
+                yield batch, run([row[length:] for row in rows], length, opening_cache)
 
 
 def _opening_share(opening_kv: list | None, length: int) -> list | None:

@@ -13,11 +13,11 @@ from finetune import generation, predict
 from finetune import prompts as prompts_module
 from finetune.model import load_model, train_bpe_tokenizer
 from finetune.opening import shared_prefix_length
-from finetune.packed import pack_batch, pack_prefill
+from finetune.packed import pack_batch, pack_prefill, pack_taken
 from finetune.generation import generate_labels, score_then_generate
 from finetune.last_layer import mlp_only_where_read
 from finetune.predict import AnswerTree, score_labels
-from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
+from finetune.prompts import Prompts, answer_token_ids, default_max_new_tokens, encode_prompts, prompt_budget
 from finetune.qwen_tokenizer import build_qwen25_tokenizer
 from finetune.speedups import HostCopy, as_transformers_writes, decoder_layers
 from finetune.lab.standin import PUBLISHED_GENERATION_CONFIG, write_standin
@@ -179,6 +179,36 @@ def test_packed_rows_hold_every_article_and_answer_tree_without_padding(tokenize
     tail = batch.tail_index.view(3, -1)
     assert tail[1].tolist() == [trunks[0] + 1 - 1 + k for k in range(n_stem + 1)] + list(
         range(sum(trunks) + len(branches), sum(trunks) + 2 * len(branches)))
+
+
+@torch.inference_mode()
+def check_branches_after_trunks(model, tokenizer, tolerance: float) -> None:
+    """A trunks-only pass reads the last prompt token and the stem as the whole tree's pass does; a branch run after
+    it, from the keys that pass kept, gives each of its tokens the logits the whole tree gives that token. Two batches
+    sharing the opening to different depths, each article with its own branch (two of them the longest)."""
+    answers = answer_token_ids(tokenizer)
+    tree = AnswerTree.from_answers(answers)
+    n_stem = len(tree.tokens) - len(tree.branch)
+    texts = ["The " + TEXTS[0], TEXTS[1], "The " + TEXTS[2], TEXTS[3], TEXTS[4]]  # the 3 longest: "The ..."
+    prompts = Prompts(tokenizer, texts, prompt_budget(tokenizer, 512))
+    first, second = predict.length_sorted_batches(texts, 3)
+    assert shared_prefix_length(prompts.take(first)) > shared_prefix_length(prompts.take(first + second))
+    whole = dict((tuple(b), logits) for b, logits in predict.tree_passes(model, prompts, tree, 3, "packed", "", False))
+    longest = max(range(len(answers)), key=lambda label: len(answers[label]))
+    for batch, (logits, run_branches) in predict.trunk_passes(model, prompts, tree, 3, False):
+        tree_logits = whole[tuple(batch)]
+        torch.testing.assert_close(logits, tree_logits[:, :n_stem + 1], rtol=tolerance, atol=tolerance)
+        which = np.arange(len(batch))[::-1]  # in another order than the batch's
+        labels = [(i + 1) % len(answers) if i % 2 else longest for i in which]
+        branch_logits = run_branches(which, [answers[label][n_stem:-1] for label in labels]).split(
+            [len(answers[label]) - n_stem - 1 for label in labels])
+        for i, label, got in zip(which, labels, branch_logits):
+            own = [n_stem + 1 + j for j, b in enumerate(tree.branch) if b == label]
+            torch.testing.assert_close(got, tree_logits[i, own], rtol=tolerance, atol=tolerance)
+
+
+def test_a_branch_run_after_its_trunk_gives_the_logits_it_has_in_the_whole_tree(model, tokenizer):
+    check_branches_after_trunks(model, tokenizer, 1e-4)
 
 
 def test_scoring_methods_are_named(model, tokenizer):
@@ -389,8 +419,8 @@ def test_evaluation_switches_cudnn_attention_off_once_a_pass(evaluation_model, t
 def test_tree_check_stops_after_a_batch_mostly_off_the_trained_answers(model, tokenizer, monkeypatch):
     """An untrained model never answers as trained: one batch is checked, then every article decodes."""
     checked_batches = []
-    tree_logits = predict._tree_logits
-    monkeypatch.setattr(predict, "_tree_logits", lambda *a: checked_batches.append(1) or tree_logits(*a))
+    packed_logits = predict.packed_logits
+    monkeypatch.setattr(predict, "packed_logits", lambda *a: checked_batches.append(1) or packed_logits(*a))
     generated = generate_labels(model, tokenizer, TEXTS, batch_size=2, max_new_tokens=8, progress=False)
     assert len(checked_batches) == 1 and generated.decoded == len(TEXTS)
 
@@ -412,32 +442,45 @@ def test_one_pass_scores_and_generates_as_each_mode_alone(model, tokenizer, monk
     assert both["generation"].failures == generated.failures
 
 
-def test_tree_check_reads_a_batch_behind_the_next_and_decodes_from_the_batch_that_stops_it(model, tokenizer,
-                                                                                            monkeypatch):
-    """The first batch is read at once; each later one once the next is queued. Batches 1 and 2 follow a trained
-    answer and are answered by the check, batch 3 does not and stops it: batch 4, already queued, decodes with it and
-    batch 5, never checked."""
-    tree = AnswerTree.from_answers(answer_token_ids(tokenizer))
-    follows, pulled, decoded, events = [True, True, False, True, True], [], [], []
+def test_tree_check_reads_each_forward_behind_the_next_and_decodes_from_the_batch_that_stops_it(model, tokenizer,
+                                                                                                 monkeypatch):
+    """The first batch is checked at once: its trunks, the branches they picked, their check. Later, a batch's picks
+    are read once the next batch's trunks are queued, its branches queued behind those, and their check read once the
+    batch after is queued: the host never waits for the forward it has just queued. Batches 1 and 2 follow a trained
+    answer and are answered by the check; batch 3 picks no branch and stops it when read, as batch 5's trunks are
+    queued: batches 4 and 5 decode with it, batch 4's branches run for nothing."""
+    answers = answer_token_ids(tokenizer)
+    tree = AnswerTree.from_answers(answers)
+    n_stem = len(tree.tokens) - len(tree.branch)
+    follows, decoded, events = [True, True, False, True, True], [], []
 
-    def tree_passes(model, prompts, tree_, batch_size, *args, **kwargs):
+    def logits_choosing(tokens: list[int]) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.tensor(tokens), len(tokenizer)).float()
+
+    def trunk_passes(model, prompts, tree_, batch_size, progress):
         for k, batch in enumerate(predict.length_sorted_batches(prompts.texts, batch_size)):
-            pulled.append(k)
-            events.append("pass")
-            logits = torch.zeros(len(batch), len(tree.tokens) + 1, len(tokenizer))
-            for (position, token), owners in zip(tree.terms, tree.owner):
-                if follows[k] and owners[0]:  # every greedy choice along the first label's answer
-                    logits[:, position, token] = 1.0
-            yield batch, logits
+            events.append("trunks")
+            # every greedy choice along the first answer's stem into its branch, or none
+            choices = answers[0][:n_stem + 1] if follows[k] else [0] * (n_stem + 1)
 
-    monkeypatch.setattr(generation, "tree_passes", tree_passes)
+            def run(which, branches, k=k):
+                events.append("branches")
+                assert branches == [answers[0][n_stem:-1]] * len(which)
+                return logits_choosing(answers[0][n_stem + 1:] * len(which))
+
+            yield batch, (logits_choosing(choices).expand(len(batch), -1, -1), run)
+
+    monkeypatch.setattr(generation, "trunk_passes", trunk_passes)
     monkeypatch.setattr(generation, "_decode", lambda model, tokenizer, prompts, *args: (
         decoded.extend(prompts) or ["decoded"] * len(prompts), np.zeros(len(prompts)), False))
     record_host_copies(monkeypatch, generation, events)
     generated = generate_labels(model, tokenizer, [f"article {i}" for i in range(10)], batch_size=2, progress=False)
-    assert pulled == [0, 1, 2, 3] and generated.decoded == len(decoded) == 6
-    # each batch's check queued for the host before the next pass, each later one read after it
-    assert events == ["pass", "copy", "read", "pass", "copy", "pass", "copy", "read", "pass", "copy", "read"]
+    assert events == ["trunks", "copy", "read", "branches", "copy", "read",  # batch 1, at once
+                      "trunks", "copy",  # batch 2 queued
+                      "trunks", "copy", "read", "branches", "copy",  # batch 3 queued: batch 2's picks, branches
+                      "trunks", "copy", "read", "read",  # batch 4 queued: batch 3 picks none, batch 2 checked
+                      "trunks", "copy", "read", "branches", "copy"]  # batch 5 queued: batch 3's check stops it
+    assert generated.decoded == len(decoded) == 6
     assert sorted(generated.answers).count("decoded") == 6 and list(generated.labels).count(0) == 4
 
 
@@ -533,22 +576,36 @@ def test_packed_scoring_on_cuda_matches_the_tree(tokenizer, tmp_path):
 
 
 @pytest.mark.gpu
+def test_a_branch_run_after_its_trunk_on_cuda_gives_the_logits_it_has_in_the_whole_tree(tokenizer, tmp_path):
+    """The branches through the varlen kernel against the whole tree's through the branches' kernel, bf16."""
+    from finetune.config import get_config
+
+    config = get_config("tiny", hidden_size=256, num_heads=2, num_kv_heads=1, intermediate_size=256, bf16=True,
+                        checkpoints_dir=str(tmp_path))  # head_dim 128, GQA, as in the 7B
+    check_branches_after_trunks(load_model(config, tokenizer).cuda().eval(), tokenizer, 0.05)
+
+
+@pytest.mark.gpu
 def test_packing_the_next_batch_on_cuda_does_not_wait_for_the_gpu(tokenizer):
     """Each batch is packed while the previous one's forward runs: no copy may synchronize (a pageable one waits for
     everything queued), or the GPU idles through every batch's packing and launch. The copies still arrive intact."""
     tree = AnswerTree.from_answers(answer_token_ids(tokenizer))
     articles = [[5, 6, 7], [8], [9, 10]]
     expected, prefill_expected = pack_batch(articles, tree, 4, "cpu"), pack_prefill(articles, 4, None, "cpu")
+    branches = [[3, 4], [5, 6, 7, 8]]
+    taken_expected = pack_taken(pack_batch(articles, tree, 4, "cpu", with_branches=False), [2, 0], branches, "cpu")
     busy = torch.randn(4096, 4096, device="cuda")
     for _ in range(20):  # work the copies would otherwise wait for
         busy = busy @ busy / 64
     torch.cuda.set_sync_debug_mode("error")
     try:
         batch, prefill = pack_batch(articles, tree, 4, "cuda"), pack_prefill(articles, 4, None, "cuda")
+        taken = pack_taken(pack_batch(articles, tree, 4, "cuda", with_branches=False), [2, 0], branches, "cuda")
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(batch.ids.cpu(), expected.ids) and torch.equal(batch.key_index.cpu(), expected.key_index)
     assert torch.equal(prefill.cache_slots.cpu(), prefill_expected.cache_slots)
+    assert torch.equal(taken.key_index.cpu(), taken_expected.key_index)
 
 
 @pytest.mark.gpu
