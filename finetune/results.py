@@ -49,6 +49,7 @@ EVALUATION_CHANGES = (
      "32 keys a step in the branches' kernel"),
     ("3365365", "2026-12-07T09:05:03+00:00", ("generation", "generation_lenient", DECODING),
      "stop flag read from the trained answers' length on"),
+    ("5b191b0", "2026-12-07T17:25:10+00:00", ("generation", "generation_lenient"), "only the branch taken checked"),
 )
 
 
