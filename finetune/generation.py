@@ -172,7 +172,7 @@ def _branch_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]
         return 2 * followed.sum() >= len(batch)
 
     entering = checking = None  # the batch whose branches are still to pick, the one whose check is to read
-    first, going_on = True, True
+    first = True
     # closing(): a pass stopped early must restore the model's attention before decoding starts
     with closing(trunk_passes(model, prompts, tree, batch_size, progress)) as passes:
         for batch, (logits, run) in passes:
