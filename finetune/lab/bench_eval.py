@@ -52,8 +52,8 @@ ALL_ANCHORS = {**ANCHORS, **FP8_ANCHORS}  # every suite mode's plain-HF anchor, 
 # The anchors attend as transformers does by default, whatever the suite loaded the model with.
 ANCHOR_ATTENTION = "sdpa"
 PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64")
-# "generation" is the suite's (the answer tree's check first, decoding for the rest); "generation_decoding" decodes
-# every article, to show what the check saves. The "_kernels" anchors are the plain ones again, timed after Liger's
+# "generation" is the suite's (the check first: each prompt and the answers' stem, then the branch each article took;
+# decoding for the rest); "generation_decoding" decodes every article, to show what the check saves. The "_kernels" anchors are the plain ones again, timed after Liger's
 # kernels (or compiled layers) were applied for the suite's modes, so that `vs_anchor_with_kernels` is the suite's
 # method alone.
 # "label_scoring_whole_last_layer" is label scoring with the last layer's MLP on every row, and
@@ -250,7 +250,8 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
                   generation_batch_size: int, max_length: int, repeats: int, liger: bool,
                   compile_layers: bool = False, held_out_labels: np.ndarray | None = None,
                   profile_modes: tuple[str, ...] = ("plain_label_scoring", "label_scoring_tree", "label_scoring",
-                                                    "plain_generate", "generation_decoding", "label_scoring_fp8"),
+                                                    "plain_generate", "generation", "generation_decoding",
+                                                    "label_scoring_fp8"),
                   report=print, save=lambda compared: None) -> dict:
     """Every mode in `MODES` order (plain ones first; Liger's kernels and compiled layers, when asked for, applied
     after them; the FP8 ones last, on the model quantized for them, or listed in `skipped_modes` with the reason),
