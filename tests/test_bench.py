@@ -315,8 +315,8 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     assert packed["agreement_with_tree"]["same_labels"] == 1.0  # the two layouts compute the same log-probabilities
     assert packed["agreement_with_tree"]["max_abs_logprob_difference"] < 1e-4
     assert set(record["profiles"]) == {"plain_label_scoring", "label_scoring_tree", "label_scoring", "plain_generate",
-                                       "generation_decoding"}
-    assert profiled == [64, 32, 64, 64, 32]  # two of each mode's own batches, in the modes' order
+                                       "generation", "generation_decoding"}
+    assert profiled == [64, 32, 64, 64, 32, 32]  # two of each mode's own batches, in the modes' order
     assert packed["gpu_busy_share"] is None and packed["gpu_idle_ms_by_host_range"] is None  # no GPU timeline here
     assert packed["gpu_bound_articles_per_second"] is None and packed["matmul_rates"][0]["clock"] == "cpu"
     assert record["liger_kernels"] is None
