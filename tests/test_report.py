@@ -328,8 +328,8 @@ def test_evaluation_ratios_compare_equal_batches_only(tmp_path):
            "`old.json`: generation over the whole tree's one pass, batch 512, NVIDIA H200 | | " \
            "1.02x - 1.31x (2 runs) |" in table  # "old" ran its anchors at batch 64, but these two at 512
     assert "| the most decoding every article can reach against plain `generate` with its kernels as they are: its " \
-           "profiled articles over the GPU's busy time, same run and batch | (reported) | 2.40x | `new.json`: decoding " \
-           "every article's GPU-bound rate over plain `generate`, batch 512, NVIDIA H200 | | 1 run |" in table
+           "profiled articles over the GPU's busy time, same run and batch | (reported) | 2.40x | `new.json`: " \
+           "decoding every article's GPU-bound rate over plain `generate`, batch 512, NVIDIA H200 | | 1 run |" in table
     assert "| label scoring and generation from one pass, against the two apart: their seconds over the pass's, same " \
            "run and batch, on weights taught the answer format | (reported) | 1.80x | `new.json`: label scoring and " \
            "generation apart over one pass, batch 512, NVIDIA H200 | | 1 run |" in table

@@ -53,9 +53,9 @@ ALL_ANCHORS = {**ANCHORS, **FP8_ANCHORS}  # every suite mode's plain-HF anchor, 
 ANCHOR_ATTENTION = "sdpa"
 PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64")
 # "generation" is the suite's (the check first: each prompt and the answers' stem, then the branch each article took;
-# decoding for the rest); "generation_decoding" decodes every article, to show what the check saves. The "_kernels" anchors are the plain ones again, timed after Liger's
-# kernels (or compiled layers) were applied for the suite's modes, so that `vs_anchor_with_kernels` is the suite's
-# method alone.
+# decoding for the rest); "generation_decoding" decodes every article, to show what the check saves. The "_kernels"
+# anchors are the plain ones again, timed after Liger's kernels (or compiled layers) were applied for the suite's
+# modes, so that `vs_anchor_with_kernels` is the suite's method alone.
 # "label_scoring_whole_last_layer" is label scoring with the last layer's MLP on every row, and
 # "label_scoring_separate_adds" with the residual adds in kernels of their own (`as_transformers_writes`), and
 # "label_scoring_dense_branches" with the answer branches in one masked sdpa call (`dense_branches`): what running the
