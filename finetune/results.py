@@ -118,13 +118,13 @@ def _commit_contains(commit: str, change: str) -> bool | None:
     return {0: True, 1: False}.get(rc)
 
 
-def made_before(record: dict, modes: tuple[str, ...]) -> list[str]:
-    """The evaluation changes to any of `modes` that `record` predates: by its commit's history where git knows it,
+def made_before(record: dict, modes: tuple[str, ...], changes: tuple = EVALUATION_CHANGES) -> list[str]:
+    """The `changes` to any of `modes` that `record` predates: by its commit's history where git knows it,
     else by its creation time (a record written before a change was committed cannot have it). A commit this history
     lacks (since rewritten), with no creation time, may predate any change: it is taken to predate them all."""
     commit, created = record["environment"].get("git_commit"), record.get("created_at")
     missed = []
-    for change, committed, changed_modes, what in EVALUATION_CHANGES:
+    for change, committed, changed_modes, what in changes:
         if not set(modes) & set(changed_modes):
             continue
         contains = _commit_contains(commit, change) if commit else None

@@ -324,6 +324,32 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     assert "no GPU benchmark" in targets_table(tmp_path)  # CPU runs are never counted against targets
 
 
+def test_each_mode_is_warmed_on_every_article_it_is_timed_on_and_the_warm_up_is_not_timed():
+    """The plain anchors' attention builds an execution graph for each new shape, so a warm-up on a few batches left
+    most of them to the first timed pass: every pass runs every article, and only the passes after the first count.
+    The warm-up here takes 0.3 s, the timed passes none: counted, it would show in their seconds."""
+    import time
+
+    import numpy as np
+
+    from finetune.lab.bench_eval import time_mode
+    from finetune.metrics import Predictions
+
+    passes = []
+
+    def run(texts):
+        passes.append(list(texts))
+        if len(passes) == 1:
+            time.sleep(0.3)
+        return Predictions(labels=np.zeros(len(texts), dtype=int), batch_seconds=np.zeros(len(texts)), truncated=0)
+
+    texts = [f"article {i}" for i in range(10)]
+    result, _ = time_mode(run, texts, repeats=2, batch_size=4)
+    assert passes == [texts] * 3
+    assert len(result["seconds_per_run"]) == 2 and max(result["seconds_per_run"]) < 0.1
+    assert result["articles"] == 10
+
+
 def test_eval_benchmark_can_teach_the_model_first_and_reports_held_out_accuracy(tiny_config, tmp_path):
     """`--teach_steps` trains the scratch model through the recipe's trainer before anything is timed, so that the
     modes run on weights that separate the labels; each mode's accuracy is read on the held-out articles only."""

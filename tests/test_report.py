@@ -124,6 +124,26 @@ def test_an_evaluation_goal_is_judged_on_runs_of_todays_code_not_with_runs_of_th
         in row
 
 
+def test_runs_timed_before_a_change_to_the_benchmarks_timing_are_another_configuration(tmp_path, monkeypatch):
+    """A change to how the eval benchmark times every mode (`bench_eval.TIMING_CHANGES`: the whole warm-up pass)
+    separates the runs before it from those after, as an evaluation change does: the goal is judged on the later run
+    alone, and the earlier one is labelled with what it lacked."""
+    from finetune.lab import measurements
+    from finetune.lab.bench_eval import MODES
+
+    monkeypatch.setattr(measurements, "TIMING_CHANGES",
+                        (("0000000", "2026-12-08T00:00:00+00:00", MODES, "a whole warm-up pass"),))
+    (tmp_path / "benchmarks").mkdir()
+    _decoding_file(tmp_path / "benchmarks" / "old.json", 2.6, "2026-12-07T23:00:00+00:00")
+    _decoding_file(tmp_path / "benchmarks" / "new.json", 1.9, "2026-12-08T01:00:00+00:00")
+    row = next(line for line in targets_table(tmp_path).splitlines() if line.startswith("| decoding every article"))
+    assert "| 2.00x | 1.90x | `new.json`: generation_decoding, batch 512, NVIDIA H200, trained weights | no | 1 run |" \
+        in row
+    keys = sorted(key for key, _, _, _ in measurements.mode_over_mode(tmp_path, "generation_decoding", "plain_generate",
+                                                                     "decoding over plain `generate`"))
+    assert keys == [("NVIDIA H200", 512, ()), ("NVIDIA H200", 512, ("a whole warm-up pass (0000000)",))]
+
+
 def test_label_scorings_ceiling_is_the_median_over_the_runs_whose_profile_measured_it(tmp_path):
     """The articles over the GPU's busy time, beside the 700 goal; a run without a profile has none and is left out."""
     (tmp_path / "benchmarks").mkdir()

@@ -5,9 +5,9 @@ The anchors are what anyone would write first: label scoring as one left-padded 
 read at its last position (the four labels' first tokens; `logits_to_keep=1`), and plain `generate`, each at the
 suite's own batch size, on the same articles, plain `generate` with the suite's new-token budget (and, as an extra
 row, at batch 64 on every 4th article: what a first try usually uses), both with transformers' own sdpa attention
-(the suite's modes use its own, `finetune.attention`). Every mode gets an untimed warm-up pass (the longest batches
-and the shortest, so kernels are compiled and the allocator has grown before the clock starts), then `repeats` timed
-passes over every article: median, min and max, and each mode's median as a ratio to its anchor's. The plain modes
+(the suite's modes use its own, `finetune.attention`). Every mode gets an untimed pass over the articles it is timed
+on (`time_mode`), then `repeats` timed passes over them: median, min and max, and each mode's median as a ratio to its
+anchor's. The plain modes
 run first, on the model as built; Liger's kernels, when the config asks for them, are applied after them (they patch
 the process for good), before the suite's modes and a second timing of both anchors with them. Last, where FP8 can
 run, label scoring and its anchor once more with the decoder layers' linear layers in FP8 (`quantize_for_fp8`).
@@ -28,7 +28,7 @@ from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
 from finetune.packed import dense_branches
 from finetune.plan import GPU, fp8_unsupported
-from finetune.predict import AnswerTree, left_pad, length_sorted_batches, score_labels, warmup_texts
+from finetune.predict import AnswerTree, left_pad, length_sorted_batches, score_labels
 from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, end_token_ids, prompt_budget
 from finetune.speedups import as_transformers_writes, decoder_layers
 from finetune.throughput import peak_memory_gib, reset_peak_memory
@@ -66,6 +66,10 @@ PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64"
 MODES = PLAIN_MODES + ("plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree", "label_scoring",
                        "label_scoring_whole_last_layer", "label_scoring_separate_adds", "label_scoring_dense_branches",
                        "generation", "generation_decoding", "label_scoring_and_generation", *FP8_MODES)
+# Changes to how every mode is timed, oldest first (commit, its time, the modes, what): the tables take runs timed
+# before one for another configuration, as they do runs before an evaluation change (`finetune.results.
+# EVALUATION_CHANGES`, whose shape this follows).
+TIMING_CHANGES = ()
 # The modes whose labels are set against the tree method's, the reference implementation (`agreement`).
 AGREEMENT_MODES = ("plain_label_scoring", "label_scoring", *FP8_MODES)
 
@@ -160,9 +164,12 @@ def _with(context, run):
         return run()
 
 
-def time_mode(run, texts: list[str], warmup: list[str], repeats: int, batch_size: int) -> tuple[dict, Predictions]:
-    """An untimed warm-up pass, then `repeats` timed passes over `texts`."""
-    run(warmup)
+def time_mode(run, texts: list[str], repeats: int, batch_size: int) -> tuple[dict, Predictions]:
+    """An untimed pass over `texts`, then `repeats` timed ones. The warm-up is a whole pass because the plain anchors'
+    attention (cuDNN's, transformers' default on Hopper) builds an execution graph for every shape it meets: each
+    batch's prompt length, each decoding step's key length. Warmed on three batches, the anchors built most of them
+    inside the first timed pass, which ran up to a fifth slower than the second: the ratios favoured the suite."""
+    run(texts)
     reset_peak_memory()
     seconds, predictions = [], None
     for _ in range(repeats):
@@ -261,7 +268,6 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown eval mode(s) {sorted(unknown)}: choose from {', '.join(MODES)}")
-    lengths = [len(p) for p in encode_prompts(tokenizer, texts, max_length)[0]]
     results, profiles, predictions, liger_report, sped_up, skipped, fp8_checked = {}, {}, {}, None, False, {}, False
     for mode in [m for m in MODES if m in modes]:
         if mode not in PLAIN_MODES and not sped_up:
@@ -285,7 +291,7 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
         torch._dynamo.reset()
         run, batch = mode_runner(mode, model, tokenizer, batch_size, generation_batch_size, max_length)
         timed = texts[::SMALL_BATCH_EVERY] if mode == "plain_generate_batch64" else texts
-        results[mode], predictions[mode] = time_mode(run, timed, warmup_texts(texts, lengths, batch), repeats, batch)
+        results[mode], predictions[mode] = time_mode(run, timed, repeats, batch)
         anchor = results.get(ALL_ANCHORS.get(mode))
         if anchor:
             results[mode]["vs_anchor"] = results[mode]["articles_per_second"] / anchor["articles_per_second"]

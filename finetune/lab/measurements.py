@@ -11,7 +11,7 @@ from typing import NamedTuple
 from transformers import Qwen2Config
 
 from finetune.config import REFERENCE_SPEED, RunConfig
-from finetune.lab.bench_eval import ALL_ANCHORS, KERNEL_ANCHORS
+from finetune.lab.bench_eval import ALL_ANCHORS, KERNEL_ANCHORS, TIMING_CHANGES
 from finetune.lab.stock_trl import STOCK_TRL, STOCK_TRL_TUNED
 from finetune.results import hardware_label, made_before
 from finetune.throughput import ArticleTokens, bf16_peak_tflops, training_flops_per_token
@@ -235,6 +235,11 @@ def lora_over_recipe(results_dir: Path) -> list[Row]:
     return rows
 
 
+def changes_missed(record: dict, modes: tuple[str, ...]) -> tuple[str, ...]:
+    """The evaluation changes to `modes` and the changes to how the benchmark times them that an eval run predates."""
+    return tuple(made_before(record, modes) + made_before(record, modes, TIMING_CHANGES))
+
+
 def eval_weights(record: dict) -> str:
     """What an eval run's model had learned: "random weights", "taught N steps" (`bench eval --teach_steps`, from
     scratch in the same process) or a folder's weights."""
@@ -247,8 +252,8 @@ def eval_weights(record: dict) -> str:
 def mode_over_mode(results_dir: Path, mode: str | tuple[str, ...], over: str | tuple[str, ...], what: str,
                    taught_only: bool = False, rate: str = "articles_per_second") -> list[Row]:
     """Per run, `mode`'s articles/s over `over`'s, where all ran at one batch size in one run (`what` names the ratio,
-    e.g. "label scoring over plain `generate`"), grouped like `eval_rows` by device, batch and the evaluation changes
-    the run lacked; `taught_only` keeps runs on weights taught the answer format. Several modes on a side count as
+    e.g. "label scoring over plain `generate`"), grouped like `eval_rows` by device, batch and the changes the run
+    lacked; `taught_only` keeps runs on weights taught the answer format. Several modes on a side count as
     run one after the other (their seconds an article summed): label scoring and generation apart, over the one pass
     that gives both. `rate` is the figure read on `mode`'s side (`gpu_bound_articles_per_second`: what its kernels
     would make were the GPU never left waiting), where the run measured it. The ratio is the row's "ratio" figure."""
@@ -260,7 +265,7 @@ def mode_over_mode(results_dir: Path, mode: str | tuple[str, ...], over: str | t
         if ((taught or not taught_only) and all(tops + bottoms) and all(m.get(rate) for m in tops)
                 and len({m["batch_size"] for m in tops + bottoms}) == 1):
             device, batch = hardware_label(record["environment"]), tops[0]["batch_size"]
-            missed = tuple(made_before(record, modes + overs))
+            missed = changes_missed(record, modes + overs)
             ratio = sum(1 / m["articles_per_second"] for m in bottoms) / sum(1 / m[rate] for m in tops)
             rows.append(((device, batch, missed), f"{what}, batch {batch}, {device}", file, {"ratio": ratio}))
     return rows
@@ -275,9 +280,8 @@ def eval_anchor_mismatch(record: dict, mode: str, anchors: dict = ALL_ANCHORS) -
 
 def eval_rows(results_dir: Path) -> list[Row]:
     """Every mode timed beside its plain-HF anchor (as transformers builds the model, or with the same kernels),
-    grouped by mode, device, kernels, model, batch and the evaluation changes its code lacked
-    (`finetune.results.EVALUATION_CHANGES`: runs of other code are another configuration, not noise around this
-    one). A row's `vs_anchor` is dropped where its anchor ran at another batch size (files before the anchors ran at
+    grouped by mode, device, kernels, model, batch and the changes its run lacked (`changes_missed`: runs of other
+    code, or timed another way, are another configuration, not noise around this one). A row's `vs_anchor` is dropped where its anchor ran at another batch size (files before the anchors ran at
     the suite's batch timed plain `generate` at 64): a ratio compares equal batches or is not made."""
     rows = []
     for file, record in on_one_gpu(results_dir, "eval"):
@@ -292,7 +296,7 @@ def eval_rows(results_dir: Path) -> list[Row]:
             if "vs_anchor" in m or "vs_anchor_with_kernels" in m:
                 m = {k: v for k, v in m.items() if not (k == "vs_anchor" and eval_anchor_mismatch(record, mode) or
                      k == "vs_anchor_with_kernels" and eval_anchor_mismatch(record, mode, KERNEL_ANCHORS))}
-                missed = tuple(made_before(record, (mode,)))
+                missed = changes_missed(record, (mode,))
                 label = f"{mode}, batch {m.get('batch_size')}, {device}, {model}"
                 if missed:
                     label += f", before {', '.join(missed)}"
