@@ -69,7 +69,7 @@ MODES = PLAIN_MODES + ("plain_label_scoring_kernels", "plain_generate_kernels", 
 # Changes to how every mode is timed, oldest first (commit, its time, the modes, what): the tables take runs timed
 # before one for another configuration, as they do runs before an evaluation change (`finetune.results.
 # EVALUATION_CHANGES`, whose shape this follows).
-TIMING_CHANGES = ()
+TIMING_CHANGES = (("f0c4135", "2026-12-07T18:43:19+00:00", MODES, "a whole warm-up pass"),)
 # The modes whose labels are set against the tree method's, the reference implementation (`agreement`).
 AGREEMENT_MODES = ("plain_label_scoring", "label_scoring", *FP8_MODES)
 
