@@ -12,12 +12,13 @@ import re
 import statistics
 from pathlib import Path
 
+from finetune.lab.bench_eval import MODES, TIMING_CHANGES
 from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
 from finetune.lab.spark import spark_section
 from finetune.lab.stock_trl import STOCK_TRL
 from finetune.lab.measurements import (RECIPE_ROW, anchor_mismatch, benchmark_records, by_name, eval_anchor_mismatch,
-                                       eval_weights, summarize, training_rows)
+                                       eval_weights, on_one_gpu, summarize, training_rows)
 from finetune.lab.targets import published_comparison, runs, targets_table
 from finetune.results import (answer_cells, commit_label, hardware_label, load_records, made_before, run_group,
                               run_table, summary_table, write_summary)
@@ -100,6 +101,24 @@ def eval_benchmark_table(results_dir: Path) -> str:
                          f"| {m['articles_per_second']:.1f} | {spread} | {ratio} | {same} | {accuracy} "
                          f"| {lat['p50']:.0f} / {lat['p95']:.0f} | {m['batch_size']} | {_gib(m['peak_allocated_gib'])} "
                          f"| {commit} |")
+    return "\n".join(lines)
+
+
+def first_pass_table(results_dir: Path) -> str:
+    """Each mode's first timed pass over its second, in seconds, over the one-GPU eval runs, by how the run warmed its
+    modes up (`bench_eval.time_mode`): a first pass slower than the second is warm-up the clock counted."""
+    ratios: dict[tuple[str, bool], list[float]] = {}
+    for _, record in on_one_gpu(results_dir, "eval"):
+        whole = not made_before(record, MODES, TIMING_CHANGES)
+        for mode, m in record["modes"].items():
+            seconds = m.get("seconds_per_run", [])
+            if len(seconds) > 1:
+                ratios.setdefault((mode, whole), []).append(seconds[0] / seconds[1])
+    lines = ["| mode | warmed up on | runs | first timed pass over the second (median) | min - max |",
+             "|---|---|---|---|---|"]
+    for (mode, whole), figures in sorted(ratios.items(), key=lambda item: (MODES.index(item[0][0]), item[0][1])):
+        lines.append(f"| {mode} | {'every timed article' if whole else 'part of the articles'} | {len(figures)} "
+                     f"| {statistics.median(figures):.2f}x | {min(figures):.2f}x - {max(figures):.2f}x |")
     return "\n".join(lines)
 
 
@@ -248,6 +267,7 @@ def sections(results_dir: Path) -> dict[str, str]:
             "fsdp-runs": group_table(results_dir, "fsdp"),
             "bench-train": training_benchmark_table(results_dir),
             "bench-eval": eval_benchmark_table(results_dir),
+            "bench-eval-first-pass": first_pass_table(results_dir),
             "bench-targets": targets_table(results_dir),
             "optimizers": optimizer_table(results_dir),
             "gpu-runs": training_runs_table(results_dir / "gpu"),
