@@ -455,6 +455,7 @@ def test_the_published_comparison_gives_each_median_with_its_range(tmp_path):
 def test_the_published_comparison_says_when_its_figure_is_older_codes(tmp_path):
     """Where no run of today's evaluation code was timed, the targets fall back to older code's runs; the front page
     then says so rather than pass their figure off as today's."""
+    from finetune.lab.bench_eval import TIMING_CHANGES
     from finetune.lab.targets import published_comparison
     from finetune.results import EVALUATION_CHANGES
 
@@ -465,7 +466,7 @@ def test_the_published_comparison_says_when_its_figure_is_older_codes(tmp_path):
               "liger_kernels": {"in_use": True}, "environment": {"hardware": {"gpu": {"name": "NVIDIA H100"}},
                                                                    "git_commit": "0" * 40}}  # predates every change
     (tmp_path / "benchmarks" / "a.json").write_text(json.dumps(record))
-    changes = sum("label_scoring" in modes for _, _, modes, _ in EVALUATION_CHANGES)
+    changes = sum("label_scoring" in modes for _, _, modes, _ in EVALUATION_CHANGES + TIMING_CHANGES)
     assert (f"600 articles/s, label scoring, on one H100 (1 run; before {changes} evaluation changes) |"
             in published_comparison(tmp_path))
 
@@ -473,11 +474,13 @@ def test_the_published_comparison_says_when_its_figure_is_older_codes(tmp_path):
 def test_without_a_run_of_todays_code_the_targets_show_the_newest_code_timed(tmp_path):
     """A faster run of older code must not stand in for the newest code's runs: after an evaluation change, the
     figure is the runs of the code just before it, not the best of all the code ever timed."""
+    from finetune.lab.bench_eval import TIMING_CHANGES
     from finetune.lab.targets import published_comparison
     from finetune.results import EVALUATION_CHANGES
 
     (tmp_path / "benchmarks").mkdir()
-    newest = max(committed for _, committed, modes, _ in EVALUATION_CHANGES if "label_scoring" in modes)
+    newest = max(committed for _, committed, modes, _ in EVALUATION_CHANGES + TIMING_CHANGES
+                 if "label_scoring" in modes)
     just_before = (datetime.datetime.fromisoformat(newest) - datetime.timedelta(seconds=1)).isoformat()
     for name, rate, made in (("old", 700.0, {}), ("newer", 600.0, {"created_at": just_before})):
         modes = {"plain_label_scoring": {"batch_size": 512, "articles_per_second": 300.0},
