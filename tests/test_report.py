@@ -124,6 +124,17 @@ def test_an_evaluation_goal_is_judged_on_runs_of_todays_code_not_with_runs_of_th
         in row
 
 
+def test_a_figure_that_rounds_to_its_goal_shows_one_more_digit_on_the_side_it_lies(tmp_path):
+    """1.9956x against a 2x goal would read "2.00x ... no": it reads 1.996x; a figure of the goal's own rounding stays."""
+    (tmp_path / "benchmarks").mkdir()
+    _decoding_file(tmp_path / "benchmarks" / "a.json", 1.9956, "2099-01-01T00:00:00+00:00")
+    row = next(line for line in targets_table(tmp_path).splitlines() if line.startswith("| decoding every article"))
+    assert "| 2.00x | 1.996x | `a.json`: generation_decoding, batch 512, NVIDIA H200, trained weights | no |" in row
+    _decoding_file(tmp_path / "benchmarks" / "a.json", 2.04, "2099-01-01T00:00:00+00:00")
+    row = next(line for line in targets_table(tmp_path).splitlines() if line.startswith("| decoding every article"))
+    assert "| 2.00x | 2.04x | `a.json`: generation_decoding, batch 512, NVIDIA H200, trained weights | yes |" in row
+
+
 def test_runs_timed_before_a_change_to_the_benchmarks_timing_are_another_configuration(tmp_path, monkeypatch):
     """A change to how the eval benchmark times every mode (`bench_eval.TIMING_CHANGES`: the whole warm-up pass)
     separates the runs before it from those after, as an evaluation change does: the goal is judged on the later run

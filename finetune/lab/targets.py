@@ -7,6 +7,7 @@ measured it with min - max beside it, and is met when the best configuration's m
 runs.
 """
 
+import re
 from pathlib import Path
 
 from finetune.lab.measurements import (RECIPE_ROW, Measured, Row, by_name, eval_rows, lora_over_recipe, mode_over_mode,
@@ -194,8 +195,10 @@ def targets_table(results_dir: Path) -> str:
             lines.append(f"| {name} | (reported) | {fmt.format(m.median)} | {m.where} | | {spread} |")
             continue
         met = m.median >= goal if higher_is_better else m.median <= goal
-        lines.append(f"| {name} | {fmt.format(goal)} | {fmt.format(m.median)} | {m.where} | {'yes' if met else 'no'} "
-                     f"| {spread} |")
+        shown = fmt.format(m.median)
+        if shown == fmt.format(goal) and m.median != goal:  # say on which side of the goal a figure rounding to it lies
+            shown = re.sub(r"\.(\d)", lambda digits: f".{int(digits[1]) + 1}", fmt).format(m.median)
+        lines.append(f"| {name} | {fmt.format(goal)} | {shown} | {m.where} | {'yes' if met else 'no'} | {spread} |")
     return "\n".join(lines)
 
 
