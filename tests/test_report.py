@@ -3,6 +3,7 @@ row per run grouped by folder."""
 
 import datetime
 import json
+from pathlib import Path
 
 from finetune.lab.report import update_docs
 from finetune.lab.targets import targets_table
@@ -113,25 +114,33 @@ def _decoding_file(path, vs_anchor: float, created_at: str, busy_rate: float | N
     path.write_text(json.dumps(record))
 
 
+def _decoding_target_row(results: Path) -> str:
+    return next(line for line in targets_table(results).splitlines() if line.startswith("| decoding every article"))
+
+
+def _assert_judged_on_the_new_run_alone(results: Path, old_created: str, new_created: str) -> None:
+    """A faster old run of decoding (2.6x) and a slower new one (1.9x): the goal's row reads the new one alone."""
+    (results / "benchmarks").mkdir()
+    _decoding_file(results / "benchmarks" / "old.json", 2.6, old_created)
+    _decoding_file(results / "benchmarks" / "new.json", 1.9, new_created)
+    assert "| 2.00x | 1.90x | `new.json`: generation_decoding, batch 512, NVIDIA H200, trained weights | no | 1 run |" \
+        in _decoding_target_row(results)
+
+
 def test_an_evaluation_goal_is_judged_on_runs_of_todays_code_not_with_runs_of_the_code_before(tmp_path):
     """Decoding timed before its last change (a faster run, here) is another configuration: today's run is judged
     alone, and the earlier one neither meets the goal for it nor moves its median."""
-    (tmp_path / "benchmarks").mkdir()
-    _decoding_file(tmp_path / "benchmarks" / "old.json", 2.6, "2026-12-05T10:00:00+00:00")
-    _decoding_file(tmp_path / "benchmarks" / "new.json", 1.9, "2099-01-01T00:00:00+00:00")
-    row = next(line for line in targets_table(tmp_path).splitlines() if line.startswith("| decoding every article"))
-    assert "| 2.00x | 1.90x | `new.json`: generation_decoding, batch 512, NVIDIA H200, trained weights | no | 1 run |" \
-        in row
+    _assert_judged_on_the_new_run_alone(tmp_path, "2026-12-05T10:00:00+00:00", "2099-01-01T00:00:00+00:00")
 
 
 def test_a_figure_that_rounds_to_its_goal_shows_one_more_digit_on_the_side_it_lies(tmp_path):
-    """1.9956x against a 2x goal would read "2.00x ... no": it reads 1.996x; a figure of the goal's own rounding stays."""
+    """1.9956x against a 2x goal would read "2.00x ... no": it reads 1.996x; a figure of the goal's rounding stays."""
     (tmp_path / "benchmarks").mkdir()
     _decoding_file(tmp_path / "benchmarks" / "a.json", 1.9956, "2099-01-01T00:00:00+00:00")
-    row = next(line for line in targets_table(tmp_path).splitlines() if line.startswith("| decoding every article"))
+    row = _decoding_target_row(tmp_path)
     assert "| 2.00x | 1.996x | `a.json`: generation_decoding, batch 512, NVIDIA H200, trained weights | no |" in row
     _decoding_file(tmp_path / "benchmarks" / "a.json", 2.04, "2099-01-01T00:00:00+00:00")
-    row = next(line for line in targets_table(tmp_path).splitlines() if line.startswith("| decoding every article"))
+    row = _decoding_target_row(tmp_path)
     assert "| 2.00x | 2.04x | `a.json`: generation_decoding, batch 512, NVIDIA H200, trained weights | yes |" in row
 
 
@@ -144,12 +153,7 @@ def test_runs_timed_before_a_change_to_the_benchmarks_timing_are_another_configu
 
     monkeypatch.setattr(measurements, "TIMING_CHANGES",
                         (("0000000", "2026-12-08T00:00:00+00:00", MODES, "a whole warm-up pass"),))
-    (tmp_path / "benchmarks").mkdir()
-    _decoding_file(tmp_path / "benchmarks" / "old.json", 2.6, "2026-12-07T23:00:00+00:00")
-    _decoding_file(tmp_path / "benchmarks" / "new.json", 1.9, "2026-12-08T01:00:00+00:00")
-    row = next(line for line in targets_table(tmp_path).splitlines() if line.startswith("| decoding every article"))
-    assert "| 2.00x | 1.90x | `new.json`: generation_decoding, batch 512, NVIDIA H200, trained weights | no | 1 run |" \
-        in row
+    _assert_judged_on_the_new_run_alone(tmp_path, "2026-12-07T23:00:00+00:00", "2026-12-08T01:00:00+00:00")
     keys = sorted(key for key, _, _, _ in measurements.mode_over_mode(tmp_path, "generation_decoding", "plain_generate",
                                                                      "decoding over plain `generate`"))
     assert keys == [("NVIDIA H200", 512, ()), ("NVIDIA H200", 512, ("a whole warm-up pass (0000000)",))]

@@ -281,8 +281,9 @@ def eval_anchor_mismatch(record: dict, mode: str, anchors: dict = ALL_ANCHORS) -
 def eval_rows(results_dir: Path) -> list[Row]:
     """Every mode timed beside its plain-HF anchor (as transformers builds the model, or with the same kernels),
     grouped by mode, device, kernels, model, batch and the changes its run lacked (`changes_missed`: runs of other
-    code, or timed another way, are another configuration, not noise around this one). A row's `vs_anchor` is dropped where its anchor ran at another batch size (files before the anchors ran at
-    the suite's batch timed plain `generate` at 64): a ratio compares equal batches or is not made."""
+    code, or timed another way, are another configuration, not noise around this one). A row's `vs_anchor` is
+    dropped where its anchor ran at another batch size (files before the anchors ran at the suite's batch timed plain
+    `generate` at 64): a ratio compares equal batches or is not made."""
     rows = []
     for file, record in on_one_gpu(results_dir, "eval"):
         device = hardware_label(record["environment"])
