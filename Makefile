@@ -92,7 +92,7 @@ gpu-bench:  ## the 7B shape: training ablations (with a profiled step each) and 
 	$(MAKE) PY=$(PY) gpu-bench-eval
 
 # Plain-HF anchors first (no Liger), then Liger applied and the suite's modes (tree and packed label scoring,
-# generation), each warmed up and timed twice over the 7,600 articles: about 5 minutes on one H200.
+# generation), each given one untimed pass and then two timed ones over the 7,600 articles.
 EVAL_NAME ?= $(GPU_TAG)_7b_eval_anchored
 EVAL_FLAGS ?=
 gpu-bench-eval: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
@@ -120,8 +120,8 @@ gpu-bench-eval-trained:  ## the 7B shape taught the answer format, saved under F
 	  --repeats 2 --modes plain_label_scoring,plain_generate,plain_label_scoring_kernels,plain_generate_kernels,label_scoring,generation,generation_decoding
 
 # The same comparison on weights taught in the same process (`--teach_steps`: no FSDP2 save, no 15 GB folder): 200
-# steps of 8 rows teach the answer format and most of the labels. About 6 minutes on one H100
-# (h100_7b_eval_taught_200*.json).
+# steps of 8 rows teach the answer format and most of the labels. About 6 minutes on one H100 while modes were warmed
+# on three batches (h100_7b_eval_taught_200*.json); the whole warm-up pass (f0c4135) adds one pass a mode.
 gpu-bench-eval-taught: export PYTORCH_CUDA_ALLOC_CONF = expandable_segments:True
 gpu-bench-eval-taught:  ## the 7B shape taught 200 steps in the same process: generation and label scoring beside plain HF
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --teach_steps 200 --per_device_train_batch_size 8 \
