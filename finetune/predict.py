@@ -174,7 +174,7 @@ def tree_passes(model, prompts: Prompts, tree: AnswerTree, batch_size: int, meth
     if method == "packed":
         def tail_logits(rows, length, opening_cache):
             return packed_logits(model, pack_batch(rows, tree, length, model.device),
-                                 _opening_share(opening_keys(opening_cache), length))
+                                 _opening_share(opening_cache, length))
         layout = packed_attention(model)
     else:
         def tail_logits(rows, length, opening_cache):
@@ -190,7 +190,7 @@ def trunk_passes(model, prompts: Prompts, tree: AnswerTree, batch_size: int, pro
     trunks' forward kept (`finetune.packed.pack_taken`)."""
     def trunks(rows, length, opening_cache):
         batch = pack_batch(rows, tree, length, model.device, with_branches=False)
-        logits = packed_logits(model, batch, _opening_share(opening_keys(opening_cache), length))
+        logits = packed_logits(model, batch, _opening_share(opening_cache, length))
         return logits, lambda which, branches: taken_logits(model, pack_taken(batch, which, branches, model.device))
     yield from _passes(model, prompts, batch_size, packed_attention(model), trunks, "answer tree", progress, False)
 
@@ -217,8 +217,10 @@ def _passes(model, prompts: Prompts, batch_size: int, layout, run, desc: str, pr
                 yield batch, run([row[length:] for row in rows], length, opening_cache)
 
 
-def _opening_share(opening_kv: list | None, length: int) -> list | None:
-    """The first `length` tokens of the opening's keys and values per layer (views), None for none."""
+def _opening_share(opening_cache, length: int) -> list | None:
+    """The first `length` tokens of the opening's keys and values per layer in the packed layout (views), None for
+    none."""
+    opening_kv = opening_keys(opening_cache)
     return [(k[:length], v[:length]) for k, v in opening_kv] if opening_kv and length else None
 
 
