@@ -161,7 +161,8 @@ def test_runs_timed_before_a_change_to_the_benchmarks_timing_are_another_configu
 
 def test_the_first_pass_table_sets_each_modes_first_timed_pass_against_its_second_by_how_the_run_warmed_up(
         tmp_path, monkeypatch):
-    """Runs before the whole warm-up pass (`TIMING_CHANGES`) and after it, each with its first pass over its second."""
+    """Runs before the whole warm-up pass (`TIMING_CHANGES`) and after it, each with its first pass over its second; a
+    mode the benchmark no longer has comes after its modes."""
     from finetune.lab import report
 
     monkeypatch.setattr(report, "TIMING_CHANGES", (("0000000", "2026-12-08T00:00:00+00:00", ("plain_generate",), "w"),))
@@ -170,12 +171,15 @@ def test_the_first_pass_table_sets_each_modes_first_timed_pass_against_its_secon
                                    ("b", "2026-12-07T23:30:00+00:00", [30.0, 25.0]),
                                    ("c", "2026-12-08T01:00:00+00:00", [27.0, 27.5])):
         record = {"benchmark": "eval", "world_size": 1, "created_at": created, "config": {"model": "scratch"},
-                  "modes": {"plain_generate": {"seconds_per_run": seconds}, "generation": {"seconds_per_run": [10.0]}},
+                  "modes": {"plain_generate": {"seconds_per_run": seconds}, "generation": {"seconds_per_run": [10.0]},
+                            "a_removed_mode": {"seconds_per_run": [2.0, 1.0]}},
                   "environment": {"hardware": {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}, "git_commit": None}}
         (tmp_path / "benchmarks" / f"{name}.json").write_text(json.dumps(record))
     assert report.first_pass_table(tmp_path).splitlines()[2:] == [
         "| plain_generate | part of the articles | 2 | 1.20x | 1.20x - 1.20x |",
-        "| plain_generate | every timed article | 1 | 0.98x | 0.98x - 0.98x |"]
+        "| plain_generate | every timed article | 1 | 0.98x | 0.98x - 0.98x |",
+        "| a_removed_mode | part of the articles | 2 | 2.00x | 2.00x - 2.00x |",
+        "| a_removed_mode | every timed article | 1 | 2.00x | 2.00x - 2.00x |"]
 
 
 def test_label_scorings_ceiling_is_the_median_over_the_runs_whose_profile_measured_it(tmp_path):
