@@ -12,7 +12,7 @@ from finetune.lab import bench, bench_optimizers, train_variants
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
 from finetune.lab.measurements import LORA_ROW, RECIPE_ROW
 from finetune.lab.profiling import (StepClock, gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range,
-                                    matmul_rates, nccl_kernel_share)
+                                    matmul_rates, matmul_seconds, nccl_kernel_share)
 from tests.conftest import committed_benchmark, write_synthetic_csv
 
 
@@ -221,6 +221,19 @@ def test_matmul_rates_count_the_flops_torch_counts_per_shape():
     assert sum(r["tflops_per_second"] * r["ms"] * 1e9 for r in rows) == pytest.approx(counter.get_total_flops())
 
 
+def test_matmul_seconds_add_up_the_matmul_ops_own_gpu_time_and_nothing_else():
+    """Every matmul op's kernels (an FP8 `_scaled_mm` too), none of attention's, the activation's or a linear layer's,
+    whose time is its matmul's already; None where no kernel ran on a GPU."""
+    def op(key: str, micros: float) -> SimpleNamespace:
+        return SimpleNamespace(key=key, self_device_time_total=micros)
+
+    averages = [op("aten::mm", 2000.0), op("aten::addmm_", 1000.0), op("aten::addmm", 400.0),
+                op("aten::_scaled_mm", 100.0), op("aten::_flash_attention_forward", 900.0),
+                op("LigerSiLUMulFunction", 700.0), op("aten::linear", 0.0)]
+    assert matmul_seconds(SimpleNamespace(key_averages=lambda: averages)) == pytest.approx(3.5e-3)
+    assert matmul_seconds(SimpleNamespace(key_averages=lambda: [op("aten::mm", 0.0)])) is None  # the CPU's
+
+
 def _timed(name: str, start: int, end: int, device: str = "CUDA", annotation: bool = False) -> SimpleNamespace:
     """A profiler event: a kernel on the GPU's timeline, or a host range ("CPU"), from `start` to `end` us; an
     `annotation` is a `record_function` range."""
@@ -319,6 +332,7 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     assert profiled == [64, 32, 64, 64, 32, 32]  # two of each mode's own batches, in the modes' order
     assert packed["gpu_busy_share"] is None and packed["gpu_idle_ms_by_host_range"] is None  # no GPU timeline here
     assert packed["gpu_bound_articles_per_second"] is None and packed["matmul_rates"][0]["clock"] == "cpu"
+    assert packed["matmul_bound_articles_per_second"] is None
     assert record["liger_kernels"] is None
     assert " threads) | random weights | label_scoring | 100 |" in eval_benchmark_table(tmp_path)
     assert "no GPU benchmark" in targets_table(tmp_path)  # CPU runs are never counted against targets

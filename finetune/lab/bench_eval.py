@@ -23,7 +23,8 @@ from transformers import GenerationConfig
 from finetune.answers import parse_strict
 from finetune.attention import attention_implementation
 from finetune.generation import generate_labels, parsed, score_then_generate
-from finetune.lab.profiling import gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range, matmul_rates, profile_table
+from finetune.lab.profiling import (gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range, matmul_rates,
+                                    matmul_seconds, profile_table)
 from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
 from finetune.packed import dense_branches
@@ -241,15 +242,17 @@ def quantize_for_fp8(model) -> None:
 def profile_mode(run, texts: list[str]) -> tuple[list[str], dict]:
     """A torch profiler table (top kernels and ops by device time) of `run` over `texts`; how much of the GPU's
     timeline was busy, what the host did while it waited, and the articles a second the GPU's own time allows: the
-    mode's ceiling while its kernels stay as they are, however little the host makes it wait (None on the CPU); and
-    each matmul shape's rate (`matmul_rates`)."""
+    mode's ceiling while its kernels stay as they are, however little the host makes it wait (None on the CPU); the
+    articles a second its matmuls' time alone allows: the ceiling while its FLOPs and their rates stay as they are,
+    however much of the rest is fused away (`matmul_seconds`); and each matmul shape's rate (`matmul_rates`)."""
     with torch.profiler.profile(record_shapes=True) as profiler:
         run(texts)
         _synchronize()
-    busy = gpu_busy_seconds(profiler)
+    busy, matmuls = gpu_busy_seconds(profiler), matmul_seconds(profiler)
     return profile_table(profiler), {"gpu_busy_share": gpu_busy_share(profiler),
                                      "gpu_idle_ms_by_host_range": gpu_idle_by_host_range(profiler),
                                      "gpu_bound_articles_per_second": len(texts) / busy if busy else None,
+                                     "matmul_bound_articles_per_second": len(texts) / matmuls if matmuls else None,
                                      "matmul_rates": matmul_rates(profiler)}
 
 

@@ -162,6 +162,15 @@ def matmul_rates(profiler, top: int = 12) -> list[dict]:
     return sorted(rows, key=lambda row: -row["ms"])[:top]
 
 
+def matmul_seconds(profiler) -> float | None:
+    """How long the matmul ops' own kernels ran (`MATMUL_OPS`, and FP8's `_scaled_mm`); None without GPU events. The
+    work profiled over this is the rate it would reach were everything else on the GPU (attention, norms, activations,
+    copies) fused away and no wait left, its matmuls at the rates they ran: past that, only fewer or faster FLOPs."""
+    micros = sum(event.self_device_time_total for event in profiler.key_averages()
+                 if event.key in MATMUL_OPS + ("aten::_scaled_mm",))
+    return micros / 1e6 if micros else None
+
+
 def nccl_kernel_share(profiler) -> float | None:
     """The share of the profiled step's GPU timeline with an NCCL kernel running; None without GPU events. NCCL runs
     on its own streams, overlapping compute: this is how long communication is in flight, an upper bound on the time
