@@ -524,6 +524,29 @@ def test_lora_over_the_recipe_groups_only_pairs_that_ran_alike():
     assert keys["h100_7b_train_recipe_lora_summed.json"] != same_run[0]
 
 
+def test_generations_bounds_read_its_profiled_rates_over_plain_generate_of_the_same_run(tmp_path):
+    """Generation at 2.6x plain `generate` (500 articles/s), its GPU busy time allowing 1,400 and its matmuls' time
+    1,600: the two bounds' rows read 2.80x and 3.20x; a run whose profile predates the matmul-bound rate has no
+    figure for it and is left out of that row."""
+    (tmp_path / "benchmarks").mkdir()
+    for name, matmul_rate in (("new", 1600.0), ("old", None)):
+        generation = {"articles_per_second": 1300.0, "batch_size": 512, "vs_anchor": 2.6,
+                      "gpu_bound_articles_per_second": 1400.0, "matmul_bound_articles_per_second": matmul_rate}
+        record = {"benchmark": "eval", "world_size": 1, "created_at": "2099-01-01T00:00:00+00:00",
+                  "config": {"model": "taught"},
+                  "modes": {"generation": generation, "plain_generate": {"articles_per_second": 500.0,
+                                                                         "batch_size": 512}},
+                  "environment": {"hardware": {"gpu": {"name": "NVIDIA H200"}, "torch_threads": 16},
+                                  "git_commit": None}}
+        (tmp_path / "benchmarks" / f"{name}.json").write_text(json.dumps(record))
+    lines = targets_table(tmp_path).splitlines()
+    busy, matmuls = (next(line for line in lines if line.startswith(f"| the most generation can reach against plain "
+                                                                     f"`generate` with its {what}"))
+                     for what in ("kernels as they are", "matmuls as they are"))
+    assert "| (reported) | 2.80x | `new.json`, `old.json`: generation's GPU-bound rate over plain `generate`" in busy
+    assert "| (reported) | 3.20x | `new.json`: generation's matmul-bound rate over plain `generate`" in matmuls
+
+
 def test_decodings_bound_counts_only_the_runs_whose_profile_measured_its_gpu_bound_rate(tmp_path):
     """Two taught runs at one batch: the profiled one bounds decoding every article (its GPU-bound rate over plain
     `generate`), the one without a profile is left out rather than read at the rate it made."""

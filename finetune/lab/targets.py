@@ -79,6 +79,13 @@ def targets(results_dir: Path) -> list[Target]:
             # faster kernels (FP8, below), not less host time
             ("label scoring's ceiling with its kernels as they are: the profiled articles over the GPU's busy time, "
              "articles/s", None, of_mode("label_scoring"), "gpu_bound_articles_per_second"),
+            # and what its matmuls alone would make, were everything else on the GPU fused away: a goal above that
+            # needs fewer or faster FLOPs
+            ("the most label scoring can reach against plain HF label scoring with its matmuls as they are and "
+             "nothing else on the GPU: its profiled articles over its matmuls' time, same run and batch", None,
+             mode_over_mode(results_dir, "label_scoring", "plain_label_scoring",
+                            "label scoring's matmul-bound rate over plain HF label scoring",
+                            rate="matmul_bound_articles_per_second"), "ratio"),
             ("label scoring vs plain HF label scoring, same run and batch", 2.0, of_mode("label_scoring"), "vs_anchor"),
             ("label scoring vs plain HF label scoring with the same kernels (Liger), same run and batch", None,
              of_mode("label_scoring"), "vs_anchor_with_kernels"),
@@ -108,6 +115,18 @@ def targets(results_dir: Path) -> list[Target]:
              "tree, same run and batch, on weights taught the answer format", None,
              mode_over_mode(results_dir, "generation", "label_scoring_and_generation",
                             "generation over the whole tree's one pass", taught_only=True), "ratio"),
+            # The check's bounds, as label scoring's above: the GPU never left waiting, then its matmuls alone.
+            ("the most generation can reach against plain `generate` with its kernels as they are: its profiled "
+             "articles over the GPU's busy time, same run and batch, on weights taught the answer format", None,
+             mode_over_mode(results_dir, "generation", "plain_generate",
+                            "generation's GPU-bound rate over plain `generate`", taught_only=True,
+                            rate="gpu_bound_articles_per_second"), "ratio"),
+            ("the most generation can reach against plain `generate` with its matmuls as they are and nothing else "
+             "on the GPU: its profiled articles over its matmuls' time, same run and batch, on weights taught the "
+             "answer format", None,
+             mode_over_mode(results_dir, "generation", "plain_generate",
+                            "generation's matmul-bound rate over plain `generate`", taught_only=True,
+                            rate="matmul_bound_articles_per_second"), "ratio"),
             # Decoding every article runs fewer tokens, its own answer's and not all four's, but waits on the host
             # longer: its kernels' rate bounds the other way to generation.
             ("the most decoding every article can reach against plain `generate` with its kernels as they are: its "
