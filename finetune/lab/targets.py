@@ -116,17 +116,15 @@ def targets(results_dir: Path) -> list[Target]:
              mode_over_mode(results_dir, "generation", "label_scoring_and_generation",
                             "generation over the whole tree's one pass", taught_only=True), "ratio"),
             # The check's bounds, as label scoring's above: the GPU never left waiting, then its matmuls alone.
-            ("the most generation can reach against plain `generate` with its kernels as they are: its profiled "
-             "articles over the GPU's busy time, same run and batch, on weights taught the answer format", None,
-             mode_over_mode(results_dir, "generation", "plain_generate",
-                            "generation's GPU-bound rate over plain `generate`", taught_only=True,
-                            rate="gpu_bound_articles_per_second"), "ratio"),
-            ("the most generation can reach against plain `generate` with its matmuls as they are and nothing else "
-             "on the GPU: its profiled articles over its matmuls' time, same run and batch, on weights taught the "
-             "answer format", None,
-             mode_over_mode(results_dir, "generation", "plain_generate",
-                            "generation's matmul-bound rate over plain `generate`", taught_only=True,
-                            rate="matmul_bound_articles_per_second"), "ratio"),
+            *((f"the most generation can reach against plain `generate` with its {what}, same run and batch, on "
+               "weights taught the answer format", None,
+               mode_over_mode(results_dir, "generation", "plain_generate",
+                              f"generation's {bound} rate over plain `generate`", taught_only=True, rate=rate), "ratio")
+              for what, bound, rate in (
+                  ("kernels as they are: its profiled articles over the GPU's busy time", "GPU-bound",
+                   "gpu_bound_articles_per_second"),
+                  ("matmuls as they are and nothing else on the GPU: its profiled articles over its matmuls' time",
+                   "matmul-bound", "matmul_bound_articles_per_second"))),
             # Decoding every article runs fewer tokens, its own answer's and not all four's, but waits on the host
             # longer: its kernels' rate bounds the other way to generation.
             ("the most decoding every article can reach against plain `generate` with its kernels as they are: its "
