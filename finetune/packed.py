@@ -35,8 +35,10 @@ from finetune.speedups import queued_copy
 
 PACKED = "packed_answers"
 PREFILL = "packed_prefill"
-# The eval benchmark turns the branches' kernel off (`dense_branches`) to time what it saves, in the same run.
+# The eval benchmark turns the branches' kernel off to time what it saves, in the same run, and the grouped varlen
+# kernel on to time it against FlashAttention's, which stays the default until then (`attention_kernels`).
 BRANCH_KERNEL = True
+GROUPED_VARLEN = False
 
 
 @dataclass
@@ -263,7 +265,12 @@ def _on_kernels(q: torch.Tensor) -> bool:
 
 def _attend_sequences(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout, scaling: float | None):
     """The packed sequences of `layout` (its cu_q, cu_k, max_q, max_k), their keys gathered in its key_index order:
-    through the varlen kernel (`_on_kernels`), else through its exact padded equivalent."""
+    through the varlen kernel (`_on_kernels`; the grouped one where `attention_kernels` asks), else through its
+    exact padded equivalent."""
+    if _on_kernels(q) and GROUPED_VARLEN:
+        from finetune.grouped_varlen_kernel import grouped_varlen_attention  # triton: imported where it runs
+        return grouped_varlen_attention(q, keys, values, layout.cu_q, layout.cu_k, layout.max_q,
+                                        scaling or q.shape[-1] ** -0.5)
     attend = _cuda_varlen_attention if _on_kernels(q) else _padded_causal_attention
     return attend(q, keys, values, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, scaling)
 
@@ -283,14 +290,16 @@ def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 
 @contextmanager
-def dense_branches():
-    """The branches through the dense masked call (`_branch_attention`) on CUDA too, for the duration."""
-    global BRANCH_KERNEL
-    BRANCH_KERNEL = False
+def attention_kernels(branch_kernel: bool = BRANCH_KERNEL, grouped_varlen: bool = GROUPED_VARLEN):
+    """The kernels packed rows attend through on CUDA, for the duration: the branches' own kernel or one dense masked
+    call (`_branch_attention`), the grouped varlen kernel (`finetune.grouped_varlen_kernel`) or FlashAttention's."""
+    global BRANCH_KERNEL, GROUPED_VARLEN
+    before = BRANCH_KERNEL, GROUPED_VARLEN
+    BRANCH_KERNEL, GROUPED_VARLEN = branch_kernel, grouped_varlen
     try:
         yield
     finally:
-        BRANCH_KERNEL = True
+        BRANCH_KERNEL, GROUPED_VARLEN = before
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from finetune import generation, predict
 from finetune import prompts as prompts_module
 from finetune.model import load_model, train_bpe_tokenizer
 from finetune.opening import shared_prefix_length
-from finetune.packed import pack_batch, pack_prefill, pack_taken
+from finetune.packed import attention_kernels, pack_batch, pack_prefill, pack_taken
 from finetune.generation import generate_labels, score_then_generate
 from finetune.last_layer import mlp_only_where_read
 from finetune.predict import AnswerTree, score_labels
@@ -140,6 +140,31 @@ def test_packed_passes_run_the_last_layers_mlp_only_on_the_rows_they_read(model,
     rows.clear()
     score_labels(trimmed, tokenizer, texts[:3], batch_size=3, progress=False, method="packed")
     assert rows[1:] == [(1, 3 * tail)]  # and back to the read rows after it
+
+
+def test_packed_rows_through_the_grouped_kernel_score_check_and_decode_as_the_exact_path(model, tokenizer,
+                                                                                        monkeypatch):
+    """The packed passes on their CUDA kernels, here on Triton's interpreter, every packed sequence through the grouped
+    varlen kernel: label scoring gives each answer's explicit log-probability (the trunks), a branch run after its
+    trunk the logits the whole tree gives it (the taken branches: fewer queries than keys), and decoding the exact
+    path's answers (its prefill)."""
+    from finetune import grouped_varlen_kernel, packed
+
+    texts = TEXTS[:6]
+    expected = np.array([[explicit_logprob(model, tokenizer, t, label) for label in LABELS] for t in texts])
+    exact = generate_labels(model, tokenizer, texts, batch_size=3, progress=False, tree_check=False)
+    queries, kernel = [], grouped_varlen_kernel.grouped_varlen_attention
+    monkeypatch.setattr(grouped_varlen_kernel, "grouped_varlen_attention",
+                        lambda q, *args: queries.append(q.shape[0]) or kernel(q, *args))
+    monkeypatch.setattr(packed, "_on_kernels", lambda q: True)
+    with packed.attention_kernels(grouped_varlen=True):
+        scored = score_labels(model, tokenizer, texts, batch_size=3, progress=False, method="packed")
+        check_branches_after_trunks(model, tokenizer, 1e-4)
+        decoded = generate_labels(model, tokenizer, texts, batch_size=3, progress=False, tree_check=False)
+    np.testing.assert_allclose(scored.label_logprobs, expected, atol=1e-4)
+    assert decoded.answers == exact.answers
+    assert min(queries) <= 2 * len(LABELS)  # the taken branches' rows (a few tokens an article) went through it too
+    assert not packed.GROUPED_VARLEN  # FlashAttention's again after the block
 
 
 def test_packed_prefill_writes_each_prompt_right_aligned_in_its_own_cache_row():
@@ -562,8 +587,10 @@ def test_answer_logprobs_on_cuda_are_log_softmax_read_at_the_terms(tokenizer):
 
 
 @pytest.mark.gpu
-def test_packed_scoring_on_cuda_matches_the_tree(tokenizer, tmp_path):
-    """The varlen kernel's path against the 4D-mask one, on a bf16 model as the 7B runs."""
+@pytest.mark.parametrize("grouped_varlen", [False, True])
+def test_packed_scoring_on_cuda_matches_the_tree(tokenizer, tmp_path, grouped_varlen):
+    """The varlen kernel's path (FlashAttention's, or the grouped one) against the 4D-mask one, on a bf16 model as the
+    7B runs."""
     from finetune.config import get_config
 
     config = get_config("tiny", hidden_size=256, num_heads=2, num_kv_heads=1, intermediate_size=256, bf16=True,
@@ -571,7 +598,8 @@ def test_packed_scoring_on_cuda_matches_the_tree(tokenizer, tmp_path):
     model = load_model(config, tokenizer).cuda().eval()
     texts = TEXTS * 10
     tree = score_labels(model, tokenizer, texts, batch_size=16, progress=False, method="tree")
-    packed = score_labels(model, tokenizer, texts, batch_size=16, progress=False, method="packed")
+    with attention_kernels(grouped_varlen=grouped_varlen):
+        packed = score_labels(model, tokenizer, texts, batch_size=16, progress=False, method="packed")
     np.testing.assert_allclose(packed.label_logprobs, tree.label_logprobs, atol=0.05)
 
 
@@ -609,9 +637,11 @@ def test_packing_the_next_batch_on_cuda_does_not_wait_for_the_gpu(tokenizer):
 
 
 @pytest.mark.gpu
-def test_tree_check_on_cuda_answers_as_greedy_decoding(tokenizer, tmp_path):
-    """On CUDA the tree check reads the packed rows' logits (the varlen kernel): the same answers as decoding; with
-    the scores from the same pass, the scores of label scoring."""
+@pytest.mark.parametrize("grouped_varlen", [False, True])
+def test_tree_check_on_cuda_answers_as_greedy_decoding(tokenizer, tmp_path, grouped_varlen):
+    """On CUDA the tree check reads the packed rows' logits (the varlen kernel, FlashAttention's or the grouped one,
+    which decoding's prefill takes too): the same answers as decoding; with the scores from the same pass, the scores
+    of label scoring."""
     from finetune.config import get_config
 
     # head_dim 16 (the kernel needs multiples of 8), GQA. Narrow enough to learn the answer format in 80 steps (a
@@ -621,11 +651,12 @@ def test_tree_check_on_cuda_answers_as_greedy_decoding(tokenizer, tmp_path):
                         checkpoints_dir=str(tmp_path))
     model = load_model(config, tokenizer).cuda()
     trained = answer_trained(model, tokenizer, TEXTS).to(torch.bfloat16)  # the varlen kernel: bf16
-    checked = generate_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False)
-    decoded = generate_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False, tree_check=False)
+    with attention_kernels(grouped_varlen=grouped_varlen):
+        checked = generate_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False)
+        decoded = generate_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False, tree_check=False)
+        both = dict(score_then_generate(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False))  # one pass
+        scored = score_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False)
     assert checked.answers == decoded.answers and checked.decoded < len(checked.answers)
-    both = dict(score_then_generate(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False))  # one pass, both
-    scored = score_labels(trained, tokenizer, TEXTS * 4, batch_size=8, progress=False)
     assert both["generation"].answers == checked.answers and both["generation"].decoded == checked.decoded
     np.testing.assert_array_equal(both["label_scoring"].label_logprobs, scored.label_logprobs)
 

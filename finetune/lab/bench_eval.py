@@ -27,7 +27,7 @@ from finetune.lab.profiling import (gpu_busy_seconds, gpu_busy_share, gpu_idle_b
                                     matmul_seconds, profile_table)
 from finetune.metrics import Predictions, throughput
 from finetune.model import speed_up_for_inference
-from finetune.packed import dense_branches
+from finetune.packed import attention_kernels
 from finetune.plan import GPU, fp8_unsupported
 from finetune.predict import AnswerTree, left_pad, length_sorted_batches, score_labels
 from finetune.prompts import answer_token_ids, default_max_new_tokens, encode_prompts, end_token_ids, prompt_budget
@@ -41,7 +41,8 @@ SMALL_BATCH_EVERY = 4
 ANCHORS = {"label_scoring_tree": "plain_label_scoring", "label_scoring": "plain_label_scoring",
            "label_scoring_whole_last_layer": "plain_label_scoring",
            "label_scoring_separate_adds": "plain_label_scoring", "label_scoring_dense_branches": "plain_label_scoring",
-           "generation": "plain_generate", "generation_decoding": "plain_generate"}
+           "label_scoring_grouped_varlen": "plain_label_scoring", "generation": "plain_generate",
+           "generation_decoding": "plain_generate", "generation_grouped_varlen": "plain_generate"}
 # The same anchors timed again after the suite's kernels were applied: the anchor at its strongest.
 KERNEL_ANCHORS = {mode: f"{anchor}_kernels" for mode, anchor in ANCHORS.items()}
 # Label scoring and its anchor again, last, once the decoder layers' linear layers are FP8 (`quantize_for_fp8`): a
@@ -59,20 +60,23 @@ PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64"
 # modes, so that `vs_anchor_with_kernels` is the suite's method alone.
 # "label_scoring_whole_last_layer" is label scoring with the last layer's MLP on every row, and
 # "label_scoring_separate_adds" with the residual adds in kernels of their own (`as_transformers_writes`), and
-# "label_scoring_dense_branches" with the answer branches in one masked sdpa call (`dense_branches`): what running the
-# MLP only where the logits are read (finetune/last_layer.py), the adds inside the matmuls (finetune/residual_adds.py)
-# and the branches' kernel (finetune/branch_attention_kernel.py) save, in the same run.
+# "label_scoring_dense_branches" with the answer branches in one masked sdpa call (`attention_kernels`): what running
+# the MLP only where the logits are read (finetune/last_layer.py), the adds inside the matmuls
+# (finetune/residual_adds.py) and the branches' kernel (finetune/branch_attention_kernel.py) save, in the same run.
+# "label_scoring_grouped_varlen" and "generation_grouped_varlen" run their packed sequences through the grouped varlen
+# kernel (finetune/grouped_varlen_kernel.py), not yet the default: what it would save, in the same run.
 # "label_scoring_and_generation" is both from one pass, as an evaluation of both runs them (`score_then_generate`; its
 # predictions are generation's): against "label_scoring" and "generation" in the same run, what sharing the pass saves.
 MODES = PLAIN_MODES + ("plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree", "label_scoring",
                        "label_scoring_whole_last_layer", "label_scoring_separate_adds", "label_scoring_dense_branches",
-                       "generation", "generation_decoding", "label_scoring_and_generation", *FP8_MODES)
+                       "label_scoring_grouped_varlen", "generation", "generation_decoding", "generation_grouped_varlen",
+                       "label_scoring_and_generation", *FP8_MODES)
 # Changes to how every mode is timed, oldest first (commit, its time, the modes, what): the tables take runs timed
 # before one for another configuration, as they do runs before an evaluation change (`finetune.results.
 # EVALUATION_CHANGES`, whose shape this follows).
 TIMING_CHANGES = (("f0c4135", "2026-12-07T18:43:19+00:00", MODES, "a whole warm-up pass"),)
 # The modes whose labels are set against the tree method's, the reference implementation (`agreement`).
-AGREEMENT_MODES = ("plain_label_scoring", "label_scoring", *FP8_MODES)
+AGREEMENT_MODES = ("plain_label_scoring", "label_scoring", "label_scoring_grouped_varlen", *FP8_MODES)
 
 
 @torch.inference_mode()
@@ -131,7 +135,7 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
     """texts -> Predictions for one mode, and the batch size it runs at."""
     batch = {"plain_generate": generation_batch_size, "plain_generate_kernels": generation_batch_size,
              "plain_generate_batch64": SMALL_BATCH, "generation": generation_batch_size,
-             "generation_decoding": generation_batch_size,
+             "generation_decoding": generation_batch_size, "generation_grouped_varlen": generation_batch_size,
              "label_scoring_and_generation": generation_batch_size}.get(mode, batch_size)
     runners = {
         "plain_label_scoring": lambda t: plain_label_scoring(model, tokenizer, t, batch, max_length),
@@ -149,11 +153,18 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
             as_transformers_writes(decoder_layers(model)[:-1]),
             lambda: score_labels(model, tokenizer, t, batch, max_length, False, "packed")),
         "label_scoring_dense_branches": lambda t: _with(
-            dense_branches(), lambda: score_labels(model, tokenizer, t, batch, max_length, False, "packed")),
+            attention_kernels(branch_kernel=False),
+            lambda: score_labels(model, tokenizer, t, batch, max_length, False, "packed")),
+        "label_scoring_grouped_varlen": lambda t: _with(
+            attention_kernels(grouped_varlen=True),
+            lambda: score_labels(model, tokenizer, t, batch, max_length, False, "packed")),
         "label_scoring_fp8": lambda t: score_labels(model, tokenizer, t, batch, max_length, False, "packed"),
         "generation": lambda t: generate_labels(model, tokenizer, t, batch, max_length, progress=False),
         "generation_decoding": lambda t: generate_labels(model, tokenizer, t, batch, max_length, progress=False,
                                                          tree_check=False),
+        "generation_grouped_varlen": lambda t: _with(
+            attention_kernels(grouped_varlen=True),
+            lambda: generate_labels(model, tokenizer, t, batch, max_length, progress=False)),
         "label_scoring_and_generation": lambda t: dict(score_then_generate(model, tokenizer, t, batch, max_length,
                                                                            progress=False))["generation"],
     }
@@ -260,7 +271,8 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
                   generation_batch_size: int, max_length: int, repeats: int, liger: bool,
                   compile_layers: bool = False, held_out_labels: np.ndarray | None = None,
                   profile_modes: tuple[str, ...] = ("plain_label_scoring", "label_scoring_tree", "label_scoring",
-                                                    "plain_generate", "generation", "generation_decoding",
+                                                    "label_scoring_grouped_varlen", "plain_generate", "generation",
+                                                    "generation_decoding", "generation_grouped_varlen",
                                                     "label_scoring_fp8"),
                   report=print, save=lambda compared: None) -> dict:
     """Every mode in `MODES` order (plain ones first; Liger's kernels and compiled layers, when asked for, applied

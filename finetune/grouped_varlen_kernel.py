@@ -1,0 +1,82 @@
+"""Causal varlen attention for evaluation's packed rows (`finetune.packed`), one Triton program a sequence, key head
+and tile of queries, the query heads that share a key head laid along the tile's rows.
+
+FlashAttention-2's varlen kernel, which the packed rows call otherwise, runs a program a sequence, query head and 128
+queries. Evaluation's sequences are short: a trunk is about 60 queries, a taken branch two to four (with about a
+hundred keys each), so most of a program's 128 rows are empty and each of a key head's seven query heads reads its
+keys again. In generation's first profile that kernel took 6% of the GPU's time, about as much for the taken branches'
+few queries as for the trunks (results/benchmarks/h100_7b_eval_taught_200_warm.json). Here a tile's rows are its
+queries' tokens times the group's query heads (18 tokens x 7 heads for the 7B, or as few rows as a sequence needs),
+each read once and scored against its key head's keys in one pass. Off by default (`finetune.packed.GROUPED_VARLEN`)
+until a run on the GPU shows it faster: the eval benchmark times it against FlashAttention's in the same run.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from finetune.branch_attention_kernel import _softmax_step
+
+KEYS_A_STEP, WARPS = 64, 8
+MOST_ROWS = 128  # a tile's rows at most: query tokens x query heads a key head serves
+
+
+@triton.jit
+def _grouped_varlen_attention(q, keys, values, out, cu_q, cu_k, scale,
+                              q_token, q_head, k_token, k_head, v_token, v_head, o_token, o_head,
+                              GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+    sequence, kv_head, tile = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    q_start, k_start = tl.load(cu_q + sequence), tl.load(cu_k + sequence)
+    n_q, n_k = tl.load(cu_q + sequence + 1) - q_start, tl.load(cu_k + sequence + 1) - k_start
+    tokens = BLOCK_M // GROUP  # query tokens a tile
+    first = tile * tokens
+    rows = tl.arange(0, BLOCK_M)  # query token first + rows // GROUP, head kv_head * GROUP + rows % GROUP
+    i, head = first + rows // GROUP, kv_head * GROUP + rows % GROUP
+    real = (rows < tokens * GROUP) & (i < n_q)
+    dims = tl.arange(0, BLOCK_D)  # a head's width, padded to a power of two
+    wide = dims[None, :] < DIM
+    query = tl.load(q + (q_start + i)[:, None].to(tl.int64) * q_token + head[:, None] * q_head + dims[None, :],
+                    mask=real[:, None] & wide, other=0.0)
+    scale = scale * 1.4426950408889634  # exp2 below: log2(e)
+    peak = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    # The queries are the sequence's last tokens (bottom-right causal, as FlashAttention aligns it): query i sees keys
+    # 0 .. reach[i]. The tile's last query bounds the keys read; a tile past the sequence's queries reads none.
+    reach = n_k - n_q + i
+    end = tl.where(first < n_q, n_k - n_q + tl.minimum(first + tokens, n_q), 0)
+    for block in range(0, end, BLOCK_N):
+        at = block + tl.arange(0, BLOCK_N)
+        inside = at < end
+        k = tl.load(keys + (k_start + at)[:, None].to(tl.int64) * k_token + kv_head * k_head + dims[None, :],
+                    mask=inside[:, None] & wide, other=0.0)
+        v = tl.load(values + (k_start + at)[:, None].to(tl.int64) * v_token + kv_head * v_head + dims[None, :],
+                    mask=inside[:, None] & wide, other=0.0)
+        seen = inside[None, :] & (at[None, :] <= reach[:, None])
+        s = tl.where(seen, tl.dot(query, tl.trans(k)) * scale, float("-inf"))
+        peak, total, acc = _softmax_step(s, v, peak, total, acc)
+
+    tl.store(out + (q_start + i)[:, None].to(tl.int64) * o_token + head[:, None] * o_head + dims[None, :],
+             (acc / tl.where(total > 0, total, 1.0)[:, None]).to(out.dtype.element_ty), mask=real[:, None] & wide)
+
+
+def grouped_varlen_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_q: torch.Tensor,
+                             cu_k: torch.Tensor, max_q: int, scale: float, keys_a_step: int = KEYS_A_STEP,
+                             warps: int = WARPS) -> torch.Tensor:
+    """Causal attention of packed sequences, as `finetune.attention._cuda_varlen_attention` computes it. q: (queries,
+    heads, dim), sequence i's at cu_q[i]:cu_q[i + 1]; keys, values: (keys, kv heads, dim), sequence i's at
+    cu_k[i]:cu_k[i + 1], its queries being its last keys' tokens; every tensor's last dimension contiguous, every
+    sequence with a query. Query head h shares key head h // (heads / kv heads), as transformers' repeat_kv pairs
+    them. Returns (queries, heads, dim)."""
+    (tokens, heads, dim), kv_heads = q.shape, keys.shape[1]
+    group = heads // kv_heads
+    block = lambda n: max(16, triton.next_power_of_2(n))  # tl.arange wants powers of two, tl.dot 16 or more
+    rows = min(block(max_q * group), max(MOST_ROWS, block(group)))  # a short sequence's tile holds just its rows
+    out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
+    strides = [stride for x in (q, keys, values, out) for stride in x.stride()[:2]]
+    _grouped_varlen_attention[(len(cu_q) - 1, kv_heads, triton.cdiv(max_q, rows // group))](
+        q, keys, values, out, cu_q, cu_k, scale, *strides, GROUP=group, DIM=dim, BLOCK_D=block(dim), BLOCK_M=rows,
+        BLOCK_N=keys_a_step, num_warps=warps)
+    return out
