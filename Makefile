@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo demo-results test test-all lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train gpu-bench-eval-trained gpu-bench-eval-taught gpu-bench-branch-kernel gpu-eval-fp8 \
+.PHONY: demo demo-results test test-all lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train gpu-bench-eval-trained gpu-bench-eval-taught gpu-bench-branch-kernel gpu-bench-grouped-varlen gpu-eval-fp8 \
 	gpu-bench-train-liger gpu-bench-train-recipe gpu-bench-train-fastest gpu-optimizer gpu-fp8-7b gpu-fp8 gpu-methods tiny-methods tiny-lora-carve rehearse gpu-fsdp gpu-bench-fsdp
 
 $(INSTALLED): requirements.txt pyproject.toml
@@ -127,12 +127,17 @@ gpu-bench-eval-taught:  ## the 7B shape taught 200 steps in the same process: ge
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --teach_steps 200 --per_device_train_batch_size 8 \
 	  --gradient_accumulation_steps 1 --name $(GPU_TAG)_7b_eval_taught_200 --eval_batch_size 512 \
 	  --generation_batch_size 512 --use_liger_kernel true --repeats 2 \
-	  --modes plain_label_scoring,plain_generate,label_scoring,label_scoring_whole_last_layer,label_scoring_separate_adds,label_scoring_dense_branches,generation,generation_decoding,label_scoring_and_generation
+	  --modes plain_label_scoring,plain_generate,label_scoring,label_scoring_whole_last_layer,label_scoring_separate_adds,label_scoring_dense_branches,label_scoring_grouped_varlen,generation,generation_decoding,generation_grouped_varlen,label_scoring_and_generation
 
 # The answer branches' attention of one 512-article batch at the 7B's heads, alone: the kernel at each of its settings
 # beside the dense masked call it replaced (finetune/lab/bench_branch_kernel.py). Under a minute.
 gpu-bench-branch-kernel:  ## label scoring's branch kernel at each setting beside the dense call, one batch at the 7B's heads
 	$(PY) -m finetune.lab.bench_branch_kernel --name $(GPU_TAG)_branch_kernel
+
+# The trunks' and taken branches' attention of one 512-article batch at the 7B's heads, alone: the grouped varlen
+# kernel at each of its settings beside FlashAttention-2's (finetune/lab/bench_grouped_varlen.py). Under a minute.
+gpu-bench-grouped-varlen:  ## the grouped varlen kernel at each setting beside FlashAttention's, one batch at the 7B's heads
+	$(PY) -m finetune.lab.bench_grouped_varlen --name $(GPU_TAG)_grouped_varlen
 
 # Would FP8 evaluation give the labels bf16 gives? On the 7B shape taught 200 steps in the same process (as in
 # gpu-fp8-7b, where such a model read two thirds of the held-out articles right: its labels are not coin flips that any

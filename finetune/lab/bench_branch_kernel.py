@@ -64,26 +64,36 @@ def bench_branch_kernel(articles: int, tokens: tuple[int, int], opening: int, wa
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def batch_arguments(doc: str, name: str, opening: int) -> argparse.ArgumentParser:
+    """The command line of a benchmark that times evaluation's attention over one batch at the 7B's heads (this one
+    and `finetune.lab.bench_grouped_varlen`)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--articles", type=int, default=512, help="the evaluation batch")
     parser.add_argument("--tokens", type=int, nargs=2, default=[40, 80], help="an article's tokens after the opening")
-    parser.add_argument("--opening", type=int, default=30, help="the prompt tokens every article shares")
+    parser.add_argument("--opening", type=int, default=opening, help="the prompt tokens every article shares")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--measured", type=int, default=50)
-    parser.add_argument("--cache_dir", default="checkpoints/tokenizers", help="where Qwen2.5's tokenizer is built")
-    parser.add_argument("--name", default="branch_kernel", help="results/benchmarks/<name>.json")
+    parser.add_argument("--name", default=name, help="results/benchmarks/<name>.json")
     parser.add_argument("--results_dir", default="results/benchmarks")
+    return parser
+
+
+def write_rows(args: argparse.Namespace, benchmark: str, rows: list[dict]) -> None:
+    path = Path(args.results_dir) / f"{args.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": benchmark, "articles": args.articles, "tokens": args.tokens,
+                                "opening": args.opening, "rows": rows, "environment": environment()}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = batch_arguments(__doc__, "branch_kernel", opening=30)
+    parser.add_argument("--cache_dir", default="checkpoints/tokenizers", help="where Qwen2.5's tokenizer is built")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_branch_kernel times a Triton kernel and sdpa: it needs a CUDA GPU")
-    rows = bench_branch_kernel(args.articles, tuple(args.tokens), args.opening, args.warmup, args.measured,
-                               args.cache_dir)
-    path = Path(args.results_dir) / f"{args.name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"benchmark": "branch_kernel", "articles": args.articles, "tokens": args.tokens,
-                                "opening": args.opening, "rows": rows, "environment": environment()}, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_rows(args, "branch_kernel", bench_branch_kernel(args.articles, tuple(args.tokens), args.opening, args.warmup,
+                                                          args.measured, args.cache_dir))
 
 
 if __name__ == "__main__":
