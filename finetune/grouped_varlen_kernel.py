@@ -17,7 +17,9 @@ import triton.language as tl
 
 from finetune.branch_attention_kernel import _softmax_step
 
-KEYS_A_STEP, WARPS = 64, 8
+# Untimed guesses until `python -m finetune.lab.bench_grouped_varlen` times every setting on a GPU: a sequence has a
+# hundred-odd keys, so a deep pipeline buys little, and fewer stages leave the shared memory for more programs an SM.
+KEYS_A_STEP, WARPS, STAGES = 64, 8, 2
 MOST_ROWS = 128  # a tile's rows at most: query tokens x query heads a key head serves
 
 
@@ -64,7 +66,7 @@ def _grouped_varlen_attention(q, keys, values, out, cu_q, cu_k, scale,
 
 def grouped_varlen_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_q: torch.Tensor,
                              cu_k: torch.Tensor, max_q: int, scale: float, keys_a_step: int = KEYS_A_STEP,
-                             warps: int = WARPS) -> torch.Tensor:
+                             warps: int = WARPS, stages: int = STAGES) -> torch.Tensor:
     """Causal attention of packed sequences, as `finetune.attention._cuda_varlen_attention` computes it. q: (queries,
     heads, dim), sequence i's at cu_q[i]:cu_q[i + 1]; keys, values: (keys, kv heads, dim), sequence i's at
     cu_k[i]:cu_k[i + 1], its queries being its last keys' tokens; every tensor's last dimension contiguous, every
@@ -78,5 +80,5 @@ def grouped_varlen_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     strides = [stride for x in (q, keys, values, out) for stride in x.stride()[:2]]
     _grouped_varlen_attention[(len(cu_q) - 1, kv_heads, triton.cdiv(max_q, rows // group))](
         q, keys, values, out, cu_q, cu_k, scale, *strides, GROUP=group, DIM=dim, BLOCK_D=block(dim), BLOCK_M=rows,
-        BLOCK_N=keys_a_step, num_warps=warps)
+        BLOCK_N=keys_a_step, num_warps=warps, num_stages=stages)
     return out

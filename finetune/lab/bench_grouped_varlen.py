@@ -1,6 +1,6 @@
 """The packed sequences' attention of one evaluation batch at the 7B's heads, timed alone on one GPU: the grouped
-varlen kernel (`finetune.grouped_varlen_kernel`) at each setting of keys a step and warps, beside FlashAttention-2's
-varlen kernel (`finetune.attention._cuda_varlen_attention`), over the same sequences.
+varlen kernel (`finetune.grouped_varlen_kernel`) at each setting of keys a step, warps and pipeline stages, beside
+FlashAttention-2's varlen kernel (`finetune.attention._cuda_varlen_attention`), over the same sequences.
 
 Two shapes of a batch of `--articles`: the trunks (each article's tokens after the opening, drawn uniformly from
 `--tokens`, the answers' stem after them, attending to the opening of `--opening` tokens and to themselves), and
@@ -10,6 +10,7 @@ its output lies from FlashAttention's.
     python -m finetune.lab.bench_grouped_varlen --name h100_grouped_varlen
 """
 
+import itertools
 import json
 import statistics
 
@@ -22,6 +23,7 @@ from finetune.lab.spark import QWEN_7B
 
 KEYS_A_STEP = (32, 64, 128)
 WARPS = (4, 8)
+STAGES = (1, 2, 3)
 STEM = 3  # `{"category":"` in Qwen2.5's tokens
 BRANCHES = (2, 2, 2, 4)  # the tokens each of its four answers' branches runs after the stem
 
@@ -42,11 +44,10 @@ def bench_grouped_varlen(articles: int, tokens: tuple[int, int], opening: int, w
                    for n, h in ((queries, heads), (keys, kv_heads), (keys, kv_heads)))
         max_q, max_k, scale = int(queries.max()), int(keys.max()), dim ** -0.5
         runs = {"FlashAttention-2 varlen": lambda: _cuda_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale)}
-        for keys_a_step in KEYS_A_STEP:
-            for warps in WARPS:
-                runs[f"grouped kernel, {keys_a_step} keys a step, {warps} warps"] = (
-                    lambda n=keys_a_step, w=warps: grouped_varlen_attention(q, k, v, cu_q, cu_k, max_q, scale,
-                                                                            keys_a_step=n, warps=w))
+        for n, w, s in itertools.product(KEYS_A_STEP, WARPS, STAGES):
+            runs[f"grouped kernel, {n} keys a step, {w} warps, {s} stages"] = (
+                lambda n=n, w=w, s=s: grouped_varlen_attention(q, k, v, cu_q, cu_k, max_q, scale, keys_a_step=n,
+                                                               warps=w, stages=s))
         reference = runs["FlashAttention-2 varlen"]().float()
         for name, run in runs.items():
             ms = statistics.median(time_steps(lambda t: run(), warmup, measured))
