@@ -587,7 +587,7 @@ def test_answer_logprobs_on_cuda_are_log_softmax_read_at_the_terms(tokenizer):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("grouped_varlen", [False, True])
+@pytest.mark.parametrize("grouped_varlen", [False, True], ids=["flash_attention", "grouped_varlen"])
 def test_packed_scoring_on_cuda_matches_the_tree(tokenizer, tmp_path, grouped_varlen):
     """The varlen kernel's path (FlashAttention's, or the grouped one) against the 4D-mask one, on a bf16 model as the
     7B runs."""
@@ -637,7 +637,7 @@ def test_packing_the_next_batch_on_cuda_does_not_wait_for_the_gpu(tokenizer):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("grouped_varlen", [False, True])
+@pytest.mark.parametrize("grouped_varlen", [False, True], ids=["flash_attention", "grouped_varlen"])
 def test_tree_check_on_cuda_answers_as_greedy_decoding(tokenizer, tmp_path, grouped_varlen):
     """On CUDA the tree check reads the packed rows' logits (the varlen kernel, FlashAttention's or the grouped one,
     which decoding's prefill takes too): the same answers as decoding; with the scores from the same pass, the scores
