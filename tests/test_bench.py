@@ -10,7 +10,7 @@ from transformers import TrainerState
 
 from finetune.lab import bench, bench_optimizers, train_variants
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
-from finetune.lab.measurements import LORA_ROW, RECIPE_ROW
+from finetune.lab.measurements import LORA_ROW, RECIPE_ROW, eval_weights
 from finetune.lab.profiling import (StepClock, gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range,
                                     matmul_rates, matmul_seconds, nccl_kernel_share)
 from tests.conftest import committed_benchmark, write_synthetic_csv
@@ -391,6 +391,32 @@ def test_eval_benchmark_can_teach_the_model_first_and_reports_held_out_accuracy(
     table = eval_benchmark_table(tmp_path)
     assert "| random weights | label_scoring |" in table and "| taught 100 steps | label_scoring |" in table
     assert f"| 100.0% | {accuracy[1]:.2%} |" in table  # same labels as the tree, then held-out accuracy
+
+
+def test_an_eval_benchmark_cut_short_keeps_what_its_model_had_learned(tiny_config, tmp_path, monkeypatch):
+    """A run stopped after its first mode (a time cap) leaves a file that says its model was taught, as a whole run's
+    does: the tables must not file its figures under random weights."""
+    from finetune.lab import bench_eval
+
+    time_mode = bench_eval.time_mode
+    timed = []
+
+    def cut_after_the_first_mode(*args, **kwargs):
+        if timed:
+            raise TimeoutError("the run's time cap")
+        timed.append(1)
+        return time_mode(*args, **kwargs)
+
+    monkeypatch.setattr(bench_eval, "time_mode", cut_after_the_first_mode)
+    with pytest.raises(TimeoutError):
+        bench.main(["eval", "--name", "cut", "--teach_steps", "2", "--profile", "tiny", "--data_dir",
+                    tiny_config.data_dir, "--holdout_train_size", "60", "--vocab_size", "512", "--hidden_size", "64",
+                    "--num_heads", "4", "--max_length", "128", "--eval_batch_size", "32", "--repeats", "1",
+                    "--modes", "plain_label_scoring,label_scoring", "--checkpoints_dir", tiny_config.checkpoints_dir,
+                    "--results_dir", str(tmp_path)])
+    record = json.loads((tmp_path / "benchmarks" / "cut.json").read_text())
+    assert list(record["modes"]) == ["plain_label_scoring"] and record["teaching"]["steps"] == 2
+    assert eval_weights(record) == "taught 2 steps"
 
 
 def test_teaching_leaves_liger_off_so_the_plain_anchors_stay_plain(tiny_config, monkeypatch):

@@ -223,14 +223,16 @@ def bench_eval(config: RunConfig, modes: list[str], repeats: int, generation_bat
     start = time.perf_counter()
     encode_prompts(tokenizer, texts, config.max_length)
     # the plain modes' host-side share of their time below; the suite's encode a batch while the one before runs
-    tokenization_seconds = time.perf_counter() - start
+    # what the modes run on, in every save: a run cut short still says what its model had learned
+    known = {"data": splits.describe(), **({"teaching": teaching} if teaching else {}),
+             "tokenization_seconds": time.perf_counter() - start, "repeats": repeats}
     compared = compare_modes(model, tokenizer, texts, modes, batch_size=config.eval_batch_size,
                              generation_batch_size=generation_batch_size or config.eval_batch_size,
                              max_length=config.max_length, repeats=repeats, liger=config.use_liger_kernel,
                              compile_layers=config.compile_layers, held_out_labels=splits.eval["label"].to_numpy(),
-                             report=lambda name, value: print(name, json.dumps(value), flush=True), save=save)
-    return {"data": splits.describe(), **({"teaching": teaching} if teaching else {}),
-            "tokenization_seconds": tokenization_seconds, "repeats": repeats, **compared}
+                             report=lambda name, value: print(name, json.dumps(value), flush=True),
+                             save=lambda so_far: save({**known, **so_far}))
+    return {**known, **compared}
 
 
 def plot_train(results: dict, path: Path) -> None:
