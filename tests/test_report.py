@@ -145,13 +145,13 @@ def test_a_figure_that_rounds_to_its_goal_shows_one_more_digit_on_the_side_it_li
 
 
 def test_runs_timed_before_a_change_to_the_benchmarks_timing_are_another_configuration(tmp_path, monkeypatch):
-    """A change to how the eval benchmark times every mode (`bench_eval.TIMING_CHANGES`: the whole warm-up pass)
+    """A change to how the eval benchmark times every mode (`bench_eval.BENCHMARK_CHANGES`: the whole warm-up pass)
     separates the runs before it from those after, as an evaluation change does: the goal is judged on the later run
     alone, and the earlier one is labelled with what it lacked."""
     from finetune.lab import measurements
     from finetune.lab.bench_eval import MODES
 
-    monkeypatch.setattr(measurements, "TIMING_CHANGES",
+    monkeypatch.setattr(measurements, "BENCHMARK_CHANGES",
                         (("0000000", "2026-12-08T00:00:00+00:00", MODES, "a whole warm-up pass"),))
     _assert_judged_on_the_new_run_alone(tmp_path, "2026-12-07T23:00:00+00:00", "2026-12-08T01:00:00+00:00")
     keys = sorted(key for key, _, _, _ in measurements.mode_over_mode(tmp_path, "generation_decoding", "plain_generate",
@@ -161,11 +161,11 @@ def test_runs_timed_before_a_change_to_the_benchmarks_timing_are_another_configu
 
 def test_the_first_pass_table_sets_each_modes_first_timed_pass_against_its_second_by_how_the_run_warmed_up(
         tmp_path, monkeypatch):
-    """Runs before the whole warm-up pass (`TIMING_CHANGES`) and after it, each with its first pass over its second; a
+    """Runs before the whole warm-up pass (`WHOLE_WARM_UP`) and after it, each with its first pass over its second; a
     mode the benchmark no longer has comes after its modes."""
     from finetune.lab import report
 
-    monkeypatch.setattr(report, "TIMING_CHANGES", (("0000000", "2026-12-08T00:00:00+00:00", ("plain_generate",), "w"),))
+    monkeypatch.setattr(report, "WHOLE_WARM_UP", ("0000000", "2026-12-08T00:00:00+00:00", ("plain_generate",), "w"))
     (tmp_path / "benchmarks").mkdir()
     for name, created, seconds in (("a", "2026-12-07T23:00:00+00:00", [33.0, 27.5]),
                                    ("b", "2026-12-07T23:30:00+00:00", [30.0, 25.0]),
@@ -474,7 +474,7 @@ def test_the_published_comparison_gives_each_median_with_its_range(tmp_path):
 def test_the_published_comparison_says_when_its_figure_is_older_codes(tmp_path):
     """Where no run of today's evaluation code was timed, the targets fall back to older code's runs; the front page
     then says so rather than pass their figure off as today's."""
-    from finetune.lab.bench_eval import TIMING_CHANGES
+    from finetune.lab.bench_eval import BENCHMARK_CHANGES
     from finetune.lab.targets import published_comparison
     from finetune.results import EVALUATION_CHANGES
 
@@ -485,7 +485,7 @@ def test_the_published_comparison_says_when_its_figure_is_older_codes(tmp_path):
               "liger_kernels": {"in_use": True}, "environment": {"hardware": {"gpu": {"name": "NVIDIA H100"}},
                                                                    "git_commit": "0" * 40}}  # predates every change
     (tmp_path / "benchmarks" / "a.json").write_text(json.dumps(record))
-    changes = sum("label_scoring" in modes for _, _, modes, _ in EVALUATION_CHANGES + TIMING_CHANGES)
+    changes = sum("label_scoring" in modes for _, _, modes, _ in EVALUATION_CHANGES + BENCHMARK_CHANGES)
     assert (f"600 articles/s, label scoring, on one H100 (1 run; before {changes} evaluation changes) |"
             in published_comparison(tmp_path))
 
@@ -493,12 +493,12 @@ def test_the_published_comparison_says_when_its_figure_is_older_codes(tmp_path):
 def test_without_a_run_of_todays_code_the_targets_show_the_newest_code_timed(tmp_path):
     """A faster run of older code must not stand in for the newest code's runs: after an evaluation change, the
     figure is the runs of the code just before it, not the best of all the code ever timed."""
-    from finetune.lab.bench_eval import TIMING_CHANGES
+    from finetune.lab.bench_eval import BENCHMARK_CHANGES
     from finetune.lab.targets import published_comparison
     from finetune.results import EVALUATION_CHANGES
 
     (tmp_path / "benchmarks").mkdir()
-    newest = max(committed for _, committed, modes, _ in EVALUATION_CHANGES + TIMING_CHANGES
+    newest = max(committed for _, committed, modes, _ in EVALUATION_CHANGES + BENCHMARK_CHANGES
                  if "label_scoring" in modes)
     just_before = (datetime.datetime.fromisoformat(newest) - datetime.timedelta(seconds=1)).isoformat()
     for name, rate, made in (("old", 700.0, {}), ("newer", 600.0, {"created_at": just_before})):

@@ -71,10 +71,13 @@ MODES = PLAIN_MODES + ("plain_label_scoring_kernels", "plain_generate_kernels", 
                        "label_scoring_whole_last_layer", "label_scoring_separate_adds", "label_scoring_dense_branches",
                        "label_scoring_grouped_varlen", "generation", "generation_decoding", "generation_grouped_varlen",
                        "label_scoring_and_generation", *FP8_MODES)
-# Changes to how every mode is timed, oldest first (commit, its time, the modes, what): the tables take runs timed
-# before one for another configuration, as they do runs before an evaluation change (`finetune.results.
-# EVALUATION_CHANGES`, whose shape this follows).
-TIMING_CHANGES = (("f0c4135", "2026-12-07T18:43:19+00:00", MODES, "a whole warm-up pass"),)
+# Changes to the benchmark itself, oldest first (commit, its time, the modes, what): to how it times every mode, or to
+# a mode of its own rather than evaluation's (those are `finetune.results.EVALUATION_CHANGES`, whose shape this
+# follows). The tables take runs made before one for another configuration, as they do runs before an evaluation change.
+WHOLE_WARM_UP = ("f0c4135", "2026-12-07T18:43:19+00:00", MODES, "a whole warm-up pass")
+BENCHMARK_CHANGES = (WHOLE_WARM_UP, ("e141fb0", "2026-12-07T21:52:24+00:00",
+                                    ("label_scoring_grouped_varlen", "generation_grouped_varlen"),
+                                    "the grouped kernel's benchmarked setting"))
 # The modes whose labels are set against the tree method's, the reference implementation (`agreement`).
 AGREEMENT_MODES = ("plain_label_scoring", "label_scoring", "label_scoring_grouped_varlen", *FP8_MODES)
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 from transformers import Qwen2Config
 
 from finetune.config import REFERENCE_SPEED, RunConfig
-from finetune.lab.bench_eval import ALL_ANCHORS, KERNEL_ANCHORS, TIMING_CHANGES
+from finetune.lab.bench_eval import ALL_ANCHORS, BENCHMARK_CHANGES, KERNEL_ANCHORS
 from finetune.lab.stock_trl import STOCK_TRL, STOCK_TRL_TUNED
 from finetune.results import hardware_label, made_before
 from finetune.throughput import ArticleTokens, bf16_peak_tflops, training_flops_per_token
@@ -236,8 +236,9 @@ def lora_over_recipe(results_dir: Path) -> list[Row]:
 
 
 def changes_missed(record: dict, modes: tuple[str, ...]) -> tuple[str, ...]:
-    """The evaluation changes to `modes` and the changes to how the benchmark times them that an eval run predates."""
-    return tuple(made_before(record, modes) + made_before(record, modes, TIMING_CHANGES))
+    """The evaluation changes to `modes` and the benchmark's own changes to them (how it times them, its own modes'
+    code) that an eval run predates."""
+    return tuple(made_before(record, modes) + made_before(record, modes, BENCHMARK_CHANGES))
 
 
 def eval_weights(record: dict) -> str:

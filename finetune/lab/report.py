@@ -12,7 +12,7 @@ import re
 import statistics
 from pathlib import Path
 
-from finetune.lab.bench_eval import MODES, TIMING_CHANGES
+from finetune.lab.bench_eval import MODES, WHOLE_WARM_UP
 from finetune.lab.methods import methods_section
 from finetune.lab.rehearse import rehearsal_table
 from finetune.lab.spark import spark_section
@@ -109,7 +109,7 @@ def first_pass_table(results_dir: Path) -> str:
     modes up (`bench_eval.time_mode`): a first pass slower than the second is warm-up the clock counted."""
     ratios: dict[tuple[str, bool], list[float]] = {}
     for _, record in on_one_gpu(results_dir, "eval"):
-        whole = not made_before(record, MODES, TIMING_CHANGES)
+        whole = not made_before(record, MODES, (WHOLE_WARM_UP,))
         for mode, m in record["modes"].items():
             seconds = m.get("seconds_per_run", [])
             if len(seconds) > 1:
