@@ -49,6 +49,26 @@ def compiled_offline_output(script: str):
     return json.loads(done.stdout.splitlines()[-1])
 
 
+# The most shared memory a block may take: 227 KB on Hopper, 99 KB on the GB10 (sm_12x), as CUDA's guide lists them.
+SHARED_MEMORY_A_BLOCK = {90: 232_448, 121: 101_376}
+
+
+def assert_compiles_offline_for_hopper_and_the_dgx_spark(module: str, kernel: str, call: str) -> None:
+    """The Triton `kernel` of `module`, launched as `call` makes its first launch (a Python expression on `k`, the
+    module, and `z(*shape)`, bf16 zeros on the CPU), compiled on this CPU for sm_90 (H100, H200) and sm_121 (GB10, the
+    DGX Spark): its matmuls run on the tensor cores, and its shared memory fits a block of each (Triton would refuse it
+    only at the first launch there)."""
+    script = (f"import json, torch; import {module} as k; "
+              "from finetune.lab.sass_adamw8bit import compile_offline, first_launch; "
+              "z = lambda *s: torch.zeros(*s, dtype=torch.bfloat16); "
+              f"launch = first_launch(k, '{kernel}', lambda: {call}); "
+              f"compiled = {{arch: compile_offline(k.{kernel}, *launch, arch) for arch in (90, 121)}}; "
+              "print(json.dumps({arch: [c.asm['ptx'].count('mma'), c.metadata.shared] "
+              "for arch, c in compiled.items()}))")
+    for arch, (mma, shared) in compiled_offline_output(script).items():
+        assert mma and shared <= SHARED_MEMORY_A_BLOCK[int(arch)], (arch, mma, shared)
+
+
 def write_synthetic_csv(path: Path, per_class: int, seed: int = 0) -> None:
     """A classic AG News CSV (class 1-4, title, description; no header) with AG News' debris in some rows."""
     rng = random.Random(seed)

@@ -6,7 +6,7 @@ import torch
 
 from finetune.packed import _branch_attention, pack_batch
 from finetune.predict import AnswerTree
-from tests.conftest import compiled_offline_output
+from tests.conftest import assert_compiles_offline_for_hopper_and_the_dgx_spark
 
 # Qwen2.5's four answers' shape: a shared stem, then branches of two, two, two and four tokens.
 ANSWERS = [[1, 2, 3, 10, 11, 99], [1, 2, 3, 12, 11, 99], [1, 2, 3, 13, 11, 99], [1, 2, 3, 14, 15, 16, 11, 99]]
@@ -41,25 +41,13 @@ def test_the_branch_kernel_attends_as_the_dense_call_on_the_interpreter(dtype, d
     torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
 
 
-# The most shared memory a block may take: 227 KB on Hopper, 99 KB on the GB10 (sm_12x), as CUDA's guide lists them.
-SHARED_MEMORY_A_BLOCK = {90: 232_448, 121: 101_376}
-
-
 def test_the_branch_kernel_compiles_offline_for_hopper_and_the_dgx_spark():
-    """Compiled on this CPU from the arguments the 7B's label scoring passes (28 query heads, 4 key heads, 128 wide),
-    for sm_90 (H100, H200) and sm_121 (GB10, the DGX Spark): its matmuls run on the tensor cores, and its shared
-    memory fits a block of each (Triton would refuse it only at the first launch there)."""
-    script = ("import json, torch; import finetune.branch_attention_kernel as k; "
-              "from finetune.lab.sass_adamw8bit import compile_offline, first_launch; "
-              "z = lambda *s: torch.zeros(*s, dtype=torch.bfloat16); "
-              "launch = first_launch(k, '_branch_attention', lambda: k.branch_attention(z(20, 28, 128), z(90, 4, 128), "
-              "z(90, 4, 128), z(20, 4, 128), z(20, 4, 128), torch.tensor([0, 40, 90], dtype=torch.int32), "
-              "torch.ones(10, 10, dtype=torch.bool), 128 ** -0.5)); "
-              "compiled = {arch: compile_offline(k._branch_attention, *launch, arch) for arch in (90, 121)}; "
-              "print(json.dumps({arch: [c.asm['ptx'].count('mma'), c.metadata.shared] "
-              "for arch, c in compiled.items()}))")
-    for arch, (mma, shared) in compiled_offline_output(script).items():
-        assert mma and shared <= SHARED_MEMORY_A_BLOCK[int(arch)], (arch, mma, shared)
+    """From the arguments the 7B's label scoring passes (28 query heads, 4 key heads, 128 wide): tensor-core matmuls,
+    within a block's shared memory, for sm_90 and sm_121."""
+    assert_compiles_offline_for_hopper_and_the_dgx_spark(
+        "finetune.branch_attention_kernel", "_branch_attention",
+        "k.branch_attention(z(20, 28, 128), z(90, 4, 128), z(90, 4, 128), z(20, 4, 128), z(20, 4, 128), "
+        "torch.tensor([0, 40, 90], dtype=torch.int32), torch.ones(10, 10, dtype=torch.bool), 128 ** -0.5)")
 
 
 @pytest.mark.gpu

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from finetune.attention import _padded_causal_attention
-from tests.test_branch_attention import SHARED_MEMORY_A_BLOCK
-from tests.conftest import compiled_offline_output
+from tests.conftest import assert_compiles_offline_for_hopper_and_the_dgx_spark
 
 
 def kernel_and_reference(queries: list[int], keys: list[int], heads: int, kv_heads: int, dim: int, dtype, device):
@@ -56,19 +55,13 @@ def test_a_short_sequences_tile_holds_only_its_rows(monkeypatch):
 
 
 def test_the_grouped_kernel_compiles_offline_for_hopper_and_the_dgx_spark():
-    """Compiled on this CPU from the arguments a 7B trunk pass gives it (28 query heads, 4 key heads, 128 wide), for
-    sm_90 (H100, H200) and sm_121 (GB10): its matmuls run on the tensor cores, its shared memory fits a block."""
-    script = ("import json, torch; import finetune.grouped_varlen_kernel as k; "
-              "from finetune.lab.sass_adamw8bit import compile_offline, first_launch; "
-              "z = lambda *s: torch.zeros(*s, dtype=torch.bfloat16); "
-              "launch = first_launch(k, '_grouped_varlen_attention', lambda: k.grouped_varlen_attention("
-              "z(120, 28, 128), z(200, 4, 128), z(200, 4, 128), torch.tensor([0, 60, 120], dtype=torch.int32), "
-              "torch.tensor([0, 100, 200], dtype=torch.int32), 60, 128 ** -0.5)); "
-              "compiled = {arch: compile_offline(k._grouped_varlen_attention, *launch, arch) for arch in (90, 121)}; "
-              "print(json.dumps({arch: [c.asm['ptx'].count('mma'), c.metadata.shared] "
-              "for arch, c in compiled.items()}))")
-    for arch, (mma, shared) in compiled_offline_output(script).items():
-        assert mma and shared <= SHARED_MEMORY_A_BLOCK[int(arch)], (arch, mma, shared)
+    """From the arguments a 7B trunk pass gives it (28 query heads, 4 key heads, 128 wide): tensor-core matmuls,
+    within a block's shared memory, for sm_90 and sm_121."""
+    assert_compiles_offline_for_hopper_and_the_dgx_spark(
+        "finetune.grouped_varlen_kernel", "_grouped_varlen_attention",
+        "k.grouped_varlen_attention(z(120, 28, 128), z(200, 4, 128), z(200, 4, 128), "
+        "torch.tensor([0, 60, 120], dtype=torch.int32), torch.tensor([0, 100, 200], dtype=torch.int32), 60, "
+        "128 ** -0.5)")
 
 
 @pytest.mark.gpu
