@@ -116,6 +116,7 @@ def first_pass_table(results_dir: Path) -> str:
                 ratios.setdefault((mode, whole), []).append(seconds[0] / seconds[1])
     lines = ["| mode | warmed up on | runs | first timed pass over the second (median) | min - max |",
              "|---|---|---|---|---|"]
+
     def order(item):  # the benchmark's modes in its order, then any mode it no longer has, by name
         (mode, whole), _ = item
         return (MODES.index(mode) if mode in MODES else len(MODES), mode, whole)
