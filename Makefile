@@ -127,7 +127,7 @@ gpu-bench-eval-taught:  ## the 7B shape taught 200 steps in the same process: ge
 	$(PY) -m finetune.lab.bench eval --profile qwen2.5-7b-shape --teach_steps 200 --per_device_train_batch_size 8 \
 	  --gradient_accumulation_steps 1 --name $(GPU_TAG)_7b_eval_taught_200 --eval_batch_size 512 \
 	  --generation_batch_size 512 --use_liger_kernel true --repeats 2 \
-	  --modes plain_label_scoring,plain_generate,label_scoring,label_scoring_whole_last_layer,label_scoring_separate_adds,label_scoring_dense_branches,label_scoring_grouped_varlen,generation,generation_decoding,generation_grouped_varlen,label_scoring_and_generation
+	  --modes plain_label_scoring,plain_generate,label_scoring,label_scoring_whole_last_layer,label_scoring_separate_adds,label_scoring_dense_branches,label_scoring_flash_attention,generation,generation_decoding,generation_flash_attention,label_scoring_and_generation
 
 # The answer branches' attention of one 512-article batch at the 7B's heads, alone: the kernel at each of its settings
 # beside the dense masked call it replaced (finetune/lab/bench_branch_kernel.py). Under a minute.

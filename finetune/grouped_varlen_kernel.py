@@ -1,14 +1,16 @@
 """Causal varlen attention for evaluation's packed rows (`finetune.packed`), one Triton program a sequence, key head
 and tile of queries, the query heads that share a key head laid along the tile's rows.
 
-FlashAttention-2's varlen kernel, which the packed rows call otherwise, runs a program a sequence, query head and 128
+FlashAttention-2's varlen kernel, which the packed rows called before, runs a program a sequence, query head and 128
 queries. Evaluation's sequences are short: a trunk is about 60 queries, a taken branch two to four (with about a
 hundred keys each), so most of a program's 128 rows are empty and each of a key head's seven query heads reads its
 keys again. In generation's first profile that kernel took 6% of the GPU's time, about as much for the taken branches'
 few queries as for the trunks (results/benchmarks/h100_7b_eval_taught_200_warm.json). Here a tile's rows are its
 queries' tokens times the group's query heads (18 tokens x 7 heads for the 7B, or as few rows as a sequence needs),
-each read once and scored against its key head's keys in one pass. Off by default (`finetune.packed.GROUPED_VARLEN`)
-until a run on the GPU shows it faster: the eval benchmark times it against FlashAttention's in the same run.
+each read once and scored against its key head's keys in one pass. The default (`finetune.packed.GROUPED_VARLEN`)
+since two runs on an H100 made generation 3-4% faster with it than with FlashAttention's, in the same run (the eval
+benchmark's "_flash_attention" modes time the other kernel; docs/performance.md, "The packed sequences' grouped
+kernel").
 """
 
 import torch

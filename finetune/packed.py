@@ -35,10 +35,11 @@ from finetune.speedups import queued_copy
 
 PACKED = "packed_answers"
 PREFILL = "packed_prefill"
-# The eval benchmark turns the branches' kernel off to time what it saves, in the same run, and the grouped varlen
-# kernel on to time it against FlashAttention's, which stays the default until then (`attention_kernels`).
+# The eval benchmark turns each kernel off to time what it saves against what it replaced, in the same run
+# (`attention_kernels`): the branches' kernel against one dense masked call, the grouped varlen kernel against
+# FlashAttention's varlen kernel.
 BRANCH_KERNEL = True
-GROUPED_VARLEN = False
+GROUPED_VARLEN = True
 
 
 @dataclass
@@ -265,8 +266,8 @@ def _on_kernels(q: torch.Tensor) -> bool:
 
 def _attend_sequences(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout, scaling: float | None):
     """The packed sequences of `layout` (its cu_q, cu_k, max_q, max_k), their keys gathered in its key_index order:
-    through the varlen kernel (`_on_kernels`; the grouped one where `attention_kernels` asks), else through its
-    exact padded equivalent."""
+    through the grouped varlen kernel on CUDA (`_on_kernels`; FlashAttention's where `attention_kernels` asks), else
+    through its exact padded equivalent."""
     if _on_kernels(q) and GROUPED_VARLEN:
         from finetune.grouped_varlen_kernel import grouped_varlen_attention  # triton: imported where it runs
         return grouped_varlen_attention(q, keys, values, layout.cu_q, layout.cu_k, layout.max_q,

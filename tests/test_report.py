@@ -558,3 +558,22 @@ def test_decodings_bound_counts_only_the_runs_whose_profile_measured_its_gpu_bou
     rows = mode_over_mode(tmp_path, "generation_decoding", "plain_generate", "bound", taught_only=True,
                           rate="gpu_bound_articles_per_second")
     assert [(row[2], round(row[3]["ratio"], 2)) for row in rows] == [("profiled.json", 2.7)]
+
+
+def test_the_grouped_kernel_over_flash_attention_reads_runs_from_before_and_after_it_became_the_default(tmp_path):
+    """A run from before the switch timed the grouped kernel as "generation_grouped_varlen" beside "generation" (then
+    FlashAttention's); one from after it timed "generation" (now the grouped kernel) beside
+    "generation_flash_attention". Each gives the grouped kernel's rate over FlashAttention's, never the inverse."""
+    from finetune.lab.measurements import grouped_over_flash_attention
+
+    (tmp_path / "benchmarks").mkdir()
+    for name, modes in (("before", {"generation_grouped_varlen": 800.0, "generation": 780.0}),
+                        ("after", {"generation": 810.0, "generation_flash_attention": 750.0})):
+        record = {"benchmark": "eval", "world_size": 1, "created_at": "2099-01-01T00:00:00+00:00",
+                  "config": {"model": "taught"},
+                  "modes": {mode: {"articles_per_second": rate, "batch_size": 512} for mode, rate in modes.items()},
+                  "environment": {"hardware": {"gpu": {"name": "NVIDIA H100"}}, "git_commit": None}}
+        (tmp_path / "benchmarks" / f"{name}.json").write_text(json.dumps(record))
+    rows = grouped_over_flash_attention(tmp_path, "generation", taught_only=True)
+    assert sorted((row[2], round(row[3]["ratio"], 4)) for row in rows) == [("after.json", 1.08),
+                                                                             ("before.json", 1.0256)]

@@ -41,8 +41,8 @@ SMALL_BATCH_EVERY = 4
 ANCHORS = {"label_scoring_tree": "plain_label_scoring", "label_scoring": "plain_label_scoring",
            "label_scoring_whole_last_layer": "plain_label_scoring",
            "label_scoring_separate_adds": "plain_label_scoring", "label_scoring_dense_branches": "plain_label_scoring",
-           "label_scoring_grouped_varlen": "plain_label_scoring", "generation": "plain_generate",
-           "generation_decoding": "plain_generate", "generation_grouped_varlen": "plain_generate"}
+           "label_scoring_flash_attention": "plain_label_scoring", "generation": "plain_generate",
+           "generation_decoding": "plain_generate", "generation_flash_attention": "plain_generate"}
 # The same anchors timed again after the suite's kernels were applied: the anchor at its strongest.
 KERNEL_ANCHORS = {mode: f"{anchor}_kernels" for mode, anchor in ANCHORS.items()}
 # Label scoring and its anchor again, last, once the decoder layers' linear layers are FP8 (`quantize_for_fp8`): a
@@ -50,7 +50,9 @@ KERNEL_ANCHORS = {mode: f"{anchor}_kernels" for mode, anchor in ANCHORS.items()}
 # against bf16's labels (`agreement_with_tree`). Not part of the recipe; skipped where FP8 cannot run.
 FP8_ANCHORS = {"label_scoring_fp8": "plain_label_scoring_fp8"}
 FP8_MODES = (*FP8_ANCHORS.values(), *FP8_ANCHORS)
-ALL_ANCHORS = {**ANCHORS, **FP8_ANCHORS}  # every suite mode's plain-HF anchor, at the mode's own precision
+# Modes of older benchmark files, read by the tables: the grouped kernel's, from before it became the default.
+FORMER_ANCHORS = {"label_scoring_grouped_varlen": "plain_label_scoring", "generation_grouped_varlen": "plain_generate"}
+ALL_ANCHORS = {**ANCHORS, **FP8_ANCHORS, **FORMER_ANCHORS}  # every suite mode's plain-HF anchor, at its own precision
 # The anchors attend as transformers does by default, whatever the suite loaded the model with.
 ANCHOR_ATTENTION = "sdpa"
 PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64")
@@ -63,13 +65,15 @@ PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64"
 # "label_scoring_dense_branches" with the answer branches in one masked sdpa call (`attention_kernels`): what running
 # the MLP only where the logits are read (finetune/last_layer.py), the adds inside the matmuls
 # (finetune/residual_adds.py) and the branches' kernel (finetune/branch_attention_kernel.py) save, in the same run.
-# "label_scoring_grouped_varlen" and "generation_grouped_varlen" run their packed sequences through the grouped varlen
-# kernel (finetune/grouped_varlen_kernel.py), not yet the default: what it would save, in the same run.
+# "label_scoring_flash_attention" and "generation_flash_attention" run their packed sequences through FlashAttention's
+# varlen kernel, not the grouped one (finetune/grouped_varlen_kernel.py): what the grouped kernel saves, in the same
+# run. Runs before it became the default timed it the other way round, as "label_scoring_grouped_varlen" and
+# "generation_grouped_varlen".
 # "label_scoring_and_generation" is both from one pass, as an evaluation of both runs them (`score_then_generate`; its
 # predictions are generation's): against "label_scoring" and "generation" in the same run, what sharing the pass saves.
 MODES = PLAIN_MODES + ("plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree", "label_scoring",
                        "label_scoring_whole_last_layer", "label_scoring_separate_adds", "label_scoring_dense_branches",
-                       "label_scoring_grouped_varlen", "generation", "generation_decoding", "generation_grouped_varlen",
+                       "label_scoring_flash_attention", "generation", "generation_decoding", "generation_flash_attention",
                        "label_scoring_and_generation", *FP8_MODES)
 # Changes to the benchmark itself, oldest first (commit, its time, the modes, what): to how it times every mode, or to
 # a mode of its own rather than evaluation's (those are `finetune.results.EVALUATION_CHANGES`, whose shape this
@@ -79,7 +83,7 @@ BENCHMARK_CHANGES = (WHOLE_WARM_UP, ("e141fb0", "2026-12-07T21:52:24+00:00",
                                     ("label_scoring_grouped_varlen", "generation_grouped_varlen"),
                                     "the grouped kernel's benchmarked setting"))
 # The modes whose labels are set against the tree method's, the reference implementation (`agreement`).
-AGREEMENT_MODES = ("plain_label_scoring", "label_scoring", "label_scoring_grouped_varlen", *FP8_MODES)
+AGREEMENT_MODES = ("plain_label_scoring", "label_scoring", "label_scoring_flash_attention", *FP8_MODES)
 
 
 @torch.inference_mode()
@@ -138,7 +142,7 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
     """texts -> Predictions for one mode, and the batch size it runs at."""
     batch = {"plain_generate": generation_batch_size, "plain_generate_kernels": generation_batch_size,
              "plain_generate_batch64": SMALL_BATCH, "generation": generation_batch_size,
-             "generation_decoding": generation_batch_size, "generation_grouped_varlen": generation_batch_size,
+             "generation_decoding": generation_batch_size, "generation_flash_attention": generation_batch_size,
              "label_scoring_and_generation": generation_batch_size}.get(mode, batch_size)
     runners = {
         "plain_label_scoring": lambda t: plain_label_scoring(model, tokenizer, t, batch, max_length),
@@ -158,15 +162,15 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
         "label_scoring_dense_branches": lambda t: _with(
             attention_kernels(branch_kernel=False),
             lambda: score_labels(model, tokenizer, t, batch, max_length, False, "packed")),
-        "label_scoring_grouped_varlen": lambda t: _with(
-            attention_kernels(grouped_varlen=True),
+        "label_scoring_flash_attention": lambda t: _with(
+            attention_kernels(grouped_varlen=False),
             lambda: score_labels(model, tokenizer, t, batch, max_length, False, "packed")),
         "label_scoring_fp8": lambda t: score_labels(model, tokenizer, t, batch, max_length, False, "packed"),
         "generation": lambda t: generate_labels(model, tokenizer, t, batch, max_length, progress=False),
         "generation_decoding": lambda t: generate_labels(model, tokenizer, t, batch, max_length, progress=False,
                                                          tree_check=False),
-        "generation_grouped_varlen": lambda t: _with(
-            attention_kernels(grouped_varlen=True),
+        "generation_flash_attention": lambda t: _with(
+            attention_kernels(grouped_varlen=False),
             lambda: generate_labels(model, tokenizer, t, batch, max_length, progress=False)),
         "label_scoring_and_generation": lambda t: dict(score_then_generate(model, tokenizer, t, batch, max_length,
                                                                            progress=False))["generation"],
@@ -274,8 +278,8 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
                   generation_batch_size: int, max_length: int, repeats: int, liger: bool,
                   compile_layers: bool = False, held_out_labels: np.ndarray | None = None,
                   profile_modes: tuple[str, ...] = ("plain_label_scoring", "label_scoring_tree", "label_scoring",
-                                                    "label_scoring_grouped_varlen", "plain_generate", "generation",
-                                                    "generation_decoding", "generation_grouped_varlen",
+                                                    "label_scoring_flash_attention", "plain_generate", "generation",
+                                                    "generation_decoding", "generation_flash_attention",
                                                     "label_scoring_fp8"),
                   report=print, save=lambda compared: None) -> dict:
     """Every mode in `MODES` order (plain ones first; Liger's kernels and compiled layers, when asked for, applied

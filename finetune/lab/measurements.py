@@ -272,6 +272,15 @@ def mode_over_mode(results_dir: Path, mode: str | tuple[str, ...], over: str | t
     return rows
 
 
+def grouped_over_flash_attention(results_dir: Path, mode: str, taught_only: bool = False) -> list[Row]:
+    """`mode` with the grouped varlen kernel over the same mode with FlashAttention's varlen kernel, per run: `mode`
+    over "<mode>_flash_attention" since the grouped kernel became the default, "<mode>_grouped_varlen" over `mode` in
+    the runs before (the same two kernels, named the other way round)."""
+    what = f"{mode.replace('_', ' ')}'s grouped varlen kernel over FlashAttention's"
+    return (mode_over_mode(results_dir, f"{mode}_grouped_varlen", mode, what, taught_only)
+            + mode_over_mode(results_dir, mode, f"{mode}_flash_attention", what, taught_only))
+
+
 def eval_anchor_mismatch(record: dict, mode: str, anchors: dict = ALL_ANCHORS) -> str | None:
     """Why an evaluation mode may not be divided by its plain-HF anchor (`KERNEL_ANCHORS`: the one with the same
     kernels) because the anchor ran at another batch size, or None."""

@@ -10,8 +10,9 @@ runs.
 import re
 from pathlib import Path
 
-from finetune.lab.measurements import (RECIPE_ROW, Measured, Row, by_name, eval_rows, lora_over_recipe, mode_over_mode,
-                                       summarize, training_rows, tuned_anchor_ceilings)
+from finetune.lab.measurements import (RECIPE_ROW, Measured, Row, by_name, eval_rows, grouped_over_flash_attention,
+                                       lora_over_recipe, mode_over_mode, summarize, training_rows,
+                                       tuned_anchor_ceilings)
 from finetune.results import load_records
 
 SCORING_TARGET = "label scoring articles/s over 7,600 (one H100 or H200)"
@@ -98,10 +99,8 @@ def targets(results_dir: Path) -> list[Target]:
             ("label scoring with the answer branches in their own kernel, over one masked sdpa call, same run and "
              "batch", None, mode_over_mode(results_dir, "label_scoring", "label_scoring_dense_branches",
                                            "label scoring over dense branches"), "ratio"),
-            ("label scoring with the grouped varlen kernel (not yet the default), over FlashAttention's varlen kernel, "
-             "same run and batch", None, mode_over_mode(results_dir, "label_scoring_grouped_varlen", "label_scoring",
-                                                       "label scoring's grouped varlen kernel over FlashAttention's"),
-             "ratio"),
+            ("label scoring with the grouped varlen kernel, over FlashAttention's varlen kernel, same run and batch",
+             None, grouped_over_flash_attention(results_dir, "label_scoring"), "ratio"),
             (GENERATION_TARGET, 250, of_mode("generation"), "articles_per_second"),
             ("generation vs plain `generate`, same run and batch, on weights taught the answer format", 3.0,
              of_mode("generation", taught), "vs_anchor"),
@@ -119,10 +118,9 @@ def targets(results_dir: Path) -> list[Target]:
              "tree, same run and batch, on weights taught the answer format", None,
              mode_over_mode(results_dir, "generation", "label_scoring_and_generation",
                             "generation over the whole tree's one pass", taught_only=True), "ratio"),
-            ("generation with the grouped varlen kernel (not yet the default), over FlashAttention's varlen kernel, "
-             "same run and batch, on weights taught the answer format", None,
-             mode_over_mode(results_dir, "generation_grouped_varlen", "generation",
-                            "generation's grouped varlen kernel over FlashAttention's", taught_only=True), "ratio"),
+            ("generation with the grouped varlen kernel, over FlashAttention's varlen kernel, same run and batch, on "
+             "weights taught the answer format", None, grouped_over_flash_attention(results_dir, "generation", True),
+             "ratio"),
             # The check's bounds, as label scoring's above: the GPU never left waiting, then its matmuls alone.
             *((f"the most generation can reach against plain `generate` with its {what}, same run and batch, on "
                "weights taught the answer format", None,
