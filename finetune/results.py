@@ -50,6 +50,8 @@ EVALUATION_CHANGES = (
     ("3365365", "2026-12-07T09:05:03+00:00", ("generation", "generation_lenient", DECODING),
      "stop flag read from the trained answers' length on"),
     ("5b191b0", "2026-12-07T17:25:10+00:00", ("generation", "generation_lenient"), "only the branch taken checked"),
+    ("15ca141", "2026-12-07T22:48:31+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
+     "the grouped varlen kernel"),
 )
 
 
