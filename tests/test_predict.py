@@ -145,9 +145,9 @@ def test_packed_passes_run_the_last_layers_mlp_only_on_the_rows_they_read(model,
 def test_packed_rows_through_the_grouped_kernel_score_check_and_decode_as_the_exact_path(model, tokenizer,
                                                                                         monkeypatch):
     """The packed passes on their CUDA kernels, here on Triton's interpreter, every packed sequence through the grouped
-    varlen kernel (the default): label scoring gives each answer's explicit log-probability (the trunks), a branch run after its
-    trunk the logits the whole tree gives it (the taken branches: fewer queries than keys), and decoding the exact
-    path's answers (its prefill)."""
+    varlen kernel (the default): label scoring gives each answer's explicit log-probability (the trunks), a branch
+    run after its trunk the logits the whole tree gives it (the taken branches: fewer queries than keys), and decoding
+    the exact path's answers (its prefill)."""
     from finetune import grouped_varlen_kernel, packed
 
     texts = TEXTS[:6]

@@ -73,8 +73,8 @@ PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64"
 # predictions are generation's): against "label_scoring" and "generation" in the same run, what sharing the pass saves.
 MODES = PLAIN_MODES + ("plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree", "label_scoring",
                        "label_scoring_whole_last_layer", "label_scoring_separate_adds", "label_scoring_dense_branches",
-                       "label_scoring_flash_attention", "generation", "generation_decoding", "generation_flash_attention",
-                       "label_scoring_and_generation", *FP8_MODES)
+                       "label_scoring_flash_attention", "generation", "generation_decoding",
+                       "generation_flash_attention", "label_scoring_and_generation", *FP8_MODES)
 # Changes to the benchmark itself, oldest first (commit, its time, the modes, what): to how it times every mode, or to
 # a mode of its own rather than evaluation's (those are `finetune.results.EVALUATION_CHANGES`, whose shape this
 # follows). The tables take runs made before one for another configuration, as they do runs before an evaluation change.
