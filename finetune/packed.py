@@ -291,12 +291,14 @@ def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 
 @contextmanager
-def attention_kernels(branch_kernel: bool = BRANCH_KERNEL, grouped_varlen: bool = GROUPED_VARLEN):
+def attention_kernels(branch_kernel: bool | None = None, grouped_varlen: bool | None = None):
     """The kernels packed rows attend through on CUDA, for the duration: the branches' own kernel or one dense masked
-    call (`_branch_attention`), the grouped varlen kernel (`finetune.grouped_varlen_kernel`) or FlashAttention's."""
+    call (`_branch_attention`), the grouped varlen kernel (`finetune.grouped_varlen_kernel`) or FlashAttention's. A
+    switch not given stays as it is, so that blocks nest."""
     global BRANCH_KERNEL, GROUPED_VARLEN
     before = BRANCH_KERNEL, GROUPED_VARLEN
-    BRANCH_KERNEL, GROUPED_VARLEN = branch_kernel, grouped_varlen
+    BRANCH_KERNEL = before[0] if branch_kernel is None else branch_kernel
+    GROUPED_VARLEN = before[1] if grouped_varlen is None else grouped_varlen
     try:
         yield
     finally:

@@ -165,6 +165,9 @@ def test_packed_rows_through_the_grouped_kernel_score_check_and_decode_as_the_ex
     assert min(queries) <= 2 * len(LABELS)  # the taken branches' rows (a few tokens an article) went through it too
     with packed.attention_kernels(grouped_varlen=False):
         assert not packed.GROUPED_VARLEN  # FlashAttention's inside the block (the benchmark's comparison)
+        with packed.attention_kernels(branch_kernel=False):
+            assert not packed.GROUPED_VARLEN and not packed.BRANCH_KERNEL  # a nested block keeps the outer's switch
+        assert packed.BRANCH_KERNEL
     assert packed.GROUPED_VARLEN  # the default again after it
 
 
