@@ -197,8 +197,8 @@ def trunk_passes(model, prompts: Prompts, tree: AnswerTree, batch_size: int, pro
 
 def _passes(model, prompts: Prompts, batch_size: int, layout, run, desc: str, progress: bool, leave: bool):
     """Per batch: its article indices and `run(rows, length, opening_cache)` under `layout`, `rows` its prompts after
-    the opening's first `length` tokens. A batch's articles are encoded as it comes, while the GPU runs the batch
-    before (`Prompts`), so batches group the articles by their length in characters.
+    the opening's first `length` tokens. A batch's articles are encoded once the batch before is queued, while the GPU
+    runs it (`Prompts`), so batches group the articles by their length in characters.
 
     The opening runs once, over the first batch's shared tokens. A later batch whose articles share fewer of them
     (the first batch's all starting with one word, say) runs its prompts from where they part: its articles attend
@@ -211,10 +211,15 @@ def _passes(model, prompts: Prompts, batch_size: int, layout, run, desc: str, pr
         opening_length, opening_cache = shared_opening(model, first)
         opening = first[0][:opening_length]
         with layout:
-            for batch in tqdm(batches, desc=desc, disable=not progress, leave=leave):
+            for k, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=leave)):
                 rows = prompts.take(batch)
                 length = min(shared_prefix_length(rows), matching_length(opening, rows[0]))
-                yield batch, run([row[length:] for row in rows], length, opening_cache)
+                queued = run([row[length:] for row in rows], length, opening_cache)
+                # The next batch is encoded now, while this one's forward runs: a caller that waits for this batch
+                # at once (generation's first check) then finds only the packing left before the GPU has work again.
+                if k + 1 < len(batches):
+                    prompts.take(batches[k + 1])
+                yield batch, queued
 
 
 def _opening_share(opening_cache, length: int) -> list | None:

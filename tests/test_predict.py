@@ -94,8 +94,9 @@ def record_host_copies(monkeypatch, module, events: list[str]) -> None:
 
 def test_label_scoring_keeps_the_host_work_of_the_next_batch_behind_the_forward_before_it(model, tokenizer,
                                                                                           monkeypatch):
-    """The GPU starts on the first batch while the other articles are still text (`Prompts`): an encoding of the
-    next batch's articles comes after each forward, never all of them before the first. A batch's scores are queued
+    """The GPU starts on the first batch while the other articles are still text (`Prompts`): the next batch's
+    articles are encoded right after each forward is queued, before anything waits for that forward, never all of them
+    before the first. A batch's scores are queued
     for the host before the next batch's forward and read only after it: a copy queued at reading (`.cpu()`) would
     wait for that forward too, and the GPU would idle while the host prepares the batch after."""
     events = []
@@ -105,8 +106,8 @@ def test_label_scoring_keeps_the_host_work_of_the_next_batch_behind_the_forward_
     monkeypatch.setattr(model, "forward", lambda *a, **k: events.append("forward") or forward(*a, **k))
     record_host_copies(monkeypatch, predict, events)
     score_labels(model, tokenizer, TEXTS[:6], batch_size=2, progress=False, method="tree")
-    assert events == (["encode 2", "forward", "forward", "copy"]  # the first batch, its opening, its own forward
-                      + ["encode 2", "forward", "copy", "read"] * 2 + ["read"])
+    assert events == (["encode 2", "forward", "forward", "encode 2", "copy"]  # the first batch, its opening, its own
+                      + ["forward", "encode 2", "copy", "read"] + ["forward", "copy", "read", "read"])  # forward
 
 
 def test_packed_passes_run_the_last_layers_mlp_only_on_the_rows_they_read(model, tokenizer):
