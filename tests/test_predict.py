@@ -424,6 +424,25 @@ def test_evaluation_decodes_without_copying_keys_and_the_anchor_as_transformers_
         assert answers() == ours
 
 
+def test_the_opening_runs_without_looking_for_packed_articles_in_its_positions(evaluation_model, tokenizer,
+                                                                               monkeypatch):
+    """Under the suite's varlen attention the opening runs sdpa itself: the varlen attention looks for packed articles
+    in a row's positions, and on CUDA reading them back stops the host in every layer. Its cache is the one the varlen
+    attention's own path for one sequence gives, to the bit."""
+    import finetune.attention as attention
+
+    looked, boundaries = [], attention._boundaries_from_positions
+    monkeypatch.setattr(attention, "_boundaries_from_positions", lambda p: looked.append(p) or boundaries(p))
+    prompts, _ = encode_prompts(tokenizer, TEXTS[:3], 512)
+    with torch.inference_mode():
+        length, ours = predict.shared_opening(evaluation_model, prompts)
+        assert looked == []
+        theirs = evaluation_model(input_ids=torch.tensor([prompts[0][:length]]), use_cache=True).past_key_values
+    assert looked  # the varlen attention's path, which the opening no longer takes
+    for mine, other in zip(ours.layers, theirs.layers, strict=True):
+        assert torch.equal(mine.keys, other.keys) and torch.equal(mine.values, other.values)
+
+
 def test_evaluation_switches_cudnn_attention_off_once_a_pass(evaluation_model, tokenizer, monkeypatch):
     """Every attention call of label scoring and decoding runs with cuDNN's attention off (it rebuilds its graph for
     each new shape), switched once around each pass: not by each masked call, one a layer at every decoding step,
