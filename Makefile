@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo demo-results test test-all lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train gpu-bench-eval-trained gpu-bench-eval-taught gpu-bench-branch-kernel gpu-bench-grouped-varlen gpu-wheels gpu-eval-fp8 \
+.PHONY: demo demo-results test test-all lab tensorboard check-data gpu-training-core gpu-bench gpu-bench-eval gpu-bench-train gpu-bench-eval-trained gpu-bench-eval-taught gpu-bench-branch-kernel gpu-bench-grouped-varlen gpu-pass-timeline gpu-wheels gpu-eval-fp8 \
 	gpu-bench-train-liger gpu-bench-train-recipe gpu-bench-train-fastest gpu-optimizer gpu-fp8-7b gpu-fp8 gpu-methods tiny-methods tiny-lora-carve rehearse gpu-fsdp gpu-bench-fsdp
 
 $(INSTALLED): requirements.txt pyproject.toml
@@ -138,6 +138,13 @@ gpu-bench-branch-kernel:  ## label scoring's branch kernel at each setting besid
 # kernel at each of its settings beside FlashAttention-2's (finetune/lab/bench_grouped_varlen.py). Under a minute.
 gpu-bench-grouped-varlen:  ## the grouped varlen kernel at each setting beside FlashAttention's, one batch at the 7B's heads
 	$(PY) -m finetune.lab.bench_grouped_varlen --name $(GPU_TAG)_grouped_varlen
+
+# One whole 7B generation pass on weights taught the answer format, profiled: where in the pass the GPU waited and
+# which source lines stopped the host (finetune/lab/pass_timeline.py). About three minutes.
+gpu-pass-timeline:  ## where a whole 7B generation pass leaves the GPU waiting, and the host syncs in it
+	$(PY) -m finetune.lab.pass_timeline --profile qwen2.5-7b-shape --teach_steps 60 --per_device_train_batch_size 8 \
+	  --gradient_accumulation_steps 1 --eval_batch_size 512 --use_liger_kernel true --mode generation \
+	  | tee results/gpu/$(GPU_TAG)_generation_pass_timeline.log
 
 # For a GPU machine with its own Python 3.12, torch, transformers and accelerate but no internet (where the benchmarks
 # in results/benchmarks/ ran): the rest of what the gpu-* targets import, as x86-64 wheels in .whl/, the versions

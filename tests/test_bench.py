@@ -12,7 +12,7 @@ from finetune.lab import bench, bench_optimizers, train_variants
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
 from finetune.lab.measurements import LORA_ROW, RECIPE_ROW, eval_weights
 from finetune.lab.profiling import (StepClock, gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range,
-                                    matmul_rates, matmul_seconds, nccl_kernel_share)
+                                    gpu_idle_stretches, matmul_rates, matmul_seconds, nccl_kernel_share)
 from tests.conftest import committed_benchmark, write_synthetic_csv
 
 
@@ -281,6 +281,16 @@ def test_gpu_idle_no_host_range_spans_is_charged_to_where_the_host_was_when_it_b
     assert idle == {
         "(began in) aten::item > aten::_local_scalar_dense > cudaStreamSynchronize": pytest.approx(0.010),
         "(began after) aten::add": pytest.approx(0.010)}
+
+
+def test_gpu_idle_stretches_say_when_each_wait_fell_and_leave_out_the_short_ones():
+    """Kernels at 100-120, 125-130 (overlapping 126-140), 140.2-150 and 1150-1160 us: waits of 5 us, 0.2 us and 1 ms
+    after the first kernel's start; at 0.004 ms and more, the first and last, as (start, length) in ms from 100 us."""
+    step = [_timed("gemm", 100, 120), _timed("mul", 125, 130), _timed("add", 126, 140), _timed("gemm", 140.2, 150),
+            _timed("gemm", 1150, 1160), _timed("pass", 0, 1200, "CPU")]
+    stretches = gpu_idle_stretches(SimpleNamespace(events=lambda: step), at_least_ms=0.004)
+    assert stretches == [(pytest.approx(0.020), pytest.approx(0.005)), (pytest.approx(0.050), pytest.approx(1.0))]
+    assert gpu_idle_stretches(SimpleNamespace(events=lambda: [])) is None
 
 
 def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tmp_path, monkeypatch):

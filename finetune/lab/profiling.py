@@ -3,6 +3,7 @@ one step or pass (where the GPU waited and on what, each matmul shape's rate, NC
 
 import bisect
 import collections
+import contextlib
 import math
 import time
 import warnings
@@ -109,23 +110,32 @@ class HostSyncCounter(TrainerCallback):
     `torch.cuda.synchronize`). `sites` says which source lines made them: the count alone cannot say what to remove."""
 
     def __init__(self, step: int):
-        self.step, self.count, self.sites, self._caught, self._records = step, None, None, None, None
+        self.step, self.count, self.sites, self._counting = step, None, None, None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.step and torch.cuda.is_available():
-            self._caught = warnings.catch_warnings(record=True)
-            self._records = self._caught.__enter__()
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
+            self._counting = contextlib.ExitStack()
+            self.sites = self._counting.enter_context(host_syncs())
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._caught is not None and state.global_step == self.step:
+        if self._counting is not None and state.global_step == self.step:
+            self._counting.close()
+            self.count, self._counting = sum(self.sites.values()), None
+
+
+@contextlib.contextmanager
+def host_syncs():
+    """The source lines that stopped the host until the GPU caught up while the block ran, counted (filled in when
+    it ends), from the warnings of torch's sync debug mode, whatever the warning filters say outside."""
+    sites = collections.Counter()
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
             torch.cuda.set_sync_debug_mode("default")
-            self._caught.__exit__(None, None, None)
-            self.sites = collections.Counter(_source_line(w.filename, w.lineno) for w in self._records
-                                             if "synchronizing" in str(w.message))
-            self.count = sum(self.sites.values())
-            self._caught = None
+    sites.update(_source_line(w.filename, w.lineno) for w in records if "synchronizing" in str(w.message))
 
 
 def _source_line(filename: str, lineno: int) -> str:
@@ -200,14 +210,9 @@ def gpu_idle_by_host_range(profiler, top: int = 6) -> dict[str, float] | None:
     after it is the host's time to queue the next kernel), or "(began after) " the last range to end before it;
     milliseconds per range, the `top` largest. None without GPU events. `gpu_busy_share` says how much the GPU waited;
     this says what the host was doing meanwhile."""
-    device = sorted((e.time_range for e in _device_events(profiler)), key=lambda span: span.start)
-    if not device:
+    gaps = _idle_gaps(profiler)
+    if gaps is None:
         return None
-    gaps, end = [], device[0].end
-    for span in device[1:]:
-        if span.start > end:
-            gaps.append((end, span.start))
-        end = max(end, span.end)
     threads = _host_ranges_by_thread(profiler)
     by_end = sorted((e for events, _, _ in threads for e in events), key=lambda e: e.time_range.end)
     ends = [e.time_range.end for e in by_end]
@@ -221,6 +226,30 @@ def gpu_idle_by_host_range(profiler, top: int = 6) -> dict[str, float] | None:
             _where_idle_began(open_at_start, by_end, ends, start)
         idle[name] = idle.get(name, 0.0) + (stop - start) / 1000  # the profiler's times are microseconds
     return dict(sorted(idle.items(), key=lambda item: -item[1])[:top])
+
+
+def gpu_idle_stretches(profiler, at_least_ms: float = 0.5) -> list[tuple[float, float]] | None:
+    """Each idle stretch of the GPU timeline at least `at_least_ms` long, as (its start in ms after the first kernel's
+    start, its length in ms): where in a pass the waits fall, which `gpu_idle_by_host_range` sums away. None without
+    GPU events."""
+    gaps = _idle_gaps(profiler)
+    if gaps is None:
+        return None
+    first = min(e.time_range.start for e in _device_events(profiler))
+    return [((start - first) / 1000, (stop - start) / 1000) for start, stop in gaps if stop - start >= at_least_ms * 1000]
+
+
+def _idle_gaps(profiler) -> list[tuple[int, int]] | None:
+    """(start, stop) of each stretch of the GPU timeline with nothing running, in the profiler's microseconds."""
+    device = sorted((e.time_range for e in _device_events(profiler)), key=lambda span: span.start)
+    if not device:
+        return None
+    gaps, end = [], device[0].end
+    for span in device[1:]:
+        if span.start > end:
+            gaps.append((end, span.start))
+        end = max(end, span.end)
+    return gaps
 
 
 def _host_ranges_by_thread(profiler) -> list[tuple[list, list[int], list[int | None]]]:
