@@ -52,6 +52,10 @@ EVALUATION_CHANGES = (
     ("5b191b0", "2026-12-07T17:25:10+00:00", ("generation", "generation_lenient"), "only the branch taken checked"),
     ("15ca141", "2026-12-07T22:48:31+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
      "the grouped varlen kernel"),
+    ("e5fd5a1", "2026-12-08T00:15:15+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
+     "next batch encoded behind the forward, answers parsed once"),
+    ("73c3f66", "2026-12-08T00:58:53+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
+     "the opening's forward without host syncs"),
 )
 
 
