@@ -236,7 +236,8 @@ def gpu_idle_stretches(profiler, at_least_ms: float = 0.5) -> list[tuple[float, 
     if gaps is None:
         return None
     first = min(e.time_range.start for e in _device_events(profiler))
-    return [((start - first) / 1000, (stop - start) / 1000) for start, stop in gaps if stop - start >= at_least_ms * 1000]
+    return [((start - first) / 1000, (stop - start) / 1000) for start, stop in gaps
+            if stop - start >= at_least_ms * 1000]
 
 
 def _idle_gaps(profiler) -> list[tuple[int, int]] | None:
