@@ -9,7 +9,6 @@ fell, what the host was doing meanwhile, and the source lines that stopped the h
 Weights taught the answer format (`--teach_steps`) take generation's checked path, as the benchmark's do.
 """
 
-import dataclasses
 import json
 import time
 
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     splits = load_splits(config)
     texts = list(splits.eval["text"]) + list(splits.train["text"])
     tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
-    model = load_for_inference(dataclasses.replace(config, compile_layers=False), tokenizer)
+    model = load_for_inference(config, tokenizer)
     if state is not None:
         model.load_state_dict(state)
     runs = {"generation": lambda t: generate_labels(model, tokenizer, t, config.eval_batch_size, config.max_length,
