@@ -152,8 +152,9 @@ def test_runs_timed_before_a_change_to_the_benchmarks_timing_are_another_configu
     from finetune.lab.bench_eval import MODES
 
     monkeypatch.setattr(measurements, "BENCHMARK_CHANGES",
-                        (("0000000", "2026-12-08T00:00:00+00:00", MODES, "a whole warm-up pass"),))
-    _assert_judged_on_the_new_run_alone(tmp_path, "2026-12-07T23:00:00+00:00", "2026-12-08T01:00:00+00:00")
+                        (("0000000", "2099-01-01T00:00:00+00:00", MODES, "a whole warm-up pass"),))
+    # both runs after every real evaluation change, one on each side of the benchmark's
+    _assert_judged_on_the_new_run_alone(tmp_path, "2098-12-31T23:00:00+00:00", "2099-01-01T01:00:00+00:00")
     keys = sorted(key for key, _, _, _ in measurements.mode_over_mode(tmp_path, "generation_decoding", "plain_generate",
                                                                      "decoding over plain `generate`"))
     assert keys == [("NVIDIA H200", 512, ()), ("NVIDIA H200", 512, ("a whole warm-up pass (0000000)",))]
