@@ -19,30 +19,27 @@ PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "tokenizer
 # times. The tables mark a row whose record was made before one of them: a rerun at today's code may differ.
 # DECODING: the benchmark's mode that decodes every article (finetune/lab/bench_eval.py); decoding changes change it.
 DECODING = "generation_decoding"
+# The changes to what every pass runs: label scoring, generation read strictly and leniently, and decoding.
+EVERY_MODE = ("label_scoring", "generation", "generation_lenient", DECODING)
 EVALUATION_CHANGES = (
     ("b3ef6a2", "2026-11-25T12:52:33+00:00", ("generation", "generation_lenient"), "cached decoding"),
     ("33dda75", "2026-11-25T13:34:38+00:00", ("label_scoring",), "answer-tree label scoring"),
     ("ad4c322", "2026-11-28T18:37:04+00:00", ("generation", "generation_lenient"), "greedy GenerationConfig"),
     ("d6676b1", "2026-11-28T18:37:17+00:00", ("generation", "generation_lenient"), "strict/lenient generation"),
-    ("84f9ac6", "2026-12-05T01:21:32+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
-     "training's prompt budget"),
-    ("3af8add", "2026-12-05T04:09:41+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
-     "the suite's attention in evaluation"),
-    ("a0526c6", "2026-12-05T07:10:51+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
-     "CUDA-graph decoding, even batches"),
+    ("84f9ac6", "2026-12-05T01:21:32+00:00", EVERY_MODE, "training's prompt budget"),
+    ("3af8add", "2026-12-05T04:09:41+00:00", EVERY_MODE, "the suite's attention in evaluation"),
+    ("a0526c6", "2026-12-05T07:10:51+00:00", EVERY_MODE, "CUDA-graph decoding, even batches"),
     ("1d41fa0", "2026-12-05T07:59:55+00:00", ("generation", "generation_lenient"),
      "answer-tree check read behind the next batch"),
     ("25d6540", "2026-12-05T12:26:57+00:00", ("generation", "generation_lenient", DECODING), "packed decoding prefill"),
-    ("a28d1f5", "2026-12-06T21:40:17+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
-     "last layer's MLP where read"),
+    ("a28d1f5", "2026-12-06T21:40:17+00:00", EVERY_MODE, "last layer's MLP where read"),
     ("73fa760", "2026-12-06T23:31:31+00:00", ("label_scoring",), "one-pass normalizers"),
     ("53ca317", "2026-12-06T23:32:10+00:00", ("generation", "generation_lenient"), "tree check's argmax before its terms"),
     ("07751f7", "2026-12-07T02:06:22+00:00", ("label_scoring", "generation", "generation_lenient"),
      "prompts encoded batch by batch"),
     ("0d79fb5", "2026-12-07T03:56:13+00:00", ("label_scoring", "generation", "generation_lenient"),
      "results copied back behind their own batch"),
-    ("16bcd74", "2026-12-07T06:07:53+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
-     "residual adds inside the matmuls"),
+    ("16bcd74", "2026-12-07T06:07:53+00:00", EVERY_MODE, "residual adds inside the matmuls"),
     ("f548db6", "2026-12-07T07:27:10+00:00", ("label_scoring", "generation", "generation_lenient"),
      "answer branches' own kernel"),
     ("6d99b6e", "2026-12-07T07:36:10+00:00", ("label_scoring", "generation", "generation_lenient"),
@@ -50,12 +47,9 @@ EVALUATION_CHANGES = (
     ("3365365", "2026-12-07T09:05:03+00:00", ("generation", "generation_lenient", DECODING),
      "stop flag read from the trained answers' length on"),
     ("5b191b0", "2026-12-07T17:25:10+00:00", ("generation", "generation_lenient"), "only the branch taken checked"),
-    ("15ca141", "2026-12-07T22:48:31+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
-     "the grouped varlen kernel"),
-    ("e5fd5a1", "2026-12-08T00:15:15+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
-     "next batch encoded behind the forward, answers parsed once"),
-    ("73c3f66", "2026-12-08T00:58:53+00:00", ("label_scoring", "generation", "generation_lenient", DECODING),
-     "the opening's forward without host syncs"),
+    ("15ca141", "2026-12-07T22:48:31+00:00", EVERY_MODE, "the grouped varlen kernel"),
+    ("e5fd5a1", "2026-12-08T00:15:15+00:00", EVERY_MODE, "next batch encoded behind the forward, answers parsed once"),
+    ("73c3f66", "2026-12-08T00:58:53+00:00", EVERY_MODE, "the opening's forward without host syncs"),
 )
 
 
