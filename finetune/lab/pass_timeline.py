@@ -10,7 +10,6 @@ Weights taught the answer format (`--teach_steps`) take generation's checked pat
 """
 
 import json
-import time
 
 import torch
 
@@ -18,6 +17,7 @@ from finetune.config import command_from_args, command_parser
 from finetune.data import load_splits
 from finetune.generation import generate_labels
 from finetune.lab.bench import teach
+from finetune.lab.bench_eval import time_mode
 from finetune.lab.profiling import gpu_busy_seconds, gpu_idle_by_host_range, gpu_idle_stretches, host_syncs
 from finetune.model import load_for_inference, load_tokenizer
 from finetune.plan import GPU, plan_evaluation
@@ -27,14 +27,10 @@ from finetune.sources import ModelShape
 MODES = ("generation", "label_scoring")
 
 
-def pass_timeline(run, texts: list[str]) -> dict:
-    """`run(texts)` warmed, timed, profiled and watched for host syncs, one whole pass each."""
-    run(texts)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    run(texts)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+def pass_timeline(run, texts: list[str], batch_size: int) -> dict:
+    """`run(texts)` warmed and timed as the eval benchmark times a mode (`time_mode`, one timed pass), then profiled
+    and watched for host syncs, one whole pass each."""
+    timed, _ = time_mode(run, texts, 1, batch_size)
     with torch.profiler.profile() as profiler:
         run(texts)
         torch.cuda.synchronize()
@@ -42,8 +38,7 @@ def pass_timeline(run, texts: list[str]) -> dict:
     with host_syncs() as sites:
         run(texts)
         torch.cuda.synchronize()
-    return {"articles": len(texts), "seconds": seconds, "articles_per_second": len(texts) / seconds,
-            "gpu_busy_seconds": busy, "gpu_bound_articles_per_second": len(texts) / busy,
+    return {**timed, "gpu_busy_seconds": busy, "gpu_bound_articles_per_second": len(texts) / busy,
             "gpu_idle_ms_by_host_range": gpu_idle_by_host_range(profiler, top=12),
             "gpu_idle_stretches_ms": [(round(at, 1), round(ms, 1)) for at, ms in gpu_idle_stretches(profiler)],
             "host_syncs_by_site": dict(sites.most_common())}
@@ -68,8 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                                                     progress=False),
             "label_scoring": lambda t: score_labels(model, tokenizer, t, config.eval_batch_size, config.max_length,
                                                     False, "packed")}
-    print(json.dumps({"mode": args.mode, "batch_size": config.eval_batch_size,
-                      **pass_timeline(runs[args.mode], texts)}, indent=1))
+    print(json.dumps({"mode": args.mode, **pass_timeline(runs[args.mode], texts, config.eval_batch_size)}, indent=1))
 
 
 if __name__ == "__main__":
