@@ -53,20 +53,23 @@ def compiled_offline_output(script: str):
 SHARED_MEMORY_A_BLOCK = {90: 232_448, 121: 101_376}
 
 
-def assert_compiles_offline_for_hopper_and_the_dgx_spark(module: str, kernel: str, call: str) -> None:
+def assert_compiles_offline_for_hopper_and_the_dgx_spark(module: str, kernel: str, call: str,
+                                                        pipelined_loads: bool = False) -> None:
     """The Triton `kernel` of `module`, launched as `call` makes its first launch (a Python expression on `k`, the
     module, and `z(*shape)`, bf16 zeros on the CPU), compiled on this CPU for sm_90 (H100, H200) and sm_121 (GB10, the
     DGX Spark): its matmuls run on the tensor cores, and its shared memory fits a block of each (Triton would refuse it
-    only at the first launch there)."""
+    only at the first launch there). With `pipelined_loads`, it also copies global memory to shared memory
+    asynchronously, 16 bytes at a time (cp.async: the loads its pipeline stages overlap)."""
     script = (f"import json, torch; import {module} as k; "
               "from finetune.lab.sass_adamw8bit import compile_offline, first_launch; "
               "z = lambda *s: torch.zeros(*s, dtype=torch.bfloat16); "
               f"launch = first_launch(k, '{kernel}', lambda: {call}); "
               f"compiled = {{arch: compile_offline(k.{kernel}, *launch, arch) for arch in (90, 121)}}; "
-              "print(json.dumps({arch: [c.asm['ptx'].count('mma'), c.metadata.shared] "
-              "for arch, c in compiled.items()}))")
-    for arch, (mma, shared) in compiled_offline_output(script).items():
+              "print(json.dumps({arch: [c.asm['ptx'].count('mma'), c.metadata.shared, "
+              "c.asm['ptx'].count('cp.async.cg.shared.global')] for arch, c in compiled.items()}))")
+    for arch, (mma, shared, async_copies) in compiled_offline_output(script).items():
         assert mma and shared <= SHARED_MEMORY_A_BLOCK[int(arch)], (arch, mma, shared)
+        assert async_copies or not pipelined_loads, arch
 
 
 def write_synthetic_csv(path: Path, per_class: int, seed: int = 0) -> None:
