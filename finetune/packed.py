@@ -4,12 +4,12 @@ by its answer tree, laid out in one row with no padding at all.
 Each article's tokens see the opening's keys (the prompt tokens every article shares, computed once for the whole
 evaluation) and their own, causally; each answer branch sees that and its own earlier tokens. The row holds every
 article's trunk (the article followed by the answers' stem, `AnswerTree`) first, then every article's branches. The
-trunks attend through the varlen kernel, one causal sequence an article, their keys gathered from [opening; row] by
-index. The branches, a few tokens an article, attend over the same gathered keys and their own branch's tokens: on
-CUDA in a Triton kernel of their own (`finetune.branch_attention_kernel`), elsewhere in one dense call under the tree's
-mask. As varlen sequences of their own (one a label, 1-3 queries each) they had cost the kernel a 128-query tile per
-head each, four of every five tiles of a batch (the attention profile of results/benchmarks/
-h200_7b_eval_rehearsal.json).
+trunks attend through the varlen kernel, one causal sequence an article, over the opening's keys and their own. The
+branches, a few tokens an article, attend over the same keys and their own branch's tokens: on CUDA in a Triton kernel
+of their own (`finetune.branch_attention_kernel`), elsewhere in one dense call under the tree's mask. As varlen
+sequences of their own (one a label, 1-3 queries each) they had cost the kernel a 128-query tile per head each, four
+of every five tiles of a batch (the attention profile of results/benchmarks/h200_7b_eval_rehearsal.json). On CUDA
+both kernels read each sequence's keys where they lie; elsewhere they are gathered from [opening; row] by index.
 
 Generation's check (`finetune.generation`) packs the trunks alone and keeps their keys; the one branch each article's
 greedy choices took then runs in a row of its own (`pack_taken`), each branch a varlen sequence over its opening, its
@@ -63,7 +63,7 @@ class PackedBatch:
     tail: int  # per article: the last prompt token and every tree token in the row
     opening_length: int
     trunk_lengths: np.ndarray  # (articles,), on the host: `pack_taken` lays its branches out from them
-    kept_keys: list | None = None  # packed without branches: per layer, [opening; row] keys and values, as computed
+    kept_keys: list | None = None  # packed without branches: per layer, the row's keys and values, as computed
 
 
 def pack_batch(articles: list[list[int]], tree, opening_length: int, device, with_branches: bool = True) -> PackedBatch:
@@ -114,8 +114,8 @@ def pack_batch(articles: list[list[int]], tree, opening_length: int, device, wit
 @dataclass
 class PackedBranches:
     """Branch tokens run after a pass packed without branches (`pack_taken`), in one row: each article's tokens one
-    varlen sequence, whose keys are its opening and trunk (from the keys that pass kept) and then its own. Key
-    indices count rows of [the kept opening and row keys; this row's keys]."""
+    varlen sequence, whose keys are its opening, its trunk (from the keys that pass kept) and then its own. Key
+    indices count rows of [opening keys; the kept row's keys; this row's keys]."""
 
     ids: torch.Tensor  # (1, tokens)
     positions: torch.Tensor  # (1, tokens): each token's after its article's trunk
@@ -125,6 +125,8 @@ class PackedBranches:
     max_k: int
     key_index: torch.Tensor  # (keys,)
     kept_keys: list  # the trunks' pass's, per layer
+    kept_starts: torch.Tensor  # (articles,) int32: where each one's trunk starts in the kept row
+    kept_lengths: torch.Tensor  # (articles,) int32: its trunk's tokens
 
 
 def pack_taken(trunks: PackedBatch, which: np.ndarray, branches: list[list[int]], device) -> PackedBranches:
@@ -145,7 +147,9 @@ def pack_taken(trunks: PackedBatch, which: np.ndarray, branches: list[list[int]]
                           cu_q=_on(device, cu_q, torch.int32), cu_k=_on(device, np.concatenate([[0], np.cumsum(keys)]),
                                                                         torch.int32),
                           max_q=int(lengths.max()), max_k=int(keys.max()), key_index=_on(device, key_index),
-                          kept_keys=trunks.kept_keys)
+                          kept_keys=trunks.kept_keys,
+                          kept_starts=_on(device, exclusive_cumsum(trunks.trunk_lengths)[which], torch.int32),
+                          kept_lengths=_on(device, trunk, torch.int32))
 
 
 @dataclass
@@ -209,27 +213,26 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     (`_padded_causal_attention`, `_branch_attention`; the CPU tests check the layout through them). A row of `taken`
     branches (`PackedBranches`) attends as trunks do, over the keys its trunks' pass kept and its own."""
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, dim)
+    opening = opening_kv[module.layer_idx] if opening_kv is not None else None
     if taken is not None:
-        kept_k, kept_v = taken.kept_keys[module.layer_idx]
-        keys, values = torch.cat([kept_k, k])[taken.key_index], torch.cat([kept_v, v])[taken.key_index]
-        return _attend_sequences(q, keys, values, taken, scaling).unsqueeze(0), None
+        kept = (*taken.kept_keys[module.layer_idx], taken.kept_starts, taken.kept_lengths)
+        return _attend_sequences(q, k, v, taken, scaling, opening, kept).unsqueeze(0), None
     if packed is None:
         raise ValueError(f"attn_implementation {PACKED!r} scores packed rows only: call finetune.predict.score_labels")
-    k, v = _after_opening(k, v, opening_kv, module.layer_idx)
     if packed.kept_keys is not None:
         packed.kept_keys.append((k, v))
-    keys, values = k[packed.key_index], v[packed.key_index]  # each trunk's: the opening's, then its own
     trunk_q, branch_q = q[:packed.trunk_tokens], q[packed.trunk_tokens:]
-    trunks = _attend_sequences(trunk_q, keys, values, packed, scaling)
+    trunks = _attend_sequences(trunk_q, k, v, packed, scaling, opening)
     if not len(branch_q):
         return trunks.unsqueeze(0), None
     if _on_kernels(q) and BRANCH_KERNEL:
         from finetune.branch_attention_kernel import branch_attention  # triton: imported where it runs
-        branches = branch_attention(branch_q, keys, values, k[-len(branch_q):], v[-len(branch_q):], packed.cu_k,
-                                    packed.branch_sees, scaling or q.shape[-1] ** -0.5)
+        branches = branch_attention(branch_q, k, v, k[-len(branch_q):], v[-len(branch_q):], packed.cu_q,
+                                    packed.branch_sees, scaling or q.shape[-1] ** -0.5, opening)
     else:
-        branches = _branch_attention(branch_q, k[packed.branch_key_index], v[packed.branch_key_index],
-                                     packed.branch_mask, scaling)
+        sources = [x for x in (opening, (k, v)) if x is not None]
+        keys, values = (_gathered(sources, i, packed.branch_key_index) for i in (0, 1))
+        branches = _branch_attention(branch_q, keys, values, packed.branch_mask, scaling)
     return torch.cat([trunks, branches]).unsqueeze(0), None
 
 
@@ -246,16 +249,8 @@ def prefill_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     layer = prefill.cache.layers[module.layer_idx]
     layer.keys[prefill.cache_rows, :, prefill.cache_slots] = k
     layer.values[prefill.cache_rows, :, prefill.cache_slots] = v
-    k, v = _after_opening(k, v, opening_kv, module.layer_idx)
-    return _attend_sequences(q, k[prefill.key_index], v[prefill.key_index], prefill, scaling).unsqueeze(0), None
-
-
-def _after_opening(k: torch.Tensor, v: torch.Tensor, opening_kv: list | None, layer_idx: int):
-    """[opening; row] keys and values, the rows key indices count."""
-    if opening_kv is None:
-        return k, v
-    opening_k, opening_v = opening_kv[layer_idx]
-    return torch.cat([opening_k, k]), torch.cat([opening_v, v])
+    opening = opening_kv[module.layer_idx] if opening_kv is not None else None
+    return _attend_sequences(q, k, v, prefill, scaling, opening).unsqueeze(0), None
 
 
 def _on_kernels(q: torch.Tensor) -> bool:
@@ -264,16 +259,26 @@ def _on_kernels(q: torch.Tensor) -> bool:
     return q.is_cuda and CUDA_VARLEN is not None and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def _attend_sequences(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout, scaling: float | None):
-    """The packed sequences of `layout` (its cu_q, cu_k, max_q, max_k), their keys gathered in its key_index order:
-    through the grouped varlen kernel on CUDA (`_on_kernels`; FlashAttention's where `attention_kernels` asks), else
-    through its exact padded equivalent."""
+def _attend_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, scaling: float | None,
+                      opening: tuple | None = None, kept: tuple | None = None):
+    """The packed sequences of `layout` (its cu_q, cu_k, max_q, max_k, key_index): each one's own keys are `k`'s at
+    its queries' rows, after the `opening`'s (keys, values) and an earlier forward's `kept` (keys, values, starts,
+    lengths) where given. On CUDA (`_on_kernels`) the grouped varlen kernel reads them where they lie; else they are
+    gathered into one tensor in key_index order (which counts rows of [opening; kept; k]) for FlashAttention's kernel
+    (where `attention_kernels` asks for it) or its exact padded equivalent."""
     if _on_kernels(q) and GROUPED_VARLEN:
         from finetune.grouped_varlen_kernel import grouped_varlen_attention  # triton: imported where it runs
-        return grouped_varlen_attention(q, keys, values, layout.cu_q, layout.cu_k, layout.max_q,
-                                        scaling or q.shape[-1] ** -0.5)
+        return grouped_varlen_attention(q, k, v, layout.cu_q, layout.cu_q, layout.max_q,
+                                        scaling or q.shape[-1] ** -0.5, opening, kept)
+    sources = [x[:2] for x in (opening, kept) if x is not None] + [(k, v)]
+    keys, values = (_gathered(sources, i, layout.key_index) for i in (0, 1))
     attend = _cuda_varlen_attention if _on_kernels(q) else _padded_causal_attention
     return attend(q, keys, values, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, scaling)
+
+
+def _gathered(sources: list[tuple[torch.Tensor, torch.Tensor]], which: int, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of the keys (`which` 0) or the values (1) of `sources`, one after another."""
+    return torch.cat([source[which] for source in sources])[index]
 
 
 def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -324,9 +329,9 @@ def packed_logits(model, batch: PackedBatch, opening_kv: list | None) -> torch.T
     return logits[0].unflatten(0, (-1, batch.tail))
 
 
-def taken_logits(model, taken: PackedBranches) -> torch.Tensor:
-    """(tokens, vocab) logits of every token of a row of taken branches. The row runs under the packed attention
-    whenever it comes, its trunks' pass over or not."""
+def taken_logits(model, taken: PackedBranches, opening_kv: list | None) -> torch.Tensor:
+    """(tokens, vocab) logits of every token of a row of taken branches, after the opening their trunks' pass saw
+    (`opening_kv`). The row runs under the packed attention whenever it comes, its trunks' pass over or not."""
     with without_cudnn_attention(), packed_attention(model):
         return model(input_ids=taken.ids, position_ids=taken.positions, use_cache=False, taken=taken,
-                     attention_mask=dict.fromkeys(model.config.layer_types)).logits[0]
+                     opening_kv=opening_kv, attention_mask=dict.fromkeys(model.config.layer_types)).logits[0]

@@ -196,8 +196,9 @@ def trunk_passes(model, prompts: Prompts, tree: AnswerTree, batch_size: int, pro
     trunks' forward kept (`finetune.packed.pack_taken`)."""
     def trunks(rows, length, opening_cache):
         batch = pack_batch(rows, tree, length, model.device, with_branches=False)
-        logits = packed_logits(model, batch, _opening_share(opening_cache, length))
-        return logits, lambda which, branches: taken_logits(model, pack_taken(batch, which, branches, model.device))
+        opening = _opening_share(opening_cache, length)
+        return packed_logits(model, batch, opening), \
+            lambda which, branches: taken_logits(model, pack_taken(batch, which, branches, model.device), opening)
     yield from _passes(model, prompts, batch_size, packed_attention(model), trunks, "answer tree", progress, False)
 
 

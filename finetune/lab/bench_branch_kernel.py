@@ -1,6 +1,7 @@
 """The answer branches' attention of one label-scoring batch at the 7B's heads, timed alone on one GPU: the Triton
-kernel (`finetune.branch_attention_kernel`) at each setting of keys a step and warps, beside the dense masked call it
-replaced on CUDA (`finetune.packed._branch_attention`, its key gather included), over the same packed batch.
+kernel (`finetune.branch_attention_kernel`) at each setting of keys a step and warps, reading the keys where they lie
+as label scoring calls it, beside the dense masked call it replaced on CUDA (`finetune.packed._branch_attention`, its
+key gather included), over the same packed batch.
 
 A batch is `--articles` articles whose tokens after the opening are drawn uniformly from `--tokens` (the 7B shape's
 evaluation batches averaged about 58 before the answers' stem), followed by Qwen2.5's answer tree, after an opening
@@ -40,7 +41,7 @@ def bench_branch_kernel(articles: int, tokens: tuple[int, int], opening: int, wa
     dim, heads, kv_heads = QWEN_7B.hidden // QWEN_7B.heads, QWEN_7B.heads, QWEN_7B.kv_heads
     randn = lambda n, h: torch.randn(n, h, dim, device="cuda", dtype=torch.bfloat16)
     q, k, v = randn(rows, heads), randn(opening + rows, kv_heads), randn(opening + rows, kv_heads)
-    keys, values = k[batch.key_index], v[batch.key_index]  # gathered for the trunks in any case
+    opening_kv, row_k, row_v = (k[:opening], v[:opening]), k[opening:], v[opening:]
     branch_q, scale = q[batch.trunk_tokens:], dim ** -0.5
 
     def dense():
@@ -51,9 +52,9 @@ def bench_branch_kernel(articles: int, tokens: tuple[int, int], opening: int, wa
     for keys_a_step in KEYS_A_STEP:
         for warps in WARPS:
             runs[f"kernel, {keys_a_step} keys a step, {warps} warps"] = (
-                lambda n=keys_a_step, w=warps: branch_attention(branch_q, keys, values, k[-branch_tokens:],
-                                                                v[-branch_tokens:], batch.cu_k, batch.branch_sees,
-                                                                scale, keys_a_step=n, warps=w))
+                lambda n=keys_a_step, w=warps: branch_attention(branch_q, row_k, row_v, k[-branch_tokens:],
+                                                                v[-branch_tokens:], batch.cu_q, batch.branch_sees,
+                                                                scale, opening_kv, keys_a_step=n, warps=w))
     reference = dense().float()
     results = []
     for name, run in runs.items():
