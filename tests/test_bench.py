@@ -11,8 +11,9 @@ from transformers import TrainerState
 from finetune.lab import bench, bench_optimizers, train_variants
 from finetune.lab.report import eval_benchmark_table, targets_table, training_benchmark_table
 from finetune.lab.measurements import LORA_ROW, RECIPE_ROW, eval_weights
-from finetune.lab.profiling import (StepClock, gpu_busy_seconds, gpu_busy_share, gpu_idle_by_host_range,
-                                    gpu_idle_stretches, matmul_rates, matmul_seconds, nccl_kernel_share)
+from finetune.lab.profiling import (StepClock, gpu_busy_seconds, gpu_busy_share, gpu_idle_between_kernels,
+                                    gpu_idle_by_host_range, gpu_idle_stretches, matmul_rates, matmul_seconds,
+                                    nccl_kernel_share)
 from tests.conftest import committed_benchmark, write_synthetic_csv
 
 
@@ -292,6 +293,19 @@ def test_gpu_idle_stretches_say_when_each_wait_fell_and_leave_out_the_short_ones
     assert stretches == [(pytest.approx(0.020), pytest.approx(0.005)), (pytest.approx(0.050), pytest.approx(1.0))]
     assert gpu_idle_stretches(SimpleNamespace(events=lambda: [])) is None
 
+
+
+def test_gpu_idle_between_kernels_names_the_kernels_on_either_side_of_each_wait():
+    """Waits of 5 us (gemm -> mul), 0.2 us (add, which ends after the overlapping mul, -> gemm), 3 us (gemm -> mul)
+    and 1 ms (mul -> gemm): summed per pair, the largest first; the host's ranges play no part."""
+    step = [_timed("gemm", 100, 120), _timed("mul", 125, 130), _timed("add", 126, 140), _timed("gemm", 140.2, 150),
+            _timed("mul", 153, 155), _timed("gemm", 1155, 1160), _timed("pass", 0, 1200, "CPU")]
+    pairs = gpu_idle_between_kernels(SimpleNamespace(events=lambda: step))
+    assert pairs == {"mul -> gemm": {"stretches": 1, "ms": pytest.approx(1.0)},
+                     "gemm -> mul": {"stretches": 2, "ms": pytest.approx(0.008)},
+                     "add -> gemm": {"stretches": 1, "ms": pytest.approx(0.0002)}}
+    assert list(gpu_idle_between_kernels(SimpleNamespace(events=lambda: step), top=1)) == ["mul -> gemm"]
+    assert gpu_idle_between_kernels(SimpleNamespace(events=lambda: [])) is None
 
 def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tmp_path, monkeypatch):
     from finetune.lab import bench_eval

@@ -1,7 +1,8 @@
 """Where one whole evaluation pass leaves the GPU waiting: the eval benchmark profiles two batches of a mode, which
 show a pass's start and its first batch larger than they weigh in a pass of fifteen. This profiles a whole pass over
 every test-split article: its wall time unprofiled, the GPU's busy time, each idle stretch and when in the pass it
-fell, what the host was doing meanwhile, and the source lines that stopped the host for the GPU.
+fell, what the host was doing meanwhile, the kernels on either side of the waits (the short ones included), and the
+source lines that stopped the host for the GPU.
 
     python -m finetune.lab.pass_timeline --profile qwen2.5-7b-shape --teach_steps 60 --per_device_train_batch_size 8 \
         --gradient_accumulation_steps 1 --eval_batch_size 512 --use_liger_kernel true --mode generation
@@ -18,7 +19,8 @@ from finetune.data import load_splits
 from finetune.generation import generate_labels
 from finetune.lab.bench import teach
 from finetune.lab.bench_eval import time_mode
-from finetune.lab.profiling import gpu_busy_seconds, gpu_idle_by_host_range, gpu_idle_stretches, host_syncs
+from finetune.lab.profiling import (gpu_busy_seconds, gpu_idle_between_kernels, gpu_idle_by_host_range,
+                                    gpu_idle_stretches, host_syncs)
 from finetune.model import load_for_inference, load_tokenizer
 from finetune.plan import GPU, plan_evaluation
 from finetune.predict import score_labels
@@ -41,6 +43,7 @@ def pass_timeline(run, texts: list[str], batch_size: int) -> dict:
     return {**timed, "gpu_busy_seconds": busy, "gpu_bound_articles_per_second": len(texts) / busy,
             "gpu_idle_ms_by_host_range": gpu_idle_by_host_range(profiler, top=12),
             "gpu_idle_stretches_ms": [(round(at, 1), round(ms, 1)) for at, ms in gpu_idle_stretches(profiler)],
+            "gpu_idle_between_kernels": gpu_idle_between_kernels(profiler, top=12),
             "host_syncs_by_site": dict(sites.most_common())}
 
 

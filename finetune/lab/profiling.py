@@ -240,16 +240,35 @@ def gpu_idle_stretches(profiler, at_least_ms: float = 0.5) -> list[tuple[float, 
             if stop - start >= at_least_ms * 1000]
 
 
-def _idle_gaps(profiler) -> list[tuple[int, int]] | None:
-    """(start, stop) of each stretch of the GPU timeline with nothing running, in the profiler's microseconds."""
-    device = sorted((e.time_range for e in _device_events(profiler)), key=lambda span: span.start)
+def gpu_idle_between_kernels(profiler, top: int = 10) -> dict[str, dict] | None:
+    """The GPU timeline's idle stretches by what ran on either side: per pair "kernel before -> kernel after" (the one
+    to end last before the stretch, the one to start it), how many stretches and their milliseconds, the `top` pairs
+    by milliseconds. A pass's waits shorter than 0.5 ms sum to hundreds of them (`gpu_idle_stretches` leaves them
+    out): a pair that takes most says whether they come at one kind of kernel boundary (one launch path, one copy)
+    or at every one. Kernel names cut at 60 characters; None without GPU events."""
+    gaps = _idle_gaps(profiler, named=True)
+    if gaps is None:
+        return None
+    pairs: dict[str, dict] = {}
+    for start, stop, before, after in gaps:
+        pair = pairs.setdefault(f"{before[:60]} -> {after[:60]}", {"stretches": 0, "ms": 0.0})
+        pair["stretches"] += 1
+        pair["ms"] += (stop - start) / 1000
+    return dict(sorted(pairs.items(), key=lambda item: -item[1]["ms"])[:top])
+
+
+def _idle_gaps(profiler, named: bool = False) -> list[tuple] | None:
+    """(start, stop) of each stretch of the GPU timeline with nothing running, in the profiler's microseconds; `named`:
+    (start, stop, the name of the event to end last before it, the name of the one after it)."""
+    device = sorted(_device_events(profiler), key=lambda e: e.time_range.start)
     if not device:
         return None
-    gaps, end = [], device[0].end
-    for span in device[1:]:
-        if span.start > end:
-            gaps.append((end, span.start))
-        end = max(end, span.end)
+    gaps, last = [], device[0]
+    for event in device[1:]:
+        if event.time_range.start > last.time_range.end:
+            gap = (last.time_range.end, event.time_range.start)
+            gaps.append((*gap, last.name, event.name) if named else gap)
+        last = max(last, event, key=lambda e: e.time_range.end)
     return gaps
 
 
