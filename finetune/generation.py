@@ -19,6 +19,7 @@ from finetune.answers import parse_strict
 from finetune.attention import without_cudnn_attention
 from finetune.decode import GreedyDecoder
 from finetune.metrics import Predictions
+from finetune.packed import taken_logits
 from finetune.predict import (AnswerTree, AnswerTreeTerms, answer_logprobs, length_sorted_batches, shared_opening,
                               tree_passes, trunk_passes)
 from finetune.prompts import Prompts, answer_token_ids, default_max_new_tokens, end_token_ids, prompt_budget
@@ -126,14 +127,17 @@ def _tree_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]],
 def _branch_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]], batch_size: int,
                   progress: bool) -> tuple[list[str | None], np.ndarray]:
     """Each article's trained answer where its greedy choices follow one (None elsewhere) and its batch's wall time,
-    from two forwards a batch (`trunk_passes`): each prompt and the answers' stem, whose last greedy choice picks a
-    branch, then only the branches picked, after their trunks' kept keys. Running every branch instead ran ten tree
-    tokens an article for Qwen2.5's answers; the branch taken runs two (four for Sci/Tech).
+    from each prompt and the answers' stem in one packed forward a batch (`trunk_passes`), whose last greedy choice
+    picks a branch, then only the branches picked, after their trunks' kept keys. Running every branch instead ran ten
+    tree tokens an article for Qwen2.5's answers; the branch taken runs two (four for Sci/Tech).
 
-    The forwards are staggered so that the GPU never waits for the host: a batch's picks are read once the next
-    batch's trunks are queued, and its branches queued behind them; their check is read once the batch after that is
-    queued. The first batch is read at once, so that a model which mostly answers otherwise stops the check there
-    (fewer than half its articles on a trained answer); the batches queued after the one that stops it decode."""
+    The forwards are staggered so that the GPU never waits for the host, and the branches ride in a later batch's
+    forward, after its trunks, rather than run every layer over a few tokens an article in one of their own: a batch's
+    picks are read once the next batch's trunks are queued, its branches ride in the forward after that, and their
+    check is read once the batch after that is queued. The first batch is read at once, its branches in a forward of
+    their own, so that a model which mostly answers otherwise stops the check there (fewer than half its articles on
+    a trained answer); the batches queued after the one that stops it decode. The last two batches' branches, with no
+    forward left to ride in, run in one of their own each."""
     tree = AnswerTree.from_answers(answer_ids)
     n_stem, device = len(tree.tokens) - len(tree.branch), model.device
     stem, firsts = (torch.tensor(t, device=device) for t in (tree.tokens[:n_stem], [a[n_stem] for a in answer_ids]))
@@ -147,19 +151,30 @@ def _branch_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]
         enters = (choice[:, n_stem, None] == firsts) & (choice[:, :n_stem] == stem).all(1, keepdim=True)
         return HostCopy(torch.where(enters.any(1), enters.float().argmax(1), -1))
 
-    def run_branches(batch: list[int], picked: HostCopy, run) -> tuple:
-        """The batch's picked branches queued; what `read` needs to answer from them."""
+    def picked_branches(batch: list[int], picked: HostCopy, pack) -> tuple:
+        """The batch's picked branches, packed to run after their trunks (None where none was picked), and what
+        `checked` needs."""
         picked = picked.numpy()
         which = np.flatnonzero(picked >= 0)
-        if not len(which):
-            return batch, which, picked, None
         taken = [answer_ids[label][n_stem:] for label in picked[which]]  # each token predicts the next
+        return batch, which, picked, taken, pack(which, [answer[:-1] for answer in taken]) if len(which) else None
+
+    def checked(batch: list[int], which: np.ndarray, picked: np.ndarray, taken: list, packed,
+                logits: torch.Tensor | None) -> tuple:
+        """What `read` needs, from the logits of the branches' tokens: whether each article's greedy choices followed
+        its branch to the end (queued; `read` waits for it)."""
+        if packed is None:
+            return batch, which, picked, None
         lengths = np.array([len(answer) - 1 for answer in taken])
         wanted = queued_copy(torch.tensor([t for answer in taken for t in answer[1:]]), device)
         owner = queued_copy(torch.from_numpy(np.repeat(np.arange(len(which)), lengths)), device)
-        missed = (run(which, [answer[:-1] for answer in taken]).argmax(-1) != wanted).int()
+        missed = (logits.argmax(-1) != wanted).int()
         return batch, which, picked, HostCopy(torch.zeros(len(which), dtype=torch.int, device=device).index_add_(
             0, owner, missed) == 0)
+
+    def alone(branches: tuple) -> tuple:
+        """`checked` of branches run in a forward of their own."""
+        return checked(*branches, taken_logits(model, branches[-1]) if branches[-1] is not None else None)
 
     def read(batch: list[int], which: np.ndarray, picked: np.ndarray, followed: HostCopy | None) -> bool:
         """The batch's answers from its check; whether the check goes on."""
@@ -171,23 +186,32 @@ def _branch_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]
         start = time.perf_counter()
         return 2 * followed.sum() >= len(batch)
 
-    entering = checking = None  # the batch whose branches are still to pick, the one whose check is to read
+    riders = []  # the packed branches the next trunks' forward runs after its trunks (`trunk_passes` takes them)
+    # the batch whose picks are still to read; the branches waiting to ride in the next forward; the check to read
+    entering = riding = checking = None
     first = True
     # closing(): a pass stopped early must restore the model's attention before decoding starts
-    with closing(trunk_passes(model, prompts, tree, batch_size, progress)) as passes:
-        for batch, (logits, run) in passes:
-            trunks = batch, picks(logits), run
-            del logits  # before the next batch's forward allocates
+    with closing(trunk_passes(model, prompts, tree, batch_size, progress, riders)) as passes:
+        for batch, (logits, rider_logits, pack) in passes:
+            trunks = batch, picks(logits), pack
+            rode = checked(*riding, rider_logits) if riding is not None else None  # they rode in this forward
+            del logits, rider_logits  # before the next batch's forward allocates
             if first:
-                first, going_on = False, read(*run_branches(*trunks))
+                first, going_on = False, read(*alone(picked_branches(*trunks)))
             else:
-                before, checking = checking, run_branches(*entering) if entering is not None else None
-                going_on, entering = before is None or read(*before), trunks
+                riding = picked_branches(*entering) if entering is not None else None
+                if riding is not None and riding[-1] is not None:
+                    riders.append(riding[-1])
+                going_on = checking is None or read(*checking)
+                checking, entering = rode, trunks
             if not going_on:
-                entering = checking = None  # their batches decode with the rest
+                entering = riding = checking = None  # their batches decode with the rest
                 break
-    last = run_branches(*entering) if entering is not None else None
-    for check in (checking, last):
+    # No forward left to ride in: the last two batches' branches run alone, the first queued before anything waits.
+    last = [alone(riding)] if riding is not None else []
+    if entering is not None:
+        last.append(alone(picked_branches(*entering)))
+    for check in (checking, *last):
         if check is not None:
             read(*check)
     return answers, seconds

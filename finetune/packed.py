@@ -12,8 +12,9 @@ of every five tiles of a batch (the attention profile of results/benchmarks/h200
 both kernels read each sequence's keys where they lie; elsewhere they are gathered from [opening; row] by index.
 
 Generation's check (`finetune.generation`) packs the trunks alone and keeps their keys; the one branch each article's
-greedy choices took then runs in a row of its own (`pack_taken`), each branch a varlen sequence over its opening, its
-trunk and itself: two or four tokens an article where the whole tree runs ten.
+greedy choices took then runs (`pack_taken`), each branch a varlen sequence over its opening, its trunk and itself:
+two or four tokens an article where the whole tree runs ten. They run after a later batch's trunks, in its forward
+(`with_riders`), or in a row of their own.
 
 Decoding's prefill (`finetune.decode.GreedyDecoder`) packs its batch's prompts the same way, without the tree, and
 writes each token's key and value into the decoder's static cache as it goes (`PackedPrefill`): left-padded, a batch
@@ -21,7 +22,7 @@ of 512 ran the longest prompt's length in every row (results/benchmarks/h200_7b_
 """
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -64,6 +65,7 @@ class PackedBatch:
     opening_length: int
     trunk_lengths: np.ndarray  # (articles,), on the host: `pack_taken` lays its branches out from them
     kept_keys: list | None = None  # packed without branches: per layer, the row's keys and values, as computed
+    riders: "PackedBranches | None" = None  # an earlier batch's taken branches, after the trunks (`with_riders`)
 
 
 def pack_batch(articles: list[list[int]], tree, opening_length: int, device, with_branches: bool = True) -> PackedBatch:
@@ -124,14 +126,16 @@ class PackedBranches:
     max_q: int
     max_k: int
     key_index: torch.Tensor  # (keys,)
-    kept_keys: list  # the trunks' pass's, per layer
+    kept_keys: list  # per layer, the trunks' keys and values their pass kept (not its riders')
     kept_starts: torch.Tensor  # (articles,) int32: where each one's trunk starts in the kept row
     kept_lengths: torch.Tensor  # (articles,) int32: its trunk's tokens
+    opening_kv: list | None  # per layer, the opening's keys and values the trunks' pass saw
 
 
-def pack_taken(trunks: PackedBatch, which: np.ndarray, branches: list[list[int]], device) -> PackedBranches:
+def pack_taken(trunks: PackedBatch, which: np.ndarray, branches: list[list[int]], device,
+               opening_kv: list | None = None) -> PackedBranches:
     """The tokens `branches[i]` (at least one each) after the trunk of article `which[i]` of `trunks`, a batch
-    packed without branches whose forward has run."""
+    packed without branches whose forward has run after the opening `opening_kv`."""
     opening, lengths = trunks.opening_length, np.array([len(b) for b in branches])
     trunk = trunks.trunk_lengths[which]
     cu_q = np.concatenate([[0], np.cumsum(lengths)])
@@ -147,9 +151,18 @@ def pack_taken(trunks: PackedBatch, which: np.ndarray, branches: list[list[int]]
                           cu_q=_on(device, cu_q, torch.int32), cu_k=_on(device, np.concatenate([[0], np.cumsum(keys)]),
                                                                         torch.int32),
                           max_q=int(lengths.max()), max_k=int(keys.max()), key_index=_on(device, key_index),
-                          kept_keys=trunks.kept_keys,
+                          kept_keys=[(k[:trunks.trunk_tokens], v[:trunks.trunk_tokens]) for k, v in trunks.kept_keys],
                           kept_starts=_on(device, exclusive_cumsum(trunks.trunk_lengths)[which], torch.int32),
-                          kept_lengths=_on(device, trunk, torch.int32))
+                          kept_lengths=_on(device, trunk, torch.int32), opening_kv=opening_kv)
+
+
+def with_riders(batch: PackedBatch, riders: PackedBranches) -> PackedBatch:
+    """`batch`, packed without branches, with an earlier batch's taken branches (`pack_taken`) after its trunks in
+    the same row: they run in its forward instead of one of their own, every layer over a few tokens an article."""
+    if len(batch.ids[0]) != batch.trunk_tokens:
+        raise ValueError("riders follow the trunks of a batch packed without branches")
+    return replace(batch, ids=torch.cat([batch.ids, riders.ids], 1),
+                               positions=torch.cat([batch.positions, riders.positions], 1), riders=riders)
 
 
 @dataclass
@@ -211,18 +224,22 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     """Attention of one packed row (see `PackedBatch`): on CUDA the trunks through the varlen kernel and the branches
     through `branch_attention`; elsewhere, and for a float32 model, through their exact equivalents
     (`_padded_causal_attention`, `_branch_attention`; the CPU tests check the layout through them). A row of `taken`
-    branches (`PackedBranches`) attends as trunks do, over the keys its trunks' pass kept and its own."""
+    branches (`PackedBranches`) attends as trunks do, over the keys its trunks' pass kept and its own; so do a
+    batch's `riders`, after its trunks."""
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, dim)
-    opening = opening_kv[module.layer_idx] if opening_kv is not None else None
     if taken is not None:
-        kept = (*taken.kept_keys[module.layer_idx], taken.kept_starts, taken.kept_lengths)
-        return _attend_sequences(q, k, v, taken, scaling, opening, kept).unsqueeze(0), None
+        return _attend_taken(q, k, v, taken, module.layer_idx, scaling).unsqueeze(0), None
     if packed is None:
         raise ValueError(f"attn_implementation {PACKED!r} scores packed rows only: call finetune.predict.score_labels")
+    opening = opening_kv[module.layer_idx] if opening_kv is not None else None
     if packed.kept_keys is not None:
         packed.kept_keys.append((k, v))
-    trunk_q, branch_q = q[:packed.trunk_tokens], q[packed.trunk_tokens:]
-    trunks = _attend_sequences(trunk_q, k, v, packed, scaling, opening)
+    n = packed.trunk_tokens
+    trunks = _attend_sequences(q[:n], k, v, packed, scaling, opening)
+    if packed.riders is not None:
+        riders = _attend_taken(q[n:], k[n:], v[n:], packed.riders, module.layer_idx, scaling)
+        return torch.cat([trunks, riders]).unsqueeze(0), None
+    branch_q = q[n:]
     if not len(branch_q):
         return trunks.unsqueeze(0), None
     if _on_kernels(q) and BRANCH_KERNEL:
@@ -251,6 +268,14 @@ def prefill_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     layer.values[prefill.cache_rows, :, prefill.cache_slots] = v
     opening = opening_kv[module.layer_idx] if opening_kv is not None else None
     return _attend_sequences(q, k, v, prefill, scaling, opening).unsqueeze(0), None
+
+
+def _attend_taken(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, taken: PackedBranches, layer: int,
+                  scaling: float | None) -> torch.Tensor:
+    """Taken branches' queries (`q`, their keys `k`, `v`) over their opening, their trunks' kept keys and their own."""
+    opening = taken.opening_kv[layer] if taken.opening_kv is not None else None
+    kept = (*taken.kept_keys[layer], taken.kept_starts, taken.kept_lengths)
+    return _attend_sequences(q, k, v, taken, scaling, opening, kept)
 
 
 def _on_kernels(q: torch.Tensor) -> bool:
@@ -320,18 +345,22 @@ def packed_attention(model, name: str = PACKED):
         yield
 
 
-def packed_logits(model, batch: PackedBatch, opening_kv: list | None) -> torch.Tensor:
-    """(articles, tail, vocab) logits at the positions scoring reads, from one forward over the packed row."""
+def packed_logits(model, batch: PackedBatch, opening_kv: list | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(articles, tail, vocab) logits at the positions scoring reads, from one forward over the packed row; and the
+    (tokens, vocab) logits of every token of its riders (None without)."""
     no_masks = dict.fromkeys(model.config.layer_types)  # the attention keeps the sequences apart; skip mask building
+    read = batch.tail_index
+    if batch.riders is not None:
+        read = torch.cat([read, torch.arange(batch.trunk_tokens, len(batch.ids[0]), device=read.device)])
     logits = model(input_ids=batch.ids, position_ids=batch.positions, attention_mask=no_masks, use_cache=False,
-                   logits_to_keep=batch.tail_index, read_positions=batch.tail_index, packed=batch,
-                   opening_kv=opening_kv).logits
-    return logits[0].unflatten(0, (-1, batch.tail))
+                   logits_to_keep=read, read_positions=read, packed=batch, opening_kv=opening_kv).logits[0]
+    tails = len(batch.tail_index)
+    return logits[:tails].unflatten(0, (-1, batch.tail)), logits[tails:] if batch.riders is not None else None
 
 
-def taken_logits(model, taken: PackedBranches, opening_kv: list | None) -> torch.Tensor:
-    """(tokens, vocab) logits of every token of a row of taken branches, after the opening their trunks' pass saw
-    (`opening_kv`). The row runs under the packed attention whenever it comes, its trunks' pass over or not."""
+def taken_logits(model, taken: PackedBranches) -> torch.Tensor:
+    """(tokens, vocab) logits of every token of a row of taken branches in a forward of its own. The row runs under
+    the packed attention whenever it comes, its trunks' pass over or not."""
     with without_cudnn_attention(), packed_attention(model):
         return model(input_ids=taken.ids, position_ids=taken.positions, use_cache=False, taken=taken,
-                     opening_kv=opening_kv, attention_mask=dict.fromkeys(model.config.layer_types)).logits[0]
+                     attention_mask=dict.fromkeys(model.config.layer_types)).logits[0]

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from finetune.attention import VARLEN, attention_implementation, without_cudnn_attention
 from finetune.metrics import Predictions
 from finetune.opening import matching_length, shared_prefix_length
-from finetune.packed import opening_keys, pack_batch, pack_taken, packed_attention, packed_logits, taken_logits
+from finetune.packed import opening_keys, pack_batch, pack_taken, packed_attention, packed_logits, with_riders
 from finetune.prompts import Prompts, answer_token_ids, prompt_budget
 from finetune.speedups import HostCopy
 
@@ -180,7 +180,7 @@ def tree_passes(model, prompts: Prompts, tree: AnswerTree, batch_size: int, meth
     if method == "packed":
         def tail_logits(rows, length, opening_cache):
             return packed_logits(model, pack_batch(rows, tree, length, model.device),
-                                 _opening_share(opening_cache, length))
+                                 _opening_share(opening_cache, length))[0]
         layout = packed_attention(model)
     else:
         def tail_logits(rows, length, opening_cache):
@@ -189,16 +189,20 @@ def tree_passes(model, prompts: Prompts, tree: AnswerTree, batch_size: int, meth
     yield from _passes(model, prompts, batch_size, layout, tail_logits, desc, progress, leave)
 
 
-def trunk_passes(model, prompts: Prompts, tree: AnswerTree, batch_size: int, progress: bool):
+def trunk_passes(model, prompts: Prompts, tree: AnswerTree, batch_size: int, progress: bool, riders: list):
     """Per batch: its article indices, the logits (articles, stem + 1, vocab) of one packed forward over each prompt
-    and the answers' stem (`tree_passes`' without the branches), and `run_branches(which, branches)`: the logits
-    (tokens, vocab) of one forward over articles `which`'s tokens `branches` after their trunks, from the keys the
-    trunks' forward kept (`finetune.packed.pack_taken`)."""
+    and the answers' stem (`tree_passes`' without the branches), the logits (tokens, vocab) of the riders that forward
+    ran after them (None for none), and `pack_branches(which, branches)`: articles `which`'s tokens `branches` after
+    their trunks, packed to attend to the keys the trunks' forward kept (`finetune.packed.pack_taken`), for a forward
+    of their own (`taken_logits`) or to ride in a later batch's: a caller puts them in `riders`, whose one entry the
+    next forward takes (`finetune.packed.with_riders`)."""
     def trunks(rows, length, opening_cache):
         batch = pack_batch(rows, tree, length, model.device, with_branches=False)
+        if riders:
+            batch = with_riders(batch, riders.pop())
         opening = _opening_share(opening_cache, length)
-        return packed_logits(model, batch, opening), \
-            lambda which, branches: taken_logits(model, pack_taken(batch, which, branches, model.device), opening)
+        return *packed_logits(model, batch, opening), \
+            lambda which, branches: pack_taken(batch, which, branches, model.device, opening)
     yield from _passes(model, prompts, batch_size, packed_attention(model), trunks, "answer tree", progress, False)
 
 

@@ -13,7 +13,7 @@ from finetune import generation, predict
 from finetune import prompts as prompts_module
 from finetune.model import load_model, train_bpe_tokenizer
 from finetune.opening import shared_prefix_length
-from finetune.packed import attention_kernels, pack_batch, pack_prefill, pack_taken
+from finetune.packed import attention_kernels, pack_batch, pack_prefill, pack_taken, taken_logits
 from finetune.generation import generate_labels, score_then_generate
 from finetune.last_layer import mlp_only_where_read
 from finetune.predict import AnswerTree, score_labels
@@ -214,8 +214,9 @@ def test_packed_rows_hold_every_article_and_answer_tree_without_padding(tokenize
 @torch.inference_mode()
 def check_branches_after_trunks(model, tokenizer, tolerance: float) -> None:
     """A trunks-only pass reads the last prompt token and the stem as the whole tree's pass does; a branch run after
-    it, from the keys that pass kept, gives each of its tokens the logits the whole tree gives that token. Two batches
-    sharing the opening to different depths, each article with its own branch (two of them the longest)."""
+    it, from the keys that pass kept, gives each of its tokens the logits the whole tree gives that token, in a forward
+    of its own or riding in the next batch's after its trunks. Two batches sharing the opening to different depths
+    (the riders attend to their own), each article with its own branch (two of them the longest)."""
     answers = answer_token_ids(tokenizer)
     tree = AnswerTree.from_answers(answers)
     n_stem = len(tree.tokens) - len(tree.branch)
@@ -225,16 +226,25 @@ def check_branches_after_trunks(model, tokenizer, tolerance: float) -> None:
     assert shared_prefix_length(prompts.take(first)) > shared_prefix_length(prompts.take(first + second))
     whole = dict((tuple(b), logits) for b, logits in predict.tree_passes(model, prompts, tree, 3, "packed", "", False))
     longest = max(range(len(answers)), key=lambda label: len(answers[label]))
-    for batch, (logits, run_branches) in predict.trunk_passes(model, prompts, tree, 3, False):
+    riders, rode = [], None
+    for batch, (logits, rider_logits, pack) in predict.trunk_passes(model, prompts, tree, 3, False, riders):
         tree_logits = whole[tuple(batch)]
         torch.testing.assert_close(logits, tree_logits[:, :n_stem + 1], rtol=tolerance, atol=tolerance)
         which = np.arange(len(batch))[::-1]  # in another order than the batch's
         labels = [(i + 1) % len(answers) if i % 2 else longest for i in which]
-        branch_logits = run_branches(which, [answers[label][n_stem:-1] for label in labels]).split(
-            [len(answers[label]) - n_stem - 1 for label in labels])
-        for i, label, got in zip(which, labels, branch_logits):
-            own = [n_stem + 1 + j for j, b in enumerate(tree.branch) if b == label]
-            torch.testing.assert_close(got, tree_logits[i, own], rtol=tolerance, atol=tolerance)
+        lengths = [len(answers[label]) - n_stem - 1 for label in labels]
+        expected = [tree_logits[i, [n_stem + 1 + j for j, b in enumerate(tree.branch) if b == label]]
+                    for i, label in zip(which, labels)]
+        branches = [answers[label][n_stem:-1] for label in labels]
+        for got, want in zip(taken_logits(model, pack(which, branches)).split(lengths), expected):
+            torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+        if rode is not None:  # the first batch's branches, run after this batch's trunks
+            for got, want in zip(rider_logits.split(rode[0]), rode[1]):
+                torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+        assert (rider_logits is None) == (rode is None)
+        riders.append(pack(which, branches))
+        rode = lengths, expected
+    assert rode is not None and len(first) and len(second)
 
 
 def test_a_branch_run_after_its_trunk_gives_the_logits_it_has_in_the_whole_tree(model, tokenizer):
@@ -349,10 +359,10 @@ def answer_trained(model, tokenizer, texts: list[str], steps: int = 80) -> torch
 
 
 @pytest.mark.slow
-def test_tree_check_answers_exactly_as_greedy_decoding(model, tokenizer):
+def test_tree_check_answers_exactly_as_greedy_decoding(trained_model, tokenizer):
     """Articles whose greedy answer is a trained one are answered from the scoring pass, the rest decoded: every
     answer is the token-by-token greedy one, and both kinds occur here."""
-    trained = answer_trained(model, tokenizer, TEXTS[:4])
+    trained = trained_model
     prompts, _ = encode_prompts(tokenizer, TEXTS, prompt_budget(tokenizer, 512))  # as generation
     greedy = [greedy_answer(trained, tokenizer, p, 16) for p in prompts]
     checked = generate_labels(trained, tokenizer, TEXTS, batch_size=8, progress=False)
@@ -363,6 +373,29 @@ def test_tree_check_answers_exactly_as_greedy_decoding(model, tokenizer):
     assert 0 < checked.decoded < len(TEXTS) and decoded.decoded == len(TEXTS)
     assert sum(a == build_messages("x", LABELS[i])[2]["content"] for i, a in enumerate(checked.answers[:4])) >= 2
 
+
+
+@pytest.fixture(scope="module")
+def trained_model(model, tokenizer):
+    return answer_trained(model, tokenizer, TEXTS[:4])
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["exact", "kernels"])
+def test_branches_riding_in_later_forwards_answer_as_greedy_decoding(trained_model, tokenizer, monkeypatch, kernels):
+    """Six batches of articles the model answers as trained: batches 2 to 4's branches ride in the forwards of
+    batches 4 to 6, after their trunks, the last two batches' run alone, and every answer is greedy decoding's; on
+    the exact path here and on the CUDA kernels (Triton's interpreter), where the riders' keys are read in place."""
+    from finetune import packed
+
+    if kernels:
+        monkeypatch.setattr(packed, "_on_kernels", lambda q: True)
+    rode, with_riders = [], predict.with_riders
+    monkeypatch.setattr(predict, "with_riders", lambda batch, riders: rode.append(1) or with_riders(batch, riders))
+    texts = TEXTS[:4] * 3
+    checked = generate_labels(trained_model, tokenizer, texts, batch_size=2, progress=False)
+    decoded = generate_labels(trained_model, tokenizer, texts, batch_size=2, progress=False, tree_check=False)
+    assert checked.answers == decoded.answers and checked.decoded < len(texts) // 2
+    assert len(rode) == 3
 
 def test_decoding_reads_the_stop_flag_from_the_trained_answers_length_on(model, tokenizer, monkeypatch):
     """Each read of the stop flag waits for the GPU, so none is made before a row of a model answering as trained
@@ -493,44 +526,62 @@ def test_one_pass_scores_and_generates_as_each_mode_alone(model, tokenizer, monk
 
 def test_tree_check_reads_each_forward_behind_the_next_and_decodes_from_the_batch_that_stops_it(model, tokenizer,
                                                                                                  monkeypatch):
-    """The first batch is checked at once: its trunks, the branches they picked, their check. Later, a batch's picks
-    are read once the next batch's trunks are queued, its branches queued behind those, and their check read once the
-    batch after is queued: the host never waits for the forward it has just queued. Batches 1 and 2 follow a trained
-    answer and are answered by the check; batch 3 picks no branch and stops it when read, as batch 5's trunks are
-    queued: batches 4 and 5 decode with it, batch 4's branches run for nothing."""
+    """The first batch is checked at once: its trunks, the branches they picked in a forward of their own, their
+    check. Later, a batch's picks are read once the next batch's trunks are queued, its branches ride in the forward
+    after that, after its trunks, and their check is read once the batch after is queued: the host never waits for
+    the forward it has just queued. Batches 1 and 2 follow a trained answer and are answered by the check; batch 3
+    picks no branch (nothing rides in batch 5) and stops the check when read, as batch 6's trunks are queued: batches
+    4 to 7 decode with it, batch 4's branches rode for nothing. Without a stop, the last two batches' branches run
+    in forwards of their own."""
     answers = answer_token_ids(tokenizer)
     tree = AnswerTree.from_answers(answers)
     n_stem = len(tree.tokens) - len(tree.branch)
-    follows, decoded, events = [True, True, False, True, True], [], []
+    follows, decoded, events = [True, True, False, True, True, True, True], [], []
+    branch_logits = lambda: logits_choosing(answers[0][n_stem + 1:] * 2)  # each article on the first answer's branch
 
     def logits_choosing(tokens: list[int]) -> torch.Tensor:
         return torch.nn.functional.one_hot(torch.tensor(tokens), len(tokenizer)).float()
 
-    def trunk_passes(model, prompts, tree_, batch_size, progress):
+    def trunk_passes(model, prompts, tree_, batch_size, progress, riders):
         for k, batch in enumerate(predict.length_sorted_batches(prompts.texts, batch_size)):
-            events.append("trunks")
+            rider = riders.pop() if riders else None
+            events.append("trunks" + (f" + batch {rider}'s branches" if rider else ""))
             # every greedy choice along the first answer's stem into its branch, or none
             choices = answers[0][:n_stem + 1] if follows[k] else [0] * (n_stem + 1)
 
-            def run(which, branches, k=k):
-                events.append("branches")
+            def pack(which, branches, k=k):
                 assert branches == [answers[0][n_stem:-1]] * len(which)
-                return logits_choosing(answers[0][n_stem + 1:] * len(which))
+                return k + 1  # stands for the packed branches: the batch they are from
 
-            yield batch, (logits_choosing(choices).expand(len(batch), -1, -1), run)
+            yield batch, (logits_choosing(choices).expand(len(batch), -1, -1), rider and branch_logits(), pack)
+
+    def taken_logits(model, packed):
+        events.append(f"batch {packed}'s branches alone")
+        return branch_logits()
 
     monkeypatch.setattr(generation, "trunk_passes", trunk_passes)
+    monkeypatch.setattr(generation, "taken_logits", taken_logits)
     monkeypatch.setattr(generation, "_decode", lambda model, tokenizer, prompts, *args: (
         decoded.extend(prompts) or ["decoded"] * len(prompts), np.zeros(len(prompts)), False))
     record_host_copies(monkeypatch, generation, events)
-    generated = generate_labels(model, tokenizer, [f"article {i}" for i in range(10)], batch_size=2, progress=False)
-    assert events == ["trunks", "copy", "read", "branches", "copy", "read",  # batch 1, at once
+    generated = generate_labels(model, tokenizer, [f"article {i}" for i in range(14)], batch_size=2, progress=False)
+    assert events == ["trunks", "copy", "read", "batch 1's branches alone", "copy", "read",  # batch 1, at once
                       "trunks", "copy",  # batch 2 queued
-                      "trunks", "copy", "read", "branches", "copy",  # batch 3 queued: batch 2's picks, branches
-                      "trunks", "copy", "read", "read",  # batch 4 queued: batch 3 picks none, batch 2 checked
-                      "trunks", "copy", "read", "branches", "copy"]  # batch 5 queued: batch 3's check stops it
-    assert generated.decoded == len(decoded) == 6
-    assert sorted(generated.answers).count("decoded") == 6 and list(generated.labels).count(0) == 4
+                      "trunks", "copy", "read",  # batch 3 queued: batch 2's picks, its branches to ride next
+                      "trunks + batch 2's branches", "copy", "copy", "read",  # batch 2's check queued; batch 3 picks none
+                      "trunks", "copy", "read", "read",  # batch 5 queued: batch 4's picks; batch 2's check read
+                      "trunks + batch 4's branches", "copy", "copy", "read"]  # batch 3's check (none) stops it
+    assert generated.decoded == len(decoded) == 10
+    assert sorted(generated.answers).count("decoded") == 10 and list(generated.labels).count(0) == 4
+
+    events.clear()
+    follows[2] = True
+    generated = generate_labels(model, tokenizer, [f"article {i}" for i in range(10)], batch_size=2, progress=False)
+    assert events[-13:] == ["trunks + batch 3's branches", "copy", "copy", "read", "read",  # batch 5 queued
+                            "batch 4's branches alone", "copy",  # no forward left for them to ride in
+                            "read", "batch 5's branches alone", "copy",  # nor for batch 5's
+                            "read", "read", "read"]  # the checks of batches 3, 4 and 5
+    assert generated.decoded == 0 and list(generated.labels).count(0) == 10
 
 
 def test_qwen_gets_room_for_a_fenced_instruct_answer(qwen_tokenizer):
