@@ -50,6 +50,9 @@ EVALUATION_CHANGES = (
     ("15ca141", "2026-12-07T22:48:31+00:00", EVERY_MODE, "the grouped varlen kernel"),
     ("e5fd5a1", "2026-12-08T00:15:15+00:00", EVERY_MODE, "next batch encoded behind the forward, answers parsed once"),
     ("73c3f66", "2026-12-08T00:58:53+00:00", EVERY_MODE, "the opening's forward without host syncs"),
+    ("403a85b", "2026-12-08T02:26:06+00:00", EVERY_MODE, "keys read where they lie"),
+    ("c221af7", "2026-12-08T02:41:50+00:00", ("generation", "generation_lenient"),
+     "the branches picked ride in a later forward"),
 )
 
 
