@@ -105,18 +105,19 @@ def _branch_attention(q, keys, values, opening_k, opening_v, branch_k, branch_v,
 
 def branch_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, branch_k: torch.Tensor,
                      branch_v: torch.Tensor, cu_k: torch.Tensor, sees: torch.Tensor, scale: float,
-                     opening: tuple[torch.Tensor, torch.Tensor] | None = None, keys_a_step: int = KEYS_A_STEP,
-                     warps: int = WARPS) -> torch.Tensor:
+                     opening: tuple[torch.Tensor, torch.Tensor] | None = None, out: torch.Tensor | None = None,
+                     keys_a_step: int = KEYS_A_STEP, warps: int = WARPS) -> torch.Tensor:
     """Every article's branch tokens attending to their keys. q: (articles * branches, heads, dim), an article's
     branch tokens together; keys, values: (keys, kv heads, dim), article i's (its trunk: the row's keys, read in
     place) at cu_k[i]:cu_k[i + 1], after `opening`'s (keys, values), (opening, kv heads, dim), where given; branch_k,
     branch_v: (articles * branches, kv heads, dim), the branch tokens' own; sees: (branches, branches) bool, the
     tree's mask (`AnswerTree.sees`). Every tensor's last dimension is contiguous. Query head h shares key head h //
-    (heads / kv heads), as transformers' repeat_kv pairs them. Returns (articles * branches, heads, dim)."""
+    (heads / kv heads), as transformers' repeat_kv pairs them. Returns (articles * branches, heads, dim): `out` where
+    given (a caller's rows of a larger output)."""
     n_branch, (tokens, heads, dim), kv_heads = len(sees), q.shape, keys.shape[1]
     group = heads // kv_heads
     opening_k, opening_v = opening if opening is not None else (keys, values)
-    out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
+    out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device) if out is None else out
     strides = [stride for x in (q, keys, values, opening_k, opening_v, branch_k, branch_v, out)
                for stride in x.stride()[:2]]
     block = lambda n: max(16, triton.next_power_of_2(n))  # tl.arange wants powers of two, tl.dot 16 or more

@@ -81,21 +81,23 @@ def grouped_varlen_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
                              cu_k: torch.Tensor, max_q: int, scale: float,
                              opening: tuple[torch.Tensor, torch.Tensor] | None = None,
                              kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                             keys_a_step: int = KEYS_A_STEP, warps: int = WARPS, stages: int = STAGES) -> torch.Tensor:
+                             out: torch.Tensor | None = None, keys_a_step: int = KEYS_A_STEP, warps: int = WARPS,
+                             stages: int = STAGES) -> torch.Tensor:
     """Causal attention of packed sequences, as `finetune.attention._cuda_varlen_attention` computes it over each
     sequence's keys, which are read where they lie: `opening`'s (keys, values), (opening, kv heads, dim), where
     given; then, where `kept` (keys, values, starts, lengths) is given, `lengths[i]` rows of its keys from
     `starts[i]` (an earlier forward's); then keys, values: (keys, kv heads, dim), sequence i's at cu_k[i]:cu_k[i + 1].
     q: (queries, heads, dim), sequence i's at cu_q[i]:cu_q[i + 1], its queries being its last keys' tokens; every
     tensor's last dimension contiguous, every sequence with a query. Query head h shares key head h // (heads / kv
-    heads), as transformers' repeat_kv pairs them. Returns (queries, heads, dim)."""
+    heads), as transformers' repeat_kv pairs them. Returns (queries, heads, dim): `out` where given (a caller's rows of
+    a larger output, so that nothing concatenates them after)."""
     (tokens, heads, dim), kv_heads = q.shape, keys.shape[1]
     group = heads // kv_heads
     block = lambda n: max(16, triton.next_power_of_2(n))  # tl.arange wants powers of two, tl.dot 16 or more
     rows = min(block(max_q * group), max(MOST_ROWS, block(group)))  # a short sequence's tile holds just its rows
     opening_k, opening_v = opening if opening is not None else (keys, values)
     kept_k, kept_v, kept_starts, kept_lengths = kept if kept is not None else (keys, values, cu_k, cu_k)
-    out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
+    out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device) if out is None else out
     strides = [stride for x in (q, keys, values, opening_k, opening_v, kept_k, kept_v, out)
                for stride in x.stride()[:2]]
     _grouped_varlen_attention[(len(cu_q) - 1, kv_heads, triton.cdiv(max_q, rows // group))](

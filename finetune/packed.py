@@ -234,23 +234,20 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     opening = opening_kv[module.layer_idx] if opening_kv is not None else None
     if packed.kept_keys is not None:
         packed.kept_keys.append((k, v))
-    n = packed.trunk_tokens
-    trunks = _attend_sequences(q[:n], k, v, packed, scaling, opening)
+    # One output, each part written into its rows: concatenating the parts copied the whole row again, in every layer.
+    n, out = packed.trunk_tokens, q.new_empty(q.shape)
+    _attend_sequences(q[:n], k, v, packed, scaling, opening, out=out[:n])
     if packed.riders is not None:
-        riders = _attend_taken(q[n:], k[n:], v[n:], packed.riders, module.layer_idx, scaling)
-        return torch.cat([trunks, riders]).unsqueeze(0), None
-    branch_q = q[n:]
-    if not len(branch_q):
-        return trunks.unsqueeze(0), None
-    if _on_kernels(q) and BRANCH_KERNEL:
+        _attend_taken(q[n:], k[n:], v[n:], packed.riders, module.layer_idx, scaling, out=out[n:])
+    elif n < len(q) and _on_kernels(q) and BRANCH_KERNEL:
         from finetune.branch_attention_kernel import branch_attention  # triton: imported where it runs
-        branches = branch_attention(branch_q, k, v, k[-len(branch_q):], v[-len(branch_q):], packed.cu_q,
-                                    packed.branch_sees, scaling or q.shape[-1] ** -0.5, opening)
-    else:
+        branch_attention(q[n:], k, v, k[n:], v[n:], packed.cu_q, packed.branch_sees, scaling or q.shape[-1] ** -0.5,
+                         opening, out=out[n:])
+    elif n < len(q):
         sources = [x for x in (opening, (k, v)) if x is not None]
         keys, values = (_gathered(sources, i, packed.branch_key_index) for i in (0, 1))
-        branches = _branch_attention(branch_q, keys, values, packed.branch_mask, scaling)
-    return torch.cat([trunks, branches]).unsqueeze(0), None
+        out[n:] = _branch_attention(q[n:], keys, values, packed.branch_mask, scaling)
+    return out.unsqueeze(0), None
 
 
 @torch.compiler.disable
@@ -271,11 +268,11 @@ def prefill_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
 
 
 def _attend_taken(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, taken: PackedBranches, layer: int,
-                  scaling: float | None) -> torch.Tensor:
+                  scaling: float | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Taken branches' queries (`q`, their keys `k`, `v`) over their opening, their trunks' kept keys and their own."""
     opening = taken.opening_kv[layer] if taken.opening_kv is not None else None
     kept = (*taken.kept_keys[layer], taken.kept_starts, taken.kept_lengths)
-    return _attend_sequences(q, k, v, taken, scaling, opening, kept)
+    return _attend_sequences(q, k, v, taken, scaling, opening, kept, out)
 
 
 def _on_kernels(q: torch.Tensor) -> bool:
@@ -285,20 +282,21 @@ def _on_kernels(q: torch.Tensor) -> bool:
 
 
 def _attend_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, scaling: float | None,
-                      opening: tuple | None = None, kept: tuple | None = None):
+                      opening: tuple | None = None, kept: tuple | None = None, out: torch.Tensor | None = None):
     """The packed sequences of `layout` (its cu_q, cu_k, max_q, max_k, key_index): each one's own keys are `k`'s at
     its queries' rows, after the `opening`'s (keys, values) and an earlier forward's `kept` (keys, values, starts,
     lengths) where given. On CUDA (`_on_kernels`) the grouped varlen kernel reads them where they lie; else they are
     gathered into one tensor in key_index order (which counts rows of [opening; kept; k]) for FlashAttention's kernel
-    (where `attention_kernels` asks for it) or its exact padded equivalent."""
+    (where `attention_kernels` asks for it) or its exact padded equivalent. Written into `out` where given."""
     if _on_kernels(q) and GROUPED_VARLEN:
         from finetune.grouped_varlen_kernel import grouped_varlen_attention  # triton: imported where it runs
         return grouped_varlen_attention(q, k, v, layout.cu_q, layout.cu_q, layout.max_q,
-                                        scaling or q.shape[-1] ** -0.5, opening, kept)
+                                        scaling or q.shape[-1] ** -0.5, opening, kept, out)
     sources = [x[:2] for x in (opening, kept) if x is not None] + [(k, v)]
     keys, values = (_gathered(sources, i, layout.key_index) for i in (0, 1))
     attend = _cuda_varlen_attention if _on_kernels(q) else _padded_causal_attention
-    return attend(q, keys, values, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, scaling)
+    attended = attend(q, keys, values, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, scaling)
+    return attended if out is None else out.copy_(attended)
 
 
 def _gathered(sources: list[tuple[torch.Tensor, torch.Tensor]], which: int, index: torch.Tensor) -> torch.Tensor:
