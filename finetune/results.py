@@ -53,6 +53,8 @@ EVALUATION_CHANGES = (
     ("403a85b", "2026-12-08T02:26:06+00:00", EVERY_MODE, "keys read where they lie"),
     ("c221af7", "2026-12-08T02:41:50+00:00", ("generation", "generation_lenient"),
      "the branches picked ride in a later forward"),
+    ("194d1fd", "2026-12-08T02:56:19+00:00", ("label_scoring", "generation", "generation_lenient"),
+     "attention's parts written into one output"),
 )
 
 
