@@ -568,7 +568,7 @@ def test_tree_check_reads_each_forward_behind_the_next_and_decodes_from_the_batc
     assert events == ["trunks", "copy", "read", "batch 1's branches alone", "copy", "read",  # batch 1, at once
                       "trunks", "copy",  # batch 2 queued
                       "trunks", "copy", "read",  # batch 3 queued: batch 2's picks, its branches to ride next
-                      "trunks + batch 2's branches", "copy", "copy", "read",  # batch 2's check queued; batch 3 picks none
+                      "trunks + batch 2's branches", "copy", "copy", "read",  # batch 2 checked; batch 3 picks none
                       "trunks", "copy", "read", "read",  # batch 5 queued: batch 4's picks; batch 2's check read
                       "trunks + batch 4's branches", "copy", "copy", "read"]  # batch 3's check (none) stops it
     assert generated.decoded == len(decoded) == 10
