@@ -38,9 +38,10 @@ PACKED = "packed_answers"
 PREFILL = "packed_prefill"
 # The eval benchmark turns each kernel off to time what it saves against what it replaced, in the same run
 # (`attention_kernels`): the branches' kernel against one dense masked call, the grouped varlen kernel against
-# FlashAttention's varlen kernel.
+# FlashAttention's varlen kernel, and the grouped kernel reading its keys in place against it over keys gathered first.
 BRANCH_KERNEL = True
 GROUPED_VARLEN = True
+KEYS_IN_PLACE = True
 
 
 @dataclass
@@ -288,12 +289,15 @@ def _attend_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout,
     lengths) where given. On CUDA (`_on_kernels`) the grouped varlen kernel reads them where they lie; else they are
     gathered into one tensor in key_index order (which counts rows of [opening; kept; k]) for FlashAttention's kernel
     (where `attention_kernels` asks for it) or its exact padded equivalent. Written into `out` where given."""
-    if _on_kernels(q) and GROUPED_VARLEN:
+    scale = scaling or q.shape[-1] ** -0.5
+    if _on_kernels(q) and GROUPED_VARLEN and KEYS_IN_PLACE:
         from finetune.grouped_varlen_kernel import grouped_varlen_attention  # triton: imported where it runs
-        return grouped_varlen_attention(q, k, v, layout.cu_q, layout.cu_q, layout.max_q,
-                                        scaling or q.shape[-1] ** -0.5, opening, kept, out)
+        return grouped_varlen_attention(q, k, v, layout.cu_q, layout.cu_q, layout.max_q, scale, opening, kept, out)
     sources = [x[:2] for x in (opening, kept) if x is not None] + [(k, v)]
     keys, values = (_gathered(sources, i, layout.key_index) for i in (0, 1))
+    if _on_kernels(q) and GROUPED_VARLEN:  # over keys gathered first: the benchmark's comparison
+        from finetune.grouped_varlen_kernel import grouped_varlen_attention  # triton: imported where it runs
+        return grouped_varlen_attention(q, keys, values, layout.cu_q, layout.cu_k, layout.max_q, scale, out=out)
     attend = _cuda_varlen_attention if _on_kernels(q) else _padded_causal_attention
     attended = attend(q, keys, values, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, scaling)
     return attended if out is None else out.copy_(attended)
@@ -319,18 +323,20 @@ def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 
 @contextmanager
-def attention_kernels(branch_kernel: bool | None = None, grouped_varlen: bool | None = None):
+def attention_kernels(branch_kernel: bool | None = None, grouped_varlen: bool | None = None,
+                      keys_in_place: bool | None = None):
     """The kernels packed rows attend through on CUDA, for the duration: the branches' own kernel or one dense masked
-    call (`_branch_attention`), the grouped varlen kernel (`finetune.grouped_varlen_kernel`) or FlashAttention's. A
-    switch not given stays as it is, so that blocks nest."""
-    global BRANCH_KERNEL, GROUPED_VARLEN
-    before = BRANCH_KERNEL, GROUPED_VARLEN
-    BRANCH_KERNEL = before[0] if branch_kernel is None else branch_kernel
-    GROUPED_VARLEN = before[1] if grouped_varlen is None else grouped_varlen
+    call (`_branch_attention`), the grouped varlen kernel (`finetune.grouped_varlen_kernel`) or FlashAttention's, the
+    grouped kernel reading each sequence's keys where they lie or over keys gathered into one tensor first. A switch
+    not given stays as it is, so that blocks nest."""
+    global BRANCH_KERNEL, GROUPED_VARLEN, KEYS_IN_PLACE
+    before = BRANCH_KERNEL, GROUPED_VARLEN, KEYS_IN_PLACE
+    BRANCH_KERNEL, GROUPED_VARLEN, KEYS_IN_PLACE = (old if new is None else new for old, new in
+                                                    zip(before, (branch_kernel, grouped_varlen, keys_in_place)))
     try:
         yield
     finally:
-        BRANCH_KERNEL, GROUPED_VARLEN = before
+        BRANCH_KERNEL, GROUPED_VARLEN, KEYS_IN_PLACE = before
 
 
 @contextmanager

@@ -325,7 +325,8 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
                            "plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree",
                            "label_scoring", "label_scoring_whole_last_layer", "label_scoring_separate_adds",
                            "label_scoring_dense_branches", "label_scoring_flash_attention", "generation",
-                           "generation_decoding", "generation_flash_attention", "label_scoring_and_generation"]
+                           "generation_decoding", "generation_flash_attention", "generation_gathered_keys",
+                           "label_scoring_and_generation"]
     assert record["skipped_modes"] == {"plain_label_scoring_fp8": "no CUDA GPU", "label_scoring_fp8": "no CUDA GPU"}
     # The anchors timed again after the suite's kernels (none on the CPU): each mode over its own one of them.
     for mode, anchor in (("label_scoring", "plain_label_scoring_kernels"), ("generation", "plain_generate_kernels")):
@@ -353,8 +354,8 @@ def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tm
     assert packed["agreement_with_tree"]["max_abs_logprob_difference"] < 1e-4
     assert set(record["profiles"]) == {"plain_label_scoring", "label_scoring_tree", "label_scoring",
                                        "label_scoring_flash_attention", "plain_generate", "generation",
-                                       "generation_decoding", "generation_flash_attention"}
-    assert profiled == [64, 32, 64, 64, 64, 32, 32, 32]  # two of each mode's own batches, in the modes' order
+                                       "generation_decoding", "generation_flash_attention", "generation_gathered_keys"}
+    assert profiled == [64, 32, 64, 64, 64, 32, 32, 32, 32]  # two of each mode's own batches, in the modes' order
     assert packed["gpu_busy_share"] is None and packed["gpu_idle_ms_by_host_range"] is None  # no GPU timeline here
     assert packed["gpu_bound_articles_per_second"] is None and packed["matmul_rates"][0]["clock"] == "cpu"
     assert packed["matmul_bound_articles_per_second"] is None

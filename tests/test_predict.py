@@ -156,9 +156,12 @@ def test_packed_rows_through_the_grouped_kernel_score_check_and_decode_as_the_ex
     exact = generate_labels(model, tokenizer, texts, batch_size=3, progress=False, tree_check=False)
     queries, kernel = [], grouped_varlen_kernel.grouped_varlen_attention
     monkeypatch.setattr(grouped_varlen_kernel, "grouped_varlen_attention",
-                        lambda q, *args: queries.append(q.shape[0]) or kernel(q, *args))
+                        lambda q, *args, **kwargs: queries.append(q.shape[0]) or kernel(q, *args, **kwargs))
     monkeypatch.setattr(packed, "_on_kernels", lambda q: True)
     scored = score_labels(model, tokenizer, texts, batch_size=3, progress=False, method="packed")
+    with packed.attention_kernels(keys_in_place=False):  # the benchmark's comparison: the same sums, bit for bit
+        gathered = score_labels(model, tokenizer, texts, batch_size=3, progress=False, method="packed")
+    np.testing.assert_array_equal(gathered.label_logprobs, scored.label_logprobs)
     check_branches_after_trunks(model, tokenizer, 1e-4)
     decoded = generate_labels(model, tokenizer, texts, batch_size=3, progress=False, tree_check=False)
     np.testing.assert_allclose(scored.label_logprobs, expected, atol=1e-4)
@@ -168,7 +171,7 @@ def test_packed_rows_through_the_grouped_kernel_score_check_and_decode_as_the_ex
         assert not packed.GROUPED_VARLEN  # FlashAttention's inside the block (the benchmark's comparison)
         with packed.attention_kernels(branch_kernel=False):
             assert not packed.GROUPED_VARLEN and not packed.BRANCH_KERNEL  # a nested block keeps the outer's switch
-        assert packed.BRANCH_KERNEL
+        assert packed.BRANCH_KERNEL and packed.KEYS_IN_PLACE
     assert packed.GROUPED_VARLEN  # the default again after it
 
 

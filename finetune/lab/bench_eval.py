@@ -42,7 +42,8 @@ ANCHORS = {"label_scoring_tree": "plain_label_scoring", "label_scoring": "plain_
            "label_scoring_whole_last_layer": "plain_label_scoring",
            "label_scoring_separate_adds": "plain_label_scoring", "label_scoring_dense_branches": "plain_label_scoring",
            "label_scoring_flash_attention": "plain_label_scoring", "generation": "plain_generate",
-           "generation_decoding": "plain_generate", "generation_flash_attention": "plain_generate"}
+           "generation_decoding": "plain_generate", "generation_flash_attention": "plain_generate",
+           "generation_gathered_keys": "plain_generate"}
 # The same anchors timed again after the suite's kernels were applied: the anchor at its strongest.
 KERNEL_ANCHORS = {mode: f"{anchor}_kernels" for mode, anchor in ANCHORS.items()}
 # Label scoring and its anchor again, last, once the decoder layers' linear layers are FP8 (`quantize_for_fp8`): a
@@ -68,13 +69,15 @@ PLAIN_MODES = ("plain_label_scoring", "plain_generate", "plain_generate_batch64"
 # "label_scoring_flash_attention" and "generation_flash_attention" run their packed sequences through FlashAttention's
 # varlen kernel, not the grouped one (finetune/grouped_varlen_kernel.py): what the grouped kernel saves, in the same
 # run. Runs before it became the default timed it the other way round, as "label_scoring_grouped_varlen" and
-# "generation_grouped_varlen".
+# "generation_grouped_varlen". "generation_gathered_keys" runs the grouped kernel over keys gathered into one tensor
+# first, as before it read them where they lie (403a85b).
 # "label_scoring_and_generation" is both from one pass, as an evaluation of both runs them (`score_then_generate`; its
 # predictions are generation's): against "label_scoring" and "generation" in the same run, what sharing the pass saves.
 MODES = PLAIN_MODES + ("plain_label_scoring_kernels", "plain_generate_kernels", "label_scoring_tree", "label_scoring",
                        "label_scoring_whole_last_layer", "label_scoring_separate_adds", "label_scoring_dense_branches",
                        "label_scoring_flash_attention", "generation", "generation_decoding",
-                       "generation_flash_attention", "label_scoring_and_generation", *FP8_MODES)
+                       "generation_flash_attention", "generation_gathered_keys", "label_scoring_and_generation",
+                       *FP8_MODES)
 # Changes to the benchmark itself, oldest first (commit, its time, the modes, what): to how it times every mode, or to
 # a mode of its own rather than evaluation's (those are `finetune.results.EVALUATION_CHANGES`, whose shape this
 # follows). The tables take runs made before one for another configuration, as they do runs before an evaluation change.
@@ -143,6 +146,7 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
     batch = {"plain_generate": generation_batch_size, "plain_generate_kernels": generation_batch_size,
              "plain_generate_batch64": SMALL_BATCH, "generation": generation_batch_size,
              "generation_decoding": generation_batch_size, "generation_flash_attention": generation_batch_size,
+             "generation_gathered_keys": generation_batch_size,
              "label_scoring_and_generation": generation_batch_size}.get(mode, batch_size)
     runners = {
         "plain_label_scoring": lambda t: plain_label_scoring(model, tokenizer, t, batch, max_length),
@@ -171,6 +175,9 @@ def mode_runner(mode: str, model, tokenizer, batch_size: int, generation_batch_s
                                                          tree_check=False),
         "generation_flash_attention": lambda t: _with(
             attention_kernels(grouped_varlen=False),
+            lambda: generate_labels(model, tokenizer, t, batch, max_length, progress=False)),
+        "generation_gathered_keys": lambda t: _with(
+            attention_kernels(keys_in_place=False),
             lambda: generate_labels(model, tokenizer, t, batch, max_length, progress=False)),
         "label_scoring_and_generation": lambda t: dict(score_then_generate(model, tokenizer, t, batch, max_length,
                                                                            progress=False))["generation"],
@@ -280,7 +287,7 @@ def compare_modes(model, tokenizer, texts: list[str], modes: list[str], *, batch
                   profile_modes: tuple[str, ...] = ("plain_label_scoring", "label_scoring_tree", "label_scoring",
                                                     "label_scoring_flash_attention", "plain_generate", "generation",
                                                     "generation_decoding", "generation_flash_attention",
-                                                    "label_scoring_fp8"),
+                                                    "generation_gathered_keys", "label_scoring_fp8"),
                   report=print, save=lambda compared: None) -> dict:
     """Every mode in `MODES` order (plain ones first; Liger's kernels and compiled layers, when asked for, applied
     after them; the FP8 ones last, on the model quantized for them, or listed in `skipped_modes` with the reason),
