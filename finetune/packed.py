@@ -138,10 +138,10 @@ def pack_taken(trunks: PackedBatch, which: np.ndarray, branches: list[list[int]]
     """The tokens `branches[i]` (at least one each) after the trunk of article `which[i]` of `trunks`, a batch
     packed without branches whose forward has run after the opening `opening_kv`."""
     opening, lengths = trunks.opening_length, np.array([len(b) for b in branches])
-    trunk = trunks.trunk_lengths[which]
+    trunk, trunk_start = trunks.trunk_lengths[which], exclusive_cumsum(trunks.trunk_lengths)[which]  # in the kept row
     cu_q = np.concatenate([[0], np.cumsum(lengths)])
     # per article three spans of keys: the opening, its trunk in the kept row, its own tokens after the kept ones
-    starts = np.column_stack([np.zeros_like(trunk), opening + exclusive_cumsum(trunks.trunk_lengths)[which],
+    starts = np.column_stack([np.zeros_like(trunk), opening + trunk_start,
                               opening + trunks.trunk_tokens + cu_q[:-1]]).ravel()
     spans = np.column_stack([np.full_like(trunk, opening), trunk, lengths]).ravel()
     key_index = np.arange(spans.sum()) + np.repeat(starts - exclusive_cumsum(spans), spans)
@@ -153,7 +153,7 @@ def pack_taken(trunks: PackedBatch, which: np.ndarray, branches: list[list[int]]
                                                                         torch.int32),
                           max_q=int(lengths.max()), max_k=int(keys.max()), key_index=_on(device, key_index),
                           kept_keys=[(k[:trunks.trunk_tokens], v[:trunks.trunk_tokens]) for k, v in trunks.kept_keys],
-                          kept_starts=_on(device, exclusive_cumsum(trunks.trunk_lengths)[which], torch.int32),
+                          kept_starts=_on(device, trunk_start, torch.int32),
                           kept_lengths=_on(device, trunk, torch.int32), opening_kv=opening_kv)
 
 
@@ -163,7 +163,7 @@ def with_riders(batch: PackedBatch, riders: PackedBranches) -> PackedBatch:
     if len(batch.ids[0]) != batch.trunk_tokens:
         raise ValueError("riders follow the trunks of a batch packed without branches")
     return replace(batch, ids=torch.cat([batch.ids, riders.ids], 1),
-                               positions=torch.cat([batch.positions, riders.positions], 1), riders=riders)
+                   positions=torch.cat([batch.positions, riders.positions], 1), riders=riders)
 
 
 @dataclass
