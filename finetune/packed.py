@@ -235,16 +235,19 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     opening = opening_kv[module.layer_idx] if opening_kv is not None else None
     if packed.kept_keys is not None:
         packed.kept_keys.append((k, v))
+    n = packed.trunk_tokens
+    if n == len(q):  # trunks alone: their attention is the layer's
+        return _attend_sequences(q, k, v, packed, scaling, opening).unsqueeze(0), None
     # One output, each part written into its rows: concatenating the parts copied the whole row again, in every layer.
-    n, out = packed.trunk_tokens, q.new_empty(q.shape)
+    out = q.new_empty(q.shape)
     _attend_sequences(q[:n], k, v, packed, scaling, opening, out=out[:n])
     if packed.riders is not None:
         _attend_taken(q[n:], k[n:], v[n:], packed.riders, module.layer_idx, scaling, out=out[n:])
-    elif n < len(q) and _on_kernels(q) and BRANCH_KERNEL:
+    elif _on_kernels(q) and BRANCH_KERNEL:
         from finetune.branch_attention_kernel import branch_attention  # triton: imported where it runs
         branch_attention(q[n:], k, v, k[n:], v[n:], packed.cu_q, packed.branch_sees, scaling or q.shape[-1] ** -0.5,
                          opening, out=out[n:])
-    elif n < len(q):
+    else:
         sources = [x for x in (opening, (k, v)) if x is not None]
         keys, values = (_gathered(sources, i, packed.branch_key_index) for i in (0, 1))
         out[n:] = _branch_attention(q[n:], keys, values, packed.branch_mask, scaling)
