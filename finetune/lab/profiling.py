@@ -217,7 +217,7 @@ def gpu_idle_by_host_range(profiler, top: int = 6) -> dict[str, float] | None:
     by_end = sorted((e for events, _, _ in threads for e in events), key=lambda e: e.time_range.end)
     ends = [e.time_range.end for e in by_end]
     idle: dict[str, float] = {}
-    for start, stop in gaps:
+    for start, stop, *_ in gaps:
         open_at_start = [_open_at(*thread, start) for thread in threads]
         # per thread, the innermost range open at the start that lasts past the stop (enclosing ones end no earlier)
         spanning = [next(e for e in chain if e.time_range.end >= stop) for chain in open_at_start
@@ -236,7 +236,7 @@ def gpu_idle_stretches(profiler, at_least_ms: float = 0.5) -> list[tuple[float, 
     if gaps is None:
         return None
     first = min(e.time_range.start for e in _device_events(profiler))
-    return [((start - first) / 1000, (stop - start) / 1000) for start, stop in gaps
+    return [((start - first) / 1000, (stop - start) / 1000) for start, stop, *_ in gaps
             if stop - start >= at_least_ms * 1000]
 
 
@@ -246,7 +246,7 @@ def gpu_idle_between_kernels(profiler, top: int = 10) -> dict[str, dict] | None:
     by milliseconds. A pass's waits shorter than 0.5 ms sum to hundreds of them (`gpu_idle_stretches` leaves them
     out): a pair that takes most says whether they come at one kind of kernel boundary (one launch path, one copy)
     or at every one. Kernel names cut at 60 characters; None without GPU events."""
-    gaps = _idle_gaps(profiler, named=True)
+    gaps = _idle_gaps(profiler)
     if gaps is None:
         return None
     pairs: dict[str, dict] = {}
@@ -257,17 +257,16 @@ def gpu_idle_between_kernels(profiler, top: int = 10) -> dict[str, dict] | None:
     return dict(sorted(pairs.items(), key=lambda item: -item[1]["ms"])[:top])
 
 
-def _idle_gaps(profiler, named: bool = False) -> list[tuple] | None:
-    """(start, stop) of each stretch of the GPU timeline with nothing running, in the profiler's microseconds; `named`:
-    (start, stop, the name of the event to end last before it, the name of the one after it)."""
+def _idle_gaps(profiler) -> list[tuple[int, int, str, str]] | None:
+    """Each stretch of the GPU timeline with nothing running: its start and stop in the profiler's microseconds, the
+    name of the event to end last before it and of the one after it."""
     device = sorted(_device_events(profiler), key=lambda e: e.time_range.start)
     if not device:
         return None
     gaps, last = [], device[0]
     for event in device[1:]:
         if event.time_range.start > last.time_range.end:
-            gap = (last.time_range.end, event.time_range.start)
-            gaps.append((*gap, last.name, event.name) if named else gap)
+            gaps.append((last.time_range.end, event.time_range.start, last.name, event.name))
         last = max(last, event, key=lambda e: e.time_range.end)
     return gaps
 
