@@ -25,7 +25,7 @@ from finetune.attention import _cuda_varlen_attention
 from finetune.lab.bench_adamw8bit import time_steps
 from finetune.lab.bench_branch_kernel import batch_arguments, write_rows
 from finetune.lab.spark import QWEN_7B
-from finetune.packed import pack_batch, pack_taken
+from finetune.packed import _gathered, pack_batch, pack_taken
 from finetune.predict import AnswerTree
 
 KEYS_A_STEP = (32, 64, 128)
@@ -60,9 +60,7 @@ def bench_grouped_varlen(articles: int, tokens: tuple[int, int], opening: int, w
     for shape, (layout, (k, v), kept) in shapes.items():
         q = randn(len(layout.ids[0]), heads)
         sources = [opening_kv, *([kept[:2]] if kept else []), (k, v)]
-
-        def gathered():  # as the packed passes gather for FlashAttention's kernel (`finetune.packed._gathered`)
-            return [torch.cat([source[i] for source in sources])[layout.key_index] for i in (0, 1)]
+        gathered = lambda: [_gathered(sources, i, layout.key_index) for i in (0, 1)]  # as the packed passes gather
 
         runs = {f"FlashAttention-2 varlen, {GATHERED}": lambda: _cuda_varlen_attention(
                     q, *gathered(), layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, scale),
