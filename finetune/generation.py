@@ -10,6 +10,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from contextlib import closing
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from finetune.answers import parse_strict
 from finetune.attention import without_cudnn_attention
 from finetune.decode import GreedyDecoder
 from finetune.metrics import Predictions
-from finetune.packed import taken_logits
+from finetune.packed import PackedBranches, taken_logits
 from finetune.predict import (AnswerTree, AnswerTreeTerms, answer_logprobs, length_sorted_batches, shared_opening,
                               tree_passes, trunk_passes)
 from finetune.prompts import Prompts, answer_token_ids, default_max_new_tokens, end_token_ids, prompt_budget
@@ -151,35 +152,34 @@ def _branch_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]
         enters = (choice[:, n_stem, None] == firsts) & (choice[:, :n_stem] == stem).all(1, keepdim=True)
         return HostCopy(torch.where(enters.any(1), enters.float().argmax(1), -1))
 
-    def picked_branches(batch: list[int], picked: HostCopy, pack) -> tuple:
-        """The batch's picked branches, packed to run after their trunks (None where none was picked), and what
-        `checked` needs."""
+    def picked_branches(batch: list[int], picked: HostCopy, pack) -> _Picked:
+        """The batch's picked branches, packed to run after their trunks."""
         picked = picked.numpy()
         which = np.flatnonzero(picked >= 0)
         taken = [answer_ids[label][n_stem:] for label in picked[which]]  # each token predicts the next
-        return batch, which, picked, taken, pack(which, [answer[:-1] for answer in taken]) if len(which) else None
+        return _Picked(batch, which, picked, taken, pack(which, [a[:-1] for a in taken]) if len(which) else None)
 
-    def checked(batch: list[int], which: np.ndarray, picked: np.ndarray, taken: list, packed,
-                logits: torch.Tensor | None) -> tuple:
-        """What `read` needs, from the logits of the branches' tokens: whether each article's greedy choices followed
+    def checked(branches: _Picked, logits: torch.Tensor | None) -> _Check:
+        """The check of `branches` from the logits of their tokens: whether each article's greedy choices followed
         its branch to the end (queued; `read` waits for it)."""
-        if packed is None:
-            return batch, which, picked, None
-        lengths = np.array([len(answer) - 1 for answer in taken])
-        wanted = queued_copy(torch.tensor([t for answer in taken for t in answer[1:]]), device)
-        owner = queued_copy(torch.from_numpy(np.repeat(np.arange(len(which)), lengths)), device)
+        if branches.packed is None:
+            return _Check(branches, None)
+        lengths = np.array([len(answer) - 1 for answer in branches.taken])
+        wanted = queued_copy(torch.tensor([t for answer in branches.taken for t in answer[1:]]), device)
+        owner = queued_copy(torch.from_numpy(np.repeat(np.arange(len(branches.which)), lengths)), device)
         missed = (logits.argmax(-1) != wanted).int()
-        return batch, which, picked, HostCopy(torch.zeros(len(which), dtype=torch.int, device=device).index_add_(
-            0, owner, missed) == 0)
+        return _Check(branches, HostCopy(torch.zeros(len(branches.which), dtype=torch.int, device=device).index_add_(
+            0, owner, missed) == 0))
 
-    def alone(branches: tuple) -> tuple:
+    def alone(branches: _Picked) -> _Check:
         """`checked` of branches run in a forward of their own."""
-        return checked(*branches, taken_logits(model, branches[-1]) if branches[-1] is not None else None)
+        return checked(branches, taken_logits(model, branches.packed) if branches.packed is not None else None)
 
-    def read(batch: list[int], which: np.ndarray, picked: np.ndarray, followed: HostCopy | None) -> bool:
+    def read(check: _Check) -> bool:
         """The batch's answers from its check; whether the check goes on."""
         nonlocal start
-        followed = followed.numpy() if followed is not None else np.zeros(0, bool)
+        batch, which, picked = check.branches.batch, check.branches.which, check.branches.picked
+        followed = check.followed.numpy() if check.followed is not None else np.zeros(0, bool)
         for i in which[followed]:
             answers[batch[i]] = trained[picked[i]]
         seconds[batch] = time.perf_counter() - start
@@ -194,15 +194,15 @@ def _branch_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]
     with closing(trunk_passes(model, prompts, tree, batch_size, progress, riders)) as passes:
         for batch, (logits, rider_logits, pack) in passes:
             trunks = batch, picks(logits), pack
-            rode = checked(*riding, rider_logits) if riding is not None else None  # they rode in this forward
+            rode = checked(riding, rider_logits) if riding is not None else None  # they rode in this forward
             del logits, rider_logits  # before the next batch's forward allocates
             if first:
-                first, going_on = False, read(*alone(picked_branches(*trunks)))
+                first, going_on = False, read(alone(picked_branches(*trunks)))
             else:
                 riding = picked_branches(*entering) if entering is not None else None
-                if riding is not None and riding[-1] is not None:
-                    riders.append(riding[-1])
-                going_on = checking is None or read(*checking)
+                if riding is not None and riding.packed is not None:
+                    riders.append(riding.packed)
+                going_on = checking is None or read(checking)
                 checking, entering = rode, trunks
             if not going_on:
                 entering = riding = checking = None  # their batches decode with the rest
@@ -213,8 +213,24 @@ def _branch_check(model, tokenizer, prompts: Prompts, answer_ids: list[list[int]
         last.append(alone(picked_branches(*entering)))
     for check in (checking, *last):
         if check is not None:
-            read(*check)
+            read(check)
     return answers, seconds
+
+
+class _Picked(NamedTuple):
+    """A batch's picks: which of its articles entered a branch, each article's answer (-1: none), the branches'
+    tokens, and those tokens packed to run after their trunks (None where no article entered one)."""
+    batch: list[int]
+    which: np.ndarray
+    picked: np.ndarray
+    taken: list[list[int]]
+    packed: PackedBranches | None
+
+
+class _Check(NamedTuple):
+    """Picked branches and whether each one's greedy choices followed it to the end (queued; None: none was run)."""
+    branches: _Picked
+    followed: HostCopy | None
 
 
 def _decode(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int, answer_length: int,

@@ -293,13 +293,14 @@ def _attend_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout,
     gathered into one tensor in key_index order (which counts rows of [opening; kept; k]) for FlashAttention's kernel
     (where `attention_kernels` asks for it) or its exact padded equivalent. Written into `out` where given."""
     scale = scaling or q.shape[-1] ** -0.5
-    if _on_kernels(q) and GROUPED_VARLEN and KEYS_IN_PLACE:
+    grouped = _on_kernels(q) and GROUPED_VARLEN
+    if grouped:
         from finetune.grouped_varlen_kernel import grouped_varlen_attention  # triton: imported where it runs
-        return grouped_varlen_attention(q, k, v, layout.cu_q, layout.cu_q, layout.max_q, scale, opening, kept, out)
+        if KEYS_IN_PLACE:
+            return grouped_varlen_attention(q, k, v, layout.cu_q, layout.cu_q, layout.max_q, scale, opening, kept, out)
     sources = [x[:2] for x in (opening, kept) if x is not None] + [(k, v)]
     keys, values = (_gathered(sources, i, layout.key_index) for i in (0, 1))
-    if _on_kernels(q) and GROUPED_VARLEN:  # over keys gathered first: the benchmark's comparison
-        from finetune.grouped_varlen_kernel import grouped_varlen_attention  # triton: imported where it runs
+    if grouped:  # over keys gathered first: the benchmark's comparison
         return grouped_varlen_attention(q, keys, values, layout.cu_q, layout.cu_k, layout.max_q, scale, out=out)
     attend = _cuda_varlen_attention if _on_kernels(q) else _padded_causal_attention
     attended = attend(q, keys, values, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, scaling)
