@@ -85,6 +85,9 @@ def sft_config(config: RunConfig) -> SFTConfig:
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
         dataloader_num_workers=config.dataloader_num_workers,
+        # Each step's batches are fetched before its first forward; a blocking copy of them to the GPU waited for the
+        # previous step's update to finish, and the GPU then waited for the host. From pinned memory, they queue.
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
         report_to=["tensorboard"],
         use_cpu=not torch.cuda.is_available(),
     )

@@ -35,9 +35,10 @@ STOCK_TRL_TUNED = {
 def stock_trl_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None = None, liger: bool = False,
                       gradient_checkpointing: bool = True) -> SFTTrainer:
     """`trl.SFTTrainer` with an `SFTConfig` of the recipe's hyperparameters and TRL's defaults for everything else
-    (its optimizer, loss, collator); the batch shape, learning rate, step count and loader workers are the run's, so
-    that it trains on the same tokens per step as the suite's rows. `liger` and `gradient_checkpointing` are the
-    tuned rows' documented switches; the tuned rows also load FlashAttention-2 where it is installed."""
+    (its optimizer, loss, collator); the batch shape, learning rate, step count, loader workers and their batches'
+    copies to the GPU are the run's, so that it trains on the same tokens per step, fed alike, as the suite's rows.
+    `liger` and `gradient_checkpointing` are the tuned rows' documented switches; the tuned rows also load
+    FlashAttention-2 where it is installed."""
     splits = load_splits(config)
     tokenizer = load_tokenizer(config, train_texts=list(splits.train["text"]))
     attention = "flash_attention_2" if liger and FLASH_ATTENTION else "sdpa"
@@ -56,6 +57,7 @@ def stock_trl_trainer(config: RunConfig, callbacks: list[TrainerCallback] | None
         max_steps=config.max_steps,
         logging_steps=config.logging_steps,
         dataloader_num_workers=config.dataloader_num_workers,
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
         seed=config.seed,
         report_to="none",
         use_cpu=not torch.cuda.is_available(),  # the CPU smoke test; a GPU user never sets it
