@@ -106,7 +106,7 @@ def bench_train_variant(config: RunConfig, warmup_steps: int, measured_steps: in
     if profile:
         result.update(step_profile=profiler.table, nccl_kernel_share=profiler.nccl_share,
                       gpu_busy_share=profiler.busy_share, gpu_idle_ms_by_host_range=profiler.idle_by_host_range,
-                      matmul_rates=profiler.matmul_rates)
+                      gpu_idle_between_kernels=profiler.idle_between_kernels, matmul_rates=profiler.matmul_rates)
     trainer.accelerator.free_memory()  # the accelerator holds the model and optimizer too
     del trainer
     gc.collect()

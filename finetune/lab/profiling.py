@@ -82,7 +82,8 @@ class StepProfiler(TrainerCallback):
 
     def __init__(self, step: int, trace_path: str | None = None):
         self.step, self.trace_path, self.profiler, self.table = step, trace_path, None, None
-        self.nccl_share = self.busy_share = self.idle_by_host_range = self.matmul_rates = None
+        self.nccl_share = self.busy_share = self.idle_by_host_range = self.idle_between_kernels = None
+        self.matmul_rates = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.step and self.profiler is None and self.table is None:
@@ -96,7 +97,8 @@ class StepProfiler(TrainerCallback):
             self.table = profile_table(self.profiler)
             self.nccl_share = nccl_kernel_share(self.profiler)
             self.busy_share = gpu_busy_share(self.profiler)
-            self.idle_by_host_range = gpu_idle_by_host_range(self.profiler)
+            self.idle_by_host_range = gpu_idle_by_host_range(self.profiler, top=12)
+            self.idle_between_kernels = gpu_idle_between_kernels(self.profiler)
             self.matmul_rates = matmul_rates(self.profiler)
             if self.trace_path:
                 self.profiler.export_chrome_trace(self.trace_path)
