@@ -294,7 +294,6 @@ def test_gpu_idle_stretches_say_when_each_wait_fell_and_leave_out_the_short_ones
     assert gpu_idle_stretches(SimpleNamespace(events=lambda: [])) is None
 
 
-
 def test_gpu_idle_between_kernels_names_the_kernels_on_either_side_of_each_wait():
     """Waits of 5 us (gemm -> mul), 0.2 us (add, which ends after the overlapping mul, -> gemm), 3 us (gemm -> mul)
     and 1 ms (mul -> gemm): summed per pair, the largest first; the host's ranges play no part."""
@@ -306,6 +305,7 @@ def test_gpu_idle_between_kernels_names_the_kernels_on_either_side_of_each_wait(
                      "add -> gemm": {"stretches": 1, "ms": pytest.approx(0.0002)}}
     assert list(gpu_idle_between_kernels(SimpleNamespace(events=lambda: step), top=1)) == ["mul -> gemm"]
     assert gpu_idle_between_kernels(SimpleNamespace(events=lambda: [])) is None
+
 
 def test_eval_benchmark_times_every_mode_beside_its_plain_anchor(tiny_config, tmp_path, monkeypatch):
     from finetune.lab import bench_eval
